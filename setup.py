@@ -1,0 +1,32 @@
+"""tagi-ds: DeepSpeed training system for TAGI (Task Adapters Generation from Instructions)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tagi-ds",
+    version="0.1.0",
+    description="DeepSpeed ZeRO-3 training of hypernetworks that generate LoRA adapters from task instructions",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ is imported as tagi_kernels: a top-level "kernels" would shadow the PyPI package of that name.
+    packages=find_packages(include=["tagi_ds", "tagi_ds.*"]) + ["tagi_kernels"],
+    package_dir={"tagi_kernels": "kernels"},
+    package_data={"tagi_ds": ["assets/*"]},
+    install_requires=[
+        "torch>=2.4",  # install torch first (CPU: torch==2.13.0) so this pulls nothing
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "rich>=13",
+        "triton>=3.0",
+        "safetensors>=0.4",
+        "numpy",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest>=8", "pytest-timeout", "peft>=0.13", "rouge-score>=0.1.2", "ruff"],
+        "plot": ["matplotlib"],
+    },
+)

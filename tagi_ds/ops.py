@@ -1,0 +1,93 @@
+"""The adapter op: per-task low-rank deltas for tokens grouped by task.
+
+Every adapted layer (generated adapters and the teacher bank alike) goes through :func:`lora_delta`.
+
+    delta[t] = scale * (x[t] @ A[s].T) @ B[s].T      for rows t in segment s
+
+Shapes: ``x [T, d_in]`` (tokens already grouped by task), ``A [S, r, d_in]``, ``B [S, d_out, r]``,
+``seg_offsets`` int64 ``[S+1]`` non-decreasing with ``seg_offsets[0] = 0`` and ``seg_offsets[S] = T``
+(segment ``s`` = rows ``seg_offsets[s]:seg_offsets[s+1]``, possibly empty). Returns ``[T, d_out]``.
+
+``impl="torch"`` is the reference and the specification: segments are gathered into a padded
+``[S, Lmax, d_in]`` block and multiplied with two batched matmuls (the r-wide intermediate is
+materialised). ``impl="triton"`` is the fused kernel in ``kernels/`` (import name ``tagi_kernels``),
+``impl="auto"`` picks it for CUDA tensors when Triton imports and the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def check_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor) -> None:
+    """Raise ValueError naming the argument whose shape, dtype or content is wrong."""
+    if x.dim() != 2:
+        raise ValueError(f"lora_delta: x must be [T, d_in], got shape {tuple(x.shape)}")
+    if A.dim() != 3:
+        raise ValueError(f"lora_delta: A must be [S, r, d_in], got shape {tuple(A.shape)}")
+    if B.dim() != 3:
+        raise ValueError(f"lora_delta: B must be [S, d_out, r], got shape {tuple(B.shape)}")
+    S, r, d_in = A.shape
+    if x.shape[1] != d_in:
+        raise ValueError(f"lora_delta: x has d_in={x.shape[1]} but A has d_in={d_in}")
+    if B.shape[0] != S or B.shape[2] != r:
+        raise ValueError(f"lora_delta: B must be [S={S}, d_out, r={r}], got shape {tuple(B.shape)}")
+    if A.dtype != x.dtype or B.dtype != x.dtype:
+        raise ValueError(f"lora_delta: x, A, B must share a dtype, got {x.dtype}, {A.dtype}, {B.dtype}")
+    if seg_offsets.dtype != torch.int64 or seg_offsets.dim() != 1 or seg_offsets.numel() != S + 1:
+        raise ValueError(f"lora_delta: seg_offsets must be int64 [S+1={S + 1}], "
+                         f"got {seg_offsets.dtype} shape {tuple(seg_offsets.shape)}")
+    first, last = int(seg_offsets[0]), int(seg_offsets[-1])
+    if first != 0 or last != x.shape[0]:
+        raise ValueError(f"lora_delta: seg_offsets must start at 0 and end at T={x.shape[0]}, got {first}..{last}")
+    if S > 0 and bool((seg_offsets[1:] < seg_offsets[:-1]).any()):
+        raise ValueError(f"lora_delta: seg_offsets must be non-decreasing, got {seg_offsets.tolist()}")
+
+
+def lora_delta_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
+                     scale: float = 1.0) -> torch.Tensor:
+    """Reference: gather segments into ``[S, Lmax, d_in]``, two bmm, keep the valid rows (in order)."""
+    T, S, d_out = x.shape[0], A.shape[0], B.shape[1]
+    lengths = seg_offsets[1:] - seg_offsets[:-1]  # [S]
+    lmax = int(lengths.max()) if S > 0 else 0  # host sync: fine for the reference path
+    if T == 0 or lmax == 0:
+        # Keep the result attached to A and B so autograd sees zero gradients rather than None.
+        return x.new_zeros(T, d_out) + 0.0 * (A.sum() + B.sum())
+    pos = torch.arange(lmax, device=x.device)
+    valid = pos[None, :] < lengths[:, None]  # [S, Lmax]
+    idx = torch.where(valid, seg_offsets[:-1, None] + pos[None, :], 0)  # [S, Lmax]
+    xp = x[idx] * valid[..., None].to(x.dtype)  # [S, Lmax, d_in]
+    h = torch.bmm(xp, A.transpose(1, 2))  # [S, Lmax, r]
+    yp = torch.bmm(h, B.transpose(1, 2))  # [S, Lmax, d_out]
+    # Segments are contiguous and in order, so the valid rows of yp are exactly tokens 0..T-1.
+    return yp[valid] * scale
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"lora_delta: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    if x.is_cuda:
+        try:
+            import tagi_kernels  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return "torch"
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
+               scale: float = 1.0, impl: str = "auto") -> torch.Tensor:
+    """``[T, d_out]`` per-segment ``scale * (x A_s^T) B_s^T``; differentiable in x, A and B."""
+    check_args(x, A, B, seg_offsets)
+    chosen = resolve_impl(impl, x)
+    if chosen == "torch":
+        return lora_delta_torch(x, A, B, seg_offsets, scale)
+    try:
+        from tagi_kernels import triton_lora_delta
+    except ImportError as err:
+        raise RuntimeError(f"lora_delta: impl='triton' needs triton and the tagi_kernels package ({err})") from err
+    return triton_lora_delta(x, A, B, seg_offsets, scale)
