@@ -1,0 +1,41 @@
+"""A bank of stacked LoRA factors: one row per task (or category), applied through the adapter op.
+
+It is the stage-0 teachers (every teacher trained in one job), the stage-2 distillation teacher on the
+same frozen backbone, and, with a single row, the shared LoRA of the concat / no-instruction baselines.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tagi_ds.adapters.layer import AdapterSet, Site
+
+
+class LoraBank(nn.Module):
+    """Factors ``A[site]: [N, r, d_in]`` and ``B[site]: [N, d_out, r]`` with peft's init (A Kaiming-uniform,
+    B zero, so every row starts as a zero delta) and scale ``alpha / r``."""
+
+    def __init__(self, sites: list[Site], num_rows: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.num_rows, self.rank, self.alpha = num_rows, rank, alpha
+        self.scale = alpha / rank
+        self.site_indices = [s.index for s in sites]
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        for s in sites:
+            a = torch.empty(num_rows, rank, s.d_in)
+            bound = 1.0 / math.sqrt(s.d_in)  # = kaiming_uniform_(a=sqrt(5)) on an [r, d_in] weight, as peft does
+            nn.init.uniform_(a, -bound, bound)
+            self.A[str(s.index)] = nn.Parameter(a)
+            self.B[str(s.index)] = nn.Parameter(torch.zeros(num_rows, s.d_out, rank))
+
+    def forward(self, rows: torch.Tensor, example_offsets: torch.Tensor, impl: str = "auto") -> AdapterSet:
+        """Adapters for K tasks using bank rows ``rows`` (int64 ``[K]``). Called as a module so that
+        ZeRO-3 gathers the factors before they are indexed."""
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
+            raise ValueError(f"LoraBank: rows must be in [0, {self.num_rows}), got {rows.tolist()}")
+        factors = {int(k): (self.A[k][rows], self.B[k][rows]) for k in self.A.keys()}
+        return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl)

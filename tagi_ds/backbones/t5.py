@@ -1,0 +1,96 @@
+"""T5 (encoder-decoder): build or load, adapted sites, instruction encoding, fusion-in-decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+
+from tagi_ds.backbones.base import DTYPES, check_attention, check_model_dir
+from tagi_ds.config import ConfigError, ModelConfig
+
+ATTN_KINDS = ("q", "k", "v", "o")
+FFN_KINDS = ("wi", "wo", "wi_0", "wi_1")
+
+
+def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1) -> T5ForConditionalGeneration:
+    """Load from a local dir, or build the configured shape with random init. transformers 5 always ties
+    T5's lm_head to the shared embedding; built configs keep its default output scaling (d_model^-0.5)."""
+    attn = check_attention(cfg)
+    dtype = DTYPES[cfg.dtype]
+    if cfg.model_name_or_path:
+        path = check_model_dir(cfg.model_name_or_path)
+        return T5ForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                          local_files_only=True)
+    config = T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
+                      num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
+                      num_heads=cfg.num_heads, feed_forward_proj=cfg.feed_forward_proj,
+                      dropout_rate=0.0, pad_token_id=pad_id, eos_token_id=eos_id,
+                      decoder_start_token_id=pad_id)
+    return T5ForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=dtype)
+
+
+def site_names(model: T5ForConditionalGeneration, cfg: ModelConfig) -> list[tuple[str, str, int, str]]:
+    """``(module_name, stack, layer, kind)`` for every adapted projection, in a fixed order."""
+    unknown = [k for k in cfg.adapted if k not in ATTN_KINDS + FFN_KINDS]
+    if unknown:
+        raise ConfigError(f"model.adapted: unknown T5 projection {unknown[0]!r} (T5: {' '.join(ATTN_KINDS + FFN_KINDS)})")
+    bad = [s for s in cfg.adapted_stacks if s not in ("encoder", "decoder", "cross")]
+    if bad:
+        raise ConfigError(f"model.adapted_stacks: unknown T5 stack {bad[0]!r} (encoder decoder cross)")
+    out = []
+    for stack, prefix, n_layers in (("encoder", "encoder", model.config.num_layers),
+                                    ("decoder", "decoder", model.config.num_decoder_layers),
+                                    ("cross", "decoder", model.config.num_decoder_layers)):
+        if stack not in cfg.adapted_stacks:
+            continue
+        for i in range(n_layers):
+            block = f"{prefix}.block.{i}.layer"
+            attn = f"{block}.1.EncDecAttention" if stack == "cross" else f"{block}.0.SelfAttention"
+            ffn = f"{block}.{1 if stack == 'encoder' else 2}.DenseReluDense"
+            for kind in cfg.adapted:
+                if kind in ATTN_KINDS:
+                    out.append((f"{attn}.{kind}", stack, i, kind))
+                elif stack != "cross":
+                    name = f"{ffn}.{kind}"
+                    if not _has(model, name):
+                        raise ConfigError(f"model.adapted: {kind!r} does not exist in this T5's FFN "
+                                          f"({model.config.feed_forward_proj}); gated FFNs have wi_0 wi_1 wo")
+                    out.append((name, stack, i, kind))
+    return out
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def body(model: T5ForConditionalGeneration) -> nn.Module:
+    """The part that reads instructions: the encoder."""
+    return model.get_encoder()
+
+
+def encode(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           first_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encoder states ``[K, L, d]`` (final layer, normalised) and, if asked, the first layer's ``[K, L, d]``."""
+    out = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              output_hidden_states=first_last, return_dict=True)
+    return out.last_hidden_state, (out.hidden_states[1] if first_last else None)
+
+
+def logits(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           labels: torch.Tensor, prefix: torch.Tensor | None = None,
+           prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder logits ``[B, Lt, V]`` for ``labels``; with ``prefix`` ``[B, Li, d]`` the decoder cross-attends
+    to ``[prefix ; encoder(input)]`` (TAGI's fusion), masked by ``[prefix_mask ; attention_mask]``."""
+    hidden, _ = encode(model, input_ids, attention_mask)
+    mask = attention_mask
+    if prefix is not None:
+        hidden = torch.cat([prefix.to(hidden.dtype), hidden], dim=1)
+        mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+    out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=model._shift_right(labels),
+                use_cache=False, return_dict=True)
+    return out.logits

@@ -1,0 +1,152 @@
+"""TagiModel: frozen backbone + adapted sites + (hypernet | LoRA bank) + the stage objective.
+
+Stage and mode decide where the student's adapters come from:
+
+=============  ================  ==========================================================
+stage          mode              student adapters / input / loss
+=============  ================  ==========================================================
+teachers       (any)             bank row per task; instruction + input; CE
+pretrain       tagi              generated from segment a; segment b; CE on c
+finetune       tagi              generated; input (+ fused instruction); CE + l1 KL + l2 align
+finetune       concat            one shared LoRA; instruction + input; CE
+finetune       no_instruction    one shared LoRA; input only; CE
+=============  ================  ==========================================================
+
+``forward(batch)`` returns ``(loss, terms)`` so that the DeepSpeed engine wraps the whole step and every
+rank calls the same modules in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tagi_ds import backbones
+from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
+from tagi_ds.backbones.base import freeze, inject
+from tagi_ds.batch import TaskBatch
+from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds.hypernet import Generator, InstructionEncoder
+from tagi_ds.losses import ce_loss, kl_loss, param_alignment, target_logits
+
+STAGES = ("teachers", "pretrain", "finetune")
+
+
+class TagiModel(nn.Module):
+    def __init__(self, cfg: TagiConfig, stage: str, backbone: nn.Module, sites: list[Site], state: AdapterState,
+                 generator: Generator | None = None, bank: LoraBank | None = None,
+                 teacher: LoraBank | None = None) -> None:
+        super().__init__()
+        self.cfg, self.stage, self.sites, self.state = cfg, stage, sites, state
+        self.arch = backbones.get(cfg.model.arch)
+        self.causal = cfg.model.arch == "llama"
+        self.backbone = backbone
+        self.generator = generator
+        self.bank = bank
+        self.teacher = teacher
+        self.encoder = InstructionEncoder(backbone, self.arch, state, cfg.hypernet.pooling,
+                                          cfg.hypernet.checkpoint_encoder)
+        self.fusion = cfg.hypernet.fusion and cfg.model.arch == "t5" and generator is not None
+
+    # -- adapters ---------------------------------------------------------------------------------------
+    def generate(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor]:
+        """Generated adapters for the batch's tasks and the instruction states ``[K, Li, d]``."""
+        if batch.instr_input_ids is None:
+            raise ValueError("mode tagi needs instr_input_ids in the batch (one instruction per task)")
+        states, pooled = self.encoder(batch.instr_input_ids, batch.instr_attention_mask)
+        factors = self.generator(pooled)
+        return AdapterSet(factors, batch.example_offsets, self.generator.scale, self.cfg.model.adapter_impl), states
+
+    def bank_adapters(self, bank: LoraBank, batch: TaskBatch, shared: bool = False) -> AdapterSet:
+        if shared:
+            rows = torch.zeros(batch.num_tasks, dtype=torch.long, device=batch.example_offsets.device)
+        else:
+            if batch.teacher_index is None or bool((batch.teacher_index < 0).any()):
+                raise ValueError(f"batch tasks {batch.task_names} need teacher_index rows (a teacher per task)")
+            rows = batch.teacher_index
+        return bank(rows, batch.example_offsets, self.cfg.model.adapter_impl)
+
+    def student_adapters(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor | None]:
+        if self.generator is not None:
+            return self.generate(batch)
+        return self.bank_adapters(self.bank, batch, shared=self.stage != "teachers"), None
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+               adapters: AdapterSet | None, batch: TaskBatch | None = None,
+               instr_states: torch.Tensor | None = None) -> torch.Tensor:
+        prefix = prefix_mask = None
+        if self.fusion and instr_states is not None:
+            per_example = batch.task_of_example
+            prefix, prefix_mask = instr_states[per_example], batch.instr_attention_mask[per_example]
+        with self.state.use(adapters):
+            return self.arch.logits(self.backbone, input_ids, attention_mask, labels, prefix, prefix_mask)
+
+    def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        adapters, instr_states = self.student_adapters(batch)
+        logits = self.logits(batch.input_ids, batch.attention_mask, batch.labels, adapters, batch, instr_states)
+        s_logits, labels = target_logits(logits, batch.labels, self.causal)
+        terms = {"ce": ce_loss(s_logits, labels)}
+        loss = terms["ce"]
+        lc = self.cfg.loss
+        if self.teacher is not None and self.generator is not None and self.stage == "finetune":
+            teacher_adapters = self.bank_adapters(self.teacher, batch)
+            if lc.kl_weight > 0:
+                if batch.teacher_input_ids is None:
+                    raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")
+                with torch.no_grad():
+                    t_logits = self.logits(batch.teacher_input_ids, batch.teacher_attention_mask,
+                                           batch.teacher_labels, teacher_adapters)
+                t_logits, _ = target_logits(t_logits, batch.teacher_labels, self.causal)
+                terms["kl"] = kl_loss(s_logits, t_logits, lc.temperature)
+                loss = loss + lc.kl_weight * terms["kl"]
+            if lc.param_weight > 0:
+                terms["param"] = param_alignment(adapters.factors, adapters.scale, teacher_adapters.factors,
+                                                 teacher_adapters.scale, lc.param_align)
+                loss = loss + lc.param_weight * terms["param"]
+        return loss, terms
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -> nn.Module:
+    """The HF model only (so a launcher can build it under ``deepspeed.zero.Init``)."""
+    ids = special_ids or {}
+    kwargs = {k: ids[k] for k in ("pad_id", "eos_id") if k in ids}
+    if cfg.model.arch == "llama" and "bos_id" in ids:
+        kwargs["bos_id"] = ids["bos_id"]
+    return backbones.get(cfg.model.arch).build(cfg.model, **kwargs)
+
+
+def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows: int = 0,
+                with_teacher: bool = False) -> TagiModel:
+    """Freeze the backbone, inject adapted sites and attach what ``stage``/``cfg.mode`` trains.
+
+    ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``).
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if stage == "pretrain" and cfg.mode != "tagi":
+        raise ConfigError(f"pretraining trains the hypernetwork: mode must be tagi, got {cfg.mode!r}")
+    cfg.validate()
+    arch = backbones.get(cfg.model.arch)
+    freeze(backbone, cfg.model.trainable)
+    state = AdapterState()
+    sites = inject(backbone, arch.site_names(backbone, cfg.model), state)
+    if cfg.model.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": state.checkpoint_context})
+    d_model = backbone.config.d_model if cfg.model.arch == "t5" else backbone.config.hidden_size
+    generator = bank = teacher = None
+    if stage == "teachers":
+        if num_bank_rows <= 0:
+            raise ConfigError("stage teachers needs at least one task (num_bank_rows > 0)")
+        bank = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha)
+    elif cfg.mode == "tagi":
+        generator = Generator(d_model, sites, cfg.hypernet)
+        if with_teacher:
+            teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha).requires_grad_(False)
+    else:
+        bank = LoraBank(sites, 1, cfg.hypernet.rank, cfg.hypernet.alpha)
+    return TagiModel(cfg, stage, backbone, sites, state, generator=generator, bank=bank, teacher=teacher)

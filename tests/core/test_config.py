@@ -1,0 +1,69 @@
+"""The config tree: recipes, overrides, errors, and preset shapes against the public checkpoints."""
+
+import pytest
+import torch
+
+from tagi_ds.config import ConfigError, apply_overrides, from_dict
+from tagi_ds.model import build_backbone
+from tagi_ds.recipes import RECIPES, get_recipe
+
+
+def test_every_recipe_validates():
+    for name in RECIPES:
+        assert get_recipe(name).recipe == name
+
+
+def test_overrides_coerce_types():
+    cfg = apply_overrides(get_recipe("tiny"), ["hypernet.rank=16", "loss.temperature=1.5", "hypernet.fusion=false",
+                                               "model.adapted=q,k,v", "model.model_name_or_path=none"])
+    assert cfg.hypernet.rank == 16 and cfg.loss.temperature == 1.5 and cfg.hypernet.fusion is False
+    assert cfg.model.adapted == ["q", "k", "v"] and cfg.model.model_name_or_path is None
+
+
+@pytest.mark.parametrize("item, match", [
+    ("hypernet.rnak=4", "unknown config key 'hypernet.rnak'"),
+    ("nosuch.x=1", "unknown config key 'nosuch'"),
+    ("hypernet.rank=four", "'hypernet.rank' expects int, got 'four'"),
+    ("hypernet.fusion=maybe", "'hypernet.fusion' expects bool"),
+    ("hypernet=3", "is a section"),
+    ("rank", "expects key=value"),
+])
+def test_bad_overrides_name_key_and_value(item, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(get_recipe("tiny"), [item])
+
+
+def test_validate_rejects_bad_choices():
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        from_dict({"mode": "prompting"}).validate()
+    with pytest.raises(ConfigError, match="fusion=true is T5-only"):
+        from_dict({"model": {"arch": "llama"}}).validate()
+    with pytest.raises(ConfigError, match="unknown recipe|is not a recipe"):
+        get_recipe("t5-small")
+
+
+# Parameter counts of the public checkpoints (google/t5-v1_1-*, LLaMA-1): the presets must match them.
+# transformers 5 ties T5's lm_head to the shared embedding, so a T5 preset has vocab x d_model fewer.
+PUBLIC = {"t5-base": 247.6e6 - 32128 * 768, "t5-xl": 2.85e9 - 32128 * 2048, "t5-xxl": 11.14e9 - 32128 * 4096,
+          "llama-7b": 6.74e9, "llama-13b": 13.02e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_shape_presets_match_public_checkpoints(name):
+    cfg = get_recipe(name)
+    with torch.device("meta"):
+        model = build_backbone(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - PUBLIC[name]) / PUBLIC[name] < 0.01, f"{name}: {n / 1e9:.3f}B params"
+
+
+def test_flash_attention_without_extra_is_a_clear_error():
+    cfg = apply_overrides(get_recipe("tiny-llama"), ["model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match="flash-attn extra"):
+        build_backbone(cfg)
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    cfg = apply_overrides(get_recipe("tiny"), [f"model.model_name_or_path={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="--model_name_or_path .*nope"):
+        build_backbone(cfg)

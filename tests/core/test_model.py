@@ -1,0 +1,151 @@
+"""Core TAGI model properties on the tiny recipes (CPU)."""
+
+import pytest
+import torch
+
+from tagi_ds.model import build_backbone
+from tests.core.helpers import make_batch, tiny_cfg, tiny_model
+
+
+def fresh_backbone(recipe, seed=0, **sets):
+    torch.manual_seed(seed)
+    return build_backbone(tiny_cfg(recipe, **sets))
+
+
+@pytest.mark.parametrize("fusion", [False, True])
+def test_t5_init_output_equals_frozen_backbone_exactly(fusion):
+    model = tiny_model("tiny", hypernet={"fusion": fusion})
+    ref = fresh_backbone("tiny", hypernet={"fusion": fusion})
+    b = make_batch("t5")
+    adapters, states = model.generate(b)
+    got = model.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states)
+    with torch.no_grad():
+        enc = ref.get_encoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+        mask = b.attention_mask
+        if fusion:  # the fused decoder reads [instruction ; input] encodings of the plain backbone
+            instr = ref.get_encoder()(input_ids=b.instr_input_ids, attention_mask=b.instr_attention_mask)
+            per_ex = b.task_of_example
+            enc = torch.cat([instr.last_hidden_state[per_ex], enc], 1)
+            mask = torch.cat([b.instr_attention_mask[per_ex], mask], 1)
+        want = ref(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=ref._shift_right(b.labels)).logits
+    assert torch.equal(got, want)
+    assert any(B.abs().sum() == 0 for _, B in adapters.factors.values())
+
+
+def test_llama_init_output_equals_frozen_backbone_exactly():
+    model = tiny_model("tiny-llama")
+    ref = fresh_backbone("tiny-llama")
+    b = make_batch("llama")
+    adapters, _ = model.generate(b)
+    got = model.logits(b.input_ids, b.attention_mask, b.labels, adapters, b)
+    with torch.no_grad():
+        want = ref(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("pooling", ["mean", "first_last"])
+def test_pooling_unchanged_by_extra_padding(recipe, pooling):
+    model = tiny_model(recipe, hypernet={"pooling": pooling})
+    b = make_batch(model.cfg.model.arch)
+    _, pooled = model.encoder(b.instr_input_ids, b.instr_attention_mask)
+    pad = 5
+    ids = torch.cat([b.instr_input_ids, torch.zeros(b.num_tasks, pad, dtype=torch.long)], 1)
+    mask = torch.cat([b.instr_attention_mask, torch.zeros(b.num_tasks, pad, dtype=torch.long)], 1)
+    _, pooled_padded = model.encoder(ids, mask)
+    torch.testing.assert_close(pooled_padded, pooled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "tiny-llama"])
+def test_only_hypernet_parameters_receive_gradients(recipe):
+    model = tiny_model(recipe)
+    b = make_batch(model.cfg.model.arch)
+    loss, terms = model(b)
+    loss.backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert got and all(n.startswith("generator.") for n in got)
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert {"ce", "kl", "param"} <= set(terms)
+
+
+def test_explicitly_trainable_backbone_parameters_get_gradients_and_checkpointing_matches():
+    grads = {}
+    for ckpt in (False, True):
+        model = tiny_model("tiny", model={"trainable": [r"encoder\.final_layer_norm"]},
+                           hypernet={"checkpoint_encoder": ckpt})
+        loss, _ = model(make_batch("t5"))
+        loss.backward()
+        named = dict(model.named_parameters())
+        assert named["backbone.encoder.final_layer_norm.weight"].grad is not None
+        assert named["backbone.decoder.final_layer_norm.weight"].grad is None
+        grads[ckpt] = {n: p.grad.clone() for n, p in named.items() if p.grad is not None}
+    assert grads[False].keys() == grads[True].keys()
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "tiny-llama"])
+def test_backbone_gradient_checkpointing_keeps_adapters_in_recompute(recipe):
+    out = {}
+    for ckpt in (False, True):
+        model = tiny_model(recipe, model={"gradient_checkpointing": ckpt}, loss={"kl_weight": 0.0})
+        model.train()
+        # Nonzero B so the recomputed forward must see the generated adapters to match.
+        for head in model.generator.head_B:
+            torch.nn.init.normal_(head.weight, std=0.05, generator=torch.Generator().manual_seed(5))
+        loss, _ = model(make_batch(model.cfg.model.arch))
+        loss.backward()
+        out[ckpt] = (loss.detach(), [p.grad.clone() for p in model.generator.parameters()])
+    torch.testing.assert_close(out[True][0], out[False][0])
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("stage, mode", [("teachers", "tagi"), ("pretrain", "tagi"), ("finetune", "tagi"),
+                                         ("finetune", "concat"), ("finetune", "no_instruction")])
+def test_forward_backward_every_mode(recipe, stage, mode):
+    model = tiny_model(recipe, stage=stage, mode=mode, teacher=stage == "finetune")
+    loss, terms = model(make_batch(model.cfg.model.arch))
+    assert torch.isfinite(loss)
+    loss.backward()
+    trained = [p for p in model.trainable_parameters()]
+    assert trained and all(p.grad is not None for p in trained)
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_kl_term_positive_when_teacher_differs_and_zero_weight_skips_it():
+    model = tiny_model("tiny")
+    torch.nn.init.normal_(model.teacher.B["0"], std=0.5)
+    _, terms = model(make_batch("t5"))
+    assert terms["kl"].item() > 0
+    model = tiny_model("tiny", loss={"kl_weight": 0.0, "param_weight": 0.0})
+    _, terms = model(make_batch("t5"))
+    assert set(terms) == {"ce"}
+
+
+def test_teacher_bank_delta_equals_peft_lora():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("tiny", stage="teachers", rows=2)
+    bank = model.bank
+    g = torch.Generator().manual_seed(7)
+    for k in bank.B:
+        bank.B[k].data.normal_(std=0.2, generator=g)
+    b = make_batch("t5", counts=(2, 3), teacher_rows=[1, 0])
+    with torch.no_grad():
+        got = model.logits(b.input_ids, b.attention_mask, b.labels, model.bank_adapters(bank, b))
+    for task, row in enumerate(b.teacher_index.tolist()):
+        ref = fresh_backbone("tiny")
+        lcfg = peft.LoraConfig(r=bank.rank, lora_alpha=bank.alpha, lora_dropout=0.0,
+                               target_modules=[s.name for s in model.sites])
+        pm = peft.get_peft_model(ref, lcfg)
+        for s in model.sites:
+            layer = pm.base_model.model.get_submodule(s.name)
+            layer.lora_A["default"].weight.data.copy_(bank.A[str(s.index)][row])
+            layer.lora_B["default"].weight.data.copy_(bank.B[str(s.index)][row])
+        lo, hi = int(b.example_offsets[task]), int(b.example_offsets[task + 1])
+        with torch.no_grad():
+            want = pm(input_ids=b.input_ids[lo:hi], attention_mask=b.attention_mask[lo:hi],
+                      decoder_input_ids=ref._shift_right(b.labels[lo:hi])).logits
+        torch.testing.assert_close(got[lo:hi], want, rtol=1e-5, atol=1e-5)
