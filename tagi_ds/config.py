@@ -99,6 +99,9 @@ class DataConfig:
     builtin_seed: int = 0
     pretrain_length: int = 96  # a|b|c split window (tokens) for stage 1
     num_workers: int = 0
+    corpus: str | None = None  # stage-1 text: builtin | text:FILE_OR_DIR; None = data.spec if text:, else builtin
+    streaming: bool = False  # stage 1: stream the corpus files in order instead of holding all windows in memory
+    sample_variants: bool = True  # train: a Definition paraphrase per task and an accepted output per example
 
 
 @dataclass
@@ -118,6 +121,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     seed: int = 42
     tensorboard: bool = False
+    # Fault injection for the guard tests: "nan@STEP:RANK" (loss becomes NaN) or "raise@STEP:RANK".
+    inject_fault: str = ""
 
 
 @dataclass

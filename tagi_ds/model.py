@@ -54,7 +54,7 @@ class TagiModel(nn.Module):
         if batch.instr_input_ids is None:
             raise ValueError("mode tagi needs instr_input_ids in the batch (one instruction per task)")
         states, pooled = self.encoder(batch.instr_input_ids, batch.instr_attention_mask)
-        factors = self.generator(pooled)
+        factors = dict(enumerate(self.generator(pooled)))
         return AdapterSet(factors, batch.example_offsets, self.generator.scale, self.cfg.model.adapter_impl), states
 
     def bank_adapters(self, bank: LoraBank, batch: TaskBatch, shared: bool = False) -> AdapterSet:
@@ -64,7 +64,7 @@ class TagiModel(nn.Module):
             if batch.teacher_index is None or bool((batch.teacher_index < 0).any()):
                 raise ValueError(f"batch tasks {batch.task_names} need teacher_index rows (a teacher per task)")
             rows = batch.teacher_index
-        return bank(rows, batch.example_offsets, self.cfg.model.adapter_impl)
+        return bank.adapters(rows, batch.example_offsets, self.cfg.model.adapter_impl)
 
     def student_adapters(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor | None]:
         if self.generator is not None:

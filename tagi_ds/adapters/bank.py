@@ -32,10 +32,13 @@ class LoraBank(nn.Module):
             self.A[str(s.index)] = nn.Parameter(a)
             self.B[str(s.index)] = nn.Parameter(torch.zeros(num_rows, s.d_out, rank))
 
-    def forward(self, rows: torch.Tensor, example_offsets: torch.Tensor, impl: str = "auto") -> AdapterSet:
-        """Adapters for K tasks using bank rows ``rows`` (int64 ``[K]``). Called as a module so that
-        ZeRO-3 gathers the factors before they are indexed."""
+    def forward(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(A [K, r, d_in], B [K, d_out, r])]`` in ``site_indices`` order, for bank rows ``rows`` (int64
+        ``[K]``). Called as a module (and returning plain tensors) so that ZeRO-3 gathers the factors."""
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
             raise ValueError(f"LoraBank: rows must be in [0, {self.num_rows}), got {rows.tolist()}")
-        factors = {int(k): (self.A[k][rows], self.B[k][rows]) for k in self.A.keys()}
+        return [(self.A[str(i)][rows], self.B[str(i)][rows]) for i in self.site_indices]
+
+    def adapters(self, rows: torch.Tensor, example_offsets: torch.Tensor, impl: str = "auto") -> AdapterSet:
+        factors = dict(zip(self.site_indices, self(rows)))
         return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl)

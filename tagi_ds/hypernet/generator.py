@@ -38,6 +38,7 @@ class Generator(nn.Module):
     def __init__(self, d_model: int, sites: list[Site], cfg: HypernetConfig) -> None:
         super().__init__()
         self.rank = cfg.rank
+        self.num_sites = len(sites)
         self.scale = cfg.alpha / cfg.rank
         self.site_embed = nn.Embedding(len(sites), cfg.site_dim)
         nn.init.normal_(self.site_embed.weight, std=1.0)
@@ -59,11 +60,15 @@ class Generator(nn.Module):
         for g, group in enumerate(self.groups):
             self.register_buffer(f"_sites_{g}", torch.tensor([s.index for s in group]), persistent=False)
 
-    def forward(self, pooled: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """``pooled [K, d_model]`` -> ``{site: (A [K, r, d_in], B [K, d_out, r])}`` in float32."""
-        p = self.norm(pooled.float())
+    def forward(self, pooled: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``pooled [K, d_model]`` -> ``[(A [K, r, d_in], B [K, d_out, r])]`` indexed by site.
+
+        A plain list of tensors (not a dict keyed by int): ZeRO-3 hooks the tensors a module returns to
+        re-gather its parameters for backward, and only understands tensors in lists, tuples and str-keyed dicts.
+        """
+        p = self.norm(pooled.to(self.norm.weight.dtype))
         K, r = p.shape[0], self.rank
-        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: list = [None] * self.num_sites
         for g, group in enumerate(self.groups):
             idx = getattr(self, f"_sites_{g}")
             e = self.site_embed(idx)  # [S_g, site_dim]

@@ -1,0 +1,115 @@
+"""Engine checkpoints that are either complete or invisible.
+
+Layout under ``OUTPUT_DIR/checkpoints``: ``step-N/`` (DeepSpeed's files for the trainable state, without
+the frozen backbone, plus ``trainer_rank{r}.pt`` with each rank's data-loader position and RNG state) and
+``latest`` (a one-line file naming the newest complete ``step-N``). A checkpoint is written as
+``step-N.tmp/``, renamed to ``step-N/`` once every rank has finished, and only then is ``latest``
+replaced (temp file + rename). A run killed at any moment leaves ``latest`` on a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tagi_ds.config import ConfigError
+from tagi_ds.train import dist
+
+LATEST = "latest"
+
+
+def _tag(step: int) -> str:
+    return f"step-{step}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    tag, tmp_tag = _tag(step), f"{_tag(step)}.tmp"
+    final, tmp = ckpt_dir / tag, ckpt_dir / tmp_tag
+    if dist.is_main():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed mid-save
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"step": step}, save_latest=False,
+                           exclude_frozen_parameters=True)
+    mine = tmp / f"trainer_rank{dist.rank()}.pt"
+    part = mine.with_name(mine.name + ".part")
+    torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": dist.world_size()}, part)
+    os.replace(part, mine)
+    dist.barrier()  # every rank's files are in tmp/
+    if dist.is_main():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+        _prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    steps = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("step-*") if p.name.split("-")[1].isdigit())
+    for _, p in steps[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve(spec: str, output_dir: Path) -> Path:
+    """``latest`` (in ``output_dir/checkpoints``), a ``step-N`` dir, or a checkpoints dir with a latest file."""
+    ckpt_dir = output_dir / "checkpoints"
+    if spec == LATEST:
+        pointer = ckpt_dir / LATEST
+        if not pointer.is_file():
+            raise ConfigError(f"--resume_from_checkpoint latest: no complete checkpoint in {ckpt_dir} "
+                              "(no 'latest' file); start without --resume_from_checkpoint")
+        path = ckpt_dir / pointer.read_text(encoding="utf-8").strip()
+    else:
+        path = Path(spec)
+        if (path / LATEST).is_file():
+            path = path / (path / LATEST).read_text(encoding="utf-8").strip()
+    if not path.is_dir() or not any(path.glob("trainer_rank*.pt")):
+        raise ConfigError(f"--resume_from_checkpoint {spec!r}: {path} is not a complete tagi-ds checkpoint")
+    return path
+
+
+def load(engine, path: Path) -> tuple[int, dict[str, Any]]:
+    """Restore engine (hypernet/bank, optimizer, scheduler) and this rank's RNG; return (step, loader state)."""
+    mine = path / f"trainer_rank{dist.rank()}.pt"
+    if not mine.is_file():
+        raise ConfigError(f"--resume_from_checkpoint {str(path)!r}: no {mine.name}; it was written by a run "
+                          f"with fewer ranks than this one ({dist.world_size()})")
+    state = torch.load(mine, weights_only=False)
+    if state["world_size"] != dist.world_size():
+        raise ConfigError(f"--resume_from_checkpoint {str(path)!r}: written by {state['world_size']} ranks, "
+                          f"resumed with {dist.world_size()}; resume with the same world size")
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+    if load_path is None:
+        raise ConfigError(f"--resume_from_checkpoint {str(path)!r}: DeepSpeed could not load it")
+    set_rng_state(state["rng"])
+    return int(state["step"]), state["loader"]

@@ -1,0 +1,144 @@
+"""DeepSpeed glue: read the JSON, inject what tagi-ds's config owns, build the engine.
+
+The DeepSpeed JSON holds only DeepSpeed settings (ZeRO stage, buckets, offload). Batch size, accumulation,
+clipping, precision, optimizer and schedule come from the TagiConfig and are injected in ``inject``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tagi_ds.config import ConfigError, TagiConfig
+
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
+# Keys the TagiConfig owns: a DeepSpeed JSON that sets them would silently disagree with config.json.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+
+
+def load_ds_json(path: str | Path | None) -> dict[str, Any]:
+    p = Path(path) if path else DEFAULT_DS_CONFIG
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"--deepspeed {str(p)!r}: no such file") from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--deepspeed {str(p)!r}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--deepspeed {str(p)!r}: expected a JSON object")
+    _reject_auto(data, str(p))
+    owned = [k for k in OWNED_KEYS if k in data]
+    if owned:
+        raise ConfigError(f"--deepspeed {str(p)!r}: key {owned[0]!r} comes from the tagi-ds config "
+                          "(use --set train.* instead)")
+    return data
+
+
+def _reject_auto(node: Any, where: str, path: str = "") -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _reject_auto(v, where, f"{path}.{k}" if path else k)
+    elif node == "auto":
+        raise ConfigError(f"--deepspeed {where!r}: {path} is \"auto\"; only HF's Trainer resolves that — give a value")
+
+
+def precision(cfg: TagiConfig) -> str:
+    """The precision that runs: ``auto`` is bf16 on CUDA and fp32 on CPU (DeepSpeed's CPU path is fp32)."""
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    if p in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise ConfigError(f"train.precision={p} needs a CUDA GPU; this machine runs fp32 (train.precision=fp32)")
+    return p
+
+
+def inject(ds: dict[str, Any], cfg: TagiConfig, world_size: int) -> dict[str, Any]:
+    """The final DeepSpeed dict: ``ds`` plus batch, accumulation, clipping and precision from ``cfg``."""
+    out = copy.deepcopy(ds)
+    micro = cfg.data.tasks_per_batch * cfg.data.examples_per_task
+    prec = precision(cfg)
+    out.update({
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": micro * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs compiled ops
+    })
+    out.setdefault("steps_per_print", 10**9)
+    out.setdefault("wall_clock_breakdown", False)
+    return out
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def backbone_init(ds: dict[str, Any]):
+    """While building the backbone under ZeRO-3, let transformers partition it as it is created
+    (HF's DeepSpeed integration wraps model construction and loading in ``deepspeed.zero.Init``)."""
+    if zero_stage(ds) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (the integration holds a weak reference while alive)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def lr_lambda(cfg: TagiConfig):
+    warmup = max(1, int(math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)))
+    total = max(cfg.train.max_steps, warmup + 1)
+
+    def fn(step: int) -> float:  # linear warmup, then linear decay to 10% of the peak
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.1, 1.0 - 0.9 * (step - warmup) / (total - warmup))
+
+    return fn
+
+
+def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
+    """``deepspeed.initialize`` with torch AdamW over the trainable parameters and the LR schedule."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    schedule = lr_lambda(cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if zero_stage(ds) == 3 and getattr(model, "generator", None) is not None:
+        keep_whole(engine, list(model.generator.parameters()))
+    return engine
+
+
+def keep_whole(engine, params: list[torch.nn.Parameter]) -> None:
+    """ZeRO-3: keep ``params`` gathered on every rank (the hypernetwork is small and runs once per step).
+
+    DeepSpeed keeps "persistent" parameters whole and re-gathers them after each optimizer step; it picks
+    them by size at init. We add the generator's to that list; its fp32 master weights and Adam state stay
+    partitioned. (``set_z3_leaf_modules`` would gather it in one collective per use instead, but breaks on
+    the CPU accelerator in deepspeed 0.19.8: zero_grad calls record_stream on CPU gradients.)
+    """
+    offload = engine.optimizer.parameter_offload
+    new = [p for p in params if not getattr(p, "ds_persist", False)]
+    for p in new:
+        p.ds_persist = True
+    offload.persistent_parameters.extend(new)
+    if params:
+        params[0].all_gather(params)  # only those not yet available are fetched

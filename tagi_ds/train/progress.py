@@ -1,0 +1,84 @@
+"""Progress and logs: a rich bar on a TTY, plain rank-0 lines otherwise, metrics.jsonl always.
+
+Only rank 0 prints or writes. ``metrics.jsonl`` gets one JSON object per logged step; on resume the
+lines past the restored step are dropped so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tagi_ds.train import dist
+
+
+class Progress:
+    def __init__(self, output_dir: Path, stage: str, total: int, start: int, tensorboard: bool = False) -> None:
+        self.main = dist.is_main()
+        self.total, self.start_step = total, start
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.t0 = time.perf_counter()
+        self.bar = self.task = self.tb = None
+        if not self.main:
+            return
+        self._truncate_after(start)
+        self.file = self.metrics_path.open("a", encoding="utf-8")
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(TextColumn(f"[bold]{stage}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task(stage, total=total, completed=start, info="")
+            self.bar.start()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        kept = [ln for ln in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        tmp.replace(self.metrics_path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        done = step - self.start_step
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+        info = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            print(f"[step {step}/{self.total}] {info} eta {eta:.0f}s"
+                  + (f" skipped {record['skipped_steps']}" if record.get("skipped_steps") else ""), flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.stop()
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()
