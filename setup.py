@@ -23,6 +23,7 @@ setup(
         "triton>=3.0",
         "safetensors>=0.4",
         "numpy",
+        "nltk",  # Porter stemmer for ROUGE-L (the one rouge-score uses)
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],

@@ -118,6 +118,7 @@ class TrainConfig:
     save_steps: int = 50
     keep_last: int = 2
     log_steps: int = 1
+    stop_after: int = 0  # end this session after N steps (checkpointed; schedule still spans max_steps); 0 = off
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     seed: int = 42
     tensorboard: bool = False

@@ -38,8 +38,13 @@ class Guards:
             return loss * float("nan")
         return loss
 
-    def loss_is_bad(self, loss: torch.Tensor) -> bool:
-        return dist.any_rank(not bool(torch.isfinite(loss.detach()).all()))
+    def loss_is_bad(self, loss: torch.Tensor, step: int) -> bool:
+        mine = not bool(torch.isfinite(loss.detach()).all())
+        bad = dist.any_rank(mine)
+        if bad:  # every rank says so: the log shows that all ranks skipped the same step
+            print(f"[rank {dist.rank()}] non-finite loss at step {step + 1} (here: {mine}): step skipped on all ranks",
+                  flush=True)
+        return bad
 
     def record(self, bad: bool, step: int) -> None:
         if not bad:

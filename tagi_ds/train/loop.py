@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +41,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def teacher_rows(cfg: TagiConfig) -> dict[str, int]:
-    """Stage 0: one bank row per training task (or category), in sorted-name order."""
-    tasks = data.load_tasks(cfg.data, split="train")
-    keys = sorted({t.category if cfg.teacher.granularity == "category" else t.name for t in tasks})
-    return {k: i for i, k in enumerate(keys)}
-
-
 def write_config(out: Path, cfg: TagiConfig, ds: dict, args: RunArgs) -> None:
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -59,16 +53,19 @@ def write_config(out: Path, cfg: TagiConfig, ds: dict, args: RunArgs) -> None:
 
 def run(cfg: TagiConfig, args: RunArgs) -> Path:
     """Train one stage; returns the final artifact directory (``hypernet/`` or ``teachers/``)."""
+    # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods the log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.* is deprecated", category=FutureWarning)
     dist.init()
     seed_everything(cfg.train.seed)
     out = Path(args.output_dir)
     ds = ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, dist.world_size())
     resume = checkpoint.resolve(args.resume_from_checkpoint, out) if args.resume_from_checkpoint else None
 
-    tokenizer = data.build_tokenizer(cfg)
+    tokenizer = data.load_tokenizer(cfg)
     rows, num_rows, with_teacher = None, 0, False
     if args.stage == "teachers":
-        rows = teacher_rows(cfg)
+        rows = data.teacher_rows(data.load_tasks(cfg.data.spec, cfg.data, "train"), cfg.teacher.granularity)
         num_rows = len(rows)
     elif args.stage == "finetune" and cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0):
         if not args.teachers:
@@ -111,11 +108,12 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             tokens, bad = 0, False
+            lr = eng.get_lr()[0]  # the rate this step uses (the scheduler advances in eng.step)
             for _ in range(cfg.train.grad_accum):
                 batch = next(batches).to(device)
                 loss, terms = eng(batch)
                 loss = guards.inject(step, loss)
-                if guards.loss_is_bad(loss):  # same decision on every rank: nobody steps
+                if guards.loss_is_bad(loss, step):  # same decision on every rank: nobody steps
                     bad = True
                     break
                 eng.backward(loss)
@@ -131,19 +129,20 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
             step += 1
             if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
                 record = {"step": step, **{k: _mean_over_ranks(v, device) for k, v in sums.items()},
-                          "lr": eng.get_lr()[0], "grad_norm": _norm(eng.get_global_grad_norm()),
+                          "lr": lr, "grad_norm": _norm(eng.get_global_grad_norm()),
                           "tokens_per_s": tokens * dist.world_size() / (time.perf_counter() - t0),
                           "skipped_steps": guards.skipped}
                 record.setdefault("loss", float("nan"))
                 progress.log(record)
-            stop = guards.stop_requested()
-            if step % cfg.train.save_steps == 0 or stop or step == cfg.train.max_steps:
+            signalled = guards.stop_requested()
+            pause = signalled or (cfg.train.stop_after > 0 and step - start >= cfg.train.stop_after)
+            if step % cfg.train.save_steps == 0 or pause or step == cfg.train.max_steps:
                 checkpoint.save(eng, ckpt_dir, step, loader.state_dict(), cfg.train.keep_last)
-            if stop:
-                progress.message(f"signal received: saved step {step}, stopping (resume with "
-                                 "--resume_from_checkpoint latest)")
+            if pause and step < cfg.train.max_steps:
+                why = "signal received" if signalled else f"train.stop_after={cfg.train.stop_after}"
+                progress.message(f"{why}: saved step {step}, stopping (resume with --resume_from_checkpoint latest)")
                 progress.close()
-                raise SystemExit(0)
+                return ckpt_dir / f"step-{step}"
     except BaseException:
         progress.close()
         raise

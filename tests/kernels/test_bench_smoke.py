@@ -1,0 +1,37 @@
+"""The LoRA kernel benchmark runs end to end on a tiny grid and writes its JSON + Markdown results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_lora_kernel_smoke(tmp_path):
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # so case 4 (the Triton kernel) runs too, at tiny shapes
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora_kernel.py"), "--smoke",
+                           "--out_dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) == 2 and not any(n.startswith(".") for n in written), written  # no temp files left
+    result = json.loads(next(tmp_path.glob("*_lora_kernel.json")).read_text())
+    assert result["benchmark"] == "lora_kernel" and result["smoke"] is True
+    assert len(result["rows"]) == 4  # d {32} x r {4, 8} x tasks {1, 4}
+    tol = 1e-4 if result["dtype"] == "fp32" else 3e-2  # bf16 by default on GPU
+    for row in result["rows"]:
+        assert row["base_ms"] > 0 and row["loop_ms"] > 0 and row["torch_ms"] > 0
+        assert abs(row["torch_x"] - row["torch_ms"] / row["base_ms"]) < 1e-9
+        assert row["triton_ms"] > 0 and row["triton_rel_err"] < tol  # the kernel ran and agreed
+    md = next(tmp_path.glob("*_lora_kernel.md")).read_text()
+    table_lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table_lines[0].startswith("| d | r | tasks | base ms |") and len(table_lines) == 1 + len(result["rows"])
+    assert md.splitlines()[-1] in proc.stdout  # the table is printed too
