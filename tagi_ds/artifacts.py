@@ -116,7 +116,8 @@ def read_teacher_rows(path: Path) -> tuple[dict[str, int], dict[str, Any]]:
         rows = json.loads((path / "rows.json").read_text(encoding="utf-8"))
         meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--teachers {str(path)!r}: not a teachers/ dir written by train_teachers.py ({err})") from err
+        raise ConfigError(f"--teachers {str(path)!r}: not a teachers/ dir written by train_teachers.py "
+                          f"({err})") from err
     return rows, meta
 
 

@@ -73,7 +73,11 @@ def resolve_config(args: argparse.Namespace) -> TagiConfig:
             if value <= 0:
                 raise ConfigError(f"--{flag} must be > 0, got {value}")
             setattr(cfg.train, flag, value)
-    return cfg.validate()
+    cfg.validate()
+    from tagi_ds.data import parse_spec
+
+    parse_spec(cfg.data.spec)  # every stage: an unknown scheme or missing path fails before any work
+    return cfg
 
 
 def output_dir(args: argparse.Namespace, stage: str) -> Path:

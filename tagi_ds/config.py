@@ -146,7 +146,8 @@ class TagiConfig:
         _choice("mode", self.mode, ("tagi", "concat", "no_instruction"))
         _choice("model.arch", self.model.arch, ("t5", "llama"))
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
-        _choice("model.attn_implementation", self.model.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        _choice("model.attn_implementation", self.model.attn_implementation,
+                ("sdpa", "eager", "flash_attention_2"))
         _choice("model.adapter_impl", self.model.adapter_impl, ("auto", "torch", "triton"))
         _choice("hypernet.generator", self.hypernet.generator, ("shared", "per_layer"))
         _choice("hypernet.pooling", self.hypernet.pooling, ("mean", "first_last"))
@@ -161,7 +162,8 @@ class TagiConfig:
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
         if self.hypernet.fusion and self.model.arch == "llama" and self.mode == "tagi":
-            raise ConfigError("hypernet.fusion=true is T5-only (LLaMA has no encoder to fuse into); set hypernet.fusion=false")
+            raise ConfigError("hypernet.fusion=true is T5-only (LLaMA has no encoder to fuse into); "
+                              "set hypernet.fusion=false")
         return self
 
 

@@ -34,7 +34,8 @@ def site_names(model: T5ForConditionalGeneration, cfg: ModelConfig) -> list[tupl
     """``(module_name, stack, layer, kind)`` for every adapted projection, in a fixed order."""
     unknown = [k for k in cfg.adapted if k not in ATTN_KINDS + FFN_KINDS]
     if unknown:
-        raise ConfigError(f"model.adapted: unknown T5 projection {unknown[0]!r} (T5: {' '.join(ATTN_KINDS + FFN_KINDS)})")
+        raise ConfigError(f"model.adapted: unknown T5 projection {unknown[0]!r} "
+                          f"(T5: {' '.join(ATTN_KINDS + FFN_KINDS)})")
     bad = [s for s in cfg.adapted_stacks if s not in ("encoder", "decoder", "cross")]
     if bad:
         raise ConfigError(f"model.adapted_stacks: unknown T5 stack {bad[0]!r} (encoder decoder cross)")

@@ -18,7 +18,8 @@ import torch
 from tagi_ds import artifacts, data
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.model import build_backbone, build_model
-from tagi_ds.train import checkpoint, dist, engine as ds_engine
+from tagi_ds.train import checkpoint, dist
+from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.guards import Guards
 from tagi_ds.train.progress import Progress
 
@@ -55,7 +56,8 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
     """Train one stage; returns the final artifact directory (``hypernet/`` or ``teachers/``)."""
     # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods the log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.* is deprecated",
+                            category=FutureWarning)
     dist.init()
     seed_everything(cfg.train.seed)
     out = Path(args.output_dir)

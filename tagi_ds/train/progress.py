@@ -27,10 +27,12 @@ class Progress:
         self._truncate_after(start)
         self.file = self.metrics_path.open("a", encoding="utf-8")
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
-            self.bar = RichProgress(TextColumn(f"[bold]{stage}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.bar = RichProgress(TextColumn(f"[bold]{stage}"), BarColumn(),
+                                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                                    TimeRemainingColumn())
             self.task = self.bar.add_task(stage, total=total, completed=start, info="")
             self.bar.start()
         if tensorboard:

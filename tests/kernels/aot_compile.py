@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 
 import triton
-from tagi_kernels import lora_kernels as lk
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from tagi_kernels import lora_kernels as lk
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90

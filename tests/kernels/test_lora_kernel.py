@@ -7,13 +7,13 @@ fp32 and fp16 at tiny shapes. GPU-marked tests repeat the checks in bf16/fp16/fp
 from __future__ import annotations
 
 import pytest
-import tagi_kernels
 import torch
-from tagi_kernels import block_table, triton_lora_delta
-from tagi_kernels.lora_delta import seg_outer
 from torch.utils.checkpoint import checkpoint
 
+import tagi_kernels
 from tagi_ds import ops
+from tagi_kernels import block_table, triton_lora_delta
+from tagi_kernels.lora_delta import seg_outer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

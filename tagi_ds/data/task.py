@@ -1,0 +1,84 @@
+"""The in-memory form of every task source: a task is a definition (+ demonstrations) and its instances.
+
+SNI files, the built-in suite and P3 templates all become ``Task`` objects; everything downstream
+(prompt formatting, sampling, collation) only sees these.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+
+class DataError(ValueError):
+    """Bad data: the one-line message names the file, the field and the value at fault."""
+
+
+def show(value: object, limit: int = 60) -> str:
+    """A short one-line ``repr`` of ``value`` for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A positive or negative example shown in the instruction (SNI ``Positive Examples``)."""
+
+    input: str
+    output: str
+    explanation: str = ""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instance. ``outputs``: accepted answers (train on one, score against all); ``choices``: answer
+    options for rank classification (P3), empty otherwise."""
+
+    id: str
+    input: str
+    outputs: tuple[str, ...]
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task. ``definitions``: the Definition paraphrases (SNI has one; [0] is the canonical one)."""
+
+    name: str
+    category: str
+    definitions: tuple[str, ...]
+    instances: tuple[Example, ...]
+    positives: tuple[Demo, ...] = ()
+    negatives: tuple[Demo, ...] = ()
+    source: str = field(default="", compare=False)  # where it was read from, for messages
+
+
+def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_instances: int | None = None,
+                 sample_seed: str | None = None, where: str = "data") -> list[Task]:
+    """Keep tasks of ``categories`` (empty = all) and at most ``max_instances`` instances each.
+
+    ``sample_seed`` None takes the first instances (the SNI test convention: the first 100 are the official
+    evaluation set); otherwise a seeded sample that keeps file order (Tk-Instruct samples training instances).
+    Instance ids must be unique across the selection: predictions are keyed by them.
+    """
+    chosen = [t for t in tasks if not categories or t.category in categories]
+    if categories and not chosen:
+        known = sorted({t.category for t in tasks})
+        raise DataError(f"{where}: data.categories {list(categories)!r} match no task (known: {show(known, 200)})")
+    out, seen = [], {}
+    for task in chosen:
+        inst = task.instances
+        if max_instances is not None and max_instances >= 0 and len(inst) > max_instances:
+            if sample_seed is None:
+                inst = inst[:max_instances]
+            else:
+                keep = sorted(random.Random(f"{sample_seed}:{task.name}").sample(range(len(inst)), max_instances))
+                inst = tuple(inst[i] for i in keep)
+        for ex in inst:
+            if ex.id in seen:
+                raise DataError(f"{task.source or task.name}: field Instances.id: duplicate id {show(ex.id)} "
+                                f"(also in {seen[ex.id]})")
+            seen[ex.id] = task.name
+        out.append(replace(task, instances=inst))
+    return out
