@@ -149,6 +149,7 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
         progress.close()
         raise
     progress.close()
+    progress.message(f"data (rank 0): {loader.report()}")
     if args.stage == "teachers":
         final = out / "teachers"
         artifacts.save_teachers(model, final, rows, cfg.teacher.granularity)

@@ -1,0 +1,30 @@
+# tagi-ds developer entry points. Each target is also spelled out in README.md.
+PYTHON ?= python
+TORCH ?= torch==2.13.0
+# CPU CI uses the local CPU wheel; on a GPU machine install your CUDA torch first and run `make install TORCH=`.
+INSTALL = $(PYTHON) -m pip install $(TORCH) -e ".[test]"
+
+.PHONY: install quickstart test test-fast bench style reproduce
+
+install:
+	$(INSTALL)
+
+quickstart:  ## all stages + evaluation on the embedded default, 2 CPU ranks
+	$(INSTALL) && bash launchers/quickstart.sh
+
+test:  ## the whole suite (README's test command; .ci/run runs exactly this)
+	$(INSTALL) && $(PYTHON) -m pytest -q
+
+test-fast:  ## everything but the multi-process tests
+	$(PYTHON) -m pytest -q -m "not distributed"
+
+bench:  ## kernel, train-step and inference-cost benchmarks (results in benchmarks/results/)
+	$(PYTHON) benchmarks/bench_lora_kernel.py
+	$(PYTHON) benchmarks/bench_train_step.py
+	$(PYTHON) benchmarks/bench_inference_cost.py
+
+style:
+	ruff check tagi_ds kernels launchers benchmarks tests scripts
+
+reproduce:  ## the miniature TAGI reproduction -> docs/results.md (<= 45 min on 2 CPU cores)
+	$(PYTHON) -m pip install -e ".[test,plot]" && bash scripts/reproduce.sh
