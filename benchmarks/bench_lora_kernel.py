@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     triton_version = "n/a"
     if mode != "skipped":
         import triton
+
         from tagi_kernels import triton_lora_delta
 
         deltas["triton"], triton_version = triton_lora_delta, triton.__version__
