@@ -8,12 +8,13 @@ through the frozen backbone with that task's bank row. Writes OUTPUT_DIR/teacher
 """
 
 from tagi_ds.cli import guarded, output_dir, resolve_config, training_parser
-from tagi_ds.train.loop import RunArgs, run
 
 
 def main(argv=None) -> None:
     args = training_parser("teachers", __doc__.split("\n")[0]).parse_args(argv)
     cfg = resolve_config(args)
+    from tagi_ds.train.loop import RunArgs, run  # heavy (deepspeed, transformers): after --help
+
     run(cfg, RunArgs(stage="teachers", output_dir=output_dir(args, "teachers"), deepspeed=args.deepspeed,
                      resume_from_checkpoint=args.resume_from_checkpoint,
                      teachers=getattr(args, "teachers", None), init_hypernet=getattr(args, "init_hypernet", None)))

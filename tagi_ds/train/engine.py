@@ -127,6 +127,19 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
     return engine
 
 
+def describe_partitioning(model: torch.nn.Module) -> str:
+    """One line on where parameters live under ZeRO-3 (empty without it)."""
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return ""
+    hyper = {id(p) for p in model.generator.parameters()} if getattr(model, "generator", None) is not None else set()
+    split = sum(p.ds_numel for p in params if not p.ds_persist)
+    small = sum(p.ds_numel for p in params if p.ds_persist and id(p) not in hyper)
+    whole = sum(p.ds_numel for p in params if id(p) in hyper)
+    return (f"ZeRO-3: {split:,} parameters partitioned across ranks, {small:,} small ones kept whole "
+            f"(stage3_param_persistence_threshold), hypernetwork {whole:,} whole on every rank")
+
+
 def keep_whole(engine, params: list[torch.nn.Parameter]) -> None:
     """ZeRO-3: keep ``params`` gathered on every rank (the hypernetwork is small and runs once per step).
 

@@ -103,6 +103,8 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
                      f"ZeRO-{ds_engine.zero_stage(ds)}, precision {ds_engine.precision(cfg)}, device {device.type}, "
                      f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable parameters"
                      + (f", resumed at step {start}" if start else ""))
+    if layout := ds_engine.describe_partitioning(model):
+        progress.message(layout)
     ckpt_dir = out / "checkpoints"
     step = start
     try:

@@ -19,8 +19,11 @@ def test_one_rank_and_two_ranks_give_the_same_losses(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     check(launch("finetune.py", 1, ["--deepspeed", ds, "--output_dir", str(one), "--max_steps", "5", *TINY,
                                     "train.grad_accum=2", *FT]))
-    check(launch("finetune.py", 2, ["--deepspeed", ds, "--output_dir", str(two), "--max_steps", "5", *TINY,
-                                    "train.grad_accum=1", *FT]))
+    proc = check(launch("finetune.py", 2, ["--deepspeed", ds, "--output_dir", str(two), "--max_steps", "5", *TINY,
+                                           "train.grad_accum=1", *FT]))
+    # The backbone really is partitioned (threshold 0) while the hypernetwork stays whole on every rank.
+    assert "ZeRO-3: 263,168 parameters partitioned across ranks, 0 small ones kept whole" in proc.stdout
+    assert "hypernetwork 293,632 whole on every rank" in proc.stdout
     a, b = metrics(one), metrics(two)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5]
     for x, y in zip(a, b):
