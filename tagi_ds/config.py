@@ -44,6 +44,7 @@ class ModelConfig:
     trainable: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False  # per-layer, non-reentrant, over the adapted backbone
     adapter_impl: str = "auto"  # tagi_ds.ops.lora_delta impl: auto | torch | triton
+    init_seed: int = 0  # random-init backbones (no model_name_or_path): the same weights in every stage
 
 
 @dataclass

@@ -72,13 +72,17 @@ class TagiModel(nn.Module):
         return self.bank_adapters(self.bank, batch, shared=self.stage != "teachers"), None
 
     # -- forward ----------------------------------------------------------------------------------------
+    def fusion_prefix(self, batch: TaskBatch | None, instr_states: torch.Tensor | None):
+        """Each example's task instruction states ``[B, Li, d]`` and mask ``[B, Li]`` (T5 fusion), or Nones."""
+        if not self.fusion or instr_states is None:
+            return None, None
+        per_example = batch.task_of_example
+        return instr_states[per_example], batch.instr_attention_mask[per_example]
+
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                adapters: AdapterSet | None, batch: TaskBatch | None = None,
                instr_states: torch.Tensor | None = None) -> torch.Tensor:
-        prefix = prefix_mask = None
-        if self.fusion and instr_states is not None:
-            per_example = batch.task_of_example
-            prefix, prefix_mask = instr_states[per_example], batch.instr_attention_mask[per_example]
+        prefix, prefix_mask = self.fusion_prefix(batch, instr_states)
         with self.state.use(adapters):
             return self.arch.logits(self.backbone, input_ids, attention_mask, labels, prefix, prefix_mask)
 
@@ -116,7 +120,14 @@ def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -
     kwargs = {k: ids[k] for k in ("pad_id", "eos_id") if k in ids}
     if cfg.model.arch == "llama" and "bos_id" in ids:
         kwargs["bos_id"] = ids["bos_id"]
-    return backbones.get(cfg.model.arch).build(cfg.model, **kwargs)
+    build = backbones.get(cfg.model.arch).build
+    if cfg.model.model_name_or_path:
+        return build(cfg.model, **kwargs)
+    # Random init from model.init_seed, whatever the caller's RNG state: every stage of a pipeline (each
+    # with its own train.seed) must see the same frozen backbone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.model.init_seed)
+        return build(cfg.model, **kwargs)
 
 
 def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows: int = 0,

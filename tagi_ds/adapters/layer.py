@@ -74,6 +74,11 @@ class AdaptedLinear(nn.Module):
         self.site = site
         self._state = state  # plain attribute: shared, not a submodule
 
+    @property
+    def weight(self) -> torch.Tensor:
+        # HF code reads a wrapped Linear's weight (T5's FFN checks wo.weight.dtype); forward it, as peft does.
+        return self.base_layer.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         adapters = self._state.active

@@ -82,16 +82,22 @@ def encode(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention
     return out.last_hidden_state, (out.hidden_states[1] if first_last else None)
 
 
+def fuse(hidden: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None,
+         prefix_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fusion-in-decoder: ``[prefix ; hidden]`` states ``[B, Li+L, d]`` and ``[prefix_mask ; mask]``."""
+    if prefix is None:
+        return hidden, mask
+    return (torch.cat([prefix.to(hidden.dtype), hidden], dim=1),
+            torch.cat([prefix_mask.to(mask.dtype), mask], dim=1))
+
+
 def logits(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            labels: torch.Tensor, prefix: torch.Tensor | None = None,
            prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decoder logits ``[B, Lt, V]`` for ``labels``; with ``prefix`` ``[B, Li, d]`` the decoder cross-attends
     to ``[prefix ; encoder(input)]`` (TAGI's fusion), masked by ``[prefix_mask ; attention_mask]``."""
     hidden, _ = encode(model, input_ids, attention_mask)
-    mask = attention_mask
-    if prefix is not None:
-        hidden = torch.cat([prefix.to(hidden.dtype), hidden], dim=1)
-        mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+    hidden, mask = fuse(hidden, attention_mask, prefix, prefix_mask)
     out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=model._shift_right(labels),
                 use_cache=False, return_dict=True)
     return out.logits

@@ -72,6 +72,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_object(obj):
+    """Every rank's ``obj`` on rank 0 as a list (None elsewhere); a collective: all ranks call it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    box = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
 def _device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -99,6 +99,38 @@ def backbone_init(ds: dict[str, Any]):
         unset_hf_deepspeed_config()
 
 
+# Above this size a random-init backbone is a throughput-benchmark stand-in: not worth a second, plain build.
+PLAIN_INIT_LIMIT = 1_000_000_000
+
+
+def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, int]) -> torch.nn.Module:
+    """The backbone for a run under ``ds``: partitioned as it is built under ZeRO-3.
+
+    ``deepspeed.zero.Init`` draws random weights differently from plain construction, so a random-init
+    backbone (no ``model_name_or_path``) is overwritten with the plain build's values: a hypernet trained
+    under z3 then evaluates on the same backbone under z2, in one process, or in the tests.
+    """
+    from tagi_ds import model as tagi_model
+
+    with backbone_init(ds):
+        backbone = tagi_model.build_backbone(cfg, special_ids)
+    params = dict(backbone.named_parameters())
+    if cfg.model.model_name_or_path or not any(hasattr(p, "ds_id") for p in params.values()):
+        return backbone
+    if sum(p.ds_numel for p in params.values()) > PLAIN_INIT_LIMIT:
+        return backbone
+    import deepspeed
+
+    from tagi_ds.train import dist
+
+    plain = dict(tagi_model.build_backbone(cfg, special_ids).named_parameters())
+    for name, p in params.items():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if dist.is_main():
+                p.data.copy_(plain[name].data)
+    return backbone
+
+
 def lr_lambda(cfg: TagiConfig):
     warmup = max(1, int(math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)))
     total = max(cfg.train.max_steps, warmup + 1)

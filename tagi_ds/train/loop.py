@@ -17,7 +17,7 @@ import torch
 
 from tagi_ds import artifacts, data
 from tagi_ds.config import ConfigError, TagiConfig
-from tagi_ds.model import build_backbone, build_model
+from tagi_ds.model import build_model
 from tagi_ds.train import checkpoint, dist
 from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.guards import Guards
@@ -79,8 +79,7 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
     write_config(out, cfg, ds, args)
 
     special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
-    with ds_engine.backbone_init(ds):
-        backbone = build_backbone(cfg, special)
+    backbone = ds_engine.build_backbone(cfg, ds, special)
     model = build_model(cfg, args.stage, backbone, num_bank_rows=num_rows, with_teacher=with_teacher)
     if with_teacher:
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)

@@ -1,0 +1,345 @@
+"""Evaluation runs: resolve the mode and artifact, build under DeepSpeed, run every batch on every rank in
+step, gather to rank 0, score, write ``predictions.jsonl`` and ``results.json``.
+
+Read top to bottom, :func:`run` is the whole of what ``launchers/evaluate.py`` runs. Under ZeRO-3 every rank
+calls the same modules the same number of times: the eval loader gives ranks equal step counts (short ranks
+repeat batches), generation keeps ranks in step (``synced_gpus``), and results are de-duplicated by example
+id on rank 0. ``kind`` generate: SNI-style greedy generation scored by exact match and ROUGE-L; ``kind`` rank:
+P3-style rank classification (:mod:`tagi_ds.eval.classify`). Costs: :mod:`tagi_ds.eval.cost`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tagi_ds import artifacts, data
+from tagi_ds.cli import output_dir, resolve_config
+from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds.eval import classify, cost
+from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
+from tagi_ds.eval.metrics import compute_metrics
+from tagi_ds.model import build_model
+from tagi_ds.train import dist
+from tagi_ds.train import engine as ds_engine
+from tagi_ds.train.checkpoint import atomic_write_text
+from tagi_ds.train.loop import seed_everything, write_config
+
+ARTIFACT_FLAGS = ("hypernet", "adapter", "teachers")
+
+
+@dataclass
+class EvalArgs:
+    """What the launcher adds to the config: what to evaluate, where, and how."""
+
+    output_dir: Path
+    mode: str  # tagi | concat | no_instruction | teacher
+    artifact: Path | None = None  # hypernet/, baseline_lora/ or teachers/ dir (None: the bare backbone)
+    kind: str = "auto"  # generate | rank | auto (rank for p3: data)
+    split: str = "test"
+    deepspeed: str | None = None
+    max_new_tokens: int = 128
+    batch_size: int | None = None
+    flops: str = "auto"  # auto | counter | formula
+    stage: str = "evaluate"
+
+
+# -- resolution: flags + artifact -> (TagiConfig, EvalArgs) -------------------------------------------------
+def artifact_dir(flag: str, path: str, needs: tuple[str, ...]) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"--{flag} {path!r}: no such directory")
+    for name in needs:
+        if not (p / name).is_file():
+            raise ConfigError(f"--{flag} {path!r}: no {name} (expected a {flag_dir(flag)} dir written by tagi-ds)")
+    return p
+
+
+def flag_dir(flag: str) -> str:
+    return {"hypernet": "hypernet/", "adapter": "baseline_lora/", "teachers": "teachers/"}[flag]
+
+
+def _as_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """A saved config as ``key=value`` strings, so the shared resolver applies it under ``--set`` and flags."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.extend(_as_overrides(value, f"{prefix}{key}."))
+        elif value is None:
+            out.append(f"{prefix}{key}=none")
+        elif isinstance(value, (list, bool)):
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out
+
+
+def _pick_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
+    """``(eval mode, artifact flag, artifact dir)`` from ``--mode`` and the one artifact flag given."""
+    given = [f for f in ARTIFACT_FLAGS if getattr(args, f, None)]
+    if len(given) > 1:
+        raise ConfigError(f"--{given[0]} and --{given[1]} exclude each other: evaluate one thing per run")
+    flag = given[0] if given else None
+    if flag == "hypernet":
+        if args.mode not in (None, "tagi"):
+            raise ConfigError(f"--hypernet is evaluated in mode tagi, got --mode {args.mode}")
+        return "tagi", flag, artifact_dir(flag, args.hypernet, ("generator.safetensors", "config.json"))
+    if flag == "teachers":
+        if args.mode is not None:
+            raise ConfigError(f"--teachers selects mode teacher (instruction + input, each task's own teacher); "
+                              f"drop --mode {args.mode}")
+        return "teacher", flag, artifact_dir(flag, args.teachers, ("teachers.safetensors", "rows.json", "config.json"))
+    if args.mode == "tagi":
+        raise ConfigError("--mode tagi needs --hypernet DIR (a hypernet/ dir from pretrain.py or finetune.py)")
+    if flag == "adapter":
+        path = artifact_dir(flag, args.adapter, ("teachers.safetensors", "rows.json", "config.json"))
+        rows, meta = artifacts.read_teacher_rows(path)
+        if rows != {"*": 0}:
+            raise ConfigError(f"--adapter {args.adapter!r}: rows.json has {len(rows)} rows; a baseline_lora/ dir has "
+                              "one shared row (a teachers/ dir goes to --teachers)")
+        trained = meta["tagi"].get("mode")
+        if args.mode is not None and args.mode != trained:
+            raise ConfigError(f"--adapter {args.adapter!r} was trained in mode {trained}; evaluate it with "
+                              f"--mode {trained}, not {args.mode}")
+        return trained, flag, path
+    if args.mode is None:
+        raise ConfigError("nothing to evaluate: give --hypernet DIR (tagi), --adapter DIR or --mode concat|"
+                          "no_instruction (baselines; bare backbone without --adapter), or --teachers DIR")
+    return args.mode, None, None
+
+
+def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | None = None) -> TagiConfig:
+    """The config: the artifact's own (backbone shape, sites, ranks) < ``--set`` < flags (``cli.resolve_config``).
+
+    ``--recipe`` is the base only without an artifact; with one it must agree with the artifact's recipe.
+    ``mode`` (a TagiConfig mode) replaces ``--mode``.
+    """
+    ns = argparse.Namespace(**vars(args))
+    if mode is not None:
+        ns.mode = mode
+    if path is not None:
+        saved = artifacts.read_config(path)
+        if args.recipe is not None and args.recipe != saved.recipe:
+            raise ConfigError(f"--recipe {args.recipe} disagrees with {path / 'config.json'} (recipe "
+                              f"{saved.recipe}); drop --recipe: the artifact fixes the model")
+        tree = saved.to_dict()
+        tree.pop("mode")
+        ns.recipe, ns.overrides = saved.recipe, _as_overrides(tree) + list(args.overrides)
+    else:
+        ns.recipe = args.recipe or "tiny"
+    return resolve_config(ns)
+
+
+def resolve(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
+    """Launcher flags -> (config, EvalArgs); every inconsistency is a one-line ConfigError."""
+    mode, _, path = _pick_mode(args)
+    for key in ("max_new_tokens", "batch_size"):
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{key} must be > 0, got {value}")
+    cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode)  # a teacher reads instr + input
+    if mode == "teacher":
+        _, meta = artifacts.read_teacher_rows(path)
+        cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
+    return cfg, EvalArgs(output_dir=output_dir(args, "evaluate"), mode=mode, artifact=path, kind=args.task,
+                         split=args.split, deepspeed=args.deepspeed, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, flops=args.flops)
+
+
+# -- checks that need the data (before any process group exists) ------------------------------------------
+def _kind(kind: str, cfg: TagiConfig) -> str:
+    if kind == "auto":
+        return "rank" if data.parse_spec(cfg.data.spec).scheme == "p3" else "generate"
+    if kind not in ("generate", "rank"):
+        raise ConfigError(f"--task must be auto, generate or rank, got {kind!r}")
+    return kind
+
+
+def teacher_rows_for(tasks, path: Path, granularity: str) -> dict[str, int]:
+    """Each task's teacher row; a task without one is an error naming it."""
+    rows, _ = artifacts.read_teacher_rows(path)
+    for task in tasks:
+        key = task.name if granularity == "task" else task.category
+        if key not in rows:
+            raise ConfigError(f"--teachers {str(path)!r}: no teacher for {granularity} {key!r} (rows.json has "
+                              f"{len(rows)} {granularity}s, e.g. {next(iter(rows))!r}); evaluate teachers on the "
+                              "tasks they were trained on (--split train)")
+    return rows
+
+
+# -- building -----------------------------------------------------------------------------------------------
+def build(cfg: TagiConfig, args: EvalArgs, ds: dict, tok, num_rows: int):
+    """The frozen TagiModel with the artifact loaded (backbone partitioned as built under ZeRO-3)."""
+    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
+    backbone = ds_engine.build_backbone(cfg, ds, special)
+    if args.mode == "teacher":
+        model = build_model(cfg, "teachers", backbone, num_bank_rows=num_rows)
+        artifacts.load_teachers(model.bank, args.artifact, model)
+    else:
+        model = build_model(cfg, "finetune", backbone)
+        if args.mode == "tagi":
+            artifacts.load_hypernet(model, args.artifact)
+        elif args.artifact is not None:
+            artifacts.load_teachers(model.bank, args.artifact, model)
+    return model.requires_grad_(False).eval()
+
+
+def wrap(step: torch.nn.Module, ds: dict) -> tuple[Any, torch.device]:
+    """ZeRO-3: a DeepSpeed engine without optimizer (it gathers the partitioned backbone layer by layer).
+    Below stage 3 nothing is sharded for inference: the module itself, on this rank's device."""
+    if ds_engine.zero_stage(ds) == 3:
+        import deepspeed
+
+        eng, _, _, _ = deepspeed.initialize(model=step, config=ds)
+        eng.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
+        return eng, eng.device
+    device = dist.device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return step.to(device).eval(), device
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
+    """Evaluate; returns the results dict on rank 0 (None elsewhere)."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    tok = data.load_tokenizer(cfg)
+    tasks = data.load_tasks(cfg.data.spec, cfg.data, args.split)
+    kind = _kind(args.kind, cfg)
+    rows = teacher_rows_for(tasks, args.artifact, cfg.teacher.granularity) if args.mode == "teacher" else None
+    scored = classify.expand_choices(tasks) if kind == "rank" else tasks
+    method = cost.resolve_method(args.flops)
+
+    dist.init()
+    seed_everything(cfg.train.seed)
+    ds = ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, dist.world_size())
+    write_config(Path(args.output_dir), cfg, ds, args)
+    model = build(cfg, args, ds, tok, len(rows) if rows else 0)
+    synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
+    gen = greedy_config(args.max_new_tokens, tok.eos_id, tok.pad_id,
+                        None if model.causal else model.backbone.config.decoder_start_token_id)
+    use_bank = args.mode == "teacher" or args.artifact is not None
+    runner, device = wrap(EvalStep(model, args.mode, kind, gen, use_bank=use_bank, synced=synced), ds)
+    loader = data.build_eval_loader(cfg, tok, args.split, dist.rank(), dist.world_size(),
+                                    generation=kind == "generate", tasks=scored, batch_size=args.batch_size)
+    adapter_rank = cfg.hypernet.rank if args.mode == "tagi" else model.bank.rank if use_bank else 0
+    formula = cost.FlopFormula(model, adapter_rank) if method == "formula" else None
+    say(f"tagi-ds evaluate: mode {args.mode}, {kind}, {len(tasks)} tasks, {len(loader)} batches per rank on "
+        f"{dist.world_size()} rank(s), ZeRO-{ds_engine.zero_stage(ds)}, FLOPs by {method}")
+
+    t0 = time.perf_counter()
+    local: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if rows is not None:
+                keys = batch.task_names if cfg.teacher.granularity == "task" else batch.categories
+                batch.teacher_index = torch.tensor([rows[k] for k in keys], dtype=torch.long)
+            batch = batch.to(device)
+            with cost.measure(method, device) as m:
+                out = runner(batch)
+            local.extend(_batch_records(batch, out, m, formula, tok, args.mode == "tagi"))
+            if (i + 1) % max(1, len(loader) // 10) == 0 or i + 1 == len(loader):
+                say(f"[eval] batch {i + 1}/{len(loader)} ({time.perf_counter() - t0:.1f}s)")
+    everything = dist.gather_object(local)
+    wall_s = time.perf_counter() - t0
+    results = None
+    if dist.is_main():
+        results = finish(Path(args.output_dir), tasks, kind, everything, wall_s, method, args)
+    dist.barrier()
+    return results
+
+
+def say(message: str) -> None:
+    if dist.is_main():
+        print(message, flush=True)
+
+
+def _batch_records(batch, out: dict[str, torch.Tensor], m: cost.Measured, formula, tok, tagi: bool) -> list[dict]:
+    """One record per row: its id, result (text or score), and its share of the batch's cost."""
+    n = len(batch.example_ids)
+    share = m.wall_s / n
+    if "tokens" in out:
+        rows = cut_at_eos(out["tokens"].cpu(), tok.eos_id)
+        decoder = torch.tensor([min(len(r) + 1, out["tokens"].shape[1]) for r in rows])  # + eos when it came
+        results = [{"prediction": tok.decode(r), "new_tokens": int(d)} for r, d in zip(rows, decoder.tolist())]
+    else:
+        decoder = (batch.labels != -100).sum(1).cpu()
+        results = [{"score": float(s)} for s in out["scores"].float().cpu().tolist()]
+    if formula is not None:
+        flops = formula.per_example(batch, decoder, tagi, generated="tokens" in out)
+    else:
+        flops = [m.flops / n if m.flops is not None else 0.0] * n
+    return [{"id": i, **r, "flops": f, "wall_s": share} for i, r, f in zip(batch.example_ids, results, flops)]
+
+
+def _dedupe(gathered: list[list[dict]]) -> dict[str, dict]:
+    """First record per id (short ranks repeated batches that another rank also ran)."""
+    seen: dict[str, dict] = {}
+    for part in gathered:
+        for rec in part:
+            seen.setdefault(rec["id"], rec)
+    return seen
+
+
+def _generation_records(tasks, by_id: dict[str, dict]) -> list[dict[str, Any]]:
+    records = []
+    for task in tasks:
+        for ex in task.instances:
+            rec = by_id.get(ex.id)
+            if rec is None:
+                raise RuntimeError(f"evaluation lost example {ex.id!r} of task {task.name!r} in gathering")
+            records.append({"id": ex.id, "task": task.name, "category": task.category,
+                            "prediction": rec["prediction"], "references": list(ex.outputs)})
+    return records
+
+
+def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: float, method: str,
+           args: EvalArgs) -> dict[str, Any]:
+    """Score the de-duplicated records and write predictions.jsonl and results.json (atomically)."""
+    by_id = _dedupe(gathered)
+    if kind == "rank":
+        records, results = classify.summarize(tasks, {k: v["score"] for k, v in by_id.items()})
+        per_task = {name: {"accuracy": acc, "num_examples": 0}
+                    for prompts in results["per_prompt"].values() for name, acc in prompts.items()}
+        for rec in records:
+            per_task[rec["task"]]["num_examples"] += 1
+    else:
+        records = _generation_records(tasks, by_id)
+        results = compute_metrics(records)
+        per_task = results["per_task"]
+    task_of = {rec["id"]: rec["task"] for rec in records}
+    for entry in per_task.values():
+        entry["flops"], entry["wall_s"] = 0.0, 0.0
+    for key, rec in by_id.items():  # a rank pair's cost goes to its example's task
+        entry = per_task[task_of[key.rsplit(classify.SEP, 1)[0] if kind == "rank" else key]]
+        entry["flops"] += rec["flops"]
+        entry["wall_s"] += rec["wall_s"]
+    total_flops = sum(rec["flops"] for rec in by_id.values())
+    generated = kind == "generate"
+    results = {"kind": kind, "mode": args.mode, "split": args.split, **results, "per_task": per_task,
+               "flops": total_flops, "wall_s": wall_s,
+               "cost": {"flops": total_flops, "wall_s": wall_s, "flops_method": method,
+                        "flops_per_example": total_flops / len(records),
+                        "wall_includes_counter": method == "counter",
+                        "compute_s": sum(rec["wall_s"] for rec in by_id.values()), "world_size": dist.world_size(),
+                        "max_new_tokens": args.max_new_tokens if generated else None,
+                        "new_tokens": sum(rec["new_tokens"] for rec in by_id.values()) if generated else None}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    headline = (f"accuracy {results['accuracy']:.2f}" if kind == "rank" else
+                f"rougeL {results['rougeL']:.2f} exact_match {results['exact_match']:.2f}")
+    say(f"{headline} ({len(records)} examples, {total_flops / 1e9:.3g} GFLOPs, {wall_s:.1f}s) -> "
+        f"{out / 'results.json'}")
+    return results
+
+
+__all__ = ["EVAL_MODES", "EvalArgs", "artifact_config", "artifact_dir", "build", "finish", "resolve",
+           "run", "teacher_rows_for"]

@@ -1,0 +1,52 @@
+"""Print a comparison table from evaluation dirs: ``python -m tagi_ds.eval.table NAME=DIR ...``.
+
+Reads each ``DIR/results.json`` (written by launchers/evaluate.py) and prints ROUGE-L, exact match,
+counted inference FLOPs and wall time, with FLOPs relative to the first row that is named ``concat``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def load(spec: str) -> tuple[str, dict]:
+    name, _, path = spec.partition("=")
+    if not path:
+        name, path = Path(spec).name, spec
+    f = Path(path) / "results.json"
+    try:
+        return name, json.loads(f.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        raise SystemExit(f"error: {f}: cannot read evaluation results ({err})") from None
+
+
+def build(rows: list[tuple[str, dict]]) -> Table:
+    concat = next((r for n, r in rows if n == "concat"), None)
+    base = (concat or {}).get("cost", {}).get("flops")
+    table = Table(title="held-out tasks")
+    for col in ("run", "ROUGE-L", "exact match", "examples", "GFLOPs", "FLOPs / concat", "wall s"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name, r in rows:
+        cost = r.get("cost", {})
+        flops = cost.get("flops")
+        table.add_row(name, f"{r['rougeL']:.1f}", f"{r['exact_match']:.1f}", str(r.get("num_examples", "")),
+                      f"{flops / 1e9:.2f}" if flops else "-",
+                      f"{flops / base:.2f}x" if flops and base else "-",
+                      f"{cost['wall_s']:.1f}" if "wall_s" in cost else "-")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    specs = argv if argv is not None else sys.argv[1:]
+    if not specs:
+        raise SystemExit("usage: python -m tagi_ds.eval.table NAME=EVAL_DIR [NAME=EVAL_DIR ...]")
+    Console().print(build([load(s) for s in specs]))
+
+
+if __name__ == "__main__":
+    main()
