@@ -8,18 +8,7 @@ Teachers come from --teachers (train_teachers.py output); the hypernetwork start
         --teachers runs/teachers/teachers --init_hypernet runs/pretrain/hypernet --output_dir runs/finetune
 """
 
-from tagi_ds.cli import guarded, output_dir, resolve_config, training_parser
-
-
-def main(argv=None) -> None:
-    args = training_parser("finetune", __doc__.split("\n")[0]).parse_args(argv)
-    cfg = resolve_config(args)
-    from tagi_ds.train.loop import RunArgs, run  # heavy (deepspeed, transformers): after --help
-
-    run(cfg, RunArgs(stage="finetune", output_dir=output_dir(args, "finetune"), deepspeed=args.deepspeed,
-                     resume_from_checkpoint=args.resume_from_checkpoint,
-                     teachers=getattr(args, "teachers", None), init_hypernet=getattr(args, "init_hypernet", None)))
-
+from tagi_ds.cli import guarded, train_main
 
 if __name__ == "__main__":
-    guarded(main)
+    guarded(lambda: train_main("finetune", __doc__))

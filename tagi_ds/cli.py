@@ -84,6 +84,17 @@ def output_dir(args: argparse.Namespace, stage: str) -> Path:
     return Path(args.output_dir or STAGE_DEFAULT_OUT[stage])
 
 
+def train_main(stage: str, doc: str, argv: list[str] | None = None) -> None:
+    """A training launcher's whole body: parse -> resolve the config -> run the stage."""
+    args = training_parser(stage, doc.strip().split("\n")[0]).parse_args(argv)
+    cfg = resolve_config(args)
+    from tagi_ds.train.loop import RunArgs, run  # heavy (deepspeed, transformers): after --help
+
+    run(cfg, RunArgs(stage=stage, output_dir=output_dir(args, stage), deepspeed=args.deepspeed,
+                     resume_from_checkpoint=args.resume_from_checkpoint,
+                     teachers=getattr(args, "teachers", None), init_hypernet=getattr(args, "init_hypernet", None)))
+
+
 def guarded(main: Callable[[], object]) -> None:
     """Run ``main``; config and data errors become one line on stderr and exit code 2."""
     from tagi_ds.data import DataError

@@ -98,9 +98,10 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
 
     guards = Guards(cfg.train.max_bad_steps, cfg.train.inject_fault)
     progress = Progress(out, args.stage, cfg.train.max_steps, start, cfg.train.tensorboard)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.trainable_parameters())  # full sizes
     progress.message(f"tagi-ds {args.stage}: recipe {cfg.recipe}, mode {cfg.mode}, {dist.world_size()} rank(s), "
                      f"ZeRO-{ds_engine.zero_stage(ds)}, precision {ds_engine.precision(cfg)}, device {device.type}, "
-                     f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable parameters"
+                     f"{trainable:,} trainable parameters"
                      + (f", resumed at step {start}" if start else ""))
     if layout := ds_engine.describe_partitioning(model):
         progress.message(layout)
