@@ -1,0 +1,408 @@
+"""Stage-2 training step: TAGI vs a plain single LoRA and the concat baseline; ZeRO-2 / ZeRO-3 / offload;
+gradient checkpointing on/off. Reports tokens/s, achieved TFLOP/s per GPU, MFU and peak memory.
+
+Cases (random-init backbones of the recipe's shape; ``--set`` overrides any size, e.g. model.num_layers=4):
+  tagi     TagiModel finetune, mode tagi, with a teacher bank (KL + param-MSE run): the step being measured
+  lora     the plain single-LoRA step: mode no_instruction (one shared LoRA bank row, input only, CE)
+  concat   the concat baseline: one shared LoRA, instruction + input, CE
+  peft     peft's LoraModel on the same backbone, input only, CE (a cross-check of ``lora``)
+Engines: torch (one process, no DeepSpeed, AdamW), z2 / z3 (ds_configs/z2.json, z3.json), z3+offload_opt
+(optimizer state on the CPU), z3+offload (ds_configs/z3_offload.json: parameters too). DeepSpeed runs in this
+process as a single rank (gloo on CPU); a case that cannot run here is listed as skipped with the reason.
+Table 1: the four cases on the default engine (z3 when DeepSpeed can start, else torch); table 2: tagi on
+every engine; table 3: tagi and lora with gradient checkpointing (model.gradient_checkpointing) on. Ratios
+are against the lora case on the default engine without checkpointing, measured in the same run.
+
+Tokens per step = B x (input + target tokens) for every case (concat's instruction tokens are cost, not
+throughput). FLOPs per step (tagi_ds.plan.step_flops; checked against torch's FlopCounterMode in the tests):
+  frozen base 4N per token (forward 2N + input gradients 2N, no weight gradients; N = matmul parameters the
+  token passes through), attention 3 x 4*Lk*H*dk per query token per layer, adapters 6*r*(d_in+d_out) per
+  token per site, generator 3 x forward once per task, instruction encoding 2*N_enc per instruction token,
+  teacher forward 2N per teacher token (instruction + input) for the KL. MFU = model FLOPs / step time / peak
+  (``--peak_tflops``; default 989 on H100/H200 bf16 dense, none on CPU); checkpointing's recompute is
+  excluded from MFU and included in "hw TFLOP/s".
+Peak memory: GPU torch.cuda.max_memory_allocated over build + steps, minus what was allocated before. CPU:
+the process RSS high-water mark above the RSS before the case (sampled, psutil), and the tracked tensor peak
+(the planner's definition, tagi_ds.plan: live tensor storages + the step's high-water mark) of one more step.
+
+    python benchmarks/bench_train_step.py                         # GPU: t5-xl t5-xxl llama-7b; CPU: tiny tiny-llama
+    python benchmarks/bench_train_step.py --recipe t5-xl --micro_batch 8 --seq_len 512
+    python benchmarks/bench_train_step.py --smoke --out_dir /tmp/r  # CPU harness check, tiny shapes
+Results: <out_dir>/<device-slug>_<YYYY-MM-DD>_train_step.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from tagi_ds import plan  # noqa: E402
+from tagi_ds.config import TagiConfig, apply_overrides  # noqa: E402
+from tagi_ds.recipes import RECIPES, get_recipe  # noqa: E402
+
+VARIANTS = ("tagi", "lora", "concat", "peft")
+ENGINES = ("torch", "z2", "z3", "z3+offload_opt", "z3+offload")
+MODES = {"tagi": "tagi", "lora": "no_instruction", "concat": "concat", "peft": "no_instruction"}
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # bf16 dense tensor-core peaks (datasheets)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", nargs="+", choices=list(RECIPES), help="default: GPU t5-xl t5-xxl llama-7b, "
+                   "CPU tiny tiny-llama")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every recipe (sizes: model.d_model=..., model.num_layers=...)")
+    p.add_argument("--micro_batch", type=int, help="examples per step (default: GPU 4, CPU 8)")
+    p.add_argument("--tasks", type=int, default=2, help="tasks per micro-batch")
+    p.add_argument("--seq_len", type=int, help="input tokens (default: the recipe's data.max_source_length)")
+    p.add_argument("--target_len", type=int, help="target tokens (default: data.max_target_length)")
+    p.add_argument("--instr_len", type=int, help="instruction tokens (default: data.max_instruction_length)")
+    p.add_argument("--teacher_rows", type=int, default=60, help="teacher bank rows")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--no_checkpointing_table", action="store_true", help="skip the gradient checkpointing cases")
+    p.add_argument("--steps", type=int, help="timed steps (GPU: median, CPU: min; default GPU 10, CPU 3)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default GPU 3, CPU 1)")
+    p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: known GPUs; none on CPU)")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default 1: on a shared host, a descheduled "
+                   "OpenMP thread stalls every parallel region of the others, which swings timings by 10x)")
+    p.add_argument("--smoke", action="store_true", help="tiny recipe at tiny shapes, 1 step: checks the harness")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", type=Path, default=common.RESULTS)
+    p.add_argument("--no_save", action="store_true")
+    a = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    if a.threads is None and not gpu:
+        a.threads = 1
+    if a.smoke:
+        a.recipe = a.recipe or ["tiny"]
+        a.micro_batch, a.seq_len, a.target_len, a.instr_len = a.micro_batch or 4, a.seq_len or 32, \
+            a.target_len or 8, a.instr_len or 32
+        a.steps, a.warmup = a.steps or 1, a.warmup if a.warmup is not None else 1
+    a.recipe = a.recipe or (["t5-xl", "t5-xxl", "llama-7b"] if gpu else ["tiny", "tiny-llama"])
+    a.micro_batch = a.micro_batch or (4 if gpu else 8)
+    a.steps = a.steps or (10 if gpu else 3)
+    a.warmup = a.warmup if a.warmup is not None else (3 if gpu else 1)
+    for key in ("micro_batch", "tasks", "seq_len", "target_len", "instr_len", "steps", "teacher_rows"):
+        v = getattr(a, key)
+        if v is not None and v <= 0:
+            p.error(f"--{key} must be > 0, got {v}")
+    if a.tasks > a.micro_batch:
+        p.error(f"--tasks {a.tasks} > --micro_batch {a.micro_batch}: every task needs an example")
+    if a.peak_tflops is None and gpu:
+        name = torch.cuda.get_device_name().lower()
+        a.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return a
+
+
+# -- building one case ------------------------------------------------------------------------------------
+class PeftLora(nn.Module):
+    """peft's LoRA (same sites, rank and alpha as the lora case) on the frozen backbone; CE on the input alone."""
+
+    def __init__(self, cfg: TagiConfig, backbone: nn.Module) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        from tagi_ds import backbones
+        from tagi_ds.backbones.base import freeze
+
+        super().__init__()
+        self.arch = backbones.get(cfg.model.arch)
+        self.causal = cfg.model.arch == "llama"
+        freeze(backbone, [])
+        names = [name for name, *_ in self.arch.site_names(backbone, cfg.model)]
+        lora = LoraConfig(r=cfg.hypernet.rank, lora_alpha=cfg.hypernet.alpha, lora_dropout=0.0, target_modules=names)
+        self.peft = get_peft_model(backbone, lora)
+
+    def forward(self, batch):
+        from tagi_ds.losses import ce_loss, target_logits
+
+        logits = self.arch.logits(self.peft.base_model.model, batch.input_ids, batch.attention_mask, batch.labels)
+        loss = ce_loss(*target_logits(logits, batch.labels, self.causal))
+        return loss, {"ce": loss}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def ds_config(engine: str) -> dict:
+    from tagi_ds.train.engine import DEFAULT_DS_CONFIG, load_ds_json
+
+    folder = DEFAULT_DS_CONFIG.parent
+    ds = load_ds_json(folder / ("z2.json" if engine == "z2" else "z3_offload.json" if engine == "z3+offload"
+                                else "z3.json"))
+    zero = ds["zero_optimization"]
+    if engine == "z3+offload_opt":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds["zero_force_ds_cpu_optimizer"] = False
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero and not torch.cuda.is_available():
+            zero[key]["pin_memory"] = False  # pinning needs CUDA
+    return ds
+
+
+def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int):
+    """(module, step function, cleanup) for one case. Raises if the case cannot run here."""
+    from tagi_ds.model import build_backbone, build_model
+    from tagi_ds.train import dist
+    from tagi_ds.train import engine as ds_engine
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def make(backbone):
+        if variant == "peft":
+            return PeftLora(cfg, backbone)
+        return build_model(cfg, "finetune", backbone, num_bank_rows=rows, with_teacher=variant == "tagi")
+
+    if engine == "torch":
+        dtype = torch.bfloat16 if ds_engine.precision(cfg) == "bf16" else torch.float32
+        model = make(build_backbone(cfg)).to(dev, dtype)
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+
+        def step(batch):
+            loss, _ = model(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return model, step, lambda: None
+    dist.init()
+    ds = ds_engine.inject(ds_config(engine), cfg, dist.world_size())
+    with ds_engine.backbone_init(ds):
+        backbone = build_backbone(cfg)
+    model = make(backbone)
+    eng = ds_engine.build_engine(model, cfg, ds)
+
+    def step(batch):
+        loss, _ = eng(batch)
+        eng.backward(loss)
+        eng.step()
+
+    return model, step, eng.destroy
+
+
+def case_config(args, recipe: str, variant: str, checkpointing: bool) -> TagiConfig:
+    cfg = apply_overrides(get_recipe(recipe), args.overrides)
+    cfg.mode = MODES[variant]
+    cfg.model.gradient_checkpointing = checkpointing
+    cfg.model.adapter_impl = "auto"
+    cfg.data.tasks_per_batch = args.tasks
+    cfg.data.examples_per_task = max(1, args.micro_batch // args.tasks)
+    cfg.train.lr, cfg.train.max_steps = 1e-5, 10**6
+    if variant != "tagi":
+        cfg.loss.kl_weight = cfg.loss.param_weight = 0.0
+    return cfg.validate()
+
+
+def shapes_for(args, cfg: TagiConfig) -> plan.Shapes:
+    return plan.Shapes(args.micro_batch, args.tasks, args.seq_len or cfg.data.max_source_length,
+                       args.target_len or cfg.data.max_target_length, args.instr_len or cfg.data.max_instruction_length)
+
+
+# -- measuring one case -----------------------------------------------------------------------------------
+def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) -> dict:
+    cfg = case_config(args, recipe, variant, checkpointing)
+    s = shapes_for(args, cfg)
+    row = {"variant": variant, "engine": engine, "checkpointing": checkpointing, "status": "ok"}
+    counts = plan.count(cfg, args.teacher_rows)
+    flops = plan.step_flops(counts, s, "lora" if variant == "peft" else variant, checkpointing, kl=variant == "tagi")
+    row.update(model_flops=flops["model"], hardware_flops=flops["hardware"])
+    gpu = torch.cuda.is_available()
+    common.release_memory()
+    torch.manual_seed(args.seed)
+    idle_tensors = 0 if gpu else plan.storage_bytes(common.live_tensors())
+    rss = None if gpu else common.RssPeak().start()
+    if gpu:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    cleanup = lambda: None  # noqa: E731
+    try:
+        model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks))
+        batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
+                                     teacher=variant == "tagi", seed=args.seed)
+        batch = batch.to("cuda" if gpu else "cpu")
+        for _ in range(args.warmup):
+            step(batch)
+        times = []
+        for _ in range(args.steps):
+            common.sync()
+            t0 = time.perf_counter()
+            step(batch)
+            common.sync()
+            times.append(time.perf_counter() - t0)
+        if gpu:
+            row["peak_bytes"], row["peak_kind"] = torch.cuda.max_memory_allocated() - base, "max_memory_allocated"
+        else:
+            row["peak_bytes"], row["peak_kind"] = rss.stop(), "RSS high-water delta (sampled)"
+            known = common.live_tensors()
+            with plan.TensorBytesTracker(known) as tracker:
+                step(batch)
+            row["tracked_bytes"] = plan.storage_bytes(known) - idle_tensors + tracker.peak
+    except Exception as err:  # noqa: BLE001  (a case that cannot run here is reported, the others still run)
+        if rss is not None:
+            rss.stop()
+        row["status"] = f"skipped: {type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err) else ''}"
+        print(f"  {recipe} {variant} {engine} ckpt={checkpointing}: {row['status']}", file=sys.stderr, flush=True)
+        return row
+    finally:
+        try:
+            cleanup()
+        finally:
+            model = step = batch = None  # noqa: F841
+            common.release_memory()
+    stats = common.summarize(times)
+    step_s = stats[stats["reported"]]
+    row.update(step_ms_median=stats["median"] * 1e3, step_ms_min=stats["min"] * 1e3)
+    tokens = s.micro_batch * (s.seq_len + s.target_len)
+    row.update(step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, tflops=flops["model"] / step_s / 1e12,
+               hw_tflops=flops["hardware"] / step_s / 1e12,
+               mfu=(flops["model"] / step_s / 1e12 / args.peak_tflops) if args.peak_tflops else None)
+    print(f"  {recipe} {variant:6s} {engine:14s} ckpt={'on' if checkpointing else 'off'}: {row['step_ms']:.1f} ms, "
+          f"{row['tokens_per_s']:.0f} tok/s, peak {common.fmt_bytes(row['peak_bytes'])}", file=sys.stderr, flush=True)
+    return row
+
+
+def bench_recipe(args, recipe: str, default_engine: str) -> dict:
+    cfg = case_config(args, recipe, "tagi", False)
+    s = shapes_for(args, cfg)
+    counts = plan.count(cfg, args.teacher_rows)
+    cases = [(v, default_engine, False) for v in args.variants]
+    cases += [("tagi", e, False) for e in args.engines if e != default_engine]
+    if not args.no_checkpointing_table:
+        cases += [(v, default_engine, True) for v in ("tagi", "lora") if v in args.variants]
+    if not torch.cuda.is_available() and cases:
+        # One unrecorded pass first: lazy imports, DeepSpeed's first init and allocator growth otherwise land
+        # in the first case's RSS delta and timing.
+        quick = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
+        run_case(quick, recipe, *cases[0])
+    rows = [run_case(args, recipe, *c) for c in cases]
+    base = next((r for r in rows if r["variant"] == "lora" and r["engine"] == default_engine
+                 and not r["checkpointing"] and r["status"] == "ok"), None)
+    for r in rows:
+        for key, ratio in (("tokens_per_s", "speed_vs_lora"), ("peak_bytes", "memory_vs_lora")):
+            ok = base is not None and r["status"] == "ok" and base[key]
+            r[ratio] = r[key] / base[key] if ok else None
+    return {"recipe": recipe, "overrides": args.overrides, "shapes": vars(s), "default_engine": default_engine,
+            "params": {"backbone": counts.backbone, "generator": counts.generator, "teacher_bank": counts.teacher,
+                       "sites": len(counts.sites)}, "rows": rows}
+
+
+def deepspeed_usable() -> tuple[bool, str]:
+    try:
+        from tagi_ds.train import dist
+
+        dist.init()
+    except Exception as err:  # noqa: BLE001
+        return False, f"{type(err).__name__}: {err}"
+    return True, ""
+
+
+# -- output -----------------------------------------------------------------------------------------------
+FLOP_NOTE = ("FLOPs per step: frozen base 4N/token (fwd 2N + input-grads 2N, no weight grads) + attention "
+             "3x(4*Lk*H*dk)/token/layer + adapters 6*r*(d_in+d_out)/token/site + generator 3x fwd per task + "
+             "instruction encoding 2N_enc/instruction token + teacher forward 2N/teacher token (KL); "
+             "checkpointing recompute only in hw TFLOP/s")
+
+
+def _ratio(row: dict, key: str) -> str:
+    return "—" if row.get(key) is None else f"{row[key]:.2f}"
+
+
+def to_markdown(result: dict) -> str:
+    cpu = result["device_kind"] == "cpu"
+    lines = [f"# Train step (stage 2) — {result['device_label']} — {result['date']}", ""]
+    if cpu:
+        lines += ["**CPU results**: tiny shapes on a CPU check the harness and compare variants relative to each "
+                  "other; they are not GPU numbers. Memory: RSS high-water delta (sampled) and the tracked tensor "
+                  "peak (planner definition). DeepSpeed engines allocate their reduce bucket (z2: and all-gather "
+                  "bucket) up front, 5e7 elements each (ds_configs): in the tracked peak, mostly never resident in "
+                  f"RSS. {common.threads_text()}; host load average {result['host_load_start']} at "
+                  f"the start, {result['host_load_end']} at the end (a shared host: timings are noisy).", ""]
+    v = result["versions"]
+    lines += [f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}, peft {v['peft']}; "
+              f"{result['steps']} timed steps ({common.timing_stat()}) after {result['warmup']} warm-up; peak for MFU: "
+              f"{result['peak_tflops'] or 'n/a'} TFLOP/s", "", FLOP_NOTE, ""]
+    for rec in result["recipes"]:
+        sh = rec["shapes"]
+        lines += [f"## {rec['recipe']}{' ' + ' '.join(rec['overrides']) if rec['overrides'] else ''}", "",
+                  f"B={sh['micro_batch']} examples / K={sh['tasks']} tasks, input {sh['seq_len']}, target "
+                  f"{sh['target_len']}, instruction {sh['instr_len']}; backbone {rec['params']['backbone']:,} "
+                  f"params, generator {rec['params']['generator']:,}, teacher bank {rec['params']['teacher_bank']:,}"
+                  f"; default engine {rec['default_engine']}; ratios vs lora on {rec['default_engine']}", ""]
+        mem = "peak RSS Δ" if cpu else "peak alloc"
+        head = f"| case | engine | ckpt | step ms | tokens/s | x lora | TFLOP/s | hw TFLOP/s | MFU | {mem} | x lora |"
+        if cpu:
+            head += " tracked peak |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in rec["rows"]:
+            ck = "on" if r["checkpointing"] else "off"
+            if r["status"] != "ok":
+                lines.append(f"| {r['variant']} | {r['engine']} | {ck} | {r['status']} |" + " |" * (
+                    head.count("|") - 5))
+                continue
+            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            cells = [r["variant"], r["engine"], ck, f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
+                     _ratio(r, "speed_vs_lora"), f"{r['tflops']:.3g}", f"{r['hw_tflops']:.3g}", mfu,
+                     common.fmt_bytes(r["peak_bytes"]), _ratio(r, "memory_vs_lora")]
+            if cpu:
+                cells.append(common.fmt_bytes(r.get("tracked_bytes")))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.* is deprecated",
+                            category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds_ok, why = deepspeed_usable()
+    engines = [e for e in args.engines if e == "torch" or ds_ok]
+    skipped_engines = [] if ds_ok else [f"{e}: DeepSpeed could not start ({why})" for e in args.engines
+                                        if e != "torch"]
+    default_engine = "z3" if ds_ok and "z3" in args.engines else engines[0] if engines else "torch"
+    args.engines = engines or ["torch"]
+    result = {"benchmark": "train_step", "device": common.device_name(), "device_kind": common.device_kind(),
+              "device_label": common.device_label(), "date": datetime.date.today().isoformat(),
+              "versions": common.versions(), "steps": args.steps, "warmup": args.warmup,
+              "peak_tflops": args.peak_tflops, "smoke": args.smoke, "flop_formula": FLOP_NOTE,
+              "skipped_engines": skipped_engines, "cpu_threads": torch.get_num_threads(),
+              "host_load_start": common.host_load(), "recipes": []}
+    for recipe in args.recipe:
+        print(f"{recipe}:", file=sys.stderr, flush=True)
+        result["recipes"].append(bench_recipe(args, recipe, default_engine))
+    result["host_load_end"] = common.host_load()
+    table = to_markdown(result)
+    if skipped_engines:
+        table += "\n" + "\n".join(f"- skipped {s}" for s in skipped_engines) + "\n"
+    print(table)
+    if not args.no_save:
+        stem = common.results_stem(args.out_dir, "train_step", result["date"])
+        common.write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2, default=_json) + "\n")
+        common.write_atomic(stem.with_suffix(".md"), table)
+        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return result
+
+
+def _json(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+if __name__ == "__main__":
+    main()

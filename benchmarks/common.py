@@ -1,0 +1,194 @@
+"""Shared by the train-step and inference-cost benchmarks: device naming, result files, memory probes, FLOP
+counting on CPU.
+
+Result files: ``<out_dir>/<device-slug>_<YYYY-MM-DD>_<name>.{json,md}``, each written to a temp file in the
+same folder and renamed, so a reader never sees half a file. The CPU's slug is ``cpu`` and every CPU result
+says "CPU" in its title: CPU numbers check the harness and compare variants; they are not GPU numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name() -> str:
+    """``NVIDIA H100 80GB HBM3`` on a GPU; ``cpu`` otherwise (the slug of CPU results)."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def device_label() -> str:
+    """Human title: the GPU's name, or ``CPU (<model>, <n> threads)``."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({cpu_model()}, {threads_text()})"
+
+
+def threads_text() -> str:
+    n = torch.get_num_threads()
+    return f"{n} torch thread{'' if n == 1 else 's'}"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def results_stem(out_dir: Path, name: str, date: str | None = None) -> Path:
+    date = date or datetime.date.today().isoformat()
+    return Path(out_dir) / f"{slug(device_name())}_{date}_{name}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for mod in ("transformers", "deepspeed", "peft", "triton"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as err:  # noqa: BLE001  (an optional package that fails to import: report why)
+            out[mod] = f"n/a ({type(err).__name__})"
+    return out
+
+
+def host_load() -> list[float] | None:
+    """1, 5, 15-minute load averages: on a shared CPU host, the context of every timing."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def timing_stat() -> str:
+    """The statistic reported for repeated timings: the median on a GPU; on a CPU, the minimum, the run least
+    disturbed by other processes of a shared host (timeit's advice). Both go into the JSON."""
+    return "median" if torch.cuda.is_available() else "min"
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    import statistics
+
+    return {"median": statistics.median(seconds), "min": min(seconds), "reported": timing_stat()}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def release_memory() -> None:
+    """Give freed memory back (between benchmark cases), so the next case's RSS baseline is honest."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:  # glibc keeps freed heap pages; without this, RSS deltas of later cases read low
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssPeak:
+    """Process resident-set-size high-water mark above the RSS at ``start()``, sampled every ``interval`` s
+    by a thread (psutil): the CPU stand-in for ``torch.cuda.max_memory_allocated``. It includes the
+    allocator's slack and everything else the process maps, and can miss spikes shorter than the interval."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import psutil
+
+        self.proc, self.interval = psutil.Process(), interval
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def start(self) -> RssPeak:
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        """Bytes above the starting RSS at the peak."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        return self.peak - self.base
+
+
+def live_tensors() -> list[torch.Tensor]:
+    """Every tensor the garbage collector can see (parameters, optimizer state, DeepSpeed's flat buffers...)."""
+    import gc
+
+    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+
+
+_CPU_SDPA_REGISTERED = False
+
+
+def register_cpu_sdpa_flops() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash one (torch 2.13): give it the same
+    formulas (forward 2 matmuls; backward 5 with the score recompute), so CPU counts include attention."""
+    global _CPU_SDPA_REGISTERED
+    if _CPU_SDPA_REGISTERED:
+        return
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        fc.register_flop_formula(fwd)(lambda q, k, v, *args, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v))
+    if bwd is not None and bwd not in fc.flop_registry:
+        fc.register_flop_formula(bwd)(
+            lambda g, q, k, v, *args, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
+    _CPU_SDPA_REGISTERED = True
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"

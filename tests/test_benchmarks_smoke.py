@@ -1,0 +1,77 @@
+"""The train-step and inference-cost benchmarks run end to end at tiny shapes and write their result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, out_dir: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)  # the adapter op's torch reference on CPU, as in training
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out_dir", str(out_dir),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def written(out_dir: Path, name: str) -> tuple[dict, str]:
+    """The two result files ``<device-slug>_<today>_<name>.{json,md}`` and nothing else (no temp files)."""
+    names = sorted(p.name for p in out_dir.iterdir())
+    (js,) = [n for n in names if n.endswith(f"_{datetime.date.today().isoformat()}_{name}.json")]
+    stem = js.removesuffix(".json")
+    assert names == [f"{stem}.json", f"{stem}.md"], names
+    return json.loads((out_dir / js).read_text()), (out_dir / f"{stem}.md").read_text()
+
+
+def test_bench_train_step_smoke(tmp_path):
+    proc = run_bench("bench_train_step.py", tmp_path)
+    result, md = written(tmp_path, "train_step")
+    assert result["benchmark"] == "train_step" and result["smoke"] is True
+    (rec,) = result["recipes"]
+    rows = {(r["variant"], r["engine"], r["checkpointing"]): r for r in rec["rows"]}
+    engine = rec["default_engine"]
+    for variant in ("tagi", "lora", "concat", "peft"):
+        assert (variant, engine, False) in rows
+    for e in ("torch", "z2", "z3", "z3+offload_opt", "z3+offload"):
+        assert ("tagi", e, False) in rows or any(e in s for s in result["skipped_engines"])
+    assert ("tagi", engine, True) in rows and ("lora", engine, True) in rows
+    for r in rec["rows"]:
+        assert r["status"] == "ok" or r["status"].startswith("skipped: "), r
+    for key in (("tagi", engine, False), ("lora", engine, False), ("tagi", "torch", False)):
+        r = rows[key]
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["peak_bytes"] >= 0 and r["tracked_bytes"] > 0
+        assert r["tflops"] == pytest.approx(r["model_flops"] / (r["step_ms"] / 1e3) / 1e12)
+    lora, tagi = rows[("lora", engine, False)], rows[("tagi", engine, False)]
+    assert lora["speed_vs_lora"] == 1.0
+    assert tagi["model_flops"] > lora["model_flops"]  # teacher forward, instruction encoding, generator
+    if result["device_kind"] == "cpu":
+        assert "CPU" in md.splitlines()[0] and "CPU results" in md and "RSS" in md
+        assert result["peak_tflops"] is None and tagi["mfu"] is None
+    assert "4N" in md and md.splitlines()[-1] in proc.stdout
+
+
+def test_bench_inference_cost_smoke(tmp_path):
+    run_bench("bench_inference_cost.py", tmp_path)
+    result, md = written(tmp_path, "inference_cost")
+    assert result["benchmark"] == "inference_cost" and "teacher-forced" in result["decoding"]
+    (rec,) = result["measured"]
+    assert [r["instr_len"] for r in rec["rows"]] == [64, 128]
+    for r in rec["rows"]:
+        assert r["tagi_flops"] > 0 and r["concat_flops"] > 0 and r["tagi_ms"] > 0 and r["concat_ms"] > 0
+        # The counted FLOPs (FlopCounterMode) agree with the planner's formulas at these shapes.
+        assert r["flops_ratio"] == pytest.approx(r["formula_ratio"], rel=0.02)
+    a, b = rec["rows"]
+    assert b["flops_ratio"] < a["flops_ratio"] < 1.0  # a longer instruction: TAGI saves more
+    assert set(result["analytic"]) == {"t5-base", "t5-xl", "t5-xxl", "llama-7b"}
+    if result["device_kind"] == "cpu":
+        assert "CPU" in md.splitlines()[0] and "analytic" in md

@@ -1,0 +1,191 @@
+"""The memory / step-time planner: sanity of its predictions, its CLI, and its accuracy on the tiny recipes.
+
+The accuracy check compares the planner's ``--stage none`` peak with ``measure_step``: one plain-torch training
+step on this CPU, tracked tensor bytes (definition in tagi_ds/plan.py's docstring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tagi_ds import plan
+from tagi_ds.config import ConfigError
+from tagi_ds.plan import PlanInput
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = {"model": "t5-xxl", "nodes": 4, "gpus_per_node": 8, "gpu_mem_gb": 80}
+
+
+def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tagi_ds.plan", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def total(**kw) -> int:
+    return plan.plan(PlanInput(**kw))["memory"]["total"]
+
+
+@pytest.mark.parametrize("model", ["t5-xl", "llama-7b"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_grows_with_the_micro_batch(model, checkpointing):
+    totals = [total(model=model, micro_batch=b, gradient_checkpointing=checkpointing) for b in (1, 2, 4, 8, 16)]
+    assert all(a < b for a, b in zip(totals, totals[1:])), totals
+
+
+def test_checkpointing_saves_activation_memory():
+    on = plan.plan(PlanInput(**CLUSTER, gradient_checkpointing=True))["memory"]
+    off = plan.plan(PlanInput(**CLUSTER, gradient_checkpointing=False))["memory"]
+    assert on["activations"] < off["activations"] / 5 and on["total"] < off["total"]
+
+
+def test_zero3_partitions_the_frozen_backbone_and_zero2_does_not():
+    z3 = plan.plan(PlanInput(**CLUSTER, stage="z3"))
+    z2 = plan.plan(PlanInput(**CLUSTER, stage="z2"))
+    n = z3["params"]["backbone"]
+    assert z2["memory"]["backbone"] == n * 2  # bf16, whole on every GPU
+    assert z3["memory"]["backbone"] < z2["memory"]["backbone"] / 16
+    assert z3["memory"]["teacher_bank"] < z2["memory"]["teacher_bank"]
+    assert z3["memory"]["hypernet"] == z2["memory"]["hypernet"] == z3["params"]["generator"] * 2  # whole, both
+    assert z3["memory"]["optimizer"] == z2["memory"]["optimizer"]  # partitioned either way
+
+
+def test_more_gpus_shrink_zero3_shares_and_offload_moves_them_off_the_gpu():
+    small = plan.plan(PlanInput(**{**CLUSTER, "nodes": 1}))["memory"]
+    big = plan.plan(PlanInput(**CLUSTER))["memory"]
+    assert big["backbone"] < small["backbone"] and big["optimizer"] < small["optimizer"]
+    off = plan.plan(PlanInput(**CLUSTER, offload="param"))["memory"]
+    assert off["backbone"] == off["teacher_bank"] == off["optimizer"] == 0
+
+
+def test_parameter_counts_come_from_the_recipe_shapes():
+    p = plan.plan(PlanInput(model="llama-7b", teacher_rows=0))["params"]
+    assert 6.7e9 < p["backbone"] < 6.8e9  # LLaMA-7B: 6.74B
+    assert p["teacher_bank"] == 0
+    t5 = plan.plan(PlanInput(model="t5-xxl"))["params"]
+    assert 10.9e9 < t5["backbone"] < 11.1e9  # T5 v1.1 XXL with tied embeddings
+    assert t5["sites"] == 24 * 2 * 3  # q, v in encoder, decoder and cross attention
+
+
+def test_llama_13b_on_one_24gb_gpu_does_not_fit_and_the_suggestion_does(capsys):
+    plan.main(["--model", "llama-13b", "--nodes", "1", "--gpus_per_node", "1", "--gpu_mem_gb", "24"])
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "smallest working configuration" in out
+    result = plan.plan(PlanInput(model="llama-13b", nodes=1, gpus_per_node=1, gpu_mem_gb=24))
+    assert not result["fits"] and result["max_micro_batch"] == 0
+    for option in result["suggestions"]:  # every suggested configuration really fits
+        p = PlanInput(model="llama-13b", nodes=1, gpus_per_node=1, gpu_mem_gb=24)
+        flags = " ".join(option["flags"]).split()
+        p = _apply(p, flags)
+        assert plan.plan(p)["fits"], option
+
+
+def _apply(p: PlanInput, flags: list[str]) -> PlanInput:
+    changes = {}
+    for key, value in zip(flags[::2], flags[1::2]):
+        key = key.removeprefix("--")
+        current = getattr(p, key)
+        changes[key] = (value == "on") if key == "gradient_checkpointing" else \
+            type(current)(value) if current is not None else int(value)
+    return dataclasses.replace(p, **changes)
+
+
+def test_the_t5_xxl_cluster_plan_prints_tables_and_json(capsys):
+    proc = cli("--model", "t5-xxl", "--nodes", "4", "--gpus_per_node", "8", "--gpu_mem_gb", "80")  # the entry point
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for text in ("memory per GPU", "zero3_gather", "step time estimate", "largest micro-batch"):
+        assert text in proc.stdout
+    plan.main(["--model", "t5-xxl", "--nodes", "4", "--gpus_per_node", "8", "--gpu_mem_gb", "80", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["input"]["stage"] == "z3" and data["shapes"]["micro_batch"] == 8
+    parts = ("backbone", "teacher_bank", "hypernet", "optimizer", "activations", "transient", "zero3_gather")
+    assert all(data["memory"][k] > 0 for k in parts)
+    assert data["time"]["step_s"] == max(data["time"]["compute_s"], data["time"]["comm_s"])
+    if not data["fits"]:
+        assert data["suggestions"] and all(o["micro_batch"] >= 1 for o in data["suggestions"])
+
+
+def test_step_time_follows_throughput_and_bandwidth():
+    base = plan.plan(PlanInput(**CLUSTER))["time"]
+    fast = plan.plan(PlanInput(**CLUSTER, tflops_per_gpu=2 * plan.H100_BF16_DENSE_TFLOPS * plan.ASSUMED_MFU))["time"]
+    assert fast["compute_s"] == pytest.approx(base["compute_s"] / 2)
+    wide = plan.plan(PlanInput(**CLUSTER, interconnect_gbps=800))["time"]
+    assert wide["comm_s"] == pytest.approx(base["comm_s"] / 2)
+    single = plan.plan(PlanInput(model="t5-xxl", nodes=1, gpus_per_node=1, gpu_mem_gb=80, stage="z2"))["time"]
+    assert single["comm_s"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "z4"], "invalid choice"),
+    (["--offload", "param", "--stage", "z2"], "--offload param needs --stage z3"),
+    (["--micro_batch", "0"], "--micro_batch must be > 0"),
+    (["--model", "gpt-5"], "invalid choice"),
+    (["--gradient_checkpointing", "maybe"], "expected on or off"),
+    (["--stage", "none", "--nodes", "2"], "--stage none is one process"),
+    (["--measure"], "--measure runs one plain-torch step"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_cli_errors_name_the_flag(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plan.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]
+
+
+def test_library_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="--teacher_rows"):
+        plan.plan(PlanInput(teacher_rows=-1))
+    with pytest.raises(ConfigError, match="--model"):
+        plan.plan(PlanInput(model="nope"))
+
+
+@pytest.mark.parametrize("model, checkpointing", [("tiny", False), ("tiny", True), ("tiny-llama", False)])
+def test_tiny_peak_prediction_is_within_ten_percent_of_the_measured_step(model, checkpointing):
+    p = PlanInput(model=model, nodes=1, gpus_per_node=1, stage="none", gradient_checkpointing=checkpointing)
+    predicted = plan.plan(p)["memory"]
+    measured = plan.measure_step(p, device="cpu")
+    static = measured["parameters"] + measured["buffers"] + measured["optimizer"]
+    assert predicted["backbone"] + predicted["teacher_bank"] + predicted["hypernet"] + predicted["optimizer"] == \
+        pytest.approx(static, rel=0.01)  # the static parts are exact counts
+    assert predicted["total"] == pytest.approx(measured["peak"], rel=0.10), (predicted, measured)
+
+
+def test_measure_flag_prints_prediction_and_measurement(capsys):
+    result = plan.main(["--model", "tiny", "--stage", "none", "--measure", "--seq_len", "32", "--instr_len", "32",
+                        "--target_len", "8", "--micro_batch", "4"])
+    out = capsys.readouterr().out
+    assert "measured peak" in out and "predicted" in out
+    assert result["measured"]["peak"] > result["measured"]["baseline"] > 0
+
+
+def test_step_flops_match_torch_flop_counter_on_tiny():
+    """The FLOP formula of the planner and the train-step benchmark against torch's counter (CPU SDPA included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    from tagi_ds.model import build_backbone, build_model
+
+    common.register_cpu_sdpa_flops()
+    for model_name, mode, variant in (("tiny", "tagi", "tagi"), ("tiny", "concat", "concat"),
+                                      ("tiny-llama", "no_instruction", "lora")):
+        p, cfg = plan.resolve(PlanInput(model=model_name, nodes=1, gpus_per_node=1, stage="none"))
+        cfg.mode = mode
+        s = plan.shapes_of(p)
+        torch.manual_seed(0)
+        model = build_model(cfg, "finetune", build_backbone(cfg), num_bank_rows=60, with_teacher=mode == "tagi")
+        batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=mode)
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = model(batch)
+            loss.backward()
+        formula = plan.step_flops(plan.count(cfg, 60), s, variant, kl=mode == "tagi")["model"]
+        # torch counts the attention backward as 5 matmuls (it recomputes the scores), the formula as 4.
+        assert formula == pytest.approx(counter.get_total_flops(), rel=0.06), (model_name, mode)
