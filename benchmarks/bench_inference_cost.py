@@ -175,9 +175,9 @@ def analytic(cfg: TagiConfig, instr_len: int, L: int, Lt: int, n: int) -> dict[s
     Lx = instr_len + L if (t5 and c.fusion) else L
     ex = plan.backbone_forward_flops(c, n, L, Lt, Lx)
     tagi = enc["linear"] + enc["attention"] + per_task + ex["linear"] + ex["attention"] + \
-        plan._adapter_flops(c, n, L, Lt, Lx, c.rank)
+        plan.adapter_flops(c, n, L, Lt, Lx, c.rank)
     cc = plan.backbone_forward_flops(c, n, instr_len + L, Lt)
-    concat = cc["linear"] + cc["attention"] + plan._adapter_flops(c, n, instr_len + L, Lt, instr_len + L, c.rank)
+    concat = cc["linear"] + cc["attention"] + plan.adapter_flops(c, n, instr_len + L, Lt, instr_len + L, c.rank)
     return {"tagi_flops": tagi, "concat_flops": concat, "ratio": tagi / concat}
 
 

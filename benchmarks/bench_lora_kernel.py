@@ -21,10 +21,8 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tagi_ds.ops import lora_delta_torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from tagi_ds.ops import lora_delta_torch  # noqa: E402
 
 CASES = ("base", "loop", "torch", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,14 +155,6 @@ def bench_point(d: int, r: int, tasks: int, args, deltas: dict[str, Callable | N
     return row
 
 
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
 def to_markdown(result: dict) -> str:
     def cell(ms, ratio):
         return "—" if ms is None else f"{ms:.3f} ({ratio:.2f}x)"
@@ -184,19 +178,6 @@ def to_markdown(result: dict) -> str:
                      f"{cell(row['loop_ms'], row['loop_x'])} | {cell(row['torch_ms'], row['torch_x'])} | "
                      f"{cell(row['triton_ms'], row['triton_x'])} | {'—' if err is None else f'{err:.1e}'} |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -223,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                     file=sys.stderr, flush=True)
     result = {
         "benchmark": "lora_kernel",
-        "device": device_name(args.device),
+        "device": common.device_name(args.device),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -239,9 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     table = to_markdown(result)
     print(table)
     if not args.no_save:
-        stem = args.out_dir / f"{slug(result['device'])}_{result['date']}_lora_kernel"
-        write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        write_atomic(stem.with_suffix(".md"), table)
+        stem = common.results_stem(args.out_dir, "lora_kernel", result["date"], args.device)
+        common.write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+        common.write_atomic(stem.with_suffix(".md"), table)
         print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
     return result
 

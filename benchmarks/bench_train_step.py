@@ -23,7 +23,7 @@ throughput). FLOPs per step (tagi_ds.plan.step_flops; checked against torch's Fl
   excluded from MFU and included in "hw TFLOP/s".
 Peak memory: GPU torch.cuda.max_memory_allocated over build + steps, minus what was allocated before. CPU:
 the process RSS high-water mark above the RSS before the case (sampled, psutil), and the tracked tensor peak
-(the planner's definition, tagi_ds.plan: live tensor storages + the step's high-water mark) of one more step.
+(the planner's definition, tagi_ds.plan.measure: live tensor storages + the step's high-water mark) of one more step.
 
     python benchmarks/bench_train_step.py                         # GPU: t5-xl t5-xxl llama-7b; CPU: tiny tiny-llama
     python benchmarks/bench_train_step.py --recipe t5-xl --micro_batch 8 --seq_len 512

@@ -1,5 +1,5 @@
-"""Shared by the train-step and inference-cost benchmarks: device naming, result files, memory probes, FLOP
-counting on CPU.
+"""Shared by the benchmarks (train step, inference cost, LoRA kernel): device naming, result files, memory
+probes, FLOP counting on CPU.
 
 Result files: ``<out_dir>/<device-slug>_<YYYY-MM-DD>_<name>.{json,md}``, each written to a temp file in the
 same folder and renamed, so a reader never sees half a file. The CPU's slug is ``cpu`` and every CPU result
@@ -26,9 +26,10 @@ def device_kind() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def device_name() -> str:
-    """``NVIDIA H100 80GB HBM3`` on a GPU; ``cpu`` otherwise (the slug of CPU results)."""
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+def device_name(device: str | None = None) -> str:
+    """``NVIDIA H100 80GB HBM3`` on a GPU; ``cpu`` otherwise (the slug of CPU results). ``device`` ("cuda" or
+    "cpu") is the device the benchmark ran on, for benchmarks that take ``--device``; default: the GPU if any."""
+    return torch.cuda.get_device_name() if (device or device_kind()) == "cuda" else "cpu"
 
 
 def cpu_model() -> str:
@@ -57,9 +58,9 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def results_stem(out_dir: Path, name: str, date: str | None = None) -> Path:
+def results_stem(out_dir: Path, name: str, date: str | None = None, device: str | None = None) -> Path:
     date = date or datetime.date.today().isoformat()
-    return Path(out_dir) / f"{slug(device_name())}_{date}_{name}"
+    return Path(out_dir) / f"{slug(device_name(device))}_{date}_{name}"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,7 +1,7 @@
 """The memory / step-time planner: sanity of its predictions, its CLI, and its accuracy on the tiny recipes.
 
 The accuracy check compares the planner's ``--stage none`` peak with ``measure_step``: one plain-torch training
-step on this CPU, tracked tensor bytes (definition in tagi_ds/plan.py's docstring).
+step on this CPU, tracked tensor bytes (definition in tagi_ds/plan/measure.py's docstring).
 """
 
 from __future__ import annotations

@@ -1,0 +1,141 @@
+"""Memory and step-time planner for stage-2 TAGI training (finetune, mode tagi, teacher KL + param-MSE).
+
+The command line (``python -m tagi_ds.plan``): flags -> ``PlanInput`` -> ``plan``, printed as rich tables or
+``--json``; ``--measure`` adds one measured step on this machine (``measure_step``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import torch
+
+from tagi_ds.config import ConfigError
+from tagi_ds.plan.fit import plan
+from tagi_ds.plan.inputs import ASSUMED_MFU, H100_BF16_DENSE_TFLOPS, GiB, PlanInput
+from tagi_ds.plan.measure import measure_step
+from tagi_ds.recipes import RECIPES
+
+
+def _on_off(v: str) -> bool:
+    if v not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {v!r}")
+    return v == "on"
+
+
+def parser() -> argparse.ArgumentParser:
+    a = argparse.ArgumentParser(prog="python -m tagi_ds.plan", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--model", default="t5-xl", choices=list(RECIPES), help="recipe whose shapes are planned")
+    a.add_argument("--nodes", type=int, default=1)
+    a.add_argument("--gpus_per_node", type=int, default=None, help="default 8 (1 with --stage none)")
+    a.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GiB")
+    a.add_argument("--stage", default="z3", choices=["z3", "z2", "none"], help="ZeRO stage; none = one process")
+    a.add_argument("--offload", default="none", choices=["none", "optimizer", "param"])
+    a.add_argument("--deepspeed", default=None, metavar="PATH", help="DeepSpeed JSON for bucket sizes "
+                   "(default ds_configs/z3.json or z2.json)")
+    a.add_argument("--micro_batch", type=int, default=None, help="examples per GPU per micro-step "
+                   "(default: recipe's tasks_per_batch x examples_per_task)")
+    a.add_argument("--examples_per_task", type=int, default=None, help="tasks per micro-batch = ceil(B / this)")
+    a.add_argument("--seq_len", type=int, default=None, help="input tokens (default: data.max_source_length)")
+    a.add_argument("--target_len", type=int, default=None, help="target tokens (default: data.max_target_length)")
+    a.add_argument("--instr_len", type=int, default=None, help="instruction tokens (data.max_instruction_length)")
+    a.add_argument("--rank", type=int, default=None, help="generated LoRA rank (hypernet.rank)")
+    a.add_argument("--teacher_rows", type=int, default=60, help="teacher bank rows (SNI: 60 categories); 0 = "
+                   "no teacher (no KL, no param-MSE)")
+    a.add_argument("--gradient_checkpointing", type=_on_off, default=None, metavar="on|off")
+    a.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                   help="default: bf16 for GPU recipes, fp32 for the tiny ones")
+    a.add_argument("--tflops_per_gpu", type=float, default=None,
+                   help=f"achieved TFLOP/s per GPU (default {H100_BF16_DENSE_TFLOPS:g} x {ASSUMED_MFU:g})")
+    a.add_argument("--interconnect_gbps", type=float, default=400.0, help="between nodes, Gbit/s per GPU")
+    a.add_argument("--intra_node_gbps", type=float, default=2400.0, help="within a node (NVLink), Gbit/s per GPU")
+    a.add_argument("--pcie_gbps", type=float, default=256.0, help="host <-> GPU (offload), Gbit/s per GPU")
+    a.add_argument("--json", action="store_true", help="print the plan as JSON")
+    a.add_argument("--measure", action="store_true", help="also run one real step here (--stage none shapes) "
+                   "and print its measured peak next to the prediction")
+    return a
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GiB:,.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:,.1f} MiB"
+
+
+def render(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    p, m, t = result["input"], result["memory"], result["time"]
+    con = Console(width=max(100, Console().width))
+    head = (f"{p['model']} on {p['nodes']} node(s) x {p['gpus_per_node']} GPU(s), {p['gpu_mem_gb']:g} GiB each; "
+            f"stage {p['stage']}, offload {p['offload']}, {p['precision']}, checkpointing "
+            f"{'on' if p['gradient_checkpointing'] else 'off'}")
+    pr = result["params"]
+    con.print(head)
+    con.print(f"parameters: backbone {pr['backbone']:,}, generator {pr['generator']:,} (trainable), teacher bank "
+              f"{pr['teacher_bank']:,} ({p['teacher_rows']} rows), {pr['sites']} adapted sites")
+    sh = result["shapes"]
+    con.print(f"micro-batch {sh['micro_batch']} examples of {sh['tasks']} task(s); lengths: input {sh['seq_len']}, "
+              f"target {sh['target_len']}, instruction {sh['instr_len']}; rank {p['rank']}")
+    table = Table(title="memory per GPU")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    for k, v in m.items():
+        if k != "total":
+            table.add_row(k, _fmt(v), f"{100 * v / max(1, m['total']):.1f}%")
+    table.add_row("[bold]total (peak allocated)[/bold]", f"[bold]{_fmt(m['total'])}[/bold]", "")
+    table.add_row("usable (0.92 x mem - 1 GiB)", _fmt(result["usable"]), "")
+    con.print(table)
+    if result["fits"]:
+        con.print(f"[green]fits[/green]: largest micro-batch that fits {result['max_micro_batch']}")
+    else:
+        con.print(f"[red]does not fit[/red]: needs {_fmt(m['total'])} of {_fmt(result['usable'])} usable "
+                  f"(largest micro-batch that fits: {result['max_micro_batch']})")
+    for i, opt in enumerate(result.get("suggestions", [])):
+        if opt["micro_batch"]:
+            label = "smallest working configuration" if i == 0 else "or"
+            con.print(f"{label}: [bold]{' '.join(opt['flags'])}[/bold] ({opt['why']})")
+        else:
+            con.print(f"[red]{opt['why']}[/red]")
+    tt = Table(title="step time estimate (one micro-batch per GPU)")
+    for col in ("compute", "comm", "step", "no overlap", "tokens/s (all GPUs)", "MFU vs 989 TFLOP/s"):
+        tt.add_column(col, justify="right")
+    tt.add_row(f"{t['compute_s'] * 1e3:,.1f} ms", f"{t['comm_s'] * 1e3:,.1f} ms", f"{t['step_s'] * 1e3:,.1f} ms",
+               f"{t['step_no_overlap_s'] * 1e3:,.1f} ms", f"{t['tokens_per_s']:,.0f}", f"{100 * t['mfu']:.1f}%")
+    con.print(tt)
+    con.print(f"at {p['tflops_per_gpu']:g} TFLOP/s per GPU, {p['interconnect_gbps']:g} Gbit/s between nodes, "
+              f"{p['intra_node_gbps']:g} Gbit/s within a node, {p['pcie_gbps']:g} Gbit/s host <-> GPU; "
+              f"{t['model_flops'] / 1e12:,.2f} TFLOP model, "
+              f"{t['hardware_flops'] / 1e12:,.2f} TFLOP hardware per step")
+    if "measured" in result:
+        me = result["measured"]
+        con.print(f"measured peak (one step, this machine, {me['device']}): {_fmt(me['peak'])}; predicted "
+                  f"{_fmt(m['total'])} ({100 * (m['total'] / me['peak'] - 1):+.1f}%)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parser().parse_args(argv)
+    keys = {f.name for f in dataclasses.fields(PlanInput)}
+    if a.gpus_per_node is None:
+        a.gpus_per_node = 1 if a.stage == "none" else 8
+    p = PlanInput(**{k: v for k, v in vars(a).items() if k in keys})
+    try:
+        result = plan(p)
+        if a.measure:
+            if result["input"]["stage"] != "none":
+                raise ConfigError("--measure runs one plain-torch step in this process: use --stage none "
+                                  "--nodes 1 --gpus_per_node 1")
+            result["measured"] = {**measure_step(p), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        render(result)
+    return result

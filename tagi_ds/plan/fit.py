@@ -1,0 +1,97 @@
+"""The plan itself (``plan``: counts, shapes, memory, step time in one dict) and the fitting advice: does a
+micro-batch fit (``fits``), the largest one that does (``max_micro_batch``), and, when the requested one does
+not, working configurations with the fewest changes (``suggest``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tagi_ds.plan.flops import step_time
+from tagi_ds.plan.gpu_memory import activations, memory, usable_bytes
+from tagi_ds.plan.inputs import PlanInput, ds_zero, resolve, shapes_of
+from tagi_ds.plan.shapes import Counts, count
+
+
+def fits(p: PlanInput, c: Counts, micro_batch: int, zero: dict[str, Any]) -> bool:
+    return memory(p, c, shapes_of(p, micro_batch), zero)["total"] <= usable_bytes(p.gpu_mem_gb)
+
+
+def max_micro_batch(p: PlanInput, c: Counts, zero: dict[str, Any], limit: int = 1 << 16) -> int:
+    """The largest micro-batch that fits (0: not even one example). Memory grows with the batch."""
+    if not fits(p, c, 1, zero):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(p, c, hi, zero):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(p, c, mid, zero) else (lo, mid)
+    return lo
+
+
+ESCALATION = (("gradient_checkpointing", True), ("stage", "z3"), ("offload", "optimizer"), ("offload", "param"))
+
+
+def plan(p: PlanInput) -> dict[str, Any]:
+    p, cfg = resolve(p)
+    zero = ds_zero(p)
+    c = count(cfg, p.teacher_rows, int(zero.get("stage3_param_persistence_threshold", 100_000)))
+    s = shapes_of(p)
+    mem = memory(p, c, s, zero)
+    b = 2 if p.precision == "bf16" else 4
+    out = {"input": dataclasses.asdict(p),
+           "params": {"backbone": c.backbone, "generator": c.generator, "teacher_bank": c.teacher,
+                      "sites": len(c.sites), "largest_module": c.largest_module},
+           "shapes": dataclasses.asdict(s), "memory": mem, "usable": usable_bytes(p.gpu_mem_gb),
+           "activations": activations(c, s, b, p.gradient_checkpointing, p.kl), "time": step_time(p, c, s)}
+    out["fits"] = mem["total"] <= out["usable"]
+    out["max_micro_batch"] = max_micro_batch(p, c, zero)
+    if not out["fits"]:
+        out["suggestions"] = suggest(p, c, out["max_micro_batch"])
+    return out
+
+
+def _flags(p: PlanInput, q: PlanInput) -> list[str]:
+    """The command-line changes that turn ``p`` into ``q``."""
+    out = []
+    for key in ("nodes", "gpus_per_node", "stage", "offload", "gradient_checkpointing", "micro_batch"):
+        a, b = getattr(p, key), getattr(q, key)
+        if a != b:
+            out.append(f"--{key} {({True: 'on', False: 'off'}[b]) if isinstance(b, bool) else b}")
+    return out
+
+
+def suggest(p: PlanInput, c: Counts, best_here: int) -> list[dict[str, Any]]:
+    """Working configurations, fewest changes first: the largest micro-batch of this setup; the requested
+    micro-batch after escalating (checkpointing, ZeRO-3, optimizer offload, parameter offload); then more
+    nodes (8 GPUs each), at the requested micro-batch or, failing that, at one example."""
+    options = []
+    if best_here >= 1:
+        options.append({"flags": _flags(p, dataclasses.replace(p, micro_batch=best_here)), "micro_batch": best_here,
+                        "why": "same setup, smaller micro-batch"})
+    q = dataclasses.replace(p)
+    if q.stage == "none":  # one process cannot shard: the escalation starts from one GPU under DeepSpeed
+        q.stage = "z2"
+    for key, value in ESCALATION:
+        if getattr(q, key) == value:
+            continue
+        setattr(q, key, value)
+        if fits(q, c, p.micro_batch, ds_zero(q)):
+            options.append({"flags": _flags(p, q), "micro_batch": p.micro_batch,
+                            "why": f"keeps micro-batch {p.micro_batch}"})
+            return options
+    for nodes in (2, 4, 8, 16, 32, 64, 128):
+        if nodes * 8 <= q.world:
+            continue
+        r = dataclasses.replace(q, nodes=nodes, gpus_per_node=8)
+        best = max_micro_batch(r, c, ds_zero(r))
+        if best >= 1:
+            r.micro_batch = min(best, p.micro_batch)
+            options.append({"flags": _flags(p, r), "micro_batch": r.micro_batch, "why": "more GPUs"})
+            return options
+    if not options:
+        options.append({"flags": [], "micro_batch": 0, "why": "does not fit on up to 128 nodes x 8 GPUs"})
+    return options

@@ -1,0 +1,134 @@
+"""FLOPs of one training step (``step_flops``, also used by the benchmarks) and the step-time estimate built on
+them (``step_time``).
+
+FLOPs per step (``step_flops``; N = backbone matmul parameters a token passes through):
+frozen base 4N per token (forward 2N + input gradients 2N, no weight gradients); attention 4*Lk*H*dk per
+query token per layer forward, x3 with backward (no causal discount); adapters 6*r*(d_in+d_out) per token
+per site (forward 2 + backward 4); generator 3 x its forward (2 x matmul params) per task and site;
+instruction encoding 2*N_enc per instruction token (forward only); teacher forward 2N per teacher token;
+gradient checkpointing recomputes the student's layers (hardware FLOPs only; MFU uses model FLOPs).
+Checked against torch's FlopCounterMode on the tiny recipes (tests/test_plan.py).
+
+Step time: hardware FLOPs (``step_flops``) / ``--tflops_per_gpu``, and ZeRO-3's all-gathers of the backbone
+(instruction encoding, student forward, teacher forward, backward; + recompute with checkpointing) and of the
+teacher bank, plus the hypernet's reduce-scatter and all-gather, over ``--interconnect_gbps`` (per GPU,
+between nodes) or ``--intra_node_gbps`` (one node), and with offload the host <-> GPU copies over
+``--pcie_gbps``. step = max(compute, comm): DeepSpeed's prefetch overlaps
+them; the no-overlap sum is reported too. MFU is against the H100 bf16 dense peak (989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+from tagi_ds.plan.inputs import H100_BF16_DENSE_TFLOPS, PlanInput
+from tagi_ds.plan.shapes import Counts, Shapes
+
+
+def _layer_params(c: Counts) -> dict[str, int]:
+    inner, kv = c.heads * c.d_kv, c.kv_heads * c.d_kv
+    ffn = (3 if c.gated else 2) * c.d * c.d_ff
+    if c.arch == "t5":
+        # decoder: self-attention + cross q, o + FFN per target token; cross k, v per encoder token
+        return {"enc": 4 * c.d * inner + ffn, "dec_q": 6 * c.d * inner + ffn, "dec_kv": 2 * c.d * inner}
+    return {"dec_q": 2 * c.d * inner + 2 * c.d * kv + ffn}
+
+
+def backbone_forward_flops(c: Counts, B: int, L: int, Lt: int, Lx: int | None = None, lm_head: bool = True,
+                           decoder: bool = True) -> dict[str, int]:
+    """Forward FLOPs of the frozen backbone for B sequences: ``linear`` (2 x params per token) and ``attention``.
+    T5: encoder over L tokens, decoder over Lt tokens cross-attending to Lx (default L) encoder states.
+    LLaMA: L + Lt tokens in one causal sequence (counted as full attention)."""
+    lp, inner = _layer_params(c), c.heads * c.d_kv
+    if c.arch == "t5":
+        Lx = L if Lx is None else Lx
+        lin = 2 * B * L * c.enc_layers * lp["enc"]
+        att = 4 * B * L * L * inner * c.enc_layers
+        if decoder:
+            lin += 2 * B * Lt * c.dec_layers * lp["dec_q"] + 2 * B * Lx * c.dec_layers * lp["dec_kv"]
+            att += 4 * B * Lt * (Lt + Lx) * inner * c.dec_layers
+            lin += 2 * B * Lt * c.d * c.vocab if lm_head else 0
+        return {"linear": lin, "attention": att}
+    S = L + Lt
+    lin = 2 * B * S * c.dec_layers * lp["dec_q"] + (2 * B * S * c.d * c.vocab if lm_head else 0)
+    return {"linear": lin, "attention": 4 * B * S * S * inner * c.dec_layers}
+
+
+def adapter_flops(c: Counts, B: int, L: int, Lt: int, Lx: int, rank: int, only_stacks=None) -> int:
+    """Forward FLOPs of one LoRA delta per adapted site: 2 * tokens * r * (d_in + d_out)."""
+    total = 0
+    for stack, _, kind, d_in, d_out in c.sites:
+        if only_stacks and stack not in only_stacks:
+            continue
+        if c.arch == "llama":
+            T = B * (L + Lt)
+        elif stack == "encoder":
+            T = B * L
+        elif stack == "cross" and kind in ("k", "v"):
+            T = B * Lx
+        else:
+            T = B * Lt
+        total += 2 * T * rank * (d_in + d_out)
+    return total
+
+
+def step_flops(c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool = False, kl: bool = True,
+               param_mse: bool = True) -> dict[str, float]:
+    """FLOPs of one micro-batch training step by component; ``model`` (for MFU) and ``hardware`` (+ recompute).
+
+    variant ``tagi``: student on the input (+ fused instruction states), instruction encoding, generator,
+    teacher forward on instruction + input (``kl``); ``concat``: one shared LoRA on instruction + input;
+    ``lora``: one shared LoRA on the input alone (the plain single-LoRA step)."""
+    B, K, L, Lt, Li = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len
+    t5 = c.arch == "t5"
+    out: dict[str, float] = {}
+    if variant == "concat":
+        L = L + Li
+    Lx = L + Li if (variant == "tagi" and t5 and c.fusion) else L
+    fwd = backbone_forward_flops(c, B, L, Lt, Lx)
+    out["student_base"] = 2 * fwd["linear"]  # forward 2N + input gradients 2N per token
+    out["student_attention"] = 3 * fwd["attention"]
+    adapters = adapter_flops(c, B, L, Lt, Lx, c.rank)
+    out["adapters"] = 3 * adapters
+    if variant == "tagi":
+        enc = backbone_forward_flops(c, K, Li, 0, decoder=False) if t5 else \
+            backbone_forward_flops(c, K, Li, 0, lm_head=False)
+        out["instruction_encoding"] = enc["linear"] + enc["attention"]
+        per_task = 2 * sum(n * ((c.d + c.site_dim) * c.hidden + c.hidden * c.hidden + c.hidden * c.rank * (di + do))
+                           for n, di, do in c.groups)
+        out["generator"] = 3 * K * per_task
+        if kl:
+            tf = backbone_forward_flops(c, B, Li + L, Lt)
+            out["teacher_forward"] = tf["linear"] + tf["attention"] + adapter_flops(c, B, Li + L, Lt, Li + L,
+                                                                                     c.teacher_rank)
+        if param_mse:  # r x r Gram matrices per site and task, forward + backward
+            out["param_mse"] = 3 * sum(2 * K * c.rank * c.teacher_rank * (di + do) * 3 for _, _, _, di, do in c.sites)
+    out["model"] = sum(out.values())
+    recompute = 0.0
+    if checkpointing:
+        blocks = backbone_forward_flops(c, B, L, Lt, Lx, lm_head=False)
+        recompute = blocks["linear"] + blocks["attention"] + adapters
+    out["recompute"] = recompute
+    out["hardware"] = out["model"] + recompute
+    return out
+
+
+def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
+    flops = step_flops(c, s, "tagi", p.gradient_checkpointing, p.kl)
+    compute = flops["hardware"] / (p.tflops_per_gpu * 1e12)
+    W, wb = p.world, (2 if p.precision == "bf16" else 4)
+    # Backbone passes that gather the weights: instruction encoding (T5: the encoder only), student forward,
+    # teacher forward, backward, and the recompute with checkpointing.
+    enc_share = c.enc_layers / (c.enc_layers + c.dec_layers) if c.arch == "t5" else 1.0
+    passes = enc_share + 1 + (1 if p.kl else 0) + 1 + (1 if p.gradient_checkpointing else 0)
+    weights = (passes * c.backbone + (c.teacher if p.kl else 0)) * wb
+    network = (weights if p.stage == "z3" else 0) + 2 * c.generator * wb  # + hypernet reduce-scatter, all-gather
+    network = network * (W - 1) / W
+    pcie = weights / W if p.offload == "param" else 0  # each rank fetches its partitions from pinned CPU memory
+    pcie += 2 * c.generator * wb / W if p.offload != "none" else 0  # gradients down, updated weights up
+    bw = (p.interconnect_gbps if p.nodes > 1 else p.intra_node_gbps) * 1e9 / 8
+    comm = network / bw + pcie / (p.pcie_gbps * 1e9 / 8)
+    step = max(compute, comm)
+    tokens = s.micro_batch * (s.seq_len + s.target_len)
+    return {"compute_s": compute, "comm_s": comm, "step_s": step, "step_no_overlap_s": compute + comm,
+            "network_bytes": network, "pcie_bytes": pcie, "hardware_flops": flops["hardware"],
+            "model_flops": flops["model"], "tokens_per_s_per_gpu": tokens / step, "tokens_per_s": tokens * W / step,
+            "mfu": flops["model"] / step / (H100_BF16_DENSE_TFLOPS * 1e12)}

@@ -1,0 +1,198 @@
+"""Per-GPU memory of one stage-2 step: the activation formulas (``saved_layer``, ``activations``) and the
+per-part bytes (``memory``). Per GPU, in bytes:
+
+- backbone / teacher bank: frozen, in the weight dtype; ZeRO-3 partitions them over all ranks (tensors of
+  at most ``stage3_param_persistence_threshold`` elements stay whole), ZeRO-2 and ``none`` keep them whole;
+  ``--offload param`` moves the partitions to pinned CPU memory.
+- hypernet: the generator's weights, whole on every rank (``train.engine.keep_whole``).
+- gradients (generator only): ``none`` keeps them whole in the weight dtype; ZeRO-2/3 reduce-scatter them
+  into a 1/W partition, plus the fp32 copy the optimizer step makes in bf16.
+- optimizer: AdamW m and v + DeepSpeed's fp32 flat copy of the trainable weights, 1/W each under ZeRO; CPU
+  under ``--offload optimizer`` or ``param``. ``none`` (one process, plain torch AdamW): m and v in the weight
+  dtype, no copy.
+- activations: tensors autograd saves in the student forward, counted per layer from the shapes (formulas in
+  ``saved_layer``), plus what the step holds in scope (instruction states, logits).
+- transient: the largest working set on top of the activations, over the phases after the student forward:
+  the teacher's no-grad forward (one layer at the teacher's length), the KL over the vocabulary, the backward
+  start (with gradient checkpointing: the recomputed block).
+- gather: ZeRO-3's gathered working set: the largest module + one prefetch bucket (the teacher bank is one
+  module: gathered whole while its rows are read); comm buffers: DeepSpeed's reduce (and all-gather) bucket.
+  Bucket sizes are read from the DeepSpeed JSON (``ds_configs/z3.json`` / ``z2.json`` or ``--deepspeed``).
+
+``total`` is the peak of allocated tensor bytes (what ``torch.cuda.max_memory_allocated`` reports): the
+static parts + the largest phase (activations + transient; without DeepSpeed the gradients only join from
+the backward on, so ``total`` is not the plain sum of the rows). It fits when ``total <= 0.92 * gpu_mem -
+1 GiB`` (``usable_bytes``: CUDA context, NCCL buffers, allocator fragmentation); ``--gpu_mem_gb`` is in GiB.
+``--teacher_rows 0`` plans a step without teacher (no KL, no param-MSE).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tagi_ds.plan.inputs import GiB, PlanInput
+from tagi_ds.plan.shapes import Counts, Shapes
+
+
+def _norm(c: Counts, T: int, b: int) -> int:
+    """RMSNorm saved for backward: the fp32 input (the pow's), rsqrt [T, 1]; T5 also keeps the bf16 input."""
+    extra = T * c.d * b if (c.arch == "t5" and b < 4) else 0
+    return T * c.d * 4 + T * 4 + extra
+
+
+def _site(c: Counts, T: int, d_in: int, b: int) -> int:
+    """lora_delta_torch: gathered x [T, d_in], x A^T [T, r], the validity mask (x dtype), int64 indices, bool mask."""
+    return T * (d_in * b + c.rank * b + b + 8 + 1)
+
+
+def _attn(c: Counts, Tq: int, Tk: int, mask: int, b: int) -> int:
+    """SDPA saves q, k, v, out, the fp32 logsumexp and the additive mask it was given."""
+    return (2 * Tq * c.heads + 2 * Tk * c.kv_heads) * c.d_kv * b + Tq * c.heads * 4 + mask
+
+
+def _ffn(c: Counts, T: int, b: int) -> int:
+    """T5 gated-gelu (tanh GELU): 4 tensors in the GELU + both product inputs; relu: its output; LLaMA SwiGLU: 3."""
+    if c.arch == "llama":
+        return 3 * T * c.d_ff * b
+    return (6 if c.gated else 1) * T * c.d_ff * b
+
+
+def _sites_of(c: Counts, stack: str, tokens: dict[str, int], b: int) -> int:
+    """Saved bytes of one layer's adapted sites of ``stack`` (tokens per kind of input; every layer has the same)."""
+    return sum(_site(c, tokens["kv"] if (stack == "cross" and kind in ("k", "v")) else tokens["q"], d_in, b)
+               for st, layer, kind, d_in, _ in c.sites if st == stack and layer == 0)
+
+
+def saved_layer(c: Counts, s: Shapes, b: int) -> dict[str, int]:
+    """Saved bytes of one student layer of each kind (the first layer of a stack saves no input norm)."""
+    B, L, Lt, Li = s.micro_batch, s.seq_len, s.target_len, s.instr_len
+    if c.arch == "t5":
+        Te, Td = B * L, B * Lt
+        Lx = Li + L if c.fusion else L
+        Tx = B * Lx
+        enc = (2 * _norm(c, Te, b) + _sites_of(c, "encoder", {"q": Te}, b)
+               + _attn(c, Te, Te, B * c.heads * L * L * b, b) + _ffn(c, Te, b))
+        dec = (3 * _norm(c, Td, b) + _sites_of(c, "decoder", {"q": Td}, b)
+               + _sites_of(c, "cross", {"q": Td, "kv": Tx}, b)
+               + _attn(c, Td, Td, c.heads * Lt * Lt * b, b)  # causal-only mask: no batch dimension
+               + _attn(c, Td, Tx, B * c.heads * Lt * Lx * b, b) + _ffn(c, Td, b))
+        return {"encoder": enc, "decoder": dec, "enc_input_norm": _norm(c, Te, b), "dec_input_norm": _norm(c, Td, b)}
+    T, S = B * (L + Lt), L + Lt
+    dec = (2 * _norm(c, T, b) + _sites_of(c, "decoder", {"q": T}, b) + _attn(c, T, T, B * S * S * b, b) + _ffn(c, T, b))
+    return {"encoder": 0, "decoder": dec, "enc_input_norm": 0, "dec_input_norm": _norm(c, T, b)}
+
+
+def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = True) -> dict[str, int]:
+    """Saved activations, in-scope tensors and the transient peak of one stage-2 step (bytes)."""
+    B, K, L, Lt, Li, V, d = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len, c.vocab, c.d
+    N = B * Lt  # target tokens
+    lay = saved_layer(c, s, b)
+    n_e, n_d = c.enc_layers, c.dec_layers
+    t5 = c.arch == "t5"
+    S_student = L + Lt if not t5 else L
+    Lx = Li + L if (t5 and c.fusion) else L
+    # Generator: LayerNorm input, trunk input, 2 GELU inputs, 2 hidden outputs; generated A, B (the sites save them).
+    gen = K * d * b + sum(K * n * ((d + c.site_dim) * b + 4 * c.hidden * b) for n, _, _ in c.groups)
+    factors = sum(K * c.rank * (di + do) * b for _, _, _, di, do in c.sites)
+    # param-MSE saves the teacher's factors of the batch's tasks
+    teacher_factors = sum(K * c.teacher_rank * (di + do) * b for _, _, _, di, do in c.sites) if kl else 0
+    loss = (3 if kl else 1) * N * V * 4  # CE log-softmax; KL: student log-softmax + teacher probabilities (fp32)
+    final_norms = (_norm(c, B * L, b) + _norm(c, B * Lt, b)) if t5 else _norm(c, B * S_student, b)
+    if checkpointing:
+        # Per block only its input stays; masks, position bias and the fused encoder states once per stack.
+        layers = (n_e * B * L + n_d * B * Lt) * d * b if t5 else n_d * B * S_student * d * b
+        if t5:  # bool padding mask, position biases, the fused encoder states
+            layers += B * L * L + c.heads * (L * L + Lt * Lt) * b + B * Lx * d * b
+        else:
+            layers += B * S_student**2
+    else:
+        layers = n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"]
+    saved = layers + final_norms + gen + factors + teacher_factors + loss
+    logits_len = Lt if t5 else S_student
+    scope = K * Li * d * b + B * logits_len * V * b + N * V * b  # instruction states, logits, target logits
+    # Peaks of the phases after the student forward, each on top of what is alive then:
+    kl_saved = 2 * N * V * 4 if kl else 0  # created by the KL, after the teacher forward
+    phases = {
+        "teacher_forward": saved - kl_saved + scope + (_teacher_working_set(c, s, b) if kl else 0),
+        # The teacher's logits [B, Lt or its whole length, V] until cut to the targets; then the target logits
+        # + 3 fp32 [N, V] temporaries of the KL.
+        "kl": max(saved - kl_saved + scope + B * (Lt if t5 else Li + L + Lt) * V * b + N * V * b,
+                  saved + scope + N * V * (b + 12)) if kl else saved + scope,
+        # Loss gradients and the logits' gradient (LLaMA: also the shift's); the forward's scope is gone.
+        "backward": saved + 2 * N * V * 4 + (0 if t5 else 2 * B * logits_len * V * b),
+    }
+    if checkpointing:  # one block recomputed with its backward temporaries (block input / output grads, FFN grads)
+        layer_max = max(lay["encoder"], lay["decoder"])
+        Tm = B * (max(L, Lt) if t5 else S_student)
+        phases["backward"] = max(phases["backward"], saved + layer_max + 2 * Tm * (d + c.d_ff) * b)
+    peak = max(phases.values())
+    return {"saved": saved, "scope": scope, "peak": peak, "transient": peak - saved - scope, **phases,
+            "per_layer_enc": lay["encoder"], "per_layer_dec": lay["decoder"]}
+
+
+def _teacher_working_set(c: Counts, s: Shapes, b: int) -> int:
+    """Peak of the teacher's no-grad forward (instruction + input) at one layer, plus what its stack holds."""
+    B, L, Lt, Li, d, f = s.micro_batch, s.seq_len, s.target_len, s.instr_len, c.d, c.d_ff
+    H, inner, kv = c.heads, c.heads * c.d_kv, c.kv_heads * c.d_kv
+    if c.arch == "t5":
+        Lk = Li + L
+        Tt = B * Lk
+        stack = H * Lk * Lk * b + B * Lk * Lk  # position bias + bool padding mask
+        attn = Tt * (2 * d + 4 * inner) * b + 2 * B * H * Lk * Lk * b  # h, normed, q k v out; mask where + copy
+        ffn = Tt * 2 * d * b + 4 * Tt * f * b  # h, normed, wi_0 out + 3 GELU temporaries
+        enc = stack + max(attn, ffn)
+        Td = B * Lt
+        dec = Tt * d * b + Td * (2 * d + 4 * inner) * b + 2 * Tt * inner * b + 2 * B * H * Lt * Lk * b
+        return max(enc, dec, B * Lt * (c.vocab + d) * b)  # the logits and the last hidden states
+    S = Li + L + Lt
+    T = B * S
+    attn = T * (2 * d + 2 * inner + 2 * kv) * b + T * d * 4 + B * S * S * b  # h, normed, q k v + roped q k, fp32 norm
+    mlp = T * 2 * d * b + 3 * T * f * b
+    return max(attn, mlp, T * (c.vocab + d) * b)  # logits over every position
+
+
+def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str, int]:
+    """Per-GPU bytes of each part (see the module docstring) and their sum, ``total``."""
+    W, wb = p.world, (2 if p.precision == "bf16" else 4)
+    z3, ds = p.stage == "z3", p.stage != "none"
+    part = lambda n: math.ceil(n / W)  # noqa: E731
+    offp, offo = p.offload == "param", p.offload in ("optimizer", "param")
+    if z3:
+        bb = 0 if offp else (part(c.backbone - c.backbone_persistent) + c.backbone_persistent) * wb
+        teacher = 0 if offp else part(c.teacher) * wb
+    else:
+        bb, teacher = c.backbone * wb, c.teacher * wb
+    G = c.generator
+    if not ds:
+        grads, opt = G * wb, 2 * G * wb
+    else:
+        grads = 0 if offo else part(G) * (wb + (4 if wb == 2 else 0))
+        opt = 0 if offo else part(G) * (4 + 8)  # DeepSpeed keeps an fp32 flat copy even when training in fp32
+    act = activations(c, s, wb, p.gradient_checkpointing, p.kl)
+    gather = 0
+    if z3:
+        prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
+        live = min(int(zero.get("stage3_max_live_parameters", 1_000_000_000)), c.largest_module + prefetch,
+                   c.backbone + c.generator)
+        gather = max(live, c.teacher if p.kl else 0) * wb
+    buffers = 0
+    if ds:
+        buffers = int(zero.get("reduce_bucket_size", 500_000_000)) * wb
+        if not z3:
+            buffers += min(int(zero.get("allgather_bucket_size", 500_000_000)), G) * wb
+    out = {"backbone": bb, "teacher_bank": teacher, "hypernet": G * wb, "gradients": grads, "optimizer": opt,
+           "activations": act["saved"] + act["scope"], "transient": act["transient"], "zero3_gather": gather,
+           "comm_buffers": buffers}
+    # Without DeepSpeed the gradients exist only from the backward on (the forward peaks do not see them),
+    # and the AdamW step adds one parameter-sized temporary; DeepSpeed's partitions are allocated throughout.
+    static = bb + teacher + G * wb + opt + gather + buffers + (grads if ds else 0)
+    dynamic = act["peak"]
+    if not ds:
+        dynamic = max(dynamic, act["backward"] + grads, grads + G * wb)
+    out["total"] = static + dynamic
+    return out
+
+
+def usable_bytes(gpu_mem_gb: float) -> int:
+    return int(0.92 * gpu_mem_gb * GiB - GiB)

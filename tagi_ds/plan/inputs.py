@@ -1,0 +1,114 @@
+"""What a plan is asked about: ``PlanInput`` (the command line's flags as a dataclass), its resolution against
+the recipe (defaults filled in, combinations checked, errors naming the flag), the per-GPU micro-batch shapes
+it implies (``shapes_of``) and the ZeRO settings of the DeepSpeed JSON it names (``ds_zero``).
+
+Default throughput: H100 SXM bf16 dense peak 989 TFLOP/s x an assumed 40% MFU = 396 TFLOP/s; pass a measured
+one (``--tflops_per_gpu``, from benchmarks/bench_train_step.py) instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds.plan.shapes import Shapes
+from tagi_ds.recipes import RECIPES, get_recipe
+
+GiB = 2**30
+H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, bf16 tensor core, dense
+ASSUMED_MFU = 0.40
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+@dataclass
+class PlanInput:
+    model: str = "t5-xl"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    stage: str = "z3"  # z3 | z2 | none (one process, no DeepSpeed)
+    offload: str = "none"  # none | optimizer | param
+    micro_batch: int | None = None
+    examples_per_task: int | None = None
+    seq_len: int | None = None
+    target_len: int | None = None
+    instr_len: int | None = None
+    rank: int | None = None
+    teacher_rows: int = 60
+    gradient_checkpointing: bool | None = None
+    precision: str | None = None  # bf16 | fp32
+    tflops_per_gpu: float | None = None
+    interconnect_gbps: float = 400.0
+    intra_node_gbps: float = 2400.0
+    pcie_gbps: float = 256.0
+    deepspeed: str | None = None
+    kl: bool = True
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def _config(p: PlanInput) -> TagiConfig:
+    cfg = get_recipe(p.model)
+    if p.rank is not None:
+        cfg.hypernet.rank = p.rank
+    if p.gradient_checkpointing is not None:
+        cfg.model.gradient_checkpointing = p.gradient_checkpointing
+    cfg.mode = "tagi"
+    return cfg.validate()
+
+
+def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
+    """Fill the defaults from the recipe and check the combination; errors name the flag."""
+    if p.model not in RECIPES:
+        raise ConfigError(f"--model {p.model!r} is not a recipe; known: {', '.join(RECIPES)}")
+    for flag in ("nodes", "gpus_per_node", "micro_batch", "examples_per_task", "seq_len", "target_len", "instr_len",
+                 "rank", "gpu_mem_gb", "tflops_per_gpu", "interconnect_gbps", "intra_node_gbps", "pcie_gbps"):
+        v = getattr(p, flag)
+        if v is not None and v <= 0:
+            raise ConfigError(f"--{flag} must be > 0, got {v}")
+    if p.teacher_rows < 0:
+        raise ConfigError(f"--teacher_rows must be >= 0, got {p.teacher_rows}")
+    if p.stage not in ("z3", "z2", "none"):
+        raise ConfigError(f"--stage must be z3, z2 or none, got {p.stage!r}")
+    if p.offload not in ("none", "optimizer", "param"):
+        raise ConfigError(f"--offload must be none, optimizer or param, got {p.offload!r}")
+    if p.offload == "param" and p.stage != "z3":
+        raise ConfigError("--offload param needs --stage z3 (DeepSpeed offloads parameters only under ZeRO-3)")
+    if p.stage == "none" and (p.world != 1 or p.offload != "none"):
+        raise ConfigError("--stage none is one process without DeepSpeed: use --nodes 1 --gpus_per_node 1 "
+                          "--offload none")
+    base = get_recipe(p.model)
+    q = dataclasses.replace(p)
+    q.micro_batch = q.micro_batch or base.data.tasks_per_batch * base.data.examples_per_task
+    q.examples_per_task = q.examples_per_task or base.data.examples_per_task
+    q.seq_len = q.seq_len or base.data.max_source_length
+    q.target_len = q.target_len or base.data.max_target_length
+    q.instr_len = q.instr_len or base.data.max_instruction_length
+    q.rank = q.rank or base.hypernet.rank
+    if q.gradient_checkpointing is None:
+        q.gradient_checkpointing = base.model.gradient_checkpointing
+    q.precision = q.precision or ("fp32" if base.model.dtype == "float32" else "bf16")
+    if q.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"--precision must be bf16 or fp32, got {q.precision!r}")
+    q.tflops_per_gpu = q.tflops_per_gpu or H100_BF16_DENSE_TFLOPS * ASSUMED_MFU
+    q.kl = q.kl and q.teacher_rows > 0
+    return q, _config(q)
+
+
+def shapes_of(p: PlanInput, micro_batch: int | None = None) -> Shapes:
+    B = micro_batch or p.micro_batch
+    return Shapes(B, max(1, math.ceil(B / p.examples_per_task)), p.seq_len, p.target_len, p.instr_len)
+
+
+def ds_zero(p: PlanInput) -> dict[str, Any]:
+    """The ``zero_optimization`` block of ``--deepspeed`` (default ds_configs/z3.json or z2.json); {} for none."""
+    path = Path(p.deepspeed) if p.deepspeed else DS_CONFIGS / ("z2.json" if p.stage == "z2" else "z3.json")
+    from tagi_ds.train.engine import load_ds_json
+
+    return load_ds_json(path).get("zero_optimization", {}) if p.stage != "none" else {}
