@@ -60,6 +60,18 @@ RECIPES: dict[str, dict] = {
         "hypernet": {**_PAPER_HYPER, "fusion": False}, "teacher": {"rank": 32, "alpha": 32.0}, "data": _PAPER_DATA,
         "train": {"lr": 5e-5, "max_steps": 20000, "save_steps": 1000},
     },
+    # The miniature reproduction (scripts/reproduce.sh, docs/results.md): a small T5 that
+    # scripts/pretrain_backbone.py LM-pretrains on the built-in corpus (the T5-LM-Adapt analogue); every stage
+    # then loads it with --model_name_or_path. Sized for 2 CPU cores.
+    "mini": {
+        "model": {"arch": "t5", "vocab_size": 1024, "d_model": 128, "d_ff": 256, "d_kv": 32, "num_layers": 3,
+                  "num_decoder_layers": 3, "num_heads": 4},
+        "hypernet": {"rank": 8, "alpha": 16.0, "hidden": 128, "site_dim": 32},
+        "teacher": {"rank": 8, "alpha": 16.0},
+        "data": {"max_instruction_length": 64, "max_source_length": 96, "max_target_length": 28,
+                 "tasks_per_batch": 4, "examples_per_task": 4},
+        "train": {"lr": 1e-3, "max_steps": 300, "save_steps": 1000},
+    },
 }
 
 
