@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 import warnings
@@ -58,17 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=100, help="examples of the task")
     p.add_argument("--batch_size", type=int, default=25, help="examples per forward pass")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of the whole task")
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (default 1: on a shared host, a descheduled "
-                   "OpenMP thread stalls every parallel region of the others, which swings timings by 10x)")
     p.add_argument("--smoke", action="store_true", help="tiny recipe, 2 instruction lengths, 10 examples, 1 rep")
     p.add_argument("--no_analytic", action="store_true", help="skip the analytic table for the paper sizes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", type=Path, default=common.RESULTS)
-    p.add_argument("--no_save", action="store_true")
+    common.add_run_args(p)
     a = p.parse_args(argv)
-    gpu = torch.cuda.is_available()
-    if a.threads is None and not gpu:
-        a.threads = 1
+    gpu = common.default_threads(a)
     if a.smoke:
         a.recipe = a.recipe or ["tiny"]
         a.instr_lens, a.examples, a.batch_size, a.reps = a.instr_lens[:2], min(a.examples, 10), \
@@ -254,10 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = to_markdown(result)
     print(table)
     if not args.no_save:
-        stem = common.results_stem(args.out_dir, "inference_cost", result["date"])
-        common.write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        common.write_atomic(stem.with_suffix(".md"), table)
-        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+        common.save_results(args.out_dir, "inference_cost", result, table)
     return result
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -220,10 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = to_markdown(result)
     print(table)
     if not args.no_save:
-        stem = common.results_stem(args.out_dir, "lora_kernel", result["date"], args.device)
-        common.write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-        common.write_atomic(stem.with_suffix(".md"), table)
-        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+        common.save_results(args.out_dir, "lora_kernel", result, table, device=args.device)
     return result
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
 import time
@@ -77,16 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps (GPU: median, CPU: min; default GPU 10, CPU 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default GPU 3, CPU 1)")
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: known GPUs; none on CPU)")
-    p.add_argument("--threads", type=int, help="CPU intra-op threads (default 1: on a shared host, a descheduled "
-                   "OpenMP thread stalls every parallel region of the others, which swings timings by 10x)")
     p.add_argument("--smoke", action="store_true", help="tiny recipe at tiny shapes, 1 step: checks the harness")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", type=Path, default=common.RESULTS)
-    p.add_argument("--no_save", action="store_true")
+    common.add_run_args(p)
     a = p.parse_args(argv)
-    gpu = torch.cuda.is_available()
-    if a.threads is None and not gpu:
-        a.threads = 1
+    gpu = common.default_threads(a)
     if a.smoke:
         a.recipe = a.recipe or ["tiny"]
         a.micro_batch, a.seq_len, a.target_len, a.instr_len = a.micro_batch or 4, a.seq_len or 32, \
@@ -391,10 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         table += "\n" + "\n".join(f"- skipped {s}" for s in skipped_engines) + "\n"
     print(table)
     if not args.no_save:
-        stem = common.results_stem(args.out_dir, "train_step", result["date"])
-        common.write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2, default=_json) + "\n")
-        common.write_atomic(stem.with_suffix(".md"), table)
-        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+        common.save_results(args.out_dir, "train_step", result, table, default=_json)
     return result
 
 

@@ -76,6 +76,39 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def save_results(out_dir: Path, name: str, result: dict, table: str, device: str | None = None,
+                 default=None) -> Path:
+    """``<device>_<date>_<name>.json`` (the result dict) and ``.md`` (the printed table), each atomically."""
+    import json
+    import sys
+
+    stem = results_stem(out_dir, name, result["date"], device)
+    write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2, default=default) + "\n")
+    write_atomic(stem.with_suffix(".md"), table)
+    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return stem
+
+
+THREADS_HELP = ("CPU intra-op threads (default 1: on a shared host, a descheduled OpenMP thread stalls every "
+                "parallel region of the others, which swings timings by 10x)")
+
+
+def add_run_args(p, out_dir: Path | None = None) -> None:
+    """Flags every benchmark has: --threads --seed --out_dir --no_save."""
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--seed", type=int, default=0, help="random seed for inputs and weights")
+    p.add_argument("--out_dir", type=Path, default=out_dir or RESULTS, help="where results files go")
+    p.add_argument("--no_save", action="store_true", help="print the table only")
+
+
+def default_threads(args) -> bool:
+    """Apply the CPU default of 1 thread; returns whether a GPU is present."""
+    gpu = torch.cuda.is_available()
+    if args.threads is None and not gpu:
+        args.threads = 1
+    return gpu
+
+
 def versions() -> dict[str, str]:
     out = {"torch": torch.__version__}
     for mod in ("transformers", "deepspeed", "peft", "triton"):
