@@ -21,8 +21,10 @@ import torch
 IMPLS = ("auto", "torch", "triton")
 
 
-def check_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor) -> None:
-    """Raise ValueError naming the argument whose shape, dtype or content is wrong."""
+def check_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
+               check_offsets: bool = True) -> None:
+    """Raise ValueError naming the argument whose shape, dtype or content is wrong. The content checks of
+    ``seg_offsets`` read it on the host (a device sync): ``check_offsets=False`` skips them."""
     if x.dim() != 2:
         raise ValueError(f"lora_delta: x must be [T, d_in], got shape {tuple(x.shape)}")
     if A.dim() != 3:
@@ -39,6 +41,8 @@ def check_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: t
     if seg_offsets.dtype != torch.int64 or seg_offsets.dim() != 1 or seg_offsets.numel() != S + 1:
         raise ValueError(f"lora_delta: seg_offsets must be int64 [S+1={S + 1}], "
                          f"got {seg_offsets.dtype} shape {tuple(seg_offsets.shape)}")
+    if not check_offsets:
+        return
     first, last = int(seg_offsets[0]), int(seg_offsets[-1])
     if first != 0 or last != x.shape[0]:
         raise ValueError(f"lora_delta: seg_offsets must start at 0 and end at T={x.shape[0]}, got {first}..{last}")
@@ -80,9 +84,13 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
-               scale: float = 1.0, impl: str = "auto") -> torch.Tensor:
-    """``[T, d_out]`` per-segment ``scale * (x A_s^T) B_s^T``; differentiable in x, A and B."""
-    check_args(x, A, B, seg_offsets)
+               scale: float = 1.0, impl: str = "auto", check_offsets: bool = True) -> torch.Tensor:
+    """``[T, d_out]`` per-segment ``scale * (x A_s^T) B_s^T``; differentiable in x, A and B.
+
+    ``check_offsets=False`` is for callers that validated the offsets already (the adapted layers: once per
+    forward in :class:`~tagi_ds.adapters.AdapterSet`, not once per layer, since each check syncs the device).
+    """
+    check_args(x, A, B, seg_offsets, check_offsets)
     chosen = resolve_impl(impl, x)
     if chosen == "torch":
         return lora_delta_torch(x, A, B, seg_offsets, scale)

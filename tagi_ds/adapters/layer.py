@@ -39,6 +39,12 @@ class AdapterSet:
     scale: float
     impl: str = "auto"
 
+    def __post_init__(self) -> None:
+        # Validated once per forward here (host reads), so the adapted layers need no device sync.
+        offs = self.example_offsets.tolist()
+        if not offs or offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])):
+            raise ValueError(f"AdapterSet: example_offsets must start at 0 and be non-decreasing, got {offs}")
+        self.num_examples = offs[-1]
 
 class AdapterState:
     """The slot through which a model hands the current :class:`AdapterSet` to its adapted layers."""
@@ -86,12 +92,12 @@ class AdaptedLinear(nn.Module):
             return y
         A, B = adapters.factors[self.site.index]
         n_examples, seq = x.shape[0], x.shape[1]  # x: [B, L, d_in], examples grouped by task
-        if int(adapters.example_offsets[-1]) != n_examples:
+        if adapters.num_examples != n_examples:
             raise ValueError(f"adapted layer {self.site.name}: batch has {n_examples} rows but the adapters "
-                             f"cover {int(adapters.example_offsets[-1])} examples")
+                             f"cover {adapters.num_examples} examples")
         x2 = x.reshape(-1, x.shape[-1])
         delta = lora_delta(x2, A.to(x2.dtype), B.to(x2.dtype), adapters.example_offsets * seq,
-                           adapters.scale, adapters.impl)
+                           adapters.scale, adapters.impl, check_offsets=False)
         return y + delta.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

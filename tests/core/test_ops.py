@@ -76,3 +76,17 @@ def test_auto_picks_torch_on_cpu():
     from tagi_ds.ops import resolve_impl
 
     assert resolve_impl("auto", torch.randn(2, 2)) == "torch"
+
+
+def test_offsets_are_validated_once_per_adapter_set_not_per_layer():
+    from tagi_ds.adapters import AdapterSet
+
+    with pytest.raises(ValueError, match="non-decreasing"):
+        AdapterSet({}, torch.tensor([0, 3, 2]), 1.0)
+    assert AdapterSet({}, torch.tensor([0, 2, 5]), 1.0).num_examples == 5
+    # The layers' path skips only the content checks (host syncs); shapes are still checked.
+    x, A, B = torch.randn(4, 3), torch.randn(2, 2, 3), torch.randn(2, 5, 2)
+    got = lora_delta(x, A, B, torch.tensor([0, 1, 4]), impl="torch", check_offsets=False)
+    torch.testing.assert_close(got, lora_delta(x, A, B, torch.tensor([0, 1, 4]), impl="torch"))
+    with pytest.raises(ValueError, match="x has d_in"):
+        lora_delta(torch.randn(4, 7), A, B, torch.tensor([0, 2, 4]), impl="torch", check_offsets=False)
