@@ -132,7 +132,7 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
             guards.record(bad, step + 1)
             step += 1
             if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
-                record = {"step": step, **{k: _mean_over_ranks(v, device) for k, v in sums.items()},
+                record = {"step": step, **_mean_over_ranks(sums, device),
                           "lr": lr, "grad_norm": _norm(eng.get_global_grad_norm()),
                           "tokens_per_s": tokens * dist.world_size() / (time.perf_counter() - t0),
                           "skipped_steps": guards.skipped}
@@ -165,12 +165,13 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
     return final
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    if not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Every logged term averaged over ranks in one collective (same keys on every rank)."""
+    if not torch.distributed.is_initialized() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    return float(t.item()) / dist.world_size()
+    return {k: float(v) / dist.world_size() for k, v in zip(values, t.tolist())}
 
 
 def _norm(value) -> float | None:
