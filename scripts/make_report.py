@@ -25,15 +25,36 @@ HELD = [  # (key, label, what it is)
     ("no_param", "TAGI w/o param-MSE", "loss.param_weight=0"),
     ("no_fusion", "TAGI w/o fusion", "hypernet.fusion=false"),
 ]
-SEEN = [("seen_teachers", "LoRA teachers, one per {granularity} (upper bound)"), ("seen_tagi", "TAGI"),
-        ("seen_concat", "Concat")]
-STAGES = ["backbone", "teachers", "pretrain", "ft_tagi", "ft_concat", "ft_no_instruction", "ft_no_pretrain",
-          "ft_no_kl", "ft_no_param", "ft_no_fusion"]
+SEEN = [("teachers", "LoRA teachers, one per {granularity} (upper bound)"), ("tagi", "TAGI"),
+        ("concat", "Concat")]
+FT = ["ft_tagi", "ft_concat", "ft_no_instruction", "ft_no_pretrain", "ft_no_kl", "ft_no_param", "ft_no_fusion"]
+PAPER_ABLATION = {"no_pretrain": "-1.3", "no_kl": "-2.7", "no_param": "-0.9", "no_fusion": "-13.3"}
 
 
-def load(run: Path, key: str) -> dict | None:
-    p = run / "eval" / key / "results.json"
+def load(path: Path) -> dict | None:
+    p = path / "results.json"
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+def seeds_of(run: Path) -> list[int]:
+    """The seeds whose held-out evaluations exist (``eval/s<seed>/``), in order."""
+    return sorted(int(d.name[1:]) for d in (run / "eval").glob("s[0-9]*") if d.is_dir())
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def std(xs: list[float]) -> float:
+    """Sample standard deviation (n - 1); 0 for one value."""
+    if len(xs) < 2:
+        return 0.0
+    m = mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+
+
+def pm(xs: list[float]) -> str:
+    return f"{mean(xs):.2f} ± {std(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
 def machine() -> str:
@@ -62,46 +83,53 @@ def git_rev() -> str:
         return "unknown"
 
 
-def stage_seconds(run: Path) -> dict[str, int]:
-    out = {}
-    for name in STAGES:
+def stage_seconds(run: Path, seeds: list[int]) -> dict[str, str]:
+    """Wall seconds per stage; per-seed stages as the mean over seeds."""
+    def secs(name: str) -> int | None:
         p = run / f"{name}.done"
-        if p.is_file():
-            out[name] = int(p.read_text().strip() or 0)
+        return int(p.read_text().strip() or 0) if p.is_file() else None
+
+    out = {n: str(v) for n in ("backbone", "teachers", "pretrain") if (v := secs(n)) is not None}
+    for name in FT:
+        vals = [v for s in seeds if (v := secs(f"{name}_s{s}")) is not None]
+        if vals:
+            out[name] = f"{mean(vals):.0f}"
     return out
 
 
-def final_loss(run: Path, name: str) -> str:
-    p = run / name / "metrics.jsonl"
+def final_loss(path: Path) -> float | None:
+    """Mean loss of the last 20 logged steps of a run directory."""
+    p = path / "metrics.jsonl"
     if not p.is_file():
-        return "-"
-    lines = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-    tail = lines[-20:]
-    return f"{sum(r['loss'] for r in tail) / len(tail):.3f}" if tail else "-"
+        return None
+    tail = [json.loads(x) for x in p.read_text().splitlines() if x.strip()][-20:]
+    return sum(r["loss"] for r in tail) / len(tail) if tail else None
 
 
-def plot(res: dict[str, dict], docs: Path) -> None:
+def plot(rouge: dict[str, list[float]], flops: dict[str, float], docs: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k, _, _ in HELD if k in res]
+    keys = [k for k, _, _ in HELD if k in rouge]
     labels = [dict((k, lab.strip("*")) for k, lab, _ in HELD)[k] for k in keys]
+    means = [mean(rouge[k]) for k in keys]
+    errs = [std(rouge[k]) for k in keys]
+    n = max(len(v) for v in rouge.values())
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = ["#888" if k in ("no_instruction", "concat") else "#1f77b4" if k == "tagi" else "#9ecae1" for k in keys]
-    ax1.barh(range(len(keys)), [res[k]["rougeL"] for k in keys], color=colors)
+    ax1.barh(range(len(keys)), means, xerr=errs if n > 1 else None, color=colors, capsize=3)
     ax1.set_yticks(range(len(keys)), labels)
     ax1.invert_yaxis()
-    ax1.set_xlim(0, max(res[k]["rougeL"] for k in keys) * 1.2 + 1)
-    ax1.set_xlabel("ROUGE-L on 29 held-out tasks")
-    for i, k in enumerate(keys):
-        ax1.text(res[k]["rougeL"], i, f" {res[k]['rougeL']:.1f}", va="center")
+    ax1.set_xlim(0, max(m + e for m, e in zip(means, errs)) * 1.2 + 1)
+    ax1.set_xlabel(f"ROUGE-L on 29 held-out tasks (mean{' ± sd over ' + str(n) + ' seeds' if n > 1 else ''})")
+    for i, (m, e) in enumerate(zip(means, errs)):
+        ax1.text(m + e, i, f" {m:.1f}", va="center")
     ax1.set_title("Held-out tasks (built-in suite)")
-    for k, lab in zip(keys, labels):
-        ax2.scatter(res[k]["cost"]["flops_per_example"] / 1e6, res[k]["rougeL"], s=40)
-        ax2.annotate(lab, (res[k]["cost"]["flops_per_example"] / 1e6, res[k]["rougeL"]), fontsize=8,
-                     xytext=(4, 2), textcoords="offset points")
+    for k, lab, m in zip(keys, labels, means):
+        ax2.scatter(flops[k] / 1e6, m, s=40)
+        ax2.annotate(lab, (flops[k] / 1e6, m), fontsize=8, xytext=(4, 2), textcoords="offset points")
     ax2.set_xlabel("inference MFLOPs per example (counted)")
     ax2.set_ylabel("ROUGE-L")
     ax2.set_title("Quality vs inference cost")
@@ -117,115 +145,124 @@ def main() -> None:
     args = ap.parse_args()
     run, docs = Path(args.run), Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    res = {k: r for k, _, _ in HELD if (r := load(run, k)) is not None}
-    seen = {k: r for k, _ in SEEN if (r := load(run, k)) is not None}
-    secs = stage_seconds(run)
-    concat = res.get("concat")
+    seeds = seeds_of(run)
+    # per method: the results.json of every seed that has one
+    res = {k: rs for k, _, _ in HELD if (rs := [r for s in seeds if (r := load(run / "eval" / f"s{s}" / k))])}
+    rouge = {k: [r["rougeL"] for r in rs] for k, rs in res.items()}
+    em = {k: [r["exact_match"] for r in rs] for k, rs in res.items()}
+    flops = {k: mean([r["cost"]["flops_per_example"] for r in rs]) for k, rs in res.items()}
+    seen = {k: r for k, _ in SEEN if (r := load(run / "eval" / "seen" / k)) is not None}
+    secs = stage_seconds(run, seeds)
+    n = len(seeds)
+    seed_txt = f"{n} seeds ({', '.join(map(str, seeds))})" if n > 1 else f"one seed ({seeds[0]})" if n else "-"
 
     L = ["# Miniature TAGI reproduction (built-in suite, CPU)", "",
          "Produced by `bash scripts/reproduce.sh` (called by `make reproduce`); every number below is read from "
-         f"`{run}/eval/*/results.json` by `scripts/make_report.py`. Commit {git_rev()}.", ""]
+         f"`{run}/eval/*/*/results.json` by `scripts/make_report.py`. Commit {git_rev()}.", "",
+         f"The backbone, the teachers and the pretrained hypernetwork are built once; every finetuning run and its "
+         f"evaluation is repeated for {seed_txt}. ROUGE-L and EM are the mean ± sample standard deviation over "
+         "seeds; the per-seed values follow in brackets.", ""]
     L += ["## Held-out tasks (29 unseen tasks, greedy decoding, ROUGE-L / exact match)", "",
-          "| Method | What it is | ROUGE-L | EM | inference FLOPs / example | FLOPs vs concat | eval wall (s) |",
-          "|---|---|---:|---:|---:|---:|---:|"]
+          "| Method | What it is | ROUGE-L | per seed | EM | inference FLOPs / example | FLOPs vs concat |",
+          "|---|---|---:|---|---:|---:|---:|"]
     for k, lab, what in HELD:
         if k not in res:
             L.append(f"| {lab} | {what} | (missing) | | | | |")
             continue
-        r = res[k]
-        f = r["cost"]["flops_per_example"]
-        ratio = f"{f / concat['cost']['flops_per_example']:.2f}x" if concat else "-"
-        L.append(f"| {lab} | {what} | {r['rougeL']:.2f} | {r['exact_match']:.2f} | {f / 1e6:.2f} M | {ratio} | "
-                 f"{r['wall_s']:.0f} |")
+        ratio = f"{flops[k] / flops['concat']:.2f}x" if "concat" in flops else "-"
+        L.append(f"| {lab} | {what} | {pm(rouge[k])} | {' / '.join(f'{x:.1f}' for x in rouge[k])} | "
+                 f"{pm(em[k])} | {flops[k] / 1e6:.2f} M | {ratio} |")
     L.append("")
     if seen:
-        L += ["## Seen training tasks (first 10 instances of each of the 76 training tasks; these instances were "
-              "in every method's training data)", "",
+        L += [f"## Seen training tasks (first instances of each of the 76 training tasks, seed {seeds[0]}; these "
+              "instances were in every method's training data)", "",
               "The teachers exist only for training tasks (the built-in held-out tasks have no training instances), "
               "so the teachers' upper bound is measured here, next to TAGI and concat on the same examples.", "",
               "| Method | ROUGE-L | EM | inference FLOPs / example |", "|---|---:|---:|---:|"]
         gran = json.loads((run / "teachers" / "config.json").read_text())["tagi"]["teacher"]["granularity"]
         for k, lab in SEEN:
-            lab = lab.format(granularity=gran)
             if k in seen:
                 r = seen[k]
-                L.append(f"| {lab} | {r['rougeL']:.2f} | {r['exact_match']:.2f} | "
+                L.append(f"| {lab.format(granularity=gran)} | {r['rougeL']:.2f} | {r['exact_match']:.2f} | "
                          f"{r['cost']['flops_per_example'] / 1e6:.2f} M |")
         L.append("")
 
     L += ["## What the table shows", ""]
-    if "tagi" in res and concat:
-        t = res["tagi"]
-        d = t["rougeL"] - concat["rougeL"]
-        ratio = t["cost"]["flops_per_example"] / concat["cost"]["flops_per_example"]
+    if "tagi" in rouge and "concat" in rouge:
+        d = mean(rouge["tagi"]) - mean(rouge["concat"])
+        ratio = flops["tagi"] / flops["concat"]
         within = d >= -1.0
-        L.append(f"- TAGI vs concat on held-out tasks: {t['rougeL']:.2f} vs {concat['rougeL']:.2f} ROUGE-L "
-                 f"({d:+.2f} points) at {ratio:.2f}x the inference FLOPs per example. The goal (within 1 point of "
-                 f"concat or better, at <= 0.4x its FLOPs) is {'met' if within and ratio <= 0.4 else 'NOT met'}"
-                 f" ({'quality ok' if within else 'quality gap > 1 point'}, "
+        L.append(f"- TAGI vs concat on held-out tasks: {mean(rouge['tagi']):.2f} vs {mean(rouge['concat']):.2f} "
+                 f"ROUGE-L ({d:+.2f} points, mean over {seed_txt}) at {ratio:.2f}x the inference FLOPs per example. "
+                 "The goal (within 1 point of concat or better, at <= 0.4x its FLOPs) is "
+                 f"{'met' if within and ratio <= 0.4 else 'NOT met'} "
+                 f"({'quality ok' if within else 'quality gap > 1 point'}, "
                  f"{'cost ok' if ratio <= 0.4 else 'cost ratio > 0.4'}).")
-    variants = [(k, lab) for k, lab, _ in HELD[3:] if k in res]
-    if concat and variants:
-        k, lab = max(variants, key=lambda kv: res[kv[0]]["rougeL"])
-        r = res[k]
-        L.append(f"- The best TAGI variant of this run is {lab} ({r['rougeL']:.2f} ROUGE-L, "
-                 f"{r['rougeL'] - concat['rougeL']:+.2f} vs concat, at "
-                 f"{r['cost']['flops_per_example'] / concat['cost']['flops_per_example']:.2f}x its FLOPs); picked "
-                 "after the fact from one seed, so it is an observation, not a tuned result.")
-    if "tagi" in res and "no_instruction" in res:
-        d = res["tagi"]["rougeL"] - res["no_instruction"]["rougeL"]
-        L.append(f"- TAGI vs the no-instruction baseline: {d:+.2f} ROUGE-L (the no-instruction baseline reads "
-                 "the input alone, with one shared LoRA).")
-    if "concat" in res and "no_instruction" in res:
-        d = res["concat"]["rougeL"] - res["no_instruction"]["rougeL"]
-        L.append(f"- Concat vs no-instruction: {d:+.2f} ROUGE-L.")
-    if "tagi" in res:
+        if n > 1:
+            diffs = [t - c for t, c in zip(rouge["tagi"], rouge["concat"])]
+            L.append(f"- Per seed, TAGI minus concat: {', '.join(f'{x:+.1f}' for x in diffs)} "
+                     f"(TAGI ahead in {sum(x > 0 for x in diffs)} of {len(diffs)} seeds).")
+    if "tagi" in rouge and "no_instruction" in rouge:
+        L.append(f"- TAGI vs the no-instruction baseline: {mean(rouge['tagi']) - mean(rouge['no_instruction']):+.2f} "
+                 "ROUGE-L (the no-instruction baseline reads the input alone, with one shared LoRA).")
+    if "concat" in rouge and "no_instruction" in rouge:
+        L.append(f"- Concat vs no-instruction: {mean(rouge['concat']) - mean(rouge['no_instruction']):+.2f} ROUGE-L.")
+    if "tagi" in rouge:
         for k, lab, _ in HELD[3:]:
-            if k in res:
-                d = res[k]["rougeL"] - res["tagi"]["rougeL"]
-                L.append(f"- {lab}: {d:+.2f} ROUGE-L vs full TAGI (paper, XL: "
-                         + {"no_pretrain": "-1.3", "no_kl": "-2.7", "no_param": "-0.9", "no_fusion": "-13.3"}[k]
-                         + ").")
-    if concat and "no_instruction" in res and "tagi" in res:
-        gap = concat["rougeL"] - res["no_instruction"]["rougeL"]
+            if k in rouge:
+                diffs = [a - b for a, b in zip(rouge[k], rouge["tagi"])]
+                spread = f" ± {std(diffs):.2f} over seeds" if len(diffs) > 1 else ""
+                L.append(f"- {lab}: {mean(diffs):+.2f}{spread} ROUGE-L vs full TAGI (paper, XL: "
+                         f"{PAPER_ABLATION[k]}).")
+    if "concat" in rouge and "no_instruction" in rouge and "tagi" in rouge:
+        gap = mean(rouge["concat"]) - mean(rouge["no_instruction"])
         if gap < 5.0:
-            top = (f" (the teachers reach {seen['seen_teachers']['rougeL']:.1f} on seen tasks)"
-                   if "seen_teachers" in seen else "")
-            spread = max(abs(r["rougeL"] - res["no_instruction"]["rougeL"]) for r in res.values())
-            best = max(r["rougeL"] for r in res.values())
-            L.append(f"- Caveat on the level: every method is within {spread:.1f} ROUGE-L of the no-instruction "
-                     f"baseline and at most {best:.1f} overall{top}: at this scale the frozen miniature backbone "
-                     "follows instructions only a little, so the TAGI-vs-concat comparison is made near the floor "
-                     "and says little about how the methods compare on a capable backbone.")
-    L.append("- One seed, one run: differences of about a point between ablations are within what a different "
-             "seed could move; they are not significance-tested.")
+            top = f" (the teachers reach {seen['teachers']['rougeL']:.1f} on seen tasks)" if "teachers" in seen else ""
+            best = max(mean(v) for v in rouge.values())
+            L.append(f"- Caveat on the level: concat is only {gap:.1f} ROUGE-L above the no-instruction baseline and "
+                     f"the best method reaches {best:.1f}{top}: at this scale the frozen miniature backbone follows "
+                     "instructions only a little, so the comparison is made near the floor.")
+    sds = [std(v) for v in rouge.values() if len(v) > 1]
+    if sds:
+        L.append(f"- Seed spread: the standard deviation over seeds is {min(sds):.1f} to {max(sds):.1f} ROUGE-L "
+                 "depending on the method; differences smaller than that are not evidence either way (nothing "
+                 "here is significance-tested).")
+    else:
+        L.append("- One seed: differences of about a point between methods are within what a different seed "
+                 "could move; they are not significance-tested.")
     L.append("")
 
-    L += ["## Per-category ROUGE-L (held-out)", ""]
-    cats = sorted({c for r in res.values() for c in r.get("per_category", {})})
+    L += [f"## Per-category ROUGE-L (held-out, mean over {seed_txt})", ""]
+    cats = sorted({c for rs in res.values() for r in rs for c in r.get("per_category", {})})
     if cats:
-        keys = [k for k, _, _ in HELD if k in res]
-        L.append("| category | " + " | ".join(k for k in keys) + " |")
+        keys = list(res)
+        L.append("| category | " + " | ".join(keys) + " |")
         L.append("|---|" + "---:|" * len(keys))
         for c in cats:
-            L.append(f"| {c} | " + " | ".join(f"{res[k]['per_category'].get(c, {}).get('rougeL', float('nan')):.1f}"
-                                               for k in keys) + " |")
+            cells = []
+            for k in keys:
+                vals = [r["per_category"][c]["rougeL"] for r in res[k] if c in r.get("per_category", {})]
+                cells.append(f"{mean(vals):.1f}" if vals else "-")
+            L.append(f"| {c} | " + " | ".join(cells) + " |")
         L.append("")
 
     L += ["![results](results.png)", "", "## Setup", ""]
-    cfg_path = run / "ft_tagi" / "config.json"
+    s0 = run / f"s{seeds[0]}" if seeds else run
+    cfg_path = s0 / "ft_tagi" / "config.json"
     if cfg_path.is_file():
         c = json.loads(cfg_path.read_text())["tagi"]
         m, h, d, tr = c["model"], c["hypernet"], c["data"], c["train"]
         tcfg = json.loads((run / "teachers" / "config.json").read_text())["tagi"]
         tc, tsteps = tcfg["teacher"], tcfg["train"]["max_steps"]
-        base_lr = json.loads((run / "ft_concat" / "config.json").read_text())["tagi"]["train"]["lr"]
+        base_lr = json.loads((s0 / "ft_concat" / "config.json").read_text())["tagi"]["train"]["lr"]
         bb_cfg = run / "backbone" / "config.json"
         bb = json.loads(bb_cfg.read_text()) if bb_cfg.is_file() else {}
         bb_log = run / "backbone" / "pretrain_log.json"
         bb_rec = json.loads(bb_log.read_text()) if bb_log.is_file() else {"args": {}, "log": []}
         bb_args = bb_rec["args"]
         bb_loss = bb_rec["log"][-1]["loss_ema"] if bb_rec["log"] else "-"
+        instruction = ("Definition only" if d["setting"] == "def"
+                       else f"Definition + {d['num_pos']} positive examples")
         L += [f"- Backbone: T5 (gated-GELU) d_model {bb.get('d_model')}, d_ff {bb.get('d_ff')}, "
               f"{bb.get('num_layers')}+{bb.get('num_decoder_layers')} layers, {bb.get('num_heads')} heads, vocab "
               f"{bb.get('vocab_size')} (built-in sentencepiece), pretrained by `scripts/pretrain_backbone.py` "
@@ -241,7 +278,8 @@ def main() -> None:
               f"- Finetuning: {tr['max_steps']} steps, {d['tasks_per_batch']} tasks x {d['examples_per_task']} "
               f"examples per step, AdamW lr {tr['lr']}, warmup {tr['warmup_ratio']}, KL weight "
               f"{c['loss']['kl_weight']} (T={c['loss']['temperature']}), param-MSE weight {c['loss']['param_weight']} "
-              f"({c['loss']['param_align']}); instruction = Definition only (setting {d['setting']}).",
+              f"({c['loss']['param_align']}); instruction = {instruction} (data.setting={d['setting']}), at most "
+              f"{d['max_instruction_length']} tokens.",
               "- Baselines: concat and no-instruction train one shared LoRA of the same rank on the same frozen "
               f"backbone with the same steps, batch and data, lr {base_lr} (learning rates were set per method from a "
               "few short tuning runs, not a sweep: the hypernetwork diverged at 5e-3, the shared LoRA trains "
@@ -254,10 +292,18 @@ def main() -> None:
           "answers; FLOPs counted with torch's FlopCounterMode per batch (instruction encoding and hypernetwork "
           "included for TAGI; concat pays the instruction tokens in every example).", ""]
     if secs:
-        L += ["Stage wall times (s, two jobs in parallel, one thread each): "
-              + ", ".join(f"{k} {v}" for k, v in secs.items()) + ".", ""]
-    L += ["Final training loss (mean of the last 20 logged steps): "
-          + ", ".join(f"{n} {final_loss(run, n)}" for n in STAGES[1:]) + ".", ""]
+        L += ["Stage wall times (s; finetuning stages are the mean over seeds; two jobs in parallel, one thread each, "
+              "the backbone alone on two threads): " + ", ".join(f"{k} {v}" for k, v in secs.items()) + ".", ""]
+    losses = []
+    for name in ("teachers", "pretrain"):
+        if (v := final_loss(run / name)) is not None:
+            losses.append(f"{name} {v:.3f}")
+    for name in FT:
+        vals = [v for s in seeds if (v := final_loss(run / f"s{s}" / name)) is not None]
+        if vals:
+            losses.append(f"{name} {mean(vals):.3f}")
+    L += ["Final training loss (mean of the last 20 logged steps; finetuning: mean over seeds): "
+          + ", ".join(losses) + ".", ""]
     L += ["## Machine and wall time", "", f"- {machine()}"]
     if args.wall_s:
         L.append(f"- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): {args.wall_s / 60:.1f} min")
@@ -269,9 +315,11 @@ def main() -> None:
     if log.is_file():
         L += log.read_text().splitlines()
     L += ["```", ""]
-    (docs / "results.md").write_text("\n".join(L) + "\n")
-    if res:
-        plot(res, docs)
+    tmp = docs / "results.md.tmp"
+    tmp.write_text("\n".join(L) + "\n")
+    tmp.replace(docs / "results.md")
+    if rouge:
+        plot(rouge, flops, docs)
 
 
 if __name__ == "__main__":

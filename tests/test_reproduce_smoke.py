@@ -58,3 +58,44 @@ def test_adapted_t5_ffn_output_projection_runs():
     assert wo.weight is wo.base_layer.weight
     ids = torch.ones(2, 5, dtype=torch.long)
     assert model(input_ids=ids, decoder_input_ids=ids).logits.shape == (2, 5, cfg.model.vocab_size)
+
+
+def _report_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_report.py"
+    spec = importlib.util.spec_from_file_location("make_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
+    """docs/results.md from a multi-seed run: means, sample sd, per-seed values and the goal verdict."""
+    import json
+    import sys
+
+    run, docs = tmp_path / "run", tmp_path / "docs"
+    scores = {"tagi": [10.0, 14.0, 12.0], "concat": [12.0, 12.0, 15.0], "no_instruction": [5.0, 6.0, 7.0]}
+    flops = {"tagi": 30e6, "concat": 100e6, "no_instruction": 20e6}
+    for key, per_seed in scores.items():
+        for seed, score in enumerate(per_seed):
+            d = run / "eval" / f"s{seed}" / key
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps({
+                "rougeL": score, "exact_match": score / 2, "cost": {"flops_per_example": flops[key]},
+                "per_category": {"ordering": {"rougeL": score + 1}}}))
+    (run / "ft_tagi_s0.done").write_text("100")
+    (run / "ft_tagi_s1.done").write_text("120")
+    mod = _report_script()
+    plotted = {}
+    monkeypatch.setattr(mod, "plot", lambda rouge, fl, d: plotted.update(rouge))
+    monkeypatch.setattr(sys, "argv", ["make_report.py", "--run", str(run), "--docs", str(docs), "--wall_s", "60"])
+    mod.main()
+    md = (docs / "results.md").read_text()
+    assert "| 12.00 ± 2.00 | 10.0 / 14.0 / 12.0 |" in md  # TAGI: mean ± sample sd, then each seed
+    assert "| 13.00 ± 1.73 | 12.0 / 12.0 / 15.0 |" in md
+    assert "0.30x" in md and "12.00 vs 13.00 ROUGE-L (-1.00 points, mean over 3 seeds (0, 1, 2))" in md
+    assert "is met (quality ok, cost ok)" in md  # -1.00 is within 1 point; 0.30x <= 0.4x
+    assert "TAGI minus concat: -2.0, +2.0, -3.0 (TAGI ahead in 1 of 3 seeds)" in md
+    assert "| ordering | 7.0 | 14.0 | 13.0 |" in md  # per-category means, methods in table order
+    assert "ft_tagi 110" in md  # per-seed stage times averaged
+    assert plotted == scores and not (docs / "results.md.tmp").exists()
