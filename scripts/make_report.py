@@ -263,6 +263,9 @@ def main() -> None:
         bb_loss = bb_rec["log"][-1]["loss_ema"] if bb_rec["log"] else "-"
         instruction = ("Definition only" if d["setting"] == "def"
                        else f"Definition + {d['num_pos']} positive examples")
+        other = "def" if d["setting"] == "def_pos" else "def_pos"
+        other_cmd = (f'DATA_SET="data.setting={other} data.max_instruction_length={d["max_instruction_length"]}" '
+                     f"OUT=runs/reproduce_{other} DOCS=docs/{other} bash scripts/reproduce.sh")
         L += [f"- Backbone: T5 (gated-GELU) d_model {bb.get('d_model')}, d_ff {bb.get('d_ff')}, "
               f"{bb.get('num_layers')}+{bb.get('num_decoder_layers')} layers, {bb.get('num_heads')} heads, vocab "
               f"{bb.get('vocab_size')} (built-in sentencepiece), pretrained by `scripts/pretrain_backbone.py` "
@@ -279,7 +282,8 @@ def main() -> None:
               f"examples per step, AdamW lr {tr['lr']}, warmup {tr['warmup_ratio']}, KL weight "
               f"{c['loss']['kl_weight']} (T={c['loss']['temperature']}), param-MSE weight {c['loss']['param_weight']} "
               f"({c['loss']['param_align']}); instruction = {instruction} (data.setting={d['setting']}), at most "
-              f"{d['max_instruction_length']} tokens.",
+              f"{d['max_instruction_length']} tokens. The other setting is `{other_cmd}`; its report is "
+              f"docs/{other}/results.md when that has been run.",
               "- Baselines: concat and no-instruction train one shared LoRA of the same rank on the same frozen "
               f"backbone with the same steps, batch and data, lr {base_lr} (learning rates were set per method from a "
               "few short tuning runs, not a sweep: the hypernetwork diverged at 5e-3, the shared LoRA trains "

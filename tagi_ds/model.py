@@ -43,7 +43,10 @@ class TagiModel(nn.Module):
         self.backbone = backbone
         self.generator = generator
         self.bank = bank
-        self.teacher = teacher
+        # The frozen distillation teacher is deliberately NOT a submodule: it stays whole in host memory on
+        # every rank, outside DeepSpeed (never partitioned, cast, checkpointed or all-gathered), and each
+        # step copies only the rows of the batch's tasks to the device (``LoraBank.take``).
+        object.__setattr__(self, "teacher", teacher.pin() if teacher is not None else None)
         self.encoder = InstructionEncoder(backbone, self.arch, state, cfg.hypernet.pooling,
                                           cfg.hypernet.checkpoint_encoder)
         self.fusion = cfg.hypernet.fusion and cfg.model.arch == "t5" and generator is not None
@@ -65,6 +68,14 @@ class TagiModel(nn.Module):
                 raise ValueError(f"batch tasks {batch.task_names} need teacher_index rows (a teacher per task)")
             rows = batch.teacher_index
         return bank.adapters(rows, batch.example_offsets, self.cfg.model.adapter_impl)
+
+    def teacher_adapters(self, batch: TaskBatch, student: AdapterSet) -> AdapterSet:
+        """The batch's rows of the host-resident teacher bank, on the student's device and dtype."""
+        if batch.teacher_index is None or bool((batch.teacher_index < 0).any()):
+            raise ValueError(f"batch tasks {batch.task_names} need teacher_index rows (a teacher per task)")
+        a, _ = next(iter(student.factors.values()))
+        return self.teacher.take(batch.teacher_index, batch.example_offsets, a.device, a.dtype,
+                                 self.cfg.model.adapter_impl)
 
     def student_adapters(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor | None]:
         if self.generator is not None:
@@ -94,7 +105,7 @@ class TagiModel(nn.Module):
         loss = terms["ce"]
         lc = self.cfg.loss
         if self.teacher is not None and self.generator is not None and self.stage == "finetune":
-            teacher_adapters = self.bank_adapters(self.teacher, batch)
+            teacher_adapters = self.teacher_adapters(batch, adapters)
             if lc.kl_weight > 0:
                 if batch.teacher_input_ids is None:
                     raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")

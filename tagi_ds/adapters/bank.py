@@ -42,3 +42,28 @@ class LoraBank(nn.Module):
     def adapters(self, rows: torch.Tensor, example_offsets: torch.Tensor, impl: str = "auto") -> AdapterSet:
         factors = dict(zip(self.site_indices, self(rows)))
         return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl)
+
+    # -- host-resident use (the frozen distillation teacher) ---------------------------------------------
+    def pin(self) -> LoraBank:
+        """Page-lock the factors when CUDA is present, so the per-step row copies are plain DMA."""
+        if torch.cuda.is_available():
+            for p in self.parameters():
+                if p.device.type == "cpu" and not p.is_pinned():
+                    p.data = p.data.pin_memory()
+        return self
+
+    def take(self, rows: torch.Tensor, example_offsets: torch.Tensor, device: torch.device, dtype: torch.dtype,
+             impl: str = "auto") -> AdapterSet:
+        """An AdapterSet of rows ``rows`` of a bank kept whole in host memory, outside DeepSpeed: only these
+        rows (``[K, r, d_in]`` and ``[K, d_out, r]`` per site) are copied to ``device`` in ``dtype``. The
+        stage-2 teacher is used this way: it is frozen, so ZeRO-3 would only all-gather the whole bank at
+        every step to read the K rows of the batch's tasks."""
+        host = self.A[str(self.site_indices[0])].device if self.site_indices else rows.device
+        idx = rows.to(host)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_rows):
+            raise ValueError(f"LoraBank: rows must be in [0, {self.num_rows}), got {idx.tolist()}")
+        with torch.no_grad():
+            factors = {i: (self.A[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True),
+                           self.B[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True))
+                       for i in self.site_indices}
+        return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl)

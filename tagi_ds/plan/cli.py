@@ -91,6 +91,9 @@ def render(result: dict[str, Any]) -> None:
     table.add_row("[bold]total (peak allocated)[/bold]", f"[bold]{_fmt(m['total'])}[/bold]", "")
     table.add_row("usable (0.92 x mem - 1 GiB)", _fmt(result["usable"]), "")
     con.print(table)
+    if result["host_memory"]["teacher_bank"]:
+        con.print(f"host memory per rank: teacher bank {_fmt(result['host_memory']['teacher_bank'])} (fp32, whole, "
+                  "outside DeepSpeed; each step copies only its tasks' rows to the GPU)")
     if result["fits"]:
         con.print(f"[green]fits[/green]: largest micro-batch that fits {result['max_micro_batch']}")
     else:

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from tagi_ds.plan.flops import step_time
-from tagi_ds.plan.gpu_memory import activations, memory, usable_bytes
+from tagi_ds.plan.gpu_memory import activations, host_memory, memory, usable_bytes
 from tagi_ds.plan.inputs import PlanInput, ds_zero, resolve, shapes_of
 from tagi_ds.plan.shapes import Counts, count
 
@@ -45,7 +45,8 @@ def plan(p: PlanInput) -> dict[str, Any]:
     out = {"input": dataclasses.asdict(p),
            "params": {"backbone": c.backbone, "generator": c.generator, "teacher_bank": c.teacher,
                       "sites": len(c.sites), "largest_module": c.largest_module},
-           "shapes": dataclasses.asdict(s), "memory": mem, "usable": usable_bytes(p.gpu_mem_gb),
+           "shapes": dataclasses.asdict(s), "memory": mem, "host_memory": host_memory(p, c),
+           "usable": usable_bytes(p.gpu_mem_gb),
            "activations": activations(c, s, b, p.gradient_checkpointing, p.kl), "time": step_time(p, c, s)}
     out["fits"] = mem["total"] <= out["usable"]
     out["max_micro_batch"] = max_micro_batch(p, c, zero)

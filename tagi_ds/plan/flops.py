@@ -10,10 +10,10 @@ gradient checkpointing recomputes the student's layers (hardware FLOPs only; MFU
 Checked against torch's FlopCounterMode on the tiny recipes (tests/test_plan.py).
 
 Step time: hardware FLOPs (``step_flops``) / ``--tflops_per_gpu``, and ZeRO-3's all-gathers of the backbone
-(instruction encoding, student forward, teacher forward, backward; + recompute with checkpointing) and of the
-teacher bank, plus the hypernet's reduce-scatter and all-gather, over ``--interconnect_gbps`` (per GPU,
-between nodes) or ``--intra_node_gbps`` (one node), and with offload the host <-> GPU copies over
-``--pcie_gbps``. step = max(compute, comm): DeepSpeed's prefetch overlaps
+(instruction encoding, student forward, teacher forward, backward; + recompute with checkpointing), plus the
+hypernet's reduce-scatter and all-gather, over ``--interconnect_gbps`` (per GPU, between nodes) or
+``--intra_node_gbps`` (one node); host <-> GPU copies (the batch's teacher rows from host memory, and with
+offload the partitions and gradients) over ``--pcie_gbps``. step = max(compute, comm): DeepSpeed's prefetch overlaps
 them; the no-overlap sum is reported too. MFU is against the H100 bf16 dense peak (989 TFLOP/s).
 """
 
@@ -119,11 +119,13 @@ def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
     # teacher forward, backward, and the recompute with checkpointing.
     enc_share = c.enc_layers / (c.enc_layers + c.dec_layers) if c.arch == "t5" else 1.0
     passes = enc_share + 1 + (1 if p.kl else 0) + 1 + (1 if p.gradient_checkpointing else 0)
-    weights = (passes * c.backbone + (c.teacher if p.kl else 0)) * wb
+    weights = passes * c.backbone * wb
     network = (weights if p.stage == "z3" else 0) + 2 * c.generator * wb  # + hypernet reduce-scatter, all-gather
     network = network * (W - 1) / W
     pcie = weights / W if p.offload == "param" else 0  # each rank fetches its partitions from pinned CPU memory
     pcie += 2 * c.generator * wb / W if p.offload != "none" else 0  # gradients down, updated weights up
+    if p.kl and c.teacher_rows:  # the batch's rows of the host-resident teacher bank, fp32
+        pcie += min(s.tasks, c.teacher_rows) * c.teacher / c.teacher_rows * 4
     bw = (p.interconnect_gbps if p.nodes > 1 else p.intra_node_gbps) * 1e9 / 8
     comm = network / bw + pcie / (p.pcie_gbps * 1e9 / 8)
     step = max(compute, comm)

@@ -1,9 +1,12 @@
 """Per-GPU memory of one stage-2 step: the activation formulas (``saved_layer``, ``activations``) and the
 per-part bytes (``memory``). Per GPU, in bytes:
 
-- backbone / teacher bank: frozen, in the weight dtype; ZeRO-3 partitions them over all ranks (tensors of
-  at most ``stage3_param_persistence_threshold`` elements stay whole), ZeRO-2 and ``none`` keep them whole;
+- backbone: frozen, in the weight dtype; ZeRO-3 partitions it over all ranks (tensors of at most
+  ``stage3_param_persistence_threshold`` elements stay whole), ZeRO-2 and ``none`` keep it whole;
   ``--offload param`` moves the partitions to pinned CPU memory.
+- the teacher bank is not on the GPU: it stays whole in (pinned) host memory on every rank, fp32, outside
+  DeepSpeed (``TagiModel.teacher``); a step copies only its batch's rows, which ``activations`` counts.
+  ``host_memory`` gives its host bytes per rank.
 - hypernet: the generator's weights, whole on every rank (``train.engine.keep_whole``).
 - gradients (generator only): ``none`` keeps them whole in the weight dtype; ZeRO-2/3 reduce-scatter them
   into a 1/W partition, plus the fp32 copy the optimizer step makes in bf16.
@@ -15,8 +18,8 @@ per-part bytes (``memory``). Per GPU, in bytes:
 - transient: the largest working set on top of the activations, over the phases after the student forward:
   the teacher's no-grad forward (one layer at the teacher's length), the KL over the vocabulary, the backward
   start (with gradient checkpointing: the recomputed block).
-- gather: ZeRO-3's gathered working set: the largest module + one prefetch bucket (the teacher bank is one
-  module: gathered whole while its rows are read); comm buffers: DeepSpeed's reduce (and all-gather) bucket.
+- gather: ZeRO-3's gathered working set: the largest module + one prefetch bucket; comm buffers:
+  DeepSpeed's reduce (and all-gather) bucket.
   Bucket sizes are read from the DeepSpeed JSON (``ds_configs/z3.json`` / ``z2.json`` or ``--deepspeed``).
 
 ``total`` is the peak of allocated tensor bytes (what ``torch.cuda.max_memory_allocated`` reports): the
@@ -160,9 +163,8 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     offp, offo = p.offload == "param", p.offload in ("optimizer", "param")
     if z3:
         bb = 0 if offp else (part(c.backbone - c.backbone_persistent) + c.backbone_persistent) * wb
-        teacher = 0 if offp else part(c.teacher) * wb
     else:
-        bb, teacher = c.backbone * wb, c.teacher * wb
+        bb = c.backbone * wb
     G = c.generator
     if not ds:
         grads, opt = G * wb, 2 * G * wb
@@ -175,23 +177,28 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
         prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
         live = min(int(zero.get("stage3_max_live_parameters", 1_000_000_000)), c.largest_module + prefetch,
                    c.backbone + c.generator)
-        gather = max(live, c.teacher if p.kl else 0) * wb
+        gather = live * wb
     buffers = 0
     if ds:
         buffers = int(zero.get("reduce_bucket_size", 500_000_000)) * wb
         if not z3:
             buffers += min(int(zero.get("allgather_bucket_size", 500_000_000)), G) * wb
-    out = {"backbone": bb, "teacher_bank": teacher, "hypernet": G * wb, "gradients": grads, "optimizer": opt,
+    out = {"backbone": bb, "hypernet": G * wb, "gradients": grads, "optimizer": opt,
            "activations": act["saved"] + act["scope"], "transient": act["transient"], "zero3_gather": gather,
            "comm_buffers": buffers}
     # Without DeepSpeed the gradients exist only from the backward on (the forward peaks do not see them),
     # and the AdamW step adds one parameter-sized temporary; DeepSpeed's partitions are allocated throughout.
-    static = bb + teacher + G * wb + opt + gather + buffers + (grads if ds else 0)
+    static = bb + G * wb + opt + gather + buffers + (grads if ds else 0)
     dynamic = act["peak"]
     if not ds:
         dynamic = max(dynamic, act["backward"] + grads, grads + G * wb)
     out["total"] = static + dynamic
     return out
+
+
+def host_memory(p: PlanInput, c: Counts) -> dict[str, int]:
+    """Host bytes per rank that the GPU table leaves out: the whole fp32 teacher bank (when there is one)."""
+    return {"teacher_bank": c.teacher * 4 if p.kl else 0}
 
 
 def usable_bytes(gpu_mem_gb: float) -> int:

@@ -168,8 +168,11 @@ def describe_partitioning(model: torch.nn.Module) -> str:
     split = sum(p.ds_numel for p in params if not p.ds_persist)
     small = sum(p.ds_numel for p in params if p.ds_persist and id(p) not in hyper)
     whole = sum(p.ds_numel for p in params if id(p) in hyper)
-    return (f"ZeRO-3: {split:,} parameters partitioned across ranks, {small:,} small ones kept whole "
+    line = (f"ZeRO-3: {split:,} parameters partitioned across ranks, {small:,} small ones kept whole "
             f"(stage3_param_persistence_threshold), hypernetwork {whole:,} whole on every rank")
+    if (teacher := getattr(model, "teacher", None)) is not None:
+        line += f"; teacher bank {sum(p.numel() for p in teacher.parameters()):,} in host memory, outside ZeRO"
+    return line
 
 
 def keep_whole(engine, params: list[torch.nn.Parameter]) -> None:

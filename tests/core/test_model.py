@@ -69,6 +69,28 @@ def test_only_hypernet_parameters_receive_gradients(recipe):
     assert {"ce", "kl", "param"} <= set(terms)
 
 
+def test_teacher_bank_stays_outside_the_module_and_only_the_batch_rows_are_taken():
+    """The frozen teacher is not a submodule (so DeepSpeed never partitions or gathers it): it keeps its own
+    dtype when the module is cast, and a step copies exactly the batch's rows into the student's dtype."""
+    model = tiny_model("tiny", rows=3)
+    names = {n for n, _ in model.named_parameters()} | set(model.state_dict())
+    assert names and not any("teacher" in n for n in names)
+    assert {id(p) for p in model.teacher.parameters()}.isdisjoint(id(p) for p in model.parameters())
+    torch.nn.init.normal_(model.teacher.B["0"], std=0.5)
+    model = model.double()
+    assert all(p.dtype == torch.float32 for p in model.teacher.parameters())
+    b = make_batch("t5", counts=(2, 3), teacher_rows=[2, 0])
+    loss, terms = model(b)
+    assert terms["kl"] > 0 and terms["param"] > 0
+    taken = model.teacher_adapters(b, model.generate(b)[0])
+    for i, (a, bb) in taken.factors.items():
+        assert a.dtype == torch.float64
+        assert torch.equal(a, model.teacher.A[str(i)][[2, 0]].double())
+        assert torch.equal(bb, model.teacher.B[str(i)][[2, 0]].double())
+    with pytest.raises(ValueError, match="rows must be in"):
+        model.teacher.take(torch.tensor([3]), b.example_offsets[:2], torch.device("cpu"), torch.float32)
+
+
 def test_explicitly_trainable_backbone_parameters_get_gradients_and_checkpointing_matches():
     grads = {}
     for ckpt in (False, True):

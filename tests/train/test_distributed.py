@@ -31,6 +31,27 @@ def test_one_rank_and_two_ranks_give_the_same_losses(tmp_path):
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x, y)
 
 
+def test_distillation_under_zero3_matches_one_rank_with_the_teacher_outside_zero(tmp_path):
+    """Finetuning with teachers (KL + param-MSE): 2 partitioned ZeRO-3 ranks give the losses of 1 rank x accum
+    2, while the frozen teacher bank stays whole in host memory (never a DeepSpeed parameter)."""
+    ds = partitioned_z3(tmp_path)
+    teachers = tmp_path / "teachers"
+    check(launch("train_teachers.py", 1, ["--deepspeed", ds, "--output_dir", str(teachers), "--max_steps", "3",
+                                          *TINY, "train.lr=1e-2"]))
+    common = ["--deepspeed", ds, "--teachers", str(teachers / "teachers"), "--max_steps", "3", *TINY]
+    one, two = tmp_path / "one", tmp_path / "two"
+    check(launch("finetune.py", 1, ["--output_dir", str(one), *common, "train.grad_accum=2"]))
+    proc = check(launch("finetune.py", 2, ["--output_dir", str(two), *common, "train.grad_accum=1"]))
+    assert "ZeRO-3: 263,168 parameters partitioned across ranks" in proc.stdout
+    assert "in host memory, outside ZeRO" in proc.stdout
+    a, b = metrics(one), metrics(two)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert x["kl"] > 0 and x["param"] > 0
+        for key in ("loss", "kl", "param"):
+            assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+
+
 def test_resume_in_a_new_process_is_identical_to_a_straight_run(tmp_path):
     ds = partitioned_z3(tmp_path)
     straight, split = tmp_path / "straight", tmp_path / "split"
