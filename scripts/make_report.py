@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -95,6 +96,12 @@ def stage_seconds(run: Path, seeds: list[int]) -> dict[str, str]:
         if vals:
             out[name] = f"{mean(vals):.0f}"
     return out
+
+
+def reused_stages(run: Path) -> list[str]:
+    """Stages that reproduce.sh skipped because an earlier run had finished them (not in the wall time)."""
+    log = run / "reproduce.log"
+    return sorted(set(re.findall(r"skip (\S+) \(done\)", log.read_text()))) if log.is_file() else []
 
 
 def final_loss(path: Path) -> float | None:
@@ -310,7 +317,10 @@ def main() -> None:
           + ", ".join(losses) + ".", ""]
     L += ["## Machine and wall time", "", f"- {machine()}"]
     if args.wall_s:
-        L.append(f"- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): {args.wall_s / 60:.1f} min")
+        reused = reused_stages(run)
+        note = f" (stages reused from an earlier run, not included: {', '.join(reused)})" if reused else ""
+        L.append(f"- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): {args.wall_s / 60:.1f} min"
+                 f"{note}")
     L += ["", "## Commands", "", "```", "make reproduce        # = bash scripts/reproduce.sh", "```", "",
           "The stage command lines, as `scripts/reproduce.sh` ran them (also in `docs/reproduce_log/commands.txt`; "
           "each run directory's `config.json` holds the resolved config; stage logs and every `results.json` are "

@@ -53,9 +53,9 @@ log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
 # run NAME CMD...: one job, its output in $OUT/logs/NAME.log, skipped when $OUT/NAME.done exists (resume).
 run() {
   local name=$1; shift
+  echo "$*" >> "$OUT/commands.txt"
   if [[ -f "$OUT/$name.done" ]]; then log "skip $name (done)"; return 0; fi
   log "start $name"
-  echo "$*" >> "$OUT/commands.txt"
   local t0; t0=$(date +%s)
   if "$@" > "$OUT/logs/$name.log" 2>&1; then
     echo $(( $(date +%s) - t0 )) > "$OUT/$name.done"; log "done  $name ($(( $(date +%s) - t0 ))s)"

@@ -85,6 +85,7 @@ def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
                 "per_category": {"ordering": {"rougeL": score + 1}}}))
     (run / "ft_tagi_s0.done").write_text("100")
     (run / "ft_tagi_s1.done").write_text("120")
+    (run / "reproduce.log").write_text("[12:00:00 +0s] skip backbone (done)\n[12:00:00 +0s] start teachers\n")
     mod = _report_script()
     plotted = {}
     monkeypatch.setattr(mod, "plot", lambda rouge, fl, d: plotted.update(rouge))
@@ -98,4 +99,5 @@ def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
     assert "TAGI minus concat: -2.0, +2.0, -3.0 (TAGI ahead in 1 of 3 seeds)" in md
     assert "| ordering | 7.0 | 14.0 | 13.0 |" in md  # per-category means, methods in table order
     assert "ft_tagi 110" in md  # per-seed stage times averaged
+    assert "1.0 min (stages reused from an earlier run, not included: backbone)" in md
     assert plotted == scores and not (docs / "results.md.tmp").exists()
