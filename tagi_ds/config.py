@@ -91,6 +91,8 @@ class DataConfig:
     num_pos: int = 2
     max_instances_per_task: int = 100
     categories: list[str] = field(default_factory=list)  # restrict to these categories (empty = all)
+    tasks: list[str] = field(default_factory=list)  # restrict to these task names (empty = all)
+    exclude_tasks: list[str] = field(default_factory=list)  # drop these task names (e.g. a validation split)
     english_only: bool = True
     max_instruction_length: int = 128
     max_source_length: int = 128

@@ -94,7 +94,8 @@ def load_p3(root: str | Path, cfg: DataConfig, split: str) -> list[Task]:
             name = f"{dataset_dir.name}__{template_dir.name}"
             tasks.append(Task(name=name, category=dataset_dir.name, definitions=(_instruction(template_dir),),
                               instances=read_examples(path, name, cfg.max_instances_per_task), source=str(path)))
-    tasks = select_tasks(tasks, categories=cfg.categories, where=f"p3:{root}")
+    tasks = select_tasks(tasks, categories=cfg.categories,
+                         names=cfg.tasks, exclude=cfg.exclude_tasks, where=f"p3:{root}")
     if not tasks:
         which, file = ("MTEST11", "validation") if split == "test" else ("non-MTEST11", "train")
         raise DataError(f"p3:{root}: no {split} tasks ({which} datasets with <dataset>/<template>/{file}.jsonl)")

@@ -128,7 +128,8 @@ def load_sni(root: str | Path, cfg: DataConfig, split: str) -> list[Task]:
         task = read_task(root / "tasks" / f"{name}.json", english_only=cfg.english_only)
         if task is not None:
             tasks.append(task)
-    tasks = select_tasks(tasks, categories=cfg.categories, max_instances=cfg.max_instances_per_task,
+    tasks = select_tasks(tasks, categories=cfg.categories,
+                         names=cfg.tasks, exclude=cfg.exclude_tasks, max_instances=cfg.max_instances_per_task,
                          sample_seed="sni" if split == "train" else None, where=str(root))
     if not tasks:
         raise DataError(f"{root}: split {split!r} has no tasks left after the filters "

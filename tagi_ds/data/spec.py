@@ -51,8 +51,8 @@ def load_tasks(spec: str | DataSpec, cfg: DataConfig, split: str) -> list[Task]:
     if split not in ("train", "test"):
         raise DataError(f"data spec {spec}: split must be train or test, got {split!r}")
     if spec.scheme == "builtin":
-        return select_tasks(builtin_suite(cfg.builtin_seed)[split], categories=cfg.categories,
-                            max_instances=cfg.max_instances_per_task, where="builtin")
+        return select_tasks(builtin_suite(cfg.builtin_seed)[split], categories=cfg.categories, names=cfg.tasks,
+                            exclude=cfg.exclude_tasks, max_instances=cfg.max_instances_per_task, where="builtin")
     if spec.scheme == "sni":
         return load_sni(spec.path, cfg, split)
     if spec.scheme == "p3":

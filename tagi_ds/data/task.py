@@ -55,8 +55,11 @@ class Task:
 
 
 def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_instances: int | None = None,
-                 sample_seed: str | None = None, where: str = "data") -> list[Task]:
-    """Keep tasks of ``categories`` (empty = all) and at most ``max_instances`` instances each.
+                 sample_seed: str | None = None, where: str = "data", names: Sequence[str] = (),
+                 exclude: Sequence[str] = ()) -> list[Task]:
+    """Keep tasks of ``categories`` (empty = all), named in ``names`` (``data.tasks``; empty = all) and not
+    named in ``exclude`` (``data.exclude_tasks``: names absent from this split are ignored, so one config
+    serves the train and the test split), with at most ``max_instances`` instances each.
 
     ``sample_seed`` None takes the first instances (the SNI test convention: the first 100 are the official
     evaluation set); otherwise a seeded sample that keeps file order (Tk-Instruct samples training instances).
@@ -66,6 +69,16 @@ def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_i
     if categories and not chosen:
         known = sorted({t.category for t in tasks})
         raise DataError(f"{where}: data.categories {list(categories)!r} match no task (known: {show(known, 200)})")
+    if names:
+        missing = sorted(set(names) - {t.name for t in chosen})
+        if missing:
+            known = sorted(t.name for t in chosen)
+            raise DataError(f"{where}: data.tasks names {show(missing, 200)}, not a task of this split "
+                            f"(known: {show(known, 200)})")
+        chosen = [t for t in chosen if t.name in set(names)]
+    chosen = [t for t in chosen if t.name not in set(exclude)]
+    if exclude and not chosen:
+        raise DataError(f"{where}: data.exclude_tasks {show(list(exclude), 200)} leaves no task")
     out, seen = [], {}
     for task in chosen:
         inst = task.instances

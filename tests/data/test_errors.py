@@ -212,3 +212,20 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
 def test_tokenizer_training_on_empty_corpus():
     expect(lambda: train_sentencepiece(["", "   "]), "tokenizer training", "empty corpus")
+
+
+def test_task_name_filters_and_their_errors():
+    """data.tasks keeps only the named tasks; data.exclude_tasks drops names (those of the other split are
+    ignored, so one config serves train and test); an unknown or emptying choice is one clear line."""
+    train = load_tasks("builtin", DataConfig(), "train")
+    test = load_tasks("builtin", DataConfig(), "test")
+    val = [t.name for t in train[:3]]
+    kept = load_tasks("builtin", DataConfig(tasks=val), "train")
+    assert [t.name for t in kept] == val
+    rest = load_tasks("builtin", DataConfig(exclude_tasks=val), "train")
+    assert len(rest) == len(train) - 3 and not {t.name for t in rest} & set(val)
+    assert len(load_tasks("builtin", DataConfig(exclude_tasks=val), "test")) == len(test)  # other split: ignored
+    expect(lambda: load_tasks("builtin", DataConfig(tasks=[val[0], "task999_nope"]), "train"),
+           "data.tasks", "'task999_nope'", "not a task of this split")
+    expect(lambda: load_tasks("builtin", DataConfig(exclude_tasks=[t.name for t in test]), "test"),
+           "data.exclude_tasks", "leaves no task")
