@@ -64,18 +64,20 @@ class TagiModel(nn.Module):
         if shared:
             rows = torch.zeros(batch.num_tasks, dtype=torch.long, device=batch.example_offsets.device)
         else:
-            if batch.teacher_index is None or bool((batch.teacher_index < 0).any()):
-                raise ValueError(f"batch tasks {batch.task_names} need teacher_index rows (a teacher per task)")
-            rows = batch.teacher_index
+            rows = self._teacher_rows(batch)
         return bank.adapters(rows, batch.example_offsets, self.cfg.model.adapter_impl)
 
     def teacher_adapters(self, batch: TaskBatch, student: AdapterSet) -> AdapterSet:
         """The batch's rows of the host-resident teacher bank, on the student's device and dtype."""
+        a, _ = next(iter(student.factors.values()))
+        return self.teacher.take(self._teacher_rows(batch), batch.example_offsets, a.device, a.dtype,
+                                 self.cfg.model.adapter_impl)
+
+    @staticmethod
+    def _teacher_rows(batch: TaskBatch) -> torch.Tensor:
         if batch.teacher_index is None or bool((batch.teacher_index < 0).any()):
             raise ValueError(f"batch tasks {batch.task_names} need teacher_index rows (a teacher per task)")
-        a, _ = next(iter(student.factors.values()))
-        return self.teacher.take(batch.teacher_index, batch.example_offsets, a.device, a.dtype,
-                                 self.cfg.model.adapter_impl)
+        return batch.teacher_index
 
     def student_adapters(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor | None]:
         if self.generator is not None:

@@ -35,9 +35,12 @@ class LoraBank(nn.Module):
     def forward(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(A [K, r, d_in], B [K, d_out, r])]`` in ``site_indices`` order, for bank rows ``rows`` (int64
         ``[K]``). Called as a module (and returning plain tensors) so that ZeRO-3 gathers the factors."""
+        self._check_rows(rows)
+        return [(self.A[str(i)][rows], self.B[str(i)][rows]) for i in self.site_indices]
+
+    def _check_rows(self, rows: torch.Tensor) -> None:
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
             raise ValueError(f"LoraBank: rows must be in [0, {self.num_rows}), got {rows.tolist()}")
-        return [(self.A[str(i)][rows], self.B[str(i)][rows]) for i in self.site_indices]
 
     def adapters(self, rows: torch.Tensor, example_offsets: torch.Tensor, impl: str = "auto") -> AdapterSet:
         factors = dict(zip(self.site_indices, self(rows)))
@@ -60,8 +63,7 @@ class LoraBank(nn.Module):
         every step to read the K rows of the batch's tasks."""
         host = self.A[str(self.site_indices[0])].device if self.site_indices else rows.device
         idx = rows.to(host)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_rows):
-            raise ValueError(f"LoraBank: rows must be in [0, {self.num_rows}), got {idx.tolist()}")
+        self._check_rows(idx)
         with torch.no_grad():
             factors = {i: (self.A[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True),
                            self.B[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True))
