@@ -59,7 +59,9 @@ def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_i
                  exclude: Sequence[str] = ()) -> list[Task]:
     """Keep tasks of ``categories`` (empty = all), named in ``names`` (``data.tasks``; empty = all) and not
     named in ``exclude`` (``data.exclude_tasks``: names absent from this split are ignored, so one config
-    serves the train and the test split), with at most ``max_instances`` instances each.
+    serves the train and the test split; a name in both lists is kept, so a run trained with a validation
+    split excluded is evaluated on it with ``data.tasks`` alone), with at most ``max_instances`` instances
+    each.
 
     ``sample_seed`` None takes the first instances (the SNI test convention: the first 100 are the official
     evaluation set); otherwise a seeded sample that keeps file order (Tk-Instruct samples training instances).
@@ -76,7 +78,8 @@ def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_i
             raise DataError(f"{where}: data.tasks names {show(missing, 200)}, not a task of this split "
                             f"(known: {show(known, 200)})")
         chosen = [t for t in chosen if t.name in set(names)]
-    chosen = [t for t in chosen if t.name not in set(exclude)]
+    dropped = set(exclude) - set(names)  # a task named in data.tasks is kept: the explicit choice wins
+    chosen = [t for t in chosen if t.name not in dropped]
     if exclude and not chosen:
         raise DataError(f"{where}: data.exclude_tasks {show(list(exclude), 200)} leaves no task")
     out, seen = [], {}

@@ -225,6 +225,9 @@ def test_task_name_filters_and_their_errors():
     rest = load_tasks("builtin", DataConfig(exclude_tasks=val), "train")
     assert len(rest) == len(train) - 3 and not {t.name for t in rest} & set(val)
     assert len(load_tasks("builtin", DataConfig(exclude_tasks=val), "test")) == len(test)  # other split: ignored
+    # A run trained without the validation tasks is evaluated on them by naming them: data.tasks wins.
+    both = load_tasks("builtin", DataConfig(tasks=val, exclude_tasks=val), "train")
+    assert [t.name for t in both] == val
     expect(lambda: load_tasks("builtin", DataConfig(tasks=[val[0], "task999_nope"]), "train"),
            "data.tasks", "'task999_nope'", "not a task of this split")
     expect(lambda: load_tasks("builtin", DataConfig(exclude_tasks=[t.name for t in test]), "test"),
