@@ -41,32 +41,26 @@ from tagi_ds import plan  # noqa: E402
 from tagi_ds.adapters import AdapterSet  # noqa: E402
 from tagi_ds.batch import TaskBatch  # noqa: E402
 from tagi_ds.config import TagiConfig, apply_overrides  # noqa: E402
-from tagi_ds.recipes import RECIPES, get_recipe  # noqa: E402
+from tagi_ds.recipes import get_recipe  # noqa: E402
 
 ANALYTIC_RECIPES = ("t5-base", "t5-xl", "t5-xxl", "llama-7b")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", nargs="+", choices=list(RECIPES),
-                   help="measured recipes (default: GPU t5-xl t5-xxl llama-7b, CPU tiny tiny-llama)")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+    common.add_recipe_args(p, "tiny recipe, 2 instruction lengths, 10 examples, 1 rep")
     p.add_argument("--instr_lens", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--input_len", type=int, default=128)
     p.add_argument("--output_len", type=int, default=16)
     p.add_argument("--examples", type=int, default=100, help="examples of the task")
     p.add_argument("--batch_size", type=int, default=25, help="examples per forward pass")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of the whole task")
-    p.add_argument("--smoke", action="store_true", help="tiny recipe, 2 instruction lengths, 10 examples, 1 rep")
     p.add_argument("--no_analytic", action="store_true", help="skip the analytic table for the paper sizes")
     common.add_run_args(p)
-    a = p.parse_args(argv)
-    gpu = common.default_threads(a)
+    a, _ = common.parse_run_args(p, argv)
     if a.smoke:
-        a.recipe = a.recipe or ["tiny"]
         a.instr_lens, a.examples, a.batch_size, a.reps = a.instr_lens[:2], min(a.examples, 10), \
             min(a.batch_size, 5), 1
-    a.recipe = a.recipe or (["t5-xl", "t5-xxl", "llama-7b"] if gpu else ["tiny", "tiny-llama"])
     for key in ("input_len", "output_len", "examples", "batch_size", "reps"):
         if getattr(a, key) <= 0:
             p.error(f"--{key} must be > 0, got {getattr(a, key)}")

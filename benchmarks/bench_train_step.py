@@ -50,7 +50,7 @@ import common  # noqa: E402
 
 from tagi_ds import plan  # noqa: E402
 from tagi_ds.config import TagiConfig, apply_overrides  # noqa: E402
-from tagi_ds.recipes import RECIPES, get_recipe  # noqa: E402
+from tagi_ds.recipes import get_recipe  # noqa: E402
 
 VARIANTS = ("tagi", "lora", "concat", "peft")
 ENGINES = ("torch", "z2", "z3", "z3+offload_opt", "z3+offload")
@@ -60,10 +60,8 @@ PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # bf16 dense tensor
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", nargs="+", choices=list(RECIPES), help="default: GPU t5-xl t5-xxl llama-7b, "
-                   "CPU tiny tiny-llama")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides for every recipe (sizes: model.d_model=..., model.num_layers=...)")
+    common.add_recipe_args(p, "tiny recipe at tiny shapes, 1 step: checks the harness",
+                           "config overrides for every recipe (sizes: model.d_model=..., model.num_layers=...)")
     p.add_argument("--micro_batch", type=int, help="examples per step (default: GPU 4, CPU 8)")
     p.add_argument("--tasks", type=int, default=2, help="tasks per micro-batch")
     p.add_argument("--seq_len", type=int, help="input tokens (default: the recipe's data.max_source_length)")
@@ -76,16 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps (GPU: median, CPU: min; default GPU 10, CPU 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default GPU 3, CPU 1)")
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: known GPUs; none on CPU)")
-    p.add_argument("--smoke", action="store_true", help="tiny recipe at tiny shapes, 1 step: checks the harness")
     common.add_run_args(p)
-    a = p.parse_args(argv)
-    gpu = common.default_threads(a)
+    a, gpu = common.parse_run_args(p, argv)
     if a.smoke:
-        a.recipe = a.recipe or ["tiny"]
         a.micro_batch, a.seq_len, a.target_len, a.instr_len = a.micro_batch or 4, a.seq_len or 32, \
             a.target_len or 8, a.instr_len or 32
         a.steps, a.warmup = a.steps or 1, a.warmup if a.warmup is not None else 1
-    a.recipe = a.recipe or (["t5-xl", "t5-xxl", "llama-7b"] if gpu else ["tiny", "tiny-llama"])
     a.micro_batch = a.micro_batch or (4 if gpu else 8)
     a.steps = a.steps or (10 if gpu else 3)
     a.warmup = a.warmup if a.warmup is not None else (3 if gpu else 1)

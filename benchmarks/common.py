@@ -101,6 +101,29 @@ def add_run_args(p, out_dir: Path | None = None) -> None:
     p.add_argument("--no_save", action="store_true", help="print the table only")
 
 
+GPU_RECIPES = ["t5-xl", "t5-xxl", "llama-7b"]  # the paper-scale shapes a GPU run measures by default
+CPU_RECIPES = ["tiny", "tiny-llama"]
+
+
+def add_recipe_args(p, smoke_help: str, set_help: str = "config overrides for every recipe") -> None:
+    """``--recipe`` (default by device), ``--set`` overrides and ``--smoke``: the model benchmarks' shared flags."""
+    from tagi_ds.recipes import RECIPES
+
+    p.add_argument("--recipe", nargs="+", choices=list(RECIPES),
+                   help=f"default: GPU {' '.join(GPU_RECIPES)}, CPU {' '.join(CPU_RECIPES)}")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+
+
+def parse_run_args(p, argv: list[str] | None):
+    """Parse; apply the CPU thread default; fill ``--recipe`` (``--smoke``: tiny; else by device).
+    Returns ``(args, gpu)``."""
+    a = p.parse_args(argv)
+    gpu = default_threads(a)
+    a.recipe = a.recipe or (["tiny"] if a.smoke else GPU_RECIPES if gpu else CPU_RECIPES)
+    return a, gpu
+
+
 def default_threads(args) -> bool:
     """Apply the CPU default of 1 thread; returns whether a GPU is present."""
     gpu = torch.cuda.is_available()

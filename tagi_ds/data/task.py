@@ -71,14 +71,15 @@ def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_i
     if categories and not chosen:
         known = sorted({t.category for t in tasks})
         raise DataError(f"{where}: data.categories {list(categories)!r} match no task (known: {show(known, 200)})")
-    if names:
-        missing = sorted(set(names) - {t.name for t in chosen})
+    wanted = set(names)
+    if wanted:
+        missing = sorted(wanted - {t.name for t in chosen})
         if missing:
             known = sorted(t.name for t in chosen)
             raise DataError(f"{where}: data.tasks names {show(missing, 200)}, not a task of this split "
                             f"(known: {show(known, 200)})")
-        chosen = [t for t in chosen if t.name in set(names)]
-    dropped = set(exclude) - set(names)  # a task named in data.tasks is kept: the explicit choice wins
+        chosen = [t for t in chosen if t.name in wanted]
+    dropped = set(exclude) - wanted  # a task named in data.tasks is kept: the explicit choice wins
     chosen = [t for t in chosen if t.name not in dropped]
     if exclude and not chosen:
         raise DataError(f"{where}: data.exclude_tasks {show(list(exclude), 200)} leaves no task")
