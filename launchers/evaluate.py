@@ -37,7 +37,9 @@ def parser():
     p.add_argument("--teachers", default=None, metavar="DIR",
                    help="mode teacher: teachers/ dir from train_teachers.py; each task uses its own row "
                         "(every evaluated task needs one)")
-    p.add_argument("--split", default="test", choices=["test", "train"], help="which split's tasks to evaluate")
+    p.add_argument("--split", default="test", choices=["test", "dev", "train"],
+                   help="which split's tasks to evaluate; dev = the built-in suite's development tasks (new skill "
+                        "chains held out like the test tasks, for tuning)")
     p.add_argument("--task", default="auto", choices=["auto", "generate", "rank"],
                    help="generate (greedy; EM / ROUGE-L) or rank (answer choices; accuracy); auto = rank for p3:")
     p.add_argument("--max_new_tokens", type=int, default=128, help="generation budget per example (greedy)")

@@ -153,8 +153,14 @@ def main() -> None:
     run, docs = Path(args.run), Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     seeds = seeds_of(run)
-    # per method: the results.json of every seed that has one
-    res = {k: rs for k, _, _ in HELD if (rs := [r for s in seeds if (r := load(run / "eval" / f"s{s}" / k))])}
+    # per method: the results.json of every seed that has one (the ablations may run on fewer seeds)
+    by_seed = {k: rs for k, _, _ in HELD if (rs := {s: r for s in seeds if (r := load(run / "eval" / f"s{s}" / k))})}
+    res = {k: list(rs.values()) for k, rs in by_seed.items()}
+    method_seeds = {k: list(rs) for k, rs in by_seed.items()}
+
+    def paired(a: str, b: str) -> list[float]:
+        """Per-seed ROUGE-L differences a - b over the seeds both methods ran."""
+        return [by_seed[a][s]["rougeL"] - by_seed[b][s]["rougeL"] for s in seeds if s in by_seed[a] and s in by_seed[b]]
     rouge = {k: [r["rougeL"] for r in rs] for k, rs in res.items()}
     em = {k: [r["exact_match"] for r in rs] for k, rs in res.items()}
     flops = {k: mean([r["cost"]["flops_per_example"] for r in rs]) for k, rs in res.items()}
@@ -163,12 +169,21 @@ def main() -> None:
     n = len(seeds)
     seed_txt = f"{n} seeds ({', '.join(map(str, seeds))})" if n > 1 else f"one seed ({seeds[0]})" if n else "-"
 
+    fewer = {k: v for k, v in method_seeds.items() if len(v) < n}
+    fewer_txt = ""
+    if fewer:
+        groups = {}
+        for k, v in fewer.items():
+            groups.setdefault(tuple(v), []).append(dict((key, lab.strip("*")) for key, lab, _ in HELD)[k])
+        parts = [f"{', '.join(labs)}: seed{'s' * (len(v) > 1)} {', '.join(map(str, v))} only"
+                 for v, labs in groups.items()]
+        fewer_txt = " (" + "; ".join(parts) + ", to keep the pipeline within 45 minutes)"
     L = ["# Miniature TAGI reproduction (built-in suite, CPU)", "",
          "Produced by `bash scripts/reproduce.sh` (called by `make reproduce`); every number below is read from "
          f"`{run}/eval/*/*/results.json` by `scripts/make_report.py`. Commit {git_rev()}.", "",
          f"The backbone, the teachers and the pretrained hypernetwork are built once; every finetuning run and its "
-         f"evaluation is repeated for {seed_txt}. ROUGE-L and EM are the mean ± sample standard deviation over "
-         "seeds; the per-seed values follow in brackets.", ""]
+         f"evaluation is repeated for {seed_txt}{fewer_txt}. ROUGE-L and EM are the mean ± sample standard "
+         "deviation over seeds; the per-seed values follow.", ""]
     L += ["## Held-out tasks (29 unseen tasks, greedy decoding, ROUGE-L / exact match)", "",
           "| Method | What it is | ROUGE-L | per seed | EM | inference FLOPs / example | FLOPs vs concat |",
           "|---|---|---:|---|---:|---:|---:|"]
@@ -177,7 +192,9 @@ def main() -> None:
             L.append(f"| {lab} | {what} | (missing) | | | | |")
             continue
         ratio = f"{flops[k] / flops['concat']:.2f}x" if "concat" in flops else "-"
-        L.append(f"| {lab} | {what} | {pm(rouge[k])} | {' / '.join(f'{x:.1f}' for x in rouge[k])} | "
+        ms = method_seeds[k]
+        which = f" (seed{'s' * (len(ms) > 1)} {', '.join(map(str, ms))})" if len(ms) < n else ""
+        L.append(f"| {lab} | {what} | {pm(rouge[k])} | {' / '.join(f'{x:.1f}' for x in rouge[k])}{which} | "
                  f"{pm(em[k])} | {flops[k] / 1e6:.2f} M | {ratio} |")
     L.append("")
     if seen:
@@ -206,7 +223,7 @@ def main() -> None:
                  f"({'quality ok' if within else 'quality gap > 1 point'}, "
                  f"{'cost ok' if ratio <= 0.4 else 'cost ratio > 0.4'}).")
         if n > 1:
-            diffs = [t - c for t, c in zip(rouge["tagi"], rouge["concat"])]
+            diffs = paired("tagi", "concat")
             L.append(f"- Per seed, TAGI minus concat: {', '.join(f'{x:+.1f}' for x in diffs)} "
                      f"(TAGI ahead in {sum(x > 0 for x in diffs)} of {len(diffs)} seeds).")
     if "tagi" in rouge and "no_instruction" in rouge:
@@ -217,8 +234,8 @@ def main() -> None:
     if "tagi" in rouge:
         for k, lab, _ in HELD[3:]:
             if k in rouge:
-                diffs = [a - b for a, b in zip(rouge[k], rouge["tagi"])]
-                spread = f" ± {std(diffs):.2f} over seeds" if len(diffs) > 1 else ""
+                diffs = paired(k, "tagi")
+                spread = f" ± {std(diffs):.2f} over {len(diffs)} seeds" if len(diffs) > 1 else ""
                 L.append(f"- {lab}: {mean(diffs):+.2f}{spread} ROUGE-L vs full TAGI (paper, XL: "
                          f"{PAPER_ABLATION[k]}).")
     if "concat" in rouge and "no_instruction" in rouge and "tagi" in rouge:

@@ -12,8 +12,9 @@
 # 4. evaluation on the 29 held-out tasks (greedy, ROUGE-L / EM, counted FLOPs); teachers, TAGI and concat
 #    on the training tasks
 # 5. docs/results.md + docs/results.png (scripts/make_report.py)
-# Stages 0-2 run once (seed 0); stages 3-4 run once per seed in SEEDS, and the report gives the mean and
-# the spread over seeds. Jobs run two at a time, one thread each (2 cores; one thread per process avoids
+# Stages 0-2 run once (seed 0); stages 3-4 run once per seed in SEEDS (the ablations for ABLATION_SEEDS,
+# by default all but the last seed, to stay within 45 minutes), and the report gives the mean and the
+# spread over seeds. Jobs run two at a time, one thread each (2 cores; one thread per process avoids
 # OpenMP oversubscription). Re-running resumes: a stage whose $OUT/NAME.done exists is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +23,14 @@ OUT=${OUT:-runs/reproduce}
 SCALE=${SCALE:-1}                 # multiplies every step count (smoke runs)
 EVAL_N=${EVAL_N:-50}              # held-out instances per task (the suite has 50)
 JOBS=${JOBS:-2}
-SEEDS=${SEEDS:-0 1 2}             # finetuning + evaluation seeds
+SEEDS=${SEEDS:-0 1 2}             # finetuning + evaluation seeds (TAGI, concat, no-instruction)
+ABLATION_SEEDS=${ABLATION_SEEDS:-${SEEDS% *}}  # the seeds (of SEEDS) that also run the 4 ablations: all but the last
 DOCS=${DOCS:-docs}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
 
 steps() { python -c "import sys; print(max(2, int(round($1 * $SCALE))))"; }
-BB_STEPS=$(steps "${BB_STEPS:-1200}")
+BB_STEPS=$(steps "${BB_STEPS:-3000}")
 TEACHER_STEPS=$(steps "${TEACHER_STEPS:-600}")
 PRETRAIN_STEPS=$(steps "${PRETRAIN_STEPS:-400}")
 FT_STEPS=$(steps "${FT_STEPS:-1000}")
@@ -74,7 +76,7 @@ pool() {
   return $fail
 }
 
-log "reproduce: OUT=$OUT SCALE=$SCALE SEEDS='$SEEDS' backbone $BB_STEPS, teachers $TEACHER_STEPS, pretrain $PRETRAIN_STEPS, finetune $FT_STEPS steps"
+log "reproduce: OUT=$OUT SCALE=$SCALE SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' backbone $BB_STEPS, teachers $TEACHER_STEPS, pretrain $PRETRAIN_STEPS, finetune $FT_STEPS steps"
 
 # 0. backbone: alone on the machine, so it gets all JOBS threads
 OMP_NUM_THREADS=$JOBS MKL_NUM_THREADS=$JOBS \
@@ -93,20 +95,24 @@ HELD=(--set data.max_instances_per_task="$EVAL_N" ${DATA_SET[*]})
 for S in $SEEDS; do
   FT=(python launchers/finetune.py ${COMMON[*]} --seed "$S" --max_steps "$FT_STEPS")
   D="$OUT/s$S"; E="$OUT/eval/s$S"
-  pool "ft_tagi_s$S ${FT[*]} $T $P --output_dir $D/ft_tagi --set ${FT_SET[*]} ${DATA_SET[*]}" \
-       "ft_concat_s$S ${FT[*]} --mode concat --output_dir $D/ft_concat --set ${BASE_SET[*]} ${DATA_SET[*]}" \
-       "ft_no_pretrain_s$S ${FT[*]} $T --output_dir $D/ft_no_pretrain --set ${FT_SET[*]} ${DATA_SET[*]}" \
-       "ft_no_kl_s$S ${FT[*]} $T $P --output_dir $D/ft_no_kl --set ${FT_SET[*]} ${DATA_SET[*]} loss.kl_weight=0" \
-       "ft_no_param_s$S ${FT[*]} $T $P --output_dir $D/ft_no_param --set ${FT_SET[*]} ${DATA_SET[*]} loss.param_weight=0" \
-       "ft_no_fusion_s$S ${FT[*]} $T $P --output_dir $D/ft_no_fusion --set ${FT_SET[*]} ${DATA_SET[*]} hypernet.fusion=false" \
-       "ft_no_instruction_s$S ${FT[*]} --mode no_instruction --output_dir $D/ft_no_instruction --set ${BASE_SET[*]} ${DATA_SET[*]}"
-  pool "ev_tagi_s$S ${EV[*]} --hypernet $D/ft_tagi/hypernet --output_dir $E/tagi ${HELD[*]}" \
-       "ev_concat_s$S ${EV[*]} --adapter $D/ft_concat/baseline_lora --output_dir $E/concat ${HELD[*]}" \
-       "ev_no_instruction_s$S ${EV[*]} --adapter $D/ft_no_instruction/baseline_lora --output_dir $E/no_instruction ${HELD[*]}" \
-       "ev_no_pretrain_s$S ${EV[*]} --hypernet $D/ft_no_pretrain/hypernet --output_dir $E/no_pretrain ${HELD[*]}" \
-       "ev_no_kl_s$S ${EV[*]} --hypernet $D/ft_no_kl/hypernet --output_dir $E/no_kl ${HELD[*]}" \
-       "ev_no_param_s$S ${EV[*]} --hypernet $D/ft_no_param/hypernet --output_dir $E/no_param ${HELD[*]}" \
-       "ev_no_fusion_s$S ${EV[*]} --hypernet $D/ft_no_fusion/hypernet --output_dir $E/no_fusion ${HELD[*]}"
+  FTS=("ft_tagi_s$S ${FT[*]} $T $P --output_dir $D/ft_tagi --set ${FT_SET[*]} ${DATA_SET[*]}"
+       "ft_concat_s$S ${FT[*]} --mode concat --output_dir $D/ft_concat --set ${BASE_SET[*]} ${DATA_SET[*]}")
+  EVS=("ev_tagi_s$S ${EV[*]} --hypernet $D/ft_tagi/hypernet --output_dir $E/tagi ${HELD[*]}"
+       "ev_concat_s$S ${EV[*]} --adapter $D/ft_concat/baseline_lora --output_dir $E/concat ${HELD[*]}"
+       "ev_no_instruction_s$S ${EV[*]} --adapter $D/ft_no_instruction/baseline_lora --output_dir $E/no_instruction ${HELD[*]}")
+  if [[ " $ABLATION_SEEDS " == *" $S "* ]]; then
+    FTS+=("ft_no_pretrain_s$S ${FT[*]} $T --output_dir $D/ft_no_pretrain --set ${FT_SET[*]} ${DATA_SET[*]}"
+          "ft_no_kl_s$S ${FT[*]} $T $P --output_dir $D/ft_no_kl --set ${FT_SET[*]} ${DATA_SET[*]} loss.kl_weight=0"
+          "ft_no_param_s$S ${FT[*]} $T $P --output_dir $D/ft_no_param --set ${FT_SET[*]} ${DATA_SET[*]} loss.param_weight=0"
+          "ft_no_fusion_s$S ${FT[*]} $T $P --output_dir $D/ft_no_fusion --set ${FT_SET[*]} ${DATA_SET[*]} hypernet.fusion=false")
+    EVS+=("ev_no_pretrain_s$S ${EV[*]} --hypernet $D/ft_no_pretrain/hypernet --output_dir $E/no_pretrain ${HELD[*]}"
+          "ev_no_kl_s$S ${EV[*]} --hypernet $D/ft_no_kl/hypernet --output_dir $E/no_kl ${HELD[*]}"
+          "ev_no_param_s$S ${EV[*]} --hypernet $D/ft_no_param/hypernet --output_dir $E/no_param ${HELD[*]}"
+          "ev_no_fusion_s$S ${EV[*]} --hypernet $D/ft_no_fusion/hypernet --output_dir $E/no_fusion ${HELD[*]}")
+  fi
+  FTS+=("ft_no_instruction_s$S ${FT[*]} --mode no_instruction --output_dir $D/ft_no_instruction --set ${BASE_SET[*]} ${DATA_SET[*]}")
+  pool "${FTS[@]}"
+  pool "${EVS[@]}"
 done
 
 # Seen training tasks (first SEEN_N instances of each): the teachers' upper bound, next to TAGI and concat

@@ -91,7 +91,21 @@ def load_hypernet(model, path: Path) -> None:
                           "written by pretrain.py or finetune.py is expected)")
     _check_sites(Path(path), model)
     state = load_file(str(f))
+    mine = model.generator.state_dict()
+    for key, want in mine.items():  # in module order, so the first mismatch named is the first one built
+        if key in state and tuple(state[key].shape) != tuple(want.shape):
+            raise ConfigError(f"{f}: generator tensor {key} has shape {tuple(state[key].shape)}, this model's "
+                              f"{tuple(want.shape)}; use the same hypernet.* settings (rank, hidden, ...)")
     missing, unexpected = model.generator.load_state_dict(state, strict=False)
+    if missing == ["marker.vector"] and not unexpected:
+        # A hypernet saved without hypernet.fusion_marker: the marker is set to zero, which is exactly fusion
+        # without a marker, so the loaded model computes what the saved one did (and finetuning may train it).
+        with torch.no_grad():
+            model.generator.marker.vector.zero_()
+        if dist.is_main():
+            print(f"{f}: no fusion marker saved; it starts at zero (identical to fusion without a marker)",
+                  flush=True)
+        return
     if missing or unexpected:
         raise ConfigError(f"{f}: generator keys differ (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                           "use the same hypernet.* settings")

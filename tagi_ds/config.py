@@ -58,6 +58,7 @@ class HypernetConfig:
     generator: str = "shared"  # shared (one trunk + one head per projection kind) | per_layer
     pooling: str = "mean"  # mean (masked, last layer) | first_last (masked mean of first and last)
     fusion: bool = True  # T5: decoder cross-attends to [instruction ; input] encodings
+    fusion_marker: bool = False  # fusion: add a learned vector to the instruction states (tells them from input)
     checkpoint_encoder: bool = True  # checkpoint instruction encoding when it needs gradients
     dropout: float = 0.0
 

@@ -89,6 +89,8 @@ class TagiModel(nn.Module):
         """Each example's task instruction states ``[B, Li, d]`` and mask ``[B, Li]`` (T5 fusion), or Nones."""
         if not self.fusion or instr_states is None:
             return None, None
+        if self.generator.marker is not None:
+            instr_states = self.generator.marker(instr_states)
         per_example = batch.task_of_example
         return instr_states[per_example], batch.instr_attention_mask[per_example]
 
@@ -168,7 +170,7 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
             raise ConfigError("stage teachers needs at least one task (num_bank_rows > 0)")
         bank = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha)
     elif cfg.mode == "tagi":
-        generator = Generator(d_model, sites, cfg.hypernet)
+        generator = Generator(d_model, sites, cfg.hypernet, fusion=cfg.model.arch == "t5" and cfg.hypernet.fusion)
         if with_teacher:
             teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha).requires_grad_(False)
     else:

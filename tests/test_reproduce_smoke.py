@@ -74,8 +74,9 @@ def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
     import sys
 
     run, docs = tmp_path / "run", tmp_path / "docs"
-    scores = {"tagi": [10.0, 14.0, 12.0], "concat": [12.0, 12.0, 15.0], "no_instruction": [5.0, 6.0, 7.0]}
-    flops = {"tagi": 30e6, "concat": 100e6, "no_instruction": 20e6}
+    scores = {"tagi": [10.0, 14.0, 12.0], "concat": [12.0, 12.0, 15.0], "no_instruction": [5.0, 6.0, 7.0],
+              "no_kl": [11.0, 17.0]}  # an ablation run on seeds 0 and 1 only (ABLATION_SEEDS)
+    flops = {"tagi": 30e6, "concat": 100e6, "no_instruction": 20e6, "no_kl": 31e6}
     for key, per_seed in scores.items():
         for seed, score in enumerate(per_seed):
             d = run / "eval" / f"s{seed}" / key
@@ -97,7 +98,10 @@ def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
     assert "0.30x" in md and "12.00 vs 13.00 ROUGE-L (-1.00 points, mean over 3 seeds (0, 1, 2))" in md
     assert "is met (quality ok, cost ok)" in md  # -1.00 is within 1 point; 0.30x <= 0.4x
     assert "TAGI minus concat: -2.0, +2.0, -3.0 (TAGI ahead in 1 of 3 seeds)" in md
-    assert "| ordering | 7.0 | 14.0 | 13.0 |" in md  # per-category means, methods in table order
+    assert "| ordering | 7.0 | 14.0 | 13.0 | 15.0 |" in md  # per-category means, methods in table order
+    assert "| 14.00 ± 4.24 | 11.0 / 17.0 (seeds 0, 1) |" in md
+    assert "TAGI w/o KL: +2.00 ± 1.41 over 2 seeds ROUGE-L vs full TAGI" in md  # paired on the shared seeds only
+    assert "(TAGI w/o KL: seeds 0, 1 only, to keep the pipeline within 45 minutes)" in md
     assert "ft_tagi 110" in md  # per-seed stage times averaged
     assert "1.0 min (stages reused from an earlier run, not included: backbone)" in md
     assert plotted == scores and not (docs / "results.md.tmp").exists()

@@ -11,7 +11,7 @@ Tasks
     choices)``, ``Demo(input, output, explanation)``
     ``format_instruction(task, setting, num_pos)``, ``format_instance(text)``, ``format_concat(...)``: the
     Tk-Instruct prompt, cut into TAGI's instruction and instance parts
-    ``builtin_suite(seed) -> {"train": tasks, "test": tasks}``, ``write_builtin(dir, seed)``,
+    ``builtin_suite(seed) -> {"train": tasks, "dev": tasks, "test": tasks}``, ``write_builtin(dir, seed)``,
     ``write_sni(dir, train, test)``: the built-in suite and the SNI layout writer
 
 Tokenizer

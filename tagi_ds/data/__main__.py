@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tagi_ds.data", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="builtin", help=f"data spec: {' | '.join(SCHEMES)}:PATH")
     parser.add_argument("--recipe", default="tiny")
-    parser.add_argument("--split", choices=("train", "test", "all"), default="all")
+    parser.add_argument("--split", choices=("train", "dev", "test", "all"), default="all",
+                        help="all = train and test (and dev for the built-in suite)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
     parser.add_argument("--max-rows", type=int, default=20, help="tasks listed per split")
     parser.add_argument("--write-sni", metavar="DIR", help="also write the tasks in the SNI layout")
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec.scheme == "text":
             show_corpus(console, cfg, tok, spec.path)
             return 0
-        splits = ("train", "test") if args.split == "all" else (args.split,)
+        every = ("train", "dev", "test") if spec.scheme == "builtin" else ("train", "test")
+        splits = every if args.split == "all" else (args.split,)
         loaded = {s: show_tasks(console, cfg, tok, s, args.max_rows) for s in splits}
         if args.write_sni:
             out = write_sni(args.write_sni, loaded.get("train", ()), loaded.get("test", ()))

@@ -6,7 +6,8 @@ the input alone never tells which task it is: a model has to read the instructio
 *skills* (reverse the words, uppercase, add, ...) applied to the input tokens; its definitions are three
 paraphrases (family intro x skill phrasing). Held-out test tasks are new chains of skills seen in
 training (reverse then uppercase, sort then take the first, ...) and a few new variants of seen skills
-(is it about food?, count the odd numbers), so following instructions has to generalise.
+(is it about food?, count the odd numbers), so following instructions has to generalise. A development
+split of further new chains (``dev``) is held out the same way, for tuning without looking at the test tasks.
 
 Inputs are <= 12 words and outputs <= 12 tokens. Everything is deterministic from the seed
 (``random.Random`` seeded with strings is stable across platforms and runs).
@@ -343,6 +344,21 @@ TEST = [
     ("sentence", ("describing_word", "uppercase"), _EXT),
     ("numword", ("to_digit", "add_one"), _MAP), ("numword", ("next_word", "uppercase"), _MAP),
 ]
+# Development split: more new chains of training skills, disjoint from TRAIN and TEST. Tune on these (held out
+# of every training stage like the test tasks), report on TEST once.
+DEV = [
+    ("words", ("reverse", "first"), _ORD), ("words", ("sort_alpha", "last"), _ORD),
+    ("words", ("dedupe", "uppercase"), _ORD), ("words", ("drop_first", "reverse"), _ORD),
+    ("words", ("first", "uppercase"), _EXT), ("words", ("only_animals", "reverse"), _EXT),
+    ("words", ("uppercase", "join_hyphen"), _CASE),
+    ("word", ("reverse_letters", "capitalize"), _SPL), ("word", ("sort_letters", "uppercase"), _SPL),
+    ("word", ("remove_vowels", "reverse_letters"), _SPL), ("word", ("last_letter", "uppercase"), _EXT),
+    ("word", ("plural", "capitalize"), _MAP),
+    ("pair", ("add", "times_two"), _ARI), ("pair", ("smaller", "add_one"), _ARI), ("pair", ("absdiff", "parity"), _ARI),
+    ("digits", ("sort_desc", "first"), _ORD), ("digits", ("max", "times_two"), _ARI),
+    ("sentence", ("topic_word", "uppercase"), _EXT), ("sentence", ("sentiment", "uppercase"), _CLS),
+    ("numword", ("prev_word", "to_digit"), _MAP), ("numword", ("prev_word", "uppercase"), _MAP),
+]
 
 
 def _definition(family: Family, skills: tuple[str, ...], variant: int) -> str:
@@ -386,10 +402,12 @@ def make_task(number: int, family_name: str, skills: tuple[str, ...], category: 
 
 @functools.lru_cache(maxsize=4)
 def builtin_suite(seed: int = 0) -> dict[str, tuple[Task, ...]]:
-    """``{"train": tasks, "test": held-out tasks}``, deterministic from ``seed`` (cached)."""
+    """``{"train": tasks, "dev": held-out development tasks, "test": held-out tasks}``, deterministic from
+    ``seed`` (cached)."""
     train = tuple(make_task(i + 1, f, s, c, seed, TRAIN_INSTANCES) for i, (f, s, c) in enumerate(TRAIN))
     test = tuple(make_task(101 + i, f, s, c, seed, TEST_INSTANCES) for i, (f, s, c) in enumerate(TEST))
-    return {"train": train, "test": test}
+    dev = tuple(make_task(201 + i, f, s, c, seed, TEST_INSTANCES) for i, (f, s, c) in enumerate(DEV))
+    return {"train": train, "dev": dev, "test": test}
 
 
 def write_builtin(out_dir: str | Path, seed: int = 0) -> Path:

@@ -45,11 +45,15 @@ def parse_spec(spec: str | DataSpec) -> DataSpec:
 
 
 def load_tasks(spec: str | DataSpec, cfg: DataConfig, split: str) -> list[Task]:
-    """The tasks of ``split`` (train | test) of a task source, after ``cfg``'s filters
-    (setting-independent: prompts are formatted later)."""
+    """The tasks of ``split`` (train | test, or dev for the built-in suite) of a task source, after ``cfg``'s
+    filters (setting-independent: prompts are formatted later)."""
     spec = parse_spec(spec)
-    if split not in ("train", "test"):
-        raise DataError(f"data spec {spec}: split must be train or test, got {split!r}")
+    if split not in ("train", "dev", "test"):
+        raise DataError(f"data spec {spec}: split must be train, dev or test, got {split!r}")
+    if split == "dev" and spec.scheme != "builtin":
+        raise DataError(f"data spec {spec}: split dev exists only for the built-in suite; for {spec.scheme} hold "
+                        f"training tasks out with data.exclude_tasks and evaluate them with --split train "
+                        f"--set data.tasks=...")
     if spec.scheme == "builtin":
         return select_tasks(builtin_suite(cfg.builtin_seed)[split], categories=cfg.categories, names=cfg.tasks,
                             exclude=cfg.exclude_tasks, max_instances=cfg.max_instances_per_task, where="builtin")

@@ -5,6 +5,12 @@ sites with one shape (projection kind): ``A = head_A(h) -> [K, S_g, r, d_in]``, 
 [K, S_g, d_out, r]``. ``shared``: one head per group, the site embedding tells layers apart;
 ``per_layer``: one head per site, stored stacked ``[S_g, hidden, out]`` and applied with one einsum.
 ``head_B`` starts at zero, so every generated delta starts at exactly zero.
+
+With ``fusion`` (T5 and ``hypernet.fusion``) and ``hypernet.fusion_marker`` the generator also owns
+:class:`FusionMarker`, a learned vector added to the fused instruction states so that the decoder can tell
+instruction tokens from input tokens (both reach its cross-attention as one unordered memory; see
+``TagiModel.fusion_prefix``). Off by default: on the built-in dev split it changed nothing measurable
+(docs/dev_split/README.md).
 """
 
 from __future__ import annotations
@@ -34,8 +40,21 @@ class _Head(nn.Module):
         return torch.einsum("ksh,sho->kso", h, self.weight) + self.bias
 
 
+class FusionMarker(nn.Module):
+    """``states [K, Li, d] -> states + m``: a learned instruction-segment vector (zero at start, so a marker
+    that never trained leaves fusion exactly as without it). A module of its own so that ZeRO-3 gathers ``m``
+    when it is applied."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.vector = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return states + self.vector.to(states.dtype)
+
+
 class Generator(nn.Module):
-    def __init__(self, d_model: int, sites: list[Site], cfg: HypernetConfig) -> None:
+    def __init__(self, d_model: int, sites: list[Site], cfg: HypernetConfig, fusion: bool = False) -> None:
         super().__init__()
         self.rank = cfg.rank
         self.num_sites = len(sites)
@@ -57,6 +76,7 @@ class Generator(nn.Module):
             # A's entries come out with std ~ 1/sqrt(d_in) (like a Kaiming-initialised LoRA A) for O(1) h.
             self.head_A.append(_Head(n, cfg.hidden, cfg.rank * d_in, 1.0 / math.sqrt(cfg.hidden * d_in)))
             self.head_B.append(_Head(n, cfg.hidden, d_out * cfg.rank, 0.0))
+        self.marker = FusionMarker(d_model) if fusion and cfg.fusion_marker else None
         for g, group in enumerate(self.groups):
             self.register_buffer(f"_sites_{g}", torch.tensor([s.index for s in group]), persistent=False)
 

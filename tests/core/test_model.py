@@ -32,6 +32,30 @@ def test_t5_init_output_equals_frozen_backbone_exactly(fusion):
     assert any(B.abs().sum() == 0 for _, B in adapters.factors.values())
 
 
+def test_fusion_marker_is_added_to_the_instruction_states_and_trained():
+    """hypernet.fusion_marker: a zero-initialised vector in the generator, added to every fused instruction
+    state (not the input's); it changes nothing at init, receives gradients and is saved with the hypernet."""
+    model = tiny_model("tiny", teacher=False, hypernet={"fusion_marker": True})
+    plain = tiny_model("tiny", teacher=False, hypernet={"fusion_marker": False})
+    assert "marker.vector" in model.generator.state_dict() and plain.generator.marker is None
+    b = make_batch("t5")
+    adapters, states = model.generate(b)
+    at_init = model.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states)
+    torch.testing.assert_close(at_init, plain.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states),
+                               rtol=0, atol=0)
+    m = torch.randn(states.shape[-1])
+    with torch.no_grad():
+        model.generator.marker.vector.copy_(m)
+    prefix, _ = model.fusion_prefix(b, states)
+    torch.testing.assert_close(prefix, (states + m)[b.task_of_example])
+    model.zero_grad()
+    loss, _ = model(b)
+    loss.backward()
+    assert model.generator.marker.vector.grad is not None and model.generator.marker.vector.grad.abs().sum() > 0
+    off = tiny_model("tiny", hypernet={"fusion_marker": True, "fusion": False})
+    assert off.generator.marker is None  # without fusion there is nothing to mark
+
+
 def test_llama_init_output_equals_frozen_backbone_exactly():
     model = tiny_model("tiny-llama")
     ref = fresh_backbone("tiny-llama")
@@ -171,3 +195,30 @@ def test_teacher_bank_delta_equals_peft_lora():
             want = pm(input_ids=b.input_ids[lo:hi], attention_mask=b.attention_mask[lo:hi],
                       decoder_input_ids=ref._shift_right(b.labels[lo:hi])).logits
         torch.testing.assert_close(got[lo:hi], want, rtol=1e-5, atol=1e-5)
+
+
+def test_hypernet_without_a_marker_loads_into_a_marker_model_exactly(tmp_path):
+    """A hypernet saved before hypernet.fusion_marker loads with the marker at zero: the same outputs."""
+    from tagi_ds import artifacts
+    from tagi_ds.config import ConfigError
+
+    old = tiny_model("tiny", teacher=False, seed=3)
+    with torch.no_grad():
+        for head in old.generator.head_B:
+            head.weight.normal_(0, 0.05)
+    artifacts.save_hypernet(old, tmp_path / "hn")
+    new = tiny_model("tiny", teacher=False, seed=3, hypernet={"fusion_marker": True})
+    with torch.no_grad():
+        new.generator.marker.vector.fill_(1.0)
+    artifacts.load_hypernet(new, tmp_path / "hn")
+    assert new.generator.marker.vector.abs().sum() == 0
+    b = make_batch("t5")
+    with torch.no_grad():
+        outs = []
+        for m in (old, new):
+            adapters, states = m.generate(b)
+            outs.append(m.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    other = tiny_model("tiny", teacher=False, hypernet={"rank": 4})
+    with pytest.raises(ConfigError, match=r"generator tensor head_A.0.weight has shape \(1, 128, 512\), this model's"):
+        artifacts.load_hypernet(other, tmp_path / "hn")

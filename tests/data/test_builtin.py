@@ -45,6 +45,25 @@ def test_held_out_tasks_are_new_chains_of_seen_skills():
     assert not train_defs & {d for t in builtin_suite(0)["test"] for d in t.definitions}
 
 
+def test_dev_split_is_new_chains_disjoint_from_train_and_test():
+    """The development tasks are chains of training skills that neither split has, loadable as split dev."""
+    seen_skills = {s for _, skills, _ in bi.TRAIN for s in skills}
+    other = {(f, skills) for f, skills, _ in bi.TRAIN + bi.TEST}
+    for family, skills, _ in bi.DEV:
+        assert (family, skills) not in other and len(skills) >= 2 and set(skills) <= seen_skills
+    suite = builtin_suite(0)
+    dev = suite["dev"]
+    assert len({(f, s) for f, s, _ in bi.DEV}) == len(dev) >= 20
+    assert not {t.name for t in dev} & {t.name for t in suite["train"] + suite["test"]}
+    assert {len(t.instances) for t in dev} == {bi.TEST_INSTANCES}
+    assert {t.category for t in dev} <= {t.category for t in suite["train"]}
+    for task, (family, skills, _) in zip(dev, bi.DEV):
+        assert task.name.endswith(f"_{family}_{'_then_'.join(skills)}")
+        assert all(ex.outputs[0] == bi._apply(skills, ex.input.split()) for ex in task.instances)
+    loaded = load_tasks("builtin", DataConfig(max_instances_per_task=5), "dev")
+    assert [t.name for t in loaded] == [t.name for t in dev] and {len(t.instances) for t in loaded} == {5}
+
+
 def test_tasks_of_a_family_differ_only_in_the_instruction():
     by_family = defaultdict(list)
     for family, skills, _ in bi.TRAIN:

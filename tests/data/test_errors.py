@@ -232,3 +232,10 @@ def test_task_name_filters_and_their_errors():
            "data.tasks", "'task999_nope'", "not a task of this split")
     expect(lambda: load_tasks("builtin", DataConfig(exclude_tasks=[t.name for t in test]), "test"),
            "data.exclude_tasks", "leaves no task")
+
+
+def test_dev_split_only_for_builtin(tmp_path):
+    root = sni_dir(tmp_path)
+    expect(lambda: load_tasks(f"sni:{root}", DataConfig(), "dev"), "split dev exists only for the built-in suite",
+           "data.exclude_tasks")
+    expect(lambda: load_tasks("builtin", DataConfig(), "valid"), "split must be train, dev or test", "'valid'")

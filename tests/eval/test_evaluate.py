@@ -88,6 +88,16 @@ def test_two_zero3_ranks_write_the_same_predictions_as_one_process(tmp_path, hyp
     assert config["stage"] == "evaluate" and config["deepspeed"]["zero_optimization"]["stage"] == 3
 
 
+def test_dev_split_evaluates_the_builtin_development_tasks(tmp_path, hypernet):
+    from tagi_ds.data.builtin import builtin_suite
+
+    evaluate(["--hypernet", str(hypernet), "--split", "dev", "--batch_size", "16", *SMALL,
+              "--output_dir", str(tmp_path / "dev")])
+    results = json.loads((tmp_path / "dev" / "results.json").read_text())
+    assert results["split"] == "dev" and results["num_examples"] == 2 * len(builtin_suite(0)["dev"])
+    assert sorted(results["per_task"]) == sorted(t.name for t in builtin_suite(0)["dev"])
+
+
 def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
