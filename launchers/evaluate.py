@@ -12,6 +12,7 @@ Runs in one process, or on N ranks in step under ZeRO-3 (same predictions):
     python launchers/evaluate.py --adapter runs/concat/baseline_lora --output_dir runs/eval/concat
     python launchers/evaluate.py --mode no_instruction --output_dir runs/eval/bare      # bare backbone
     python launchers/evaluate.py --teachers runs/teachers/teachers --split train --output_dir runs/eval/teachers
+    python launchers/evaluate.py --hypernet runs/finetune/hypernet --split dev --output_dir runs/eval/dev  # tuning
 """
 
 import argparse
