@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,28 @@ def init(backend: str | None = None) -> None:
 
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
                                timeout=COLLECTIVE_TIMEOUT)
+    _unlink_shm_allreduce_buffer()
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_allreduce_buffer(rank_: int) -> Path:
+    """The /dev/shm segment DeepSpeed's CPU shared-memory allreduce creates for ``rank_`` of this job
+    (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: prefix, uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    return SHM_DIR / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                      f"{os.environ.get('MASTER_PORT')}_{rank_}")
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed's CPU backend maps one ~70 MB /dev/shm segment per rank and never unlinks it, so every CPU
+    run used to leave its segments behind until the machine ran out of memory. ``init_distributed`` returns
+    only after this rank has mapped every peer's segment; after a barrier every rank has, so each rank
+    unlinks its own name. The mappings stay valid; the memory is freed when the last process exits."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        shm_allreduce_buffer(dist.get_rank()).unlink()
 
 
 def _free_port() -> int:
