@@ -26,6 +26,7 @@ HELD = [  # (key, label, what it is)
     ("no_param", "TAGI w/o param-MSE", "loss.param_weight=0"),
     ("no_fusion", "TAGI w/o fusion", "hypernet.fusion=false"),
 ]
+LABELS = {k: lab.strip("*") for k, lab, _ in HELD}  # plain labels (no markdown bold)
 SEEN = [("teachers", "LoRA teachers, one per {granularity} (upper bound)"), ("tagi", "TAGI"),
         ("concat", "Concat")]
 FT = ["ft_tagi", "ft_concat", "ft_no_instruction", "ft_no_pretrain", "ft_no_kl", "ft_no_param", "ft_no_fusion"]
@@ -120,7 +121,7 @@ def plot(rouge: dict[str, list[float]], flops: dict[str, float], docs: Path) -> 
     import matplotlib.pyplot as plt
 
     keys = [k for k, _, _ in HELD if k in rouge]
-    labels = [dict((k, lab.strip("*")) for k, lab, _ in HELD)[k] for k in keys]
+    labels = [LABELS[k] for k in keys]
     means = [mean(rouge[k]) for k in keys]
     errs = [std(rouge[k]) for k in keys]
     n, n_min = max(len(v) for v in rouge.values()), min(len(v) for v in rouge.values())
@@ -157,7 +158,6 @@ def main() -> None:
     # per method: the results.json of every seed that has one (the ablations may run on fewer seeds)
     by_seed = {k: rs for k, _, _ in HELD if (rs := {s: r for s in seeds if (r := load(run / "eval" / f"s{s}" / k))})}
     res = {k: list(rs.values()) for k, rs in by_seed.items()}
-    method_seeds = {k: list(rs) for k, rs in by_seed.items()}
 
     def paired(a: str, b: str) -> list[float]:
         """Per-seed ROUGE-L differences a - b over the seeds both methods ran."""
@@ -170,12 +170,12 @@ def main() -> None:
     n = len(seeds)
     seed_txt = f"{n} seeds ({', '.join(map(str, seeds))})" if n > 1 else f"one seed ({seeds[0]})" if n else "-"
 
-    fewer = {k: v for k, v in method_seeds.items() if len(v) < n}
+    groups: dict[tuple[int, ...], list[str]] = {}  # methods run on fewer seeds (ABLATION_SEEDS), by seed set
+    for k, rs in by_seed.items():
+        if len(rs) < n:
+            groups.setdefault(tuple(rs), []).append(LABELS[k])
     fewer_txt = ""
-    if fewer:
-        groups = {}
-        for k, v in fewer.items():
-            groups.setdefault(tuple(v), []).append(dict((key, lab.strip("*")) for key, lab, _ in HELD)[k])
+    if groups:
         parts = [f"{', '.join(labs)}: seed{'s' * (len(v) > 1)} {', '.join(map(str, v))} only"
                  for v, labs in groups.items()]
         fewer_txt = " (" + "; ".join(parts) + ", to keep the pipeline within 45 minutes)"
@@ -193,7 +193,7 @@ def main() -> None:
             L.append(f"| {lab} | {what} | (missing) | | | | |")
             continue
         ratio = f"{flops[k] / flops['concat']:.2f}x" if "concat" in flops else "-"
-        ms = method_seeds[k]
+        ms = list(by_seed[k])
         which = f" (seed{'s' * (len(ms) > 1)} {', '.join(map(str, ms))})" if len(ms) < n else ""
         L.append(f"| {lab} | {what} | {pm(rouge[k])} | {' / '.join(f'{x:.1f}' for x in rouge[k])}{which} | "
                  f"{pm(em[k])} | {flops[k] / 1e6:.2f} M | {ratio} |")

@@ -32,6 +32,11 @@ from tagi_ds.losses import ce_loss, kl_loss, param_alignment, target_logits
 STAGES = ("teachers", "pretrain", "finetune")
 
 
+def fuses(cfg: TagiConfig) -> bool:
+    """Instruction fusion-in-decoder is on: ``hypernet.fusion`` on a T5 (LLaMA has no encoder to fuse into)."""
+    return cfg.hypernet.fusion and cfg.model.arch == "t5"
+
+
 class TagiModel(nn.Module):
     def __init__(self, cfg: TagiConfig, stage: str, backbone: nn.Module, sites: list[Site], state: AdapterState,
                  generator: Generator | None = None, bank: LoraBank | None = None,
@@ -49,7 +54,7 @@ class TagiModel(nn.Module):
         object.__setattr__(self, "teacher", teacher.pin() if teacher is not None else None)
         self.encoder = InstructionEncoder(backbone, self.arch, state, cfg.hypernet.pooling,
                                           cfg.hypernet.checkpoint_encoder)
-        self.fusion = cfg.hypernet.fusion and cfg.model.arch == "t5" and generator is not None
+        self.fusion = fuses(cfg) and generator is not None
 
     # -- adapters ---------------------------------------------------------------------------------------
     def generate(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor]:
@@ -170,7 +175,7 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
             raise ConfigError("stage teachers needs at least one task (num_bank_rows > 0)")
         bank = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha)
     elif cfg.mode == "tagi":
-        generator = Generator(d_model, sites, cfg.hypernet, fusion=cfg.model.arch == "t5" and cfg.hypernet.fusion)
+        generator = Generator(d_model, sites, cfg.hypernet, fusion=fuses(cfg))
         if with_teacher:
             teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha).requires_grad_(False)
     else:
