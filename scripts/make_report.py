@@ -99,10 +99,43 @@ def stage_seconds(run: Path, seeds: list[int]) -> dict[str, str]:
     return out
 
 
-def reused_stages(run: Path) -> list[str]:
-    """Stages that reproduce.sh skipped because an earlier run had finished them (not in the wall time)."""
+def invocations(run: Path) -> list[dict]:
+    """Each ``reproduce.sh`` invocation in ``reproduce.log`` (a re-run appends to it): the stages it ran, those
+    it reused (done by an earlier invocation or copied in; not in its wall time) and its wall time."""
     log = run / "reproduce.log"
-    return sorted(set(re.findall(r"skip (\S+) \(done\)", log.read_text()))) if log.is_file() else []
+    out: list[dict] = []
+    for line in (log.read_text().splitlines() if log.is_file() else []):
+        if "] reproduce: OUT=" in line or not out:
+            out.append({"ran": [], "reused": [], "wall_s": None, "redo_eval": False})
+        if m := re.search(r"\] (start|skip) (\S+)", line):
+            out[-1]["ran" if m.group(1) == "start" else "reused"].append(m.group(2))
+        elif m := re.search(r"pipeline wall time (\d+)s", line):
+            out[-1]["wall_s"] = float(m.group(1))
+        elif "REDO_EVAL=1" in line:
+            out[-1]["redo_eval"] = True
+    return out
+
+
+def wall_lines(run: Path, wall_s: float | None) -> list[str]:
+    """The report's wall-time bullets: one invocation as one line; a resumed pipeline, one line per invocation."""
+    runs = invocations(run)
+    if runs and runs[-1]["wall_s"] is None:
+        runs[-1]["wall_s"] = wall_s  # the report of the invocation that is finishing now
+    if len(runs) <= 1:
+        if not wall_s:
+            return []
+        reused = sorted(set(runs[0]["reused"])) if runs else []
+        note = f" (stages reused from an earlier run, not included: {', '.join(reused)})" if reused else ""
+        return [f"- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): {wall_s / 60:.1f} min{note}"]
+    lines = [f"- The pipeline ran in {len(runs)} invocations of `bash scripts/reproduce.sh` (each resumes: the "
+             "stages an earlier one finished are reused, and the numbers above come from the latest run of each "
+             "stage):"]
+    for i, r in enumerate(runs, 1):
+        wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "did not finish"
+        why = " with REDO_EVAL=1 (every evaluation re-run with the code of the commit above)" if r["redo_eval"] else ""
+        ran = ", ".join(r["ran"]) or "nothing"
+        lines.append(f"  {i}. {wall}{why}: ran {len(r['ran'])} stage(s) ({ran}); reused {len(set(r['reused']))}")
+    return lines
 
 
 def final_loss(path: Path) -> float | None:
@@ -337,11 +370,7 @@ def main() -> None:
     L += ["Final training loss (mean of the last 20 logged steps; finetuning: mean over seeds): "
           + ", ".join(losses) + ".", ""]
     L += ["## Machine and wall time", "", f"- {machine()}"]
-    if args.wall_s:
-        reused = reused_stages(run)
-        note = f" (stages reused from an earlier run, not included: {', '.join(reused)})" if reused else ""
-        L.append(f"- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): {args.wall_s / 60:.1f} min"
-                 f"{note}")
+    L += wall_lines(run, args.wall_s)
     L += ["", "## Commands", "", "```", "make reproduce        # = bash scripts/reproduce.sh", "```", "",
           "The stage command lines, as `scripts/reproduce.sh` ran them (also in `docs/reproduce_log/commands.txt`; "
           "each run directory's `config.json` holds the resolved config; stage logs and every `results.json` are "

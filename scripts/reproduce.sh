@@ -3,6 +3,7 @@
 #
 #   bash scripts/reproduce.sh                 # full run -> runs/reproduce/, docs/results.md, docs/results.png
 #   OUT=runs/quick SCALE=0.2 EVAL_N=10 SEEDS=0 bash scripts/reproduce.sh   # a smoke of the whole pipeline
+#   REDO_EVAL=1 bash scripts/reproduce.sh     # re-run only the evaluations of runs/reproduce, current code
 #
 # 0. backbone: a small T5 LM-pretrained on the built-in corpus (training tasks + generated text only)
 # 1. teachers: one LoRA per training category, on instruction + input
@@ -77,6 +78,12 @@ pool() {
 }
 
 log "reproduce: OUT=$OUT SCALE=$SCALE SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' backbone $BB_STEPS, teachers $TEACHER_STEPS, pretrain $PRETRAIN_STEPS, finetune $FT_STEPS steps"
+# REDO_EVAL=1: re-run every evaluation (stage 4) of an existing $OUT with the current code (after a change to
+# evaluation or cost accounting), reusing its trained runs; the report lists each invocation.
+if [[ "${REDO_EVAL:-0}" == 1 ]]; then
+  rm -f "$OUT"/ev_*.done
+  log "REDO_EVAL=1: every evaluation re-runs"
+fi
 
 # 0. backbone: alone on the machine, so it gets all JOBS threads
 OMP_NUM_THREADS=$JOBS MKL_NUM_THREADS=$JOBS \

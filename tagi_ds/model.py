@@ -18,6 +18,9 @@ rank calls the same modules in the same order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -94,17 +97,34 @@ class TagiModel(nn.Module):
         """Each example's task instruction states ``[B, Li, d]`` and mask ``[B, Li]`` (T5 fusion), or Nones."""
         if not self.fusion or instr_states is None:
             return None, None
-        if self.generator.marker is not None:
-            instr_states = self.generator.marker(instr_states)
         per_example = batch.task_of_example
-        return instr_states[per_example], batch.instr_attention_mask[per_example]
+        return self._marked(instr_states)[per_example], batch.instr_attention_mask[per_example]
+
+    def _marked(self, instr_states: torch.Tensor) -> torch.Tensor:
+        return self.generator.marker(instr_states) if self.generator.marker is not None else instr_states
+
+    def prefix_cache(self, batch: TaskBatch | None, instr_states: torch.Tensor | None,
+                     adapters: AdapterSet | None) -> Callable[[torch.Tensor], object] | None:
+        """At inference with fusion: a builder of the decoder's cross-attention cache (``arch.cross_cache``)
+        that projects each task's instruction states once instead of once per example. None when
+        autograd is on (training keeps HF's own per-example projection, with its gradients and activation
+        checkpointing) or without fusion. Call it under ``state.use(adapters)``."""
+        if not self.fusion or instr_states is None or torch.is_grad_enabled():
+            return None
+        task_rows = None
+        if adapters is not None:  # the same factors over one row per task
+            rows = torch.arange(batch.num_tasks + 1, device=adapters.example_offsets.device)
+            task_rows = AdapterSet(adapters.factors, rows, adapters.scale, adapters.impl)
+        return partial(self.arch.cross_cache, self.backbone, prefix=self._marked(instr_states),
+                       rows=batch.task_of_example, prefix_scope=lambda: self.state.use(task_rows))
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                adapters: AdapterSet | None, batch: TaskBatch | None = None,
                instr_states: torch.Tensor | None = None) -> torch.Tensor:
         prefix, prefix_mask = self.fusion_prefix(batch, instr_states)
+        cache = self.prefix_cache(batch, instr_states, adapters)
         with self.state.use(adapters):
-            return self.arch.logits(self.backbone, input_ids, attention_mask, labels, prefix, prefix_mask)
+            return self.arch.logits(self.backbone, input_ids, attention_mask, labels, prefix, prefix_mask, cache)
 
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         adapters, instr_states = self.student_adapters(batch)

@@ -69,7 +69,7 @@ def test_bench_inference_cost_smoke(tmp_path):
     for r in rec["rows"]:
         assert r["tagi_flops"] > 0 and r["concat_flops"] > 0 and r["tagi_ms"] > 0 and r["concat_ms"] > 0
         # The counted FLOPs (FlopCounterMode) agree with the planner's formulas at these shapes.
-        assert r["flops_ratio"] == pytest.approx(r["formula_ratio"], rel=0.02)
+        assert r["flops_ratio"] == pytest.approx(r["formula_ratio"], rel=0.01)
     a, b = rec["rows"]
     assert b["flops_ratio"] < a["flops_ratio"] < 1.0  # a longer instruction: TAGI saves more
     assert set(result["analytic"]) == {"t5-base", "t5-xl", "t5-xxl", "llama-7b"}

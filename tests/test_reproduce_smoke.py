@@ -105,3 +105,31 @@ def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
     assert "ft_tagi 110" in md  # per-seed stage times averaged
     assert "1.0 min (stages reused from an earlier run, not included: backbone)" in md
     assert plotted == scores and not (docs / "results.md.tmp").exists()
+
+
+def test_make_report_lists_each_invocation_of_a_resumed_pipeline(tmp_path):
+    """A pipeline re-run with REDO_EVAL=1 (evaluations only): the report gives both wall times and what each ran,
+    never the short re-run's time as the pipeline's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "reproduce.log").write_text(
+        "[15:00:00 +0s] reproduce: OUT=run SCALE=1 SEEDS='0'\n"
+        "[15:00:00 +0s] start backbone\n[15:10:00 +600s] done  backbone (600s)\n"
+        "[15:10:00 +600s] start ft_tagi_s0\n[15:20:00 +1200s] start ev_tagi_s0\n"
+        "[15:40:00 +2334s] pipeline wall time 2334s\n"
+        "[17:00:00 +0s] reproduce: OUT=run SCALE=1 SEEDS='0'\n"
+        "[17:00:00 +0s] REDO_EVAL=1: every evaluation re-runs\n"
+        "[17:00:00 +0s] skip backbone (done)\n[17:00:00 +0s] skip ft_tagi_s0 (done)\n"
+        "[17:00:00 +0s] start ev_tagi_s0\n")
+    mod = _report_script()
+    lines = mod.wall_lines(run, 185.0)  # the second invocation's time, passed by reproduce.sh
+    assert lines[0].startswith("- The pipeline ran in 2 invocations")
+    assert lines[1] == "  1. 38.9 min: ran 3 stage(s) (backbone, ft_tagi_s0, ev_tagi_s0); reused 0"
+    assert lines[2] == ("  2. 3.1 min with REDO_EVAL=1 (every evaluation re-run with the code of the commit above): "
+                        "ran 1 stage(s) (ev_tagi_s0); reused 2")
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "reproduce.log").write_text("[15:00:00 +0s] reproduce: OUT=run\n[15:00:00 +0s] skip backbone (done)\n")
+    assert mod.wall_lines(single, 60.0) == [
+        "- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): 1.0 min "
+        "(stages reused from an earlier run, not included: backbone)"]

@@ -56,6 +56,7 @@ def encode(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: tor
 
 
 def logits(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           labels: torch.Tensor | None = None, prefix=None, prefix_mask=None) -> torch.Tensor:
-    """Logits ``[B, L, V]`` over prompt + target (labels align with input_ids; shifting is the loss's job)."""
+           labels: torch.Tensor | None = None, prefix=None, prefix_mask=None, cache=None) -> torch.Tensor:
+    """Logits ``[B, L, V]`` over prompt + target (labels align with input_ids; shifting is the loss's job).
+    ``prefix``, ``prefix_mask`` and ``cache`` are T5 fusion's: always None here (LLaMA has no encoder)."""
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from tagi_ds.backbones.base import DTYPES, check_attention, check_model_dir
 from tagi_ds.config import ConfigError, ModelConfig
@@ -91,13 +95,46 @@ def fuse(hidden: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None,
             torch.cat([prefix_mask.to(mask.dtype), mask], dim=1))
 
 
+def cross_cache(model: T5ForConditionalGeneration, hidden: torch.Tensor, prefix: torch.Tensor, rows: torch.Tensor,
+                prefix_scope: Callable[[], AbstractContextManager]) -> EncoderDecoderCache:
+    """The decoder's cross-attention keys/values over ``[prefix ; hidden]``, filled in before decoding.
+
+    ``prefix [K, Li, d]`` holds each task's instruction states once; ``rows [B]`` is each example's task.
+    Without this cache the decoder projects the fused states ``[B, Li + L, d]`` of every example, so each
+    task's instruction is projected once per example. Here every layer's k and v project each task's prefix
+    once, under ``prefix_scope()`` (the adapters over the K task rows), and each example's ``hidden [B, L, d]``
+    under the caller's adapters; the prefix's keys/values are then gathered to the examples. An
+    ``EncoderDecoderCache`` whose cross-attention layers are all filled makes HF's T5 reuse them instead of
+    projecting ``encoder_hidden_states``: the logits are those of the uncached path (tested), with
+    ``2 Li N_kv`` instead of ``2 B Li N_kv`` FLOPs for the instruction part.
+    """
+    cross = DynamicCache()
+    prefix = prefix.to(hidden.dtype)
+
+    def heads(x: torch.Tensor, dk: int) -> torch.Tensor:  # [n, S, H * dk] -> [n, H, S, dk]
+        return x.view(x.shape[0], x.shape[1], -1, dk).transpose(1, 2)
+
+    for i, block in enumerate(model.decoder.block):
+        attn = block.layer[1].EncDecAttention
+        dk = attn.key_value_proj_dim
+        with prefix_scope():
+            pk, pv = heads(attn.k(prefix), dk), heads(attn.v(prefix), dk)
+        k = torch.cat([pk[rows], heads(attn.k(hidden), dk)], dim=2)
+        v = torch.cat([pv[rows], heads(attn.v(hidden), dk)], dim=2)
+        cross.update(k, v, i)
+    return EncoderDecoderCache(DynamicCache(), cross)
+
+
 def logits(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           labels: torch.Tensor, prefix: torch.Tensor | None = None,
-           prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+           labels: torch.Tensor, prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
+           cache: Callable[[torch.Tensor], EncoderDecoderCache] | None = None) -> torch.Tensor:
     """Decoder logits ``[B, Lt, V]`` for ``labels``; with ``prefix`` ``[B, Li, d]`` the decoder cross-attends
-    to ``[prefix ; encoder(input)]`` (TAGI's fusion), masked by ``[prefix_mask ; attention_mask]``."""
+    to ``[prefix ; encoder(input)]`` (TAGI's fusion), masked by ``[prefix_mask ; attention_mask]``.
+    ``cache(encoder states) -> EncoderDecoderCache`` (:func:`cross_cache`) supplies those keys/values
+    precomputed, so the decoder projects none of them."""
     hidden, _ = encode(model, input_ids, attention_mask)
+    past = cache(hidden) if cache is not None else None
     hidden, mask = fuse(hidden, attention_mask, prefix, prefix_mask)
     out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=model._shift_right(labels),
-                use_cache=False, return_dict=True)
+                past_key_values=past, use_cache=past is not None, return_dict=True)
     return out.logits

@@ -11,14 +11,16 @@ layers (embedding lookups and attention scores are not counted):
 
 - T5: ``2 N_enc`` per real input token; ``2 N_dec`` per decoder token (generated tokens including eos, or
   the target tokens when scoring), where ``N_dec`` excludes the cross-attention k/v projections, which
-  run once per encoder position the decoder reads: ``2 N_kv`` per input token, plus per instruction token
-  with fusion (the decoder reads [instruction ; input] states).
+  run once per encoder position the decoder reads: ``2 N_kv`` per input token; with fusion (the decoder
+  reads [instruction ; input] states) also ``2 N_kv`` per instruction token, once per task per batch
+  (``TagiModel.prefix_cache`` projects each task's instruction states once, not per example).
 - LLaMA: ``2 N`` per token of prompt + generated tokens (each token once, KV cache).
 - adapters: ``2 r (d_in + d_out)`` per token per adapted projection it passes through.
 - TAGI: each task's instruction is encoded once per batch (``2 N_enc`` / ``2 N_body`` per instruction
-  token) and the generator runs once per task per batch (``2 (S N_trunk + sum_g S_g h (r d_in + d_out r))``);
-  both are shared evenly by that task's examples in the batch. ``concat`` instead pays the instruction's
-  tokens in every example's input, which the per-example token counts already include.
+  token, + its cross-attention k/v with fusion) and the generator runs once per task per batch
+  (``2 (S N_trunk + sum_g S_g h (r d_in + d_out r))``); both are shared evenly by that task's examples in
+  the batch. ``concat`` instead pays the instruction's tokens in every example's input, which the
+  per-example token counts already include.
 
 Wall time is measured around each batch's step; with ``counter`` it includes the counter's Python dispatch
 overhead (about x2 on the tiny CPU models, ``cost.wall_includes_counter`` in results.json): compare wall
@@ -131,12 +133,12 @@ class FlopFormula:
             instr = batch.instr_attention_mask.sum(1).double().cpu()
             rows = (batch.example_offsets[1:] - batch.example_offsets[:-1]).double().cpu().clamp(min=1)
             body = self.n_body if self.causal else self.n_enc
-            per_task = (2 * body * instr + self.generator) / rows
+            prefix_kv = (2 * self.n_kv + r2 * self.lora["mem"]) * instr if self.fusion and not self.causal else 0.0
+            per_task = (2 * body * instr + prefix_kv + self.generator) / rows
         if self.causal:
             tokens = inputs + dec if generated else inputs
             flops = 2 * self.n_dec * tokens + r2 * self.lora["dec"] * tokens
         else:
-            memory = inputs + (instr[task] if self.fusion and tagi else 0.0)
-            flops = (2 * self.n_enc * inputs + 2 * self.n_dec * dec + 2 * self.n_kv * memory
-                     + r2 * (self.lora["enc"] * inputs + self.lora["dec"] * dec + self.lora["mem"] * memory))
+            flops = (2 * self.n_enc * inputs + 2 * self.n_dec * dec + 2 * self.n_kv * inputs
+                     + r2 * (self.lora["enc"] * inputs + self.lora["dec"] * dec + self.lora["mem"] * inputs))
         return (flops + per_task[task]).tolist()

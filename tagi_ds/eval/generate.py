@@ -60,7 +60,9 @@ def generate_tokens(model, batch: TaskBatch, adapters: AdapterSet | None, instr_
 
     T5: the encoder runs once with the adapters; with fusion the decoder cross-attends to
     ``[instruction states ; input states]`` (the same layout as ``TagiModel.logits``), handed to ``generate``
-    as ``encoder_outputs`` with the concatenated mask. LLaMA: ``batch`` holds left-padded prompts.
+    as ``encoder_outputs`` with the concatenated mask, and (under no_grad) with those states' cross-attention
+    keys/values precomputed, each task's instruction projected once (``TagiModel.prefix_cache``).
+    LLaMA: ``batch`` holds left-padded prompts.
     """
     backbone = model.backbone
     with model.state.use(adapters):
@@ -69,9 +71,11 @@ def generate_tokens(model, batch: TaskBatch, adapters: AdapterSet | None, instr_
                                     generation_config=gen, synced_gpus=synced)
             return out[:, batch.input_ids.shape[1]:]
         hidden, _ = model.arch.encode(backbone, batch.input_ids, batch.attention_mask)
+        cache = model.prefix_cache(batch, instr_states, adapters)
+        past = cache(hidden) if cache is not None else None
         hidden, mask = model.arch.fuse(hidden, batch.attention_mask, *model.fusion_prefix(batch, instr_states))
         out = backbone.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
-                                generation_config=gen, synced_gpus=synced)
+                                past_key_values=past, generation_config=gen, synced_gpus=synced)
         return out[:, 1:]  # drop the decoder start token
 
 

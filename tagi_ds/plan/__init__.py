@@ -24,7 +24,7 @@ GPU yet: run ``--measure`` there (one GPU, ``--stage none``) to check.
 
 from tagi_ds.plan.cli import main, parser, render
 from tagi_ds.plan.fit import ESCALATION, fits, max_micro_batch, plan, suggest
-from tagi_ds.plan.flops import adapter_flops, backbone_forward_flops, step_flops, step_time
+from tagi_ds.plan.flops import adapter_flops, backbone_forward_flops, cross_kv_flops, step_flops, step_time
 from tagi_ds.plan.gpu_memory import activations, memory, saved_layer, usable_bytes
 from tagi_ds.plan.inputs import (
     ASSUMED_MFU,
@@ -54,6 +54,7 @@ __all__ = [
     "backbone_forward_flops",
     "build_meta",
     "count",
+    "cross_kv_flops",
     "ds_zero",
     "fits",
     "main",

@@ -52,6 +52,15 @@ def backbone_forward_flops(c: Counts, B: int, L: int, Lt: int, Lx: int | None = 
     return {"linear": lin, "attention": 4 * B * S * S * inner * c.dec_layers}
 
 
+def cross_kv_flops(c: Counts, tokens: int, rank: int = 0) -> int:
+    """T5: forward FLOPs of every decoder layer's cross-attention k and v (+ their rank-``rank`` adapters)
+    over ``tokens`` encoder states; 0 for LLaMA."""
+    if c.arch != "t5":
+        return 0
+    return 2 * tokens * c.dec_layers * _layer_params(c)["dec_kv"] + \
+        adapter_flops(c, 1, 0, 0, tokens, rank, only_stacks=("cross",))
+
+
 def adapter_flops(c: Counts, B: int, L: int, Lt: int, Lx: int, rank: int, only_stacks=None) -> int:
     """Forward FLOPs of one LoRA delta per adapted site: 2 * tokens * r * (d_in + d_out)."""
     total = 0

@@ -56,6 +56,63 @@ def test_fusion_marker_is_added_to_the_instruction_states_and_trained():
     assert off.generator.marker is None  # without fusion there is nothing to mark
 
 
+def _randomised(adapters, seed=3):
+    """The same AdapterSet with every factor random (generated B factors start at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {i: (torch.randn(A.shape, generator=g) * 0.3, torch.randn(B.shape, generator=g) * 0.3)
+               for i, (A, B) in adapters.factors.items()}
+    return type(adapters)(factors, adapters.example_offsets, adapters.scale, adapters.impl)
+
+
+def _cross_kv_tokens(model):
+    """Token rows each decoder layer's cross-attention k and v project, summed (forward hooks)."""
+    seen = {"n": 0}
+    handles = [m.register_forward_hook(lambda mod, args, out: seen.__setitem__("n", seen["n"] + args[0].shape[0]
+                                                                               * args[0].shape[1]))
+               for name, m in model.backbone.named_modules()
+               if (".EncDecAttention.k" in name or ".EncDecAttention.v" in name) and isinstance(m, torch.nn.Linear)]
+    return seen, handles
+
+
+def test_prefix_cache_projects_each_instruction_once_and_changes_no_logit():
+    """At inference with fusion, the decoder's cross-attention keys/values of the instruction states are
+    computed once per task (TagiModel.prefix_cache) instead of once per example: the logits and the greedy
+    tokens equal the uncached path's (autograd on), with the task's adapters on the prefix (cross v is
+    adapted in the tiny recipe), the fusion marker applied, and several tasks of unequal size."""
+    from tagi_ds.eval.generate import generate_tokens, greedy_config
+
+    model = tiny_model("tiny", teacher=False, hypernet={"fusion_marker": True})
+    assert any(s.stack == "cross" and s.kind == "v" for s in model.sites)
+    with torch.no_grad():
+        model.generator.marker.vector.normal_()
+    b = make_batch("t5", counts=(3, 1, 2))
+    adapters, states = model.generate(b)
+    adapters, states = _randomised(adapters), states.detach()
+    seen, handles = _cross_kv_tokens(model)
+    with torch.no_grad():
+        cached = model.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states)
+    n_cached, seen["n"] = seen["n"], 0
+    plain = model.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states)  # autograd on: no cache
+    n_plain = seen["n"]
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(cached, plain.detach(), rtol=1e-5, atol=1e-5)
+    B, L = b.input_ids.shape
+    K, Li = b.instr_input_ids.shape
+    layers = model.backbone.config.num_decoder_layers
+    assert n_plain == 2 * layers * B * (Li + L)
+    assert n_cached == 2 * layers * (K * Li + B * L)
+    with torch.no_grad():
+        assert tiny_model("tiny", hypernet={"fusion": False}).prefix_cache(b, states, adapters) is None
+
+    gen = greedy_config(6, eos_id=1, pad_id=0, decoder_start_id=0)
+    with torch.no_grad():
+        fast = generate_tokens(model, b, adapters, states, gen)
+    with torch.enable_grad():
+        slow = generate_tokens(model, b, adapters, states, gen)
+    assert torch.equal(fast, slow)
+
+
 def test_llama_init_output_equals_frozen_backbone_exactly():
     model = tiny_model("tiny-llama")
     ref = fresh_backbone("tiny-llama")

@@ -119,7 +119,8 @@ def test_tagi_costs_less_than_concat_and_the_formula_agrees_with_the_counter():
         lengths = torch.tensor([min(len(r) + 1, out["tokens"].shape[1]) for r in cut_at_eos(out["tokens"], 1)])
         formula = sum(FlopFormula(model, model.cfg.hypernet.rank).per_example(
             batch, lengths, mode == "tagi", generated=True)) / len(batch.example_ids)
-        # the formula leaves out attention scores, padding and the decoder's first-step extras: same ballpark
-        assert 0.5 < formula / counter < 1.5, (mode, formula, counter)
+        # the formula leaves out attention scores, padding and the decoder's first-step extras (seen: tagi 0.96,
+        # concat 0.99 of the counter; the old formula, the instruction's cross k/v per example, gave tagi 1.31)
+        assert 0.85 < formula / counter < 1.15, (mode, formula, counter)
         per_example[mode] = counter
     assert per_example["tagi"] < per_example["concat"]
