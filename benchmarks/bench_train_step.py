@@ -3,15 +3,21 @@ gradient checkpointing on/off. Reports tokens/s, achieved TFLOP/s per GPU, MFU a
 
 Cases (random-init backbones of the recipe's shape; ``--set`` overrides any size, e.g. model.num_layers=4):
   tagi     TagiModel finetune, mode tagi, with a teacher bank (KL + param-MSE run): the step being measured
+  tagi_nokl  the same without the teacher terms (loss.kl_weight=0, loss.param_weight=0): instruction encoding,
+           generator and the generated adapters only (the teacher forward on instruction + input is most of
+           a TAGI step's FLOPs at long instructions)
   lora     the plain single-LoRA step: mode no_instruction (one shared LoRA bank row, input only, CE)
   concat   the concat baseline: one shared LoRA, instruction + input, CE
   peft     peft's LoraModel on the same backbone, input only, CE (a cross-check of ``lora``)
 Engines: torch (one process, no DeepSpeed, AdamW), z2 / z3 (ds_configs/z2.json, z3.json), z3+offload_opt
 (optimizer state on the CPU), z3+offload (ds_configs/z3_offload.json: parameters too). DeepSpeed runs in this
 process as a single rank (gloo on CPU); a case that cannot run here is listed as skipped with the reason.
-Table 1: the four cases on the default engine (z3 when DeepSpeed can start, else torch); table 2: tagi on
+Table 1: every case on the default engine (z3 when DeepSpeed can start, else torch); table 2: tagi on
 every engine; table 3: tagi and lora with gradient checkpointing (model.gradient_checkpointing) on. Ratios
-are against the lora case on the default engine without checkpointing, measured in the same run.
+are against the lora case on the default engine without checkpointing, measured in the same run: "x lora"
+(tokens/s, so < 1 is slower), "FLOPs x lora" (model FLOPs per step: the extra work a case does by design) and
+"s/FLOP x lora" (step time per model FLOP: > 1 means each FLOP costs more than in the plain LoRA step, the
+implementation's overhead rather than the method's extra work).
 
 Tokens per step = B x (input + target tokens) for every case (concat's instruction tokens are cost, not
 throughput). FLOPs per step (tagi_ds.plan.step_flops; checked against torch's FlopCounterMode in the tests):
@@ -52,9 +58,10 @@ from tagi_ds import plan  # noqa: E402
 from tagi_ds.config import TagiConfig, apply_overrides  # noqa: E402
 from tagi_ds.recipes import get_recipe  # noqa: E402
 
-VARIANTS = ("tagi", "lora", "concat", "peft")
+VARIANTS = ("tagi", "tagi_nokl", "lora", "concat", "peft")
 ENGINES = ("torch", "z2", "z3", "z3+offload_opt", "z3+offload")
-MODES = {"tagi": "tagi", "lora": "no_instruction", "concat": "concat", "peft": "no_instruction"}
+MODES = {"tagi": "tagi", "tagi_nokl": "tagi", "lora": "no_instruction", "concat": "concat", "peft": "no_instruction"}
+FLOP_VARIANT = {"tagi_nokl": "tagi", "peft": "lora"}  # the tagi_ds.plan.step_flops variant of each case
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # bf16 dense tensor-core peaks (datasheets)
 
 
@@ -204,7 +211,8 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
     s = shapes_for(args, cfg)
     row = {"variant": variant, "engine": engine, "checkpointing": checkpointing, "status": "ok"}
     counts = plan.count(cfg, args.teacher_rows)
-    flops = plan.step_flops(counts, s, "lora" if variant == "peft" else variant, checkpointing, kl=variant == "tagi")
+    teacher = variant == "tagi"
+    flops = plan.step_flops(counts, s, FLOP_VARIANT.get(variant, variant), checkpointing, kl=teacher, param_mse=teacher)
     row.update(model_flops=flops["model"], hardware_flops=flops["hardware"])
     gpu = torch.cuda.is_available()
     common.release_memory()
@@ -218,7 +226,7 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
     try:
         model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks))
         batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
-                                     teacher=variant == "tagi", seed=args.seed)
+                                     teacher=teacher, seed=args.seed)
         batch = batch.to("cuda" if gpu else "cpu")
         for _ in range(args.warmup):
             step(batch)
@@ -278,9 +286,12 @@ def bench_recipe(args, recipe: str, default_engine: str) -> dict:
     base = next((r for r in rows if r["variant"] == "lora" and r["engine"] == default_engine
                  and not r["checkpointing"] and r["status"] == "ok"), None)
     for r in rows:
-        for key, ratio in (("tokens_per_s", "speed_vs_lora"), ("peak_bytes", "memory_vs_lora")):
+        for key, ratio in (("tokens_per_s", "speed_vs_lora"), ("peak_bytes", "memory_vs_lora"),
+                           ("model_flops", "flops_vs_lora")):
             ok = base is not None and r["status"] == "ok" and base[key]
             r[ratio] = r[key] / base[key] if ok else None
+        ok = r["flops_vs_lora"] is not None and r["speed_vs_lora"]
+        r["time_per_flop_vs_lora"] = 1.0 / r["speed_vs_lora"] / r["flops_vs_lora"] if ok else None
     return {"recipe": recipe, "overrides": args.overrides, "shapes": vars(s), "default_engine": default_engine,
             "params": {"backbone": counts.backbone, "generator": counts.generator, "teacher_bank": counts.teacher,
                        "sites": len(counts.sites)}, "rows": rows}
@@ -329,7 +340,8 @@ def to_markdown(result: dict) -> str:
                   f"params, generator {rec['params']['generator']:,}, teacher bank {rec['params']['teacher_bank']:,}"
                   f"; default engine {rec['default_engine']}; ratios vs lora on {rec['default_engine']}", ""]
         mem = "peak RSS Δ" if cpu else "peak alloc"
-        head = f"| case | engine | ckpt | step ms | tokens/s | x lora | TFLOP/s | hw TFLOP/s | MFU | {mem} | x lora |"
+        head = (f"| case | engine | ckpt | step ms | tokens/s | x lora | FLOPs x lora | s/FLOP x lora | TFLOP/s "
+                f"| hw TFLOP/s | MFU | {mem} | x lora |")
         if cpu:
             head += " tracked peak |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -341,7 +353,8 @@ def to_markdown(result: dict) -> str:
                 continue
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             cells = [r["variant"], r["engine"], ck, f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
-                     _ratio(r, "speed_vs_lora"), f"{r['tflops']:.3g}", f"{r['hw_tflops']:.3g}", mfu,
+                     _ratio(r, "speed_vs_lora"), _ratio(r, "flops_vs_lora"), _ratio(r, "time_per_flop_vs_lora"),
+                     f"{r['tflops']:.3g}", f"{r['hw_tflops']:.3g}", mfu,
                      common.fmt_bytes(r["peak_bytes"]), _ratio(r, "memory_vs_lora")]
             if cpu:
                 cells.append(common.fmt_bytes(r.get("tracked_bytes")))

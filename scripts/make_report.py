@@ -133,9 +133,18 @@ def wall_lines(run: Path, wall_s: float | None) -> list[str]:
     for i, r in enumerate(runs, 1):
         wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "did not finish"
         why = " with REDO_EVAL=1 (every evaluation re-run with the code of the commit above)" if r["redo_eval"] else ""
-        ran = ", ".join(r["ran"]) or "nothing"
-        lines.append(f"  {i}. {wall}{why}: ran {len(r['ran'])} stage(s) ({ran}); reused {len(set(r['reused']))}")
+        reused = sorted(set(r["reused"]), key=r["reused"].index)
+        lines.append(f"  {i}. {wall}{why}: ran {_stages(r['ran'])}; reused {_stages(reused)}")
     return lines
+
+
+def _stages(names: list[str]) -> str:
+    """``3 stages (backbone, teachers, ft_tagi_s0)``, or by kind when there are many."""
+    if len(names) <= 6:
+        return f"{len(names)} stage(s)" + (f" ({', '.join(names)})" if names else "")
+    ft, ev = sum(n.startswith("ft_") for n in names), sum(n.startswith("ev_") for n in names)
+    kinds = {"setup": len(names) - ft - ev, "finetuning": ft, "evaluation": ev}
+    return f"{len(names)} stages (" + ", ".join(f"{v} {k}" for k, v in kinds.items() if v) + ")"
 
 
 def final_loss(path: Path) -> float | None:

@@ -39,7 +39,7 @@ def test_bench_train_step_smoke(tmp_path):
     (rec,) = result["recipes"]
     rows = {(r["variant"], r["engine"], r["checkpointing"]): r for r in rec["rows"]}
     engine = rec["default_engine"]
-    for variant in ("tagi", "lora", "concat", "peft"):
+    for variant in ("tagi", "tagi_nokl", "lora", "concat", "peft"):
         assert (variant, engine, False) in rows
     for e in ("torch", "z2", "z3", "z3+offload_opt", "z3+offload"):
         assert ("tagi", e, False) in rows or any(e in s for s in result["skipped_engines"])
@@ -52,8 +52,14 @@ def test_bench_train_step_smoke(tmp_path):
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["peak_bytes"] >= 0 and r["tracked_bytes"] > 0
         assert r["tflops"] == pytest.approx(r["model_flops"] / (r["step_ms"] / 1e3) / 1e12)
     lora, tagi = rows[("lora", engine, False)], rows[("tagi", engine, False)]
-    assert lora["speed_vs_lora"] == 1.0
-    assert tagi["model_flops"] > lora["model_flops"]  # teacher forward, instruction encoding, generator
+    nokl = rows[("tagi_nokl", engine, False)]
+    assert lora["speed_vs_lora"] == 1.0 and lora["flops_vs_lora"] == 1.0 and lora["time_per_flop_vs_lora"] == 1.0
+    assert tagi["model_flops"] > nokl["model_flops"] > lora["model_flops"]  # teacher forward; instruction, generator
+    for r in (tagi, nokl):
+        assert r["status"] == "ok", r
+        assert r["flops_vs_lora"] == pytest.approx(r["model_flops"] / lora["model_flops"])
+        assert r["time_per_flop_vs_lora"] == pytest.approx((r["step_ms"] / lora["step_ms"]) / r["flops_vs_lora"])
+    assert "FLOPs x lora" in md and "s/FLOP x lora" in md
     if result["device_kind"] == "cpu":
         assert "CPU" in md.splitlines()[0] and "CPU results" in md and "RSS" in md
         assert result["peak_tflops"] is None and tagi["mfu"] is None

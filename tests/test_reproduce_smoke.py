@@ -120,13 +120,13 @@ def test_make_report_lists_each_invocation_of_a_resumed_pipeline(tmp_path):
         "[17:00:00 +0s] reproduce: OUT=run SCALE=1 SEEDS='0'\n"
         "[17:00:00 +0s] REDO_EVAL=1: every evaluation re-runs\n"
         "[17:00:00 +0s] skip backbone (done)\n[17:00:00 +0s] skip ft_tagi_s0 (done)\n"
-        "[17:00:00 +0s] start ev_tagi_s0\n")
+        "[17:00:00 +0s] start ev_tagi_s0\n" + "".join(f"[17:00:01 +1s] start ev_x_s{i}\n" for i in range(6)))
     mod = _report_script()
     lines = mod.wall_lines(run, 185.0)  # the second invocation's time, passed by reproduce.sh
     assert lines[0].startswith("- The pipeline ran in 2 invocations")
-    assert lines[1] == "  1. 38.9 min: ran 3 stage(s) (backbone, ft_tagi_s0, ev_tagi_s0); reused 0"
+    assert lines[1] == "  1. 38.9 min: ran 3 stage(s) (backbone, ft_tagi_s0, ev_tagi_s0); reused 0 stage(s)"
     assert lines[2] == ("  2. 3.1 min with REDO_EVAL=1 (every evaluation re-run with the code of the commit above): "
-                        "ran 1 stage(s) (ev_tagi_s0); reused 2")
+                        "ran 7 stages (7 evaluation); reused 2 stage(s) (backbone, ft_tagi_s0)")
     single = tmp_path / "single"
     single.mkdir()
     (single / "reproduce.log").write_text("[15:00:00 +0s] reproduce: OUT=run\n[15:00:00 +0s] skip backbone (done)\n")
