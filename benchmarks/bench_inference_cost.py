@@ -19,7 +19,7 @@ without running them: model arithmetic, not measurements.
 
     python benchmarks/bench_inference_cost.py                     # GPU: t5-xl t5-xxl llama-7b; CPU: tiny tiny-llama
     python benchmarks/bench_inference_cost.py --smoke --out_dir /tmp/r
-Results: <out_dir>/<device-slug>_<YYYY-MM-DD>_inference_cost.{json,md}.
+Results: <out_dir>/<device-slug>_<YYYY-MM-DD>_inference_cost[_<tag>].{json,md}.
 """
 
 from __future__ import annotations
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                    args.examples, args.batch_size)}
                                         for n in args.instr_lens]
     table = to_markdown(result)
-    print(table)
-    if not args.no_save:
-        common.save_results(args.out_dir, "inference_cost", result, table)
+    common.emit(args, "inference_cost", result, table)
     return result
 
 

@@ -12,7 +12,7 @@ GPU (default grid: d in {2048, 4096, 8192}, r in {8, 16, 32, 64}, 8192 tokens, t
 Timing: triton.testing.do_bench median (CUDA events). CPU: time.perf_counter median; ``--smoke`` runs a tiny
 grid, case 4 only when TRITON_INTERPRET=1 is set (interpreter timings check the harness, not the kernel):
     TRITON_INTERPRET=1 python benchmarks/bench_lora_kernel.py --smoke
-Results go to <out_dir>/<device-slug>_<YYYY-MM-DD>_lora_kernel.{json,md}. Needs ``pip install -e . --no-deps``.
+Results go to <out_dir>/<device-slug>_<YYYY-MM-DD>_lora_kernel[_<tag>].{json,md}. Needs ``pip install -e . --no-deps``.
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; 1 with --smoke)")
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--no_save", action="store_true", help="print the table only")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     grid = SMOKE if args.smoke else FULL
     for key in ("d", "r", "tasks", "tokens", "reps"):
@@ -217,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     table = to_markdown(result)
-    print(table)
-    if not args.no_save:
-        common.save_results(args.out_dir, "lora_kernel", result, table, device=args.device)
+    common.emit(args, "lora_kernel", result, table, device=args.device)
     return result
 
 

@@ -34,7 +34,7 @@ the process RSS high-water mark above the RSS before the case (sampled, psutil),
     python benchmarks/bench_train_step.py                         # GPU: t5-xl t5-xxl llama-7b; CPU: tiny tiny-llama
     python benchmarks/bench_train_step.py --recipe t5-xl --micro_batch 8 --seq_len 512
     python benchmarks/bench_train_step.py --smoke --out_dir /tmp/r  # CPU harness check, tiny shapes
-Results: <out_dir>/<device-slug>_<YYYY-MM-DD>_train_step.{json,md}.
+Results: <out_dir>/<device-slug>_<YYYY-MM-DD>_train_step[_<tag>].{json,md}.
 """
 
 from __future__ import annotations
@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: known GPUs; none on CPU)")
     common.add_run_args(p)
     a, gpu = common.parse_run_args(p, argv)
+    for key in ("micro_batch", "tasks", "seq_len", "target_len", "instr_len", "steps", "teacher_rows"):
+        v = getattr(a, key)
+        if v is not None and v <= 0:
+            p.error(f"--{key} must be > 0, got {v}")
+    if a.warmup is not None and a.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {a.warmup}")
     if a.smoke:
         a.micro_batch, a.seq_len, a.target_len, a.instr_len = a.micro_batch or 4, a.seq_len or 32, \
             a.target_len or 8, a.instr_len or 32
@@ -90,10 +96,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.micro_batch = a.micro_batch or (4 if gpu else 8)
     a.steps = a.steps or (10 if gpu else 3)
     a.warmup = a.warmup if a.warmup is not None else (3 if gpu else 1)
-    for key in ("micro_batch", "tasks", "seq_len", "target_len", "instr_len", "steps", "teacher_rows"):
-        v = getattr(a, key)
-        if v is not None and v <= 0:
-            p.error(f"--{key} must be > 0, got {v}")
     if a.tasks > a.micro_batch:
         p.error(f"--tasks {a.tasks} > --micro_batch {a.micro_batch}: every task needs an example")
     if a.peak_tflops is None and gpu:
@@ -389,9 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = to_markdown(result)
     if skipped_engines:
         table += "\n" + "\n".join(f"- skipped {s}" for s in skipped_engines) + "\n"
-    print(table)
-    if not args.no_save:
-        common.save_results(args.out_dir, "train_step", result, table, default=_json)
+    common.emit(args, "train_step", result, table, default=_json)
     return result
 
 

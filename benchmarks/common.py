@@ -94,11 +94,38 @@ THREADS_HELP = ("CPU intra-op threads (default 1: on a shared host, a deschedule
 
 
 def add_run_args(p, out_dir: Path | None = None) -> None:
-    """Flags every benchmark has: --threads --seed --out_dir --no_save."""
+    """Flags every benchmark has: --threads --seed --out_dir --tag --no_save."""
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--seed", type=int, default=0, help="random seed for inputs and weights")
+    add_output_args(p, out_dir)
+
+
+def add_output_args(p, out_dir: Path | None = None) -> None:
+    """--out_dir --tag --no_save."""
     p.add_argument("--out_dir", type=Path, default=out_dir or RESULTS, help="where results files go")
+    p.add_argument("--tag", type=_tag, help="appended to the results file name (<device>_<date>_<name>_<tag>), so "
+                   "that runs of one day split across calls (one recipe each) keep separate files")
     p.add_argument("--no_save", action="store_true", help="print the table only")
+
+
+def _tag(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.-]+", text):
+        raise ValueError(text)  # argparse: "invalid _tag value"
+    return text
+
+
+_tag.__name__ = "tag"  # argparse's message: "invalid tag value: 'x y'"
+
+
+def result_name(name: str, tag: str | None) -> str:
+    return f"{name}_{tag}" if tag else name
+
+
+def emit(args, name: str, result: dict, table: str, **save_kw) -> None:
+    """Print the table; unless ``--no_save``, write ``<device>_<date>_<name>[_<tag>].{json,md}``."""
+    print(table)
+    if not args.no_save:
+        save_results(args.out_dir, result_name(name, args.tag), result, table, **save_kw)
 
 
 GPU_RECIPES = ["t5-xl", "t5-xxl", "llama-7b"]  # the paper-scale shapes a GPU run measures by default

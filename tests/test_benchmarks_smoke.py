@@ -1,4 +1,5 @@
-"""The train-step and inference-cost benchmarks run end to end at tiny shapes and write their result files."""
+"""The train-step, inference-cost and plan-memory benchmarks run end to end at tiny shapes and write their result
+files."""
 
 from __future__ import annotations
 
@@ -81,3 +82,27 @@ def test_bench_inference_cost_smoke(tmp_path):
     assert set(result["analytic"]) == {"t5-base", "t5-xl", "t5-xxl", "llama-7b"}
     if result["device_kind"] == "cpu":
         assert "CPU" in md.splitlines()[0] and "analytic" in md
+
+
+def test_bench_plan_memory_smoke(tmp_path):
+    proc = run_bench("bench_plan_memory.py", tmp_path)
+    result, md = written(tmp_path, "plan_memory")
+    assert result["benchmark"] == "plan_memory" and result["smoke"] is True
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["recipe"] == "tiny" and not row["checkpointing"]
+    assert row["ratio"] == pytest.approx(row["predicted"]["total"] / row["measured"]["peak"])
+    assert 0.9 <= row["ratio"] <= 1.1  # the planner's target, here at smoke shapes
+    lines = md.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| recipe |"))
+    assert lines[at].count("|") == lines[at + 1].count("|") == lines[at + 2].count("|")
+    assert md.splitlines()[-1] in proc.stdout
+
+
+@pytest.mark.parametrize("script, flag", [("bench_train_step", "--micro_batch"), ("bench_train_step", "--steps"),
+                                          ("bench_plan_memory", "--micro_batch"), ("bench_plan_memory", "--seq_len")])
+def test_zero_sizes_are_refused_even_with_smoke_defaults(script, flag, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    mod = __import__(script)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--smoke", flag, "0"])
+    assert f"{flag} must be > 0, got 0" in capsys.readouterr().err
