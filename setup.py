@@ -16,7 +16,7 @@ setup(
     install_requires=[
         "torch>=2.4",  # install torch first (CPU: torch==2.13.0) so this pulls nothing
         "deepspeed>=0.16",
-        "transformers>=4.46",
+        "transformers>=5.0",  # 5.x APIs (dtype=, Cache.layers, EncoderDecoderCache); tested with 5.23
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "rich>=13",
