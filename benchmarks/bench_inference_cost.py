@@ -172,14 +172,13 @@ def analytic(cfg: TagiConfig, instr_len: int, L: int, Lt: int, n: int, batch_siz
 
 
 def to_markdown(result: dict) -> str:
-    cpu = result["device_kind"] == "cpu"
     a = result["args"]
-    lines = [f"# Inference cost of one task — {result['device_label']} — {result['date']}", ""]
-    if cpu:
-        lines += ["**CPU results** at tiny shapes: counted FLOPs are exact for these shapes; wall times are CPU "
-                  f"times ({common.threads_text()}, host load average {result['host_load_start']} at "
-                  f"the start, {result['host_load_end']} at the end: a shared host) and only compare the two "
-                  f"variants on this machine (interleaved repetitions, best of {a['reps']}).", ""]
+    lines = common.md_head(
+        "Inference cost of one task", result,
+        "**CPU results** at tiny shapes: counted FLOPs are exact for these shapes; wall times are CPU "
+        f"times ({common.threads_text()}, host load average {result['host_load_start']} at "
+        f"the start, {result['host_load_end']} at the end: a shared host) and only compare the two "
+        f"variants on this machine (interleaved repetitions, best of {a['reps']}).")
     lines += [f"{a['examples']} examples, input {a['input_len']} tokens, output {a['output_len']} tokens "
               f"(teacher-forced), batch {a['batch_size']}; tagi = instruction encoded once + generated adapters, "
               "inputs without the instruction (T5: decoder cross-attends to the instruction states); concat = "

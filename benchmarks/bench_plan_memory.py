@@ -95,15 +95,13 @@ def run_case(args, recipe: str, checkpointing: bool) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    cpu = result["device_kind"] == "cpu"
-    lines = [f"# Memory planner vs a measured step — {result['device_label']} — {result['date']}", ""]
-    if cpu:
-        lines += ["**CPU results**: the measured peak is the tracked tensor peak (live tensor storages + the "
-                  "step's high-water mark), the planner's own definition; at tiny shapes these check the "
-                  "planner's formulas, not a GPU's allocator.", ""]
-    else:
-        lines += ["Measured: torch.cuda.max_memory_allocated over one training step after a warm-up step "
-                  "(optimizer state allocated), one process, no DeepSpeed (`--stage none`).", ""]
+    lines = common.md_head(
+        "Memory planner vs a measured step", result,
+        "**CPU results**: the measured peak is the tracked tensor peak (live tensor storages + the step's "
+        "high-water mark), the planner's own definition; at tiny shapes these check the planner's formulas, "
+        "not a GPU's allocator.",
+        "Measured: torch.cuda.max_memory_allocated over one training step after a warm-up step (optimizer "
+        "state allocated), one process, no DeepSpeed (`--stage none`).")
     v = result["versions"]
     lines += [f"torch {v['torch']}, transformers {v['transformers']}; planner checks against "
               f"{result['gpu_mem_gb']:.1f} GiB; ratio = predicted / measured (target: within 10%)", "",

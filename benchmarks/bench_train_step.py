@@ -322,14 +322,14 @@ def _ratio(row: dict, key: str) -> str:
 
 def to_markdown(result: dict) -> str:
     cpu = result["device_kind"] == "cpu"
-    lines = [f"# Train step (stage 2) — {result['device_label']} — {result['date']}", ""]
-    if cpu:
-        lines += ["**CPU results**: tiny shapes on a CPU check the harness and compare variants relative to each "
-                  "other; they are not GPU numbers. Memory: RSS high-water delta (sampled) and the tracked tensor "
-                  "peak (planner definition). DeepSpeed engines allocate their reduce bucket (z2: and all-gather "
-                  "bucket) up front, 5e7 elements each (ds_configs): in the tracked peak, mostly never resident in "
-                  f"RSS. {common.threads_text()}; host load average {result['host_load_start']} at "
-                  f"the start, {result['host_load_end']} at the end (a shared host: timings are noisy).", ""]
+    lines = common.md_head(
+        "Train step (stage 2)", result,
+        "**CPU results**: tiny shapes on a CPU check the harness and compare variants relative to each "
+        "other; they are not GPU numbers. Memory: RSS high-water delta (sampled) and the tracked tensor "
+        "peak (planner definition). DeepSpeed engines allocate their reduce bucket (z2: and all-gather "
+        "bucket) up front, 5e7 elements each (ds_configs): in the tracked peak, mostly never resident in "
+        f"RSS. {common.threads_text()}; host load average {result['host_load_start']} at "
+        f"the start, {result['host_load_end']} at the end (a shared host: timings are noisy).")
     v = result["versions"]
     lines += [f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}, peft {v['peft']}; "
               f"{result['steps']} timed steps ({common.timing_stat()}) after {result['warmup']} warm-up; peak for MFU: "

@@ -121,6 +121,13 @@ def result_name(name: str, tag: str | None) -> str:
     return f"{name}_{tag}" if tag else name
 
 
+def md_head(title: str, result: dict, cpu_note: str, gpu_note: str | None = None) -> list[str]:
+    """A results table's first lines: ``# <title> — <device> — <date>``, then the CPU caveat on a CPU (or
+    ``gpu_note`` on a GPU)."""
+    note = cpu_note if result["device_kind"] == "cpu" else gpu_note
+    return [f"# {title} — {result['device_label']} — {result['date']}", ""] + ([note, ""] if note else [])
+
+
 def emit(args, name: str, result: dict, table: str, **save_kw) -> None:
     """Print the table; unless ``--no_save``, write ``<device>_<date>_<name>[_<tag>].{json,md}``."""
     print(table)
