@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 import time
 import warnings
@@ -165,7 +166,8 @@ def analytic(cfg: TagiConfig, instr_len: int, L: int, Lt: int, n: int, batch_siz
     tagi = enc["linear"] + enc["attention"] + per_task + ex["linear"] + ex["attention"] + \
         plan.adapter_flops(c, n, L, Lt, Lx, c.rank)
     if fused:  # the instruction's cross-attention k/v (+ their adapters) run once per batch, not per example
-        tagi -= (n - -(-n // batch_size)) * plan.cross_kv_flops(c, instr_len, c.rank)
+        batches = math.ceil(n / batch_size)
+        tagi -= (n - batches) * plan.cross_kv_flops(c, instr_len, c.rank)
     cc = plan.backbone_forward_flops(c, n, instr_len + L, Lt)
     concat = cc["linear"] + cc["attention"] + plan.adapter_flops(c, n, instr_len + L, Lt, instr_len + L, c.rank)
     return {"tagi_flops": tagi, "concat_flops": concat, "ratio": tagi / concat}
