@@ -9,9 +9,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ is imported as tagi_kernels: a top-level "kernels" would shadow the PyPI package of that name.
+    # kernels/ is a plain folder (no __init__.py) holding the package tagi_kernels: a regular package named
+    # "kernels" would shadow Hugging Face's `kernels` (which transformers imports) whenever the repository
+    # root is on sys.path; a namespace portion never wins over an installed regular package.
     packages=find_packages(include=["tagi_ds", "tagi_ds.*"]) + ["tagi_kernels"],
-    package_dir={"tagi_kernels": "kernels"},
+    package_dir={"tagi_kernels": "kernels/tagi_kernels"},
     package_data={"tagi_ds": ["assets/*"]},
     install_requires=[
         "torch>=2.4",  # install torch first (CPU: torch==2.13.0) so this pulls nothing
@@ -27,7 +29,7 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "pytest-timeout", "peft>=0.13", "rouge-score>=0.1.2", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "peft>=0.13", "rouge-score>=0.1.2", "ruff", "kernels"],
         "plot": ["matplotlib"],
     },
 )

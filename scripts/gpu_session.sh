@@ -71,7 +71,7 @@ setup() {
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl \
       || { echo "error: installing $WHEELS/*.whl failed (they are built for CPython 3.12 x86-64)"; exit 2; }
   fi
-  ln -sfn "$PWD/kernels" "$site/tagi_kernels"  # what `pip install -e .` maps kernels/ to
+  ln -sfn "$PWD/kernels/tagi_kernels" "$site/tagi_kernels"  # what `pip install -e .` maps kernels/ to
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   unset TRITON_INTERPRET
   $PY - <<'EOF' 2>&1 | tee "$OUT/versions.txt"
