@@ -13,8 +13,9 @@ OUT=${OUT:-runs/quickstart}
 NP=${NP:-2}
 STEPS=${STEPS:-60}
 DS=${DS:-ds_configs/z3.json}
-if command -v deepspeed >/dev/null 2>&1; then LAUNCH=(deepspeed); else LAUNCH=(python -m deepspeed.launcher.runner); fi
-run() { echo "+ deepspeed --num_gpus $NP $*"; "${LAUNCH[@]}" --num_gpus "$NP" "$@"; }
+# tagi_ds.launch is the deepspeed launcher on a free port (or $MASTER_PORT), so that this run never collides
+# with another DeepSpeed job on the machine; it prints the port it uses.
+run() { echo "+ deepspeed --num_gpus $NP $*"; python -m tagi_ds.launch --num_gpus "$NP" "$@"; }
 common=(--deepspeed "$DS" --max_steps "$STEPS")
 evalset=(--deepspeed "$DS" --max_new_tokens 32 --set data.max_instances_per_task=20)
 

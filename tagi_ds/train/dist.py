@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tagi_ds.launch import free_port
+
 # A collective that waits longer than this means a peer died; the deepspeed launcher then tears the job
 # down, but a bounded timeout guarantees no rank hangs forever on its own.
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("TAGI_COLLECTIVE_TIMEOUT_S", "60")))
@@ -21,7 +23,7 @@ def init(backend: str | None = None) -> None:
         return
     if "WORLD_SIZE" not in os.environ:  # plain `python launchers/x.py`: a world of one
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+                           "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())})
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
@@ -48,14 +50,6 @@ def _unlink_shm_allreduce_buffer() -> None:
         dist.barrier()
     with contextlib.suppress(FileNotFoundError):
         shm_allreduce_buffer(dist.get_rank()).unlink()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank() -> int:

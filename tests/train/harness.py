@@ -2,20 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from tagi_ds.launch import free_port  # noqa: F401  (re-exported for the tests that pass ports themselves)
+
 REPO = Path(__file__).resolve().parents[2]
 Z3 = json.loads((REPO / "ds_configs" / "z3.json").read_text())
 TINY = ["--set", "data.tasks_per_batch=2", "data.examples_per_task=2", "train.log_steps=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def partitioned_z3(tmp: Path) -> str:
@@ -30,21 +25,24 @@ def partitioned_z3(tmp: Path) -> str:
 def env() -> dict:
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)
+    e.pop("MASTER_PORT", None)  # tagi_ds.launch picks a free port per launch
     e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     return e
 
 
+def command(script: str, nprocs: int, args: list[str]) -> list[str]:
+    """The deepspeed launcher through tagi_ds.launch, which picks a free port (as the quickstart does)."""
+    return [sys.executable, "-m", "tagi_ds.launch", "--num_gpus", str(nprocs), str(REPO / "launchers" / script), *args]
+
+
 def launch(script: str, nprocs: int, args: list[str], timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-           "--master_port", str(free_port()), str(REPO / "launchers" / script), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(command(script, nprocs, args), cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout, **kw)
 
 
 def popen(script: str, nprocs: int, args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-           "--master_port", str(free_port()), str(REPO / "launchers" / script), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(command(script, nprocs, args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def metrics(out: Path) -> list[dict]:

@@ -1,0 +1,40 @@
+"""Jobs never collide on a rendezvous port: tagi_ds.launch picks a free one unless the user gives one."""
+
+from __future__ import annotations
+
+import re
+
+from tagi_ds.launch import runner_argv
+from tests.train.harness import TINY, metrics, popen
+
+SCRIPT = ["--num_gpus", "2", "launchers/pretrain.py", "--master_port", "7"]  # the script's own flag stays its own
+
+
+def test_a_given_port_wins_then_master_port_then_a_free_one():
+    argv, source = runner_argv(["--master_port", "1234", *SCRIPT], {"MASTER_PORT": "999"})
+    assert source == "--master_port" and argv.count("--master_port") == 2 and "999" not in argv
+    argv, source = runner_argv(["--master_port=1234", *SCRIPT], {})
+    assert source == "--master_port" and argv[:2] == ["--log_level", "error"]
+    argv, source = runner_argv(SCRIPT, {"MASTER_PORT": "29555"})
+    assert source == "MASTER_PORT" and argv[:2] == ["--master_port", "29555"] and argv[-len(SCRIPT):] == SCRIPT
+    argv, source = runner_argv(SCRIPT, {"MASTER_PORT": ""})
+    assert source == "free" and argv[0] == "--master_port" and 0 < int(argv[1]) < 65536 and argv[1] != "29500"
+
+
+def test_the_runner_log_level_is_quiet_unless_asked():
+    assert runner_argv(["--log_level", "info", *SCRIPT], {})[0].count("--log_level") == 1
+    assert "--log_level" not in runner_argv(["--quiet", *SCRIPT], {})[0]
+
+
+def test_two_two_rank_runs_started_at_once_without_ports_both_finish(tmp_path):
+    """The quickstart's failure mode (EADDRINUSE on 29500 when another DeepSpeed job runs), reproduced with two
+    real 2-rank jobs started together, neither given a port."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    procs = [popen("pretrain.py", 2, ["--max_steps", "2", "--output_dir", str(o), *TINY]) for o in outs]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    ports = [re.search(r"rendezvous on port (\d+) \(a free port", log).group(1) for log in logs]
+    assert ports[0] != ports[1]
+    assert all(metrics(o)[-1]["step"] == 2 for o in outs)
+    assert not any("Setting accelerator to CPU" in log for log in logs)  # DS_ACCELERATOR=cpu set by the wrapper
