@@ -4,7 +4,7 @@
 # and peft but no deepspeed and no package index). README "GPU session" has the walk-through.
 #
 # Here (pip reaches the package index), once per checkout; ~19 MB, .whl/ is git-ignored:
-#   bash scripts/gpu_session.sh wheels
+#   bash scripts/gpu_session.sh wheels            # scripts/gpu_wheels.py build: the closed set the image lacks
 # There, one stage per call, carrying .whl (device tool: run, carry [".whl"]):
 #   bash scripts/gpu_session.sh kernels            # pytest -m gpu tests/kernels, then bench_lora_kernel.py
 #   bash scripts/gpu_session.sh infer              # bench_inference_cost.py (t5-xl t5-xxl llama-7b)
@@ -32,34 +32,12 @@ PY=${PYTHON:-python3}
 
 usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
-# Build (deepspeed: sdist only on PyPI) or download the wheels the GPU image lacks, at the versions installed
-# here, so the GPU runs the versions the test suite passed with. CPython 3.12, x86-64 (the GPU image's).
+# The wheels the GPU image lacks, as a closed set (scripts/gpu_wheels.py: needs from setup.py, the image's own
+# packages where they satisfy it, the rest at requirements/tested.txt's versions, built or downloaded for CPython
+# 3.12 x86-64, then a closure check: every requirement of a carried wheel is carried or on the image).
 wheels() {
-  local dir=$WHEELS
-  mkdir -p "$dir"
-  local pins
-  pins=$(python - <<'EOF'
-from importlib.metadata import PackageNotFoundError, version
-names = ["hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
-         "transformers", "peft", "regex"]
-out = []
-for n in names:
-    try:
-        out.append(f"{n}=={version(n)}")
-    except PackageNotFoundError:
-        raise SystemExit(f"error: {n} is not installed here; install the project first (pip install -e '.[test]')")
-print(" ".join(out))
-EOF
-) || exit 2
-  local ds
-  ds=$(python -c "from importlib.metadata import version; print(version('deepspeed'))") || exit 2
-  echo "wheels for the GPU machine: deepspeed==$ds $pins"
-  python -m pip wheel -q --no-deps "deepspeed==$ds" -w "$dir" || exit 2
-  # shellcheck disable=SC2086
-  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$dir" $pins || exit 2
-  du -sh "$dir"
+  python scripts/gpu_wheels.py build --wheels "$WHEELS" || exit 2
+  du -sh "$WHEELS"
 }
 
 setup() {

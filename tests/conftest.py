@@ -18,3 +18,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+
+def pytest_sessionstart(session):
+    """The resolved versions first, also under -q: CI installs whatever pip resolves that day."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    names = ("torch", "deepspeed", "transformers", "peft", "triton", "kernels")
+    line = "versions: " + ", ".join(f"{n} {v(n)}" for n in names)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)

@@ -4,10 +4,10 @@ the root's ``kernels/`` folder once shadowed."""
 import os
 
 import kernels
-import tagi_kernels
 import transformers.activations  # noqa: F401
 
 import tagi_ds  # noqa: F401
+import tagi_kernels
 
 assert not kernels.__file__.startswith(os.getcwd() + os.sep), kernels.__file__
 assert callable(tagi_kernels.triton_lora_delta)
