@@ -26,7 +26,7 @@ from torch import nn
 
 from tagi_ds import backbones
 from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
-from tagi_ds.backbones.base import freeze, inject
+from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.hypernet import Generator, InstructionEncoder
@@ -186,8 +186,7 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
     state = AdapterState()
     sites = inject(backbone, arch.site_names(backbone, cfg.model), state)
     if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": state.checkpoint_context})
+        enable_checkpointing(backbone, {"use_reentrant": False, "context_fn": state.checkpoint_context})
     d_model = backbone.config.d_model if cfg.model.arch == "t5" else backbone.config.hidden_size
     generator = bank = teacher = None
     if stage == "teachers":

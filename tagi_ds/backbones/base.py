@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -76,3 +77,21 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[K, L, d]``, ``[K, L]`` -> ``[K, d]``: mean over real tokens only (padding never counts)."""
     m = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+# transformers renamed two APIs during 5.x (5.2x: ``cache=`` for ``past_key_values=``, and
+# ``activation_checkpointing_enable`` for ``gradient_checkpointing_enable``); the GPU image still runs 5.17.
+# Call whichever the installed version has, so that neither warns nor breaks.
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which ``model.forward`` / ``model.generate`` take a precomputed cache."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
+    """Per-layer activation checkpointing of an HF model with the given checkpoint kwargs."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from tagi_ds.backbones.base import DTYPES, check_attention, check_model_dir
+from tagi_ds.backbones.base import DTYPES, cache_kwarg, check_attention, check_model_dir
 from tagi_ds.config import ConfigError, ModelConfig
 
 ATTN_KINDS = ("q", "k", "v", "o")
@@ -136,5 +136,5 @@ def logits(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention
     past = cache(hidden) if cache is not None else None
     hidden, mask = fuse(hidden, attention_mask, prefix, prefix_mask)
     out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=model._shift_right(labels),
-                past_key_values=past, use_cache=past is not None, return_dict=True)
+                use_cache=past is not None, return_dict=True, **{cache_kwarg(model): past})
     return out.logits

@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutput
 
 from tagi_ds.adapters import AdapterSet
+from tagi_ds.backbones.base import cache_kwarg
 from tagi_ds.batch import TaskBatch
 from tagi_ds.eval.rank import choice_scores
 
@@ -75,7 +76,7 @@ def generate_tokens(model, batch: TaskBatch, adapters: AdapterSet | None, instr_
         past = cache(hidden) if cache is not None else None
         hidden, mask = model.arch.fuse(hidden, batch.attention_mask, *model.fusion_prefix(batch, instr_states))
         out = backbone.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
-                                past_key_values=past, generation_config=gen, synced_gpus=synced)
+                                generation_config=gen, synced_gpus=synced, **{cache_kwarg(backbone): past})
         return out[:, 1:]  # drop the decoder start token
 
 
