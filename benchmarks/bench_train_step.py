@@ -164,7 +164,7 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int):
 
     if engine == "torch":
         dtype = torch.bfloat16 if ds_engine.precision(cfg) == "bf16" else torch.float32
-        model = make(build_backbone(cfg)).to(dev, dtype)
+        model = ds_engine.place(make(build_backbone(cfg)).to(dtype), dev)
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
 
         def step(batch):
@@ -368,8 +368,6 @@ def to_markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.* is deprecated",
-                            category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     ds_ok, why = deepspeed_usable()

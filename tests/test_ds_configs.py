@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"z3.json": 3, "z3_offload.json": 3, "z2.json": 2}
+CONFIGS = {"z3.json": 3, "z3_tiny.json": 3, "z3_offload.json": 3, "z2.json": 2}
 
 # Owned by the tagi-ds config and injected when the engine is built; a copy here would silently disagree.
 INJECTED_KEYS = {
@@ -104,3 +104,16 @@ def test_full_config_after_injection(name):
     assert ds.train_batch_size == 6  # world size 1 without a process group
     assert ds.bfloat16_config.enabled and ds.gradient_clipping == 1.0 and not ds.wall_clock_breakdown
     assert ds.zero_force_ds_cpu_optimizer is (name != "z3_offload.json")
+
+
+def test_z3_tiny_is_z3_with_every_tensor_partitioned():
+    """The tiny recipes' default: z3.json but threshold 0 (their tensors are all below z3's 1e5), so the embedded
+    default run partitions its backbone; smaller buckets only because the tiny model is tiny."""
+    z3, tiny = _load("z3.json")["zero_optimization"], _load("z3_tiny.json")["zero_optimization"]
+    assert tiny["stage3_param_persistence_threshold"] == 0
+    differ = {k for k in z3 if z3[k] != tiny.get(k)} | (tiny.keys() - z3.keys())
+    assert differ == {"stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "reduce_bucket_size"}
+    from tagi_ds.train.engine import DEFAULT_DS_CONFIG, default_ds_config
+
+    assert default_ds_config("tiny").name == default_ds_config("tiny-llama").name == "z3_tiny.json"
+    assert default_ds_config("t5-xl") == default_ds_config("mini") == DEFAULT_DS_CONFIG

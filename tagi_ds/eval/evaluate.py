@@ -198,12 +198,13 @@ def wrap(step: torch.nn.Module, ds: dict) -> tuple[Any, torch.device]:
         import deepspeed
 
         eng, _, _, _ = deepspeed.initialize(model=step, config=ds)
+        ds_engine.place(step, eng.device)
         eng.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
         return eng, eng.device
     device = dist.device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return step.to(device).eval(), device
+    return ds_engine.place(step, device).eval(), device
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -219,7 +220,8 @@ def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
 
     dist.init()
     seed_everything(cfg.train.seed)
-    ds = ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, dist.world_size())
+    ds_json = ds_engine.load_ds_json(args.deepspeed or ds_engine.default_ds_config(cfg.recipe))
+    ds = ds_engine.inject(ds_json, cfg, dist.world_size())
     write_config(Path(args.output_dir), cfg, ds, args)
     model = build(cfg, args, ds, tok, len(rows) if rows else 0)
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3

@@ -18,6 +18,16 @@ import torch
 from tagi_ds.config import ConfigError, TagiConfig
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
+# The tiny recipes' tensors are all below z3.json's stage3_param_persistence_threshold (1e5 elements), so under it
+# ZeRO-3 would keep the whole tiny backbone on every rank: they default to a copy with threshold 0, so that the
+# embedded default run partitions its frozen backbone as a real one is.
+TINY_DS_CONFIG = DEFAULT_DS_CONFIG.with_name("z3_tiny.json")
+TINY_RECIPES = ("tiny", "tiny-llama")
+
+
+def default_ds_config(recipe: str) -> Path:
+    """The DeepSpeed JSON a run of ``recipe`` uses when ``--deepspeed`` is not given."""
+    return TINY_DS_CONFIG if recipe in TINY_RECIPES else DEFAULT_DS_CONFIG
 # Keys the TagiConfig owns: a DeepSpeed JSON that sets them would silently disagree with config.json.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
@@ -143,6 +153,26 @@ def lr_lambda(cfg: TagiConfig):
     return fn
 
 
+def place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Put everything ``module`` holds on ``device``: every buffer, and every parameter DeepSpeed does not own.
+
+    The one place that does it, whatever the engine. ``deepspeed.initialize`` moves the module to its device
+    only below ZeRO-3; under ZeRO-3 it partitions parameters (their shards live where the config says: the
+    device, or host memory with offload) and leaves buffers where they were built, e.g. the generator's site
+    indices on the CPU, which then index a CUDA embedding. Parameters with a ``ds_id`` are DeepSpeed's and
+    stay as they are. The host-side teacher bank is not a submodule (by design), so it stays in host memory.
+    """
+    for m in module.modules():
+        for name, buf in m._buffers.items():
+            if buf is not None and buf.device != device:
+                m._buffers[name] = buf.to(device)
+        for p in m._parameters.values():
+            if p is not None and not hasattr(p, "ds_id") and p.device != device:
+                # In place: an optimizer that already holds ``p`` keeps holding the moved parameter.
+                torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().to(device), p.requires_grad))
+    return module
+
+
 def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
     """``deepspeed.initialize`` with torch AdamW over the trainable parameters and the LR schedule."""
     import deepspeed
@@ -154,22 +184,27 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    place(model, engine.device)
     if zero_stage(ds) == 3 and getattr(model, "generator", None) is not None:
         keep_whole(engine, list(model.generator.parameters()))
     return engine
 
 
-def describe_partitioning(model: torch.nn.Module) -> str:
-    """One line on where parameters live under ZeRO-3 (empty without it)."""
+def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
+    """One line on where parameters live under ZeRO-3 (empty without it): how much of the partitioned ones
+    this rank holds (``ds_tensor``: its padded shard), and what stays whole on every rank."""
     params = list(model.parameters())
     if not any(hasattr(p, "ds_id") for p in params):
         return ""
     hyper = {id(p) for p in model.generator.parameters()} if getattr(model, "generator", None) is not None else set()
-    split = sum(p.ds_numel for p in params if not p.ds_persist)
+    parted = [p for p in params if not p.ds_persist]
+    split = sum(p.ds_numel for p in parted)
+    held = sum(p.ds_tensor.numel() for p in parted)
     small = sum(p.ds_numel for p in params if p.ds_persist and id(p) not in hyper)
     whole = sum(p.ds_numel for p in params if id(p) in hyper)
-    line = (f"ZeRO-3: {split:,} parameters partitioned across ranks, {small:,} small ones kept whole "
-            f"(stage3_param_persistence_threshold), hypernetwork {whole:,} whole on every rank")
+    line = (f"ZeRO-3: {split:,} parameters partitioned across {world_size} rank(s), {held:,} held by each rank; "
+            f"{small:,} small ones kept whole (stage3_param_persistence_threshold); "
+            f"hypernetwork {whole:,} whole on every rank")
     if (teacher := getattr(model, "teacher", None)) is not None:
         line += f"; teacher bank {sum(p.numel() for p in teacher.parameters()):,} in host memory, outside ZeRO"
     return line

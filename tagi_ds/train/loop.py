@@ -56,12 +56,11 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
     """Train one stage; returns the final artifact directory (``hypernet/`` or ``teachers/``)."""
     # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods the log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing_enable.* is deprecated",
-                            category=FutureWarning)
     dist.init()
     seed_everything(cfg.train.seed)
     out = Path(args.output_dir)
-    ds = ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, dist.world_size())
+    ds_json = ds_engine.load_ds_json(args.deepspeed or ds_engine.default_ds_config(cfg.recipe))
+    ds = ds_engine.inject(ds_json, cfg, dist.world_size())
     resume = checkpoint.resolve(args.resume_from_checkpoint, out) if args.resume_from_checkpoint else None
 
     tokenizer = data.load_tokenizer(cfg)
@@ -103,7 +102,7 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
                      f"ZeRO-{ds_engine.zero_stage(ds)}, precision {ds_engine.precision(cfg)}, device {device.type}, "
                      f"{trainable:,} trainable parameters"
                      + (f", resumed at step {start}" if start else ""))
-    if layout := ds_engine.describe_partitioning(model):
+    if layout := ds_engine.describe_partitioning(model, dist.world_size()):
         progress.message(layout)
     ckpt_dir = out / "checkpoints"
     step = start
