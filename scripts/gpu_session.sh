@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The GPU checks of the kernel and throughput work (GPU-marked tests, the four benchmarks), split into stages
-# that each fit one call of a lent GPU machine (10 minutes a call; the machine has torch, triton, transformers
-# and peft but no deepspeed and no package index). README "GPU session" has the walk-through.
+# The GPU work, split into stages that each fit one call of a lent GPU machine (about 8 minutes of work a call;
+# the machine has torch, triton, transformers and peft but no deepspeed and no package index; ../shared/GPU.md).
+# README "GPU session" has the walk-through.
 #
-# Here (pip reaches the package index), once per checkout; ~19 MB, .whl/ is git-ignored:
-#   bash scripts/gpu_session.sh wheels            # scripts/gpu_wheels.py build: the closed set the image lacks
-# There, one stage per call, carrying .whl (device tool: run, carry [".whl"]):
-#   bash scripts/gpu_session.sh kernels            # pytest -m gpu tests/kernels, then bench_lora_kernel.py
-#   bash scripts/gpu_session.sh infer              # bench_inference_cost.py (t5-xl t5-xxl llama-7b)
-#   bash scripts/gpu_session.sh plan               # bench_plan_memory.py (planner vs measured peak)
-#   bash scripts/gpu_session.sh train t5-xl        # bench_train_step.py --recipe t5-xl (then t5-xxl, llama-7b)
-# Arguments after the stage (after the recipe for train) go to its benchmark, e.g.
-#   bash scripts/gpu_session.sh train t5-xxl --engines z3 --no_checkpointing_table
-# Each stage prints the versions it runs with, writes its results to benchmarks/results/ (train-step
-# files are tagged with the recipe) and copies them with its log to $OUT, which the device tool brings
-# back; commit them from here. Each command is bounded by STAGE_TIMEOUT seconds (default 540).
-# SMOKE=1 passes --smoke to every benchmark, BENCH_OUT=DIR moves the results and WHEELS=DIR the wheels (the
-# CPU check in the tests runs with an empty one: the wheels are for CPython 3.12).
+# Here (pip reaches the package index), once per checkout; ~12 MB, .whl/ is git-ignored:
+#   bash scripts/gpu_session.sh wheels     # scripts/gpu_wheels.py build: the closed set of wheels the image lacks
+# There, ONE stage per call, carrying .whl (device tool: run, carry [".whl"]):
+#   bash scripts/gpu_session.sh check      # GPU kernel tests (small autotune space), the whole pipeline on 1 GPU
+#                                          # (z3, bf16, Triton op; scripts/gpu_pipeline.py), one TAGI + LoRA step
+#                                          # at t5-xl and llama-7b shapes
+#   bash scripts/gpu_session.sh kernels    # GPU kernel tests, then bench_lora_kernel.py over the full grid
+#   bash scripts/gpu_session.sh infer      # bench_inference_cost.py (t5-xl t5-xxl llama-7b)
+#   bash scripts/gpu_session.sh plan       # bench_plan_memory.py (planner vs measured peak)
+#   bash scripts/gpu_session.sh train t5-xl [bench flags]   # bench_train_step.py --recipe t5-xl --tag t5-xl
+#
+# Every step runs under its own timeout, capped by what is left of the stage's BUDGET (seconds, default 480);
+# a step that no longer fits is skipped and says so. After every step the stage's logs and results are packed
+# into $OUT/<stage>.tgz, so a call cut short still brings back what came before. $OUT ends up holding at most
+# 8 files: <stage>.tgz, summary.txt, versions.txt and the new result files (*.md, *.json; commit them under
+# benchmarks/results/). A summary table is printed last. Exit 0 only if every step passed.
+# SMOKE=1: the CPU check the tests run (tiny shapes, --smoke benchmarks, GPU-only tests skipped).
+# OUT=DIR, BENCH_OUT=DIR (default benchmarks/results), WHEELS=DIR (default .whl), BUDGET=SECONDS, PYTHON=python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,95 +28,153 @@ STAGE=${1:-}
 [[ $# -gt 0 ]] && shift
 OUT=${OUT:-${TMPDIR:-/tmp}/tagi_gpu_out}
 BENCH_OUT=${BENCH_OUT:-benchmarks/results}
-STAGE_TIMEOUT=${STAGE_TIMEOUT:-540}
-WHEELS=${WHEELS:-.whl}            # the carried wheels (wheels stage: where they go)
+BUDGET=${BUDGET:-480}
+WHEELS=${WHEELS:-.whl}
+SMOKE=${SMOKE:-0}
 SMOKE_FLAG=()
-[[ "${SMOKE:-0}" == 1 ]] && SMOKE_FLAG=(--smoke)
+[[ "$SMOKE" == 1 ]] && SMOKE_FLAG=(--smoke)
 PY=${PYTHON:-python3}
+T0=$(date +%s)
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 
-# The wheels the GPU image lacks, as a closed set (scripts/gpu_wheels.py: needs from setup.py, the image's own
-# packages where they satisfy it, the rest at requirements/tested.txt's versions, built or downloaded for CPython
-# 3.12 x86-64, then a closure check: every requirement of a carried wheel is carried or on the image).
 wheels() {
-  python scripts/gpu_wheels.py build --wheels "$WHEELS" || exit 2
+  $PY scripts/gpu_wheels.py build --wheels "$WHEELS" || exit 2
   du -sh "$WHEELS"
 }
 
+# Carried wheels first on PYTHONPATH (the image's own packages where the closure kept them), the repository
+# after them; an environment check; then the work dir whose contents travel back packed.
 setup() {
   mkdir -p "$OUT" "$BENCH_OUT"
-  local site=${TMPDIR:-/tmp}/tagi_gpu_site
-  rm -rf "$site"
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/tagi_gpu_work.XXXXXX")
+  SUMMARY="$WORK/summary.txt"
+  printf '%-24s %-8s %7s  %s\n' step status seconds detail > "$SUMMARY"
+  MARK="$WORK/.mark"
+  touch "$MARK"
+  FAILED=0
+  local site=$WORK/site
   mkdir -p "$site"
   if compgen -G "$WHEELS/*.whl" > /dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl \
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl \
       || { echo "error: installing $WHEELS/*.whl failed (they are built for CPython 3.12 x86-64)"; exit 2; }
   fi
-  ln -sfn "$PWD/kernels/tagi_kernels" "$site/tagi_kernels"  # what `pip install -e .` maps kernels/ to
+  ln -sfn "$PWD/kernels/tagi_kernels" "$site/tagi_kernels"  # what `pip install -e .` maps kernels/tagi_kernels to
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   unset TRITON_INTERPRET
-  $PY - <<'EOF' 2>&1 | tee "$OUT/versions.txt"
+  $PY - <<'EOF' 2>&1 | tee "$WORK/versions.txt"
 import platform, torch, triton, transformers
 print("python", platform.python_version(), "| torch", torch.__version__, "| triton", triton.__version__,
       "| transformers", transformers.__version__)
 print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device (CPU)")
-try:
-    import deepspeed
-    print("deepspeed", deepspeed.__version__)
-except Exception as err:  # the train-step benchmark then runs its torch engine only and says why
-    print("deepspeed unavailable:", type(err).__name__, err)
+for name in ("deepspeed", "peft"):
+    try:
+        print(name, __import__(name).__version__)
+    except Exception as err:  # the train-step benchmark then runs its torch engine only and says why
+        print(name, "unavailable:", type(err).__name__, err)
 import tagi_ds, tagi_kernels  # noqa: F401
 EOF
-  [[ ${PIPESTATUS[0]} == 0 ]] || { echo "error: the environment check failed"; exit 2; }
-  MARK=$(mktemp)
-  FAILED=0
+  [[ ${PIPESTATUS[0]} == 0 ]] || { echo "error: the environment check failed"; cp "$WORK/versions.txt" "$OUT/"; exit 2; }
+  cp "$WORK/versions.txt" "$OUT/"
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw \
+    --format=csv >> "$WORK/versions.txt" 2>&1
 }
 
-# step NAME CMD...: one bounded command, its output in $OUT/NAME.log
+pack() {
+  find "$BENCH_OUT" -maxdepth 1 -type f -newer "$MARK" \( -name '*.json' -o -name '*.md' \) -exec cp {} "$WORK/" \;
+  tar -czf "$OUT/$STAGE.tgz" -C "$WORK" --exclude=./site . 2>/dev/null
+  cp "$SUMMARY" "$OUT/summary.txt"
+}
+
+# step NAME MAXSECONDS CMD...: one bounded command, its output in NAME.log (the last lines echoed).
 step() {
-  local name=$1; shift
-  echo "== $name: $*"
-  timeout "$STAGE_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log"
-  local rc=${PIPESTATUS[0]}
-  [[ $rc == 0 ]] || { echo "== $name failed (exit $rc; 124 = over ${STAGE_TIMEOUT}s)"; FAILED=1; }
+  local name=$1 max=$2; shift 2
+  local l; l=$(left)
+  if (( l < 30 )); then
+    echo "== $name skipped: ${l}s of the ${BUDGET}s budget left"
+    printf '%-24s %-8s %7s  %s\n' "$name" skipped 0 "budget" >> "$SUMMARY"
+    FAILED=1; pack; return
+  fi
+  (( max > l - 10 )) && max=$(( l - 10 ))
+  echo "== $name (<= ${max}s): $*"
+  local t; t=$(date +%s)
+  timeout "$max" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$? secs=$(( $(date +%s) - t )) status=ok
+  [[ $rc == 0 ]] || { status="exit $rc"; FAILED=1; }
+  [[ $rc == 124 ]] && status="timeout"
+  tail -n "${TAILN:-5}" "$WORK/$name.log"
+  printf '%-24s %-8s %7s  %s\n' "$name" "$status" "$secs" "$(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-70)" \
+    >> "$SUMMARY"
+  pack
 }
 
-collect() {
-  find "$BENCH_OUT" -maxdepth 1 -type f -newer "$MARK" \( -name '*.json' -o -name '*.md' \) -exec cp {} "$OUT/" \;
-  rm -f "$MARK"
-  echo "== results in $OUT:"
-  ls -l "$OUT"
+finish() {
+  pack
+  find "$WORK" -maxdepth 1 -type f \( -name '*.md' -o -name '*.json' \) -newer "$MARK" -exec cp {} "$OUT/" \;
+  echo "== files in $OUT:"
+  ls "$OUT"
+  [[ -f "$WORK/pipeline/pipeline.tsv" ]] && { echo "== pipeline"; column -t -s $'\t' "$WORK/pipeline/pipeline.tsv"; }
+  for f in "$WORK"/*train_step*.md; do
+    [[ -f "$f" ]] && { echo "== $(basename "$f")"; grep '^|' "$f" | cut -c1-160; }
+  done
+  echo "== summary ($(( $(date +%s) - T0 ))s of ${BUDGET}s)"
+  cat "$SUMMARY"
   exit "$FAILED"
+}
+
+# The GPU-marked kernel tests with the small fixed autotune space (TAGI_KERNEL_TEST_CONFIGS=small): every
+# specialization compiles a handful of configs instead of the whole autotune space.
+kernel_tests() {
+  TAGI_KERNEL_TEST_CONFIGS=small step gpu_kernel_tests "$1" $PY -m pytest -q -p no:cacheprovider tests/kernels -m gpu
+}
+
+# One TAGI step next to the LoRA step at a recipe's full shapes (B=4, K=2, input 1024, target 128,
+# instruction 1024: the benchmark's GPU defaults), ZeRO-3.
+train_step() {
+  local recipe=$1 max=$2
+  local shapes=(--recipe "$recipe")
+  [[ "$SMOKE" == 1 ]] && shapes=(--recipe "$([[ $recipe == llama* ]] && echo tiny-llama || echo tiny)" --smoke)
+  step "train_step_$recipe" "$max" $PY benchmarks/bench_train_step.py "${shapes[@]}" --tag "$recipe" \
+    --variants tagi lora --engines z3 --no_checkpointing_table --steps 3 --warmup 1 --out_dir "$BENCH_OUT"
 }
 
 case "$STAGE" in
   wheels)
     wheels ;;
+  check)
+    setup
+    pipe=(--steps 6 --eval_n 5)
+    [[ "$SMOKE" == 1 ]] && pipe=(--steps 1 --eval_n 1)
+    step pipeline 200 $PY scripts/gpu_pipeline.py --out "$WORK/pipeline" --timeout 100 "${pipe[@]}"
+    train_step t5-xl 150
+    kernel_tests 75
+    train_step llama-7b 120
+    finish ;;
   kernels)
     setup
-    step gpu_tests $PY -m pytest -q -p no:cacheprovider tests/kernels -m gpu
-    step bench_lora_kernel $PY benchmarks/bench_lora_kernel.py --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
-    collect ;;
+    kernel_tests 90
+    step bench_lora_kernel 360 $PY benchmarks/bench_lora_kernel.py --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
+    finish ;;
   infer)
     setup
-    step bench_inference_cost $PY benchmarks/bench_inference_cost.py --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
-    collect ;;
+    step bench_inference_cost 450 $PY benchmarks/bench_inference_cost.py --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
+    finish ;;
   plan)
     setup
-    step bench_plan_memory $PY benchmarks/bench_plan_memory.py --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
-    collect ;;
+    step bench_plan_memory 450 $PY benchmarks/bench_plan_memory.py --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
+    finish ;;
   train)
     recipe=${1:-}
     [[ -n "$recipe" && "$recipe" != -* ]] || { echo "error: train needs a recipe (t5-xl, t5-xxl, llama-7b, ...)"; exit 2; }
     shift
     setup
-    step "bench_train_step_$recipe" $PY benchmarks/bench_train_step.py --recipe "$recipe" --tag "$recipe" \
+    step "bench_train_step_$recipe" 450 $PY benchmarks/bench_train_step.py --recipe "$recipe" --tag "$recipe" \
       --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
-    collect ;;
+    finish ;;
   -h|--help|help)
     usage ;;
   *)
-    echo "error: unknown stage '${STAGE}' (wheels, kernels, infer, plan, train RECIPE)"
+    echo "error: unknown stage '${STAGE}' (wheels, check, kernels, infer, plan, train RECIPE)"
     exit 2 ;;
 esac

@@ -6,16 +6,19 @@ every option through to DeepSpeed's own runner and adds:
 
 - ``--master_port``: the one given, else ``$MASTER_PORT``, else a port the OS reports free; printed either way;
 - ``--log_level error`` for the runner unless given (its INFO lines repeat the command and the world layout);
-- ``DS_ACCELERATOR=cpu`` on a machine without CUDA (otherwise every process warns that it fell back to CPU).
+- ``DS_ACCELERATOR=cpu`` on a machine without CUDA (otherwise every process warns that it fell back to CPU);
+- ``TORCH_EXTENSIONS_DIR`` per Python environment unless set (:func:`use_own_extensions_dir`).
 
 Usage is the deepspeed launcher's: ``python -m tagi_ds.launch --num_gpus 2 launchers/pretrain.py --max_steps 5``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -23,6 +26,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def use_own_extensions_dir() -> str:
+    """Give this Python environment its own folder for the C++ ops DeepSpeed compiles at first use (on CPU its
+    shared-memory allreduce, ~1 minute on 2 cores), unless ``TORCH_EXTENSIONS_DIR`` is set.
+
+    torch's default folder is shared by every environment of one Python version, and a build records the
+    torch it was compiled against: two virtual envs used in turn (a fresh CI env beside a dev env) recompile
+    the op at every switch, and a process can load the library while another rebuilds it."""
+    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    default = Path.home() / ".cache" / "torch_extensions" / f"tagi-{key}"
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default))
 
 
 def _options(argv: list[str]) -> list[str]:
@@ -72,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_own_extensions_dir()
     full, source = runner_argv(argv, dict(os.environ))
     how = {"free": "a free port; set MASTER_PORT or --master_port to choose",
            "MASTER_PORT": "from MASTER_PORT", "--master_port": "from --master_port"}[source]

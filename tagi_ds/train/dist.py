@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tagi_ds.launch import free_port
+from tagi_ds.launch import free_port, use_own_extensions_dir
 
 # A collective that waits longer than this means a peer died; the deepspeed launcher then tears the job
 # down, but a bounded timeout guarantees no rank hangs forever on its own.
@@ -24,6 +24,7 @@ def init(backend: str | None = None) -> None:
     if "WORLD_SIZE" not in os.environ:  # plain `python launchers/x.py`: a world of one
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())})
+    use_own_extensions_dir()  # before DeepSpeed compiles its CPU allreduce op (first use only)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),

@@ -1,4 +1,5 @@
-"""Jobs never collide on a rendezvous port: tagi_ds.launch picks a free one unless the user gives one."""
+"""python -m tagi_ds.launch: jobs never collide on a rendezvous port (a free one unless the user gives one), and
+each Python environment compiles DeepSpeed's ops into its own folder."""
 
 from __future__ import annotations
 
@@ -38,3 +39,17 @@ def test_two_two_rank_runs_started_at_once_without_ports_both_finish(tmp_path):
     assert ports[0] != ports[1]
     assert all(metrics(o)[-1]["step"] == 2 for o in outs)
     assert not any("Setting accelerator to CPU" in log for log in logs)  # DS_ACCELERATOR=cpu set by the wrapper
+
+
+def test_each_python_environment_compiles_deepspeed_ops_into_its_own_folder(monkeypatch):
+    import sys
+
+    from tagi_ds.launch import use_own_extensions_dir
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
+    assert use_own_extensions_dir() == "/somewhere/else"  # a folder the user chose wins
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    mine = use_own_extensions_dir()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-other-venv")
+    assert use_own_extensions_dir() != mine and "torch_extensions" in mine
