@@ -15,8 +15,9 @@ sizes are filled with NaN and freed (the caching allocator hands them to the op'
 tile unwritten shows up as NaN in the error check instead of reading the previous repetition's correct values) and
 a 2x-L2 buffer is written (L2 flushed, also between forward and backward, as the other layers of a model would).
 Forward and backward are timed separately with CUDA events behind a GPU sleep longer than the host takes to issue
-the phase, so ``ms`` is GPU time with the host's launch overhead hidden; the host's issue time is reported beside
-it (``host ms``; a case whose host time exceeds its GPU time is host-bound when run alone). Median of ``--reps``.
+the phase (capped at 20 ms), so ``ms`` is GPU time with the host's launch overhead hidden; the host's issue time is
+reported beside it (``host ms``; a case whose host time exceeds its GPU time is host-bound when run alone). Median
+of ``--reps``.
 Error: the last repetition's outputs (y, dx, dA, dB) against float64 from the same (rounded) inputs, max abs error
 over max abs truth, the max over the four; NaN when any output is non-finite.
 
@@ -177,13 +178,15 @@ def wrt(name: str, inputs: dict) -> tuple:
     return (inputs["x"],) if name == "base" else (inputs["x"], inputs["A"], inputs["B"])
 
 
-def make_inputs(d: int, r: int, tasks: int, tokens: int, dev: str, dtype, gen: torch.Generator) -> dict:
-    x = torch.randn(tokens, d, generator=gen).to(dev, dtype).requires_grad_()
-    W = (torch.randn(d, d, generator=gen) / d**0.5).to(dev, dtype)  # frozen base weight
-    A = (torch.randn(tasks, r, d, generator=gen) / d**0.5).to(dev, dtype).requires_grad_()
-    B = (torch.randn(tasks, d, r, generator=gen) / r**0.5).to(dev, dtype).requires_grad_()
-    dy = torch.randn(tokens, d, generator=gen).to(dev, dtype)
-    return {"x": x, "W": W, "A": A, "B": B, "dy": dy}
+def make_inputs(d: int, r: int, tasks: int, tokens: int, dtype, gen: torch.Generator) -> dict:
+    """One input set, drawn on ``gen``'s device (a CPU draw of 8192 x 8192 takes ~1 s)."""
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen, device=gen.device) * std).to(dtype)
+
+    return {"x": randn(tokens, d).requires_grad_(), "W": randn(d, d, std=d**-0.5),  # W: the frozen base weight
+            "A": randn(tasks, r, d, std=d**-0.5).requires_grad_(),
+            "B": randn(tasks, d, r, std=r**-0.5).requires_grad_(), "dy": randn(tokens, d)}
 
 
 class Harness:
@@ -262,12 +265,13 @@ def rel_err(got: list[torch.Tensor], truth: list[torch.Tensor]) -> float:
 
 def bench_point(d: int, r: int, tasks: int, args, harness: Harness) -> dict:
     dev, dtype = args.device, DTYPES[args.dtype]
-    gen = torch.Generator().manual_seed(args.seed + d + 7 * r + 131 * tasks)
-    offs = random_offsets(args.tokens, tasks, gen)
-    one = make_inputs(d, r, tasks, args.tokens, dev, dtype, gen)
+    seed = args.seed + d + 7 * r + 131 * tasks
+    offs = random_offsets(args.tokens, tasks, torch.Generator().manual_seed(seed))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    one = make_inputs(d, r, tasks, args.tokens, dtype, gen)
     set_bytes = sum(t.numel() * t.element_size() for t in one.values())
     n_sets = max(2, min(8, math.ceil(3 * harness.l2 / set_bytes)))
-    sets = [one] + [make_inputs(d, r, tasks, args.tokens, dev, dtype, gen) for _ in range(n_sets - 1)]
+    sets = [one] + [make_inputs(d, r, tasks, args.tokens, dtype, gen) for _ in range(n_sets - 1)]
     offs_dev, bounds = offs.to(dev), offs.tolist()
     shapes = [(args.tokens, d), (args.tokens, d), (tasks, r, d), (tasks, d, r)]  # y, dx, dA, dB
     last, truth = sets[(args.reps - 1) % n_sets], None  # the inputs of the last repetition, whose outputs are checked
@@ -307,15 +311,16 @@ def to_markdown(result: dict) -> str:
         f"forward+backward, {result['tokens']} tokens, {result['dtype']}, scale {result['scale']}; timer: "
         f"{result['timer']}; triton: {result['triton_mode']} (torch {result['torch']}, triton {result['triton']}). "
         "Cases as ms (x base); err: max relative error of y, dx, dA, dB vs float64 (triton: worst of its three "
-        "paths); host: ms the host takes to issue the fastest triton path's forward+backward.",
+        "paths); host: ms the host takes to issue the fastest triton path's forward+backward; linear floor: the "
+        "computed byte floor of lora_linear on this run's base (kernels/NOTES.md).",
         "",
     ]
     if result["triton_mode"] == "interpreter":
         lines += ["Triton timings come from the CPU interpreter: they check the harness, not the kernels.", ""]
     lines += [
-        "| d | r | tasks | base ms | loop x | torch x | triton x | add_ x | linear x | loop / best | torch / best "
-        "| err triton | err torch | host ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| d | r | tasks | base ms | loop x | torch x | triton x | add_ x | linear x | linear floor x | loop / best "
+        "| torch / best | err triton | err torch | host ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         best = row["best_triton_ms"]
@@ -326,7 +331,7 @@ def to_markdown(result: dict) -> str:
         lines.append(
             f"| {row['d']} | {row['r']} | {row['tasks']} | {row['base_ms']:.3f} | {ratio(row, 'loop')} | "
             f"{ratio(row, 'torch')} | {ratio(row, 'triton')} | {ratio(row, 'triton_add')} | "
-            f"{ratio(row, 'triton_linear')} | "
+            f"{ratio(row, 'triton_linear')} | {row['triton_linear_floor_x']:.2f} | "
             f"{fmt(row['loop_ms'] / best if best and row['loop_ms'] else None, '.1f')} | "
             f"{fmt(row['torch_ms'] / best if best and row['torch_ms'] else None, '.1f')} | {fmt(err, '.1e')} | "
             f"{fmt(row['torch_err'], '.1e')} | {fmt(row[f'{fastest}_host_ms'] if fastest else None, '.3f')} |")
