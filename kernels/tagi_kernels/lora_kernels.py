@@ -18,8 +18,9 @@ the per-segment contributions never overlap.
     split into chunks (so one task still fills the SMs) and ``sum_splits_kernel`` adds the fp32 partials in a fixed
     order. ``dA = (U=G, V=x)``, ``dB^T = (U=H, V=dY)`` (written through the strides of ``dB``).
 
-Autotuning: the keys hold the rank bucket and the stride pattern (which operand is contiguous), never the token
-count or the model dims, so a model compiles each kernel a handful of times whatever its batch shapes; the launch
+Autotuning: the keys hold the rank bucket, the ADD flag and one weight stride (1, or r for backward's transposed
+views), plus the dtypes, never T, S or d, so a model compiles each kernel a handful of times whatever its batch
+shapes; the launch
 geometry that depends on the shape (split-K, column span, token chunks) is picked by the launcher at run time and
 passed as plain ints. ``TAGI_KERNELS_TUNE=fixed`` leaves one config per kernel (the GPU test stage sets it: each
 specialization then compiles once, not once per config).
@@ -138,7 +139,7 @@ def _sum_partials(P, n_split, stride_ps, rows64, row_mask, stride_pm, R_PAD: tl.
     return total
 
 
-@triton.autotune(configs=EXPAND_CONFIGS, key=["R_PAD", "ADD", "stride_wr"], restore_value=["Y"])
+@triton.autotune(configs=EXPAND_CONFIGS, key=["R_PAD", "ADD", "stride_wn"], restore_value=["Y"])
 @triton.jit(do_not_specialize=["T", "S", "R", "n_hsplit", "span_n"])
 def expand_kernel(
     HP, W2, Y, offs,  # fp32 [KSPLIT, T, R_PAD], [S, N, R] (any strides), [T, N] (any strides), int64 [S+1]
