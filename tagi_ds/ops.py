@@ -12,11 +12,17 @@ Shapes: ``x [T, d_in]`` (tokens already grouped by task), ``A [S, r, d_in]``, ``
 ``[S, Lmax, d_in]`` block and multiplied with two batched matmuls (the r-wide intermediate is
 materialised). ``impl="triton"`` is the fused kernel in ``kernels/`` (import name ``tagi_kernels``),
 ``impl="auto"`` picks it for CUDA tensors when Triton imports and the reference otherwise.
+
+Two entry points sit beside it, same arguments and dispatch: :func:`lora_delta_add_` adds the delta into a given
+output in place (the base linear's output: no delta tensor written and re-read by an add) and :func:`lora_linear`
+is the whole adapted linear ``F.linear(x, weight, bias) + delta`` (the kernels write the delta and the base GEMM
+adds onto it, in forward and for the input gradient). Costs of each: kernels/NOTES.md.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -91,11 +97,44 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: t
     forward in :class:`~tagi_ds.adapters.AdapterSet`, not once per layer, since each check syncs the device).
     """
     check_args(x, A, B, seg_offsets, check_offsets)
-    chosen = resolve_impl(impl, x)
-    if chosen == "torch":
+    if resolve_impl(impl, x) == "torch":
         return lora_delta_torch(x, A, B, seg_offsets, scale)
+    return _kernels("lora_delta").triton_lora_delta(x, A, B, seg_offsets, scale)
+
+
+def lora_delta_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    seg_offsets: torch.Tensor, scale: float = 1.0, impl: str = "auto",
+                    check_offsets: bool = True) -> torch.Tensor:
+    """``out += lora_delta(x, A, B, seg_offsets, scale)`` in place; returns ``out`` ``[T, d_out]`` (same dtype and
+    device as x, any strides, not overlapping x). Differentiable in out, x, A and B, by autograd's in-place rules
+    (``out`` may not be a leaf that requires grad)."""
+    check_args(x, A, B, seg_offsets, check_offsets)
+    want = (x.shape[0], B.shape[1])
+    if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"lora_delta_add_: out must be {list(want)} {x.dtype} on {x.device}, "
+                         f"got {list(out.shape)} {out.dtype} on {out.device}")
+    if resolve_impl(impl, x) == "torch":
+        return out.add_(lora_delta_torch(x, A, B, seg_offsets, scale))
+    return _kernels("lora_delta_add_").triton_lora_delta_add_(out, x, A, B, seg_offsets, scale)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                seg_offsets: torch.Tensor, scale: float = 1.0, impl: str = "auto",
+                check_offsets: bool = True) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + lora_delta(x, A, B, seg_offsets, scale)``, ``[T, d_out]``; weight
+    ``[d_out, d_in]`` and bias ``[d_out]`` in x's dtype. Differentiable in every tensor."""
+    check_args(x, A, B, seg_offsets, check_offsets)
+    if weight.shape != (B.shape[1], x.shape[1]):
+        raise ValueError(f"lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}], "
+                         f"got {list(weight.shape)}")
+    if resolve_impl(impl, x) == "torch":
+        return F.linear(x, weight, bias) + lora_delta_torch(x, A, B, seg_offsets, scale)
+    return _kernels("lora_linear").triton_lora_linear(x, weight, bias, A, B, seg_offsets, scale)
+
+
+def _kernels(op: str):
     try:
-        from tagi_kernels import triton_lora_delta
+        import tagi_kernels
     except ImportError as err:
-        raise RuntimeError(f"lora_delta: impl='triton' needs triton and the tagi_kernels package ({err})") from err
-    return triton_lora_delta(x, A, B, seg_offsets, scale)
+        raise RuntimeError(f"{op}: impl='triton' needs triton and the tagi_kernels package ({err})") from err
+    return tagi_kernels

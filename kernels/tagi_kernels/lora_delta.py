@@ -1,4 +1,5 @@
-r"""Fused per-task LoRA delta: launchers and the autograd Function for ``tagi_ds.ops.lora_delta(impl="triton")``.
+r"""Per-task LoRA delta on Triton: the autograd Functions behind ``tagi_ds.ops.lora_delta`` / ``lora_delta_add_`` /
+``lora_linear`` with ``impl="triton"``.
 
 Shapes. ``x [T, d_in]`` holds tokens grouped by task; ``seg_offsets`` int64 ``[S+1]`` (non-decreasing,
 ``[0] = 0``, ``[S] = T``; segment ``s`` is rows ``seg_offsets[s]:seg_offsets[s+1]``, possibly empty);
@@ -6,8 +7,8 @@ Shapes. ``x [T, d_in]`` holds tokens grouped by task; ``seg_offsets`` int64 ``[S
 
 Forward, for the rows ``X_s [L_s, d_in]`` of segment ``s``::
 
-    H_s = X_s A_s^T              [L_s, r]      (shrink; kept on chip, written out only for dB)
-    Y_s = scale * H_s B_s^T      [L_s, d_out]  (expand)
+    H_s = X_s A_s^T              [L_s, r]      (shrink: once per token tile, split over d_in when tokens are few)
+    Y_s = scale * H_s B_s^T      [L_s, d_out]  (expand: writes Y, or adds into a given output in place)
 
 Backward. Write ``dZ`` for the gradient dL/dZ and ``δZ`` for a perturbation, ``<P, Q> = tr(P^T Q)``. Then
 ``δY_s = scale * (δX_s A_s^T B_s^T + X_s δA_s^T B_s^T + H_s δB_s^T)`` and ``δL = <dY_s, δY_s>``; moving each
@@ -20,20 +21,29 @@ factor across the inner product (cyclic trace) reads off the gradients::
 
     with G_s = dY_s B_s [L_s, r], the shrink of the output gradient.
 
-``dX`` has the forward's structure with ``(X, A, B) -> (dY, B^T, A^T)``, so the same fused kernel computes it
-(the transposes are stride views) and writes ``G`` on the side. ``dA`` and ``dB`` are per-segment sums over tokens:
-one program owns one ``[r, block]`` tile of one segment and walks that segment's tokens in order, so the
-reduction is deterministic (no float atomics). With few tasks the tokens of a segment are also split into chunks
-whose fp32 partial tiles are summed afterwards in a fixed order (still deterministic). Launches, whatever S is:
-1 forward; 3 backward (fused dX+G, dA, dB), plus one partial-sum reduction per weight gradient when split.
+So ``G`` is the forward's shrink with ``(x, A) -> (dY, B^T)`` and ``dX`` its expand with ``B -> A^T`` (the transposes
+are stride views, not copies); ``dA`` and ``dB`` are per-segment sums over tokens, done as a segment-grouped GEMM
+whose programs each walk a fixed run of tokens in order (deterministic, no float atomics; with few tasks the runs
+are chunks of a segment whose fp32 partials are summed in a fixed order). Launches, whatever S is: 2 forward
+(shrink, expand); backward: shrink + expand for dX, 1 each for dA and dB, plus one partial sum each when split.
+
+Three entry points share these kernels:
+
+* ``triton_lora_delta(x, A, B, offs, scale)`` returns the delta (the public op's contract);
+* ``triton_lora_delta_add_(out, x, A, B, offs, scale)`` adds it into ``out`` in place (e.g. the base linear's
+  output): the expand reads and writes ``out`` once instead of writing a delta that a separate add reads again;
+* ``triton_lora_linear(x, weight, bias, A, B, offs, scale)`` is the whole adapted linear: the expand writes the delta
+  and the base GEMM (cuBLAS, ``addmm_`` with beta = 1) adds ``x W^T`` onto it in its epilogue, in forward (``Y``) and
+  backward (``dX = dY W + scale G A``), so neither the delta nor the LoRA part of ``dX`` is re-read by an add.
 
 Numerics: accumulation is fp32; the r-wide intermediates are rounded to the input dtype before their second
-matmul, like the unfused bf16/fp16 reference. fp32 inputs use IEEE dots unless
+matmul, like the unfused bf16/fp16 reference. ``lora_delta_add_`` and ``lora_linear`` round ``base + delta`` once
+(the reference rounds the delta, then the sum). fp32 inputs use IEEE dots unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32, as torch does). Ranks are zero-padded to a power of
-two >= 16 inside the kernel (tl.dot needs K >= 16); the padding never reaches the outputs.
+two >= 16 inside the kernels (tl.dot needs K >= 16); the padding never reaches the outputs.
 
-The Function is a pure function of its inputs (no state kept between calls besides Triton's autotune cache), so
-it recomputes correctly under ``torch.utils.checkpoint(use_reentrant=False)``. Inputs are made contiguous.
+The Functions are pure functions of their inputs (no state kept between calls besides Triton's autotune cache), so
+they recompute correctly under ``torch.utils.checkpoint(use_reentrant=False)``. Inputs are made contiguous.
 """
 
 from __future__ import annotations
@@ -41,48 +51,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
 from torch.autograd.function import once_differentiable
 
-from .lora_kernels import INTERPRET, MIN_DOT, fused_lora_kernel, seg_outer_kernel
+from .launch import expand, seg_reduce, shrink
+from .lora_kernels import INTERPRET
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def pad_rank(r: int) -> int:
-    """Rank as seen by the kernels: a power of two (tl.arange) and at least the minimum dot size."""
-    return max(MIN_DOT, triton.next_power_of_2(max(r, 1)))
-
-
-def pick_block_m(T: int, S: int) -> int:
-    """Token tile of the fused kernel. Fixed before launch (the block table depends on it), so not autotuned:
-    short segments waste up to BLOCK_M - 1 padded rows each, long ones want big tiles."""
-    if INTERPRET:
-        return MIN_DOT
-    mean_len = T // max(S, 1)
-    return max(MIN_DOT, min(64, triton.next_power_of_2(max(mean_len, 1))))
-
-
-def block_table(seg_offsets: torch.Tensor, T: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map token blocks to segments: ``(blk_seg, blk_row)``, int32 ``[NB]`` each, NB = ceil(T / block_m) + S.
-
-    Block ``b`` covers rows ``blk_row[b] : min(blk_row[b] + block_m, seg_offsets[blk_seg[b] + 1])`` of segment
-    ``blk_seg[b]``. NB bounds sum_s ceil(L_s / block_m) from above, so the table is built with torch ops only
-    (no host sync); entries past the real count have ``blk_seg = -1`` and their programs exit at once.
-    """
-    S = seg_offsets.numel() - 1
-    nb = triton.cdiv(T, block_m) + S
-    lengths = seg_offsets[1:] - seg_offsets[:-1]  # [S]
-    blocks = (lengths + block_m - 1) // block_m  # [S] blocks per segment (0 for empty segments)
-    ends = torch.cumsum(blocks, 0)  # [S] one past each segment's last block
-    b = torch.arange(nb, device=seg_offsets.device)
-    # The segment of block b is the first s with ends[s] > b; empty segments own no block and are skipped.
-    seg = torch.searchsorted(ends, b, right=True).clamp_(max=max(S - 1, 0))
-    row = seg_offsets[seg] + (b - (ends[seg] - blocks[seg])) * block_m
-    valid = b < ends[-1]
-    blk_seg = torch.where(valid, seg, -1).to(torch.int32)
-    blk_row = torch.where(valid, row, 0).to(torch.int32)
-    return blk_seg, blk_row
 
 
 def _device_of(t: torch.Tensor):
@@ -90,153 +64,166 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # Only fp32 x fp32 dots have a choice; follow torch's own matmul setting so that impl="triton" and
-    # impl="torch" agree on whether fp32 means IEEE or TF32.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _forward(ctx, x, A, B, seg_offsets, scale, y: torch.Tensor, add: bool) -> tuple:
+    """Shared forward: ``y (+)= scale * (x A_s^T) B_s^T``; fills ctx for :func:`_backward`; returns what to save."""
+    offs = seg_offsets.to(device=x.device, dtype=torch.int64).contiguous()
+    ctx.scale = float(scale)
+    ctx.empty = x.shape[0] == 0 or A.shape[1] == 0 or B.shape[1] == 0 or x.shape[1] == 0
+    if ctx.empty:  # nothing to launch: the delta and every LoRA gradient are zero
+        if not add:
+            y.zero_()
+        return x, A, B, offs, None
+    with _device_of(x):
+        hp = shrink(x, A, offs)
+        expand(hp, B, offs, ctx.scale, y, add)
+    return x, A, B, offs, hp if ctx.needs_b else None
 
 
-def fused_lora(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, table, block_m: int,
-               scale: float, write_y: bool, store_h: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``Y = scale * (x W1_s^T) W2_s^T`` per segment and/or ``H = x W1_s^T`` (fp32 ``[T, R_PAD]``), one launch.
-
-    x ``[T, K]``, w1 ``[S, R, K]``, w2 ``[S, N, R]`` (any strides).
-    """
-    T, K = x.shape
-    S, R, _ = w1.shape
-    N = w2.shape[1]
-    r_pad = pad_rank(R)
-    blk_seg, blk_row = table
-    y = torch.empty(T, N, device=x.device, dtype=x.dtype) if write_y else x.new_empty(0)
-    h = torch.empty(T, r_pad, device=x.device, dtype=torch.float32) if store_h else x.new_empty(0, dtype=torch.float32)
-    nb = blk_seg.numel()
-
-    def grid(meta):
-        return (nb * triton.cdiv(N, meta["SPAN_N"]),) if write_y else (nb,)
-
-    fused_lora_kernel[grid](
-        x, w1, w2, y, h, blk_seg, blk_row, offs,
-        K, N, R, float(scale),
-        x.stride(0), x.stride(1),
-        w1.stride(0), w1.stride(1), w1.stride(2),
-        w2.stride(0), w2.stride(1), w2.stride(2),
-        y.stride(0) if write_y else 0, y.stride(1) if write_y else 0,
-        r_pad,
-        BLOCK_M=block_m, R_PAD=r_pad, WRITE_Y=write_y, STORE_H=store_h, IN_PREC=_input_precision(x.dtype),
-    )
-    return (y if write_y else None), (h if store_h else None)
-
-
-def pick_token_splits(T: int, S: int, D: int, device: torch.device) -> int:
-    """Chunks per segment for the weight-gradient reduction. One program per (segment, column block) leaves most
-    SMs idle when there are few tasks (S=1, d=2048: 32 programs); split each segment's tokens so the grid covers
-    about two waves, keeping >= ~256 tokens per chunk so the partial sums stay cheap."""
-    if INTERPRET:
-        return 2 if T >= 32 * S else 1  # exercise both paths at test sizes
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, S * triton.cdiv(D, 64))
-    return max(1, min(want, T // (256 * S), 16))
-
-
-def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, offs: torch.Tensor, scale: float,
-              splits: int = 1) -> torch.Tensor:
-    """``out[s] = scale * U_s^T V_s`` per segment. u fp32 ``[T, R_PAD]``, v ``[T, D]``, out ``[S, R, D]`` (any
-    strides, e.g. a transposed view of dB). One launch, plus a fixed-order sum of fp32 partials when splits > 1."""
-    S, R, D = out.shape
-    r_pad = u.shape[1]
-    target = out if splits == 1 else torch.empty(splits, S, R, D, device=out.device, dtype=torch.float32)
-    stride_oc = 0 if splits == 1 else target.stride(0)
-    t_s, t_r, t_d = target.stride()[-3:]
-
-    def grid(meta):
-        return (S * splits, triton.cdiv(D, meta["BLOCK_D"]))
-
-    seg_outer_kernel[grid](
-        u, v, target, offs,
-        D, R, splits, float(scale),
-        u.stride(0), v.stride(0), v.stride(1),
-        stride_oc, t_s, t_r, t_d,
-        R_PAD=r_pad, IN_PREC=_input_precision(v.dtype),
-    )
-    if splits > 1:
-        out.copy_(target.sum(0))  # torch reductions are atomics-free: same order, same bits, every run
-    return out
+def _backward(ctx, dy, x, A, B, offs, hp, need_x: bool, need_a: bool, need_b: bool, dx: torch.Tensor | None = None):
+    """dX (written into ``dx`` when given), dA, dB of the delta; None where not needed."""
+    if ctx.empty:
+        return (torch.zeros_like(x) if need_x and dx is None else dx, torch.zeros_like(A) if need_a else None,
+                torch.zeros_like(B) if need_b else None)
+    dy = dy.contiguous()
+    dA = dB = None
+    with _device_of(x):
+        if need_x or need_a:
+            # G = dY B (the forward's shrink with A -> B^T), then dX = scale * G A (its expand with B -> A^T).
+            gp = shrink(dy, B.transpose(1, 2), offs)
+            if need_x:
+                dx = expand(gp, A.transpose(1, 2), offs, ctx.scale, torch.empty_like(x) if dx is None else dx,
+                            add=False)
+            if need_a:
+                dA = seg_reduce(gp, x, torch.empty_like(A), offs, ctx.scale)
+        if need_b:
+            dB = torch.empty_like(B)
+            seg_reduce(hp, dy, dB.transpose(1, 2), offs, ctx.scale)  # dB^T = s * H^T dY, via strides
+    return dx, dA, dB
 
 
 class LoraDeltaFunction(torch.autograd.Function):
-    """Autograd wrapper: forward = 1 fused launch; backward = dX+G, dA, dB launches, each skipped when unneeded."""
+    """``delta = scale * (x A_s^T) B_s^T``: 2 launches forward; dX, dA, dB backward, each skipped when unneeded."""
 
     @staticmethod
     def forward(ctx, x, A, B, seg_offsets, scale):
         x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
-        offs = seg_offsets.to(device=x.device, dtype=torch.int64).contiguous()
-        T, S, r, d_out = x.shape[0], A.shape[0], A.shape[1], B.shape[1]
-        ctx.scale = float(scale)
-        ctx.empty = T == 0 or r == 0 or d_out == 0 or x.shape[1] == 0
-        if ctx.empty:  # nothing to launch: the delta and every gradient are zero
-            ctx.save_for_backward(x, A, B)
-            return x.new_zeros(T, d_out)
-        ctx.block_m = pick_block_m(T, S)
-        with _device_of(x):
-            table = block_table(offs, T, ctx.block_m)
-            y, h = fused_lora(x, A, B, offs, table, ctx.block_m, ctx.scale, write_y=True,
-                              store_h=ctx.needs_input_grad[2])
-        ctx.save_for_backward(x, A, B, offs, *table, h)
+        ctx.needs_b = ctx.needs_input_grad[2]
+        y = torch.empty(x.shape[0], B.shape[1], device=x.device, dtype=x.dtype)
+        saved = _forward(ctx, x, A, B, seg_offsets, scale, y, add=False)
+        ctx.save_for_backward(*saved)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        if ctx.empty:
-            x, A, B = ctx.saved_tensors
-            return (torch.zeros_like(x) if need_x else None, torch.zeros_like(A) if need_a else None,
-                    torch.zeros_like(B) if need_b else None, None, None)
-        x, A, B, offs, blk_seg, blk_row, h = ctx.saved_tensors
+        grads = _backward(ctx, dy, *ctx.saved_tensors, *ctx.needs_input_grad[:3])
+        return (*grads, None, None)
+
+
+class LoraDeltaAddFunction(torch.autograd.Function):
+    """``out += scale * (x A_s^T) B_s^T`` in place (the expand's epilogue reads and writes ``out``); returns out."""
+
+    @staticmethod
+    def forward(ctx, out, x, A, B, seg_offsets, scale):
+        x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
+        ctx.needs_b = ctx.needs_input_grad[3]
+        saved = _forward(ctx, x, A, B, seg_offsets, scale, out, add=True)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        grads = _backward(ctx, dout, *ctx.saved_tensors, *ctx.needs_input_grad[1:4])
+        return (dout if ctx.needs_input_grad[0] else None, *grads, None, None)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``x W^T + bias + scale * (x A_s^T) B_s^T``: the delta is written first and cuBLAS adds the base GEMM onto it
+    (``addmm_``, beta = 1), in forward and for dX in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, seg_offsets, scale):
+        x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
+        ctx.needs_b = ctx.needs_input_grad[4]
+        y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+        saved = _forward(ctx, x, A, B, seg_offsets, scale, y, add=False)
+        y.addmm_(x, weight.t())
+        if bias is not None:
+            y.add_(bias)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(*saved, weight)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        *saved, weight = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy = dy.contiguous()
-        dx = dA = dB = None
-        with _device_of(x):
-            if need_x or need_a:
-                # dX = s * (dY B) A is the forward with (x, A, B) -> (dY, B^T, A^T); G = dY B comes out on the side.
-                dx, g = fused_lora(dy, B.transpose(1, 2), A.transpose(1, 2), offs, (blk_seg, blk_row), ctx.block_m,
-                                   ctx.scale, write_y=need_x, store_h=need_a)
-                if need_a:
-                    splits = pick_token_splits(x.shape[0], A.shape[0], A.shape[2], x.device)
-                    dA = seg_outer(g, x, torch.empty_like(A), offs, ctx.scale, splits)
-            if need_b:
-                dB = torch.empty_like(B)
-                splits = pick_token_splits(x.shape[0], B.shape[0], B.shape[1], x.device)
-                seg_outer(h, dy, dB.transpose(1, 2), offs, ctx.scale, splits)  # dB^T = s * H^T dY, via strides
-        return dx, dA, dB, None, None
+        dx, dA, dB = _backward(ctx, dy, *saved, need_x, need_a, need_b)
+        if need_x:
+            dx.addmm_(dy, weight)  # dX = dY W + scale * G A, the GEMM adding onto the LoRA part
+        dw = dy.t() @ saved[0] if need_w else None
+        dbias = dy.sum(0) if need_bias and ctx.has_bias else None
+        return dx, dw, dbias, dA, dB, None, None
+
+
+def _check(name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor) -> None:
+    """Shapes, dtypes and devices, without a host sync; the contents of ``seg_offsets`` (monotone, ends at 0 and T)
+    are validated by ``tagi_ds.ops``, the public entry points."""
+    if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"{name}: want x [T, d_in], A [S, r, d_in], B [S, d_out, r], got "
+                         f"{tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
+    S, r, d_in = A.shape
+    if x.shape[1] != d_in or B.shape[0] != S or B.shape[2] != r:
+        raise ValueError(f"{name}: shapes disagree: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if seg_offsets.dim() != 1 or seg_offsets.numel() != S + 1 or seg_offsets.dtype != torch.int64:
+        raise ValueError(f"{name}: seg_offsets must be int64 [S+1={S + 1}], got {seg_offsets.dtype} "
+                         f"{tuple(seg_offsets.shape)}")
+    if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype:
+        raise ValueError(f"{name}: x, A, B must share one of {DTYPES}, got {x.dtype}, {A.dtype}, {B.dtype}")
+    if A.device != x.device or B.device != x.device:
+        raise ValueError(f"{name}: x, A, B must be on one device, got {x.device}, {A.device}, {B.device}")
+    if INTERPRET and x.dtype == torch.bfloat16:
+        # The interpreter runs tiles through numpy, which has no bfloat16: results would be garbage, not slow.
+        raise ValueError(f"{name}: bfloat16 is not supported under TRITON_INTERPRET=1; use fp32 or fp16")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{name}: x is on {x.device}; the Triton kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 set before tagi_kernels is imported)")
+
+
+def _check_output(name: str, what: str, t: torch.Tensor, x: torch.Tensor, d_out: int) -> None:
+    if t.shape != (x.shape[0], d_out) or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"{name}: {what} must be [T={x.shape[0]}, d_out={d_out}] {x.dtype} on {x.device}, got "
+                         f"{tuple(t.shape)} {t.dtype} on {t.device}")
 
 
 def triton_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
                       scale: float = 1.0) -> torch.Tensor:
-    """``[T, d_out]`` per-segment ``scale * (x A_s^T) B_s^T`` with the fused Triton kernel; differentiable in x, A, B.
-
-    Checks shapes, dtypes and devices without a host sync; the contents of ``seg_offsets`` (monotone, ends at 0
-    and T) are validated by ``tagi_ds.ops.lora_delta``, the public entry point.
-    """
-    if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
-        raise ValueError(f"triton_lora_delta: want x [T, d_in], A [S, r, d_in], B [S, d_out, r], got "
-                         f"{tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
-    S, r, d_in = A.shape
-    if x.shape[1] != d_in or B.shape[0] != S or B.shape[2] != r:
-        raise ValueError(f"triton_lora_delta: shapes disagree: x {tuple(x.shape)}, A {tuple(A.shape)}, "
-                         f"B {tuple(B.shape)}")
-    if seg_offsets.dim() != 1 or seg_offsets.numel() != S + 1 or seg_offsets.dtype != torch.int64:
-        raise ValueError(f"triton_lora_delta: seg_offsets must be int64 [S+1={S + 1}], got {seg_offsets.dtype} "
-                         f"{tuple(seg_offsets.shape)}")
-    if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype:
-        raise ValueError(f"triton_lora_delta: x, A, B must share one of {DTYPES}, got {x.dtype}, {A.dtype}, {B.dtype}")
-    if A.device != x.device or B.device != x.device:
-        raise ValueError(f"triton_lora_delta: x, A, B must be on one device, got {x.device}, {A.device}, {B.device}")
-    if INTERPRET and x.dtype == torch.bfloat16:
-        # The interpreter runs tiles through numpy, which has no bfloat16: results would be garbage, not slow.
-        raise ValueError("triton_lora_delta: bfloat16 is not supported under TRITON_INTERPRET=1; use fp32 or fp16")
-    if x.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"triton_lora_delta: x is on {x.device}; the Triton kernel needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 set before tagi_kernels is imported)")
+    """``[T, d_out]`` per-segment ``scale * (x A_s^T) B_s^T``; differentiable in x, A, B."""
+    _check("triton_lora_delta", x, A, B, seg_offsets)
     return LoraDeltaFunction.apply(x, A, B, seg_offsets, float(scale))
+
+
+def triton_lora_delta_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           seg_offsets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``out += scale * (x A_s^T) B_s^T`` in place, returns ``out`` ``[T, d_out]`` (any strides; it must not overlap
+    x). Differentiable in out, x, A, B; ``out`` must not be a leaf that requires grad (autograd's in-place rule)."""
+    _check("triton_lora_delta_add_", x, A, B, seg_offsets)
+    _check_output("triton_lora_delta_add_", "out", out, x, B.shape[1])
+    return LoraDeltaAddFunction.apply(out, x, A, B, seg_offsets, float(scale))
+
+
+def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                       B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scale * (x A_s^T) B_s^T`` ``[T, d_out]``; differentiable in every tensor."""
+    _check("triton_lora_linear", x, A, B, seg_offsets)
+    if weight.dim() != 2 or weight.shape != (B.shape[1], x.shape[1]) or weight.dtype != x.dtype:
+        raise ValueError(f"triton_lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}] {x.dtype}, "
+                         f"got {tuple(weight.shape)} {weight.dtype}")
+    if bias is not None and (bias.shape != (B.shape[1],) or bias.dtype != x.dtype):
+        raise ValueError(f"triton_lora_linear: bias must be [d_out={B.shape[1]}] {x.dtype}, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+    return LoraLinearFunction.apply(x, weight, bias, A, B, seg_offsets, float(scale))

@@ -1,22 +1,29 @@
-"""Triton kernels behind :func:`tagi_kernels.triton_lora_delta` (shapes and the backward derivation live there).
+"""Triton kernels behind :mod:`tagi_kernels.lora_delta` (shapes and the backward derivation live there).
 
-Two kernels serve the forward and the backward pass:
+Tokens are tiled in plain ``BLOCK_M`` row tiles (no per-segment padding, no block table): a program finds the
+segment of its first row by a binary search over ``offs`` and walks the segments its tile touches, masking rows
+to each one in turn. Rows of one segment see only that segment's weights; every row belongs to one segment, so
+the per-segment contributions never overlap.
 
-``fused_lora_kernel``  per token block of one segment ``s`` (rows ``m``) and one span of output columns ``n``:
-    ``H[m, :] = X[m, :] @ W1[s]^T``        (shrink, ``W1 [S, R, K]``; the ``[BLOCK_M, R_PAD]`` tile stays on chip)
-    ``Y[m, n] = scale * H[m, :] @ W2[s, n, :]^T``   (expand, ``W2 [S, N, R]``)
-    and, when asked, writes ``H`` (fp32) for the weight gradients. Forward: ``(X, W1, W2) = (x, A, B)``.
-    Backward: ``(dY, B^T, A^T)`` gives ``dX`` and ``G = dY B`` -- the transposes are stride views, not copies.
-``seg_outer_kernel``   per segment ``s``, chunk ``c`` of its tokens and one block of columns ``d``:
-    ``OUT[c, s, :, d] = scale * sum_{t in chunk c of s} U[t, :]^T V[t, d]``  (``U`` fp32 ``[T, R_PAD]``, ``V [T, D]``)
-    one program owns one output tile and walks its tokens in order: deterministic, no atomics. With one chunk
-    (many tasks) it writes the gradient directly; with few tasks the tokens are split into chunks for
-    parallelism and the launcher sums the fp32 partials in a fixed order.
-    ``dA = (U=G, V=x)``, ``dB^T = (U=H, V=dY)`` (written through the strides of ``dB``).
+``shrink_kernel``   ``HP[k, m, :] = X[m, K-chunk k] @ W1[s(m), :, K-chunk k]^T``   (split-K partials, fp32)
+    ``W1 [S, R, K]``. One program per (row tile, K chunk): the shrink is computed once per token block (not once per
+    output span), and the K split gives enough programs when there are few tokens per SM. The consumer sums the
+    ``KSPLIT`` partials in a fixed order, so the split costs no atomics and no extra launch.
+``expand_kernel``   ``Y[m, n] (+)= scale * round(sum_k HP[k, m, :]) @ W2[s(m), n, :]^T``
+    ``W2 [S, N, R]``. One program per (row tile, span of output columns). ``ADD`` reads ``Y`` and adds into it (the
+    expand as an epilogue on an existing output, e.g. the base linear's); otherwise it writes ``Y``.
+``seg_reduce_kernel``  ``OUT[c, s, :, d] = scale * sum_{t in chunk c of s} U[t, :]^T V[t, d]``, ``U = sum_k UP[k]``
+    The weight gradients as a segment-grouped GEMM: one program owns one ``[R, BLOCK_D]`` tile of one token chunk of
+    one segment and walks its tokens in order (deterministic, no atomics). With few tasks each segment's tokens are
+    split into chunks (so one task still fills the SMs) and ``sum_splits_kernel`` adds the fp32 partials in a fixed
+    order. ``dA = (U=G, V=x)``, ``dB^T = (U=H, V=dY)`` (written through the strides of ``dB``).
 
-Token blocks never straddle two segments: the launcher passes a block -> (segment, first row) table built with
-torch ops (see ``lora_delta.block_table``), sized by an upper bound so that building it needs no host sync;
-the unused tail entries carry segment ``-1`` and their programs return at once.
+Autotuning: the keys hold the rank bucket, the ADD flag and one weight stride (1, or r for backward's transposed
+views), plus the dtypes, never T, S or d, so a model compiles each kernel a handful of times whatever its batch
+shapes; the launch
+geometry that depends on the shape (split-K, column span, token chunks) is picked by the launcher at run time and
+passed as plain ints. ``TAGI_KERNELS_TUNE=fixed`` leaves one config per kernel (the GPU test stage sets it: each
+specialization then compiles once, not once per config).
 """
 
 from __future__ import annotations
@@ -29,116 +36,156 @@ import triton.language as tl
 # Triton picks interpreter mode from this variable when a kernel is decorated; mirror it so that interpreter
 # runs (CPU tests) use one small config instead of benchmarking a GPU search space they cannot use.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TUNE = os.environ.get("TAGI_KERNELS_TUNE", "full")
+if TUNE not in ("full", "fixed"):
+    raise ValueError(f"TAGI_KERNELS_TUNE must be 'full' or 'fixed', got {TUNE!r}")
 
 # Smallest tile edge handed to tl.dot (tensor cores need M, N, K >= 16).
 MIN_DOT = 16
+# Row tile of all kernels on a GPU (fixed, not tuned: the launch geometry is planned from it).
+BLOCK_M_GPU = 64
+# Column tile of the weight-gradient reduction (fixed for the same reason).
+BLOCK_D_GPU = 128
+# K chunks of the split shrink are multiples of this (every BLOCK_K of the space divides it).
+K_CHUNK_ALIGN = 256
 
 
-def _fused_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "SPAN_N": 32}, num_warps=1, num_stages=1)]
-    # SPAN_N trades parallelism (more column spans -> more programs) against recomputing the shrink:
-    # every span of a token block recomputes X @ W1^T, so wide spans pay off when d_out is large.
-    space = [
-        (32, 64, 256, 4, 4),
-        (64, 64, 512, 4, 3),
-        (64, 128, 1024, 4, 3),
-        (64, 128, 2048, 8, 3),
-        (128, 64, 512, 4, 3),
-        (128, 128, 1024, 8, 3),
-        (64, 128, 4096, 8, 4),
-        (128, 128, 8192, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "SPAN_N": span}, num_warps=w, num_stages=st)
-            for bk, bn, span, w, st in space]
+# Per kernel: (config names, interpreter config, full space). A config is (*values of names, num_warps, num_stages);
+# the fixed space (TAGI_KERNELS_TUNE=fixed) is the full space's first config, so compiling one covers the other.
+SPACES = {
+    "shrink": (("BLOCK_K",), (16, 1, 1), [(128, 4, 3), (64, 4, 4), (256, 8, 3)]),
+    "expand": (("BLOCK_N",), (16, 1, 1), [(128, 4, 3), (64, 4, 3), (256, 8, 3)]),
+    "seg_reduce": (("BLOCK_M",), (16, 1, 1), [(64, 4, 3), (32, 4, 4), (128, 8, 3)]),
+}
 
 
-def _seg_outer_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16}, num_warps=1, num_stages=1)]
-    space = [
-        (32, 32, 4, 4),
-        (64, 32, 4, 4),
-        (64, 64, 4, 3),
-        (128, 64, 4, 3),
-        (64, 128, 4, 3),
-        (128, 128, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_D": bd}, num_warps=w, num_stages=st) for bm, bd, w, st in space]
+def configs(kernel: str) -> list[triton.Config]:
+    """The autotune space of ``kernel`` for this process: interpreter, fixed (test flag) or full."""
+    names, interp, full = SPACES[kernel]
+    space = [interp] if INTERPRET else full[:1] if TUNE == "fixed" else full
+    return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in space]
 
 
-@triton.autotune(configs=_fused_configs(), key=["K", "N", "R_PAD", "BLOCK_M", "WRITE_Y", "STORE_H", "stride_w1k"])
+SHRINK_CONFIGS, EXPAND_CONFIGS, SEG_REDUCE_CONFIGS = configs("shrink"), configs("expand"), configs("seg_reduce")
+
+
 @triton.jit
-def fused_lora_kernel(
-    X, W1, W2, Y, H,  # [T, K], [S, R, K], [S, N, R], [T, N], fp32 [T, R_PAD]
-    blk_seg, blk_row, offs,  # int32 [NB], int32 [NB], int64 [S+1]
-    K, N, R, scale,
-    stride_xm, stride_xk,
-    stride_w1s, stride_w1r, stride_w1k,
-    stride_w2s, stride_w2n, stride_w2r,
-    stride_ym, stride_yn,
-    stride_hm,
-    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, WRITE_Y: tl.constexpr, STORE_H: tl.constexpr,
-    IN_PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPAN_N: tl.constexpr,
+def _segment_of(offs, S, row):
+    """Largest s in [0, S) with offs[s] <= row: the segment holding ``row`` (empty segments are stepped over,
+    since offs[s + 1] > row for that s). log2(S) scalar loads."""
+    lo = tl.full((), 0, tl.int32)
+    hi = lo + S
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        go_right = tl.load(offs + mid) <= row
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _row_tile(T, BLOCK_M: tl.constexpr):
+    """Row tile of program_id(0): first row, one past its last row, its rows (int32 and int64 for addressing)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    return m0, tl.minimum(m0 + BLOCK_M, T), rows, rows.to(tl.int64)
+
+
+@triton.autotune(configs=SHRINK_CONFIGS, key=["R_PAD", "stride_wk"])
+@triton.jit(do_not_specialize=["T", "S", "R", "k_chunk"])
+def shrink_kernel(
+    X, W1, HP, offs,  # [T, K], [S, R, K] (any strides), fp32 [KSPLIT, T, R_PAD], int64 [S+1]
+    T, S, K, R, k_chunk,
+    stride_xm, stride_xk, stride_ws, stride_wr, stride_wk, stride_hs, stride_hm,
+    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, IN_PREC: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if WRITE_Y:
-        # Spans of one token block are adjacent in launch order so its X rows are re-read from L2.
-        n_spans = tl.cdiv(N, SPAN_N)
-        blk = pid // n_spans
-        span = pid % n_spans
-    else:
-        blk = pid
-        span = 0
-    seg = tl.load(blk_seg + blk)
-    if seg < 0:
-        return
-    seg64 = seg.to(tl.int64)
-    row0 = tl.load(blk_row + blk)
-    seg_end = tl.load(offs + seg64 + 1)
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < seg_end
+    k_split = tl.program_id(1)
+    m0, m_end, rows, rows64 = _row_tile(T, BLOCK_M)
     r_idx = tl.arange(0, R_PAD)
     r_mask = r_idx < R  # rank padded to R_PAD >= 16 with zeros: padded columns of H stay exactly 0
+    k_lo = k_split * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, K)
 
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    w1_base = W1 + seg64 * stride_w1s + r_idx[None, :] * stride_w1r
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w1 = tl.load(w1_base + ks[:, None] * stride_w1k, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        h = tl.dot(x, w1, h, input_precision=IN_PREC)  # [BLOCK_M, R_PAD], fp32 accumulation
-
-    if STORE_H:
-        if span == 0:
-            tl.store(H + rows[:, None] * stride_hm + r_idx[None, :], h, mask=row_mask[:, None])
-
-    if WRITE_Y:
-        # Round the intermediate to the input dtype before the second dot, as the unfused reference (two bmm in
-        # that dtype) does; the dot itself still accumulates in fp32.
-        hc = h.to(W2.dtype.element_ty)
-        w2_base = W2 + seg64 * stride_w2s + r_idx[:, None] * stride_w2r
-        n_lo = span * SPAN_N
-        n_hi = tl.minimum(n_lo + SPAN_N, N)
-        for n0 in range(n_lo, n_hi, BLOCK_N):
-            ns = n0 + tl.arange(0, BLOCK_N)
-            n_mask = ns < n_hi
-            w2 = tl.load(w2_base + ns[None, :] * stride_w2n, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            y = tl.dot(hc, w2, input_precision=IN_PREC) * scale  # [BLOCK_M, BLOCK_N]
-            tl.store(Y + rows[:, None] * stride_ym + ns[None, :] * stride_yn, y.to(Y.dtype.element_ty),
-                     mask=row_mask[:, None] & n_mask[None, :])
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    seg = _segment_of(offs, S, m0)
+    seg_lo = tl.load(offs + seg)
+    while seg_lo < m_end:
+        seg_hi = tl.load(offs + seg + 1)
+        if seg_hi > seg_lo:  # empty segments own no rows: skip their weights
+            # Rows of other segments load as 0, so their contributions to this segment's dot are exact zeros.
+            row_mask = (rows >= seg_lo) & (rows < seg_hi)
+            w_base = W1 + seg.to(tl.int64) * stride_ws + r_idx[None, :] * stride_wr
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < k_hi
+                x = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_base + ks[:, None] * stride_wk, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                acc = tl.dot(x, w, acc, input_precision=IN_PREC)  # [BLOCK_M, R_PAD], fp32 accumulation
+        seg += 1
+        seg_lo = seg_hi
+    tl.store(HP + k_split * stride_hs + rows64[:, None] * stride_hm + r_idx[None, :], acc,
+             mask=(rows < T)[:, None])
 
 
-@triton.autotune(configs=_seg_outer_configs(), key=["D", "R_PAD", "n_split"])
 @triton.jit
-def seg_outer_kernel(
-    U, V, OUT, offs,  # fp32 [T, R_PAD], [T, D], [n_split, S, R, D] (any strides), int64 [S+1]
-    D, R, n_split, scale,
-    stride_um, stride_vm, stride_vd,
-    stride_oc, stride_os, stride_or, stride_od,
-    R_PAD: tl.constexpr, IN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def _sum_partials(P, n_split, stride_ps, rows64, row_mask, stride_pm, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """sum_k P[k, rows, :] in the order k = 0, 1, ... (fp32 [BLOCK_M, R_PAD]); masked rows read 0."""
+    r_idx = tl.arange(0, R_PAD)
+    total = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(0, n_split):
+        total += tl.load(P + k * stride_ps + rows64[:, None] * stride_pm + r_idx[None, :], mask=row_mask[:, None],
+                         other=0.0)
+    return total
+
+
+@triton.autotune(configs=EXPAND_CONFIGS, key=["R_PAD", "ADD", "stride_wn"], restore_value=["Y"])
+@triton.jit(do_not_specialize=["T", "S", "R", "n_hsplit", "span_n"])
+def expand_kernel(
+    HP, W2, Y, offs,  # fp32 [KSPLIT, T, R_PAD], [S, N, R] (any strides), [T, N] (any strides), int64 [S+1]
+    T, S, N, R, n_hsplit, span_n, scale,
+    stride_hs, stride_hm, stride_ws, stride_wn, stride_wr, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, ADD: tl.constexpr, IN_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(1)
+    m0, m_end, rows, rows64 = _row_tile(T, BLOCK_M)
+    r_idx = tl.arange(0, R_PAD)
+    r_mask = r_idx < R
+    # Round the intermediate to the input dtype before the second dot, as the unfused reference (two matmuls in
+    # that dtype) does; the dot itself still accumulates in fp32.
+    h = _sum_partials(HP, n_hsplit, stride_hs, rows64, rows < T, stride_hm, R_PAD, BLOCK_M)
+    hc = h.to(W2.dtype.element_ty)
+    n_lo = pid_n * span_n
+    n_hi = tl.minimum(n_lo + span_n, N)
+
+    seg = _segment_of(offs, S, m0)
+    seg_lo = tl.load(offs + seg)
+    while seg_lo < m_end:
+        seg_hi = tl.load(offs + seg + 1)
+        if seg_hi > seg_lo:
+            row_mask = (rows >= seg_lo) & (rows < seg_hi)  # this segment's rows of the tile: the only ones stored
+            w_base = W2 + seg.to(tl.int64) * stride_ws + r_idx[:, None] * stride_wr
+            for n0 in range(n_lo, n_hi, BLOCK_N):
+                ns = n0 + tl.arange(0, BLOCK_N)
+                n_mask = ns < n_hi
+                w = tl.load(w_base + ns[None, :] * stride_wn, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                y = tl.dot(hc, w, input_precision=IN_PREC) * scale  # [BLOCK_M, BLOCK_N]
+                ptrs = Y + rows64[:, None] * stride_ym + ns[None, :] * stride_yn
+                mask = row_mask[:, None] & n_mask[None, :]
+                if ADD:  # one rounding of (base + delta), in fp32
+                    y += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(ptrs, y.to(Y.dtype.element_ty), mask=mask)
+        seg += 1
+        seg_lo = seg_hi
+
+
+@triton.autotune(configs=SEG_REDUCE_CONFIGS, key=["R_PAD", "stride_od"])
+@triton.jit(do_not_specialize=["R", "n_usplit", "n_split"])
+def seg_reduce_kernel(
+    UP, V, OUT, offs,  # fp32 [USPLIT, T, R_PAD], [T, D], [n_split, S, R, D] (any strides), int64 [S+1]
+    D, R, n_usplit, n_split, scale,
+    stride_us, stride_um, stride_vm, stride_vd, stride_oc, stride_os, stride_or, stride_od,
+    R_PAD: tl.constexpr, IN_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seg = (pid // n_split).to(tl.int64)
@@ -155,17 +202,39 @@ def seg_outer_kernel(
     d_mask = ds < D
     r_idx = tl.arange(0, R_PAD)
 
-    acc = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    # acc^T = V^T U: the wide operand (D) is the dot's M side, so the tile suits wgmma's M >= 64.
+    acc = tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32)
     # Sequential walk over the chunk's tokens: the reduction order is fixed, so results are bitwise reproducible
     # (no atomics). Empty segments and chunks skip the loop and store zeros.
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < hi
-        u = tl.load(U + rows[None, :] * stride_um + r_idx[:, None], mask=row_mask[None, :], other=0.0)  # [R_PAD, BM]
-        v = tl.load(V + rows[:, None] * stride_vm + ds[None, :] * stride_vd,
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BLOCK_D]
-        acc = tl.dot(u.to(v.dtype), v, acc, input_precision=IN_PREC)
+        u = _sum_partials(UP, n_usplit, stride_us, rows, row_mask, stride_um, R_PAD, BLOCK_M)  # [BM, R_PAD]
+        vt = tl.load(V + rows[None, :] * stride_vm + ds[:, None] * stride_vd,
+                     mask=d_mask[:, None] & row_mask[None, :], other=0.0)  # [BLOCK_D, BM]
+        acc = tl.dot(vt, u.to(V.dtype.element_ty), acc, input_precision=IN_PREC)
 
     out = (acc * scale).to(OUT.dtype.element_ty)
-    tl.store(OUT + chunk_id * stride_oc + seg * stride_os + r_idx[:, None] * stride_or + ds[None, :] * stride_od, out,
-             mask=(r_idx[:, None] < R) & d_mask[None, :])
+    out_base = OUT + chunk_id.to(tl.int64) * stride_oc + seg * stride_os
+    tl.store(out_base + r_idx[None, :] * stride_or + ds[:, None] * stride_od, out,
+             mask=d_mask[:, None] & (r_idx[None, :] < R))
+
+
+@triton.jit(do_not_specialize=["n_split", "numel", "R"])
+def sum_splits_kernel(
+    P, OUT,  # fp32 [n_split, S, R, D] contiguous, [S, R, D] (any strides)
+    n_split, numel, R, D,
+    stride_os, stride_or, stride_od,
+    BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < numel
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = P + i
+    for _ in range(0, n_split):  # fixed order: same bits every run
+        total += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += numel  # 64-bit pointer steps: no int32 product c * numel
+    s = i // (R * D)
+    rd = i % (R * D)
+    tl.store(OUT + s * stride_os + (rd // D) * stride_or + (rd % D) * stride_od, total.to(OUT.dtype.element_ty),
+             mask=mask)

@@ -1,4 +1,5 @@
-"""The GPU code path of the LoRA kernels compiles for sm_90 in bf16/fp16/fp32, checked on a machine without a GPU."""
+"""The GPU code path of the LoRA kernels compiles for sm_90 in bf16/fp16/fp32, checked on a machine without a GPU;
+``TAGI_KERNELS_TUNE=fixed`` (the GPU test stage's flag) leaves one autotune config per kernel."""
 
 from __future__ import annotations
 
@@ -10,10 +11,23 @@ from pathlib import Path
 import pytest
 
 
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90_with_the_fixed_tuning_space():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TAGI_KERNELS_TUNE"] = "fixed"
     script = Path(__file__).with_name("aot_compile.py")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    # --all: every config of the (fixed, one-config) space, i.e. exactly what the GPU tests compile per variant.
+    proc = subprocess.run([sys.executable, str(script), "--all"], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("smem=") == 12  # 3 dtypes x (2 fused + 2 seg_outer variants)
+    assert "tune=fixed configs: shrink=1 expand=1 seg_reduce=1" in proc.stdout
+    # bf16 and fp32: 2 shrinks, 3 expands, 2 reductions, 1 partial sum; fp16: the 2 shrinks.
+    assert proc.stdout.count("smem=") == 18
+
+
+def test_bad_tuning_flag_is_refused():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TAGI_KERNELS_TUNE"] = "fast"
+    proc = subprocess.run([sys.executable, "-c", "import tagi_kernels"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "TAGI_KERNELS_TUNE must be 'full' or 'fixed', got 'fast'" in proc.stderr
