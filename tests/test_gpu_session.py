@@ -1,5 +1,6 @@
 """scripts/gpu_session.sh, the stages a lent GPU machine runs, checked on this CPU machine with SMOKE=1: each stage
-sets up, runs its benchmark, and leaves the results and its log in $OUT (what the device tool brings back)."""
+sets up, runs its steps under one budget, packs logs and results into $OUT after every step (what the device tool
+brings back), and prints a summary last. Also the wheels the GPU image lacks, as a closed set."""
 
 from __future__ import annotations
 
@@ -7,48 +8,81 @@ import datetime
 import json
 import os
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TODAY = datetime.date.today().isoformat()
 
 
-def session(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, Path]:
+def session(tmp_path: Path, *args: str, timeout: int = 400, **env_extra) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "BENCH_OUT": str(tmp_path / "results"),
-           "TMPDIR": str(tmp_path), "PYTHON": "python", "OMP_NUM_THREADS": "1", "WHEELS": str(tmp_path / "no_wheels")}
+           "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "WHEELS": str(tmp_path / "no_wheels"), **env_extra}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("MASTER_PORT", None)
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return proc, out
 
 
-def test_plan_stage_leaves_versions_log_and_results_in_out(tmp_path):
+def packed(out: Path, stage: str) -> dict[str, str]:
+    with tarfile.open(out / f"{stage}.tgz") as tf:
+        return {m.name.removeprefix("./"): tf.extractfile(m).read().decode(errors="replace")
+                for m in tf.getmembers() if m.isfile()}
+
+
+def test_check_stage_runs_the_whole_pipeline_and_both_train_steps(tmp_path):
+    proc, out = session(tmp_path, "check")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    steps = [f"cpu_{TODAY}_train_step_{r}.{ext}" for r in ("llama-7b", "t5-xl") for ext in ("json", "md")]
+    assert names == sorted(["check.tgz", "summary.txt", "versions.txt", *steps]) and len(names) <= 8
+    files = packed(out, "check")
+    pipeline = files["pipeline/pipeline.tsv"].splitlines()[1:]
+    assert [row.split("\t")[:2] for row in pipeline] == [[s, "ok"] for s in (
+        "teachers", "pretrain", "finetune", "concat", "eval_tagi", "eval_concat", "table", "adapter")]
+    finetune = next(r for r in pipeline if r.startswith("finetune"))
+    assert "fp32, torch op" in finetune and " kl " in finetune and " param " in finetune
+    assert "held-out tasks" in files["pipeline/table.txt"]
+    for recipe, tiny in (("t5-xl", "tiny"), ("llama-7b", "tiny-llama")):
+        (rec,) = json.loads((out / f"cpu_{TODAY}_train_step_{recipe}.json").read_text())["recipes"]
+        assert rec["recipe"] == tiny and {(r["variant"], r["engine"]) for r in rec["rows"]} == {
+            ("tagi", "z3"), ("lora", "z3")}
+        assert all(r.get("step_ms") for r in rec["rows"]), rec["rows"]
+    summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last
+    for step in ("pipeline", "train_step_t5-xl", "gpu_kernel_tests", "train_step_llama-7b"):
+        assert f"\n{step} " in summary and "ok" in summary.split(f"\n{step} ")[1].split("\n")[0]
+
+
+def test_plan_stage_packs_logs_and_results_after_each_step(tmp_path):
     proc, out = session(tmp_path, "plan")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["bench_plan_memory.log", f"cpu_{TODAY}_plan_memory.json", f"cpu_{TODAY}_plan_memory.md",
-                     "versions.txt"]
+    assert names == sorted(["plan.tgz", f"cpu_{TODAY}_plan_memory.json", f"cpu_{TODAY}_plan_memory.md",
+                            "summary.txt", "versions.txt"])
     versions = (out / "versions.txt").read_text()
     assert "torch" in versions and "no CUDA device (CPU)" in versions and "deepspeed" in versions
     assert json.loads((out / f"cpu_{TODAY}_plan_memory.json").read_text())["rows"][0]["status"] == "ok"
-
-
-def test_train_stage_tags_results_with_the_recipe_and_passes_flags_on(tmp_path):
-    proc, out = session(tmp_path, "train", "tiny", "--variants", "tagi", "lora", "--engines", "torch",
-                        "--no_checkpointing_table")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    result = json.loads((out / f"cpu_{TODAY}_train_step_tiny.json").read_text())
-    (rec,) = result["recipes"]
-    assert rec["recipe"] == "tiny" and {(r["variant"], r["engine"]) for r in rec["rows"]} == {
-        ("tagi", "torch"), ("lora", "torch")}
-    assert (out / "bench_train_step_tiny.log").is_file()
+    assert "bench_plan_memory.log" in packed(out, "plan")
 
 
 def test_a_failing_step_fails_the_stage_and_still_brings_its_log_back(tmp_path):
     proc, out = session(tmp_path, "plan", "--micro_batch", "0")
     assert proc.returncode == 1
-    assert "--micro_batch must be > 0" in (out / "bench_plan_memory.log").read_text()
-    assert "== bench_plan_memory failed" in proc.stdout
+    assert "--micro_batch must be > 0" in packed(out, "plan")["bench_plan_memory.log"]
+    assert "bench_plan_memory        exit 2" in (out / "summary.txt").read_text()
+
+
+def test_a_step_that_no_longer_fits_the_budget_is_skipped_and_said(tmp_path):
+    proc, out = session(tmp_path, "plan", BUDGET="25")
+    assert proc.returncode == 1
+    assert "bench_plan_memory skipped" in proc.stdout
+    assert "skipped" in (out / "summary.txt").read_text()
 
 
 def test_bad_stage_and_missing_recipe_are_one_line_errors(tmp_path):
@@ -56,3 +90,24 @@ def test_bad_stage_and_missing_recipe_are_one_line_errors(tmp_path):
     assert proc.returncode == 2 and "unknown stage 'bench'" in proc.stdout
     proc, _ = session(tmp_path, "train", "--engines", "torch")
     assert proc.returncode == 2 and "train needs a recipe" in proc.stdout
+
+
+def test_the_wheels_for_the_gpu_image_are_a_closed_set(tmp_path):
+    """The wheels stage (real downloads / builds from the package index, at requirements/tested.txt's versions):
+    what the image lacks travels, every requirement of a carried wheel is carried or on the image; the image's
+    own transformers (5.17, accepted by setup.py) stays, so huggingface-hub 2.x and HF kernels do not travel."""
+    wheels = tmp_path / "whl"
+    proc, _ = session(tmp_path, "wheels", WHEELS=str(wheels), timeout=600)
+    if proc.returncode != 0 and "Could not" in proc.stderr + proc.stdout:
+        pytest.fail("the package index was not reachable: " + (proc.stderr or proc.stdout)[-500:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "closure ok" in proc.stdout
+    carried = {p.name.split("-")[0].lower() for p in wheels.glob("*.whl")}
+    assert {"deepspeed", "pydantic", "pydantic_core", "hjson", "nltk"} <= carried
+    assert not carried & {"transformers", "huggingface_hub", "kernels", "torch", "datasets"}
+    # Take one requirement away: the check names it.
+    next(wheels.glob("pydantic_core-*.whl")).unlink()
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_wheels.py"), "check", "--wheels", str(wheels)],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and "needs pydantic-core" in check.stderr and "neither carried nor on the image" in \
+        check.stderr
