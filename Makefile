@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 # CPU CI uses the local CPU wheel; on a GPU machine install your CUDA torch first and run `make install TORCH=`.
 INSTALL = $(PYTHON) -m pip install $(TORCH) -e ".[test]"
 
-.PHONY: install quickstart test test-fast bench style reproduce
+.PHONY: install quickstart test test-fast bench style reproduce tested
 
 install:
 	$(INSTALL)
@@ -29,3 +29,8 @@ style:
 
 reproduce:  ## the miniature TAGI reproduction -> docs/results.md (<= 45 min on 2 CPU cores)
 	$(PYTHON) -m pip install -e ".[test,plot]" && bash scripts/reproduce.sh
+
+tested:  ## after the suite passed: record this environment's versions in requirements/tested.txt (a constraints file)
+	{ echo "# Versions the whole test suite last passed with (a constraints file: pip install torch==2.13.0 -e \".[test]\" -c requirements/tested.txt)."; \
+	  echo "# Regenerate from the environment that passed: make tested. Last: $$(date +%F), $$($(PYTHON) -c 'import platform; print("CPython", platform.python_version())'), CPU torch."; \
+	  $(PYTHON) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements/tested.txt
