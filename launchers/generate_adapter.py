@@ -22,7 +22,6 @@ With hypernet.fusion=true (T5 default) the decoder also reads the instruction's 
 that is not a weight, so the PEFT adapter alone is the adapter without fusion (a warning says so).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,15 +29,12 @@ from tagi_ds.cli import base_parser, guarded, output_dir
 from tagi_ds.config import ConfigError
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def parser():
-    p = base_parser("generate_adapter.py", __doc__.split("\n")[0])
-    p.description, p.formatter_class = __doc__, HelpFormatter  # --help shows the examples above
-    p.set_defaults(recipe=None)  # the hypernet's config.json fixes the model
-    p.epilog = "--data and --mode do not apply (one text, a tagi hypernet); the hypernet's config fixes the model."
+    # --help shows the examples above; the hypernet's config.json fixes the model
+    p = base_parser("generate_adapter.py", __doc__, recipe_default=None, epilog=(
+        "--data and --mode do not apply (one text, a tagi hypernet); the hypernet's config fixes the model. "
+        "Reads --hypernet and the text, trains nothing, writes runs/adapter/ by default. Bad input: one line "
+        "'error: ...' and exit code 2, nothing written."))
     p.add_argument("--hypernet", required=True, metavar="DIR", help="hypernet/ dir from pretrain.py or finetune.py")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--instruction", metavar="TEXT", help="the instruction (or, with --condition instance, the "

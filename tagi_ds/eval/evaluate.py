@@ -27,6 +27,7 @@ from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
 from tagi_ds.eval.metrics import compute_metrics
 from tagi_ds.model import build_model
+from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.train import dist
 from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.checkpoint import atomic_write_text
@@ -207,19 +208,58 @@ def wrap(step: torch.nn.Module, ds: dict) -> tuple[Any, torch.device]:
 
 
 # -- the run ------------------------------------------------------------------------------------------------
-def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
-    """Evaluate; returns the results dict on rank 0 (None elsewhere)."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+@dataclass
+class EvalChecked:
+    """What :func:`preflight` checked and loaded (nothing written, no process group yet)."""
+
+    ds: dict
+    tok: Any
+    tasks: list
+    kind: str
+    rows: dict[str, int] | None
+    scored: list
+    method: str
+
+
+def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
+    """Every input of the evaluation, checked before anything is written or any process group starts: the
+    output dir, the DeepSpeed JSON (DeepSpeed's schema), tokenizer and data, and the artifact against the
+    model this run builds (on the meta device): config keys, sites, every tensor's shape, the files whole."""
+    preflight_checks.check_output_dir(args.output_dir)
+    ds = ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, preflight_checks.env_world_size())
+    preflight_checks.check_deepspeed(ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, 1),
+                                     f"--deepspeed {args.deepspeed or ds_engine.DEFAULT_DS_CONFIG}")
     tok = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, args.split)
     kind = _kind(args.kind, cfg)
     rows = teacher_rows_for(tasks, args.artifact, cfg.teacher.granularity) if args.mode == "teacher" else None
     scored = classify.expand_choices(tasks) if kind == "rank" else tasks
     method = cost.resolve_method(args.flops)
+    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
+    if args.mode == "teacher":
+        model = preflight_checks.meta_model(cfg, "teachers", special, num_bank_rows=len(rows))
+        artifacts.check_teachers(args.artifact, model.bank, model, "--teachers")
+    else:
+        model = preflight_checks.meta_model(cfg, "finetune", special)
+        if args.mode == "tagi":
+            artifacts.check_hypernet(args.artifact, model, "--hypernet")
+        elif args.artifact is not None:
+            artifacts.check_teachers(args.artifact, model.bank, model, "--adapter")
+    return EvalChecked(ds, tok, tasks, kind, rows, scored, method)
 
+
+def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
+    """Preflight, then evaluate; returns the results dict on rank 0 (None elsewhere)."""
+    return evaluate(cfg, args, preflight(cfg, args))
+
+
+def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str, Any] | None:
+    """Evaluate what :func:`preflight` checked; returns the results dict on rank 0 (None elsewhere)."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    ds, tok, tasks, kind, rows, scored, method = (checked.ds, checked.tok, checked.tasks, checked.kind, checked.rows,
+                                                  checked.scored, checked.method)
     dist.init()
     seed_everything(cfg.train.seed)
-    ds = ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, dist.world_size())
     write_config(Path(args.output_dir), cfg, ds, args)
     model = build(cfg, args, ds, tok, len(rows) if rows else 0)
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
@@ -341,5 +381,5 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
     return results
 
 
-__all__ = ["EVAL_MODES", "EvalArgs", "artifact_config", "artifact_dir", "build", "finish", "resolve",
-           "run", "teacher_rows_for"]
+__all__ = ["EVAL_MODES", "EvalArgs", "EvalChecked", "artifact_config", "artifact_dir", "build", "evaluate", "finish",
+           "preflight", "resolve", "run", "teacher_rows_for"]

@@ -164,7 +164,7 @@ def teachers_dir(tmp_path):
     (["--hypernet", "{hn}", "--recipe", "tiny-llama"], "--recipe tiny-llama disagrees with"),
     (["--hypernet", "{hn}", "--max_new_tokens", "0"], "--max_new_tokens must be > 0, got 0"),
     (["--hypernet", "{hn}", "--task", "rank"], "has no answer_choices"),
-    (["--hypernet", "{hn}", "--set", "data.bogus=1"], "unknown config key 'data.bogus'"),
+    (["--hypernet", "{hn}", "--set", "data.bogus=1"], "data.bogus: unknown config key"),
     (["--teachers", "{teachers}", "--mode", "concat"], "--teachers selects mode teacher"),
     (["--teachers", "{teachers}"], "no teacher for task 'task101_words_reverse_then_uppercase'"),
     (["--adapter", "{teachers}"], "rows.json has 2 rows; a baseline_lora/ dir has one shared row"),
