@@ -15,12 +15,14 @@ Runs in one process, or on N ranks in step under ZeRO-3 (same predictions):
     python launchers/evaluate.py --hypernet runs/finetune/hypernet --split dev --output_dir runs/eval/dev  # tuning
 """
 
+import textwrap
+
 from tagi_ds.cli import base_parser, guarded
 
 
 def parser():
     # --help shows the examples above; the artifact's config.json fixes the model, the recipe only without one
-    p = base_parser("evaluate.py", __doc__, recipe_default=None, epilog=(
+    p = base_parser("evaluate.py", __doc__, recipe_default=None, epilog=textwrap.fill(
         "--mode defaults to tagi with --hypernet and to the baseline's own mode with --adapter; --teachers "
         "selects mode teacher. The default run reads the test split of --data (the built-in suite: its 29 "
         "held-out tasks, at most data.max_instances_per_task=100 instances each) and writes runs/eval/. Bad "

@@ -23,6 +23,7 @@ that is not a weight, so the PEFT adapter alone is the adapter without fusion (a
 """
 
 import sys
+import textwrap
 from pathlib import Path
 
 from tagi_ds.cli import base_parser, guarded, output_dir
@@ -31,7 +32,7 @@ from tagi_ds.config import ConfigError
 
 def parser():
     # --help shows the examples above; the hypernet's config.json fixes the model
-    p = base_parser("generate_adapter.py", __doc__, recipe_default=None, epilog=(
+    p = base_parser("generate_adapter.py", __doc__, recipe_default=None, epilog=textwrap.fill(
         "--data and --mode do not apply (one text, a tagi hypernet); the hypernet's config fixes the model. "
         "Reads --hypernet and the text, trains nothing, writes runs/adapter/ by default. Bad input: one line "
         "'error: ...' and exit code 2, nothing written."))

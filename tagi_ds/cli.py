@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from tagi_ds.config import ConfigError, TagiConfig, apply_overrides
@@ -20,7 +21,7 @@ from tagi_ds.runtime.preflight import check_argv, guarded
 STAGE_DEFAULT_OUT = {"teachers": "runs/teachers", "pretrain": "runs/pretrain", "finetune": "runs/finetune",
                      "evaluate": "runs/eval", "generate_adapter": "runs/adapter"}
 RECIPE_HELP = {"tiny": "built-in tiny T5, random init, CPU-sized", "tiny-llama": "built-in tiny LLaMA",
-               "mini": "the miniature reproduction's small T5 (scripts/reproduce.sh)"}
+               "mini": "the small T5 of the miniature reproduction, scripts/reproduce.sh"}
 __all__ = ["Parser", "add_set_flag", "base_parser", "guarded", "output_dir", "resolve_config", "train_main",
            "training_parser"]
 
@@ -65,9 +66,10 @@ def add_set_flag(p: argparse.ArgumentParser, help: str = "override any config fi
 
 
 def recipe_help(default: str | None) -> str:
-    names = ", ".join(f"{n} ({RECIPE_HELP[n]})" if n in RECIPE_HELP else n for n in RECIPES)
-    return f"named starting config: {names}; the others are paper-scale shape presets" + (
-        f" (default: {default})" if default else "")
+    described = ", ".join(f"{n} ({RECIPE_HELP[n]})" for n in RECIPES if n in RECIPE_HELP)
+    presets = ", ".join(n for n in RECIPES if n not in RECIPE_HELP)
+    return (f"named starting config: {described}; shape presets of the public checkpoints: {presets}"
+            + (f" (default: {default})" if default else ""))
 
 
 def base_parser(prog: str, description: str, epilog: str | None = None,
@@ -108,7 +110,8 @@ def _default_run(stage: str) -> str:
     if stage == "finetune":
         line += (" Finetuning needs --teachers DIR for its KL and alignment terms, or --set loss.kl_weight=0 "
                  "loss.param_weight=0.")
-    return line + " Bad input: one line 'error: ...' and exit code 2, nothing written (README, exit codes)."
+    line += " Bad input: one line 'error: ...' and exit code 2, nothing written (README: exit codes)."
+    return textwrap.fill(line, width=100)
 
 
 def training_parser(stage: str, description: str) -> argparse.ArgumentParser:
