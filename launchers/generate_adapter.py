@@ -67,7 +67,7 @@ def main(argv=None) -> None:
             raise ConfigError(f"--instruction_file {str(path)!r}: cannot read it ({err})") from None
     if not text.strip():
         raise ConfigError("--instruction/--instruction_file: the text is empty")
-    cfg = artifact_config(args, hypernet, "tagi")
+    cfg = artifact_config(args, hypernet, "tagi", "hypernet")
     out = generate_adapter(cfg, hypernet, text, args.condition, output_dir(args, "generate_adapter"),
                            args.deepspeed, args.base_model_name_or_path)
     if cfg.hypernet.fusion and cfg.model.arch == "t5":

@@ -116,7 +116,8 @@ def _pick_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
     return args.mode, None, None
 
 
-def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | None = None) -> TagiConfig:
+def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | None = None,
+                    flag: str | None = None) -> TagiConfig:
     """The config: the artifact's own (backbone shape, sites, ranks) < ``--set`` < flags (``cli.resolve_config``).
 
     ``--recipe`` is the base only without an artifact; with one it must agree with the artifact's recipe.
@@ -126,7 +127,7 @@ def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | Non
     if mode is not None:
         ns.mode = mode
     if path is not None:
-        saved = artifacts.read_config(path)
+        saved = artifacts.read_config(path, f"--{flag}" if flag else "artifact")
         if args.recipe is not None and args.recipe != saved.recipe:
             raise ConfigError(f"--recipe {args.recipe} disagrees with {path / 'config.json'} (recipe "
                               f"{saved.recipe}); drop --recipe: the artifact fixes the model")
@@ -140,12 +141,12 @@ def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | Non
 
 def resolve(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
     """Launcher flags -> (config, EvalArgs); every inconsistency is a one-line ConfigError."""
-    mode, _, path = _pick_mode(args)
+    mode, flag, path = _pick_mode(args)
     for key in ("max_new_tokens", "batch_size"):
         value = getattr(args, key)
         if value is not None and value <= 0:
-            raise ConfigError(f"--{key} must be > 0, got {value}")
-    cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode)  # a teacher reads instr + input
+            raise ConfigError(f"--{key}: must be > 0 ({value})")
+    cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode, flag)  # a teacher reads instr + input
     if mode == "teacher":
         _, meta = artifacts.read_teacher_rows(path)
         cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]

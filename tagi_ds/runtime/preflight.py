@@ -199,18 +199,18 @@ def safetensors_header(path: Path, where: str) -> dict[str, tuple[str, tuple[int
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                fail(where, "not a safetensors file (shorter than its 8-byte header length)", path)
+                fail(where, "not a safetensors file (shorter than its 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
             size = path.stat().st_size
             if n > size - 8:
-                fail(where, f"truncated safetensors file (header of {n} bytes, file of {size})", path)
+                fail(where, f"truncated safetensors file (header of {n} bytes, file of {size})")
             header = json.loads(f.read(n))
     except OSError as err:
-        fail(where, f"cannot read it ({err.strerror})", path)
+        fail(where, f"cannot read it ({err.strerror})")
     except (UnicodeDecodeError, json.JSONDecodeError):
-        fail(where, "not a safetensors file (its header is not JSON)", path)
+        fail(where, "not a safetensors file (its header is not JSON)")
     if not isinstance(header, dict):
-        fail(where, "not a safetensors file (its header is not a JSON object)", path)
+        fail(where, "not a safetensors file (its header is not a JSON object)")
     out, end = {}, 0
     try:
         for name, meta in header.items():
@@ -219,39 +219,40 @@ def safetensors_header(path: Path, where: str) -> dict[str, tuple[str, tuple[int
             out[name] = (meta["dtype"], tuple(int(d) for d in meta["shape"]))
             end = max(end, int(meta["data_offsets"][1]))
     except (KeyError, TypeError, ValueError, IndexError):
-        fail(where, f"not a safetensors file (bad header entry {name!r})", path)
+        fail(where, f"not a safetensors file (bad header entry {name!r})")
     if 8 + n + end != size:
-        fail(where, f"truncated or padded safetensors file ({size} bytes, the header describes {8 + n + end})", path)
+        fail(where, f"truncated or padded safetensors file ({size} bytes, the header describes {8 + n + end})")
     return out
 
 
 def check_zip(path: Path, where: str) -> None:
     """A torch ``.pt`` file (a zip archive) is whole: its central directory, at the end, is readable."""
+    path = Path(path)
     try:
+        size = path.stat().st_size
         with zipfile.ZipFile(path) as z:
-            bad = next((i.filename for i in z.infolist() if i.header_offset + i.compress_size > path.stat().st_size),
-                       None)
+            bad = next((i.filename for i in z.infolist() if i.header_offset + i.compress_size > size), None)
     except (OSError, zipfile.BadZipFile) as err:
-        fail(where, f"unreadable or truncated torch file ({err})", path)
+        fail(where, f"{path.name} is unreadable or truncated ({err})")
     if bad is not None:
-        fail(where, f"truncated torch file (member {bad} runs past the end)", path)
+        fail(where, f"{path.name} is truncated (member {bad} runs past the end)")
 
 
 def read_json(path: Path, where: str, keys: tuple[str, ...] = ()) -> Any:
-    """A JSON file that must exist, parse, and (for an object) hold ``keys``."""
+    """A JSON file that must exist, parse, and (for an object) hold ``keys``; ``where`` names the file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        fail(where, "missing", path)
+        fail(where, "missing")
     except OSError as err:
-        fail(where, f"cannot read it ({err.strerror})", path)
+        fail(where, f"cannot read it ({err.strerror})")
     except UnicodeDecodeError:
-        fail(where, "not UTF-8 text", path)
+        fail(where, "not UTF-8 text")
     except json.JSONDecodeError as err:
-        fail(where, f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}", path)
+        fail(where, f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}")
     missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
-        fail(where, f"no {missing[0]!r} key", path)
+        fail(where, f"no {missing[0]!r} key", sorted(data) if isinstance(data, dict) else type(data).__name__)
     return data
 
 

@@ -143,15 +143,14 @@ def check(spec: str, output_dir: Path, expected: dict[str, Any]) -> Path:
     for r in range(world):
         mine_file = path / f"trainer_rank{r}.pt"
         if not mine_file.is_file():
-            fail(where, f"no {mine_file.name}", mine_file)
+            fail(where, f"no {mine_file.name}")
         try:
             state = torch.load(mine_file, weights_only=False)
             keys_ok = isinstance(state, dict) and {"step", "loader", "rng", "world_size"} <= set(state)
         except Exception as err:  # noqa: BLE001  (torch.load raises many kinds on a damaged file)
-            fail(where, f"{mine_file.name} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
-                 mine_file)
+            fail(where, f"{mine_file.name} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
         if not keys_ok:
-            fail(where, f"{mine_file.name} is not a tagi-ds trainer state", mine_file)
+            fail(where, f"{mine_file.name} is not a tagi-ds trainer state")
         if state["world_size"] != world:
             fail(where, f"written by {state['world_size']} ranks, this run has {world}; resume with as many ranks "
                  "as wrote it", state["world_size"])

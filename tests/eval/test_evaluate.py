@@ -162,7 +162,7 @@ def teachers_dir(tmp_path):
     (["--hypernet", "{hn}", "--mode", "concat"], "--hypernet is evaluated in mode tagi, got --mode concat"),
     (["--hypernet", "{hn}", "--adapter", "{hn}"], "--hypernet and --adapter exclude each other"),
     (["--hypernet", "{hn}", "--recipe", "tiny-llama"], "--recipe tiny-llama disagrees with"),
-    (["--hypernet", "{hn}", "--max_new_tokens", "0"], "--max_new_tokens must be > 0, got 0"),
+    (["--hypernet", "{hn}", "--max_new_tokens", "0"], "--max_new_tokens: must be > 0 (0)"),
     (["--hypernet", "{hn}", "--task", "rank"], "has no answer_choices"),
     (["--hypernet", "{hn}", "--set", "data.bogus=1"], "data.bogus: unknown config key"),
     (["--teachers", "{teachers}", "--mode", "concat"], "--teachers selects mode teacher"),

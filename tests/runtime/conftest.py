@@ -1,5 +1,6 @@
 """Artifacts made once per test session by a short real run (one process, 2 steps per stage), which the
-bad-input cases copy and damage: teachers/, hypernet/, baseline_lora/ and a checkpoint of each stage."""
+bad-input cases copy and damage: teachers/, hypernet/, baseline_lora/, a checkpoint of each stage, and a
+local HF backbone dir (the tiny T5 with the built-in tokenizer, as scripts/pretrain_backbone.py writes one)."""
 
 import subprocess
 import sys
@@ -18,6 +19,12 @@ out, small = sys.argv[1], {SMALL!r}
 train_main("teachers", "teachers", ["--output_dir", out + "/teachers", *small])
 train_main("pretrain", "pretrain", ["--output_dir", out + "/pretrain", *small])
 train_main("finetune", "finetune", ["--output_dir", out + "/concat", "--mode", "concat", *small])
+sys.path.insert(0, "scripts")
+from pretrain_backbone import build_tokenizer
+from tagi_ds.model import build_backbone
+from tagi_ds.recipes import get_recipe
+build_backbone(get_recipe("tiny")).save_pretrained(out + "/backbone")
+build_tokenizer()[0].save_pretrained(out + "/backbone")
 """
 
 
@@ -28,6 +35,7 @@ def runs(tmp_path_factory) -> Path:
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for f in ("teachers/teachers/teachers.safetensors", "pretrain/hypernet/generator.safetensors",
-              "concat/baseline_lora/teachers.safetensors", "pretrain/checkpoints/step-2/trainer_rank0.pt"):
+              "concat/baseline_lora/teachers.safetensors", "pretrain/checkpoints/step-2/trainer_rank0.pt",
+              "backbone/model.safetensors"):
         assert (out / f).is_file(), f
     return out
