@@ -156,7 +156,7 @@ def check_deepspeed(ds: dict[str, Any], where: str) -> None:
     their pydantic schemas, and refuse top-level keys DeepSpeed never reads. Errors are one line naming the
     key path, e.g. ``zero_optimization.stage``."""
     import deepspeed
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
     from pydantic import ValidationError
 
     reads = _Reads(ds)
@@ -166,8 +166,9 @@ def check_deepspeed(ds: dict[str, Any], where: str) -> None:
     except ValidationError as err:
         first = err.errors()[0]
         fail(where, f"{_locate(ds, first['loc'], err.title)}: {first['msg']}", repr(first.get("input")))
-    except (AssertionError, ValueError, TypeError, KeyError) as err:
-        fail(where, f"DeepSpeed rejects it: {str(err).strip().splitlines()[0] if str(err).strip() else type(err)}")
+    except (DeepSpeedConfigError, AssertionError, ValueError, TypeError, KeyError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(where, f"DeepSpeed rejects it: {text}")
     unread = [k for k in ds if k not in reads.read]
     if unread:
         fail(where, f"{unread[0]}: not a DeepSpeed {deepspeed.__version__} setting (DeepSpeed never reads it)",

@@ -229,6 +229,9 @@ CASES = [
     Case("ds-bad-offload-device", "pretrain", ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3, '
                                                '"offload_param": {"device": "gpu"}}}}'],
          "zero_optimization.offload_param.device"),
+    Case("ds-rejected-value", "teachers", ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3}, '
+                                           '"communication_data_type": "fp8"}}'],
+         "DeepSpeed rejects it: Invalid communication_data_type"),
     # the output directory
     Case("out-is-a-file", "pretrain", ["--output_dir", "{afile}"], "--output_dir: exists and is not a directory",
          False),
