@@ -227,9 +227,7 @@ def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
     output dir, the DeepSpeed JSON (DeepSpeed's schema), tokenizer and data, and the artifact against the
     model this run builds (on the meta device): config keys, sites, every tensor's shape, the files whole."""
     preflight_checks.check_output_dir(args.output_dir)
-    ds = ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, preflight_checks.env_world_size())
-    preflight_checks.check_deepspeed(ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, 1),
-                                     f"--deepspeed {args.deepspeed or ds_engine.DEFAULT_DS_CONFIG}")
+    ds = preflight_checks.deepspeed_config(args.deepspeed, cfg, preflight_checks.env_world_size())
     tok = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, args.split)
     kind = _kind(args.kind, cfg)

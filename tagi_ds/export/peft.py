@@ -119,8 +119,7 @@ def preflight(cfg, hypernet: Path, out_dir: Path, deepspeed: str | None = None):
         raise ConfigError("generate_adapter: runs in one process: python launchers/generate_adapter.py ... "
                           f"(WORLD_SIZE={preflight_checks.env_world_size()})")
     preflight_checks.check_output_dir(out_dir)
-    ds = ds_engine.inject(ds_engine.load_ds_json(deepspeed), cfg, 1)
-    preflight_checks.check_deepspeed(ds, f"--deepspeed {deepspeed or ds_engine.DEFAULT_DS_CONFIG}")
+    ds = preflight_checks.deepspeed_config(deepspeed, cfg, 1)
     tok = data.load_tokenizer(cfg)
     special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
     artifacts.check_hypernet(hypernet, preflight_checks.meta_model(cfg, "finetune", special), "--hypernet")

@@ -151,6 +151,16 @@ def _quiet_deepspeed():
         logger.setLevel(level)
 
 
+def deepspeed_config(path: str | None, cfg, world_size: int) -> dict[str, Any]:
+    """The final DeepSpeed dict of a run (``--deepspeed`` + what the config injects), checked against
+    DeepSpeed's schema first (:func:`check_deepspeed`)."""
+    from tagi_ds.train import engine
+
+    raw = engine.load_ds_json(path)
+    check_deepspeed(engine.inject(raw, cfg, 1), f"--deepspeed {path or engine.DEFAULT_DS_CONFIG}")
+    return engine.inject(raw, cfg, world_size)
+
+
 def check_deepspeed(ds: dict[str, Any], where: str) -> None:
     """Validate a final DeepSpeed dict (as injected for one rank) with DeepSpeed's own config classes and
     their pydantic schemas, and refuse top-level keys DeepSpeed never reads. Errors are one line naming the

@@ -83,9 +83,7 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     Bad input raises ConfigError / DataError (one line, exit code 2 under ``runtime.preflight.guarded``)."""
     world, rank = preflight_checks.env_world_size(), preflight_checks.env_rank()
     out = preflight_checks.check_output_dir(args.output_dir)
-    ds = ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, world)
-    preflight_checks.check_deepspeed(ds_engine.inject(ds_engine.load_ds_json(args.deepspeed), cfg, 1),
-                                     f"--deepspeed {args.deepspeed or ds_engine.DEFAULT_DS_CONFIG}")
+    ds = preflight_checks.deepspeed_config(args.deepspeed, cfg, world)
     distill = args.stage == "finetune" and cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
     if args.teachers and not distill:
         raise ConfigError(f"--teachers {args.teachers}: unused by this run (it needs finetune, mode tagi and "
