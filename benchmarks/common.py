@@ -140,12 +140,14 @@ CPU_RECIPES = ["tiny", "tiny-llama"]
 
 
 def add_recipe_args(p, smoke_help: str, set_help: str = "config overrides for every recipe") -> None:
-    """``--recipe`` (default by device), ``--set`` overrides and ``--smoke``: the model benchmarks' shared flags."""
+    """``--recipe`` (default by device), ``--set`` overrides (the launchers' rule: several keys per flag, the flag
+    repeatable) and ``--smoke``: the model benchmarks' shared flags."""
+    from tagi_ds.cli import add_set_flag
     from tagi_ds.recipes import RECIPES
 
     p.add_argument("--recipe", nargs="+", choices=list(RECIPES),
                    help=f"default: GPU {' '.join(GPU_RECIPES)}, CPU {' '.join(CPU_RECIPES)}")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help=set_help)
+    add_set_flag(p, set_help)
     p.add_argument("--smoke", action="store_true", help=smoke_help)
 
 

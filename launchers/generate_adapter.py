@@ -22,23 +22,20 @@ With hypernet.fusion=true (T5 default) the decoder also reads the instruction's 
 that is not a weight, so the PEFT adapter alone is the adapter without fusion (a warning says so).
 """
 
-import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 from tagi_ds.cli import base_parser, guarded, output_dir
 from tagi_ds.config import ConfigError
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def parser():
-    p = base_parser("generate_adapter.py", __doc__.split("\n")[0])
-    p.description, p.formatter_class = __doc__, HelpFormatter  # --help shows the examples above
-    p.set_defaults(recipe=None)  # the hypernet's config.json fixes the model
-    p.epilog = "--data and --mode do not apply (one text, a tagi hypernet); the hypernet's config fixes the model."
+    # --help shows the examples above; the hypernet's config.json fixes the model
+    p = base_parser("generate_adapter.py", __doc__, recipe_default=None, epilog=textwrap.fill(
+        "--data and --mode do not apply (one text, a tagi hypernet); the hypernet's config fixes the model. "
+        "Reads --hypernet and the text, trains nothing, writes runs/adapter/ by default. Bad input: one line "
+        "'error: ...' and exit code 2, nothing written."))
     p.add_argument("--hypernet", required=True, metavar="DIR", help="hypernet/ dir from pretrain.py or finetune.py")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--instruction", metavar="TEXT", help="the instruction (or, with --condition instance, the "
@@ -70,7 +67,7 @@ def main(argv=None) -> None:
             raise ConfigError(f"--instruction_file {str(path)!r}: cannot read it ({err})") from None
     if not text.strip():
         raise ConfigError("--instruction/--instruction_file: the text is empty")
-    cfg = artifact_config(args, hypernet, "tagi")
+    cfg = artifact_config(args, hypernet, "tagi", "hypernet")
     out = generate_adapter(cfg, hypernet, text, args.condition, output_dir(args, "generate_adapter"),
                            args.deepspeed, args.base_model_name_or_path)
     if cfg.hypernet.fusion and cfg.model.arch == "t5":

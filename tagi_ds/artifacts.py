@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tagi_ds.config import ConfigError, TagiConfig, from_dict
+from tagi_ds.runtime.preflight import fail, read_json, safetensors_header
 from tagi_ds.train import dist
 
 
@@ -64,23 +65,63 @@ def save_hypernet(model, path: Path) -> None:
     dist.barrier()
 
 
-def read_config(path: Path) -> TagiConfig:
-    f = path / "config.json"
+def read_config(path: Path, flag: str = "artifact") -> TagiConfig:
+    """The TagiConfig an artifact dir was trained with (its ``config.json``, key ``tagi``)."""
+    f = Path(path) / "config.json"
+    meta = read_json(f, f"{flag} {f}", ("tagi",))
     try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
         return from_dict(meta["tagi"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError) as err:
-        raise ConfigError(f"{f}: not a tagi-ds artifact config ({type(err).__name__}: {err})") from err
+    except ConfigError as err:
+        fail(f"{flag} {f}", f"not a config this version reads: {err}")
 
 
-def _check_sites(path: Path, model) -> None:
-    meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    saved = [(s["name"], s["d_in"], s["d_out"]) for s in meta["sites"]]
+def _check_sites(path: Path, model, flag: str = "artifact") -> None:
+    f = Path(path) / "config.json"
+    meta = read_json(f, f"{flag} {f}", ("sites",))
+    try:
+        saved = [(s["name"], s["d_in"], s["d_out"]) for s in meta["sites"]]
+    except (TypeError, KeyError) as err:
+        fail(f"{flag} {f}", f"bad 'sites' entry (no {err})")
     mine = [(s.name, s.d_in, s.d_out) for s in model.sites]
     if saved != mine:
         first = next((a, b) for a, b in zip(saved + [None] * len(mine), mine + [None] * len(saved)) if a != b)
-        raise ConfigError(f"{path / 'config.json'}: adapted sites differ from this model's "
-                          f"(saved {first[0]}, here {first[1]}); use the same recipe and model.adapted")
+        fail(f"{flag} {f}", f"adapted sites differ from this model's: saved {first[0]}, here {first[1]}; use the same "
+             "recipe and model.adapted", f"{len(saved)} saved, {len(mine)} here")
+
+
+def _check_tensors(f: Path, flag: str, expected: dict[str, tuple[int, ...]], optional: tuple[str, ...] = ()) -> None:
+    """``f``'s header (the file whole) holds exactly ``expected``'s tensors with those shapes."""
+    header = safetensors_header(f, f"{flag} {f}")
+    for key, shape in expected.items():
+        if key not in header:
+            if key not in optional:
+                fail(f"{flag} {f}", f"no tensor {key}; use the same recipe and hypernet.*/teacher.* settings")
+        elif header[key][1] != shape:
+            fail(f"{flag} {f}", f"tensor {key} has shape {header[key][1]}, this model's is {shape}; use the same "
+                 "recipe and hypernet.*/teacher.* settings (rank, hidden, ...)")
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        fail(f"{flag} {f}", f"unexpected tensor {extra[0]} (written by another model or version)")
+
+
+def check_hypernet(path: Path, model, flag: str = "--hypernet") -> None:
+    """Preflight of a hypernet/ dir against the model this run builds (on the meta device): its config keys,
+    adapted sites, and every generator tensor's shape in the safetensors header (the file whole)."""
+    path = Path(path)
+    _check_sites(path, model, flag)
+    if model.generator is None:
+        fail(flag, f"a hypernet/ dir needs mode tagi (this run trains mode {model.cfg.mode})", str(path))
+    expected = {k: tuple(v.shape) for k, v in model.generator.state_dict().items()}
+    _check_tensors(path / "generator.safetensors", flag, expected, optional=("marker.vector",))
+
+
+def check_teachers(path: Path, bank, model, flag: str = "--teachers") -> None:
+    """Preflight of a teachers/ or baseline_lora/ dir against ``bank`` of the meta model: sites and every
+    factor's shape ``A.<site> [N, r, d_in]``, ``B.<site> [N, d_out, r]``."""
+    path = Path(path)
+    _check_sites(path, model, flag)
+    expected = {f"{ab}.{k}": tuple(v.shape) for ab, part in (("A", bank.A), ("B", bank.B)) for k, v in part.items()}
+    _check_tensors(path / "teachers.safetensors", flag, expected)
 
 
 def load_hypernet(model, path: Path) -> None:
@@ -124,14 +165,20 @@ def save_teachers(model, path: Path, rows: dict[str, int], granularity: str) -> 
     dist.barrier()
 
 
-def read_teacher_rows(path: Path) -> tuple[dict[str, int], dict[str, Any]]:
+def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, int], dict[str, Any]]:
+    """``rows.json`` (name -> row, rows 0..N-1) and ``config.json`` (rank, alpha, granularity, ...) of a
+    teachers/ or baseline_lora/ dir, checked."""
     path = Path(path)
-    try:
-        rows = json.loads((path / "rows.json").read_text(encoding="utf-8"))
-        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--teachers {str(path)!r}: not a teachers/ dir written by train_teachers.py "
-                          f"({err})") from err
+    rows = read_json(path / "rows.json", f"{flag} {path / 'rows.json'}")
+    meta = read_json(path / "config.json", f"{flag} {path / 'config.json'}", ("tagi", "sites", "rank", "alpha",
+                                                                               "granularity"))
+    if (not isinstance(rows, dict) or not rows or sorted(rows.values()) != list(range(len(rows)))
+            or not all(isinstance(v, int) for v in rows.values())):
+        fail(f"{flag} {path / 'rows.json'}", "expected a JSON object of names to rows 0..N-1", str(rows)[:60])
+    if not (isinstance(meta["rank"], int) and meta["rank"] > 0 and isinstance(meta["alpha"], (int, float))
+            and meta["granularity"] in ("task", "category", "shared")):
+        fail(f"{flag} {path / 'config.json'}", "rank, alpha or granularity is not valid",
+             f"{meta['rank']!r}, {meta['alpha']!r}, {meta['granularity']!r}")
     return rows, meta
 
 

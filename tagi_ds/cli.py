@@ -1,7 +1,9 @@
 """The flags every launcher shares (DESIGN.md's contract) and their resolution into one TagiConfig.
 
 Precedence: recipe < ``--set key=value`` < dedicated flags (``--max_steps`` etc.). Unknown flags and keys
-are errors. Errors in config or data print one line naming the flag, key or file and exit with code 2.
+are errors. Every entry point parses with :class:`Parser` (argparse errors as one line plus a ``--help``
+hint) and runs under :func:`guarded` (bad input: one line ``error: <where>: <what> (<value>)``, exit code
+2, nothing written; see ``tagi_ds.runtime.preflight``).
 """
 
 from __future__ import annotations
@@ -9,41 +11,115 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+import textwrap
 from pathlib import Path
 
 from tagi_ds.config import ConfigError, TagiConfig, apply_overrides
 from tagi_ds.recipes import RECIPES, get_recipe
+from tagi_ds.runtime.preflight import check_argv, guarded
 
 STAGE_DEFAULT_OUT = {"teachers": "runs/teachers", "pretrain": "runs/pretrain", "finetune": "runs/finetune",
                      "evaluate": "runs/eval", "generate_adapter": "runs/adapter"}
+RECIPE_HELP = {"tiny": "built-in tiny T5, random init, CPU-sized", "tiny-llama": "built-in tiny LLaMA",
+               "mini": "the small T5 of the miniature reproduction, scripts/reproduce.sh"}
+__all__ = ["Parser", "add_set_flag", "base_parser", "guarded", "output_dir", "resolve_config", "train_main",
+           "training_parser"]
 
 
-def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", default="tiny", choices=list(RECIPES),
-                   help="named starting config; tiny = built-in tiny T5 on the built-in task suite (CPU)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each default stated once: ``(default: X)`` is added only where the help text does not already say
+    ``default`` and there is a default to state (not None, False or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the error contract: an error is one line ``<message>; see <prog> --help`` (no usage
+    block), raised as ConfigError for :func:`guarded` to report once; arguments that are not valid UTF-8 are
+    refused by flag."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        check_argv(args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see {self.prog} --help")
+
+
+def add_set_flag(p: argparse.ArgumentParser, help: str = "override any config field, e.g. --set hypernet.rank=16 "
+                 "loss.kl_weight=0.5") -> None:
+    """``--set KEY=VALUE ...``: one rule everywhere (launchers, ``python -m tagi_ds.data``, benchmarks): one flag
+    takes several keys, and the flag may be repeated; all go to ``args.overrides`` in order."""
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help=help)
+
+
+def recipe_help(default: str | None) -> str:
+    described = ", ".join(f"{n} ({RECIPE_HELP[n]})" for n in RECIPES if n in RECIPE_HELP)
+    presets = ", ".join(n for n in RECIPES if n not in RECIPE_HELP)
+    return (f"named starting config: {described}; shape presets of the public checkpoints: {presets}"
+            + (f" (default: {default})" if default else ""))
+
+
+def base_parser(prog: str, description: str, epilog: str | None = None,
+                recipe_default: str | None = "tiny") -> argparse.ArgumentParser:
+    """The shared flags. ``recipe_default`` None: the run's artifact fixes the model (evaluate, generate_adapter)."""
+    p = Parser(prog=prog, description=description, epilog=epilog)
+    p.add_argument("--recipe", default=recipe_default, choices=list(RECIPES), metavar="NAME",
+                   help=recipe_help(recipe_default) if recipe_default else
+                   recipe_help(None) + " (default: the artifact's own recipe; tiny without an artifact)")
     p.add_argument("--deepspeed", default=None, metavar="PATH",
-                   help="DeepSpeed JSON (ZeRO settings only); default ds_configs/z3.json")
+                   help="DeepSpeed JSON, ZeRO settings only (default: ds_configs/z3.json)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; leave it")
     p.add_argument("--model_name_or_path", default=None, metavar="PATH",
-                   help="local HF checkpoint dir for the backbone (default: recipe's shape, random init)")
+                   help="local HF checkpoint dir for the backbone (default: the recipe's shape, random init)")
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR (default: the recipe's, builtin)")
-    p.add_argument("--output_dir", default=None, metavar="DIR", help="run directory (default runs/<stage>)")
-    p.add_argument("--seed", type=int, default=None, help="global seed (train.seed)")
+    stage = prog.removesuffix(".py").removeprefix("train_")  # train_teachers.py -> teachers
+    p.add_argument("--output_dir", default=None, metavar="DIR",
+                   help=f"run directory (default: {STAGE_DEFAULT_OUT.get(stage, 'runs/<stage>')})")
+    p.add_argument("--seed", type=int, default=None, help="global seed (default: train.seed of the recipe, 42)")
     p.add_argument("--mode", default=None, choices=["tagi", "concat", "no_instruction"],
-                   help="tagi (generated adapters), or a baseline: concat (instruction + input) / no_instruction")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set hypernet.rank=16 loss.kl_weight=0.5")
+                   help="tagi (generated adapters), or a baseline: concat (instruction + input) / no_instruction "
+                        "(default: tagi)")
+    add_set_flag(p)
     return p
 
 
+def _default_run(stage: str) -> str:
+    """What the launcher does with no flag (named in --help): what it reads, how many steps, where it writes."""
+    cfg = get_recipe("tiny")
+    reads = {"pretrain": "the built-in text corpus (split a|b|c)",
+             "teachers": "the built-in task suite's 76 training tasks",
+             "finetune": "the built-in task suite's 76 training tasks"}[stage]
+    line = (f"With no flag: recipe tiny (built-in tiny T5, random init, frozen), reads {reads}, trains "
+            f"{cfg.train.max_steps} steps (train.max_steps; a checkpoint every {cfg.train.save_steps}) under ZeRO-3 "
+            f"(ds_configs/z3.json), one process or the ranks the deepspeed launcher starts, and writes "
+            f"{STAGE_DEFAULT_OUT[stage]}/.")
+    if stage == "finetune":
+        line += (" Finetuning needs --teachers DIR for its KL and alignment terms, or --set loss.kl_weight=0 "
+                 "loss.param_weight=0.")
+    line += " Bad input: one line 'error: ...' and exit code 2, nothing written (README: exit codes)."
+    return textwrap.fill(line, width=100)
+
+
 def training_parser(stage: str, description: str) -> argparse.ArgumentParser:
-    p = base_parser(f"{stage}.py", description)
-    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps (train.max_steps)")
-    p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (train.save_steps)")
+    p = base_parser("train_teachers.py" if stage == "teachers" else f"{stage}.py", description,
+                    epilog=_default_run(stage))
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: train.max_steps)")
+    p.add_argument("--save_steps", type=int, default=None,
+                   help="checkpoint every N steps (default: train.save_steps)")
     p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
                    help="'latest' (in --output_dir/checkpoints) or a checkpoint dir")
     if stage == "finetune":
@@ -71,7 +147,7 @@ def resolve_config(args: argparse.Namespace) -> TagiConfig:
         value = getattr(args, flag, None)
         if value is not None:
             if value <= 0:
-                raise ConfigError(f"--{flag} must be > 0, got {value}")
+                raise ConfigError(f"--{flag}: must be > 0 ({value})")
             setattr(cfg.train, flag, value)
     cfg.validate()
     from tagi_ds.data import parse_spec
@@ -85,22 +161,13 @@ def output_dir(args: argparse.Namespace, stage: str) -> Path:
 
 
 def train_main(stage: str, doc: str, argv: list[str] | None = None) -> None:
-    """A training launcher's whole body: parse -> resolve the config -> run the stage."""
+    """A training launcher's whole body: parse -> resolve the config -> preflight -> run the stage."""
     args = training_parser(stage, doc.strip().split("\n")[0]).parse_args(argv)
     cfg = resolve_config(args)
-    from tagi_ds.train.loop import RunArgs, run  # heavy (deepspeed, transformers): after --help
+    from tagi_ds.train.loop import RunArgs, preflight, train  # heavy (deepspeed, transformers): after --help
 
-    run(cfg, RunArgs(stage=stage, output_dir=output_dir(args, stage), deepspeed=args.deepspeed,
-                     resume_from_checkpoint=args.resume_from_checkpoint,
-                     teachers=getattr(args, "teachers", None), init_hypernet=getattr(args, "init_hypernet", None)))
-
-
-def guarded(main: Callable[[], object]) -> None:
-    """Run ``main``; config and data errors become one line on stderr and exit code 2."""
-    from tagi_ds.data import DataError
-
-    try:
-        main()
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    checked = preflight(cfg, RunArgs(stage=stage, output_dir=output_dir(args, stage), deepspeed=args.deepspeed,
+                                     resume_from_checkpoint=args.resume_from_checkpoint,
+                                     teachers=getattr(args, "teachers", None),
+                                     init_hypernet=getattr(args, "init_hypernet", None)))
+    train(checked)

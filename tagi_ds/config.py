@@ -10,17 +10,67 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key and the value."""
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a valid value of one config field is. Each section declares its rules next to its fields
+    (``RULES``: field name -> Rule); ``TagiConfig.validate`` checks them all and names key and value."""
+
+    test: Callable[[Any], bool]
+    text: str  # "> 0", "one of t5, llama": the error says "<key>: must be <text> (<value>)"
+
+
+def one_of(*allowed: str) -> Rule:
+    return Rule(lambda v: v in allowed, f"one of {', '.join(allowed)}")
+
+
+def above(lo: float) -> Rule:
+    return Rule(lambda v: v > lo, f"> {lo}")
+
+
+def at_least(lo: float) -> Rule:
+    return Rule(lambda v: v >= lo, f">= {lo}")
+
+
+def within(lo: float, hi: float, hi_open: bool = False) -> Rule:
+    if hi_open:
+        return Rule(lambda v: lo <= v < hi, f"in [{lo}, {hi})")
+    return Rule(lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
+
+
+def matches(pattern: str, text: str) -> Rule:
+    return Rule(lambda v: re.fullmatch(pattern, v) is not None, text)
+
+
+POSITIVE = above(0)
+NON_NEGATIVE = at_least(0)
+SEED = within(0, 2**32 - 1)  # numpy's seed range
+FAULT = matches(r"|(nan|raise)@\d+(-\d+)?:\d+", "empty, nan@STEP[-LAST]:RANK or raise@STEP:RANK")
+
+
 @dataclass
 class ModelConfig:
     """The frozen backbone and which of its projections get adapters."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "arch": one_of("t5", "llama"), "vocab_size": POSITIVE, "d_model": POSITIVE, "d_ff": POSITIVE,
+        "d_kv": POSITIVE, "num_layers": POSITIVE, "num_decoder_layers": POSITIVE, "num_heads": POSITIVE,
+        "num_kv_heads": POSITIVE, "max_position_embeddings": POSITIVE,
+        "feed_forward_proj": one_of("relu", "gelu", "gated-relu", "gated-gelu", "gated-silu"),
+        "attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
+        "dtype": one_of("float32", "bfloat16", "float16"), "adapter_impl": one_of("auto", "torch", "triton"),
+        "init_seed": SEED,
+    }
 
     arch: str = "t5"  # t5 (encoder-decoder) | llama (decoder-only)
     model_name_or_path: str | None = None  # local HF directory; None = built-in shape, random init
@@ -51,6 +101,12 @@ class ModelConfig:
 class HypernetConfig:
     """Instruction encoder pooling + the generator of LoRA factors."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "rank": POSITIVE, "alpha": POSITIVE, "hidden": POSITIVE, "site_dim": POSITIVE,
+        "generator": one_of("shared", "per_layer"), "pooling": one_of("mean", "first_last"),
+        "dropout": within(0, 1, hi_open=True),
+    }
+
     rank: int = 8
     alpha: float = 16.0  # generated delta scale s = alpha / rank
     hidden: int = 128  # generator MLP width
@@ -67,6 +123,8 @@ class HypernetConfig:
 class TeacherConfig:
     """Stage-0 teacher LoRA bank: one adapter per task (or per category)."""
 
+    RULES: ClassVar[dict[str, Rule]] = {"rank": POSITIVE, "alpha": POSITIVE, "granularity": one_of("task", "category")}
+
     rank: int = 8
     alpha: float = 16.0
     granularity: str = "task"  # task | category
@@ -75,6 +133,11 @@ class TeacherConfig:
 @dataclass
 class LossConfig:
     """Stage-2 objective: CE + kl_weight * KL_T(teacher || student) + param_weight * param alignment."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "kl_weight": NON_NEGATIVE, "param_weight": NON_NEGATIVE, "temperature": POSITIVE,
+        "param_align": one_of("delta", "factors"),
+    }
 
     kl_weight: float = 1.0  # lambda_1
     param_weight: float = 1.0  # lambda_2
@@ -85,6 +148,14 @@ class LossConfig:
 @dataclass
 class DataConfig:
     """Where examples come from and how they are tokenised and batched."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "setting": one_of("def", "def_pos"), "num_pos": NON_NEGATIVE,
+        "max_instances_per_task": Rule(lambda v: v > 0 or v == -1, "> 0, or -1 for all"),
+        "max_instruction_length": at_least(2), "max_source_length": at_least(2), "max_target_length": at_least(2),
+        "tasks_per_batch": POSITIVE, "examples_per_task": POSITIVE, "builtin_seed": SEED,
+        "pretrain_length": at_least(3), "num_workers": NON_NEGATIVE,
+    }
 
     spec: str = "builtin"  # builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR
     tokenizer: str | None = None  # local tokenizer dir; None = the backbone's dir, or built-in sentencepiece
@@ -112,6 +183,13 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, schedule, checkpoints and guards."""
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_ratio": within(0, 1), "max_steps": POSITIVE,
+        "grad_clip": NON_NEGATIVE, "grad_accum": POSITIVE, "precision": one_of("auto", "fp32", "bf16", "fp16"),
+        "save_steps": POSITIVE, "keep_last": NON_NEGATIVE, "log_steps": POSITIVE, "stop_after": NON_NEGATIVE,
+        "max_bad_steps": POSITIVE, "seed": SEED, "inject_fault": FAULT,
+    }
+
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.02
@@ -134,6 +212,8 @@ class TrainConfig:
 class TagiConfig:
     """The root of the tree; ``recipe`` names where the defaults came from."""
 
+    RULES: ClassVar[dict[str, Rule]] = {"mode": one_of("tagi", "concat", "no_instruction")}
+
     recipe: str = "tiny"
     mode: str = "tagi"  # tagi | concat | no_instruction
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -147,33 +227,29 @@ class TagiConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TagiConfig:
-        _choice("mode", self.mode, ("tagi", "concat", "no_instruction"))
-        _choice("model.arch", self.model.arch, ("t5", "llama"))
-        _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
-        _choice("model.attn_implementation", self.model.attn_implementation,
-                ("sdpa", "eager", "flash_attention_2"))
-        _choice("model.adapter_impl", self.model.adapter_impl, ("auto", "torch", "triton"))
-        _choice("hypernet.generator", self.hypernet.generator, ("shared", "per_layer"))
-        _choice("hypernet.pooling", self.hypernet.pooling, ("mean", "first_last"))
-        _choice("teacher.granularity", self.teacher.granularity, ("task", "category"))
-        _choice("loss.param_align", self.loss.param_align, ("delta", "factors"))
-        _choice("data.setting", self.data.setting, ("def", "def_pos"))
-        _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16", "fp16"))
-        for key, value in (("hypernet.rank", self.hypernet.rank), ("teacher.rank", self.teacher.rank),
-                           ("loss.temperature", self.loss.temperature), ("train.max_steps", self.train.max_steps),
-                           ("data.tasks_per_batch", self.data.tasks_per_batch),
-                           ("data.examples_per_task", self.data.examples_per_task)):
-            if value <= 0:
-                raise ConfigError(f"{key} must be > 0, got {value!r}")
-        if self.hypernet.fusion and self.model.arch == "llama" and self.mode == "tagi":
-            raise ConfigError("hypernet.fusion=true is T5-only (LLaMA has no encoder to fuse into); "
-                              "set hypernet.fusion=false")
+        """Check every section's ``RULES`` and the rules that span fields; ConfigError names key and value."""
+        for key, rule, value in _ruled(self):
+            if not rule.test(value):
+                raise ConfigError(f"{key}: must be {rule.text} ({value!r})")
+        m = self.model
+        if self.hypernet.fusion and m.arch == "llama" and self.mode == "tagi":
+            raise ConfigError("hypernet.fusion: true is T5-only (LLaMA has no encoder to fuse into); "
+                              "set hypernet.fusion=false (True)")
+        if m.arch == "llama" and m.d_model % m.num_heads:
+            raise ConfigError(f"model.d_model: must be a multiple of model.num_heads={m.num_heads} ({m.d_model})")
+        if m.arch == "llama" and m.num_heads % m.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads: must divide model.num_heads={m.num_heads} ({m.num_kv_heads})")
         return self
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+def _ruled(obj: Any, prefix: str = ""):
+    """``(key, rule, value)`` for every rule of ``obj``'s section and its subsections."""
+    for name, rule in getattr(type(obj), "RULES", {}).items():
+        yield f"{prefix}{name}", rule, getattr(obj, name)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _ruled(value, f"{prefix}{f.name}.")
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
@@ -202,7 +278,7 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
                 raise TypeError
             return int(value)
         if typ is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise TypeError
             return float(value)
         if typ is str:
@@ -212,8 +288,9 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
     except (TypeError, ValueError, json.JSONDecodeError):
         pass
     else:
-        raise ConfigError(f"config key {key!r} has unsupported type {typ!r}")
-    raise ConfigError(f"config key {key!r} expects {getattr(typ, '__name__', typ)}, got {value!r}")
+        raise ConfigError(f"{key}: unsupported config type {typ!r}")
+    kind = "a finite float" if typ is float else getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}: expects {kind} ({value!r})")
 
 
 def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
@@ -222,11 +299,12 @@ def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r} (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{path}: unknown config key (known{' in ' + prefix[:-1] if prefix else ''}: "
+                              f"{', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {path!r} is a section; got {value!r}")
+                raise ConfigError(f"{path}: is a section, set {path}.KEY=VALUE ({value!r})")
             _update(current, value, prefix=f"{path}.")
         else:
             setattr(obj, key, _coerce(path, hints[key], value))
@@ -244,7 +322,7 @@ def apply_overrides(cfg: TagiConfig, overrides: list[str]) -> TagiConfig:
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set {item}: expected KEY=VALUE ({item!r})")
         path, value = item.split("=", 1)
         *parents, leaf = path.strip().split(".")
         nested: dict[str, Any] = {leaf: value}

@@ -1,4 +1,4 @@
-"""Inspect a data source: ``python -m tagi_ds.data --data SPEC [--split train|test|all] [--set data.k=v]``.
+"""Inspect a data source: ``python -m tagi_ds.data --data SPEC [--split train|test|all] [--set data.k=v ...]``.
 
 Prints tasks, categories, instance counts and token-length percentiles (instruction, input, output, and the
 concatenated Tk-Instruct prompt) with the configured tokenizer; ``--write-sni DIR`` writes the tasks in
@@ -7,7 +7,6 @@ the SNI layout (e.g. to look at the built-in suite as files).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from textwrap import shorten
@@ -16,6 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from tagi_ds.cli import Parser, add_set_flag
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.data.corpus import builtin_documents, corpus_files, iter_documents
 from tagi_ds.data.prompt import format_instance, format_instruction
@@ -24,6 +24,7 @@ from tagi_ds.data.spec import SCHEMES, load_tasks, parse_spec
 from tagi_ds.data.task import DataError
 from tagi_ds.data.tokenizer import load_tokenizer
 from tagi_ds.recipes import get_recipe
+from tagi_ds.runtime.preflight import EXIT_USAGE, check_output_dir
 
 PERCENTILES = (50, 90, 99)
 
@@ -93,18 +94,22 @@ def show_corpus(console: Console, cfg, tok, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tagi_ds.data", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m tagi_ds.data", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="builtin", help=f"data spec: {' | '.join(SCHEMES)}:PATH")
-    parser.add_argument("--recipe", default="tiny")
+    parser.add_argument("--recipe", default="tiny", help="the config whose data.* and tokenizer are used")
     parser.add_argument("--split", choices=("train", "dev", "test", "all"), default="all",
                         help="all = train and test (and dev for the built-in suite)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
+    add_set_flag(parser, "any config field, e.g. --set data.setting=def_pos data.english_only=false")
     parser.add_argument("--max-rows", type=int, default=20, help="tasks listed per split")
     parser.add_argument("--write-sni", metavar="DIR", help="also write the tasks in the SNI layout")
-    args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 140)
     try:
-        cfg = apply_overrides(get_recipe(args.recipe), [f"data.spec={args.data}", *args.set])
+        args = parser.parse_args(argv)
+        if args.max_rows < 0:
+            raise ConfigError(f"--max-rows: must be >= 0 ({args.max_rows})")
+        cfg = apply_overrides(get_recipe(args.recipe), [f"data.spec={args.data}", *args.overrides]).validate()
+        if args.write_sni:
+            check_output_dir(args.write_sni, "--write-sni")
         spec = parse_spec(cfg.data.spec)
         tok = load_tokenizer(cfg)
         if spec.scheme == "text":
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"wrote {sum(map(len, loaded.values()))} tasks to {out}")
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from tagi_ds.config import DataConfig
 from tagi_ds.data.files import atomic_write_json, atomic_write_text, read_json, read_text
-from tagi_ds.data.task import DataError, Demo, Example, Task, select_tasks, show
+from tagi_ds.data.task import DataError, Demo, Example, Task, note, select_tasks, show
 
 SPLITS = ("train", "test")
 LANGUAGE_FIELDS = ("Input_language", "Output_language", "Instruction_language")
@@ -123,17 +123,21 @@ def split_names(root: str | Path, split: str) -> list[str]:
 def load_sni(root: str | Path, cfg: DataConfig, split: str) -> list[Task]:
     """The tasks of ``split`` after the English / category / max-instances filters of ``cfg``."""
     root = Path(root)
-    tasks = []
-    for name in split_names(root, split):
+    tasks, names = [], split_names(root, split)
+    for name in names:
         task = read_task(root / "tasks" / f"{name}.json", english_only=cfg.english_only)
         if task is not None:
             tasks.append(task)
+    if len(tasks) < len(names):
+        note(f"{root}: data.english_only=true dropped {len(names) - len(tasks)} of {len(names)} {split} tasks "
+             "(a language field other than English); --set data.english_only=false keeps them")
     tasks = select_tasks(tasks, categories=cfg.categories,
                          names=cfg.tasks, exclude=cfg.exclude_tasks, max_instances=cfg.max_instances_per_task,
                          sample_seed="sni" if split == "train" else None, where=str(root))
     if not tasks:
         raise DataError(f"{root}: split {split!r} has no tasks left after the filters "
-                        f"(english_only={cfg.english_only}, categories={cfg.categories})")
+                        f"(english_only={cfg.english_only}, categories={cfg.categories}; "
+                        "--set data.english_only=false keeps non-English tasks)")
     return tasks
 
 

@@ -27,6 +27,7 @@ from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
 from tagi_ds.eval.metrics import compute_metrics
 from tagi_ds.model import build_model
+from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.train import dist
 from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.checkpoint import atomic_write_text
@@ -115,7 +116,8 @@ def _pick_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
     return args.mode, None, None
 
 
-def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | None = None) -> TagiConfig:
+def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | None = None,
+                    flag: str | None = None) -> TagiConfig:
     """The config: the artifact's own (backbone shape, sites, ranks) < ``--set`` < flags (``cli.resolve_config``).
 
     ``--recipe`` is the base only without an artifact; with one it must agree with the artifact's recipe.
@@ -125,7 +127,7 @@ def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | Non
     if mode is not None:
         ns.mode = mode
     if path is not None:
-        saved = artifacts.read_config(path)
+        saved = artifacts.read_config(path, f"--{flag}" if flag else "artifact")
         if args.recipe is not None and args.recipe != saved.recipe:
             raise ConfigError(f"--recipe {args.recipe} disagrees with {path / 'config.json'} (recipe "
                               f"{saved.recipe}); drop --recipe: the artifact fixes the model")
@@ -139,12 +141,12 @@ def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | Non
 
 def resolve(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
     """Launcher flags -> (config, EvalArgs); every inconsistency is a one-line ConfigError."""
-    mode, _, path = _pick_mode(args)
+    mode, flag, path = _pick_mode(args)
     for key in ("max_new_tokens", "batch_size"):
         value = getattr(args, key)
         if value is not None and value <= 0:
-            raise ConfigError(f"--{key} must be > 0, got {value}")
-    cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode)  # a teacher reads instr + input
+            raise ConfigError(f"--{key}: must be > 0 ({value})")
+    cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode, flag)  # a teacher reads instr + input
     if mode == "teacher":
         _, meta = artifacts.read_teacher_rows(path)
         cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
@@ -208,20 +210,56 @@ def wrap(step: torch.nn.Module, ds: dict) -> tuple[Any, torch.device]:
 
 
 # -- the run ------------------------------------------------------------------------------------------------
-def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
-    """Evaluate; returns the results dict on rank 0 (None elsewhere)."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+@dataclass
+class EvalChecked:
+    """What :func:`preflight` checked and loaded (nothing written, no process group yet)."""
+
+    ds: dict
+    tok: Any
+    tasks: list
+    kind: str
+    rows: dict[str, int] | None
+    scored: list
+    method: str
+
+
+def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
+    """Every input of the evaluation, checked before anything is written or any process group starts: the
+    output dir, the DeepSpeed JSON (DeepSpeed's schema), tokenizer and data, and the artifact against the
+    model this run builds (on the meta device): config keys, sites, every tensor's shape, the files whole."""
+    preflight_checks.check_output_dir(args.output_dir)
+    ds = preflight_checks.deepspeed_config(args.deepspeed, cfg, preflight_checks.env_world_size())
     tok = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, args.split)
     kind = _kind(args.kind, cfg)
     rows = teacher_rows_for(tasks, args.artifact, cfg.teacher.granularity) if args.mode == "teacher" else None
     scored = classify.expand_choices(tasks) if kind == "rank" else tasks
     method = cost.resolve_method(args.flops)
+    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
+    if args.mode == "teacher":
+        model = preflight_checks.meta_model(cfg, "teachers", special, num_bank_rows=len(rows))
+        artifacts.check_teachers(args.artifact, model.bank, model, "--teachers")
+    else:
+        model = preflight_checks.meta_model(cfg, "finetune", special)
+        if args.mode == "tagi":
+            artifacts.check_hypernet(args.artifact, model, "--hypernet")
+        elif args.artifact is not None:
+            artifacts.check_teachers(args.artifact, model.bank, model, "--adapter")
+    return EvalChecked(ds, tok, tasks, kind, rows, scored, method)
 
+
+def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
+    """Preflight, then evaluate; returns the results dict on rank 0 (None elsewhere)."""
+    return evaluate(cfg, args, preflight(cfg, args))
+
+
+def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str, Any] | None:
+    """Evaluate what :func:`preflight` checked; returns the results dict on rank 0 (None elsewhere)."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    ds, tok, tasks, kind, rows, scored, method = (checked.ds, checked.tok, checked.tasks, checked.kind, checked.rows,
+                                                  checked.scored, checked.method)
     dist.init()
     seed_everything(cfg.train.seed)
-    ds_json = ds_engine.load_ds_json(args.deepspeed or ds_engine.default_ds_config(cfg.recipe))
-    ds = ds_engine.inject(ds_json, cfg, dist.world_size())
     write_config(Path(args.output_dir), cfg, ds, args)
     model = build(cfg, args, ds, tok, len(rows) if rows else 0)
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
@@ -343,5 +381,5 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
     return results
 
 
-__all__ = ["EVAL_MODES", "EvalArgs", "artifact_config", "artifact_dir", "build", "finish", "resolve",
-           "run", "teacher_rows_for"]
+__all__ = ["EVAL_MODES", "EvalArgs", "EvalChecked", "artifact_config", "artifact_dir", "build", "evaluate", "finish",
+           "preflight", "resolve", "run", "teacher_rows_for"]

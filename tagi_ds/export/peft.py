@@ -33,6 +33,7 @@ from tagi_ds import artifacts, data
 from tagi_ds.config import ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
 from tagi_ds.model import build_model
+from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.train import dist
 from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.loop import seed_everything
@@ -110,6 +111,21 @@ def export_peft(out_dir: str | Path, model, factors, base_model: str | None = No
     return final
 
 
+def preflight(cfg, hypernet: Path, out_dir: Path, deepspeed: str | None = None):
+    """Every input checked before anything is written or a process group starts: one process, the output
+    dir, the DeepSpeed JSON (DeepSpeed's schema), the tokenizer, and the hypernet/ dir against the model built
+    on the meta device. Returns ``(final DeepSpeed dict, tokenizer)``."""
+    if preflight_checks.env_world_size() > 1:
+        raise ConfigError("generate_adapter: runs in one process: python launchers/generate_adapter.py ... "
+                          f"(WORLD_SIZE={preflight_checks.env_world_size()})")
+    preflight_checks.check_output_dir(out_dir)
+    ds = preflight_checks.deepspeed_config(deepspeed, cfg, 1)
+    tok = data.load_tokenizer(cfg)
+    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
+    artifacts.check_hypernet(hypernet, preflight_checks.meta_model(cfg, "finetune", special), "--hypernet")
+    return ds, tok
+
+
 def generate_adapter(cfg, hypernet: Path, text: str, condition: str, out_dir: Path, deepspeed: str | None = None,
                      base_model: str | None = None) -> Path:
     """Build the frozen backbone + hypernetwork, generate the adapter for ``text``, export it to ``out_dir``.
@@ -119,13 +135,10 @@ def generate_adapter(cfg, hypernet: Path, text: str, condition: str, out_dir: Pa
     was trained with; its parameters are gathered for the one forward. Single process: no engine.
     """
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    ds = ds_engine.inject(ds_engine.load_ds_json(deepspeed), cfg, 1)
+    ds, tok = preflight(cfg, hypernet, out_dir, deepspeed)
     if ds_engine.zero_stage(ds) == 3:
         dist.init()
-        if dist.world_size() > 1:
-            raise ConfigError("generate_adapter runs in one process: python launchers/generate_adapter.py ...")
     seed_everything(cfg.train.seed)  # as training did before building: the same built-in random init
-    tok = data.load_tokenizer(cfg)
     special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
     backbone = ds_engine.build_backbone(cfg, ds, special)
     model = build_model(cfg, "finetune", backbone).requires_grad_(False).eval()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
+import math
 from typing import Any
 
 import torch
 
+from tagi_ds.cli import Parser
 from tagi_ds.config import ConfigError
 from tagi_ds.plan.fit import plan
 from tagi_ds.plan.inputs import ASSUMED_MFU, H100_BF16_DENSE_TFLOPS, GiB, PlanInput
@@ -27,13 +28,23 @@ def _on_off(v: str) -> bool:
     return v == "on"
 
 
+def _number(v: str) -> float:
+    """A finite float (``nan`` and ``inf`` parse as floats, and would pass every ``> 0`` check)."""
+    try:
+        x = float(v)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {v!r}")
+    return x
+
+
 def parser() -> argparse.ArgumentParser:
-    a = argparse.ArgumentParser(prog="python -m tagi_ds.plan", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = Parser(prog="python -m tagi_ds.plan", description=__doc__.split("\n")[0])
     a.add_argument("--model", default="t5-xl", choices=list(RECIPES), help="recipe whose shapes are planned")
     a.add_argument("--nodes", type=int, default=1)
     a.add_argument("--gpus_per_node", type=int, default=None, help="default 8 (1 with --stage none)")
-    a.add_argument("--gpu_mem_gb", type=float, default=80.0, help="memory per GPU, GiB")
+    a.add_argument("--gpu_mem_gb", type=_number, default=80.0, help="memory per GPU, GiB")
     a.add_argument("--stage", default="z3", choices=["z3", "z2", "none"], help="ZeRO stage; none = one process")
     a.add_argument("--offload", default="none", choices=["none", "optimizer", "param"])
     a.add_argument("--deepspeed", default=None, metavar="PATH", help="DeepSpeed JSON for bucket sizes "
@@ -50,11 +61,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--gradient_checkpointing", type=_on_off, default=None, metavar="on|off")
     a.add_argument("--precision", default=None, choices=["bf16", "fp32"],
                    help="default: bf16 for GPU recipes, fp32 for the tiny ones")
-    a.add_argument("--tflops_per_gpu", type=float, default=None,
+    a.add_argument("--tflops_per_gpu", type=_number, default=None,
                    help=f"achieved TFLOP/s per GPU (default {H100_BF16_DENSE_TFLOPS:g} x {ASSUMED_MFU:g})")
-    a.add_argument("--interconnect_gbps", type=float, default=400.0, help="between nodes, Gbit/s per GPU")
-    a.add_argument("--intra_node_gbps", type=float, default=2400.0, help="within a node (NVLink), Gbit/s per GPU")
-    a.add_argument("--pcie_gbps", type=float, default=256.0, help="host <-> GPU (offload), Gbit/s per GPU")
+    a.add_argument("--interconnect_gbps", type=_number, default=400.0, help="between nodes, Gbit/s per GPU")
+    a.add_argument("--intra_node_gbps", type=_number, default=2400.0, help="within a node (NVLink), Gbit/s per GPU")
+    a.add_argument("--pcie_gbps", type=_number, default=256.0, help="host <-> GPU (offload), Gbit/s per GPU")
     a.add_argument("--json", action="store_true", help="print the plan as JSON")
     a.add_argument("--measure", action="store_true", help="also run one real step here (--stage none shapes) "
                    "and print its measured peak next to the prediction")
@@ -122,12 +133,14 @@ def render(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parser().parse_args(argv)
-    keys = {f.name for f in dataclasses.fields(PlanInput)}
-    if a.gpus_per_node is None:
-        a.gpus_per_node = 1 if a.stage == "none" else 8
-    p = PlanInput(**{k: v for k, v in vars(a).items() if k in keys})
+    from tagi_ds.runtime.preflight import report
+
     try:
+        a = parser().parse_args(argv)
+        keys = {f.name for f in dataclasses.fields(PlanInput)}
+        if a.gpus_per_node is None:
+            a.gpus_per_node = 1 if a.stage == "none" else 8
+        p = PlanInput(**{k: v for k, v in vars(a).items() if k in keys})
         result = plan(p)
         if a.measure:
             if result["input"]["stage"] != "none":
@@ -135,8 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   "--nodes 1 --gpus_per_node 1")
             result["measured"] = {**measure_step(p), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        report(str(err))
     if a.json:
         print(json.dumps(result, indent=2))
     else:

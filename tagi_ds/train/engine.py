@@ -34,19 +34,28 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 
 def load_ds_json(path: str | Path | None) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` (default ``ds_configs/z3.json``): an object of DeepSpeed settings only,
+    no ``"auto"``, none of the keys the TagiConfig owns. The full schema check is ``runtime.preflight``'s."""
     p = Path(path) if path else DEFAULT_DS_CONFIG
+    where = f"--deepspeed {str(p)!r}"
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise ConfigError(f"--deepspeed {str(p)!r}: no such file") from err
+        raise ConfigError(f"{where}: no such file") from err
+    except IsADirectoryError as err:
+        raise ConfigError(f"{where}: is a directory, not a JSON file") from err
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read it ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from err
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--deepspeed {str(p)!r}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        raise ConfigError(f"{where}: invalid JSON at line {err.lineno}: {err.msg}") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"--deepspeed {str(p)!r}: expected a JSON object")
+        raise ConfigError(f"{where}: expected a JSON object ({type(data).__name__})")
     _reject_auto(data, str(p))
     owned = [k for k in OWNED_KEYS if k in data]
     if owned:
-        raise ConfigError(f"--deepspeed {str(p)!r}: key {owned[0]!r} comes from the tagi-ds config "
+        raise ConfigError(f"{where}: key {owned[0]!r} comes from the tagi-ds config "
                           "(use --set train.* instead)")
     return data
 

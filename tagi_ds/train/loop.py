@@ -1,6 +1,9 @@
-"""The one training loop, for all three stages: build, (resume), step, log, checkpoint, export.
+"""The one training loop, for all three stages: preflight, build, (resume), step, log, checkpoint, export.
 
-Read top to bottom: it is the whole of what a launcher runs.
+Read top to bottom: it is the whole of what a launcher runs. :func:`preflight` checks and loads every input
+before anything is written or any process group starts; :func:`train` then runs. Stops: ``max_steps``
+(exit 0), ``train.stop_after`` / a signal / the launcher gone (checkpoint, exit 0), ``train.max_bad_steps``
+non-finite steps in a row (checkpoint, one line, exit code 3).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,10 +22,13 @@ import torch
 from tagi_ds import artifacts, data
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.model import build_model
+from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.train import checkpoint, dist
 from tagi_ds.train import engine as ds_engine
-from tagi_ds.train.guards import Guards
+from tagi_ds.train.guards import Guards, TooManyBadSteps
 from tagi_ds.train.progress import Progress
+
+SAVE_WARN_S = 20.0  # a save longer than this does not fit deepspeed's 30 s SIGTERM grace with a step around it
 
 
 @dataclass
@@ -52,46 +59,105 @@ def write_config(out: Path, cfg: TagiConfig, ds: dict, args: RunArgs) -> None:
     dist.barrier()
 
 
-def run(cfg: TagiConfig, args: RunArgs) -> Path:
-    """Train one stage; returns the final artifact directory (``hypernet/`` or ``teachers/``)."""
-    # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods the log.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    dist.init()
-    seed_everything(cfg.train.seed)
-    out = Path(args.output_dir)
-    ds_json = ds_engine.load_ds_json(args.deepspeed or ds_engine.default_ds_config(cfg.recipe))
-    ds = ds_engine.inject(ds_json, cfg, dist.world_size())
-    resume = checkpoint.resolve(args.resume_from_checkpoint, out) if args.resume_from_checkpoint else None
+@dataclass
+class Checked:
+    """Everything preflight checked and loaded for a run, handed to :func:`train` (nothing written yet)."""
 
-    tokenizer = data.load_tokenizer(cfg)
-    rows, num_rows, with_teacher = None, 0, False
-    if args.stage == "teachers":
-        rows = data.teacher_rows(data.load_tasks(cfg.data.spec, cfg.data, "train"), cfg.teacher.granularity)
-        num_rows = len(rows)
-    elif args.stage == "finetune" and cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0):
+    cfg: TagiConfig
+    args: RunArgs
+    ds: dict  # the final DeepSpeed dict for this world size
+    world_size: int
+    tokenizer: Any
+    loader: Any  # this rank's training loader
+    fingerprint: dict  # what a checkpoint of this run records (and a resumed one must match)
+    rows: dict[str, int] | None = None  # teacher-bank rows: stage teachers (trained) or finetune (frozen)
+    with_teacher: bool = False  # finetune: the frozen teacher bank from --teachers
+    resume: Path | None = None
+
+
+def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
+    """Check every input of the run before anything is written and before any process group starts: the
+    output dir, the DeepSpeed JSON (DeepSpeed's own schema), the artifacts (--teachers, --init_hypernet:
+    config keys, sites, every tensor's shape from the safetensors headers), the tokenizer and data (loaded
+    here, once), the model (built on the meta device) and the checkpoint to resume (fingerprint, files).
+    Bad input raises ConfigError / DataError (one line, exit code 2 under ``runtime.preflight.guarded``)."""
+    world, rank = preflight_checks.env_world_size(), preflight_checks.env_rank()
+    out = preflight_checks.check_output_dir(args.output_dir)
+    ds = preflight_checks.deepspeed_config(args.deepspeed, cfg, world)
+    distill = args.stage == "finetune" and cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
+    if args.teachers and not distill:
+        raise ConfigError(f"--teachers {args.teachers}: unused by this run (it needs finetune, mode tagi and "
+                          f"loss.kl_weight or loss.param_weight > 0; mode {cfg.mode}); drop --teachers")
+    if args.init_hypernet and cfg.mode != "tagi":
+        raise ConfigError(f"--init_hypernet {args.init_hypernet}: a hypernetwork needs mode tagi (mode {cfg.mode})")
+    rows, meta = None, None
+    if distill:
         if not args.teachers:
-            raise ConfigError("finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
+            raise ConfigError("--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
                               "(or --set loss.kl_weight=0 loss.param_weight=0)")
         rows, meta = artifacts.read_teacher_rows(Path(args.teachers))
         cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
-        num_rows, with_teacher = len(rows), True
+    tokenizer = data.load_tokenizer(cfg)
+    tasks = None if args.stage == "pretrain" else data.load_tasks(cfg.data.spec, cfg.data, "train")
+    if args.stage == "teachers":
+        rows = data.teacher_rows(tasks, cfg.teacher.granularity)
+    elif distill:
+        _check_teacher_rows(tasks, rows, cfg.teacher.granularity, args.teachers)
+    loader = data.build_train_loader(cfg, tokenizer, stage=args.stage, rank=rank, world_size=world,
+                                     teacher_rows=rows, tasks=tasks)
+    special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
+    model = preflight_checks.meta_model(cfg, args.stage, special, num_bank_rows=len(rows) if rows else 0,
+                                        with_teacher=distill)
+    if distill:
+        artifacts.check_teachers(Path(args.teachers), model.teacher, model, "--teachers")
+    if args.init_hypernet:
+        artifacts.check_hypernet(Path(args.init_hypernet), model, "--init_hypernet")
+    fingerprint = checkpoint.fingerprint(args.stage, cfg, world, model)
+    resume = checkpoint.check(args.resume_from_checkpoint, out, fingerprint) if args.resume_from_checkpoint else None
+    return Checked(cfg, args, ds, world, tokenizer, loader, fingerprint, rows, distill, resume)
+
+
+def _check_teacher_rows(tasks, rows: dict[str, int], granularity: str, path) -> None:
+    for task in tasks:
+        key = task.name if granularity == "task" else task.category
+        if key not in rows:
+            raise ConfigError(f"--teachers {path}: no teacher for {granularity} {key!r} of the training data "
+                              f"({len(rows)} in rows.json); train the teachers on the same data and filters")
+
+
+def run(cfg: TagiConfig, args: RunArgs) -> Path:
+    """Preflight, then train one stage; returns the final artifact directory (``hypernet/`` or ``teachers/``)."""
+    return train(preflight(cfg, args))
+
+
+def train(checked: Checked) -> Path:
+    """Train one stage from what :func:`preflight` checked; returns the final artifact directory."""
+    cfg, args, ds, loader, rows = checked.cfg, checked.args, checked.ds, checked.loader, checked.rows
+    # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods the log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    dist.init()
+    if dist.world_size() != checked.world_size:
+        raise RuntimeError(f"preflight saw WORLD_SIZE={checked.world_size}, the process group has "
+                           f"{dist.world_size()} ranks")
+    seed_everything(cfg.train.seed)
+    out = Path(args.output_dir)
     write_config(out, cfg, ds, args)
 
+    tokenizer = checked.tokenizer
     special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
     backbone = ds_engine.build_backbone(cfg, ds, special)
-    model = build_model(cfg, args.stage, backbone, num_bank_rows=num_rows, with_teacher=with_teacher)
-    if with_teacher:
+    model = build_model(cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0,
+                        with_teacher=checked.with_teacher)
+    if checked.with_teacher:
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)
     if args.init_hypernet:
         artifacts.load_hypernet(model, Path(args.init_hypernet))
     eng = ds_engine.build_engine(model, cfg, ds)
     device = eng.device
 
-    loader = data.build_train_loader(cfg, tokenizer, stage=args.stage, rank=dist.rank(),
-                                     world_size=dist.world_size(), teacher_rows=rows)
     start = 0
-    if resume is not None:
-        start, loader_state = checkpoint.load(eng, resume)
+    if checked.resume is not None:
+        start, loader_state = checkpoint.load(eng, checked.resume)
         loader.load_state_dict(loader_state)
     batches = iter(loader)
 
@@ -106,46 +172,67 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
         progress.message(layout)
     ckpt_dir = out / "checkpoints"
     step = start
+    save_s = 0.0
+
+    def save() -> None:
+        nonlocal save_s
+        t = time.perf_counter()
+        checkpoint.save(eng, ckpt_dir, step, loader.state_dict(), cfg.train.keep_last, checked.fingerprint)
+        save_s = time.perf_counter() - t
+        if save_s > SAVE_WARN_S:
+            progress.message(f"warning: saving step {step} took {save_s:.0f}s; deepspeed's launch.py kills ranks "
+                             "30 s after a SIGTERM, so stop this job by signalling the runner's PID (README: "
+                             "stopping)")
+
     try:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
-            tokens, bad = 0, False
+            tokens, loss_bad = 0, False
             lr = eng.get_lr()[0]  # the rate this step uses (the scheduler advances in eng.step)
             for _ in range(cfg.train.grad_accum):
                 batch = next(batches).to(device)
                 loss, terms = eng(batch)
                 loss = guards.inject(step, loss)
                 if guards.loss_is_bad(loss, step):  # same decision on every rank: nobody steps
-                    bad = True
+                    loss_bad = True
                     break
                 eng.backward(loss)
                 eng.step()
                 tokens += int(batch.attention_mask.sum()) + batch.num_target_tokens()
                 for k, v in {"loss": loss, **terms}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.train.grad_accum
-            if bad:
+            if loss_bad:
                 eng.zero_grad()
-            else:
-                bad = guards.grad_norm_is_bad(eng.get_global_grad_norm())  # DeepSpeed skipped the update
-            guards.record(bad, step + 1)
+            # A skipped step has no gradient norm of its own (DeepSpeed still reports the previous one).
+            norm = None if loss_bad else _norm(eng.get_global_grad_norm())
+            guards.record(loss_bad or guards.grad_norm_is_bad(norm), step + 1)  # non-finite norm: update skipped
             step += 1
-            if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps:
-                record = {"step": step, **_mean_over_ranks(sums, device),
-                          "lr": lr, "grad_norm": _norm(eng.get_global_grad_norm()),
+            stop_bad = guards.too_many_bad()
+            if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps or stop_bad:
+                record = {"step": step, **({"loss": None} if loss_bad else _mean_over_ranks(sums, device)),
+                          "lr": lr, "grad_norm": norm,
                           "tokens_per_s": tokens * dist.world_size() / (time.perf_counter() - t0),
                           "skipped_steps": guards.skipped}
-                record.setdefault("loss", float("nan"))
                 progress.log(record)
             signalled = guards.stop_requested()
             pause = signalled or (cfg.train.stop_after > 0 and step - start >= cfg.train.stop_after)
-            if step % cfg.train.save_steps == 0 or pause or step == cfg.train.max_steps:
-                checkpoint.save(eng, ckpt_dir, step, loader.state_dict(), cfg.train.keep_last)
+            if step % cfg.train.save_steps == 0 or pause or stop_bad or step == cfg.train.max_steps:
+                save()
+            if stop_bad:
+                progress.close()
+                message = guards.bad_steps_message(step, str(ckpt_dir / f"step-{step}"))
+                preflight_checks.say_once(message)
+                dist.barrier()  # rank 0 has printed before any rank exits (the launcher ends the job at the first)
+                raise TooManyBadSteps(message)
             if pause and step < cfg.train.max_steps:
-                why = "signal received" if signalled else f"train.stop_after={cfg.train.stop_after}"
-                progress.message(f"{why}: saved step {step}, stopping (resume with --resume_from_checkpoint latest)")
+                why = guards.reason if signalled else f"train.stop_after={cfg.train.stop_after}"
+                progress.message(f"{why}: saved step {step} in {save_s:.1f}s, stopping "
+                                 "(resume with --resume_from_checkpoint latest)")
                 progress.close()
                 return ckpt_dir / f"step-{step}"
+    except TooManyBadSteps:
+        raise
     except BaseException:
         progress.close()
         raise

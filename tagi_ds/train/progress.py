@@ -1,12 +1,15 @@
 """Progress and logs: a rich bar on a TTY, plain rank-0 lines otherwise, metrics.jsonl always.
 
-Only rank 0 prints or writes. ``metrics.jsonl`` gets one JSON object per logged step; on resume the
-lines past the restored step are dropped so the file reads as one uninterrupted run.
+Only rank 0 prints or writes. ``metrics.jsonl`` gets one strict JSON object per logged step (a non-finite
+number is ``null``: a skipped step's loss, a skipped update's gradient norm); on resume the lines past the
+restored step are dropped so the file reads as one uninterrupted run, and a line cut short by a kill is
+dropped too.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,10 +44,13 @@ class Progress:
             self.tb = SummaryWriter(str(output_dir / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the lines up to ``step`` (a resume rewrites the rest); drop a damaged line (a kill mid-write
+        cuts the last one short); rewrite what is kept as strict JSON (older runs wrote bare NaN)."""
         if not self.metrics_path.exists():
             return
-        kept = [ln for ln in self.metrics_path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = [json.dumps(strict(rec), allow_nan=False) for ln in lines
+                if (rec := _parse(ln)) is not None and rec.get("step", 0) <= step]
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         tmp.replace(self.metrics_path)
@@ -52,15 +58,17 @@ class Progress:
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
-        self.file.write(json.dumps(record) + "\n")
+        record = strict(record)
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         step = record["step"]
         done = step - self.start_step
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
-        info = f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        loss = "skipped" if record.get("loss") is None else f"{record['loss']:.4f}"
+        info = f"loss {loss} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
         if self.tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and k != "step":  # None (non-finite) is left out
                     self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
@@ -84,3 +92,17 @@ class Progress:
         if self.tb is not None:
             self.tb.close()
         self.file.close()
+
+
+def strict(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with every non-finite float as None (``null``): metrics.jsonl is strict JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """A metrics line as a dict; None for a blank or damaged line (a kill mid-write cuts the last one)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None

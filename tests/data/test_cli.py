@@ -31,3 +31,24 @@ def test_errors_are_one_line_with_status_2():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: data spec 's3://bucket/sni': unknown scheme 's3'; "
                                                 "expected builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR"]
+
+
+def test_english_only_says_what_it_dropped_and_which_flag_keeps_it(capsys, tmp_path):
+    import json
+
+    root = tmp_path / "sni"
+    (root / "tasks").mkdir(parents=True)
+    (root / "splits" / "default").mkdir(parents=True)
+    task = {"Definition": ["Copy the input."], "Categories": ["Misc."],
+            "Instances": [{"id": "x-0", "input": "a b", "output": ["a b"]}]}
+    for name, lang in (("task001_en", "English"), ("task002_de", "German")):
+        inst = [{**task["Instances"][0], "id": f"{name}-0"}]
+        (root / "tasks" / f"{name}.json").write_text(json.dumps({**task, "Input_language": [lang], "Instances": inst}))
+    (root / "splits" / "default" / "train_tasks.txt").write_text("task001_en\ntask002_de\n")
+    assert main(["--data", f"sni:{root}", "--split", "train"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "data.english_only=true dropped 1 of 2 train tasks" in out
+    assert "--set data.english_only=false keeps them" in out and "train: 1 tasks" in out
+    assert main(["--data", f"sni:{root}", "--split", "train", "--set", "data.english_only=false"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped" not in out and "train: 2 tasks" in out

@@ -48,9 +48,9 @@ def test_resume_latest_on_empty_dir_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--set", "hypernet.rnak=3"], ["unknown config key 'hypernet.rnak'"]),
-    (["--set", "train.lr=fast"], ["'train.lr' expects float, got 'fast'"]),
-    (["--max_steps", "0"], ["--max_steps must be > 0"]),
+    (["--set", "hypernet.rnak=3"], ["hypernet.rnak: unknown config key"]),
+    (["--set", "train.lr=fast"], ["train.lr: expects a finite float ('fast')"]),
+    (["--max_steps", "0"], ["--max_steps: must be > 0 (0)"]),
     (["--deepspeed", "nope.json"], ["--deepspeed 'nope.json': no such file"]),
     (["--data", "ftp:/x"], ["ftp"]),
 ])
@@ -96,3 +96,31 @@ def test_single_process_run_writes_the_output_contract(tmp_path):
     assert (out / "hypernet" / "generator.safetensors").exists() and (out / "hypernet" / "config.json").exists()
     assert "precision fp32" in proc.stdout and "[step 4/4]" in proc.stdout
     assert size < 12 * 293_632 * 4  # ~ params + Adam state of the hypernet only (backbone: 263k params extra)
+
+
+@pytest.mark.parametrize("script", [*LAUNCHERS, "evaluate.py", "generate_adapter.py"])
+def test_help_states_each_default_once_lists_mini_and_names_the_default_run(script):
+    from tests.eval.test_evaluate import load_launcher
+
+    if script in LAUNCHERS:
+        stage = {"train_teachers.py": "teachers"}.get(script, script.removesuffix(".py"))
+        parser = training_parser(stage, "")
+    else:
+        parser = load_launcher(script).parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text and "default: default" not in text
+    for action in parser._actions:
+        rendered = parser._get_formatter()._expand_help(action) if action.help else ""
+        assert rendered.count("default") <= 1, (action.option_strings, rendered)
+    flat = " ".join(text.split())
+    assert "mini (" in flat and "tiny (" in flat
+    assert "(default: ds_configs/z3.json)" in flat
+    if script in LAUNCHERS:
+        from tagi_ds.data import builtin_suite
+        from tagi_ds.recipes import get_recipe
+
+        assert f"trains {get_recipe('tiny').train.max_steps} steps" in flat
+        assert ("built-in text corpus" if script == "pretrain.py" else
+                f"built-in task suite's {len(builtin_suite(0)['train'])} training tasks") in flat
+        out = {"train_teachers.py": "runs/teachers"}.get(script, f"runs/{script.removesuffix('.py')}")
+        assert f"(default: {out})" in flat
