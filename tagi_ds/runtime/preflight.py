@@ -82,6 +82,9 @@ def guarded(main: Callable[[], object]) -> None:
         report(str(err).replace("\n", " "))
     except Stopped as err:
         raise SystemExit(err.exit_code) from None
+    from tagi_ds.train import dist
+
+    dist.shutdown()
 
 
 # -- command line ---------------------------------------------------------------------------------------------

@@ -32,6 +32,15 @@ def init(backend: str | None = None) -> None:
     _unlink_shm_allreduce_buffer()
 
 
+def shutdown() -> None:
+    """End the process group once every rank is done (an entry point that finished). Left to the interpreter's
+    exit, gloo's threads can outlive their process group: "terminate called without an active exception"
+    (SIGABRT) on a rank that had finished its work, and on CUDA a warning from torch at every exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 SHM_DIR = Path("/dev/shm")
 
 

@@ -60,7 +60,12 @@ def test_a_signal_to_the_runner_alone_reaches_the_ranks(tmp_path):
     os.kill(proc.pid, signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)  # EOF: every rank (they share the pipe) has exited
     assert proc.returncode == -signal.SIGTERM
-    assert not _alive_in_group(proc.pid)  # no rank, no launcher left (zombies aside: nobody reaps orphans here)
+    # No rank, no launcher left (zombies aside: nobody reaps orphans here). A process that closed the pipe can take
+    # a moment more to finish exiting on a loaded machine.
+    deadline = time.time() + 15
+    while _alive_in_group(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive_in_group(proc.pid)
     step = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert 2 <= step < 400
     assert f"the deepspeed runner (pid {proc.pid}) exited: saved step {step}" in log, log[-4000:]
