@@ -18,11 +18,14 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key and the value."""
 
 
+DECODER_ONLY = ("llama", "mistral", "qwen2", "gemma2")  # model.arch of the decoder-only families (HF model_type)
+
+
 @dataclass
 class ModelConfig:
     """The frozen backbone and which of its projections get adapters."""
 
-    arch: str = "t5"  # t5 (encoder-decoder) | llama (decoder-only)
+    arch: str = "t5"  # t5 (encoder-decoder) | llama | mistral | qwen2 | gemma2 (decoder-only; Llama-1/2/3 are llama)
     model_name_or_path: str | None = None  # local HF directory; None = built-in shape, random init
     vocab_size: int = 1024
     d_model: int = 64
@@ -32,6 +35,11 @@ class ModelConfig:
     num_decoder_layers: int = 2  # T5 only
     num_heads: int = 4
     num_kv_heads: int = 4  # LLaMA grouped-query attention
+    head_dim: int = 0  # decoder-only per-head size; 0 = d_model // num_heads (Gemma-2: 256)
+    rope_theta: float = 10000.0  # decoder-only RoPE base (Llama-3: 5e5; Qwen2.5, Mistral v0.3: 1e6)
+    rope_scaling: float = 0.0  # llama: Llama-3.1-style RoPE scaling factor (3.1: 8, 3.2: 32); 0 = none
+    sliding_window: int = 0  # mistral / qwen2 / gemma2: sliding-window attention width in tokens; 0 = none
+    tie_word_embeddings: bool = False  # decoder-only: LM head shares the input embedding (Gemma-2, Llama-3.2 1B)
     feed_forward_proj: str = "gated-gelu"  # T5: relu | gated-gelu (T5-LM-Adapt / v1.1)
     max_position_embeddings: int = 2048  # LLaMA
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn extra)
@@ -79,6 +87,7 @@ class LossConfig:
     kl_weight: float = 1.0  # lambda_1
     param_weight: float = 1.0  # lambda_2
     temperature: float = 2.0
+    chunk_tokens: int = 1024  # target tokens per chunk of LM head + CE/KL (bounds fp32 [tokens, vocab] temporaries)
     param_align: str = "delta"  # delta (effective s*B@A) | factors (A<->A, s*B<->s*B)
 
 
@@ -106,6 +115,7 @@ class DataConfig:
     corpus: str | None = None  # stage-1 text: builtin | text:FILE_OR_DIR; None = data.spec if text:, else builtin
     streaming: bool = False  # stage 1: stream the corpus files in order instead of holding all windows in memory
     sample_variants: bool = True  # train: a Definition paraphrase per task and an accepted output per example
+    chat_template: bool = False  # wrap instruction, input and concat prompts in the tokenizer's chat template
 
 
 @dataclass
@@ -148,7 +158,7 @@ class TagiConfig:
 
     def validate(self) -> TagiConfig:
         _choice("mode", self.mode, ("tagi", "concat", "no_instruction"))
-        _choice("model.arch", self.model.arch, ("t5", "llama"))
+        _choice("model.arch", self.model.arch, ("t5", *DECODER_ONLY))
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.attn_implementation", self.model.attn_implementation,
                 ("sdpa", "eager", "flash_attention_2"))
@@ -162,12 +172,13 @@ class TagiConfig:
         for key, value in (("hypernet.rank", self.hypernet.rank), ("teacher.rank", self.teacher.rank),
                            ("loss.temperature", self.loss.temperature), ("train.max_steps", self.train.max_steps),
                            ("data.tasks_per_batch", self.data.tasks_per_batch),
+                           ("loss.chunk_tokens", self.loss.chunk_tokens),
                            ("data.examples_per_task", self.data.examples_per_task)):
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
-        if self.hypernet.fusion and self.model.arch == "llama" and self.mode == "tagi":
-            raise ConfigError("hypernet.fusion=true is T5-only (LLaMA has no encoder to fuse into); "
-                              "set hypernet.fusion=false")
+        if self.hypernet.fusion and self.model.arch != "t5" and self.mode == "tagi":
+            raise ConfigError(f"hypernet.fusion=true is T5-only (model.arch={self.model.arch} is decoder-only: no "
+                              "encoder to fuse into); set hypernet.fusion=false")
         return self
 
 

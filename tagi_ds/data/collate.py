@@ -25,14 +25,14 @@ from collections.abc import Sequence
 import torch
 
 from tagi_ds.batch import TaskBatch
-from tagi_ds.config import DataConfig
+from tagi_ds.config import DECODER_ONLY, DataConfig
 from tagi_ds.data.corpus import split_abc
 from tagi_ds.data.prompt import format_instance, format_instruction
 from tagi_ds.data.sampler import Segment
 from tagi_ds.data.task import Task
 
 IGNORE_INDEX = -100
-ARCHS = ("t5", "llama")
+ARCHS = ("t5", *DECODER_ONLY)
 
 
 def pad(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -54,6 +54,7 @@ class _Collator:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be right or left, got {padding_side!r}")
         self.tok, self.cfg, self.arch, self.side, self.with_targets = tokenizer, cfg, arch, padding_side, with_targets
+        self.causal = arch != "t5"  # decoder-only: the LLaMA layout below, whatever the family
         self.stats: Counter = Counter()
         self._bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
 
@@ -66,7 +67,7 @@ class _Collator:
 
     def instruction_row(self, ids: list[int]) -> list[int]:
         body = self.cut(ids, self.cfg.max_instruction_length - 1, "instruction")
-        return self._bos + body if self.arch == "llama" else body + [self.tok.eos_id]
+        return self._bos + body if self.causal else body + [self.tok.eos_id]
 
     def example_rows(self, prompt: list[int], target: list[int]) -> tuple[list[int], list[int]]:
         """(input row, label row) for a prompt and a target (both already cut to their budgets)."""
@@ -79,10 +80,10 @@ class _Collator:
         return head + target + [eos], [IGNORE_INDEX] * len(head) + target + [eos]
 
     def tensors(self, inputs: list[list[int]], labels: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        side = self.side if self.arch == "llama" else "right"
+        side = self.side if self.causal else "right"
         ids = pad(inputs, self.tok.pad_id, side)
         mask = pad([[1] * len(r) for r in inputs], 0, side)
-        return ids, mask, pad(labels, IGNORE_INDEX, side if self.arch == "llama" and self.with_targets else "right")
+        return ids, mask, pad(labels, IGNORE_INDEX, side if self.causal and self.with_targets else "right")
 
     def report(self) -> str:
         s = self.stats
@@ -160,7 +161,7 @@ class TaskCollator(_Collator):
         batch = TaskBatch(input_ids, mask, label_ids, torch.tensor([0, *counts]).cumsum(0),
                           task_names=names, example_ids=ids, categories=cats)
         if self.instruction:
-            side = self.side if self.arch == "llama" else "right"
+            side = self.side if self.causal else "right"
             batch.instr_input_ids = pad(instr_rows, self.tok.pad_id, side)
             batch.instr_attention_mask = pad([[1] * len(r) for r in instr_rows], 0, side)
         if self.teacher_view:
@@ -190,7 +191,7 @@ class PretrainCollator(_Collator):
         self.stats["instructions"] += len(plan)
         input_ids, mask, label_ids = self.tensors(inputs, labels)
         names = [name for name, _, _ in plan]
-        side = self.side if self.arch == "llama" else "right"
+        side = self.side if self.causal else "right"
         return TaskBatch(input_ids, mask, label_ids, torch.arange(len(plan) + 1),
                          instr_input_ids=pad(instr_rows, self.tok.pad_id, side),
                          instr_attention_mask=pad([[1] * len(r) for r in instr_rows], 0, side),

@@ -6,7 +6,7 @@ with ``s = hypernet.alpha / hypernet.rank`` — exactly PEFT's LoRA with ``r`` a
 no rsLoRA). Files (written to a temp dir, then renamed into place):
 
 - ``adapter_config.json``: ``peft_type`` LORA, ``r``, ``lora_alpha``, ``target_modules`` (the adapted modules'
-  full names, so nothing else matches), ``task_type`` SEQ_2_SEQ_LM (T5) | CAUSAL_LM (LLaMA),
+  full names, so nothing else matches), ``task_type`` SEQ_2_SEQ_LM (T5) | CAUSAL_LM (every decoder-only family),
   ``base_model_name_or_path``.
 - ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight [r, d_in]`` and
   ``...lora_B.weight [d_out, r]`` (PEFT's saved names: no adapter name), float32.
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from tagi_ds import artifacts, data
-from tagi_ds.config import ConfigError
+from tagi_ds.config import DECODER_ONLY, ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
 from tagi_ds.model import build_model
 from tagi_ds.train import dist
@@ -38,7 +38,7 @@ from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.loop import seed_everything
 
 CONDITIONS = ("task", "instance")
-TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
+TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", **{arch: "CAUSAL_LM" for arch in DECODER_ONLY}}
 
 
 def condition_text(text: str, condition: str = "task") -> str:
