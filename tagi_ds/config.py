@@ -87,7 +87,7 @@ class LossConfig:
     kl_weight: float = 1.0  # lambda_1
     param_weight: float = 1.0  # lambda_2
     temperature: float = 2.0
-    chunk_tokens: int = 1024  # target tokens per chunk of LM head + CE/KL (bounds fp32 [tokens, vocab] temporaries)
+    chunk_tokens: int = 256  # target tokens per chunk of LM head + CE/KL (bounds fp32 [tokens, vocab] temporaries)
     param_align: str = "delta"  # delta (effective s*B@A) | factors (A<->A, s*B<->s*B)
 
 

@@ -66,7 +66,7 @@ def _chunk_sums(head: Callable[[torch.Tensor], torch.Tensor], student: torch.Ten
 
 def token_losses(head: Callable[[torch.Tensor], torch.Tensor], student: torch.Tensor, labels: torch.Tensor,
                  teacher: torch.Tensor | None = None, temperature: float = 1.0,
-                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean token CE (``ce_loss``) and, with ``teacher``, ``kl_loss`` of ``head``'s logits, ``chunk`` rows at a time.
 
     ``student [N, d]`` and ``teacher [N, d]`` are the rows :func:`target_rows` picks (hidden states; or logits
