@@ -27,7 +27,7 @@ import torch
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import DECODER_ONLY, DataConfig
 from tagi_ds.data.corpus import split_abc
-from tagi_ds.data.prompt import format_instance, format_instruction
+from tagi_ds.data.prompt import chat_format, format_instance, format_instruction
 from tagi_ds.data.sampler import Segment
 from tagi_ds.data.task import Task
 
@@ -55,6 +55,7 @@ class _Collator:
             raise ValueError(f"padding_side must be right or left, got {padding_side!r}")
         self.tok, self.cfg, self.arch, self.side, self.with_targets = tokenizer, cfg, arch, padding_side, with_targets
         self.causal = arch != "t5"  # decoder-only: the LLaMA layout below, whatever the family
+        self.chat = None  # TaskCollator: data.chat_template's ChatFormat (prompt.py)
         self.stats: Counter = Counter()
         self._bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
 
@@ -67,6 +68,7 @@ class _Collator:
 
     def instruction_row(self, ids: list[int]) -> list[int]:
         body = self.cut(ids, self.cfg.max_instruction_length - 1, "instruction")
+        body = self.chat.wrap(body, reply=False) if self.chat else body
         return self._bos + body if self.causal else body + [self.tok.eos_id]
 
     def example_rows(self, prompt: list[int], target: list[int]) -> tuple[list[int], list[int]]:
@@ -115,21 +117,26 @@ class TaskCollator(_Collator):
         self.tasks, self.input_view, self.instruction = list(tasks), input_view, instruction
         self.teacher_view = teacher_view
         self.teacher_rows, self.teacher_key, self.sample = teacher_rows, teacher_key, sample
-        self._instr: dict[tuple[int, int], list[int]] = {}
+        self._instr: dict[tuple[int, int, bool], list[int]] = {}
+        self.chat = chat_format(tokenizer) if cfg.chat_template else None
 
-    def instruction_tokens(self, t: int, definition: int) -> list[int]:
-        key = (t, definition)
+    def instruction_tokens(self, t: int, definition: int, message: bool = False) -> list[int]:
+        """``message``: as a chat message, stripped (prompt.py: templates such as Llama-3's trim it)."""
+        key = (t, definition, message)
         if key not in self._instr:  # a handful per task: cached, unlike per-example tokens
             text = format_instruction(self.tasks[t], self.cfg.setting, self.cfg.num_pos, definition)
-            self._instr[key] = self.tok.encode(text)
+            self._instr[key] = self.tok.encode(text.strip() if message else text)
         return self._instr[key]
 
     def prompt(self, text: str, instr: list[int], concat: bool, count: bool) -> list[int]:
         budget = self.cfg.max_source_length - 1
         if not concat:
-            return self.cut(self.tok.encode(text.strip()), budget, "input" if count else None)
-        head = self.cut(instr, self.cfg.max_instruction_length, "instruction" if count else None)
-        return head + self.cut(self.tok.encode(format_instance(text)), budget, "input" if count else None)
+            ids = self.cut(self.tok.encode(text.strip()), budget, "input" if count else None)
+        else:
+            head = self.cut(instr, self.cfg.max_instruction_length, "instruction" if count else None)
+            instance = format_instance(text).rstrip() if self.chat else format_instance(text)  # a stripped message
+            ids = head + self.cut(self.tok.encode(instance), budget, "input" if count else None)
+        return self.chat.wrap(ids, reply=True) if self.chat else ids
 
     def __call__(self, plan: Sequence[Segment]) -> TaskBatch:
         inputs, labels, t_inputs, t_labels, instr_rows = [], [], [], [], []
@@ -139,7 +146,8 @@ class TaskCollator(_Collator):
             definition = seg.variant % len(task.definitions) if self.sample else 0
             instr = self.instruction_tokens(seg.task, definition)
             if self.instruction:
-                instr_rows.append(self.instruction_row(instr))
+                msg = self.instruction_tokens(seg.task, definition, message=True) if self.chat else instr
+                instr_rows.append(self.instruction_row(msg))
                 self.stats["instructions"] += 1
             for j, e in enumerate(seg.examples):
                 ex = task.instances[e]

@@ -55,7 +55,8 @@ def condition_text(text: str, condition: str = "task") -> str:
 
 def instruction_tensors(tok, cfg, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``[1, Li]`` ids and mask laid out as the collator lays out an instruction (truncation included)."""
-    row = TaskCollator([], tok, cfg.data, arch=cfg.model.arch).instruction_row(tok.encode(text))
+    collator = TaskCollator([], tok, cfg.data, arch=cfg.model.arch)
+    row = collator.instruction_row(tok.encode(text.strip() if collator.chat else text))  # a chat message: stripped
     return torch.tensor([row], dtype=torch.long), torch.ones(1, len(row), dtype=torch.long)
 
 
