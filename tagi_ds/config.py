@@ -176,10 +176,24 @@ class TagiConfig:
                            ("data.examples_per_task", self.data.examples_per_task)):
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value!r}")
+        _check_family(self.model)
         if self.hypernet.fusion and self.model.arch != "t5" and self.mode == "tagi":
             raise ConfigError(f"hypernet.fusion=true is T5-only (model.arch={self.model.arch} is decoder-only: no "
                               "encoder to fuse into); set hypernet.fusion=false")
         return self
+
+
+def _check_family(m: ModelConfig) -> None:
+    """Settings a decoder-only family cannot honour (tagi_ds/backbones/decoder.py builds the rest)."""
+    if m.arch == "gemma2" and m.attn_implementation == "sdpa":
+        raise ConfigError("model.attn_implementation=sdpa: Gemma-2 soft-caps its attention logits, which sdpa "
+                          "cannot do; use eager or flash_attention_2")
+    if m.sliding_window and m.arch in ("t5", "llama"):
+        raise ConfigError(f"model.sliding_window={m.sliding_window}: {m.arch} has no sliding-window attention "
+                          "(mistral, qwen2 and gemma2 do); set it to 0")
+    if m.rope_scaling and m.arch != "llama":
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling:g} is Llama-3.1-style RoPE scaling, for "
+                          f"model.arch=llama only (got {m.arch}); set it to 0")
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -56,19 +56,6 @@ LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor"
                "original_max_position_embeddings": 8192}
 
 
-def check(cfg: ModelConfig) -> None:
-    """Settings a family cannot honour, as one ConfigError naming the key and the value."""
-    if cfg.arch == "gemma2" and cfg.attn_implementation == "sdpa":
-        raise ConfigError("model.attn_implementation=sdpa: Gemma-2 soft-caps its attention logits, which sdpa "
-                          "cannot do; use eager or flash_attention_2")
-    if cfg.sliding_window and cfg.arch == "llama":
-        raise ConfigError(f"model.sliding_window={cfg.sliding_window}: llama has no sliding-window attention "
-                          "(mistral, qwen2 and gemma2 do); set it to 0")
-    if cfg.rope_scaling and cfg.arch != "llama":
-        raise ConfigError(f"model.rope_scaling={cfg.rope_scaling:g} is Llama-3.1-style RoPE scaling, for "
-                          f"model.arch=llama only (got {cfg.arch}); set it to 0")
-
-
 def hf_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 3) -> PretrainedConfig:
     """The family's HF config for ``cfg``'s shape (random init; a local checkpoint brings its own)."""
     config_cls, _, constants = FAMILIES[cfg.arch]
@@ -93,8 +80,7 @@ def hf_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | 
 
 def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 3) -> PreTrainedModel:
     """Load the family's class from a local dir (its ``model_type`` must be ``model.arch``), or build the
-    configured shape with random init."""
-    check(cfg)
+    configured shape with random init. (``TagiConfig.validate`` rejects what a family cannot honour.)"""
     attn = check_attention(cfg)
     dtype = DTYPES[cfg.dtype]
     model_cls = FAMILIES[cfg.arch][1]

@@ -212,7 +212,20 @@ def test_chat_template_wraps_the_instruction_and_every_prompt(checkpoints):
 ])
 def test_settings_a_family_cannot_honour_are_config_errors(sets, match):
     with pytest.raises(ConfigError, match=match):
-        build_backbone(apply_overrides(get_recipe("tiny-llama"), sets))
+        apply_overrides(get_recipe("tiny-llama"), sets).validate()
+
+
+def test_launcher_rejects_them_in_one_line_before_writing_anything(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "launchers" / "pretrain.py"), "--recipe", "tiny-gemma2",
+                           "--output_dir", str(tmp_path / "run"), "--set", "model.attn_implementation=sdpa"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: model.attn_implementation=sdpa: Gemma-2 soft-caps its attention logits, which sdpa cannot do; "
+        "use eager or flash_attention_2"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_checkpoint_of_another_family_is_a_config_error(checkpoints):
