@@ -26,9 +26,10 @@ per-part bytes (``memory``). Per GPU, in bytes:
   Bucket sizes are read from the DeepSpeed JSON (``ds_configs/z3.json`` / ``z2.json`` or ``--deepspeed``).
 
 ``total`` is the peak of allocated tensor bytes (what ``torch.cuda.max_memory_allocated`` reports): the
-static parts + the largest phase (activations + transient; without DeepSpeed the gradients only join from
-the backward on, so ``total`` is not the plain sum of the rows). It fits when ``total <= 0.92 * gpu_mem -
-1 GiB`` (``usable_bytes``: CUDA context, NCCL buffers, allocator fragmentation); ``--gpu_mem_gb`` is in GiB.
+static parts + the largest phase (activations + transient; without DeepSpeed the gradients only join at
+the generator's backward, the last one, so ``total`` is not the plain sum of the rows). It fits when
+``total <= 0.92 * gpu_mem - 1 GiB`` (``usable_bytes``: CUDA context, NCCL buffers, allocator fragmentation);
+``--gpu_mem_gb`` is in GiB.
 ``--teacher_rows 0`` plans a step without teacher (no KL, no param-MSE).
 """
 
@@ -159,7 +160,11 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
     block = (max(lay["encoder"], lay["decoder"]) if checkpointing else 0) + 2 * Tm * (d + c.d_ff) * b
     phases["backward"] = max(phases["backward"], saved + block)
     peak = max(phases.values())
+    # The generator's backward comes last (it ran first): the backbone's activations are gone by then; what it
+    # saved and the generated factors, with their gradients, are what the generator's gradients join.
+    generator_backward = 2 * (gen + factors + teacher_factors) + scope
     return {"saved": saved, "scope": scope, "peak": peak, "transient": peak - saved - scope, **phases,
+            "generator_backward": generator_backward,
             "loss_rows": rows + rows_t, "loss_chunk": max(lw["chunk_forward"], lw["chunk_backward"]),
             "full_logits_fp32": lw["full_logits_fp32"], "per_layer_enc": lay["encoder"],
             "per_layer_dec": lay["decoder"]}
@@ -221,12 +226,13 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     out = {"backbone": bb, "hypernet": G * wb, "gradients": grads, "optimizer": opt,
            "activations": act["saved"] + act["scope"], "transient": act["transient"], "zero3_gather": gather,
            "comm_buffers": buffers}
-    # Without DeepSpeed the gradients exist only from the backward on (the forward peaks do not see them),
-    # and the AdamW step adds one parameter-sized temporary; DeepSpeed's partitions are allocated throughout.
+    # Without DeepSpeed the gradients exist only from the generator's backward on (the last one: the forward peaks
+    # and the backbone's backward do not see them), and the AdamW step adds one parameter-sized temporary;
+    # DeepSpeed's partitions are allocated throughout.
     static = bb + G * wb + opt + gather + buffers + (grads if ds else 0)
     dynamic = act["peak"]
     if not ds:
-        dynamic = max(dynamic, act["backward"] + grads, grads + G * wb)
+        dynamic = max(dynamic, act["generator_backward"] + grads, grads + G * wb)
     out["total"] = static + dynamic
     return out
 
