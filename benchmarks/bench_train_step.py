@@ -116,17 +116,20 @@ class PeftLora(nn.Module):
 
         super().__init__()
         self.arch = backbones.get(cfg.model.arch)
-        self.causal = cfg.model.arch == "llama"
+        self.causal = cfg.model.arch != "t5"
+        self.chunk = cfg.loss.chunk_tokens
         freeze(backbone, [])
         names = [name for name, *_ in self.arch.site_names(backbone, cfg.model)]
         lora = LoraConfig(r=cfg.hypernet.rank, lora_alpha=cfg.hypernet.alpha, lora_dropout=0.0, target_modules=names)
         self.peft = get_peft_model(backbone, lora)
 
     def forward(self, batch):
-        from tagi_ds.losses import ce_loss, target_logits
+        from tagi_ds.losses import target_rows, token_losses
 
-        logits = self.arch.logits(self.peft.base_model.model, batch.input_ids, batch.attention_mask, batch.labels)
-        loss = ce_loss(*target_logits(logits, batch.labels, self.causal))
+        # The same chunked LM head + CE as the lora case, so that the two differ in the adapters only.
+        x, head = self.arch.head_inputs(self.peft.base_model.model, batch.input_ids, batch.attention_mask,
+                                        batch.labels)
+        loss, _ = token_losses(head, *target_rows(x, batch.labels, self.causal), chunk=self.chunk)
         return loss, {"ce": loss}
 
     def trainable_parameters(self) -> list[nn.Parameter]:

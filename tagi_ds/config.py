@@ -57,22 +57,25 @@ NON_NEGATIVE = at_least(0)
 SEED = within(0, 2**32 - 1)  # numpy's seed range
 FAULT = matches(r"|(nan|raise)@\d+(-\d+)?:\d+", "empty, nan@STEP[-LAST]:RANK or raise@STEP:RANK")
 
+DECODER_ONLY = ("llama", "mistral", "qwen2", "gemma2")  # model.arch of the decoder-only families (HF model_type)
+
 
 @dataclass
 class ModelConfig:
     """The frozen backbone and which of its projections get adapters."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "arch": one_of("t5", "llama"), "vocab_size": POSITIVE, "d_model": POSITIVE, "d_ff": POSITIVE,
+        "arch": one_of("t5", *DECODER_ONLY), "vocab_size": POSITIVE, "d_model": POSITIVE, "d_ff": POSITIVE,
         "d_kv": POSITIVE, "num_layers": POSITIVE, "num_decoder_layers": POSITIVE, "num_heads": POSITIVE,
-        "num_kv_heads": POSITIVE, "max_position_embeddings": POSITIVE,
+        "num_kv_heads": POSITIVE, "max_position_embeddings": POSITIVE, "head_dim": NON_NEGATIVE,
+        "rope_theta": POSITIVE, "rope_scaling": NON_NEGATIVE, "sliding_window": NON_NEGATIVE,
         "feed_forward_proj": one_of("relu", "gelu", "gated-relu", "gated-gelu", "gated-silu"),
         "attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
         "dtype": one_of("float32", "bfloat16", "float16"), "adapter_impl": one_of("auto", "torch", "triton"),
         "init_seed": SEED,
     }
 
-    arch: str = "t5"  # t5 (encoder-decoder) | llama (decoder-only)
+    arch: str = "t5"  # t5 (encoder-decoder) | llama | mistral | qwen2 | gemma2 (decoder-only; Llama-1/2/3 are llama)
     model_name_or_path: str | None = None  # local HF directory; None = built-in shape, random init
     vocab_size: int = 1024
     d_model: int = 64
@@ -82,6 +85,11 @@ class ModelConfig:
     num_decoder_layers: int = 2  # T5 only
     num_heads: int = 4
     num_kv_heads: int = 4  # LLaMA grouped-query attention
+    head_dim: int = 0  # decoder-only per-head size; 0 = d_model // num_heads (Gemma-2: 256)
+    rope_theta: float = 10000.0  # decoder-only RoPE base (Llama-3: 5e5; Qwen2.5, Mistral v0.3: 1e6)
+    rope_scaling: float = 0.0  # llama: Llama-3.1-style RoPE scaling factor (3.1: 8, 3.2: 32); 0 = none
+    sliding_window: int = 0  # mistral / qwen2 / gemma2: sliding-window attention width in tokens; 0 = none
+    tie_word_embeddings: bool = False  # decoder-only: LM head shares the input embedding (Gemma-2, Llama-3.2 1B)
     feed_forward_proj: str = "gated-gelu"  # T5: relu | gated-gelu (T5-LM-Adapt / v1.1)
     max_position_embeddings: int = 2048  # LLaMA
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn extra)
@@ -135,13 +143,14 @@ class LossConfig:
     """Stage-2 objective: CE + kl_weight * KL_T(teacher || student) + param_weight * param alignment."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "kl_weight": NON_NEGATIVE, "param_weight": NON_NEGATIVE, "temperature": POSITIVE,
+        "kl_weight": NON_NEGATIVE, "param_weight": NON_NEGATIVE, "temperature": POSITIVE, "chunk_tokens": POSITIVE,
         "param_align": one_of("delta", "factors"),
     }
 
     kl_weight: float = 1.0  # lambda_1
     param_weight: float = 1.0  # lambda_2
     temperature: float = 2.0
+    chunk_tokens: int = 256  # target tokens per chunk of LM head + CE/KL (bounds fp32 [tokens, vocab] temporaries)
     param_align: str = "delta"  # delta (effective s*B@A) | factors (A<->A, s*B<->s*B)
 
 
@@ -177,6 +186,7 @@ class DataConfig:
     corpus: str | None = None  # stage-1 text: builtin | text:FILE_OR_DIR; None = data.spec if text:, else builtin
     streaming: bool = False  # stage 1: stream the corpus files in order instead of holding all windows in memory
     sample_variants: bool = True  # train: a Definition paraphrase per task and an accepted output per example
+    chat_template: bool = False  # wrap instruction, input and concat prompts in the tokenizer's chat template
 
 
 @dataclass
@@ -232,13 +242,14 @@ class TagiConfig:
             if not rule.test(value):
                 raise ConfigError(f"{key}: must be {rule.text} ({value!r})")
         m = self.model
-        if self.hypernet.fusion and m.arch == "llama" and self.mode == "tagi":
-            raise ConfigError("hypernet.fusion: true is T5-only (LLaMA has no encoder to fuse into); "
-                              "set hypernet.fusion=false (True)")
-        if m.arch == "llama" and m.d_model % m.num_heads:
+        if self.hypernet.fusion and m.arch != "t5" and self.mode == "tagi":
+            raise ConfigError(f"hypernet.fusion: true is T5-only (model.arch={m.arch} is decoder-only: no encoder to "
+                              "fuse into); set hypernet.fusion=false (True)")
+        if m.arch in DECODER_ONLY and not m.head_dim and m.d_model % m.num_heads:
             raise ConfigError(f"model.d_model: must be a multiple of model.num_heads={m.num_heads} ({m.d_model})")
-        if m.arch == "llama" and m.num_heads % m.num_kv_heads:
+        if m.arch in DECODER_ONLY and m.num_heads % m.num_kv_heads:
             raise ConfigError(f"model.num_kv_heads: must divide model.num_heads={m.num_heads} ({m.num_kv_heads})")
+        _check_family(m)
         return self
 
 
@@ -250,6 +261,19 @@ def _ruled(obj: Any, prefix: str = ""):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             yield from _ruled(value, f"{prefix}{f.name}.")
+
+
+def _check_family(m: ModelConfig) -> None:
+    """Settings a decoder-only family cannot honour (tagi_ds/backbones/decoder.py builds the rest)."""
+    if m.arch == "gemma2" and m.attn_implementation == "sdpa":
+        raise ConfigError("model.attn_implementation: Gemma-2 soft-caps its attention logits, which sdpa cannot do; "
+                          "use eager or flash_attention_2 (sdpa)")
+    if m.sliding_window and m.arch in ("t5", "llama"):
+        raise ConfigError(f"model.sliding_window: {m.arch} has no sliding-window attention (mistral, qwen2 and gemma2 "
+                          f"do); set it to 0 ({m.sliding_window})")
+    if m.rope_scaling and m.arch != "llama":
+        raise ConfigError(f"model.rope_scaling: Llama-3.1-style RoPE scaling is for model.arch=llama only "
+                          f"(model.arch={m.arch}); set it to 0 ({m.rope_scaling:g})")
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:

@@ -2,24 +2,34 @@
 
 Both official-code bugs are avoided (TAGI.md): the KL compares the real teacher distribution (never the
 student's logits standing in for it), and parameter alignment compares like with like, in one scale.
+
+Large vocabularies (128k-256k): training never holds logits ``[B, L, V]``. :func:`token_losses` takes the
+final hidden states at the N target tokens and the LM head, and computes CE and KL ``loss.chunk_tokens`` target
+tokens at a time under activation checkpointing: a chunk's logits and its fp32 softmax temporaries live only
+while that chunk is computed (forward), or recomputed (backward). ``ce_loss`` and ``kl_loss`` are the
+specification it is tested against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
-def target_logits(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels at real target positions: ``([N, V], [N])`` in example-major token order.
+def target_rows(x: torch.Tensor, labels: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a per-position tensor ``x [B, L, *]`` (logits or hidden states) at real target positions, and
+    their labels: ``([N, *], [N])`` in example-major token order.
 
-    T5: ``logits[b, t]`` predicts ``labels[b, t]``. Decoder-only: ``logits[b, t]`` predicts ``labels[b, t+1]``.
+    T5: ``x[b, t]`` predicts ``labels[b, t]``. Decoder-only: ``x[b, t]`` predicts ``labels[b, t+1]``.
     Teacher and student views of the same examples give the same N tokens in the same order.
     """
     if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        x, labels = x[:, :-1], labels[:, 1:]
     keep = labels != -100
-    return logits[keep], labels[keep]
+    return x[keep], labels[keep]
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -37,6 +47,47 @@ def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     log_p_s = F.log_softmax(student.float() / t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     return kl.mean() * t * t if kl.numel() else student.sum() * 0.0
+
+
+def _chunk_sums(head: Callable[[torch.Tensor], torch.Tensor], student: torch.Tensor, labels: torch.Tensor,
+                teacher: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """``[2]``: summed CE and summed ``T^2``-scaled KL over one chunk of target rows (the KL sum is 0 without
+    a teacher). The teacher's logits need no gradient: computed, and recomputed in backward, under no_grad."""
+    s = head(student).float()
+    ce = F.cross_entropy(s, labels, reduction="sum")
+    if teacher is None:
+        return torch.stack([ce, ce.new_zeros(())])
+    t = temperature
+    with torch.no_grad():
+        log_p_t = F.log_softmax(head(teacher).float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s / t, dim=-1))).sum() * t * t
+    return torch.stack([ce, kl])
+
+
+def token_losses(head: Callable[[torch.Tensor], torch.Tensor], student: torch.Tensor, labels: torch.Tensor,
+                 teacher: torch.Tensor | None = None, temperature: float = 1.0,
+                 chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean token CE (``ce_loss``) and, with ``teacher``, ``kl_loss`` of ``head``'s logits, ``chunk`` rows at a time.
+
+    ``student [N, d]`` and ``teacher [N, d]`` are the rows :func:`target_rows` picks (hidden states; or logits
+    with an identity ``head``), ``labels [N]``. Each chunk runs under non-reentrant activation checkpointing, so
+    what autograd keeps is the rows themselves; the largest tensors ever alive are one chunk's: its logits
+    ``[chunk, V]`` in the head's dtype and a few fp32 ``[chunk, V]`` (softmax / log-softmax of student and
+    teacher), in forward and again in backward, where the chunk is recomputed (one more LM-head matmul per
+    view). Under ZeRO-3 ``head`` calls the LM-head module, so every call gathers its weight."""
+    n = student.shape[0]
+    if n == 0:
+        zero = student.sum() * 0.0
+        return zero, (zero if teacher is not None else None)
+    grad = torch.is_grad_enabled() and student.requires_grad
+    sums = []
+    for i in range(0, n, chunk):
+        rows = slice(i, i + chunk)
+        args = (head, student[rows], labels[rows], teacher[rows] if teacher is not None else None, temperature)
+        sums.append(checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False) if grad
+                    else _chunk_sums(*args))
+    total = torch.stack(sums).sum(0) / n
+    return total[0], (total[1] if teacher is not None else None)
 
 
 def _delta_sq_dist(Ag, Bg, sg, At, Bt, st) -> torch.Tensor:

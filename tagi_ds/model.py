@@ -28,15 +28,15 @@ from tagi_ds import backbones
 from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
 from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
 from tagi_ds.batch import TaskBatch
-from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds.config import DECODER_ONLY, ConfigError, TagiConfig
 from tagi_ds.hypernet import Generator, InstructionEncoder
-from tagi_ds.losses import ce_loss, kl_loss, param_alignment, target_logits
+from tagi_ds.losses import param_alignment, target_rows, token_losses
 
 STAGES = ("teachers", "pretrain", "finetune")
 
 
 def fuses(cfg: TagiConfig) -> bool:
-    """Instruction fusion-in-decoder is on: ``hypernet.fusion`` on a T5 (LLaMA has no encoder to fuse into)."""
+    """Instruction fusion-in-decoder is on: ``hypernet.fusion`` on a T5 (decoder-only models have no encoder)."""
     return cfg.hypernet.fusion and cfg.model.arch == "t5"
 
 
@@ -47,7 +47,7 @@ class TagiModel(nn.Module):
         super().__init__()
         self.cfg, self.stage, self.sites, self.state = cfg, stage, sites, state
         self.arch = backbones.get(cfg.model.arch)
-        self.causal = cfg.model.arch == "llama"
+        self.causal = cfg.model.arch in DECODER_ONLY
         self.backbone = backbone
         self.generator = generator
         self.bank = bank
@@ -126,24 +126,41 @@ class TagiModel(nn.Module):
         with self.state.use(adapters):
             return self.arch.logits(self.backbone, input_ids, attention_mask, labels, prefix, prefix_mask, cache)
 
+    def head_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  adapters: AdapterSet | None, batch: TaskBatch | None = None,
+                  instr_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+        """The LM head's inputs at the target tokens ``[N, *]``, their labels ``[N]`` and the head
+        (``arch.head_inputs``): the loss makes logits from them a chunk at a time, never ``[B, L, V]``."""
+        prefix, prefix_mask = self.fusion_prefix(batch, instr_states)
+        with self.state.use(adapters):
+            x, head = self.arch.head_inputs(self.backbone, input_ids, attention_mask, labels, prefix, prefix_mask)
+        x, labels = target_rows(x, labels, self.causal)
+        return x, labels, head
+
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         adapters, instr_states = self.student_adapters(batch)
-        logits = self.logits(batch.input_ids, batch.attention_mask, batch.labels, adapters, batch, instr_states)
-        s_logits, labels = target_logits(logits, batch.labels, self.causal)
-        terms = {"ce": ce_loss(s_logits, labels)}
-        loss = terms["ce"]
+        student, labels, head = self.head_rows(batch.input_ids, batch.attention_mask, batch.labels, adapters, batch,
+                                               instr_states)
         lc = self.cfg.loss
-        if self.teacher is not None and self.generator is not None and self.stage == "finetune":
-            teacher_adapters = self.teacher_adapters(batch, adapters)
-            if lc.kl_weight > 0:
-                if batch.teacher_input_ids is None:
-                    raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")
-                with torch.no_grad():
-                    t_logits = self.logits(batch.teacher_input_ids, batch.teacher_attention_mask,
-                                           batch.teacher_labels, teacher_adapters)
-                t_logits, _ = target_logits(t_logits, batch.teacher_labels, self.causal)
-                terms["kl"] = kl_loss(s_logits, t_logits, lc.temperature)
-                loss = loss + lc.kl_weight * terms["kl"]
+        distil = self.teacher is not None and self.generator is not None and self.stage == "finetune"
+        teacher_adapters = self.teacher_adapters(batch, adapters) if distil else None
+        teacher = None
+        if distil and lc.kl_weight > 0:
+            if batch.teacher_input_ids is None:
+                raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")
+            with torch.no_grad():
+                teacher, _, _ = self.head_rows(batch.teacher_input_ids, batch.teacher_attention_mask,
+                                               batch.teacher_labels, teacher_adapters)
+            if teacher.shape[0] != student.shape[0]:
+                raise ValueError(f"the teacher view has {teacher.shape[0]} target tokens, the student's "
+                                 f"{student.shape[0]}: both views must carry the same labels")
+        ce, kl = token_losses(head, student, labels, teacher, lc.temperature, lc.chunk_tokens)
+        terms = {"ce": ce}
+        loss = ce
+        if distil:
+            if kl is not None:
+                terms["kl"] = kl
+                loss = loss + lc.kl_weight * kl
             if lc.param_weight > 0:
                 terms["param"] = param_alignment(adapters.factors, adapters.scale, teacher_adapters.factors,
                                                  teacher_adapters.scale, lc.param_align)
@@ -158,7 +175,7 @@ def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -
     """The HF model only (so a launcher can build it under ``deepspeed.zero.Init``)."""
     ids = special_ids or {}
     kwargs = {k: ids[k] for k in ("pad_id", "eos_id") if k in ids}
-    if cfg.model.arch == "llama" and "bos_id" in ids:
+    if cfg.model.arch in DECODER_ONLY and "bos_id" in ids:
         kwargs["bos_id"] = ids["bos_id"]
     build = backbones.get(cfg.model.arch).build
     if cfg.model.model_name_or_path:

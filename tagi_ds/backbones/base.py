@@ -19,8 +19,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def check_attention(cfg: ModelConfig) -> str:
     """The attention implementation to ask transformers for; a clear error if flash-attn is absent."""
     if cfg.attn_implementation == "flash_attention_2":
-        if cfg.arch != "llama":
-            raise ConfigError("model.attn_implementation=flash_attention_2 is supported for LLaMA only "
+        if cfg.arch == "t5":
+            raise ConfigError("model.attn_implementation=flash_attention_2 is for the decoder-only archs only "
                               "(T5's relative position bias needs sdpa or eager)")
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn extra: "

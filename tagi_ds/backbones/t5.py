@@ -138,3 +138,15 @@ def logits(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention
     out = model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=model._shift_right(labels),
                 use_cache=past is not None, return_dict=True, **{cache_kwarg(model): past})
     return out.logits
+
+
+def head_inputs(model: T5ForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor, prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
+                cache=None) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """What the training loss projects: here the decoder logits ``[B, Lt, V]`` themselves (T5 computes them at
+    target positions only, in the weight dtype) and an identity ``head`` (see ``decoder.head_inputs``)."""
+    return logits(model, input_ids, attention_mask, labels, prefix, prefix_mask, cache), _identity
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x

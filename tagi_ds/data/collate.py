@@ -25,14 +25,14 @@ from collections.abc import Sequence
 import torch
 
 from tagi_ds.batch import TaskBatch
-from tagi_ds.config import DataConfig
+from tagi_ds.config import DECODER_ONLY, DataConfig
 from tagi_ds.data.corpus import split_abc
-from tagi_ds.data.prompt import format_instance, format_instruction
+from tagi_ds.data.prompt import chat_format, format_instance, format_instruction
 from tagi_ds.data.sampler import Segment
 from tagi_ds.data.task import Task
 
 IGNORE_INDEX = -100
-ARCHS = ("t5", "llama")
+ARCHS = ("t5", *DECODER_ONLY)
 
 
 def pad(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -54,6 +54,8 @@ class _Collator:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be right or left, got {padding_side!r}")
         self.tok, self.cfg, self.arch, self.side, self.with_targets = tokenizer, cfg, arch, padding_side, with_targets
+        self.causal = arch != "t5"  # decoder-only: the LLaMA layout below, whatever the family
+        self.chat = None  # TaskCollator: data.chat_template's ChatFormat (prompt.py)
         self.stats: Counter = Counter()
         self._bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
 
@@ -66,7 +68,8 @@ class _Collator:
 
     def instruction_row(self, ids: list[int]) -> list[int]:
         body = self.cut(ids, self.cfg.max_instruction_length - 1, "instruction")
-        return self._bos + body if self.arch == "llama" else body + [self.tok.eos_id]
+        body = self.chat.wrap(body, reply=False) if self.chat else body
+        return self._bos + body if self.causal else body + [self.tok.eos_id]
 
     def example_rows(self, prompt: list[int], target: list[int]) -> tuple[list[int], list[int]]:
         """(input row, label row) for a prompt and a target (both already cut to their budgets)."""
@@ -79,10 +82,10 @@ class _Collator:
         return head + target + [eos], [IGNORE_INDEX] * len(head) + target + [eos]
 
     def tensors(self, inputs: list[list[int]], labels: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        side = self.side if self.arch == "llama" else "right"
+        side = self.side if self.causal else "right"
         ids = pad(inputs, self.tok.pad_id, side)
         mask = pad([[1] * len(r) for r in inputs], 0, side)
-        return ids, mask, pad(labels, IGNORE_INDEX, side if self.arch == "llama" and self.with_targets else "right")
+        return ids, mask, pad(labels, IGNORE_INDEX, side if self.causal and self.with_targets else "right")
 
     def report(self) -> str:
         s = self.stats
@@ -114,21 +117,26 @@ class TaskCollator(_Collator):
         self.tasks, self.input_view, self.instruction = list(tasks), input_view, instruction
         self.teacher_view = teacher_view
         self.teacher_rows, self.teacher_key, self.sample = teacher_rows, teacher_key, sample
-        self._instr: dict[tuple[int, int], list[int]] = {}
+        self._instr: dict[tuple[int, int, bool], list[int]] = {}
+        self.chat = chat_format(tokenizer) if cfg.chat_template else None
 
-    def instruction_tokens(self, t: int, definition: int) -> list[int]:
-        key = (t, definition)
+    def instruction_tokens(self, t: int, definition: int, message: bool = False) -> list[int]:
+        """``message``: as a chat message, stripped (prompt.py: templates such as Llama-3's trim it)."""
+        key = (t, definition, message)
         if key not in self._instr:  # a handful per task: cached, unlike per-example tokens
             text = format_instruction(self.tasks[t], self.cfg.setting, self.cfg.num_pos, definition)
-            self._instr[key] = self.tok.encode(text)
+            self._instr[key] = self.tok.encode(text.strip() if message else text)
         return self._instr[key]
 
     def prompt(self, text: str, instr: list[int], concat: bool, count: bool) -> list[int]:
         budget = self.cfg.max_source_length - 1
         if not concat:
-            return self.cut(self.tok.encode(text.strip()), budget, "input" if count else None)
-        head = self.cut(instr, self.cfg.max_instruction_length, "instruction" if count else None)
-        return head + self.cut(self.tok.encode(format_instance(text)), budget, "input" if count else None)
+            ids = self.cut(self.tok.encode(text.strip()), budget, "input" if count else None)
+        else:
+            head = self.cut(instr, self.cfg.max_instruction_length, "instruction" if count else None)
+            instance = format_instance(text).rstrip() if self.chat else format_instance(text)  # a stripped message
+            ids = head + self.cut(self.tok.encode(instance), budget, "input" if count else None)
+        return self.chat.wrap(ids, reply=True) if self.chat else ids
 
     def __call__(self, plan: Sequence[Segment]) -> TaskBatch:
         inputs, labels, t_inputs, t_labels, instr_rows = [], [], [], [], []
@@ -138,7 +146,8 @@ class TaskCollator(_Collator):
             definition = seg.variant % len(task.definitions) if self.sample else 0
             instr = self.instruction_tokens(seg.task, definition)
             if self.instruction:
-                instr_rows.append(self.instruction_row(instr))
+                msg = self.instruction_tokens(seg.task, definition, message=True) if self.chat else instr
+                instr_rows.append(self.instruction_row(msg))
                 self.stats["instructions"] += 1
             for j, e in enumerate(seg.examples):
                 ex = task.instances[e]
@@ -160,7 +169,7 @@ class TaskCollator(_Collator):
         batch = TaskBatch(input_ids, mask, label_ids, torch.tensor([0, *counts]).cumsum(0),
                           task_names=names, example_ids=ids, categories=cats)
         if self.instruction:
-            side = self.side if self.arch == "llama" else "right"
+            side = self.side if self.causal else "right"
             batch.instr_input_ids = pad(instr_rows, self.tok.pad_id, side)
             batch.instr_attention_mask = pad([[1] * len(r) for r in instr_rows], 0, side)
         if self.teacher_view:
@@ -190,7 +199,7 @@ class PretrainCollator(_Collator):
         self.stats["instructions"] += len(plan)
         input_ids, mask, label_ids = self.tensors(inputs, labels)
         names = [name for name, _, _ in plan]
-        side = self.side if self.arch == "llama" else "right"
+        side = self.side if self.causal else "right"
         return TaskBatch(input_ids, mask, label_ids, torch.arange(len(plan) + 1),
                          instr_input_ids=pad(instr_rows, self.tok.pad_id, side),
                          instr_attention_mask=pad([[1] * len(r) for r in instr_rows], 0, side),

@@ -38,6 +38,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def chat_parts(self) -> tuple[str, str, str] | None:
+        """The chat template around one user message: ``(prefix, turn_end, reply)`` strings such that the
+        template renders ``prefix + message + turn_end``, and ``prefix + message + reply`` with the assistant's
+        turn opened (the generation prompt). A leading bos is left out (the collator places it). None: no
+        template (the built-in sentencepiece model, T5, base checkpoints without one)."""
+        return None
+
     def _keep(self, ids: Sequence[int]) -> list[int]:
         drop = {self.pad_id, self.eos_id, self.bos_id, -100}
         return [int(i) for i in ids if int(i) not in drop]
@@ -91,6 +98,24 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def chat_parts(self) -> tuple[str, str, str] | None:
+        if not getattr(self.tok, "chat_template", None):
+            return None
+        mark = "\ue000message\ue000"  # a private-use sentinel no template alters
+        rendered = []
+        for reply in (False, True):
+            text = self.tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                                add_generation_prompt=reply)
+            if text.count(mark) != 1:
+                raise DataError(f"{self.name}: the chat template does not render a user message verbatim "
+                                "(data.chat_template); set data.chat_template=false")
+            rendered.append(text.split(mark))
+        (prefix, turn_end), (_, reply) = rendered
+        bos = self.tok.bos_token
+        if bos and prefix.startswith(bos):
+            prefix = prefix[len(bos):]
+        return prefix, turn_end, reply
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(self._keep(ids), skip_special_tokens=True)

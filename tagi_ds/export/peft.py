@@ -6,7 +6,7 @@ with ``s = hypernet.alpha / hypernet.rank`` — exactly PEFT's LoRA with ``r`` a
 no rsLoRA). Files (written to a temp dir, then renamed into place):
 
 - ``adapter_config.json``: ``peft_type`` LORA, ``r``, ``lora_alpha``, ``target_modules`` (the adapted modules'
-  full names, so nothing else matches), ``task_type`` SEQ_2_SEQ_LM (T5) | CAUSAL_LM (LLaMA),
+  full names, so nothing else matches), ``task_type`` SEQ_2_SEQ_LM (T5) | CAUSAL_LM (every decoder-only family),
   ``base_model_name_or_path``.
 - ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight [r, d_in]`` and
   ``...lora_B.weight [d_out, r]`` (PEFT's saved names: no adapter name), float32.
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from tagi_ds import artifacts, data
-from tagi_ds.config import ConfigError
+from tagi_ds.config import DECODER_ONLY, ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
 from tagi_ds.model import build_model
 from tagi_ds.runtime import preflight as preflight_checks
@@ -39,7 +39,7 @@ from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.loop import seed_everything
 
 CONDITIONS = ("task", "instance")
-TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", "llama": "CAUSAL_LM"}
+TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", **{arch: "CAUSAL_LM" for arch in DECODER_ONLY}}
 
 
 def condition_text(text: str, condition: str = "task") -> str:
@@ -56,7 +56,8 @@ def condition_text(text: str, condition: str = "task") -> str:
 
 def instruction_tensors(tok, cfg, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``[1, Li]`` ids and mask laid out as the collator lays out an instruction (truncation included)."""
-    row = TaskCollator([], tok, cfg.data, arch=cfg.model.arch).instruction_row(tok.encode(text))
+    collator = TaskCollator([], tok, cfg.data, arch=cfg.model.arch)
+    row = collator.instruction_row(tok.encode(text.strip() if collator.chat else text))  # a chat message: stripped
     return torch.tensor([row], dtype=torch.long), torch.ones(1, len(row), dtype=torch.long)
 
 

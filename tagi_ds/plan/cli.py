@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--target_len", type=int, default=None, help="target tokens (default: data.max_target_length)")
     a.add_argument("--instr_len", type=int, default=None, help="instruction tokens (data.max_instruction_length)")
     a.add_argument("--rank", type=int, default=None, help="generated LoRA rank (hypernet.rank)")
+    a.add_argument("--chunk_tokens", type=int, default=None, help="target tokens per chunk of the LM head + CE/KL "
+                   "(loss.chunk_tokens)")
     a.add_argument("--teacher_rows", type=int, default=60, help="teacher bank rows (SNI: 60 categories); 0 = "
                    "no teacher (no KL, no param-MSE)")
     a.add_argument("--gradient_checkpointing", type=_on_off, default=None, metavar="on|off")
@@ -102,6 +104,11 @@ def render(result: dict[str, Any]) -> None:
     table.add_row("[bold]total (peak allocated)[/bold]", f"[bold]{_fmt(m['total'])}[/bold]", "")
     table.add_row("usable (0.92 x mem - 1 GiB)", _fmt(result["usable"]), "")
     con.print(table)
+    v = result["vocab"]
+    con.print(f"vocabulary (V={v['vocab_size']:,}): embeddings + LM head {_fmt(v['params'])} on this GPU"
+              + (f", {_fmt(v['gathered'])} while gathered" if v["gathered"] else "")
+              + f"; LM head + CE/KL working set {_fmt(v['loss'])} (chunks of {p['chunk_tokens']} target tokens; one "
+              f"fp32 [B, L, V] would be {_fmt(v['full_logits_fp32'])}): {100 * v['share']:.1f}% of the peak")
     if result["host_memory"]["teacher_bank"]:
         con.print(f"host memory per rank: teacher bank {_fmt(result['host_memory']['teacher_bank'])} (fp32, whole, "
                   "outside DeepSpeed; each step copies only its tasks' rows to the GPU)")

@@ -48,11 +48,28 @@ def plan(p: PlanInput) -> dict[str, Any]:
            "shapes": dataclasses.asdict(s), "memory": mem, "host_memory": host_memory(p, c),
            "usable": usable_bytes(p.gpu_mem_gb),
            "activations": activations(c, s, b, p.gradient_checkpointing, p.kl), "time": step_time(p, c, s)}
+    out["vocab"] = vocab_share(p, c, out["activations"], mem)
     out["fits"] = mem["total"] <= out["usable"]
     out["max_micro_batch"] = max_micro_batch(p, c, zero)
     if not out["fits"]:
         out["suggestions"] = suggest(p, c, out["max_micro_batch"])
     return out
+
+
+def vocab_share(p: PlanInput, c: Counts, act: dict[str, int], mem: dict[str, int]) -> dict[str, Any]:
+    """The vocabulary's part of the per-GPU peak: the input embedding and LM head (ZeRO-3: this GPU's partition;
+    ``gathered``: the whole LM head while a ZeRO-3 gather holds it, when it is the largest module), and the loss's
+    working set (target rows + one chunk). ``share`` = (params + gathered + loss) / total."""
+    wb = 2 if p.precision == "bf16" else 4
+    if p.stage != "z3":
+        params = c.vocab_params * wb
+    else:
+        params = 0 if p.offload == "param" else -(-c.vocab_params // p.world) * wb
+    head = c.vocab * c.d
+    gathered = head * wb if p.stage == "z3" and head >= c.largest_module else 0
+    loss = act["loss_rows"] + act["loss_chunk"]
+    return {"vocab_size": c.vocab, "params": params, "gathered": gathered, "loss": loss,
+            "full_logits_fp32": act["full_logits_fp32"], "share": (params + gathered + loss) / max(1, mem["total"])}
 
 
 def _flags(p: PlanInput, q: PlanInput) -> list[str]:

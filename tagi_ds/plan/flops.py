@@ -6,7 +6,8 @@ frozen base 4N per token (forward 2N + input gradients 2N, no weight gradients);
 query token per layer forward, x3 with backward (no causal discount); adapters 6*r*(d_in+d_out) per token
 per site (forward 2 + backward 4); generator 3 x its forward (2 x matmul params) per task and site;
 instruction encoding 2*N_enc per instruction token (forward only); teacher forward 2N per teacher token;
-gradient checkpointing recomputes the student's layers (hardware FLOPs only; MFU uses model FLOPs).
+gradient checkpointing recomputes the student's layers, and the chunked loss the LM head of each view
+(hardware FLOPs only; MFU uses model FLOPs). Decoder-only training projects the LM head at target tokens only.
 Checked against torch's FlopCounterMode on the tiny recipes (tests/test_plan.py).
 
 Step time: hardware FLOPs (``step_flops``) / ``--tflops_per_gpu``, and ZeRO-3's all-gathers of the backbone
@@ -33,10 +34,11 @@ def _layer_params(c: Counts) -> dict[str, int]:
 
 
 def backbone_forward_flops(c: Counts, B: int, L: int, Lt: int, Lx: int | None = None, lm_head: bool = True,
-                           decoder: bool = True) -> dict[str, int]:
+                           decoder: bool = True, head_tokens: int | None = None) -> dict[str, int]:
     """Forward FLOPs of the frozen backbone for B sequences: ``linear`` (2 x params per token) and ``attention``.
     T5: encoder over L tokens, decoder over Lt tokens cross-attending to Lx (default L) encoder states.
-    LLaMA: L + Lt tokens in one causal sequence (counted as full attention)."""
+    Decoder-only: L + Lt tokens in one causal sequence (counted as full attention). ``head_tokens``: the tokens per
+    sequence the LM head projects (default: T5 Lt, decoder-only all L + Lt; training projects only the Lt targets)."""
     lp, inner = _layer_params(c), c.heads * c.d_kv
     if c.arch == "t5":
         Lx = L if Lx is None else Lx
@@ -45,10 +47,11 @@ def backbone_forward_flops(c: Counts, B: int, L: int, Lt: int, Lx: int | None = 
         if decoder:
             lin += 2 * B * Lt * c.dec_layers * lp["dec_q"] + 2 * B * Lx * c.dec_layers * lp["dec_kv"]
             att += 4 * B * Lt * (Lt + Lx) * inner * c.dec_layers
-            lin += 2 * B * Lt * c.d * c.vocab if lm_head else 0
+            lin += 2 * B * (Lt if head_tokens is None else head_tokens) * c.d * c.vocab if lm_head else 0
         return {"linear": lin, "attention": att}
     S = L + Lt
-    lin = 2 * B * S * c.dec_layers * lp["dec_q"] + (2 * B * S * c.d * c.vocab if lm_head else 0)
+    head = S if head_tokens is None else head_tokens
+    lin = 2 * B * S * c.dec_layers * lp["dec_q"] + (2 * B * head * c.d * c.vocab if lm_head else 0)
     return {"linear": lin, "attention": 4 * B * S * S * inner * c.dec_layers}
 
 
@@ -67,7 +70,7 @@ def adapter_flops(c: Counts, B: int, L: int, Lt: int, Lx: int, rank: int, only_s
     for stack, _, kind, d_in, d_out in c.sites:
         if only_stacks and stack not in only_stacks:
             continue
-        if c.arch == "llama":
+        if c.arch != "t5":
             T = B * (L + Lt)
         elif stack == "encoder":
             T = B * L
@@ -82,6 +85,8 @@ def adapter_flops(c: Counts, B: int, L: int, Lt: int, Lx: int, rank: int, only_s
 def step_flops(c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool = False, kl: bool = True,
                param_mse: bool = True) -> dict[str, float]:
     """FLOPs of one micro-batch training step by component; ``model`` (for MFU) and ``hardware`` (+ recompute).
+    Decoder-only: the LM head projects the Lt target tokens only, and once more per view in the loss's backward
+    (``tagi_ds.losses.token_losses`` recomputes each chunk), which ``recompute`` counts.
 
     variant ``tagi``: student on the input (+ fused instruction states), instruction encoding, generator,
     teacher forward on instruction + input (``kl``); ``concat``: one shared LoRA on instruction + input;
@@ -92,7 +97,8 @@ def step_flops(c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool 
     if variant == "concat":
         L = L + Li
     Lx = L + Li if (variant == "tagi" and t5 and c.fusion) else L
-    fwd = backbone_forward_flops(c, B, L, Lt, Lx)
+    head = None if t5 else Lt
+    fwd = backbone_forward_flops(c, B, L, Lt, Lx, head_tokens=head)
     out["student_base"] = 2 * fwd["linear"]  # forward 2N + input gradients 2N per token
     out["student_attention"] = 3 * fwd["attention"]
     adapters = adapter_flops(c, B, L, Lt, Lx, c.rank)
@@ -105,16 +111,16 @@ def step_flops(c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool 
                            for n, di, do in c.groups)
         out["generator"] = 3 * K * per_task
         if kl:
-            tf = backbone_forward_flops(c, B, Li + L, Lt)
+            tf = backbone_forward_flops(c, B, Li + L, Lt, head_tokens=head)
             out["teacher_forward"] = tf["linear"] + tf["attention"] + adapter_flops(c, B, Li + L, Lt, Li + L,
                                                                                      c.teacher_rank)
         if param_mse:  # r x r Gram matrices per site and task, forward + backward
             out["param_mse"] = 3 * sum(2 * K * c.rank * c.teacher_rank * (di + do) * 3 for _, _, _, di, do in c.sites)
     out["model"] = sum(out.values())
-    recompute = 0.0
+    recompute = 0.0 if t5 else 2.0 * B * Lt * c.d * c.vocab * (2 if (variant == "tagi" and kl) else 1)
     if checkpointing:
         blocks = backbone_forward_flops(c, B, L, Lt, Lx, lm_head=False)
-        recompute = blocks["linear"] + blocks["attention"] + adapters
+        recompute += blocks["linear"] + blocks["attention"] + adapters
     out["recompute"] = recompute
     out["hardware"] = out["model"] + recompute
     return out

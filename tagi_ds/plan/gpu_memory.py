@@ -14,18 +14,22 @@ per-part bytes (``memory``). Per GPU, in bytes:
   under ``--offload optimizer`` or ``param``. ``none`` (one process, plain torch AdamW): m and v in the weight
   dtype, no copy.
 - activations: tensors autograd saves in the student forward, counted per layer from the shapes (formulas in
-  ``saved_layer``), plus what the step holds in scope (instruction states, logits).
+  ``saved_layer``), plus what the step holds in scope (instruction states, the final hidden states at the
+  target tokens that the loss projects).
 - transient: the largest working set on top of the activations, over the phases after the student forward:
-  the teacher's no-grad forward (one layer at the teacher's length), the KL over the vocabulary, the backward
-  start (with gradient checkpointing: the recomputed block).
+  the student's final hidden states (T5: logits) before the target rows are picked, the teacher's no-grad forward
+  (one layer at the teacher's length), the LM head + CE/KL one chunk of ``loss.chunk_tokens`` target tokens at
+  a time (``loss_working_set``; never ``[B, L, V]``), the backward start (the chunks recomputed; with gradient
+  checkpointing: the recomputed block). ``vocab`` in ``plan``'s result shows the vocabulary's share.
 - gather: ZeRO-3's gathered working set: the largest module + one prefetch bucket; comm buffers:
   DeepSpeed's reduce (and all-gather) bucket.
   Bucket sizes are read from the DeepSpeed JSON (``ds_configs/z3.json`` / ``z2.json`` or ``--deepspeed``).
 
 ``total`` is the peak of allocated tensor bytes (what ``torch.cuda.max_memory_allocated`` reports): the
-static parts + the largest phase (activations + transient; without DeepSpeed the gradients only join from
-the backward on, so ``total`` is not the plain sum of the rows). It fits when ``total <= 0.92 * gpu_mem -
-1 GiB`` (``usable_bytes``: CUDA context, NCCL buffers, allocator fragmentation); ``--gpu_mem_gb`` is in GiB.
+static parts + the largest phase (activations + transient; without DeepSpeed the gradients only join at
+the generator's backward, the last one, so ``total`` is not the plain sum of the rows). It fits when
+``total <= 0.92 * gpu_mem - 1 GiB`` (``usable_bytes``: CUDA context, NCCL buffers, allocator fragmentation);
+``--gpu_mem_gb`` is in GiB.
 ``--teacher_rows 0`` plans a step without teacher (no KL, no param-MSE).
 """
 
@@ -49,14 +53,21 @@ def _site(c: Counts, T: int, d_in: int, b: int) -> int:
     return T * (d_in * b + c.rank * b + b + 8 + 1)
 
 
-def _attn(c: Counts, Tq: int, Tk: int, mask: int, b: int) -> int:
-    """SDPA saves q, k, v, out, the fp32 logsumexp and the additive mask it was given."""
+def _attn(c: Counts, Tq: int, Tk: int, mask: int, b: int, scores: int = 0) -> int:
+    """SDPA saves q, k, v, out, the fp32 logsumexp and the additive mask it was given. Eager attention (decoder-only,
+    ``scores`` = B*H*Lq*Lk) saves k and v repeated to every query head, the fp32 softmax and its copy in the weight
+    dtype (bf16), and with soft-capping (Gemma-2) the tanh of the scores, but not the mask."""
+    if c.eager and c.arch != "t5":
+        kv = 2 * Tk * c.heads * c.d_kv * b
+        probs = scores * (4 + (b if b < 4 else 0) + (b if c.softcap else 0))
+        return 2 * Tq * c.heads * c.d_kv * b + kv + probs  # the additive mask is not saved
     return (2 * Tq * c.heads + 2 * Tk * c.kv_heads) * c.d_kv * b + Tq * c.heads * 4 + mask
 
 
 def _ffn(c: Counts, T: int, b: int) -> int:
-    """T5 gated-gelu (tanh GELU): 4 tensors in the GELU + both product inputs; relu: its output; LLaMA SwiGLU: 3."""
-    if c.arch == "llama":
+    """T5 gated-gelu (tanh GELU): 4 tensors in the GELU + both product inputs; relu: its output; decoder-only gated
+    FFN (SwiGLU, Gemma-2's fused tanh GELU): the activation's input and both product inputs."""
+    if c.arch != "t5":
         return 3 * T * c.d_ff * b
     return (6 if c.gated else 1) * T * c.d_ff * b
 
@@ -82,14 +93,34 @@ def saved_layer(c: Counts, s: Shapes, b: int) -> dict[str, int]:
                + _attn(c, Td, Tx, B * c.heads * Lt * Lx * b, b) + _ffn(c, Td, b))
         return {"encoder": enc, "decoder": dec, "enc_input_norm": _norm(c, Te, b), "dec_input_norm": _norm(c, Td, b)}
     T, S = B * (L + Lt), L + Lt
-    dec = (2 * _norm(c, T, b) + _sites_of(c, "decoder", {"q": T}, b) + _attn(c, T, T, B * S * S * b, b) + _ffn(c, T, b))
+    dec = (c.layer_norms * _norm(c, T, b) + _sites_of(c, "decoder", {"q": T}, b)
+           + _attn(c, T, T, B * S * S * b, b, B * c.heads * S * S) + _ffn(c, T, b))
     return {"encoder": 0, "decoder": dec, "enc_input_norm": 0, "dec_input_norm": _norm(c, T, b)}
+
+
+def loss_working_set(c: Counts, s: Shapes, b: int, kl: bool = True) -> dict[str, int]:
+    """The LM head + CE/KL of ``tagi_ds.losses.token_losses`` (bytes): ``rows``, what it keeps per view (the
+    final hidden states at the N = B*Lt target tokens, ``[N, d]``; T5: the logits there, ``[N, V]``), and the
+    peak of one chunk of ``c.chunk`` target tokens in forward (``chunk_forward``) and in its recomputed backward
+    (``chunk_backward``). Counted in fp32 units of ``[chunk, V]`` (measured with ``TensorBytesTracker``): the
+    head's logits, the log-softmax of CE, with the KL the teacher's logits, probabilities and log-probabilities
+    and the student's tempered log-softmax, and in backward their gradients. In bf16 each view's logits also get
+    their fp32 copy. ``full_logits_fp32`` is what one fp32 ``[B, L, V]`` of the student's sequence would take."""
+    t5 = c.arch == "t5"
+    N, V = s.micro_batch * s.target_len, c.vocab
+    unit = min(c.chunk, N) * V * 4
+    views = 2 if kl else 1
+    extra = views * min(c.chunk, N) * V * (4 if t5 else b) if b < 4 else 0
+    fwd, bwd = ((4, 4) if kl else (1, 2)) if t5 else ((5, 6) if kl else (2, 3))
+    rows = N * (V if t5 else c.d) * b
+    length = s.target_len if t5 else s.seq_len + s.target_len
+    return {"rows": rows, "chunk_forward": fwd * unit + extra, "chunk_backward": bwd * unit + extra,
+            "full_logits_fp32": s.micro_batch * length * V * 4}
 
 
 def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = True) -> dict[str, int]:
     """Saved activations, in-scope tensors and the transient peak of one stage-2 step (bytes)."""
     B, K, L, Lt, Li, V, d = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len, c.vocab, c.d
-    N = B * Lt  # target tokens
     lay = saved_layer(c, s, b)
     n_e, n_d = c.enc_layers, c.dec_layers
     t5 = c.arch == "t5"
@@ -100,7 +131,6 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
     factors = sum(K * c.rank * (di + do) * b for _, _, _, di, do in c.sites)
     # param-MSE saves the teacher's factors of the batch's tasks
     teacher_factors = sum(K * c.teacher_rank * (di + do) * b for _, _, _, di, do in c.sites) if kl else 0
-    loss = (3 if kl else 1) * N * V * 4  # CE log-softmax; KL: student log-softmax + teacher probabilities (fp32)
     final_norms = (_norm(c, B * L, b) + _norm(c, B * Lt, b)) if t5 else _norm(c, B * S_student, b)
     if checkpointing:
         # Per block only its input stays; masks, position bias and the fused encoder states once per stack.
@@ -108,30 +138,36 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
         if t5:  # bool padding mask, position biases, the fused encoder states
             layers += B * L * L + c.heads * (L * L + Lt * Lt) * b + B * Lx * d * b
         else:
-            layers += B * S_student**2
+            layers += c.masks * B * S_student**2
     else:
         layers = n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"]
-    saved = layers + final_norms + gen + factors + teacher_factors + loss
-    logits_len = Lt if t5 else S_student
-    scope = K * Li * d * b + B * logits_len * V * b + N * V * b  # instruction states, logits, target logits
-    # Peaks of the phases after the student forward, each on top of what is alive then:
-    kl_saved = 2 * N * V * 4 if kl else 0  # created by the KL, after the teacher forward
+    saved = layers + final_norms + gen + factors + teacher_factors
+    lw = loss_working_set(c, s, b, kl)
+    rows, rows_t = lw["rows"], (lw["rows"] if kl else 0)
+    scope = K * Li * d * b + rows  # instruction states; the student's target rows (kept for the loss)
+    # What the head's input is before its target rows are picked: T5's logits [B, Lt, V]; else the hidden states.
+    head_in = B * Lt * V * b if t5 else B * S_student * d * b
     phases = {
-        "teacher_forward": saved - kl_saved + scope + (_teacher_working_set(c, s, b) if kl else 0),
-        # The teacher's logits [B, Lt or its whole length, V] until cut to the targets; then the target logits
-        # + 3 fp32 [N, V] temporaries of the KL.
-        "kl": max(saved - kl_saved + scope + B * (Lt if t5 else Li + L + Lt) * V * b + N * V * b,
-                  saved + scope + N * V * (b + 12)) if kl else saved + scope,
-        # Loss gradients and the logits' gradient (LLaMA: also the shift's); the forward's scope is gone.
-        "backward": saved + 2 * N * V * 4 + (0 if t5 else 2 * B * logits_len * V * b),
+        "student_head": saved + scope + head_in,
+        "teacher_forward": saved + scope + (_teacher_working_set(c, s, b) + rows_t if kl else 0),
+        "loss": saved + scope + rows_t + lw["chunk_forward"],
+        # The chunks recomputed with their gradients, then the rows' gradient scattered back to [B, L, *].
+        "backward": saved + max(scope + rows_t + lw["chunk_backward"] + rows, rows + 2 * head_in),
     }
-    if checkpointing:  # one block recomputed with its backward temporaries (block input / output grads, FFN grads)
-        layer_max = max(lay["encoder"], lay["decoder"])
-        Tm = B * (max(L, Lt) if t5 else S_student)
-        phases["backward"] = max(phases["backward"], saved + layer_max + 2 * Tm * (d + c.d_ff) * b)
+    # The last block's backward temporaries (block input / output grads, FFN grads); with checkpointing on top of
+    # that block recomputed.
+    Tm = B * (max(L, Lt) if t5 else S_student)
+    block = (max(lay["encoder"], lay["decoder"]) if checkpointing else 0) + 2 * Tm * (d + c.d_ff) * b
+    phases["backward"] = max(phases["backward"], saved + block)
     peak = max(phases.values())
+    # The generator's backward comes last (it ran first): the backbone's activations are gone by then; what it
+    # saved and the generated factors, with their gradients, are what the generator's gradients join.
+    generator_backward = 2 * (gen + factors + teacher_factors) + scope
     return {"saved": saved, "scope": scope, "peak": peak, "transient": peak - saved - scope, **phases,
-            "per_layer_enc": lay["encoder"], "per_layer_dec": lay["decoder"]}
+            "generator_backward": generator_backward,
+            "loss_rows": rows + rows_t, "loss_chunk": max(lw["chunk_forward"], lw["chunk_backward"]),
+            "full_logits_fp32": lw["full_logits_fp32"], "per_layer_enc": lay["encoder"],
+            "per_layer_dec": lay["decoder"]}
 
 
 def _teacher_working_set(c: Counts, s: Shapes, b: int) -> int:
@@ -150,9 +186,13 @@ def _teacher_working_set(c: Counts, s: Shapes, b: int) -> int:
         return max(enc, dec, B * Lt * (c.vocab + d) * b)  # the logits and the last hidden states
     S = Li + L + Lt
     T = B * S
-    attn = T * (2 * d + 2 * inner + 2 * kv) * b + T * d * 4 + B * S * S * b  # h, normed, q k v + roped q k, fp32 norm
+    attn = T * (2 * d + 2 * inner + 2 * kv) * b + T * d * 4 + c.masks * B * S * S * b  # h, normed, q k v + roped, norm
+    # One adapted projection's temporaries on top: the gathered input, x A^T, the delta and base + delta.
+    attn += max((T * (di + c.teacher_rank + 2 * do) * b for st, layer, _, di, do in c.sites if layer == 0), default=0)
+    if c.eager:  # the scores, their fp32 softmax and its copy
+        attn += B * H * S * S * (b + 4 + (b if b < 4 else 0))
     mlp = T * 2 * d * b + 3 * T * f * b
-    return max(attn, mlp, T * (c.vocab + d) * b)  # logits over every position
+    return max(attn, mlp, T * d * b)  # the final hidden states (only the target rows are kept)
 
 
 def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str, int]:
@@ -186,12 +226,13 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     out = {"backbone": bb, "hypernet": G * wb, "gradients": grads, "optimizer": opt,
            "activations": act["saved"] + act["scope"], "transient": act["transient"], "zero3_gather": gather,
            "comm_buffers": buffers}
-    # Without DeepSpeed the gradients exist only from the backward on (the forward peaks do not see them),
-    # and the AdamW step adds one parameter-sized temporary; DeepSpeed's partitions are allocated throughout.
+    # Without DeepSpeed the gradients exist only from the generator's backward on (the last one: the forward peaks
+    # and the backbone's backward do not see them), and the AdamW step adds one parameter-sized temporary;
+    # DeepSpeed's partitions are allocated throughout.
     static = bb + G * wb + opt + gather + buffers + (grads if ds else 0)
     dynamic = act["peak"]
     if not ds:
-        dynamic = max(dynamic, act["backward"] + grads, grads + G * wb)
+        dynamic = max(dynamic, act["generator_backward"] + grads, grads + G * wb)
     out["total"] = static + dynamic
     return out
 

@@ -38,6 +38,7 @@ class PlanInput:
     target_len: int | None = None
     instr_len: int | None = None
     rank: int | None = None
+    chunk_tokens: int | None = None  # loss.chunk_tokens
     teacher_rows: int = 60
     gradient_checkpointing: bool | None = None
     precision: str | None = None  # bf16 | fp32
@@ -59,6 +60,8 @@ def _config(p: PlanInput) -> TagiConfig:
         cfg.hypernet.rank = p.rank
     if p.gradient_checkpointing is not None:
         cfg.model.gradient_checkpointing = p.gradient_checkpointing
+    if p.chunk_tokens is not None:
+        cfg.loss.chunk_tokens = p.chunk_tokens
     cfg.mode = "tagi"
     return cfg.validate()
 
@@ -68,7 +71,8 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
     if p.model not in RECIPES:
         raise ConfigError(f"--model {p.model!r} is not a recipe; known: {', '.join(RECIPES)}")
     for flag in ("nodes", "gpus_per_node", "micro_batch", "examples_per_task", "seq_len", "target_len", "instr_len",
-                 "rank", "gpu_mem_gb", "tflops_per_gpu", "interconnect_gbps", "intra_node_gbps", "pcie_gbps"):
+                 "rank", "chunk_tokens", "gpu_mem_gb", "tflops_per_gpu", "interconnect_gbps", "intra_node_gbps",
+                 "pcie_gbps"):
         v = getattr(p, flag)
         if v is not None and v <= 0:
             raise ConfigError(f"--{flag} must be > 0, got {v}")
@@ -91,6 +95,7 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
     q.target_len = q.target_len or base.data.max_target_length
     q.instr_len = q.instr_len or base.data.max_instruction_length
     q.rank = q.rank or base.hypernet.rank
+    q.chunk_tokens = q.chunk_tokens or base.loss.chunk_tokens
     if q.gradient_checkpointing is None:
         q.gradient_checkpointing = base.model.gradient_checkpointing
     q.precision = q.precision or ("fp32" if base.model.dtype == "float32" else "bf16")

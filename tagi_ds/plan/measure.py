@@ -26,7 +26,7 @@ from tagi_ds.plan.shapes import Shapes
 def synthetic_batch(arch: str, s: Shapes, vocab: int, mode: str = "tagi", teacher: bool = True,
                     seed: int = 0) -> TaskBatch:
     """Random ids at exactly ``s``'s lengths, K equal task segments, one padded position per view (so padding
-    masks exist, as in real batches). T5: input [B, L] (concat: Li + L), labels [B, Lt]. LLaMA: prompt + target
+    masks exist, as in real batches). T5: input [B, L] (concat: Li + L), labels [B, Lt]. Decoder-only: prompt + target
     in one row, labels -100 on the prompt. The teacher view is instruction + input."""
     g = torch.Generator().manual_seed(seed)
     B, K, L, Lt, Li = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len
@@ -43,7 +43,7 @@ def synthetic_batch(arch: str, s: Shapes, vocab: int, mode: str = "tagi", teache
         mask = torch.ones_like(x)
         mask[0, -1] = 0
         x[0, -1] = 0
-        if arch == "llama":
+        if arch != "t5":
             labels[0, -1] = -100
         return x, mask, labels
 

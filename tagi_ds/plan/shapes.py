@@ -19,7 +19,7 @@ from tagi_ds.config import TagiConfig
 @dataclass
 class Shapes:
     """One micro-batch per GPU: B examples of K tasks; lengths in tokens (T5: encoder input L, decoder Lt;
-    LLaMA: prompt L + target Lt in one sequence). The teacher reads instruction + input."""
+    decoder-only: prompt L + target Lt in one sequence). The teacher reads instruction + input."""
 
     micro_batch: int
     tasks: int
@@ -39,7 +39,11 @@ class Counts:
     vocab: int
     enc_layers: int
     dec_layers: int
-    gated: bool  # gated FFN (T5 gated-gelu: 3 matrices; LLaMA: always)
+    gated: bool  # gated FFN (T5 gated-gelu: 3 matrices; decoder-only: always)
+    eager: bool  # eager attention (scores [B, H, S, S] saved; Gemma-2's soft-capping needs it, or flash)
+    softcap: bool  # attention logits soft-capped (Gemma-2): eager also saves the tanh of the scores
+    layer_norms: int  # norms per decoder-only layer (2; Gemma-2: 4); unused for T5
+    masks: int  # attention masks a decoder-only body builds: one per layer type (Gemma-2: sliding + full)
     fusion: bool
     rank: int
     teacher_rank: int
@@ -48,11 +52,21 @@ class Counts:
     sites: list[tuple[str, int, str, int, int]]  # (stack, layer, kind, d_in, d_out)
     groups: list[tuple[int, int, int]]  # generator groups: (num sites, d_in, d_out)
     backbone: int
+    vocab_params: int  # the input embedding + the LM head (once when tied)
+    chunk: int  # loss.chunk_tokens: target tokens per chunk of the LM head + CE/KL
     backbone_persistent: int  # elements in tensors under the ZeRO-3 persistence threshold
     largest_module: int
     generator: int
     teacher: int
     teacher_rows: int
+
+
+def _layer_norms(backbone) -> int:
+    """Norm modules in the first layer of a decoder-only body (0 for T5, whose formulas count its own)."""
+    layers = getattr(getattr(backbone, "model", None), "layers", None)
+    if layers is None:
+        return 0
+    return sum(1 for mod in layers[0].modules() if "norm" in type(mod).__name__.lower())
 
 
 def build_meta(cfg: TagiConfig, teacher_rows: int):
@@ -68,21 +82,26 @@ def count(cfg: TagiConfig, teacher_rows: int, persistence_threshold: int = 100_0
     """Shapes and parameter counts of ``cfg``'s model in mode tagi (the baselines share its dims and sites)."""
     cfg = dataclasses.replace(cfg, mode="tagi")
     model = build_meta(cfg, teacher_rows)
-    m = cfg.model
+    m, hf = cfg.model, model.backbone.config
     unique = {id(p): p for p in model.backbone.parameters()}.values()  # tied embeddings count once
+    vocab = {id(p): p for mod in (model.backbone.get_input_embeddings(), model.backbone.get_output_embeddings())
+             for p in mod.parameters()}.values()
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
     groups = [(len(g), g[0].d_in, g[0].d_out) for g in model.generator.groups]
     return Counts(
         arch=m.arch, d=m.d_model, d_ff=m.d_ff, heads=m.num_heads,
-        kv_heads=m.num_kv_heads if m.arch == "llama" else m.num_heads,
-        d_kv=m.d_kv if m.arch == "t5" else m.d_model // m.num_heads, vocab=m.vocab_size,
+        kv_heads=m.num_heads if m.arch == "t5" else hf.num_key_value_heads,
+        d_kv=m.d_kv if m.arch == "t5" else hf.head_dim, vocab=m.vocab_size,
         enc_layers=m.num_layers if m.arch == "t5" else 0,
         dec_layers=m.num_decoder_layers if m.arch == "t5" else m.num_layers,
-        gated=m.arch == "llama" or m.feed_forward_proj.startswith("gated"),
+        gated=m.arch != "t5" or m.feed_forward_proj.startswith("gated"), eager=m.attn_implementation == "eager",
+        softcap=bool(getattr(hf, "attn_logit_softcapping", None)), layer_norms=_layer_norms(model.backbone),
+        masks=len(set(getattr(hf, "layer_types", None) or ["full_attention"])),
         fusion=model.fusion, rank=cfg.hypernet.rank, teacher_rank=cfg.teacher.rank,
         hidden=cfg.hypernet.hidden, site_dim=cfg.hypernet.site_dim,
         sites=[(s.stack, s.layer, s.kind, s.d_in, s.d_out) for s in model.sites], groups=groups,
-        backbone=sum(p.numel() for p in unique),
+        backbone=sum(p.numel() for p in unique), vocab_params=sum(p.numel() for p in vocab),
+        chunk=cfg.loss.chunk_tokens,
         backbone_persistent=sum(p.numel() for p in unique if p.numel() <= persistence_threshold),
         largest_module=largest,
         generator=sum(p.numel() for p in model.generator.parameters()),

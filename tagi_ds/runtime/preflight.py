@@ -272,9 +272,6 @@ def read_json(path: Path, where: str, keys: tuple[str, ...] = ()) -> Any:
 
 
 # -- the model, without memory --------------------------------------------------------------------------------
-HF_CLASSES = {"t5": ("t5", "T5ForConditionalGeneration"), "llama": ("llama", "LlamaForCausalLM")}
-
-
 def meta_model(cfg, stage: str, special_ids: dict[str, int], num_bank_rows: int = 0, with_teacher: bool = False):
     """The TagiModel this run will build, on the meta device: its adapted sites, parameter names and shapes,
     at no memory cost. Building it checks the model settings (projections, stacks, trainable regexes...);
@@ -300,6 +297,17 @@ def meta_model(cfg, stage: str, special_ids: dict[str, int], num_bank_rows: int 
              cfg.model.model_name_or_path)
 
 
+def _hf_class(arch: str):
+    """``(model_type, HF model class)`` of ``model.arch`` (the decoder-only families: backbones/decoder.py)."""
+    if arch == "t5":
+        from transformers import T5ForConditionalGeneration
+
+        return "t5", T5ForConditionalGeneration
+    from tagi_ds.backbones.decoder import FAMILIES
+
+    return arch, FAMILIES[arch][1]
+
+
 def _meta_pretrained(cfg):
     import transformers
 
@@ -307,7 +315,7 @@ def _meta_pretrained(cfg):
 
     path = check_model_dir(cfg.model.model_name_or_path)
     read_json(path / "config.json", f"--model_name_or_path {path}/config.json", ("model_type",))
-    model_type, cls_name = HF_CLASSES[cfg.model.arch]
+    model_type, model_cls = _hf_class(cfg.model.arch)
     try:
         hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
@@ -315,8 +323,8 @@ def _meta_pretrained(cfg):
     if hf_cfg.model_type != model_type:
         fail(f"--model_name_or_path {path}", f"a {hf_cfg.model_type} checkpoint, but model.arch={cfg.model.arch}",
              hf_cfg.model_type)
-    backbone = getattr(transformers, cls_name)._from_config(hf_cfg, attn_implementation=check_attention(cfg.model),
-                                                            dtype=DTYPES[cfg.model.dtype])
+    backbone = model_cls._from_config(hf_cfg, attn_implementation=check_attention(cfg.model),
+                                      dtype=DTYPES[cfg.model.dtype])
     check_weights(path, backbone.state_dict())
     return backbone
 

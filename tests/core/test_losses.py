@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tagi_ds.losses import kl_loss, param_alignment, target_logits
+from tagi_ds.losses import kl_loss, param_alignment, target_rows
 
 
 def test_kl_zero_for_identical_and_positive_otherwise():
@@ -23,10 +23,10 @@ def test_kl_has_t_squared_factor_and_direction():
     torch.testing.assert_close(kl_loss(s, t, T), manual)
 
 
-def test_target_logits_shift_for_causal():
+def test_target_rows_shift_for_causal():
     logits = torch.arange(2 * 4 * 1, dtype=torch.float).view(2, 4, 1)
     labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
-    got, lab = target_logits(logits, labels, causal=True)
+    got, lab = target_rows(logits, labels, causal=True)
     assert lab.tolist() == [5, 6, 7] and got.squeeze(-1).tolist() == [1.0, 2.0, 4.0]
 
 

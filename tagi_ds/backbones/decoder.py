@@ -1,0 +1,146 @@
+"""Decoder-only backbones (``model.arch`` llama | mistral | qwen2 | gemma2): build or load, adapted sites,
+instruction encoding, logits.
+
+Each family is transformers' own class (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
+``Gemma2ForCausalLM``); ``model.arch`` is the checkpoint's ``model_type``, so Llama-1/2/3 are all ``llama``.
+What differs between them is the class's business (GQA, RoPE base and scaling, q/k/v bias in Qwen2,
+sliding-window attention, Gemma-2's embedding scale and soft-capping, tied embeddings); this module only
+names the adapted projections, which all four lay out the same way (``model.layers.{i}.self_attn.{q,k,v,o}_proj``,
+``model.layers.{i}.mlp.{gate,up,down}_proj``), each with its own shape (under GQA k and v are
+``num_kv_heads * head_dim`` wide, q ``num_heads * head_dim``, which for Gemma-2 is not ``d_model`` either).
+
+Fusion: none. T5 fuses by letting the decoder cross-attend to the instruction encodings; a decoder-only
+model has no cross-attention, and the closest equivalent (the instruction's keys/values as a prefix of
+every layer) costs the same attention as concatenating the instruction, which is what TAGI avoids. So
+here the instruction reaches the model only through the generated adapters (``hypernet.fusion`` must be
+false; the config says so if it is not).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from tagi_ds.backbones.base import DTYPES, check_attention, check_model_dir
+from tagi_ds.config import ConfigError, ModelConfig
+
+KINDS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+# arch -> (config class, model class, constants of the family's public checkpoints that the shape fields
+# of ModelConfig do not carry). Gemma-2: query scale head_dim^-0.5 (query_pre_attn_scalar = head_dim, as in 2B
+# and 9B), attention logits soft-capped at 50 and final logits at 30.
+FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {"rms_norm_eps": 1e-5}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"rms_norm_eps": 1e-5}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"rms_norm_eps": 1e-6}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"rms_norm_eps": 1e-6, "attn_logit_softcapping": 50.0,
+                                                 "final_logit_softcapping": 30.0}),
+}
+# Llama-3.1 / 3.2 RoPE scaling, apart from the factor.
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def hf_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 3) -> PretrainedConfig:
+    """The family's HF config for ``cfg``'s shape (random init; a local checkpoint brings its own)."""
+    config_cls, _, constants = FAMILIES[cfg.arch]
+    head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {**LLAMA3_ROPE, "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_kv_heads, head_dim=head_dim,
+                  max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope,
+                  tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=pad_id, eos_token_id=eos_id,
+                  bos_token_id=bos_id, **constants)
+    if cfg.arch == "gemma2":
+        kwargs.update(query_pre_attn_scalar=head_dim, sliding_window=cfg.sliding_window or None)
+    elif cfg.arch == "mistral":
+        kwargs["sliding_window"] = cfg.sliding_window or None
+    elif cfg.arch == "qwen2":
+        kwargs.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None)
+    return config_cls(**kwargs)
+
+
+def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 3) -> PreTrainedModel:
+    """Load the family's class from a local dir (its ``model_type`` must be ``model.arch``), or build the
+    configured shape with random init. (``TagiConfig.validate`` rejects what a family cannot honour.)"""
+    attn = check_attention(cfg)
+    dtype = DTYPES[cfg.dtype]
+    model_cls = FAMILIES[cfg.arch][1]
+    if cfg.model_name_or_path:
+        path = check_model_dir(cfg.model_name_or_path)
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type != cfg.arch:
+            raise ConfigError(f"--model_name_or_path {str(path)!r}: config.json has model_type {model_type!r} but "
+                              f"model.arch is {cfg.arch!r}; pick the recipe of that family or --set "
+                              f"model.arch={model_type}")
+        return model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn, local_files_only=True)
+    return model_cls._from_config(hf_config(cfg, pad_id, eos_id, bos_id), attn_implementation=attn, dtype=dtype)
+
+
+def site_names(model: PreTrainedModel, cfg: ModelConfig) -> list[tuple[str, str, int, str]]:
+    unknown = [k for k in cfg.adapted if k not in KINDS]
+    if unknown:
+        raise ConfigError(f"model.adapted: unknown {cfg.arch} projection {unknown[0]!r} ({cfg.arch}: "
+                          f"{' '.join(KINDS)})")
+    if cfg.adapted_stacks != ["decoder"]:
+        raise ConfigError(f"model.adapted_stacks must be [decoder] for the decoder-only model.arch={cfg.arch}, "
+                          f"got {cfg.adapted_stacks}")
+    return [(f"model.layers.{i}.{KINDS[k]}", "decoder", i, k)
+            for i in range(model.config.num_hidden_layers) for k in cfg.adapted]
+
+
+def body(model: PreTrainedModel) -> torch.nn.Module:
+    """The part that reads instructions: the decoder stack without the LM head."""
+    return model.model
+
+
+def encode(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           first_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Body states ``[K, L, d]`` (final, normalised) and, if asked, the first layer's. Right-padded input."""
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=first_last,
+                      use_cache=False, return_dict=True)
+    return out.last_hidden_state, (out.hidden_states[1] if first_last else None)
+
+
+def logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           labels: torch.Tensor | None = None, prefix=None, prefix_mask=None, cache=None) -> torch.Tensor:
+    """Logits ``[B, L, V]`` over prompt + target (labels align with input_ids; shifting is the loss's job).
+    ``prefix``, ``prefix_mask`` and ``cache`` are T5 fusion's: always None here (no encoder)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits
+
+
+def head_inputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None, prefix=None, prefix_mask=None,
+                cache=None) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """What the training loss projects: the final hidden states ``[B, L, d]`` and ``head``, ``[n, d] -> [n, V]``
+    (the LM head, and Gemma-2's final soft-capping), so that the loss computes logits only at target tokens and a
+    chunk at a time (``tagi_ds.losses.token_losses``). ``head(x)`` equals ``logits`` at the same rows."""
+    states = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+    return states.last_hidden_state, lambda h: head(model, h)
+
+
+def head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """``[n, d] -> [n, V]``, as the family's ``forward`` computes its logits from the final hidden states."""
+    out = model.lm_head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        out = torch.tanh(out / cap) * cap
+    return out
