@@ -157,11 +157,16 @@ def _quiet_deepspeed():
 def deepspeed_config(path: str | None, cfg, world_size: int) -> dict[str, Any]:
     """The final DeepSpeed dict of a run (``--deepspeed`` + what the config injects), checked against
     DeepSpeed's schema first (:func:`check_deepspeed`)."""
+    import torch.distributed as td
+
     from tagi_ds.train import engine
 
     path = path or str(engine.default_ds_config(cfg.recipe))  # tiny recipes: z3_tiny.json
     raw = engine.load_ds_json(path)
-    check_deepspeed(engine.inject(raw, cfg, 1), f"--deepspeed {path}")
+    # DeepSpeedConfig checks the batch against the world it sees: one rank without a process group (preflight
+    # before init), the group's size inside one (a driver that runs several stages in one launch).
+    seen = td.get_world_size() if td.is_initialized() else 1
+    check_deepspeed(engine.inject(raw, cfg, seen), f"--deepspeed {path}")
     return engine.inject(raw, cfg, world_size)
 
 
