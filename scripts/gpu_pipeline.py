@@ -4,8 +4,9 @@
     train_teachers -> pretrain -> finetune (KL + param terms) -> finetune --mode concat
       -> evaluate tagi, evaluate concat (+ the results table) -> generate_adapter -> the adapter loaded in peft
 
-Every stage runs as a user runs it (``python -m tagi_ds.launch --num_gpus 1 launchers/STAGE.py``) on the built-in
-suite with the tiny recipe. On a GPU: bf16 (``train.precision=auto``) and the Triton adapter op forced
+Every stage runs as a user runs it on one device (``python launchers/STAGE.py``: a world of one, under the DeepSpeed
+engine of the recipe's ZeRO-3 config) on the built-in suite with the tiny recipe. On a GPU: bf16
+(``train.precision=auto``) and the Triton adapter op forced
 (``model.adapter_impl=triton``: a silent fallback to the torch reference would hide the kernel); on a CPU (the
 test suite's SMOKE run): fp32 and the torch op. Checks: exit 0, every logged loss term finite, the precision
 that ran, both evaluations' results and the table, and the PEFT adapter loaded onto the backbone on the device
@@ -30,18 +31,17 @@ STAGES = ("teachers", "pretrain", "finetune", "concat", "eval_tagi", "eval_conca
 
 
 class Pipeline:
-    def __init__(self, out: Path, steps: int, eval_n: int, timeout: int) -> None:
+    def __init__(self, out: Path, steps: int, eval_n: int, timeout: int, eval_set: list[str]) -> None:
         import torch
 
-        self.out, self.steps, self.eval_n, self.timeout = out, steps, eval_n, timeout
+        self.out, self.steps, self.eval_n, self.timeout, self.eval_set = out, steps, eval_n, timeout, eval_set
         self.cuda = torch.cuda.is_available()
         self.impl = "triton" if self.cuda else "torch"
         self.rows: list[tuple[str, str, float, str]] = []
         out.mkdir(parents=True, exist_ok=True)
 
     def launch(self, name: str, script: str, *args: str) -> bool:
-        cmd = [sys.executable, "-m", "tagi_ds.launch", "--num_gpus", "1", str(ROOT / "launchers" / script), *args,
-               "--set", f"model.adapter_impl={self.impl}"]
+        cmd = [sys.executable, str(ROOT / "launchers" / script), *args, "--set", f"model.adapter_impl={self.impl}"]
         t0 = time.perf_counter()
         log = self.out / f"{name}.log"
         with log.open("w") as f:
@@ -91,7 +91,9 @@ class Pipeline:
     def run(self) -> bool:
         o = self.out
         train = ["--max_steps", str(self.steps), "--save_steps", str(self.steps)]
-        ev = ["--max_new_tokens", "16", "--set", f"data.max_instances_per_task={self.eval_n}"]
+        # FLOPs by formula, as on a GPU (the CPU default, torch's FLOP counter, is the slow part of a tiny evaluation).
+        ev = ["--max_new_tokens", "16", "--flops", "formula", "--set", f"data.max_instances_per_task={self.eval_n}",
+              *self.eval_set]
         if self.launch("teachers", "train_teachers.py", *train, "--output_dir", str(o / "teachers")):
             self.check_train("teachers", o / "teachers")
         if self.launch("pretrain", "pretrain.py", *train, "--output_dir", str(o / "pretrain")):
@@ -174,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per training stage (default 6)")
     ap.add_argument("--eval_n", type=int, default=5, help="instances per held-out task evaluated (default 5)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per stage (default 240)")
+    ap.add_argument("--eval_set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides for both evaluations, e.g. data.categories=Ordering")
     args = ap.parse_args(argv)
-    return 0 if Pipeline(args.out, args.steps, args.eval_n, args.timeout).run() else 1
+    return 0 if Pipeline(args.out, args.steps, args.eval_n, args.timeout, args.eval_set).run() else 1
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ case "$STAGE" in
   check)
     setup
     pipe=(--steps 6 --eval_n 5)
-    [[ "$SMOKE" == 1 ]] && pipe=(--steps 1 --eval_n 1)
+    [[ "$SMOKE" == 1 ]] && pipe=(--steps 1 --eval_n 1 --eval_set data.categories=Spelling)
     step pipeline 200 $PY scripts/gpu_pipeline.py --out "$WORK/pipeline" --timeout 100 "${pipe[@]}"
     train_step t5-xl 150
     kernel_tests 75
