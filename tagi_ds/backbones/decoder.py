@@ -22,18 +22,8 @@ import json
 from collections.abc import Callable
 
 import torch
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+import transformers
+from transformers import PretrainedConfig, PreTrainedModel
 
 from tagi_ds.backbones.base import DTYPES, check_attention, check_model_dir
 from tagi_ds.config import ConfigError, ModelConfig
@@ -43,14 +33,21 @@ KINDS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_pro
 
 # arch -> (config class, model class, constants of the family's public checkpoints that the shape fields
 # of ModelConfig do not carry). Gemma-2: query scale head_dim^-0.5 (query_pre_attn_scalar = head_dim, as in 2B
-# and 9B), attention logits soft-capped at 50 and final logits at 30.
-FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict]] = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {"rms_norm_eps": 1e-5}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"rms_norm_eps": 1e-5}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"rms_norm_eps": 1e-6}),
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"rms_norm_eps": 1e-6, "attn_logit_softcapping": 50.0,
-                                                 "final_logit_softcapping": 30.0}),
+# and 9B), attention logits soft-capped at 50 and final logits at 30. Classes by name: transformers imports a
+# family's modeling code only when its class is first used (all four eagerly cost ~3 s per process).
+_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"rms_norm_eps": 1e-5}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"rms_norm_eps": 1e-5}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rms_norm_eps": 1e-6}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"rms_norm_eps": 1e-6, "attn_logit_softcapping": 50.0,
+                                                     "final_logit_softcapping": 30.0}),
 }
+
+
+def family(arch: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+    """``(config class, model class, constants)`` of a decoder-only ``model.arch``."""
+    config_name, model_name, constants = _FAMILIES[arch]
+    return getattr(transformers, config_name), getattr(transformers, model_name), constants
 # Llama-3.1 / 3.2 RoPE scaling, apart from the factor.
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -58,7 +55,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor"
 
 def hf_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 3) -> PretrainedConfig:
     """The family's HF config for ``cfg``'s shape (random init; a local checkpoint brings its own)."""
-    config_cls, _, constants = FAMILIES[cfg.arch]
+    config_cls, _, constants = family(cfg.arch)
     head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
@@ -83,7 +80,7 @@ def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None
     configured shape with random init. (``TagiConfig.validate`` rejects what a family cannot honour.)"""
     attn = check_attention(cfg)
     dtype = DTYPES[cfg.dtype]
-    model_cls = FAMILIES[cfg.arch][1]
+    model_cls = family(cfg.arch)[1]
     if cfg.model_name_or_path:
         path = check_model_dir(cfg.model_name_or_path)
         model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")

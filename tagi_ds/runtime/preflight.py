@@ -308,9 +308,9 @@ def _hf_class(arch: str):
         from transformers import T5ForConditionalGeneration
 
         return "t5", T5ForConditionalGeneration
-    from tagi_ds.backbones.decoder import FAMILIES
+    from tagi_ds.backbones.decoder import family
 
-    return arch, FAMILIES[arch][1]
+    return arch, family(arch)[1]
 
 
 def _meta_pretrained(cfg):
