@@ -119,6 +119,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    frozen_backbone: str = "auto"  # ZeRO-3: auto | replicated | partitioned (tagi_ds.train.engine.backbone_placement)
     save_steps: int = 50
     keep_last: int = 2
     log_steps: int = 1
@@ -159,6 +160,7 @@ class TagiConfig:
         _choice("loss.param_align", self.loss.param_align, ("delta", "factors"))
         _choice("data.setting", self.data.setting, ("def", "def_pos"))
         _choice("train.precision", self.train.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("train.frozen_backbone", self.train.frozen_backbone, ("auto", "replicated", "partitioned"))  # ZeRO-3
         for key, value in (("hypernet.rank", self.hypernet.rank), ("teacher.rank", self.teacher.rank),
                            ("loss.temperature", self.loss.temperature), ("train.max_steps", self.train.max_steps),
                            ("data.tasks_per_batch", self.data.tasks_per_batch),

@@ -2,8 +2,8 @@
 per-part bytes (``memory``). Per GPU, in bytes:
 
 - backbone: frozen, in the weight dtype; ZeRO-3 partitions it over all ranks (tensors of at most
-  ``stage3_param_persistence_threshold`` elements stay whole), ZeRO-2 and ``none`` keep it whole;
-  ``--offload param`` moves the partitions to pinned CPU memory.
+  ``stage3_param_persistence_threshold`` elements stay whole), ZeRO-2, ``none`` and ZeRO-3 with ``--backbone
+  replicated`` keep it whole; ``--offload param`` moves the partitions to pinned CPU memory.
 - the teacher bank is not on the GPU: it stays whole in (pinned) host memory on every rank, fp32, outside
   DeepSpeed (``TagiModel.teacher``); a step copies only its batch's rows, which ``activations`` counts.
   ``host_memory`` gives its host bytes per rank.
@@ -18,7 +18,8 @@ per-part bytes (``memory``). Per GPU, in bytes:
 - transient: the largest working set on top of the activations, over the phases after the student forward:
   the teacher's no-grad forward (one layer at the teacher's length), the KL over the vocabulary, the backward
   start (with gradient checkpointing: the recomputed block).
-- gather: ZeRO-3's gathered working set: the largest module + one prefetch bucket; comm buffers:
+- gather: ZeRO-3's gathered working set: the largest module + one prefetch bucket (none when the backbone is
+  replicated: nothing partitioned is gathered then, the hypernetwork is kept whole); comm buffers:
   DeepSpeed's reduce (and all-gather) bucket.
   Bucket sizes are read from the DeepSpeed JSON (``ds_configs/z3.json`` / ``z2.json`` or ``--deepspeed``).
 
@@ -161,7 +162,8 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     z3, ds = p.stage == "z3", p.stage != "none"
     part = lambda n: math.ceil(n / W)  # noqa: E731
     offp, offo = p.offload == "param", p.offload in ("optimizer", "param")
-    if z3:
+    parted = z3 and p.backbone != "replicated"  # "auto" counts as partitioned here; fit.fits tries both
+    if parted:
         bb = 0 if offp else (part(c.backbone - c.backbone_persistent) + c.backbone_persistent) * wb
     else:
         bb = c.backbone * wb
@@ -173,7 +175,7 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
         opt = 0 if offo else part(G) * (4 + 8)  # DeepSpeed keeps an fp32 flat copy even when training in fp32
     act = activations(c, s, wb, p.gradient_checkpointing, p.kl)
     gather = 0
-    if z3:
+    if parted:
         prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
         live = min(int(zero.get("stage3_max_live_parameters", 1_000_000_000)), c.largest_module + prefetch,
                    c.backbone + c.generator)

@@ -78,7 +78,7 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
     write_config(out, cfg, ds, args)
 
     special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
-    backbone = ds_engine.build_backbone(cfg, ds, special)
+    backbone = ds_engine.build_backbone(cfg, ds, special, training=True)
     model = build_model(cfg, args.stage, backbone, num_bank_rows=num_rows, with_teacher=with_teacher)
     if with_teacher:
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)
