@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps (GPU: median, CPU: min; default GPU 10, CPU 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default GPU 3, CPU 1)")
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: known GPUs; none on CPU)")
+    p.add_argument("--deepspeed", type=Path, help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, as a "
+                   "run uses: z3.json, z3_tiny.json for the tiny recipes)")
     common.add_run_args(p)
     a, gpu = common.parse_run_args(p, argv)
     for key in ("micro_batch", "tasks", "seq_len", "target_len", "instr_len", "steps", "teacher_rows"):
@@ -257,7 +259,7 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
         torch.cuda.reset_peak_memory_stats()
     cleanup = lambda: None  # noqa: E731
     try:
-        model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks))
+        model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks), args.deepspeed)
         batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
                                      teacher=teacher, seed=args.seed)
         batch = batch.to("cuda" if gpu else "cpu")
@@ -376,7 +378,8 @@ def to_markdown(result: dict) -> str:
     v = result["versions"]
     lines += [f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}, peft {v['peft']}; "
               f"{result['steps']} timed steps ({common.timing_stat()}) after {result['warmup']} warm-up; peak for MFU: "
-              f"{result['peak_tflops'] or 'n/a'} TFLOP/s", "", FLOP_NOTE, ""]
+              f"{result['peak_tflops'] or 'n/a'} TFLOP/s; ZeRO-3 JSON: {result.get('z3_json', 'ds_configs/z3.json')}",
+              "", FLOP_NOTE, ""]
     if result.get("partial"):
         lines += ["**Partial**: written after each finished case; the run stopped before the last one.", ""]
     for rec in result["recipes"]:
@@ -426,7 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
               "versions": common.versions(), "steps": args.steps, "warmup": args.warmup,
               "peak_tflops": args.peak_tflops, "smoke": args.smoke, "flop_formula": FLOP_NOTE,
               "skipped_engines": skipped_engines, "cpu_threads": torch.get_num_threads(),
-              "host_load_start": common.host_load(), "recipes": []}
+              "host_load_start": common.host_load(), "recipes": [],
+              "z3_json": str(args.deepspeed) if args.deepspeed else "the recipe's (z3.json; tiny: z3_tiny.json)"}
+
     def table() -> str:
         md = to_markdown(result)
         return md + ("\n" + "\n".join(f"- skipped {s}" for s in skipped_engines) + "\n" if skipped_engines else "")

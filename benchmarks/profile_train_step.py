@@ -327,7 +327,8 @@ def to_markdown(result: dict) -> str:
     v = result["versions"]
     lines += [f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}; case "
               f"{result['variant']}; {result['steps']} profiled steps after {result['warmup']} warm-up; step ms "
-              f"without the profiler ({common.timing_stat()}); \"x torch\": step time over the torch engine's.", ""]
+              f"without the profiler ({common.timing_stat()}); \"x torch\": step time over the torch engine's; "
+              f"ZeRO-3 JSON: {result['z3_json']}.", ""]
     if result.get("partial"):
         lines += ["**Partial**: written after each finished engine; the run stopped before the last one.", ""]
     if cpu:
@@ -393,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
               "device_kind": common.device_kind(), "device_label": common.device_label(),
               "date": datetime.date.today().isoformat(), "versions": common.versions(), "variant": args.variant,
               "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke, "cpu_threads": torch.get_num_threads(),
-              "host_load_start": common.host_load(), "recipes": []}
+              "host_load_start": common.host_load(), "recipes": [],
+              "z3_json": str(args.deepspeed) if args.deepspeed else "the recipe's (z3.json; tiny: z3_tiny.json)"}
     for recipe in args.recipe:
         print(f"{recipe} {args.variant}:", file=sys.stderr, flush=True)
         cfg = bench.case_config(args, recipe, args.variant, False)
