@@ -75,16 +75,18 @@ def saved_layer(c: Counts, s: Shapes, b: int) -> dict[str, int]:
         Te, Td = B * L, B * Lt
         Lx = Li + L if c.fusion else L
         Tx = B * Lx
-        enc = (2 * _norm(c, Te, b) + _sites_of(c, "encoder", {"q": Te}, b)
-               + _attn(c, Te, Te, B * c.heads * L * L * b, b) + _ffn(c, Te, b))
+        enc = (2 * _norm(c, Te, b) + _sites_of(c, "encoder", {"q": Te}, b) + _attn(c, Te, Te, 0, b) + _ffn(c, Te, b))
         dec = (3 * _norm(c, Td, b) + _sites_of(c, "decoder", {"q": Td}, b)
                + _sites_of(c, "cross", {"q": Td, "kv": Tx}, b)
-               + _attn(c, Td, Td, c.heads * Lt * Lt * b, b)  # causal-only mask: no batch dimension
-               + _attn(c, Td, Tx, B * c.heads * Lt * Lx * b, b) + _ffn(c, Td, b))
-        return {"encoder": enc, "decoder": dec, "enc_input_norm": _norm(c, Te, b), "dec_input_norm": _norm(c, Td, b)}
+               + _attn(c, Td, Td, 0, b) + _attn(c, Td, Tx, 0, b) + _ffn(c, Td, b))
+        # The additive masks (position bias merged with padding) are made once per stack and shared by its layers
+        # (tagi_ds/backbones/t5_attention.py): encoder self, decoder self (causal only: no batch dimension), cross.
+        masks = c.heads * (B * L * L + Lt * Lt + B * Lt * Lx) * b
+        return {"encoder": enc, "decoder": dec, "enc_input_norm": _norm(c, Te, b), "dec_input_norm": _norm(c, Td, b),
+                "masks": masks}
     T, S = B * (L + Lt), L + Lt
     dec = (2 * _norm(c, T, b) + _sites_of(c, "decoder", {"q": T}, b) + _attn(c, T, T, B * S * S * b, b) + _ffn(c, T, b))
-    return {"encoder": 0, "decoder": dec, "enc_input_norm": 0, "dec_input_norm": _norm(c, T, b)}
+    return {"encoder": 0, "decoder": dec, "enc_input_norm": 0, "dec_input_norm": _norm(c, T, b), "masks": 0}
 
 
 def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = True) -> dict[str, int]:
@@ -106,12 +108,13 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
     if checkpointing:
         # Per block only its input stays; masks, position bias and the fused encoder states once per stack.
         layers = (n_e * B * L + n_d * B * Lt) * d * b if t5 else n_d * B * S_student * d * b
-        if t5:  # bool padding mask, position biases, the fused encoder states
-            layers += B * L * L + c.heads * (L * L + Lt * Lt) * b + B * Lx * d * b
+        if t5:  # bool padding mask, position biases, the fused encoder states, the stacks' merged masks
+            layers += B * L * L + c.heads * (L * L + Lt * Lt) * b + B * Lx * d * b + lay["masks"]
         else:
             layers += B * S_student**2
     else:
-        layers = n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"]
+        layers = (n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"]
+                  + lay["masks"])
     saved = layers + final_norms + gen + factors + teacher_factors + loss
     logits_len = Lt if t5 else S_student
     scope = K * Li * d * b + B * logits_len * V * b + N * V * b  # instruction states, logits, target logits
@@ -142,8 +145,8 @@ def _teacher_working_set(c: Counts, s: Shapes, b: int) -> int:
     if c.arch == "t5":
         Lk = Li + L
         Tt = B * Lk
-        stack = H * Lk * Lk * b + B * Lk * Lk  # position bias + bool padding mask
-        attn = Tt * (2 * d + 4 * inner) * b + 2 * B * H * Lk * Lk * b  # h, normed, q k v out; mask where + copy
+        stack = H * Lk * Lk * b + B * Lk * Lk + B * H * Lk * Lk * b  # position bias, bool mask, merged (t5_attention)
+        attn = Tt * (2 * d + 4 * inner) * b + B * H * Lk * Lk * b  # h, normed, q k v out; SDPA's copy of the mask
         ffn = Tt * 2 * d * b + 4 * Tt * f * b  # h, normed, wi_0 out + 3 GELU temporaries
         enc = stack + max(attn, ffn)
         Td = B * Lt
