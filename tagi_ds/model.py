@@ -26,6 +26,7 @@ from torch import nn
 
 from tagi_ds import backbones
 from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
+from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import ConfigError, TagiConfig
@@ -65,7 +66,7 @@ class TagiModel(nn.Module):
         if batch.instr_input_ids is None:
             raise ValueError("mode tagi needs instr_input_ids in the batch (one instruction per task)")
         states, pooled = self.encoder(batch.instr_input_ids, batch.instr_attention_mask)
-        factors = dict(enumerate(self.generator(pooled)))
+        factors = dict(enumerate(call_whole(self.generator, pooled)))
         return AdapterSet(factors, batch.example_offsets, self.generator.scale, self.cfg.model.adapter_impl,
                           host_offsets=batch.offsets_list()), states
 

@@ -14,6 +14,17 @@ from torch import nn
 from tagi_ds.adapters.layer import AdapterSet, Site
 
 
+def call_whole(module: nn.Module, *args):
+    """``module(*args)``, or its forward directly when ZeRO-3 keeps every parameter of ``module`` whole on every rank
+    (``ds_persist``: the hypernetwork and the baselines' shared LoRA, ``tagi_ds.train.engine.kept_whole``). The hooks
+    of a call would only gather parameters that are already there, and wrap each output tensor (two per adapted
+    site) in an autograd function for the backward; the parameters' gradient hooks do not depend on them."""
+    params = list(module.parameters())
+    if params and all(getattr(p, "ds_persist", False) for p in params):
+        return module.forward(*args)
+    return module(*args)
+
+
 class LoraBank(nn.Module):
     """Factors ``A[site]: [N, r, d_in]`` and ``B[site]: [N, d_out, r]`` with peft's init (A Kaiming-uniform,
     B zero, so every row starts as a zero delta) and scale ``alpha / r``."""
@@ -48,7 +59,7 @@ class LoraBank(nn.Module):
                  host_rows: list[int] | None = None, host_offsets: list[int] | None = None) -> AdapterSet:
         """The AdapterSet of rows ``rows`` for tasks at ``example_offsets``; ``host_rows`` and ``host_offsets``: the
         same as Python ints, when the caller has them (no device reads)."""
-        factors = dict(zip(self.site_indices, self(rows, host_rows)))
+        factors = dict(zip(self.site_indices, call_whole(self, rows, host_rows)))
         return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl,
                           host_offsets=host_offsets)
 

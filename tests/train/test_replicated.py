@@ -56,6 +56,9 @@ for placement, mode in (("replicated", "tagi"), ("replicated", "no_instruction")
                         with_teacher=mode == "tagi")
     placement = f"{placement}-{mode}"
     eng = E.build_engine(model, cfg, ds)
+    trained = model.generator if mode == "tagi" else model.bank
+    calls = []  # kept whole, it runs without the module call (and its ZeRO-3 hooks)
+    trained.register_forward_pre_hook(lambda m, a: calls.append(1))
     losses = []
     for _ in range(3):
         loss, _ = eng(batch)
@@ -67,6 +70,7 @@ for placement, mode in (("replicated", "tagi"), ("replicated", "no_instruction")
     print(placement, "ZERO_PARAMS", sum(hasattr(p, "ds_id") for p in model.backbone.parameters()),
           "HOOKED", sum(bool(m._forward_pre_hooks) for m in bb), "OF", len(bb),
           "LINEAR", torch.nn.functional.linear.__name__)
+    print(placement, "CALLS", len(calls))
     print(placement, "KEYS", sorted(k for k, p in eng.module.named_parameters() if p.requires_grad))
     print(placement, "LINE", E.describe_partitioning(model, 1))
     eng.destroy()
@@ -94,5 +98,6 @@ def test_a_replicated_backbone_trains_like_a_partitioned_one_outside_deepspeed()
         # The engine's module names its trainable parameters the same either way (what checkpoints hold).
         assert out[(rep, "KEYS")] == out[(part, "KEYS")] and trained in out[(rep, "KEYS")]
         assert "replicated, whole on each of 1 rank(s), outside ZeRO" in out[(rep, "LINE")]
+        assert out[(rep, "CALLS")] == out[(part, "CALLS")] == "0"
         assert "train.frozen_backbone=partitioned" in out[(part, "LINE")]
     assert "shared LoRA" in out[("partitioned-no_instruction", "LINE")]  # kept whole, like the hypernetwork
