@@ -61,19 +61,28 @@ def load_bench(code: Path | None):
     return bench, str(Path(tagi_ds.__file__).resolve().parent.parent)
 
 
+def case_config(bench, args, recipe: str, variant: str, engine: str):
+    """``bench.case_config`` of any checkout (older ones take no engine: their z3 has one backbone placement)."""
+    if "engine" in inspect.signature(bench.case_config).parameters:
+        return bench.case_config(args, recipe, variant, False, engine)
+    return bench.case_config(args, recipe, variant, False)
+
+
+def build_case(bench, cfg, variant: str, engine: str, rows: int, z3_json: Path | None):
+    """``bench.build_case`` of any checkout (older ones take no ZeRO-3 JSON: their own default)."""
+    takes_json = "z3_json" in inspect.signature(bench.build_case).parameters
+    return bench.build_case(cfg, variant, engine, rows, **({"z3_json": z3_json} if takes_json and z3_json else {}))
+
+
 def build(bench, args, recipe: str, variant: str, engine: str):
     """``(step, cleanup)`` of one case, whatever the checkout's bench_train_step signatures."""
     bargs = bench.parse_args(["--recipe", recipe, "--no_save", *(["--smoke"] if args.smoke else []),
                               *(["--set", *args.overrides] if args.overrides else [])])
-    if "engine" in inspect.signature(bench.case_config).parameters:
-        cfg = bench.case_config(bargs, recipe, variant, False, engine)
-    else:
-        cfg = bench.case_config(bargs, recipe, variant, False)
-    kw = {"z3_json": args.deepspeed} if args.deepspeed and "z3_json" in inspect.signature(bench.build_case).parameters \
-        else {}
+    cfg = case_config(bench, bargs, recipe, variant, engine)
     from tagi_ds import plan
 
-    model, step, cleanup = bench.build_case(cfg, variant, engine, max(bargs.teacher_rows, bargs.tasks), **kw)
+    model, step, cleanup = build_case(bench, cfg, variant, engine, max(bargs.teacher_rows, bargs.tasks),
+                                      args.deepspeed)
     s = bench.shapes_for(bargs, cfg)
     batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode, teacher=variant == "tagi",
                                  seed=args.seed).to("cuda" if torch.cuda.is_available() else "cpu")

@@ -37,8 +37,9 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_train_step as bench  # noqa: E402
+import bench_train_step  # noqa: E402
 import common  # noqa: E402
+import engine_ratio  # noqa: E402
 
 from tagi_ds import plan  # noqa: E402
 
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_recipe_args(p, "tiny recipe at tiny shapes, 1 profiled step: checks the harness",
                            "config overrides (sizes: model.d_model=..., model.num_layers=...)")
-    p.add_argument("--variant", default="lora", choices=bench.VARIANTS, help="the case profiled on every engine")
-    p.add_argument("--engines", nargs="+", choices=bench.ENGINES, default=["torch", "z2", "z3"])
+    p.add_argument("--variant", default="lora", choices=bench_train_step.VARIANTS,
+                   help="the case profiled on every engine")
+    p.add_argument("--engines", nargs="+", choices=bench_train_step.ENGINES, default=["torch", "z2", "z3"])
     p.add_argument("--micro_batch", type=int, help="examples per step (default: GPU 4, CPU 8)")
     p.add_argument("--tasks", type=int, default=2, help="tasks per micro-batch")
     p.add_argument("--seq_len", type=int, help="input tokens (default: the recipe's data.max_source_length)")
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher_rows", type=int, default=60, help="teacher bank rows")
     p.add_argument("--steps", type=int, help="timed and profiled steps (default GPU 3, CPU 3; smoke 1)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2; smoke 1)")
+    p.add_argument("--code", type=Path, help="another tagi-ds checkout to profile (its tagi_ds first on PYTHONPATH; "
+                   "its benchmarks/bench_train_step.py builds the cases): the 'before' of a before/after")
     p.add_argument("--deepspeed", type=Path, help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, "
                    "as a run uses: z3.json, z3_tiny.json for the tiny recipes)")
     common.add_run_args(p)
@@ -87,7 +91,8 @@ class ZeroCounter:
     """Counts what DeepSpeed's ZeRO-3 parameter coordinator gathers and releases while active, by wrapping its
     (name-mangled, private) gather and release methods of deepspeed 0.19: a parameter counts as fetched when it was
     NOT_AVAILABLE as a gather began, and as released when it was AVAILABLE and in use by no module as a release
-    began. Measurement instrumentation only; restored on exit."""
+    began; and the parameters gathered outside it (``Init._all_gather``). Measurement instrumentation only; restored
+    on exit."""
 
     def __init__(self) -> None:
         self.counts = collections.Counter()
@@ -121,6 +126,19 @@ class ZeroCounter:
         for name, fn in ((gather_name, counted_gather), (release_name, counted_release)):
             self._saved.append((C, name, getattr(C, name)))
             setattr(C, name, fn)
+        # Gathers outside the coordinator: persistent parameters after each optimizer step (re-gathered from their
+        # updated partitions), DeepSpeed's linear in backward.
+        from deepspeed.runtime.zero.partition_parameters import Init
+
+        direct = Init._all_gather
+
+        def counted_direct(init, param_list, async_op=False, hierarchy=None):
+            counts["params_fetched_outside_coordinator"] += sum(
+                1 for p in param_list if p.ds_status == ZeroParamStatus.NOT_AVAILABLE)
+            return direct(init, param_list, async_op=async_op, hierarchy=hierarchy)
+
+        self._saved.append((Init, "_all_gather", direct))
+        Init._all_gather = counted_direct
         for name in ("fetch_sub_module", "release_sub_module"):
             orig = getattr(C, name)
             self._saved.append((C, name, orig))
@@ -205,6 +223,14 @@ def attention_of(model: torch.nn.Module) -> str:
     return str(getattr(getattr(backbone, "config", None), "_attn_implementation", "unknown"))
 
 
+def placement_of(model: torch.nn.Module) -> str:
+    try:
+        return bench_train_step.backbone_placement(model)
+    except ImportError:  # a checkout from before train.frozen_backbone: ZeRO-3 always partitioned the backbone
+        backbone = getattr(model, "backbone", model)
+        return "partitioned" if any(hasattr(p, "ds_id") for p in backbone.parameters()) else "whole"
+
+
 def _union_us(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
@@ -247,8 +273,8 @@ def summarize_profile(prof, steps: int, wall_s: float) -> dict:
     return out
 
 
-def profile_case(args, recipe: str, variant: str, engine: str) -> dict:
-    cfg = bench.case_config(args, recipe, variant, False, engine)
+def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
+    cfg = engine_ratio.case_config(bench, args, recipe, variant, engine)
     s = bench.shapes_for(args, cfg)
     row: dict = {"variant": variant, "engine": engine, "status": "ok"}
     gpu = torch.cuda.is_available()
@@ -257,11 +283,11 @@ def profile_case(args, recipe: str, variant: str, engine: str) -> dict:
     torch.manual_seed(args.seed)
     cleanup = lambda: None  # noqa: E731
     try:
-        model, step, cleanup = bench.build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks),
-                                                z3_json=args.deepspeed)
+        model, step, cleanup = engine_ratio.build_case(bench, cfg, variant, engine,
+                                                       max(args.teacher_rows, args.tasks), args.deepspeed)
         batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
                                      teacher=variant == "tagi", seed=args.seed).to(dev)
-        row.update(attention=attention_of(model), backbone=bench.backbone_placement(model),
+        row.update(attention=attention_of(model), backbone=placement_of(model),
                    zero3_linear_patched=torch.nn.functional.linear.__name__ == "zero3_linear_wrap")
         for _ in range(args.warmup):
             step(batch)
@@ -328,7 +354,7 @@ def to_markdown(result: dict) -> str:
     lines += [f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}; case "
               f"{result['variant']}; {result['steps']} profiled steps after {result['warmup']} warm-up; step ms "
               f"without the profiler ({common.timing_stat()}); \"x torch\": step time over the torch engine's; "
-              f"ZeRO-3 JSON: {result['z3_json']}.", ""]
+              f"ZeRO-3 JSON: {result['z3_json']}; code: {result.get('code', 'this checkout')}.", ""]
     if result.get("partial"):
         lines += ["**Partial**: written after each finished engine; the run stopped before the last one.", ""]
     if cpu:
@@ -361,7 +387,8 @@ def _recipe_markdown(rec: dict) -> list[str]:
         lines.append(f"| {r['engine']} | {r['backbone']} | {r['attention']} | {r['step_ms']:.1f} | "
                      f"{_f(r['step_ms'] / base['step_ms'] if base else None, '{:.2f}')} | {_f(busy, '{:.1f}%')} | "
                      f"{_f(r['kernel_launches_per_step'], '{:.0f}')} | {r['aten_calls_per_step']:.0f} | "
-                     f"{100 * r['aten_self_cpu_share']:.0f}% | {z.get('params_fetched', 0):.0f} | "
+                     f"{100 * r['aten_self_cpu_share']:.0f}% | "
+                     f"{z.get('params_fetched', 0) + z.get('params_fetched_outside_coordinator', 0):.0f} | "
                      f"{z.get('all_gather_calls', 0):.0f} | {z.get('params_released', 0):.0f} | {hr} | "
                      f"{sum(r['sync_ops'].values()):g} |")
     lines.append("")
@@ -389,16 +416,19 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
+    bench, code = engine_ratio.load_bench(args.code)
     ds_ok, why = bench.deepspeed_usable()
     result = {"benchmark": "profile_train_step", "device": common.device_name(),
               "device_kind": common.device_kind(), "device_label": common.device_label(),
               "date": datetime.date.today().isoformat(), "versions": common.versions(), "variant": args.variant,
               "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke, "cpu_threads": torch.get_num_threads(),
-              "host_load_start": common.host_load(), "recipes": [],
+              "host_load_start": common.host_load(), "recipes": [], "code": code,
               "z3_json": str(args.deepspeed) if args.deepspeed else "the recipe's (z3.json; tiny: z3_tiny.json)"}
+    if args.code and "z3_json" not in engine_ratio.inspect.signature(bench.build_case).parameters:
+        result["z3_json"] = "ds_configs/z3.json (that checkout's benchmark takes no other)"
     for recipe in args.recipe:
         print(f"{recipe} {args.variant}:", file=sys.stderr, flush=True)
-        cfg = bench.case_config(args, recipe, args.variant, False)
+        cfg = engine_ratio.case_config(bench, args, recipe, args.variant, "z3")
         rec = {"recipe": recipe, "overrides": args.overrides, "shapes": vars(bench.shapes_for(args, cfg)), "rows": []}
         result["recipes"].append(rec)
         for engine in args.engines:
@@ -406,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rec["rows"].append({"variant": args.variant, "engine": engine,
                                     "status": f"skipped: DeepSpeed could not start ({why})"})
                 continue
-            rec["rows"].append(profile_case(args, recipe, args.variant, engine))
+            rec["rows"].append(profile_case(bench, args, recipe, args.variant, engine))
             if not args.no_save:  # finished engines on disk as they come (a GPU call can be cut short)
                 partial = {**result, "host_load_end": common.host_load(), "partial": True}
                 common.save_results(args.out_dir, common.result_name("profile_train_step", args.tag), partial,
