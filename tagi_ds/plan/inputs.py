@@ -27,9 +27,11 @@ from tagi_ds.recipes import RECIPES, get_recipe
 GiB = 2**30
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, bf16 tensor core, dense
 ASSUMED_MFU = 0.40
-# Host time per ZeRO-3 module hook call (fetch + release, forward or backward), partitioned backbone minus replicated
-# over the fetch_sub_module calls of the same step: tiny T5 TAGI step, 1-thread CPU, 2026-12-04 (docs/perf.md).
-ZERO3_HOOK_US = 100.0
+# Host time per ZeRO-3 module hook call (fetch + release, forward or backward; with the per-step release and re-gather
+# of the same parameters), step time partitioned minus replicated over the difference in fetch_sub_module calls: tiny
+# T5 TAGI and LoRA steps on a 1-thread CPU host at load ~2, 128 and 136 us (benchmarks/results/
+# cpu_2026-12-04_profile_train_step_after-*.md, docs/perf.md). A GPU host's is not measured yet (the profile stage).
+ZERO3_HOOK_US = 130.0
 BACKBONES = ("auto", "replicated", "partitioned")
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
