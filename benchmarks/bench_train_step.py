@@ -9,8 +9,11 @@ Cases (random-init backbones of the recipe's shape; ``--set`` overrides any size
   lora     the plain single-LoRA step: mode no_instruction (one shared LoRA bank row, input only, CE)
   concat   the concat baseline: one shared LoRA, instruction + input, CE
   peft     peft's LoraModel on the same backbone, input only, CE (a cross-check of ``lora``)
-Engines: torch (one process, no DeepSpeed, AdamW), z2 / z3 (ds_configs/z2.json, z3.json), z3+offload_opt
-(optimizer state on the CPU), z3+offload (ds_configs/z3_offload.json: parameters too). DeepSpeed runs in this
+Engines: torch (one process, no DeepSpeed, AdamW), z2 (ds_configs/z2.json), z3 (the recipe's default JSON, as a run
+uses: z3.json, z3_tiny.json for the tiny recipes; the frozen backbone where train.frozen_backbone=auto puts it:
+replicated on a GPU it fits, partitioned on a CPU), z3+replicated / z3+partitioned (the same JSON, the backbone forced
+whole outside ZeRO / partitioned by ZeRO-3), z3+offload_opt (optimizer state on the CPU), z3+offload
+(ds_configs/z3_offload.json: parameters too). DeepSpeed runs in this
 process as a single rank (gloo on CPU); a case that cannot run here is listed as skipped with the reason.
 Table 1: every case on the default engine (z3 when DeepSpeed can start, else torch); table 2: tagi on
 every engine; table 3: tagi and lora with gradient checkpointing (model.gradient_checkpointing) on. Ratios
@@ -59,7 +62,9 @@ from tagi_ds.config import TagiConfig, apply_overrides  # noqa: E402
 from tagi_ds.recipes import get_recipe  # noqa: E402
 
 VARIANTS = ("tagi", "tagi_nokl", "lora", "concat", "peft")
-ENGINES = ("torch", "z2", "z3", "z3+offload_opt", "z3+offload")
+ENGINES = ("torch", "z2", "z3", "z3+replicated", "z3+partitioned", "z3+offload_opt", "z3+offload")
+# train.frozen_backbone of each engine (tagi_ds.train.engine.backbone_placement); the others: auto
+BACKBONE = {"z3+replicated": "replicated", "z3+partitioned": "partitioned"}
 MODES = {"tagi": "tagi", "tagi_nokl": "tagi", "lora": "no_instruction", "concat": "concat", "peft": "no_instruction"}
 FLOP_VARIANT = {"tagi_nokl": "tagi", "peft": "lora"}  # the tagi_ds.plan.step_flops variant of each case
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # bf16 dense tensor-core peaks (datasheets)
@@ -81,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps (GPU: median, CPU: min; default GPU 10, CPU 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default GPU 3, CPU 1)")
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: known GPUs; none on CPU)")
+    p.add_argument("--deepspeed", type=Path, help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, as a "
+                   "run uses: z3.json, z3_tiny.json for the tiny recipes)")
     common.add_run_args(p)
     a, gpu = common.parse_run_args(p, argv)
     for key in ("micro_batch", "tasks", "seq_len", "target_len", "instr_len", "steps", "teacher_rows"):
@@ -136,12 +143,14 @@ class PeftLora(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def ds_config(engine: str) -> dict:
-    from tagi_ds.train.engine import DEFAULT_DS_CONFIG, load_ds_json
+def ds_config(engine: str, recipe: str, z3_json: Path | None = None) -> dict:
+    """The DeepSpeed JSON of ``engine``: the ZeRO-3 engines use ``recipe``'s default (a run's: ds_configs/z3.json;
+    z3_tiny.json for the tiny recipes, which partitions their small tensors too) or ``z3_json``."""
+    from tagi_ds.train.engine import DEFAULT_DS_CONFIG, default_ds_config, load_ds_json
 
     folder = DEFAULT_DS_CONFIG.parent
-    ds = load_ds_json(folder / ("z2.json" if engine == "z2" else "z3_offload.json" if engine == "z3+offload"
-                                else "z3.json"))
+    ds = load_ds_json(folder / "z2.json" if engine == "z2" else folder / "z3_offload.json" if engine == "z3+offload"
+                      else z3_json or default_ds_config(recipe))
     zero = ds["zero_optimization"]
     if engine == "z3+offload_opt":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -152,7 +161,23 @@ def ds_config(engine: str) -> dict:
     return ds
 
 
-def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int):
+def backbone_placement(model: nn.Module) -> str:
+    """Where the frozen backbone's weights live: ``partitioned`` (ZeRO-3 parameters), ``replicated`` (ZeRO-3 engine,
+    backbone whole outside ZeRO) or ``whole`` (no ZeRO-3)."""
+    from tagi_ds.train.engine import replicated
+
+    backbone = model.backbone if hasattr(model, "backbone") else getattr(model, "peft", model)
+    if any(hasattr(p, "ds_id") for p in backbone.parameters()):
+        return "partitioned"
+    return "replicated" if replicated(model) else "whole"
+
+
+# deepspeed.zero.Init replaces torch.nn.functional.linear for the whole process (memory_efficient_linear) and never
+# puts it back: without this, every case measured after a ZeRO-3 one (the torch engine too) runs DeepSpeed's linear.
+_F_LINEAR = torch.nn.functional.linear
+
+
+def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: Path | None = None):
     """(module, step function, cleanup) for one case. Raises if the case cannot run here."""
     from tagi_ds.model import build_backbone, build_model
     from tagi_ds.train import dist
@@ -167,7 +192,9 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int):
 
     if engine == "torch":
         dtype = torch.bfloat16 if ds_engine.precision(cfg) == "bf16" else torch.float32
-        model = ds_engine.place(make(build_backbone(cfg)).to(dtype), dev)
+        with torch.device(dev):  # random init on the GPU: seconds instead of minutes for a 7B backbone
+            backbone = build_backbone(cfg)
+        model = ds_engine.place(make(backbone).to(dtype), dev)
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
 
         def step(batch):
@@ -178,9 +205,10 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int):
 
         return model, step, lambda: None
     dist.init()
-    ds = ds_engine.inject(ds_config(engine), cfg, dist.world_size())
-    with ds_engine.backbone_init(ds):
-        backbone = build_backbone(cfg)
+    ds = ds_engine.inject(ds_config(engine, cfg.recipe, z3_json), cfg, dist.world_size())
+    if variant == "peft" and cfg.train.frozen_backbone == "replicated":
+        raise RuntimeError("peft's LoRA layers live inside the backbone: only a partitioned one runs under ZeRO-3")
+    backbone = ds_engine.build_backbone(cfg, ds, {}, training=True)
     model = make(backbone)
     eng = ds_engine.build_engine(model, cfg, ds)
 
@@ -189,10 +217,14 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int):
         eng.backward(loss)
         eng.step()
 
-    return model, step, eng.destroy
+    def cleanup():
+        eng.destroy()
+        torch.nn.functional.linear = _F_LINEAR
+
+    return model, step, cleanup
 
 
-def case_config(args, recipe: str, variant: str, checkpointing: bool) -> TagiConfig:
+def case_config(args, recipe: str, variant: str, checkpointing: bool, engine: str = "z3") -> TagiConfig:
     cfg = apply_overrides(get_recipe(recipe), args.overrides)
     cfg.mode = MODES[variant]
     cfg.model.gradient_checkpointing = checkpointing
@@ -200,6 +232,7 @@ def case_config(args, recipe: str, variant: str, checkpointing: bool) -> TagiCon
     cfg.data.tasks_per_batch = args.tasks
     cfg.data.examples_per_task = max(1, args.micro_batch // args.tasks)
     cfg.train.lr, cfg.train.max_steps = 1e-5, 10**6
+    cfg.train.frozen_backbone = "partitioned" if variant == "peft" else BACKBONE.get(engine, "auto")
     if variant != "tagi":
         cfg.loss.kl_weight = cfg.loss.param_weight = 0.0
     return cfg.validate()
@@ -212,7 +245,7 @@ def shapes_for(args, cfg: TagiConfig) -> plan.Shapes:
 
 # -- measuring one case -----------------------------------------------------------------------------------
 def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) -> dict:
-    cfg = case_config(args, recipe, variant, checkpointing)
+    cfg = case_config(args, recipe, variant, checkpointing, engine)
     s = shapes_for(args, cfg)
     row = {"variant": variant, "engine": engine, "checkpointing": checkpointing, "status": "ok"}
     counts = plan.count(cfg, args.teacher_rows)
@@ -229,7 +262,7 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
         torch.cuda.reset_peak_memory_stats()
     cleanup = lambda: None  # noqa: E731
     try:
-        model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks))
+        model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks), args.deepspeed)
         batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
                                      teacher=teacher, seed=args.seed)
         batch = batch.to("cuda" if gpu else "cpu")
@@ -274,7 +307,9 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
     return row
 
 
-def bench_recipe(args, recipe: str, default_engine: str) -> dict:
+def bench_recipe(args, recipe: str, default_engine: str, on_row=None) -> dict:
+    """Every case of ``recipe``; ``on_row(recipe_result)`` after each (the rows so far), so that a run cut short
+    still leaves its finished cases in the result files."""
     cfg = case_config(args, recipe, "tagi", False)
     s = shapes_for(args, cfg)
     counts = plan.count(cfg, args.teacher_rows)
@@ -282,12 +317,25 @@ def bench_recipe(args, recipe: str, default_engine: str) -> dict:
     cases += [("tagi", e, False) for e in args.engines if e != default_engine]
     if not args.no_checkpointing_table:
         cases += [(v, default_engine, True) for v in ("tagi", "lora") if v in args.variants]
-    if not torch.cuda.is_available() and cases:
+    if not torch.cuda.is_available() and cases and not args.smoke:
         # One unrecorded pass first: lazy imports, DeepSpeed's first init and allocator growth otherwise land
-        # in the first case's RSS delta and timing.
+        # in the first case's RSS delta and timing (--smoke checks the harness, not the numbers).
         quick = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
         run_case(quick, recipe, *cases[0])
-    rows = [run_case(args, recipe, *c) for c in cases]
+    out = {"recipe": recipe, "overrides": args.overrides, "shapes": vars(s), "default_engine": default_engine,
+           "params": {"backbone": counts.backbone, "generator": counts.generator, "teacher_bank": counts.teacher,
+                      "sites": len(counts.sites)}, "rows": []}
+    for c in cases:
+        out["rows"].append(run_case(args, recipe, *c))
+        add_ratios(out["rows"], default_engine)
+        if on_row is not None:
+            on_row(out)
+    return out
+
+
+def add_ratios(rows: list[dict], default_engine: str) -> None:
+    """The ratios of every row against the lora case on the default engine without checkpointing (None until it
+    is measured)."""
     base = next((r for r in rows if r["variant"] == "lora" and r["engine"] == default_engine
                  and not r["checkpointing"] and r["status"] == "ok"), None)
     for r in rows:
@@ -297,9 +345,6 @@ def bench_recipe(args, recipe: str, default_engine: str) -> dict:
             r[ratio] = r[key] / base[key] if ok else None
         ok = r["flops_vs_lora"] is not None and r["speed_vs_lora"]
         r["time_per_flop_vs_lora"] = 1.0 / r["speed_vs_lora"] / r["flops_vs_lora"] if ok else None
-    return {"recipe": recipe, "overrides": args.overrides, "shapes": vars(s), "default_engine": default_engine,
-            "params": {"backbone": counts.backbone, "generator": counts.generator, "teacher_bank": counts.teacher,
-                       "sites": len(counts.sites)}, "rows": rows}
 
 
 def deepspeed_usable() -> tuple[bool, str]:
@@ -336,7 +381,10 @@ def to_markdown(result: dict) -> str:
     v = result["versions"]
     lines += [f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}, peft {v['peft']}; "
               f"{result['steps']} timed steps ({common.timing_stat()}) after {result['warmup']} warm-up; peak for MFU: "
-              f"{result['peak_tflops'] or 'n/a'} TFLOP/s", "", FLOP_NOTE, ""]
+              f"{result['peak_tflops'] or 'n/a'} TFLOP/s; ZeRO-3 JSON: {result.get('z3_json', 'ds_configs/z3.json')}",
+              "", FLOP_NOTE, ""]
+    if result.get("partial"):
+        lines += ["**Partial**: written after each finished case; the run stopped before the last one.", ""]
     for rec in result["recipes"]:
         sh = rec["shapes"]
         lines += [f"## {rec['recipe']}{' ' + ' '.join(rec['overrides']) if rec['overrides'] else ''}", "",
@@ -384,15 +432,25 @@ def main(argv: list[str] | None = None) -> dict:
               "versions": common.versions(), "steps": args.steps, "warmup": args.warmup,
               "peak_tflops": args.peak_tflops, "smoke": args.smoke, "flop_formula": FLOP_NOTE,
               "skipped_engines": skipped_engines, "cpu_threads": torch.get_num_threads(),
-              "host_load_start": common.host_load(), "recipes": []}
+              "host_load_start": common.host_load(), "recipes": [],
+              "z3_json": str(args.deepspeed) if args.deepspeed else "the recipe's (z3.json; tiny: z3_tiny.json)"}
+
+    def table() -> str:
+        md = to_markdown(result)
+        return md + ("\n" + "\n".join(f"- skipped {s}" for s in skipped_engines) + "\n" if skipped_engines else "")
+
+    def save_partial(rec: dict) -> None:  # finished cases on disk as they come (a GPU call can be cut short)
+        if not args.no_save:
+            partial = {**result, "recipes": [*result["recipes"], rec], "host_load_end": common.host_load(),
+                       "partial": True}
+            common.save_results(args.out_dir, common.result_name("train_step", args.tag), partial,
+                                to_markdown(partial), default=_json, quiet=True)
+
     for recipe in args.recipe:
         print(f"{recipe}:", file=sys.stderr, flush=True)
-        result["recipes"].append(bench_recipe(args, recipe, default_engine))
+        result["recipes"].append(bench_recipe(args, recipe, default_engine, save_partial))
     result["host_load_end"] = common.host_load()
-    table = to_markdown(result)
-    if skipped_engines:
-        table += "\n" + "\n".join(f"- skipped {s}" for s in skipped_engines) + "\n"
-    common.emit(args, "train_step", result, table, default=_json)
+    common.emit(args, "train_step", result, table(), default=_json)
     return result
 
 

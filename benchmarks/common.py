@@ -77,7 +77,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def save_results(out_dir: Path, name: str, result: dict, table: str, device: str | None = None,
-                 default=None) -> Path:
+                 default=None, quiet: bool = False) -> Path:
     """``<device>_<date>_<name>.json`` (the result dict) and ``.md`` (the printed table), each atomically."""
     import json
     import sys
@@ -85,7 +85,8 @@ def save_results(out_dir: Path, name: str, result: dict, table: str, device: str
     stem = results_stem(out_dir, name, result["date"], device)
     write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2, default=default) + "\n")
     write_atomic(stem.with_suffix(".md"), table)
-    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
     return stem
 
 

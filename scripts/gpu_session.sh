@@ -9,6 +9,8 @@
 #   bash scripts/gpu_session.sh check      # GPU kernel tests (small autotune space), the whole pipeline on 1 GPU
 #                                          # (z3, bf16, Triton op; scripts/gpu_pipeline.py), one TAGI + LoRA step
 #                                          # at t5-xl and llama-7b shapes
+#   bash scripts/gpu_session.sh profile    # profile_train_step.py (lora; torch z2 z3 z3+partitioned), then
+#                                          # bench_train_step.py (lora tagi tagi_nokl), t5-xl and llama-7b shapes
 #   bash scripts/gpu_session.sh kernels    # GPU kernel tests, then bench_lora_kernel.py over the full grid
 #   bash scripts/gpu_session.sh infer      # bench_inference_cost.py (t5-xl t5-xxl llama-7b)
 #   bash scripts/gpu_session.sh plan       # bench_plan_memory.py (planner vs measured peak)
@@ -36,7 +38,7 @@ SMOKE_FLAG=()
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 
 wheels() {
@@ -151,6 +153,32 @@ case "$STAGE" in
     kernel_tests 75
     train_step llama-7b 120
     finish ;;
+  profile)
+    # Issue 15: where a training step's time goes, then the steps themselves, at full t5-xl and llama-7b shapes
+    # (B=4, K=2, input 1024, target 128, instruction 1024: the benchmarks' GPU defaults). Engines: torch (no
+    # DeepSpeed), z2, z3 (the frozen backbone where train.frozen_backbone=auto puts it: replicated when the planner
+    # says it fits) and z3+partitioned (ZeRO-3 owns the backbone: the path measured on 2026-12-04, the "before").
+    # One file pair per script for both recipes, rewritten after every finished case: a step cut by its timeout
+    # keeps what it measured.
+    setup
+    recipes=(--recipe t5-xl llama-7b)
+    engines=(torch z2 z3 z3+partitioned)
+    variants=(lora tagi tagi_nokl)
+    psteps=(--steps 2 --warmup 2)
+    bsteps=(--steps 3 --warmup 2)
+    if [[ "$SMOKE" == 1 ]]; then  # --smoke: tiny shapes, one step after one warm-up
+      recipes=(--recipe tiny tiny-llama --smoke)
+      engines=(torch z3+partitioned)
+      variants=(lora tagi)
+      psteps=()
+      bsteps=()
+    fi
+    TAILN=4 step profile_train_step 170 $PY benchmarks/profile_train_step.py "${recipes[@]}" --variant lora \
+      --engines "${engines[@]}" "${psteps[@]}" --out_dir "$BENCH_OUT"
+    TAILN=4 step bench_train_step 290 $PY benchmarks/bench_train_step.py "${recipes[@]}" \
+      --variants "${variants[@]}" --engines "${engines[@]}" --no_checkpointing_table "${bsteps[@]}" \
+      --out_dir "$BENCH_OUT"
+    finish ;;
   kernels)
     # The benchmark keeps the full autotune space (it measures what training runs); its default grid is the
     # issue's (d 2048 4096 8192, r 8 16 64, tasks 1 4 16 64, T=8192, bf16), run as two calls so that a call cut
@@ -184,6 +212,6 @@ case "$STAGE" in
   -h|--help|help)
     usage ;;
   *)
-    echo "error: unknown stage '${STAGE}' (wheels, check, kernels, infer, plan, train RECIPE)"
+    echo "error: unknown stage '${STAGE}' (wheels, check, profile, kernels, infer, plan, train RECIPE)"
     exit 2 ;;
 esac

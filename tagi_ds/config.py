@@ -198,6 +198,7 @@ class TrainConfig:
         "grad_clip": NON_NEGATIVE, "grad_accum": POSITIVE, "precision": one_of("auto", "fp32", "bf16", "fp16"),
         "save_steps": POSITIVE, "keep_last": NON_NEGATIVE, "log_steps": POSITIVE, "stop_after": NON_NEGATIVE,
         "max_bad_steps": POSITIVE, "seed": SEED, "inject_fault": FAULT,
+        "frozen_backbone": one_of("auto", "replicated", "partitioned"),
     }
 
     lr: float = 1e-3
@@ -207,6 +208,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    frozen_backbone: str = "auto"  # ZeRO-3: auto | replicated | partitioned (tagi_ds.train.engine.backbone_placement)
     save_steps: int = 50
     keep_last: int = 2
     log_steps: int = 1

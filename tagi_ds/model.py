@@ -26,6 +26,7 @@ from torch import nn
 
 from tagi_ds import backbones
 from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
+from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import DECODER_ONLY, ConfigError, TagiConfig
@@ -65,27 +66,32 @@ class TagiModel(nn.Module):
         if batch.instr_input_ids is None:
             raise ValueError("mode tagi needs instr_input_ids in the batch (one instruction per task)")
         states, pooled = self.encoder(batch.instr_input_ids, batch.instr_attention_mask)
-        factors = dict(enumerate(self.generator(pooled)))
-        return AdapterSet(factors, batch.example_offsets, self.generator.scale, self.cfg.model.adapter_impl), states
+        factors = dict(enumerate(call_whole(self.generator, pooled)))
+        return AdapterSet(factors, batch.example_offsets, self.generator.scale, self.cfg.model.adapter_impl,
+                          host_offsets=batch.offsets_list()), states
 
     def bank_adapters(self, bank: LoraBank, batch: TaskBatch, shared: bool = False) -> AdapterSet:
-        if shared:
-            rows = torch.zeros(batch.num_tasks, dtype=torch.long, device=batch.example_offsets.device)
-        else:
-            rows = self._teacher_rows(batch)
-        return bank.adapters(rows, batch.example_offsets, self.cfg.model.adapter_impl)
+        # Offsets and rows are read from the batch's host copies: no device syncs.
+        offsets, impl = batch.offsets_list(), self.cfg.model.adapter_impl
+        if shared:  # every example uses row 0: one segment [0, B], not K copies of the row
+            rows = torch.zeros(1, dtype=torch.long, device=batch.example_offsets.device)
+            return bank.adapters(rows, batch.example_offsets[::batch.num_tasks], impl, host_rows=[0],
+                                 host_offsets=[0, offsets[-1]])
+        host_rows = self._teacher_rows(batch)
+        return bank.adapters(batch.teacher_index, batch.example_offsets, impl, host_rows, offsets)
 
     def teacher_adapters(self, batch: TaskBatch, student: AdapterSet) -> AdapterSet:
         """The batch's rows of the host-resident teacher bank, on the student's device and dtype."""
         a, _ = next(iter(student.factors.values()))
         return self.teacher.take(self._teacher_rows(batch), batch.example_offsets, a.device, a.dtype,
-                                 self.cfg.model.adapter_impl)
+                                 self.cfg.model.adapter_impl, batch.offsets_list())
 
     @staticmethod
-    def _teacher_rows(batch: TaskBatch) -> torch.Tensor:
-        if batch.teacher_index is None or bool((batch.teacher_index < 0).any()):
+    def _teacher_rows(batch: TaskBatch) -> list[int]:
+        rows = batch.teacher_rows_list()
+        if rows is None or min(rows, default=0) < 0:
             raise ValueError(f"batch tasks {batch.task_names} need teacher_index rows (a teacher per task)")
-        return batch.teacher_index
+        return rows
 
     def student_adapters(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor | None]:
         if self.generator is not None:

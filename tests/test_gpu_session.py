@@ -59,6 +59,42 @@ def test_check_stage_runs_the_whole_pipeline_and_both_train_steps(tmp_path):
         assert f"\n{step} " in summary and "ok" in summary.split(f"\n{step} ")[1].split("\n")[0]
 
 
+def test_profile_stage_profiles_then_measures_both_recipes(tmp_path):
+    """Issue 15's stage: profile_train_step.py (lora on each engine), then bench_train_step.py, for a T5 and a LLaMA
+    recipe, one result file pair per script."""
+    proc, out = session(tmp_path, "profile")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    results = [f"cpu_{TODAY}_{name}.{ext}" for name in ("profile_train_step", "train_step") for ext in ("json", "md")]
+    assert names == sorted(["profile.tgz", "summary.txt", "versions.txt", *results]) and len(names) <= 8
+    prof = json.loads((out / f"cpu_{TODAY}_profile_train_step.json").read_text())
+    assert prof["variant"] == "lora" and [r["recipe"] for r in prof["recipes"]] == ["tiny", "tiny-llama"]
+    for rec in prof["recipes"]:
+        rows = {r["engine"]: r for r in rec["rows"]}
+        assert set(rows) == {"torch", "z3+partitioned"} and all(r["status"] == "ok" for r in rows.values())
+        torch_row, z3 = rows["torch"], rows["z3+partitioned"]
+        assert torch_row["zero3"] == {} and torch_row["backbone"] == "whole"
+        assert torch_row["attention"] == ("tagi_t5_sdpa" if rec["recipe"] == "tiny" else "sdpa")  # T5: merged bias
+        # ZeRO-3 fetches and releases the partitioned backbone's parameters, through a hook per module call.
+        assert z3["backbone"] == "partitioned" and z3["zero3"]["params_fetched"] > 0
+        assert z3["zero3"]["params_released"] > 0 and z3["zero3"]["fetch_sub_module"] > 0
+        assert z3["zero3_linear_patched"] and not torch_row["zero3_linear_patched"]
+        for r in rows.values():
+            assert r["top_host"] and r["aten_calls_per_step"] > 0 and r["device_busy"] is None  # CPU: n/a
+            assert r["host_reads"]["total"] == sum(r["host_reads"]["sites"].values())
+    md = (out / f"cpu_{TODAY}_profile_train_step.md").read_text()
+    assert "top by host (self CPU) time" in md and "host reads of tensor values" in md and "n/a" in md
+    bench = json.loads((out / f"cpu_{TODAY}_train_step.json").read_text())
+    assert [r["recipe"] for r in bench["recipes"]] == ["tiny", "tiny-llama"] and "partial" not in bench
+    for rec in bench["recipes"]:
+        cases = {(r["variant"], r["engine"]) for r in rec["rows"] if r["status"] == "ok"}
+        assert cases == {("lora", "torch"), ("tagi", "torch"), ("tagi", "z3+partitioned")}, rec["rows"]
+    summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last, the profile before the measurement
+    assert summary.index("\nprofile_train_step ") < summary.index("\nbench_train_step ")
+    for step in ("profile_train_step", "bench_train_step"):
+        assert "ok" in summary.split(f"\n{step} ")[1].split("\n")[0]
+
+
 def test_plan_stage_packs_logs_and_results_after_each_step(tmp_path):
     proc, out = session(tmp_path, "plan")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

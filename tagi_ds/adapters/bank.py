@@ -14,6 +14,17 @@ from torch import nn
 from tagi_ds.adapters.layer import AdapterSet, Site
 
 
+def call_whole(module: nn.Module, *args):
+    """``module(*args)``, or its forward directly when ZeRO-3 keeps every parameter of ``module`` whole on every rank
+    (``ds_persist``: the hypernetwork and the baselines' shared LoRA, ``tagi_ds.train.engine.kept_whole``). The hooks
+    of a call would only gather parameters that are already there, and wrap each output tensor (two per adapted
+    site) in an autograd function for the backward; the parameters' gradient hooks do not depend on them."""
+    params = list(module.parameters())
+    if params and all(getattr(p, "ds_persist", False) for p in params):
+        return module.forward(*args)
+    return module(*args)
+
+
 class LoraBank(nn.Module):
     """Factors ``A[site]: [N, r, d_in]`` and ``B[site]: [N, d_out, r]`` with peft's init (A Kaiming-uniform,
     B zero, so every row starts as a zero delta) and scale ``alpha / r``."""
@@ -32,19 +43,25 @@ class LoraBank(nn.Module):
             self.A[str(s.index)] = nn.Parameter(a)
             self.B[str(s.index)] = nn.Parameter(torch.zeros(num_rows, s.d_out, rank))
 
-    def forward(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, rows: torch.Tensor,
+                host_rows: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(A [K, r, d_in], B [K, d_out, r])]`` in ``site_indices`` order, for bank rows ``rows`` (int64
-        ``[K]``). Called as a module (and returning plain tensors) so that ZeRO-3 gathers the factors."""
-        self._check_rows(rows)
+        ``[K]``; ``host_rows``: the same as Python ints, checked instead of reading ``rows`` back from the device).
+        Called as a module (and returning plain tensors) so that ZeRO-3 gathers the factors."""
+        self._check_rows(rows.tolist() if host_rows is None else host_rows)
         return [(self.A[str(i)][rows], self.B[str(i)][rows]) for i in self.site_indices]
 
-    def _check_rows(self, rows: torch.Tensor) -> None:
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
-            raise ValueError(f"LoraBank: rows must be in [0, {self.num_rows}), got {rows.tolist()}")
+    def _check_rows(self, rows: list[int]) -> None:
+        if rows and (min(rows) < 0 or max(rows) >= self.num_rows):
+            raise ValueError(f"LoraBank: rows must be in [0, {self.num_rows}), got {rows}")
 
-    def adapters(self, rows: torch.Tensor, example_offsets: torch.Tensor, impl: str = "auto") -> AdapterSet:
-        factors = dict(zip(self.site_indices, self(rows)))
-        return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl)
+    def adapters(self, rows: torch.Tensor, example_offsets: torch.Tensor, impl: str = "auto",
+                 host_rows: list[int] | None = None, host_offsets: list[int] | None = None) -> AdapterSet:
+        """The AdapterSet of rows ``rows`` for tasks at ``example_offsets``; ``host_rows`` and ``host_offsets``: the
+        same as Python ints, when the caller has them (no device reads)."""
+        factors = dict(zip(self.site_indices, call_whole(self, rows, host_rows)))
+        return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl,
+                          host_offsets=host_offsets)
 
     # -- host-resident use (the frozen distillation teacher) ---------------------------------------------
     def pin(self) -> LoraBank:
@@ -55,17 +72,19 @@ class LoraBank(nn.Module):
                     p.data = p.data.pin_memory()
         return self
 
-    def take(self, rows: torch.Tensor, example_offsets: torch.Tensor, device: torch.device, dtype: torch.dtype,
-             impl: str = "auto") -> AdapterSet:
-        """An AdapterSet of rows ``rows`` of a bank kept whole in host memory, outside DeepSpeed: only these
-        rows (``[K, r, d_in]`` and ``[K, d_out, r]`` per site) are copied to ``device`` in ``dtype``. The
-        stage-2 teacher is used this way: it is frozen, so ZeRO-3 would only all-gather the whole bank at
-        every step to read the K rows of the batch's tasks."""
-        host = self.A[str(self.site_indices[0])].device if self.site_indices else rows.device
-        idx = rows.to(host)
-        self._check_rows(idx)
+    def take(self, rows: list[int] | torch.Tensor, example_offsets: torch.Tensor, device: torch.device,
+             dtype: torch.dtype, impl: str = "auto", host_offsets: list[int] | None = None) -> AdapterSet:
+        """An AdapterSet of rows ``rows`` (Python ints, or a tensor) of a bank kept whole in host memory, outside
+        DeepSpeed: only these rows (``[K, r, d_in]`` and ``[K, d_out, r]`` per site) are copied to ``device`` in
+        ``dtype``. The stage-2 teacher is used this way: it is frozen, so ZeRO-3 would only all-gather the whole bank
+        at every step to read the K rows of the batch's tasks."""
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        self._check_rows(rows)
+        host = self.A[str(self.site_indices[0])].device if self.site_indices else torch.device("cpu")
+        idx = torch.tensor(rows, dtype=torch.long, device=host)
         with torch.no_grad():
             factors = {i: (self.A[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True),
                            self.B[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True))
                        for i in self.site_indices}
-        return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl)
+        return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl,
+                          host_offsets=host_offsets)

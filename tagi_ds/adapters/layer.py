@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tagi_ds.ops import lora_delta
+from tagi_ds.ops import lora_delta, lora_delta_add_
 
 
 @dataclass(frozen=True)
@@ -32,19 +32,34 @@ class Site:
 @dataclass
 class AdapterSet:
     """Factors for one forward. ``factors[site] = (A [K, r, d_in], B [K, d_out, r])`` for K tasks whose
-    examples are rows ``example_offsets[k]:example_offsets[k+1]`` (int64 ``[K+1]``) of the batch."""
+    examples are rows ``example_offsets[k]:example_offsets[k+1]`` (int64 ``[K+1]``) of the batch.
+    ``host_offsets``: the same offsets as Python ints when the caller has them (``TaskBatch.offsets_list``)."""
 
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]]
     example_offsets: torch.Tensor
     scale: float
     impl: str = "auto"
+    host_offsets: list[int] | None = None
 
     def __post_init__(self) -> None:
-        # Validated once per forward here (host reads), so the adapted layers need no device sync.
-        offs = self.example_offsets.tolist()
+        # Validated once per forward here, so the adapted layers need no device sync; from the host copy when
+        # given (reading example_offsets on a GPU would wait for the device).
+        offs = list(self.host_offsets) if self.host_offsets is not None else self.example_offsets.tolist()
         if not offs or offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])):
             raise ValueError(f"AdapterSet: example_offsets must start at 0 and be non-decreasing, got {offs}")
+        if len(offs) != self.example_offsets.numel():
+            raise ValueError(f"AdapterSet: host_offsets {offs} do not match example_offsets "
+                             f"[{self.example_offsets.numel()}]")
         self.num_examples = offs[-1]
+        self._token_offsets: dict[int, torch.Tensor] = {}
+
+    def token_offsets(self, seq: int) -> torch.Tensor:
+        """int64 ``[K+1]`` token offsets of ``[B * seq, d]`` inputs: ``example_offsets * seq``, made once per length
+        and forward (every adapted layer of a stack shares it) instead of once per layer."""
+        offs = self._token_offsets.get(seq)
+        if offs is None:
+            offs = self._token_offsets[seq] = self.example_offsets * seq
+        return offs
 
 class AdapterState:
     """The slot through which a model hands the current :class:`AdapterSet` to its adapted layers."""
@@ -86,6 +101,7 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The base layer is called as a module: under a partitioned ZeRO-3 backbone its hooks gather the weight.
         y = self.base_layer(x)
         adapters = self._state.active
         if adapters is None or self.site.index not in adapters.factors:
@@ -96,8 +112,14 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"adapted layer {self.site.name}: batch has {n_examples} rows but the adapters "
                              f"cover {adapters.num_examples} examples")
         x2 = x.reshape(-1, x.shape[-1])
-        delta = lora_delta(x2, A.to(x2.dtype), B.to(x2.dtype), adapters.example_offsets * seq,
-                           adapters.scale, adapters.impl, check_offsets=False)
+        A, B, offs = A.to(x2.dtype), B.to(x2.dtype), adapters.token_offsets(seq)
+        if y.dtype == x2.dtype and y.is_contiguous():
+            # The delta goes into the base output in place: no [T, d_out] delta tensor written and read back by
+            # an add. Autograd allows it: the linear's backward does not need its output.
+            lora_delta_add_(y.view(-1, y.shape[-1]), x2, A, B, offs, adapters.scale, adapters.impl,
+                            check_offsets=False)
+            return y
+        delta = lora_delta(x2, A, B, offs, adapters.scale, adapters.impl, check_offsets=False)
         return y + delta.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

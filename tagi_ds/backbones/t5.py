@@ -10,6 +10,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from tagi_ds.backbones import t5_attention
 from tagi_ds.backbones.base import DTYPES, cache_kwarg, check_attention, check_model_dir
 from tagi_ds.config import ConfigError, ModelConfig
 
@@ -20,7 +21,7 @@ FFN_KINDS = ("wi", "wo", "wi_0", "wi_1")
 def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1) -> T5ForConditionalGeneration:
     """Load from a local dir, or build the configured shape with random init. transformers 5 always ties
     T5's lm_head to the shared embedding; built configs keep its default output scaling (d_model^-0.5)."""
-    attn = check_attention(cfg)
+    attn = t5_attention.implementation(check_attention(cfg))  # sdpa: with the position bias merged once per stack
     dtype = DTYPES[cfg.dtype]
     if cfg.model_name_or_path:
         path = check_model_dir(cfg.model_name_or_path)

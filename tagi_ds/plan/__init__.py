@@ -10,6 +10,8 @@ One concept per module (each module's docstring holds its definitions):
 - ``shapes``: ``Shapes`` and ``Counts``: parameter counts from the recipe's shapes (built on the meta device).
 - ``gpu_memory``: the per-GPU memory terms, the activation formulas and the peak ``total``.
 - ``flops``: ``step_flops`` (the FLOP formula) and ``step_time`` (compute vs communication).
+- ``placement``: where the frozen backbone lives under ZeRO-3 (``choose``: replicated where it fits, else
+  partitioned; ``for_run``: the same for a training run, used by ``tagi_ds.train.engine``).
 - ``fit``: ``plan`` (everything in one dict), ``fits``, ``max_micro_batch``, ``suggest``.
 - ``measure``: ``measure_step`` (the measured quantity of the planner's check), ``synthetic_batch``,
   ``TensorBytesTracker``.
@@ -24,12 +26,21 @@ GPU yet: run ``--measure`` there (one GPU, ``--stage none``) to check.
 
 from tagi_ds.plan.cli import main, parser, render
 from tagi_ds.plan.fit import ESCALATION, fits, max_micro_batch, plan, suggest
-from tagi_ds.plan.flops import adapter_flops, backbone_forward_flops, cross_kv_flops, step_flops, step_time
+from tagi_ds.plan.flops import (
+    adapter_flops,
+    backbone_forward_flops,
+    cross_kv_flops,
+    step_flops,
+    step_time,
+    zero3_hook_calls,
+)
 from tagi_ds.plan.gpu_memory import activations, memory, saved_layer, usable_bytes
 from tagi_ds.plan.inputs import (
     ASSUMED_MFU,
+    BACKBONES,
     DS_CONFIGS,
     H100_BF16_DENSE_TFLOPS,
+    ZERO3_HOOK_US,
     GiB,
     PlanInput,
     ds_zero,
@@ -37,14 +48,17 @@ from tagi_ds.plan.inputs import (
     shapes_of,
 )
 from tagi_ds.plan.measure import TensorBytesTracker, measure_step, storage_bytes, synthetic_batch
+from tagi_ds.plan.placement import choose, for_run
 from tagi_ds.plan.shapes import Counts, Shapes, build_meta, count
 
 __all__ = [
     "ASSUMED_MFU",
+    "BACKBONES",
     "DS_CONFIGS",
     "ESCALATION",
     "GiB",
     "H100_BF16_DENSE_TFLOPS",
+    "ZERO3_HOOK_US",
     "Counts",
     "PlanInput",
     "Shapes",
@@ -53,10 +67,12 @@ __all__ = [
     "adapter_flops",
     "backbone_forward_flops",
     "build_meta",
+    "choose",
     "count",
     "cross_kv_flops",
     "ds_zero",
     "fits",
+    "for_run",
     "main",
     "max_micro_batch",
     "measure_step",
@@ -73,4 +89,5 @@ __all__ = [
     "suggest",
     "synthetic_batch",
     "usable_bytes",
+    "zero3_hook_calls",
 ]

@@ -17,7 +17,7 @@ import torch
 from tagi_ds.cli import Parser
 from tagi_ds.config import ConfigError
 from tagi_ds.plan.fit import plan
-from tagi_ds.plan.inputs import ASSUMED_MFU, H100_BF16_DENSE_TFLOPS, GiB, PlanInput
+from tagi_ds.plan.inputs import ASSUMED_MFU, BACKBONES, H100_BF16_DENSE_TFLOPS, ZERO3_HOOK_US, GiB, PlanInput
 from tagi_ds.plan.measure import measure_step
 from tagi_ds.recipes import RECIPES
 
@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--gpu_mem_gb", type=_number, default=80.0, help="memory per GPU, GiB")
     a.add_argument("--stage", default="z3", choices=["z3", "z2", "none"], help="ZeRO stage; none = one process")
     a.add_argument("--offload", default="none", choices=["none", "optimizer", "param"])
+    a.add_argument("--backbone", default="auto", choices=list(BACKBONES), help="ZeRO-3: where the frozen backbone "
+                   "lives; auto = replicated (whole on every GPU, outside ZeRO) where it fits, else partitioned")
     a.add_argument("--deepspeed", default=None, metavar="PATH", help="DeepSpeed JSON for bucket sizes "
                    "(default ds_configs/z3.json or z2.json)")
     a.add_argument("--micro_batch", type=int, default=None, help="examples per GPU per micro-step "
@@ -65,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
                    help="default: bf16 for GPU recipes, fp32 for the tiny ones")
     a.add_argument("--tflops_per_gpu", type=_number, default=None,
                    help=f"achieved TFLOP/s per GPU (default {H100_BF16_DENSE_TFLOPS:g} x {ASSUMED_MFU:g})")
+    a.add_argument("--zero3_hook_us", type=_number, default=None, help=f"host time per ZeRO-3 module hook call "
+                   f"(a partitioned backbone; default {ZERO3_HOOK_US:g}, measured on a CPU host)")
     a.add_argument("--interconnect_gbps", type=_number, default=400.0, help="between nodes, Gbit/s per GPU")
     a.add_argument("--intra_node_gbps", type=_number, default=2400.0, help="within a node (NVLink), Gbit/s per GPU")
     a.add_argument("--pcie_gbps", type=_number, default=256.0, help="host <-> GPU (offload), Gbit/s per GPU")
@@ -123,14 +127,27 @@ def render(result: dict[str, Any]) -> None:
             con.print(f"{label}: [bold]{' '.join(opt['flags'])}[/bold] ({opt['why']})")
         else:
             con.print(f"[red]{opt['why']}[/red]")
+    bb = result["backbone"]
+    con.print(f"frozen backbone: [bold]{bb['placement']}[/bold] ({bb['why']})")
+    if bb["options"]:
+        bt = Table(title="ZeRO-3 backbone placements")
+        for col in ("backbone", "memory (peak)", "fits", "ZeRO-3 hooks (host)", "step", "MFU vs 989 TFLOP/s"):
+            bt.add_column(col, justify="right")
+        for name, o in bb["options"].items():
+            mark = " (chosen)" if name == bb["placement"] else ""
+            bt.add_row(name + mark, _fmt(o["total"]), "yes" if o["fits"] else "no",
+                       f"{o['zero3_host_s'] * 1e3:,.1f} ms", f"{o['step_s'] * 1e3:,.1f} ms", f"{100 * o['mfu']:.1f}%")
+        con.print(bt)
     tt = Table(title="step time estimate (one micro-batch per GPU)")
-    for col in ("compute", "comm", "step", "no overlap", "tokens/s (all GPUs)", "MFU vs 989 TFLOP/s"):
+    for col in ("compute", "comm", "ZeRO-3 hooks", "step", "no overlap", "tokens/s (all GPUs)", "MFU vs 989 TFLOP/s"):
         tt.add_column(col, justify="right")
-    tt.add_row(f"{t['compute_s'] * 1e3:,.1f} ms", f"{t['comm_s'] * 1e3:,.1f} ms", f"{t['step_s'] * 1e3:,.1f} ms",
-               f"{t['step_no_overlap_s'] * 1e3:,.1f} ms", f"{t['tokens_per_s']:,.0f}", f"{100 * t['mfu']:.1f}%")
+    tt.add_row(f"{t['compute_s'] * 1e3:,.1f} ms", f"{t['comm_s'] * 1e3:,.1f} ms", f"{t['zero3_host_s'] * 1e3:,.1f} ms",
+               f"{t['step_s'] * 1e3:,.1f} ms", f"{t['step_no_overlap_s'] * 1e3:,.1f} ms", f"{t['tokens_per_s']:,.0f}",
+               f"{100 * t['mfu']:.1f}%")
     con.print(tt)
     con.print(f"at {p['tflops_per_gpu']:g} TFLOP/s per GPU, {p['interconnect_gbps']:g} Gbit/s between nodes, "
-              f"{p['intra_node_gbps']:g} Gbit/s within a node, {p['pcie_gbps']:g} Gbit/s host <-> GPU; "
+              f"{p['intra_node_gbps']:g} Gbit/s within a node, {p['pcie_gbps']:g} Gbit/s host <-> GPU, "
+              f"{p['zero3_hook_us']:g} us per ZeRO-3 module hook call ({t['zero3_hooks']:,} calls); "
               f"{t['model_flops'] / 1e12:,.2f} TFLOP model, "
               f"{t['hardware_flops'] / 1e12:,.2f} TFLOP hardware per step")
     if "measured" in result:

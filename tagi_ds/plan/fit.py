@@ -11,10 +11,15 @@ from typing import Any
 from tagi_ds.plan.flops import step_time
 from tagi_ds.plan.gpu_memory import activations, host_memory, memory, usable_bytes
 from tagi_ds.plan.inputs import PlanInput, ds_zero, resolve, shapes_of
+from tagi_ds.plan.placement import choose
 from tagi_ds.plan.shapes import Counts, count
 
 
 def fits(p: PlanInput, c: Counts, micro_batch: int, zero: dict[str, Any]) -> bool:
+    """``--backbone auto`` under ZeRO-3 fits if either placement does (``placement.choose`` picks between them)."""
+    if p.stage == "z3" and p.backbone == "auto":
+        return any(fits(dataclasses.replace(p, backbone=b), c, micro_batch, zero)
+                   for b in ("replicated", "partitioned"))
     return memory(p, c, shapes_of(p, micro_batch), zero)["total"] <= usable_bytes(p.gpu_mem_gb)
 
 
@@ -40,6 +45,17 @@ def plan(p: PlanInput) -> dict[str, Any]:
     zero = ds_zero(p)
     c = count(cfg, p.teacher_rows, int(zero.get("stage3_param_persistence_threshold", 100_000)))
     s = shapes_of(p)
+    chosen = choose(p, c, s, zero)
+    backbone = {**chosen, "options": {}}
+    if p.stage == "z3":  # both placements side by side; the plan below is the chosen one's
+        for b in ("replicated", "partitioned"):
+            q = dataclasses.replace(p, backbone=b)
+            if b == "replicated" and p.offload == "param":
+                continue
+            total, t = memory(q, c, s, zero)["total"], step_time(q, c, s)
+            backbone["options"][b] = {"total": total, "fits": total <= usable_bytes(p.gpu_mem_gb),
+                                      "step_s": t["step_s"], "zero3_host_s": t["zero3_host_s"], "mfu": t["mfu"]}
+        p = dataclasses.replace(p, backbone=chosen["placement"])
     mem = memory(p, c, s, zero)
     b = 2 if p.precision == "bf16" else 4
     out = {"input": dataclasses.asdict(p),
@@ -47,7 +63,8 @@ def plan(p: PlanInput) -> dict[str, Any]:
                       "sites": len(c.sites), "largest_module": c.largest_module},
            "shapes": dataclasses.asdict(s), "memory": mem, "host_memory": host_memory(p, c),
            "usable": usable_bytes(p.gpu_mem_gb),
-           "activations": activations(c, s, b, p.gradient_checkpointing, p.kl), "time": step_time(p, c, s)}
+           "activations": activations(c, s, b, p.gradient_checkpointing, p.kl), "time": step_time(p, c, s),
+           "backbone": backbone}
     out["vocab"] = vocab_share(p, c, out["activations"], mem)
     out["fits"] = mem["total"] <= out["usable"]
     out["max_micro_batch"] = max_micro_batch(p, c, zero)
@@ -75,7 +92,7 @@ def vocab_share(p: PlanInput, c: Counts, act: dict[str, int], mem: dict[str, int
 def _flags(p: PlanInput, q: PlanInput) -> list[str]:
     """The command-line changes that turn ``p`` into ``q``."""
     out = []
-    for key in ("nodes", "gpus_per_node", "stage", "offload", "gradient_checkpointing", "micro_batch"):
+    for key in ("nodes", "gpus_per_node", "stage", "offload", "gradient_checkpointing", "micro_batch", "backbone"):
         a, b = getattr(p, key), getattr(q, key)
         if a != b:
             out.append(f"--{key} {({True: 'on', False: 'off'}[b]) if isinstance(b, bool) else b}")
@@ -93,6 +110,8 @@ def suggest(p: PlanInput, c: Counts, best_here: int) -> list[dict[str, Any]]:
     q = dataclasses.replace(p)
     if q.stage == "none":  # one process cannot shard: the escalation starts from one GPU under DeepSpeed
         q.stage = "z2"
+    if q.backbone == "replicated":  # let ZeRO-3 partition the backbone where a replicated one does not fit
+        q.backbone = "auto"
     for key, value in ESCALATION:
         if getattr(q, key) == value:
             continue

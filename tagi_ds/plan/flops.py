@@ -14,8 +14,11 @@ Step time: hardware FLOPs (``step_flops``) / ``--tflops_per_gpu``, and ZeRO-3's 
 (instruction encoding, student forward, teacher forward, backward; + recompute with checkpointing), plus the
 hypernet's reduce-scatter and all-gather, over ``--interconnect_gbps`` (per GPU, between nodes) or
 ``--intra_node_gbps`` (one node); host <-> GPU copies (the batch's teacher rows from host memory, and with
-offload the partitions and gradients) over ``--pcie_gbps``. step = max(compute, comm): DeepSpeed's prefetch overlaps
-them; the no-overlap sum is reported too. MFU is against the H100 bf16 dense peak (989 TFLOP/s).
+offload the partitions and gradients) over ``--pcie_gbps``. step = max(compute, comm) + ZeRO-3 host time:
+DeepSpeed's prefetch overlaps compute and communication (the no-overlap sum is reported too); a partitioned
+backbone's module hooks (a fetch and a release around every module call, forward and backward) run on the host
+between kernel launches and are added in full, ``zero3_hooks`` calls x ``--zero3_hook_us`` (none when the backbone
+is replicated: ``--backbone``). MFU is against the H100 bf16 dense peak (989 TFLOP/s).
 """
 
 from __future__ import annotations
@@ -126,6 +129,12 @@ def step_flops(c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool 
     return out
 
 
+def zero3_hook_calls(c: Counts, kl: bool = True, checkpointing: bool = False) -> int:
+    """Module calls of one TAGI step that ZeRO-3 hooks when it owns the backbone: instruction encoding (T5: the
+    encoder's modules), student forward, teacher forward (``kl``), backward (+ the recompute with checkpointing)."""
+    return c.encoder_modules + c.modules * (1 + int(kl) + 1 + int(checkpointing))
+
+
 def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
     flops = step_flops(c, s, "tagi", p.gradient_checkpointing, p.kl)
     compute = flops["hardware"] / (p.tflops_per_gpu * 1e12)
@@ -135,7 +144,8 @@ def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
     enc_share = c.enc_layers / (c.enc_layers + c.dec_layers) if c.arch == "t5" else 1.0
     passes = enc_share + 1 + (1 if p.kl else 0) + 1 + (1 if p.gradient_checkpointing else 0)
     weights = passes * c.backbone * wb
-    network = (weights if p.stage == "z3" else 0) + 2 * c.generator * wb  # + hypernet reduce-scatter, all-gather
+    parted = p.stage == "z3" and p.backbone != "replicated"
+    network = (weights if parted else 0) + 2 * c.generator * wb  # + hypernet reduce-scatter, all-gather
     network = network * (W - 1) / W
     pcie = weights / W if p.offload == "param" else 0  # each rank fetches its partitions from pinned CPU memory
     pcie += 2 * c.generator * wb / W if p.offload != "none" else 0  # gradients down, updated weights up
@@ -143,9 +153,12 @@ def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
         pcie += min(s.tasks, c.teacher_rows) * c.teacher / c.teacher_rows * 4
     bw = (p.interconnect_gbps if p.nodes > 1 else p.intra_node_gbps) * 1e9 / 8
     comm = network / bw + pcie / (p.pcie_gbps * 1e9 / 8)
-    step = max(compute, comm)
+    hooks = zero3_hook_calls(c, p.kl, p.gradient_checkpointing) if parted else 0
+    host = hooks * (p.zero3_hook_us or 0.0) * 1e-6
+    step = max(compute, comm) + host
     tokens = s.micro_batch * (s.seq_len + s.target_len)
-    return {"compute_s": compute, "comm_s": comm, "step_s": step, "step_no_overlap_s": compute + comm,
+    return {"compute_s": compute, "comm_s": comm, "zero3_hooks": hooks, "zero3_host_s": host, "step_s": step,
+            "step_no_overlap_s": compute + comm + host,
             "network_bytes": network, "pcie_bytes": pcie, "hardware_flops": flops["hardware"],
             "model_flops": flops["model"], "tokens_per_s_per_gpu": tokens / step, "tokens_per_s": tokens * W / step,
             "mfu": flops["model"] / step / (H100_BF16_DENSE_TFLOPS * 1e12)}

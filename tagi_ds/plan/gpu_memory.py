@@ -2,8 +2,8 @@
 per-part bytes (``memory``). Per GPU, in bytes:
 
 - backbone: frozen, in the weight dtype; ZeRO-3 partitions it over all ranks (tensors of at most
-  ``stage3_param_persistence_threshold`` elements stay whole), ZeRO-2 and ``none`` keep it whole;
-  ``--offload param`` moves the partitions to pinned CPU memory.
+  ``stage3_param_persistence_threshold`` elements stay whole), ZeRO-2, ``none`` and ZeRO-3 with ``--backbone
+  replicated`` keep it whole; ``--offload param`` moves the partitions to pinned CPU memory.
 - the teacher bank is not on the GPU: it stays whole in (pinned) host memory on every rank, fp32, outside
   DeepSpeed (``TagiModel.teacher``); a step copies only its batch's rows, which ``activations`` counts.
   ``host_memory`` gives its host bytes per rank.
@@ -21,7 +21,8 @@ per-part bytes (``memory``). Per GPU, in bytes:
   (one layer at the teacher's length), the LM head + CE/KL one chunk of ``loss.chunk_tokens`` target tokens at
   a time (``loss_working_set``; never ``[B, L, V]``), the backward start (the chunks recomputed; with gradient
   checkpointing: the recomputed block). ``vocab`` in ``plan``'s result shows the vocabulary's share.
-- gather: ZeRO-3's gathered working set: the largest module + one prefetch bucket; comm buffers:
+- gather: ZeRO-3's gathered working set: the largest module + one prefetch bucket (none when the backbone is
+  replicated: nothing partitioned is gathered then, the hypernetwork is kept whole); comm buffers:
   DeepSpeed's reduce (and all-gather) bucket.
   Bucket sizes are read from the DeepSpeed JSON (``ds_configs/z3.json`` / ``z2.json`` or ``--deepspeed``).
 
@@ -85,17 +86,19 @@ def saved_layer(c: Counts, s: Shapes, b: int) -> dict[str, int]:
         Te, Td = B * L, B * Lt
         Lx = Li + L if c.fusion else L
         Tx = B * Lx
-        enc = (2 * _norm(c, Te, b) + _sites_of(c, "encoder", {"q": Te}, b)
-               + _attn(c, Te, Te, B * c.heads * L * L * b, b) + _ffn(c, Te, b))
+        enc = (2 * _norm(c, Te, b) + _sites_of(c, "encoder", {"q": Te}, b) + _attn(c, Te, Te, 0, b) + _ffn(c, Te, b))
         dec = (3 * _norm(c, Td, b) + _sites_of(c, "decoder", {"q": Td}, b)
                + _sites_of(c, "cross", {"q": Td, "kv": Tx}, b)
-               + _attn(c, Td, Td, c.heads * Lt * Lt * b, b)  # causal-only mask: no batch dimension
-               + _attn(c, Td, Tx, B * c.heads * Lt * Lx * b, b) + _ffn(c, Td, b))
-        return {"encoder": enc, "decoder": dec, "enc_input_norm": _norm(c, Te, b), "dec_input_norm": _norm(c, Td, b)}
+               + _attn(c, Td, Td, 0, b) + _attn(c, Td, Tx, 0, b) + _ffn(c, Td, b))
+        # The additive masks (position bias merged with padding) are made once per stack and shared by its layers
+        # (tagi_ds/backbones/t5_attention.py): encoder self, decoder self (causal only: no batch dimension), cross.
+        masks = c.heads * (B * L * L + Lt * Lt + B * Lt * Lx) * b
+        return {"encoder": enc, "decoder": dec, "enc_input_norm": _norm(c, Te, b), "dec_input_norm": _norm(c, Td, b),
+                "masks": masks}
     T, S = B * (L + Lt), L + Lt
     dec = (c.layer_norms * _norm(c, T, b) + _sites_of(c, "decoder", {"q": T}, b)
            + _attn(c, T, T, B * S * S * b, b, B * c.heads * S * S) + _ffn(c, T, b))
-    return {"encoder": 0, "decoder": dec, "enc_input_norm": 0, "dec_input_norm": _norm(c, T, b)}
+    return {"encoder": 0, "decoder": dec, "enc_input_norm": 0, "dec_input_norm": _norm(c, T, b), "masks": 0}
 
 
 def loss_working_set(c: Counts, s: Shapes, b: int, kl: bool = True) -> dict[str, int]:
@@ -135,12 +138,13 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
     if checkpointing:
         # Per block only its input stays; masks, position bias and the fused encoder states once per stack.
         layers = (n_e * B * L + n_d * B * Lt) * d * b if t5 else n_d * B * S_student * d * b
-        if t5:  # bool padding mask, position biases, the fused encoder states
-            layers += B * L * L + c.heads * (L * L + Lt * Lt) * b + B * Lx * d * b
+        if t5:  # bool padding mask, position biases, the fused encoder states, the stacks' merged masks
+            layers += B * L * L + c.heads * (L * L + Lt * Lt) * b + B * Lx * d * b + lay["masks"]
         else:
             layers += c.masks * B * S_student**2
     else:
-        layers = n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"]
+        layers = (n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"]
+                  + lay["masks"])
     saved = layers + final_norms + gen + factors + teacher_factors
     lw = loss_working_set(c, s, b, kl)
     rows, rows_t = lw["rows"], (lw["rows"] if kl else 0)
@@ -177,8 +181,8 @@ def _teacher_working_set(c: Counts, s: Shapes, b: int) -> int:
     if c.arch == "t5":
         Lk = Li + L
         Tt = B * Lk
-        stack = H * Lk * Lk * b + B * Lk * Lk  # position bias + bool padding mask
-        attn = Tt * (2 * d + 4 * inner) * b + 2 * B * H * Lk * Lk * b  # h, normed, q k v out; mask where + copy
+        stack = H * Lk * Lk * b + B * Lk * Lk + B * H * Lk * Lk * b  # position bias, bool mask, merged (t5_attention)
+        attn = Tt * (2 * d + 4 * inner) * b + B * H * Lk * Lk * b  # h, normed, q k v out; SDPA's copy of the mask
         ffn = Tt * 2 * d * b + 4 * Tt * f * b  # h, normed, wi_0 out + 3 GELU temporaries
         enc = stack + max(attn, ffn)
         Td = B * Lt
@@ -201,7 +205,8 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     z3, ds = p.stage == "z3", p.stage != "none"
     part = lambda n: math.ceil(n / W)  # noqa: E731
     offp, offo = p.offload == "param", p.offload in ("optimizer", "param")
-    if z3:
+    parted = z3 and p.backbone != "replicated"  # "auto" counts as partitioned here; fit.fits tries both
+    if parted:
         bb = 0 if offp else (part(c.backbone - c.backbone_persistent) + c.backbone_persistent) * wb
     else:
         bb = c.backbone * wb
@@ -213,7 +218,7 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
         opt = 0 if offo else part(G) * (4 + 8)  # DeepSpeed keeps an fp32 flat copy even when training in fp32
     act = activations(c, s, wb, p.gradient_checkpointing, p.kl)
     gather = 0
-    if z3:
+    if parted:
         prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
         live = min(int(zero.get("stage3_max_live_parameters", 1_000_000_000)), c.largest_module + prefetch,
                    c.backbone + c.generator)

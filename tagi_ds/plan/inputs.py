@@ -4,6 +4,12 @@ it implies (``shapes_of``) and the ZeRO settings of the DeepSpeed JSON it names 
 
 Default throughput: H100 SXM bf16 dense peak 989 TFLOP/s x an assumed 40% MFU = 396 TFLOP/s; pass a measured
 one (``--tflops_per_gpu``, from benchmarks/bench_train_step.py) instead.
+
+``--backbone`` (ZeRO-3 only): where the frozen backbone lives. ``partitioned``: ZeRO-3 owns it, every rank holds 1/W
+and all-gathers each module's weights as it runs, through per-module hooks; ``replicated``: whole on every GPU,
+outside ZeRO (no gathers, no hooks; the hypernetwork's optimizer state stays partitioned); ``auto`` (default):
+replicated where it fits (``tagi_ds.plan.placement``). Host time of ZeRO-3's module hooks: ``--zero3_hook_us`` per
+hook call (default ``ZERO3_HOOK_US``, measured on a CPU host: benchmarks/results/cpu_2026-12-04_profile_*.md).
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ from tagi_ds.recipes import RECIPES, get_recipe
 GiB = 2**30
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM datasheet, bf16 tensor core, dense
 ASSUMED_MFU = 0.40
+# Host time per ZeRO-3 module hook call (fetch + release, forward or backward; with the per-step release and re-gather
+# of the same parameters), step time partitioned minus replicated over the difference in fetch_sub_module calls: tiny
+# T5 TAGI and LoRA steps on a 1-thread CPU host at load ~2, 128 and 136 us (benchmarks/results/
+# cpu_2026-12-04_profile_train_step_after-*.md, docs/perf.md). A GPU host's is not measured yet (the profile stage).
+ZERO3_HOOK_US = 130.0
+BACKBONES = ("auto", "replicated", "partitioned")
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
@@ -48,6 +60,8 @@ class PlanInput:
     pcie_gbps: float = 256.0
     deepspeed: str | None = None
     kl: bool = True
+    backbone: str = "auto"  # ZeRO-3: auto | replicated | partitioned (the frozen backbone's placement)
+    zero3_hook_us: float | None = None  # host time per ZeRO-3 module hook call
 
     @property
     def world(self) -> int:
@@ -84,6 +98,13 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
         raise ConfigError(f"--offload must be none, optimizer or param, got {p.offload!r}")
     if p.offload == "param" and p.stage != "z3":
         raise ConfigError("--offload param needs --stage z3 (DeepSpeed offloads parameters only under ZeRO-3)")
+    if p.backbone not in BACKBONES:
+        raise ConfigError(f"--backbone must be one of {', '.join(BACKBONES)}, got {p.backbone!r}")
+    if p.backbone == "replicated" and p.offload == "param":
+        raise ConfigError("--backbone replicated keeps the whole backbone on every GPU; --offload param moves "
+                          "parameters off it (use --backbone partitioned or auto)")
+    if p.zero3_hook_us is not None and p.zero3_hook_us < 0:
+        raise ConfigError(f"--zero3_hook_us must be >= 0, got {p.zero3_hook_us}")
     if p.stage == "none" and (p.world != 1 or p.offload != "none"):
         raise ConfigError("--stage none is one process without DeepSpeed: use --nodes 1 --gpus_per_node 1 "
                           "--offload none")
@@ -103,6 +124,7 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
         raise ConfigError(f"--precision must be bf16 or fp32, got {q.precision!r}")
     q.tflops_per_gpu = q.tflops_per_gpu or H100_BF16_DENSE_TFLOPS * ASSUMED_MFU
     q.kl = q.kl and q.teacher_rows > 0
+    q.zero3_hook_us = ZERO3_HOOK_US if q.zero3_hook_us is None else q.zero3_hook_us
     return q, _config(q)
 
 

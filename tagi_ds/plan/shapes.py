@@ -59,6 +59,8 @@ class Counts:
     generator: int
     teacher: int
     teacher_rows: int
+    modules: int = 0  # backbone modules (adapted-site wrappers included): ZeRO-3 hooks each one
+    encoder_modules: int = 0  # T5: those the instruction encoding runs (the encoder); LLaMA: all but the LM head
 
 
 def _layer_norms(backbone) -> int:
@@ -106,4 +108,5 @@ def count(cfg: TagiConfig, teacher_rows: int, persistence_threshold: int = 100_0
         largest_module=largest,
         generator=sum(p.numel() for p in model.generator.parameters()),
         teacher=sum(p.numel() for p in model.teacher.parameters()) if model.teacher is not None else 0,
-        teacher_rows=teacher_rows)
+        teacher_rows=teacher_rows, modules=sum(1 for _ in model.backbone.modules()),
+        encoder_modules=sum(1 for _ in model.arch.body(model.backbone).modules()))

@@ -122,17 +122,62 @@ def backbone_init(ds: dict[str, Any]):
 PLAIN_INIT_LIMIT = 1_000_000_000
 
 
-def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, int]) -> torch.nn.Module:
-    """The backbone for a run under ``ds``: partitioned as it is built under ZeRO-3.
+def backbone_placement(cfg: TagiConfig, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
+    """Where a training run keeps its frozen backbone, and why: ``whole`` (below ZeRO-3 every rank holds it anyway),
+    ``replicated`` (ZeRO-3: whole on every rank, outside ZeRO: no all-gathers, no module hooks; the hypernetwork's
+    gradients and optimizer state stay partitioned) or ``partitioned`` (ZeRO-3 owns it, 1/W per rank).
+
+    ``train.frozen_backbone=replicated|partitioned`` decides (replicated needs a frozen backbone and no parameter
+    offload). ``auto``: partitioned when a parameter is unfrozen (``model.trainable``) or offloaded; on CUDA,
+    replicated when ``tagi_ds.plan`` says it fits this GPU next to everything else, else partitioned; on a CPU,
+    partitioned (CPU runs are how ZeRO-3 partitioning is exercised at tiny scale: the tests and the quickstart).
+    """
+    choice, zero = cfg.train.frozen_backbone, ds.get("zero_optimization", {})
+    if zero_stage(ds) != 3:
+        return "whole", f"ZeRO-{zero_stage(ds)}: every rank holds the frozen backbone"
+    offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
+    if choice == "replicated" and (cfg.model.trainable or offload):
+        why = "model.trainable unfreezes backbone parameters" if cfg.model.trainable else "offload_param is set"
+        raise ConfigError(f"train.frozen_backbone=replicated keeps a frozen backbone whole, outside ZeRO, but {why} "
+                          "(use train.frozen_backbone=partitioned or auto)")
+    if choice != "auto":
+        return choice, f"train.frozen_backbone={choice}"
+    if cfg.model.trainable:
+        return "partitioned", "model.trainable unfreezes backbone parameters: ZeRO-3 owns them"
+    if offload:
+        return "partitioned", "offload_param keeps parameters off the GPU"
+    if not torch.cuda.is_available():
+        return "partitioned", "auto on a CPU (train.frozen_backbone=replicated to keep it whole)"
+    from tagi_ds import plan
+
+    fit = plan.for_run(cfg, zero, world_size, torch.cuda.get_device_properties(torch.cuda.current_device())
+                       .total_memory, precision(cfg))
+    return fit["placement"], f"auto: {fit['why']} (tagi_ds.plan)"
+
+
+def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, int],
+                   training: bool = False) -> torch.nn.Module:
+    """The backbone for a run under ``ds``: partitioned as it is built under ZeRO-3, unless ``training`` and
+    ``backbone_placement`` keeps it replicated (then built plainly; ``build_engine`` keeps it out of DeepSpeed).
+    The choice is recorded on the module (``tagi_placement``: placement, why).
 
     ``deepspeed.zero.Init`` draws random weights differently from plain construction, so a random-init
     backbone (no ``model_name_or_path``) is overwritten with the plain build's values: a hypernet trained
     under z3 then evaluates on the same backbone under z2, in one process, or in the tests.
     """
     from tagi_ds import model as tagi_model
+    from tagi_ds.train import dist
 
+    placement = backbone_placement(cfg, ds, dist.world_size()) if training else \
+        ("partitioned" if zero_stage(ds) == 3 else "whole", "evaluation and export build it as ZeRO-3 runs did")
+    if placement[0] != "partitioned":
+        with torch.device(_init_device(cfg, special_ids) if training else "cpu"):
+            backbone = tagi_model.build_backbone(cfg, special_ids)
+        backbone.tagi_placement = placement
+        return backbone
     with backbone_init(ds):
         backbone = tagi_model.build_backbone(cfg, special_ids)
+    backbone.tagi_placement = placement
     params = dict(backbone.named_parameters())
     if cfg.model.model_name_or_path or not any(hasattr(p, "ds_id") for p in params.values()):
         return backbone
@@ -140,14 +185,26 @@ def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, i
         return backbone
     import deepspeed
 
-    from tagi_ds.train import dist
-
     plain = dict(tagi_model.build_backbone(cfg, special_ids).named_parameters())
     for name, p in params.items():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
             if dist.is_main():
                 p.data.copy_(plain[name].data)
     return backbone
+
+
+def _init_device(cfg: TagiConfig, special_ids: dict[str, int]) -> torch.device:
+    """Where a backbone that is not partitioned is built: a random-init one above PLAIN_INIT_LIMIT (a benchmark
+    stand-in) directly on this rank's device, which takes seconds instead of minutes on the CPU; anything else on
+    the CPU, whose random init every other build (partitioned, evaluation) reproduces."""
+    from tagi_ds import model as tagi_model
+    from tagi_ds.train import dist
+
+    if cfg.model.model_name_or_path:
+        return torch.device("cpu")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in tagi_model.build_backbone(cfg, special_ids).parameters())
+    return dist.device() if n > PLAIN_INIT_LIMIT else torch.device("cpu")
 
 
 def lr_lambda(cfg: TagiConfig):
@@ -182,21 +239,72 @@ def place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return module
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class WithoutBackbone(torch.nn.Module):
+    """What DeepSpeed is given when the frozen backbone is replicated under ZeRO-3: the model's other children
+    (generator or bank) under their own names, so checkpoints hold the same keys either way, and the model's
+    forward. The backbone is no submodule of it: DeepSpeed never partitions, hooks, casts or gathers it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        for name, child in model.named_children():
+            if name != "backbone":
+                self.add_module(name, child)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> WithoutBackbone:
+        self.model.train(mode)  # the backbone's dropout follows the engine's mode too
+        return super().train(mode)
+
+
+def replicated(model: torch.nn.Module) -> bool:
+    backbone = getattr(model, "backbone", None)
+    return getattr(backbone, "tagi_placement", ("",))[0] == "replicated"
+
+
 def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
-    """``deepspeed.initialize`` with torch AdamW over the trainable parameters and the LR schedule."""
+    """``deepspeed.initialize`` with torch AdamW over the trainable parameters and the LR schedule.
+
+    A replicated frozen backbone (``build_backbone(training=True)``) stays out of DeepSpeed: the engine wraps
+    ``WithoutBackbone(model)``, the backbone is cast to the training precision here (parameters only, buffers as
+    built, as DeepSpeed casts what it owns) and placed on the engine's device, and ``memory_efficient_linear`` is off
+    (it replaces ``F.linear`` process-wide with an autograd function that only partitioned weights need).
+    """
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)
     schedule = lr_lambda(cfg)
+    module = model
+    if zero_stage(ds) == 3 and replicated(model):
+        ds = copy.deepcopy(ds)
+        ds["zero_optimization"]["memory_efficient_linear"] = False
+        dtype = DTYPES[precision(cfg)]
+        for p in model.backbone.parameters():
+            p.data = p.data.to(dtype)
+        module = WithoutBackbone(model)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds,
+        model=module, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     place(model, engine.device)
-    if zero_stage(ds) == 3 and getattr(model, "generator", None) is not None:
-        keep_whole(engine, list(model.generator.parameters()))
+    if zero_stage(ds) == 3 and kept_whole(model):
+        keep_whole(engine, kept_whole(model))
     return engine
+
+
+def kept_whole(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What ZeRO-3 keeps gathered on every rank: the hypernetwork, or the baselines' one-row shared LoRA (both small
+    and used whole at every step; a teachers-stage bank, one row per task, stays partitioned)."""
+    if getattr(model, "generator", None) is not None:
+        return list(model.generator.parameters())
+    bank = getattr(model, "bank", None)
+    return list(bank.parameters()) if bank is not None and bank.num_rows == 1 else []
 
 
 def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
@@ -205,7 +313,12 @@ def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
     params = list(model.parameters())
     if not any(hasattr(p, "ds_id") for p in params):
         return ""
-    hyper = {id(p) for p in model.generator.parameters()} if getattr(model, "generator", None) is not None else set()
+    if replicated(model):
+        n = sum(p.numel() for p in model.backbone.parameters())
+        return (f"ZeRO-3: frozen backbone {n:,} parameters replicated, whole on each of {world_size} rank(s), outside "
+                f"ZeRO ({model.backbone.tagi_placement[1]}); hypernetwork/LoRA gradients and optimizer state "
+                "partitioned")
+    hyper = {id(p) for p in kept_whole(model)}
     parted = [p for p in params if not p.ds_persist]
     split = sum(p.ds_numel for p in parted)
     held = sum(p.ds_tensor.numel() for p in parted)
@@ -213,9 +326,12 @@ def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
     whole = sum(p.ds_numel for p in params if id(p) in hyper)
     line = (f"ZeRO-3: {split:,} parameters partitioned across {world_size} rank(s), {held:,} held by each rank; "
             f"{small:,} small ones kept whole (stage3_param_persistence_threshold); "
-            f"hypernetwork {whole:,} whole on every rank")
+            f"{'hypernetwork' if getattr(model, 'generator', None) is not None else 'shared LoRA'} {whole:,} whole on "
+            "every rank")
     if (teacher := getattr(model, "teacher", None)) is not None:
         line += f"; teacher bank {sum(p.numel() for p in teacher.parameters()):,} in host memory, outside ZeRO"
+    if (why := getattr(getattr(model, "backbone", None), "tagi_placement", None)) is not None:
+        line += f"; backbone partitioned: {why[1]}"
     return line
 
 

@@ -145,7 +145,7 @@ def train(checked: Checked) -> Path:
 
     tokenizer = checked.tokenizer
     special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
-    backbone = ds_engine.build_backbone(cfg, ds, special)
+    backbone = ds_engine.build_backbone(cfg, ds, special, training=True)
     model = build_model(cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0,
                         with_teacher=checked.with_teacher)
     if checked.with_teacher:
@@ -187,11 +187,14 @@ def train(checked: Checked) -> Path:
     try:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
             tokens, loss_bad = 0, False
             lr = eng.get_lr()[0]  # the rate this step uses (the scheduler advances in eng.step)
             for _ in range(cfg.train.grad_accum):
-                batch = next(batches).to(device)
+                batch = next(batches)
+                # Counted on the host copy: reading the device's would wait for it (a sync per micro-step).
+                tokens += int(batch.attention_mask.sum()) + batch.num_target_tokens()
+                batch = batch.to(device)
                 loss, terms = eng(batch)
                 loss = guards.inject(step, loss)
                 if guards.loss_is_bad(loss, step):  # same decision on every rank: nobody steps
@@ -199,9 +202,8 @@ def train(checked: Checked) -> Path:
                     break
                 eng.backward(loss)
                 eng.step()
-                tokens += int(batch.attention_mask.sum()) + batch.num_target_tokens()
-                for k, v in {"loss": loss, **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.train.grad_accum
+                for k, v in {"loss": loss, **terms}.items():  # device tensors, read once per logged step
+                    sums[k] = sums.get(k, 0.0) + v.detach().double() / cfg.train.grad_accum
             if loss_bad:
                 eng.zero_grad()
             # A skipped step has no gradient norm of its own (DeepSpeed still reports the previous one).
@@ -251,11 +253,13 @@ def train(checked: Checked) -> Path:
     return final
 
 
-def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def _mean_over_ranks(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
     """Every logged term averaged over ranks in one collective (same keys on every rank)."""
-    if not torch.distributed.is_initialized() or not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    if not values:
+        return {}
+    t = torch.stack([v.to(device, torch.float64) for v in values.values()])
+    if not torch.distributed.is_initialized():
+        return dict(zip(values, t.tolist()))
     torch.distributed.all_reduce(t)
     return {k: float(v) / dist.world_size() for k, v in zip(values, t.tolist())}
 

@@ -1,0 +1,59 @@
+"""Where the frozen backbone lives under ZeRO-3: ``replicated`` (whole on every GPU, outside ZeRO) where it fits,
+``partitioned`` (ZeRO-3 owns it: 1/W per rank, gathered module by module) where it does not.
+
+A frozen backbone has no gradients and no optimizer state: ZeRO-3 only saves its weights' memory, 1 - 1/W of them
+per GPU, and pays for it at every step: every module's weights are all-gathered before and released after each of
+its calls (instruction encoding, student and teacher forwards, backward), each call through Python hooks on the
+host. When the whole backbone fits next to everything else, keeping it replicated removes that work and keeps the
+rest of ZeRO-3 (the hypernetwork's gradients and optimizer state stay partitioned).
+
+``choose`` decides for a plan (``--backbone auto``: replicated when its memory ``total`` fits the usable memory,
+``gpu_memory.usable_bytes``); ``for_run`` asks the same question for a training run's config on this machine's
+GPU (``tagi_ds.train.engine.backbone_placement``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tagi_ds.plan.gpu_memory import memory, usable_bytes
+from tagi_ds.plan.inputs import GiB, PlanInput
+from tagi_ds.plan.shapes import Counts, Shapes
+
+
+def choose(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str, Any]:
+    """``{"placement": replicated | partitioned | whole, "why": ...}`` for ``p`` (``whole``: not ZeRO-3)."""
+    if p.stage != "z3":
+        return {"placement": "whole", "why": f"stage {p.stage}: the backbone is whole on every GPU anyway"}
+    if p.backbone != "auto":
+        return {"placement": p.backbone, "why": f"--backbone {p.backbone}"}
+    if p.offload == "param":
+        return {"placement": "partitioned", "why": "--offload param keeps parameters off the GPU"}
+    need = memory(dataclasses.replace(p, backbone="replicated"), c, s, zero)["total"]
+    usable = usable_bytes(p.gpu_mem_gb)
+    if need <= usable:
+        return {"placement": "replicated",
+                "why": f"fits whole: {need / GiB:.1f} of {usable / GiB:.1f} GiB usable per GPU"}
+    return {"placement": "partitioned",
+            "why": f"replicated would need {need / GiB:.1f} of {usable / GiB:.1f} GiB usable per GPU"}
+
+
+def for_run(cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision: str) -> dict[str, Any]:
+    """``choose`` for a training run: ``cfg``'s shapes (its own sizes and ``--set`` overrides, not a recipe's),
+    micro-batch, precision and checkpointing, on ``world`` GPUs of ``gpu_mem_bytes`` each."""
+    from tagi_ds.plan.shapes import count
+
+    teacher = cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
+    offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
+    p = PlanInput(model=cfg.recipe, nodes=1, gpus_per_node=world, gpu_mem_gb=gpu_mem_bytes / GiB, stage="z3",
+                  offload="param" if offload else "none",
+                  micro_batch=cfg.data.tasks_per_batch * cfg.data.examples_per_task,
+                  examples_per_task=cfg.data.examples_per_task, seq_len=cfg.data.max_source_length,
+                  target_len=cfg.data.max_target_length, instr_len=cfg.data.max_instruction_length,
+                  rank=cfg.hypernet.rank, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                  precision="bf16" if precision in ("bf16", "fp16") else "fp32", kl=teacher,
+                  backbone=cfg.train.frozen_backbone)
+    c = count(cfg, teacher_rows=1, persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)))
+    s = Shapes(p.micro_batch, cfg.data.tasks_per_batch, p.seq_len, p.target_len, p.instr_len)
+    return choose(p, c, s, zero)
