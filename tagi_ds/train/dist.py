@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from datetime import timedelta
@@ -27,9 +28,19 @@ def init(backend: str | None = None) -> None:
     use_own_extensions_dir()  # before DeepSpeed compiles its CPU allreduce op (first use only)
     import deepspeed
 
+    atexit.register(_destroy_at_exit)
+
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
                                timeout=COLLECTIVE_TIMEOUT)
     _unlink_shm_allreduce_buffer()
+
+
+def _destroy_at_exit() -> None:
+    # Whatever ended the process (a script's last line, an error): a process group left to the interpreter's
+    # teardown can abort it ("terminate called without an active exception") after its work was done.
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def shutdown() -> None:
