@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tagi_ds.config import ConfigError, TagiConfig, apply_overrides
+from tagi_ds.config import ConfigError, TagiConfig, apply_overrides, from_dict
 from tagi_ds.recipes import RECIPES, get_recipe
 from tagi_ds.runtime.preflight import check_argv, guarded
 
@@ -136,7 +136,10 @@ def resolve_config(args: argparse.Namespace) -> TagiConfig:
     if impl:
         cfg = apply_overrides(cfg, [f"model.adapter_impl={impl}"])
     if args.model_name_or_path:
+        from tagi_ds.backbones.base import checkpoint_shape
+
         cfg.model.model_name_or_path = args.model_name_or_path
+        cfg = from_dict({"model": checkpoint_shape(args.model_name_or_path, cfg.model.arch)}, cfg)
     if args.data:
         cfg.data.spec = args.data
     if args.mode:

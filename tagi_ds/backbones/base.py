@@ -95,3 +95,39 @@ def enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# ModelConfig shape field <- the checkpoint config.json key it is read from, per kind of backbone.
+_T5_SHAPE = {"vocab_size": "vocab_size", "d_model": "d_model", "d_ff": "d_ff", "d_kv": "d_kv",
+             "num_layers": "num_layers", "num_decoder_layers": "num_decoder_layers", "num_heads": "num_heads",
+             "feed_forward_proj": "feed_forward_proj"}
+_DECODER_SHAPE = {"vocab_size": "vocab_size", "d_model": "hidden_size", "d_ff": "intermediate_size",
+                  "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                  "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                  "max_position_embeddings": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings",
+                  "sliding_window": "sliding_window"}
+
+
+def checkpoint_shape(path: str, arch: str) -> dict:
+    """The shape fields of ``model`` as a local checkpoint's config.json gives them (``{}`` when it cannot be
+    read: preflight then says what is wrong with the directory). A run on a checkpoint describes that checkpoint
+    (planner, saved configs, tokenizer checks), not the recipe it started from; the weights load from the
+    checkpoint either way."""
+    import json
+
+    try:
+        hf = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(hf, dict) or hf.get("model_type") != arch:
+        return {}  # another family: the build names the mismatch
+    keys = _T5_SHAPE if arch == "t5" else _DECODER_SHAPE
+    out = {field: hf[key] for field, key in keys.items() if hf.get(key) is not None}
+    if arch != "t5":
+        rope = hf.get("rope_parameters") or {}
+        theta = hf.get("rope_theta", rope.get("rope_theta") if isinstance(rope, dict) else None)
+        if theta is not None:
+            out["rope_theta"] = float(theta)
+        if hf.get("use_sliding_window") is False:
+            out.pop("sliding_window", None)
+    return out

@@ -276,3 +276,24 @@ def test_every_family_through_every_stage_on_two_ranks_then_peft(tmp_path, check
         want, got, bare, _ = _tagi_and_peft_logits(model, tok, cfg, adapter, ids, mask)
         assert (want - bare).abs().max() > 0  # the trained generator makes non-zero deltas
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_run_describes_the_checkpoint_not_the_recipe(tmp_path, checkpoints):
+    """--model_name_or_path fills the model's shape fields from the checkpoint's config.json (the planner, the saved
+    configs and the tokenizer checks then see the model that loads), whatever shape the recipe had."""
+    from tagi_ds.cli import resolve_config, training_parser
+
+    for arch, path in checkpoints.items():
+        hf = json.loads((path / "config.json").read_text())
+        args = training_parser("pretrain", "").parse_args(
+            ["--recipe", "llama3-8b" if arch == "llama" else f"tiny-{arch}", "--model_name_or_path", str(path),
+             "--set", "model.d_model=8", "model.num_layers=9", f"model.arch={arch}", "hypernet.fusion=false"])
+        m = resolve_config(args).model
+        assert (m.d_model, m.num_layers, m.d_ff, m.vocab_size) == (
+            hf["hidden_size"], hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]), arch
+        assert m.num_kv_heads == hf["num_key_value_heads"] and m.num_heads == hf["num_attention_heads"]
+    t5 = tmp_path / "t5"
+    build_backbone(apply_overrides(get_recipe("tiny"), ["model.d_model=48", "model.num_layers=1"])).save_pretrained(t5)
+    args = training_parser("pretrain", "").parse_args(["--model_name_or_path", str(t5)])
+    m = resolve_config(args).model
+    assert (m.d_model, m.num_layers, m.num_decoder_layers) == (48, 1, 2)
