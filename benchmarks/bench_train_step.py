@@ -137,7 +137,7 @@ class PeftLora(nn.Module):
 
 
 def ds_config(engine: str) -> dict:
-    from tagi_ds.train.engine import DEFAULT_DS_CONFIG, load_ds_json
+    from tagi_ds.runtime.engine import DEFAULT_DS_CONFIG, load_ds_json
 
     folder = DEFAULT_DS_CONFIG.parent
     ds = load_ds_json(folder / ("z2.json" if engine == "z2" else "z3_offload.json" if engine == "z3+offload"
@@ -155,8 +155,8 @@ def ds_config(engine: str) -> dict:
 def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int):
     """(module, step function, cleanup) for one case. Raises if the case cannot run here."""
     from tagi_ds.model import build_backbone, build_model
-    from tagi_ds.train import dist
-    from tagi_ds.train import engine as ds_engine
+    from tagi_ds.runtime import dist
+    from tagi_ds.runtime import engine as ds_engine
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -304,7 +304,7 @@ def bench_recipe(args, recipe: str, default_engine: str) -> dict:
 
 def deepspeed_usable() -> tuple[bool, str]:
     try:
-        from tagi_ds.train import dist
+        from tagi_ds.runtime import dist
 
         dist.init()
     except Exception as err:  # noqa: BLE001

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tagi_ds.config import ConfigError, TagiConfig, from_dict
+from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import fail, read_json, safetensors_header
-from tagi_ds.train import dist
 
 
 @contextlib.contextmanager

@@ -27,9 +27,9 @@ from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
 from tagi_ds.eval.metrics import compute_metrics
 from tagi_ds.model import build_model
+from tagi_ds.runtime import dist
+from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train import dist
-from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.checkpoint import atomic_write_text
 from tagi_ds.train.loop import seed_everything, write_config
 

@@ -33,9 +33,9 @@ from tagi_ds import artifacts, data
 from tagi_ds.config import DECODER_ONLY, ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
 from tagi_ds.model import build_model
+from tagi_ds.runtime import dist
+from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train import dist
-from tagi_ds.train import engine as ds_engine
 from tagi_ds.train.loop import seed_everything
 
 CONDITIONS = ("task", "instance")

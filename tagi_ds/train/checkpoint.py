@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from tagi_ds.config import ConfigError
+from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import check_zip, fail, read_json
-from tagi_ds.train import dist
 
 LATEST = "latest"
 FINGERPRINT = "tagi_checkpoint.json"

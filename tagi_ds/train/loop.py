@@ -22,9 +22,10 @@ import torch
 from tagi_ds import artifacts, data
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.model import build_model
+from tagi_ds.runtime import dist
+from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train import checkpoint, dist
-from tagi_ds.train import engine as ds_engine
+from tagi_ds.train import checkpoint
 from tagi_ds.train.guards import Guards, TooManyBadSteps
 from tagi_ds.train.progress import Progress
 

@@ -140,7 +140,7 @@ def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, i
         return backbone
     import deepspeed
 
-    from tagi_ds.train import dist
+    from tagi_ds.runtime import dist
 
     plain = dict(tagi_model.build_backbone(cfg, special_ids).named_parameters())
     for name, p in params.items():
