@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,9 @@ from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
 from tagi_ds.eval.metrics import compute_metrics
 from tagi_ds.model import build_model
-from tagi_ds.runtime import dist
+from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train.checkpoint import atomic_write_text
-from tagi_ds.train.loop import seed_everything, write_config
 
 ARTIFACT_FLAGS = ("hypernet", "adapter", "teachers")
 
@@ -255,12 +252,9 @@ def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
 
 def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str, Any] | None:
     """Evaluate what :func:`preflight` checked; returns the results dict on rank 0 (None elsewhere)."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ds, tok, tasks, kind, rows, scored, method = (checked.ds, checked.tok, checked.tasks, checked.kind, checked.rows,
                                                   checked.scored, checked.method)
-    dist.init()
-    seed_everything(cfg.train.seed)
-    write_config(Path(args.output_dir), cfg, ds, args)
+    rundir.start(cfg, ds, args)  # process group, seed, config.json
     model = build(cfg, args, ds, tok, len(rows) if rows else 0)
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
     gen = greedy_config(args.max_new_tokens, tok.eos_id, tok.pad_id,
@@ -372,8 +366,9 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
                         "max_new_tokens": args.max_new_tokens if generated else None,
                         "new_tokens": sum(rec["new_tokens"] for rec in by_id.values()) if generated else None}}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    rundir.atomic_write_text(out / "predictions.jsonl", lines)
+    rundir.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     headline = (f"accuracy {results['accuracy']:.2f}" if kind == "rank" else
                 f"rougeL {results['rougeL']:.2f} exact_match {results['exact_match']:.2f}")
     say(f"{headline} ({len(records)} examples, {total_flops / 1e9:.3g} GFLOPs, {wall_s:.1f}s) -> "

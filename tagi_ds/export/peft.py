@@ -36,7 +36,7 @@ from tagi_ds.model import build_model
 from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train.loop import seed_everything
+from tagi_ds.runtime.rundir import seed_everything
 
 CONDITIONS = ("task", "instance")
 TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", **{arch: "CAUSAL_LM" for arch in DECODER_ONLY}}

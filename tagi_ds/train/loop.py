@@ -8,21 +8,17 @@ non-finite steps in a row (checkpoint, one line, exit code 3).
 
 from __future__ import annotations
 
-import json
-import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tagi_ds import artifacts, data
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.model import build_model
-from tagi_ds.runtime import dist
+from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.train import checkpoint
@@ -42,22 +38,6 @@ class RunArgs:
     resume_from_checkpoint: str | None = None
     teachers: str | None = None  # finetune: teachers/ dir for KL + param alignment
     init_hypernet: str | None = None  # finetune: start from a pretrained hypernet/
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def write_config(out: Path, cfg: TagiConfig, ds: dict, args: RunArgs) -> None:
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"stage": args.stage, "world_size": dist.world_size(), "precision": ds_engine.precision(cfg),
-                  "tagi": cfg.to_dict(), "deepspeed": ds,
-                  "args": {k: str(v) if v is not None else None for k, v in vars(args).items()}}
-        checkpoint.atomic_write_text(out / "config.json", json.dumps(record, indent=2))
-    dist.barrier()
 
 
 @dataclass
@@ -134,15 +114,7 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
 def train(checked: Checked) -> Path:
     """Train one stage from what :func:`preflight` checked; returns the final artifact directory."""
     cfg, args, ds, loader, rows = checked.cfg, checked.args, checked.ds, checked.loader, checked.rows
-    # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods the log.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    dist.init()
-    if dist.world_size() != checked.world_size:
-        raise RuntimeError(f"preflight saw WORLD_SIZE={checked.world_size}, the process group has "
-                           f"{dist.world_size()} ranks")
-    seed_everything(cfg.train.seed)
-    out = Path(args.output_dir)
-    write_config(out, cfg, ds, args)
+    out = rundir.start(cfg, ds, args, checked.world_size)  # process group, seed, config.json
 
     tokenizer = checked.tokenizer
     special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
