@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {"z3.json": 3, "z3_tiny.json": 3, "z3_offload.json": 3, "z2.json": 2}
 
 # Owned by the tagi-ds config and injected when the engine is built; a copy here would silently disagree.
