@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tagi_ds.config import ConfigError, TagiConfig, from_dict
+from tagi_ds.config import ConfigError, Granularity, TagiConfig, from_dict
 from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import fail, read_json, safetensors_header
 
@@ -176,7 +176,7 @@ def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, i
             or not all(isinstance(v, int) for v in rows.values())):
         fail(f"{flag} {path / 'rows.json'}", "expected a JSON object of names to rows 0..N-1", str(rows)[:60])
     if not (isinstance(meta["rank"], int) and meta["rank"] > 0 and isinstance(meta["alpha"], (int, float))
-            and meta["granularity"] in ("task", "category", "shared")):
+            and meta["granularity"] in (*get_args(Granularity), "shared")):
         fail(f"{flag} {path / 'config.json'}", "rank, alpha or granularity is not valid",
              f"{meta['rank']!r}, {meta['alpha']!r}, {meta['granularity']!r}")
     return rows, meta

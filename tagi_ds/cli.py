@@ -1,4 +1,5 @@
-"""The flags every launcher shares (DESIGN.md's contract) and their resolution into one TagiConfig.
+"""The flags every launcher shares (README: "Flags shared by every training launcher") and their resolution into
+one TagiConfig.
 
 Precedence: recipe < ``--set key=value`` < dedicated flags (``--max_steps`` etc.). Unknown flags and keys
 are errors. Every entry point parses with :class:`Parser` (argparse errors as one line plus a ``--help``
@@ -14,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tagi_ds.config import ConfigError, TagiConfig, apply_overrides
+from tagi_ds.config import ConfigError, DataConfig, TagiConfig, apply_overrides, choices, field_docs
 from tagi_ds.recipes import RECIPES, get_recipe
 from tagi_ds.runtime.preflight import check_argv, guarded
 
@@ -58,7 +59,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_set_flag(p: argparse.ArgumentParser, help: str = "override any config field, e.g. --set hypernet.rank=16 "
-                 "loss.kl_weight=0.5") -> None:
+                 "loss.kl_weight=0.5 (every field: python -m tagi_ds.config)") -> None:
     """``--set KEY=VALUE ...``: one rule everywhere (launchers, ``python -m tagi_ds.data``, benchmarks): one flag
     takes several keys, and the flag may be repeated; all go to ``args.overrides`` in order."""
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -85,14 +86,13 @@ def base_parser(prog: str, description: str, epilog: str | None = None,
     p.add_argument("--model_name_or_path", default=None, metavar="PATH",
                    help="local HF checkpoint dir for the backbone (default: the recipe's shape, random init)")
     p.add_argument("--data", default=None, metavar="SPEC",
-                   help="builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR (default: the recipe's, builtin)")
+                   help=f"{field_docs(DataConfig)['spec']} (default: the recipe's, builtin)")
     stage = prog.removesuffix(".py").removeprefix("train_")  # train_teachers.py -> teachers
     p.add_argument("--output_dir", default=None, metavar="DIR",
                    help=f"run directory (default: {STAGE_DEFAULT_OUT.get(stage, 'runs/<stage>')})")
     p.add_argument("--seed", type=int, default=None, help="global seed (default: train.seed of the recipe, 42)")
-    p.add_argument("--mode", default=None, choices=["tagi", "concat", "no_instruction"],
-                   help="tagi (generated adapters), or a baseline: concat (instruction + input) / no_instruction "
-                        "(default: tagi)")
+    p.add_argument("--mode", default=None, choices=choices(TagiConfig, "mode"),
+                   help=f"{field_docs(TagiConfig)['mode']} (default: {TagiConfig.mode})")
     add_set_flag(p)
     return p
 
