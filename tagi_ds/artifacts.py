@@ -182,6 +182,27 @@ def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, i
     return rows, meta
 
 
+def adopt_teacher(cfg: TagiConfig, path: Path, flag: str = "--teachers") -> dict[str, int]:
+    """The rows of a teachers/ dir; its rank, alpha and granularity become ``cfg.teacher`` (the bank this run
+    builds takes the saved shapes) and the config is validated again."""
+    rows, meta = read_teacher_rows(path, flag)
+    cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        fail(f"{flag} {Path(path) / 'config.json'}", str(err))
+    return rows
+
+
+def check_rows(tasks, rows: dict[str, int], granularity: str, where: str, hint: str) -> None:
+    """Every task has a teacher row (by its name, or its category); the first one without is a ConfigError."""
+    for task in tasks:
+        key = task.name if granularity == "task" else task.category
+        if key not in rows:
+            raise ConfigError(f"{where}: no teacher for {granularity} {key!r} (rows.json has {len(rows)} "
+                              f"{granularity}s, e.g. {next(iter(rows))!r}); {hint}")
+
+
 def load_teachers(bank, path: Path, model) -> None:
     """Copy saved teacher factors into ``bank`` (before the engine is built)."""
     path = Path(path)

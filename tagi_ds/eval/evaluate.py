@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from tagi_ds import artifacts, data
-from tagi_ds.cli import output_dir, resolve_config
+from tagi_ds.artifact_flags import artifact_config, artifact_dir
+from tagi_ds.cli import output_dir
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
@@ -50,35 +51,6 @@ class EvalArgs:
 
 
 # -- resolution: flags + artifact -> (TagiConfig, EvalArgs) -------------------------------------------------
-def artifact_dir(flag: str, path: str, needs: tuple[str, ...]) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"--{flag} {path!r}: no such directory")
-    for name in needs:
-        if not (p / name).is_file():
-            raise ConfigError(f"--{flag} {path!r}: no {name} (expected a {flag_dir(flag)} dir written by tagi-ds)")
-    return p
-
-
-def flag_dir(flag: str) -> str:
-    return {"hypernet": "hypernet/", "adapter": "baseline_lora/", "teachers": "teachers/"}[flag]
-
-
-def _as_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    """A saved config as ``key=value`` strings, so the shared resolver applies it under ``--set`` and flags."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.extend(_as_overrides(value, f"{prefix}{key}."))
-        elif value is None:
-            out.append(f"{prefix}{key}=none")
-        elif isinstance(value, (list, bool)):
-            out.append(f"{prefix}{key}={json.dumps(value)}")
-        else:
-            out.append(f"{prefix}{key}={value}")
-    return out
-
-
 def _pick_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
     """``(eval mode, artifact flag, artifact dir)`` from ``--mode`` and the one artifact flag given."""
     given = [f for f in ARTIFACT_FLAGS if getattr(args, f, None)]
@@ -88,16 +60,16 @@ def _pick_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
     if flag == "hypernet":
         if args.mode not in (None, "tagi"):
             raise ConfigError(f"--hypernet is evaluated in mode tagi, got --mode {args.mode}")
-        return "tagi", flag, artifact_dir(flag, args.hypernet, ("generator.safetensors", "config.json"))
+        return "tagi", flag, artifact_dir(flag, args.hypernet)
     if flag == "teachers":
         if args.mode is not None:
             raise ConfigError(f"--teachers selects mode teacher (instruction + input, each task's own teacher); "
                               f"drop --mode {args.mode}")
-        return "teacher", flag, artifact_dir(flag, args.teachers, ("teachers.safetensors", "rows.json", "config.json"))
+        return "teacher", flag, artifact_dir(flag, args.teachers)
     if args.mode == "tagi":
         raise ConfigError("--mode tagi needs --hypernet DIR (a hypernet/ dir from pretrain.py or finetune.py)")
     if flag == "adapter":
-        path = artifact_dir(flag, args.adapter, ("teachers.safetensors", "rows.json", "config.json"))
+        path = artifact_dir(flag, args.adapter)
         rows, meta = artifacts.read_teacher_rows(path)
         if rows != {"*": 0}:
             raise ConfigError(f"--adapter {args.adapter!r}: rows.json has {len(rows)} rows; a baseline_lora/ dir has "
@@ -113,29 +85,6 @@ def _pick_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
     return args.mode, None, None
 
 
-def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | None = None,
-                    flag: str | None = None) -> TagiConfig:
-    """The config: the artifact's own (backbone shape, sites, ranks) < ``--set`` < flags (``cli.resolve_config``).
-
-    ``--recipe`` is the base only without an artifact; with one it must agree with the artifact's recipe.
-    ``mode`` (a TagiConfig mode) replaces ``--mode``.
-    """
-    ns = argparse.Namespace(**vars(args))
-    if mode is not None:
-        ns.mode = mode
-    if path is not None:
-        saved = artifacts.read_config(path, f"--{flag}" if flag else "artifact")
-        if args.recipe is not None and args.recipe != saved.recipe:
-            raise ConfigError(f"--recipe {args.recipe} disagrees with {path / 'config.json'} (recipe "
-                              f"{saved.recipe}); drop --recipe: the artifact fixes the model")
-        tree = saved.to_dict()
-        tree.pop("mode")
-        ns.recipe, ns.overrides = saved.recipe, _as_overrides(tree) + list(args.overrides)
-    else:
-        ns.recipe = args.recipe or "tiny"
-    return resolve_config(ns)
-
-
 def resolve(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
     """Launcher flags -> (config, EvalArgs); every inconsistency is a one-line ConfigError."""
     mode, flag, path = _pick_mode(args)
@@ -145,8 +94,7 @@ def resolve(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
             raise ConfigError(f"--{key}: must be > 0 ({value})")
     cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode, flag)  # a teacher reads instr + input
     if mode == "teacher":
-        _, meta = artifacts.read_teacher_rows(path)
-        cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
+        artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
     return cfg, EvalArgs(output_dir=output_dir(args, "evaluate"), mode=mode, artifact=path, kind=args.task,
                          split=args.split, deepspeed=args.deepspeed, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, flops=args.flops)
@@ -159,18 +107,6 @@ def _kind(kind: str, cfg: TagiConfig) -> str:
     if kind not in ("generate", "rank"):
         raise ConfigError(f"--task must be auto, generate or rank, got {kind!r}")
     return kind
-
-
-def teacher_rows_for(tasks, path: Path, granularity: str) -> dict[str, int]:
-    """Each task's teacher row; a task without one is an error naming it."""
-    rows, _ = artifacts.read_teacher_rows(path)
-    for task in tasks:
-        key = task.name if granularity == "task" else task.category
-        if key not in rows:
-            raise ConfigError(f"--teachers {str(path)!r}: no teacher for {granularity} {key!r} (rows.json has "
-                              f"{len(rows)} {granularity}s, e.g. {next(iter(rows))!r}); evaluate teachers on the "
-                              "tasks they were trained on (--split train)")
-    return rows
 
 
 # -- building -----------------------------------------------------------------------------------------------
@@ -229,7 +165,11 @@ def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
     tok = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, args.split)
     kind = _kind(args.kind, cfg)
-    rows = teacher_rows_for(tasks, args.artifact, cfg.teacher.granularity) if args.mode == "teacher" else None
+    rows = None
+    if args.mode == "teacher":
+        rows, _ = artifacts.read_teacher_rows(args.artifact)
+        artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {str(args.artifact)!r}",
+                             "evaluate teachers on the tasks they were trained on (--split train)")
     scored = classify.expand_choices(tasks) if kind == "rank" else tasks
     method = cost.resolve_method(args.flops)
     special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
@@ -376,5 +316,4 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
     return results
 
 
-__all__ = ["EVAL_MODES", "EvalArgs", "EvalChecked", "artifact_config", "artifact_dir", "build", "evaluate", "finish",
-           "preflight", "resolve", "run", "teacher_rows_for"]
+__all__ = ["EVAL_MODES", "EvalArgs", "EvalChecked", "build", "evaluate", "finish", "preflight", "resolve", "run"]

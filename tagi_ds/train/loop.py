@@ -71,19 +71,19 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
                           f"loss.kl_weight or loss.param_weight > 0; mode {cfg.mode}); drop --teachers")
     if args.init_hypernet and cfg.mode != "tagi":
         raise ConfigError(f"--init_hypernet {args.init_hypernet}: a hypernetwork needs mode tagi (mode {cfg.mode})")
-    rows, meta = None, None
+    rows = None
     if distill:
         if not args.teachers:
             raise ConfigError("--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
                               "(or --set loss.kl_weight=0 loss.param_weight=0)")
-        rows, meta = artifacts.read_teacher_rows(Path(args.teachers))
-        cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
+        rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)
     tasks = None if args.stage == "pretrain" else data.load_tasks(cfg.data.spec, cfg.data, "train")
     if args.stage == "teachers":
         rows = data.teacher_rows(tasks, cfg.teacher.granularity)
     elif distill:
-        _check_teacher_rows(tasks, rows, cfg.teacher.granularity, args.teachers)
+        artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {args.teachers}",
+                             "train the teachers on the same data and filters")
     loader = data.build_train_loader(cfg, tokenizer, stage=args.stage, rank=rank, world_size=world,
                                      teacher_rows=rows, tasks=tasks)
     special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
@@ -96,14 +96,6 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     fingerprint = checkpoint.fingerprint(args.stage, cfg, world, model)
     resume = checkpoint.check(args.resume_from_checkpoint, out, fingerprint) if args.resume_from_checkpoint else None
     return Checked(cfg, args, ds, world, tokenizer, loader, fingerprint, rows, distill, resume)
-
-
-def _check_teacher_rows(tasks, rows: dict[str, int], granularity: str, path) -> None:
-    for task in tasks:
-        key = task.name if granularity == "task" else task.category
-        if key not in rows:
-            raise ConfigError(f"--teachers {path}: no teacher for {granularity} {key!r} of the training data "
-                              f"({len(rows)} in rows.json); train the teachers on the same data and filters")
 
 
 def run(cfg: TagiConfig, args: RunArgs) -> Path:
