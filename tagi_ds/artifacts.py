@@ -152,6 +152,23 @@ def load_hypernet(model, path: Path) -> None:
                           "use the same hypernet.* settings")
 
 
+def check(path: Path, model, flag: str) -> None:
+    """Preflight of the dir that gives ``model`` (on the meta device) its adapters: a hypernet/ dir for its
+    generator, a teachers/ or baseline_lora/ dir for its LoRA bank."""
+    if model.generator is not None:
+        check_hypernet(path, model, flag)
+    else:
+        check_teachers(path, model.bank, model, flag)
+
+
+def load(model, path: Path) -> None:
+    """Load the adapters ``model`` runs with (before an engine is built): its generator's, or its LoRA bank's."""
+    if model.generator is not None:
+        load_hypernet(model, path)
+    else:
+        load_teachers(model.bank, path, model)
+
+
 def save_teachers(model, path: Path, rows: dict[str, int], granularity: str) -> None:
     bank = model.bank
     params = list(bank.parameters())

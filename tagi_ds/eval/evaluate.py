@@ -30,6 +30,7 @@ from tagi_ds.model import build_model
 from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
+from tagi_ds.stages import MODES
 
 ARTIFACT_FLAGS = ("hypernet", "adapter", "teachers")
 
@@ -112,17 +113,10 @@ def _kind(kind: str, cfg: TagiConfig) -> str:
 # -- building -----------------------------------------------------------------------------------------------
 def build(cfg: TagiConfig, args: EvalArgs, ds: dict, tok, num_rows: int):
     """The frozen TagiModel with the artifact loaded (backbone partitioned as built under ZeRO-3)."""
-    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
-    backbone = ds_engine.build_backbone(cfg, ds, special)
-    if args.mode == "teacher":
-        model = build_model(cfg, "teachers", backbone, num_bank_rows=num_rows)
-        artifacts.load_teachers(model.bank, args.artifact, model)
-    else:
-        model = build_model(cfg, "finetune", backbone)
-        if args.mode == "tagi":
-            artifacts.load_hypernet(model, args.artifact)
-        elif args.artifact is not None:
-            artifacts.load_teachers(model.bank, args.artifact, model)
+    backbone = ds_engine.build_backbone(cfg, ds, tok.special_ids)
+    model = build_model(cfg, MODES[args.mode].stage, backbone, num_bank_rows=num_rows)  # the model that trained it
+    if args.artifact is not None:  # none: the bare backbone
+        artifacts.load(model, args.artifact)
     return model.requires_grad_(False).eval()
 
 
@@ -165,23 +159,17 @@ def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
     tok = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, args.split)
     kind = _kind(args.kind, cfg)
+    mode = MODES[args.mode]
     rows = None
-    if args.mode == "teacher":
+    if mode.adapters == "per_task":  # each task's own teacher
         rows, _ = artifacts.read_teacher_rows(args.artifact)
         artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {str(args.artifact)!r}",
                              "evaluate teachers on the tasks they were trained on (--split train)")
     scored = classify.expand_choices(tasks) if kind == "rank" else tasks
     method = cost.resolve_method(args.flops)
-    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
-    if args.mode == "teacher":
-        model = preflight_checks.meta_model(cfg, "teachers", special, num_bank_rows=len(rows))
-        artifacts.check_teachers(args.artifact, model.bank, model, "--teachers")
-    else:
-        model = preflight_checks.meta_model(cfg, "finetune", special)
-        if args.mode == "tagi":
-            artifacts.check_hypernet(args.artifact, model, "--hypernet")
-        elif args.artifact is not None:
-            artifacts.check_teachers(args.artifact, model.bank, model, "--adapter")
+    model = preflight_checks.meta_model(cfg, mode.stage, tok.special_ids, num_bank_rows=len(rows) if rows else 0)
+    if args.artifact is not None:
+        artifacts.check(args.artifact, model, mode.flag)
     return EvalChecked(ds, tok, tasks, kind, rows, scored, method)
 
 
@@ -196,14 +184,15 @@ def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str,
                                                   checked.scored, checked.method)
     rundir.start(cfg, ds, args)  # process group, seed, config.json
     model = build(cfg, args, ds, tok, len(rows) if rows else 0)
+    mode = MODES[args.mode]
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
     gen = greedy_config(args.max_new_tokens, tok.eos_id, tok.pad_id,
                         None if model.causal else model.backbone.config.decoder_start_token_id)
-    use_bank = args.mode == "teacher" or args.artifact is not None
+    use_bank = args.artifact is not None  # without one, the bare backbone (concat / no_instruction)
     runner, device = wrap(EvalStep(model, args.mode, kind, gen, use_bank=use_bank, synced=synced), ds)
     loader = data.build_eval_loader(cfg, tok, args.split, dist.rank(), dist.world_size(),
                                     generation=kind == "generate", tasks=scored, batch_size=args.batch_size)
-    adapter_rank = cfg.hypernet.rank if args.mode == "tagi" else model.bank.rank if use_bank else 0
+    adapter_rank = cfg.hypernet.rank if mode.instruction else model.bank.rank if use_bank else 0
     formula = cost.FlopFormula(model, adapter_rank) if method == "formula" else None
     say(f"tagi-ds evaluate: mode {args.mode}, {kind}, {len(tasks)} tasks, {len(loader)} batches per rank on "
         f"{dist.world_size()} rank(s), ZeRO-{ds_engine.zero_stage(ds)}, FLOPs by {method}")
@@ -218,7 +207,7 @@ def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str,
             batch = batch.to(device)
             with cost.measure(method, device) as m:
                 out = runner(batch)
-            local.extend(_batch_records(batch, out, m, formula, tok, args.mode == "tagi"))
+            local.extend(_batch_records(batch, out, m, formula, tok, mode.instruction))
             if (i + 1) % max(1, len(loader) // 10) == 0 or i + 1 == len(loader):
                 say(f"[eval] batch {i + 1}/{len(loader)} ({time.perf_counter() - t0:.1f}s)")
     everything = dist.gather_object(local)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tagi_ds import artifacts, data
+from tagi_ds import artifacts, data, stages
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.model import build_model
 from tagi_ds.runtime import dist, rundir
@@ -46,13 +46,13 @@ class Checked:
 
     cfg: TagiConfig
     args: RunArgs
+    spec: stages.Spec  # what the stage trains, reads and writes
     ds: dict  # the final DeepSpeed dict for this world size
     world_size: int
     tokenizer: Any
     loader: Any  # this rank's training loader
     fingerprint: dict  # what a checkpoint of this run records (and a resumed one must match)
     rows: dict[str, int] | None = None  # teacher-bank rows: stage teachers (trained) or finetune (frozen)
-    with_teacher: bool = False  # finetune: the frozen teacher bank from --teachers
     resume: Path | None = None
 
 
@@ -65,37 +65,36 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     world, rank = preflight_checks.env_world_size(), preflight_checks.env_rank()
     out = preflight_checks.check_output_dir(args.output_dir)
     ds = preflight_checks.deepspeed_config(args.deepspeed, cfg, world)
-    distill = args.stage == "finetune" and cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
-    if args.teachers and not distill:
+    spec = stages.spec(args.stage, cfg)  # what the stage trains, reads and writes
+    if args.teachers and not spec.teacher:
         raise ConfigError(f"--teachers {args.teachers}: unused by this run (it needs finetune, mode tagi and "
                           f"loss.kl_weight or loss.param_weight > 0; mode {cfg.mode}); drop --teachers")
-    if args.init_hypernet and cfg.mode != "tagi":
+    if args.init_hypernet and not spec.mode.instruction:
         raise ConfigError(f"--init_hypernet {args.init_hypernet}: a hypernetwork needs mode tagi (mode {cfg.mode})")
     rows = None
-    if distill:
+    if spec.teacher:
         if not args.teachers:
             raise ConfigError("--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
                               "(or --set loss.kl_weight=0 loss.param_weight=0)")
         rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)
-    tasks = None if args.stage == "pretrain" else data.load_tasks(cfg.data.spec, cfg.data, "train")
-    if args.stage == "teachers":
+    tasks = data.load_tasks(cfg.data.spec, cfg.data, "train") if spec.stage.data == "tasks" else None
+    if spec.mode.adapters == "per_task":  # the teachers stage: a bank row per task (or category) it trains
         rows = data.teacher_rows(tasks, cfg.teacher.granularity)
-    elif distill:
+    elif spec.teacher:
         artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {args.teachers}",
                              "train the teachers on the same data and filters")
     loader = data.build_train_loader(cfg, tokenizer, stage=args.stage, rank=rank, world_size=world,
                                      teacher_rows=rows, tasks=tasks)
-    special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
-    model = preflight_checks.meta_model(cfg, args.stage, special, num_bank_rows=len(rows) if rows else 0,
-                                        with_teacher=distill)
-    if distill:
+    model = preflight_checks.meta_model(cfg, args.stage, tokenizer.special_ids, num_bank_rows=len(rows) if rows else 0,
+                                        with_teacher=spec.teacher)
+    if spec.teacher:
         artifacts.check_teachers(Path(args.teachers), model.teacher, model, "--teachers")
     if args.init_hypernet:
         artifacts.check_hypernet(Path(args.init_hypernet), model, "--init_hypernet")
     fingerprint = checkpoint.fingerprint(args.stage, cfg, world, model)
     resume = checkpoint.check(args.resume_from_checkpoint, out, fingerprint) if args.resume_from_checkpoint else None
-    return Checked(cfg, args, ds, world, tokenizer, loader, fingerprint, rows, distill, resume)
+    return Checked(cfg, args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume)
 
 
 def run(cfg: TagiConfig, args: RunArgs) -> Path:
@@ -109,11 +108,10 @@ def train(checked: Checked) -> Path:
     out = rundir.start(cfg, ds, args, checked.world_size)  # process group, seed, config.json
 
     tokenizer = checked.tokenizer
-    special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
-    backbone = ds_engine.build_backbone(cfg, ds, special)
+    backbone = ds_engine.build_backbone(cfg, ds, tokenizer.special_ids)
     model = build_model(cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0,
-                        with_teacher=checked.with_teacher)
-    if checked.with_teacher:
+                        with_teacher=checked.spec.teacher)
+    if checked.spec.teacher:
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)
     if args.init_hypernet:
         artifacts.load_hypernet(model, Path(args.init_hypernet))
@@ -203,14 +201,12 @@ def train(checked: Checked) -> Path:
         raise
     progress.close()
     progress.message(f"data (rank 0): {loader.report()}")
-    if args.stage == "teachers":
-        final = out / "teachers"
-        artifacts.save_teachers(model, final, rows, cfg.teacher.granularity)
-    elif model.generator is not None:
-        final = out / "hypernet"
+    final = out / checked.spec.artifact
+    if checked.spec.mode.adapters == "generated":
         artifacts.save_hypernet(model, final)
+    elif checked.spec.mode.adapters == "per_task":
+        artifacts.save_teachers(model, final, rows, cfg.teacher.granularity)
     else:  # concat / no_instruction baselines: their shared LoRA is a one-row bank
-        final = out / "baseline_lora"
         artifacts.save_teachers(model, final, {"*": 0}, "shared")
     progress.message(f"done: {final}")
     return final
