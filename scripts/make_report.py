@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 HELD = [  # (key, label, what it is)
@@ -189,22 +188,15 @@ def plot(rouge: dict[str, list[float]], flops: dict[str, float], docs: Path) -> 
     fig.savefig(docs / "results.png", dpi=110)
 
 
-@dataclass
 class Results:
     """Every results.json of a run directory, per method and seed, and the figures the report reads."""
 
-    run: Path
-    seeds: list[int]
-    by_seed: dict[str, dict[int, dict]]  # method -> seed -> results.json (the ablations may run on fewer seeds)
-    seen: dict[str, dict]  # seen training tasks: method -> results.json
-
-    @classmethod
-    def read(cls, run: Path) -> Results:
-        seeds = seeds_of(run)
-        by_seed = {k: rs for k, _, _ in HELD
-                   if (rs := {s: r for s in seeds if (r := load(run / "eval" / f"s{s}" / k))})}
-        seen = {k: r for k, _ in SEEN if (r := load(run / "eval" / "seen" / k)) is not None}
-        return cls(run, seeds, by_seed, seen)
+    def __init__(self, run: Path) -> None:
+        self.run, self.seeds = run, seeds_of(run)
+        # method -> seed -> results.json (the ablations may run on fewer seeds)
+        self.by_seed = {k: rs for k, _, _ in HELD
+                        if (rs := {s: r for s in self.seeds if (r := load(run / "eval" / f"s{s}" / k))})}
+        self.seen = {k: r for k, _ in SEEN if (r := load(run / "eval" / "seen" / k)) is not None}  # seen tasks
 
     @property
     def res(self) -> dict[str, list[dict]]:
@@ -242,7 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     run, docs = Path(args.run), Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    r = Results.read(run)
+    r = Results(run)
     lines = [*header(r), *held_out(r), *seen_tasks(r), *findings(r), *per_category(r), *setup(r, docs),
              *training_figures(r), *machine_and_commands(r, args.wall_s, docs)]
     tmp = docs / "results.md.tmp"
