@@ -1,7 +1,8 @@
-"""Evaluation runs: resolve the mode and artifact, build under DeepSpeed, run every batch on every rank in
-step, gather to rank 0, score, write ``predictions.jsonl`` and ``results.json``.
+"""Evaluation runs: check every input, build under DeepSpeed, run every batch on every rank in step, gather to
+rank 0, score, write ``predictions.jsonl`` and ``results.json``.
 
-Read top to bottom, :func:`run` is the whole of what ``launchers/evaluate.py`` runs. Under ZeRO-3 every rank
+Read top to bottom, :func:`run` is the whole of what ``launchers/evaluate.py`` runs once its flags are resolved
+into a config and :class:`EvalArgs` (``tagi_ds.artifact_flags.resolve_evaluation``). Under ZeRO-3 every rank
 calls the same modules the same number of times: the eval loader gives ranks equal step counts (short ranks
 repeat batches), generation keeps ranks in step (``synced_gpus``), and results are de-duplicated by example
 id on rank 0. ``kind`` generate: SNI-style greedy generation scored by exact match and ROUGE-L; ``kind`` rank:
@@ -10,7 +11,6 @@ P3-style rank classification (:mod:`tagi_ds.eval.classify`). Costs: :mod:`tagi_d
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -20,8 +20,6 @@ from typing import Any
 import torch
 
 from tagi_ds import artifacts, data
-from tagi_ds.artifact_flags import artifact_config, artifact_dir
-from tagi_ds.cli import output_dir
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
@@ -31,8 +29,6 @@ from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.stages import MODES
-
-ARTIFACT_FLAGS = ("hypernet", "adapter", "teachers")
 
 
 @dataclass
@@ -49,56 +45,6 @@ class EvalArgs:
     batch_size: int | None = None
     flops: str = "auto"  # auto | counter | formula
     stage: str = "evaluate"
-
-
-# -- resolution: flags + artifact -> (TagiConfig, EvalArgs) -------------------------------------------------
-def _pick_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
-    """``(eval mode, artifact flag, artifact dir)`` from ``--mode`` and the one artifact flag given."""
-    given = [f for f in ARTIFACT_FLAGS if getattr(args, f, None)]
-    if len(given) > 1:
-        raise ConfigError(f"--{given[0]} and --{given[1]} exclude each other: evaluate one thing per run")
-    flag = given[0] if given else None
-    if flag == "hypernet":
-        if args.mode not in (None, "tagi"):
-            raise ConfigError(f"--hypernet is evaluated in mode tagi, got --mode {args.mode}")
-        return "tagi", flag, artifact_dir(flag, args.hypernet)
-    if flag == "teachers":
-        if args.mode is not None:
-            raise ConfigError(f"--teachers selects mode teacher (instruction + input, each task's own teacher); "
-                              f"drop --mode {args.mode}")
-        return "teacher", flag, artifact_dir(flag, args.teachers)
-    if args.mode == "tagi":
-        raise ConfigError("--mode tagi needs --hypernet DIR (a hypernet/ dir from pretrain.py or finetune.py)")
-    if flag == "adapter":
-        path = artifact_dir(flag, args.adapter)
-        rows, meta = artifacts.read_teacher_rows(path)
-        if rows != {"*": 0}:
-            raise ConfigError(f"--adapter {args.adapter!r}: rows.json has {len(rows)} rows; a baseline_lora/ dir has "
-                              "one shared row (a teachers/ dir goes to --teachers)")
-        trained = meta["tagi"].get("mode")
-        if args.mode is not None and args.mode != trained:
-            raise ConfigError(f"--adapter {args.adapter!r} was trained in mode {trained}; evaluate it with "
-                              f"--mode {trained}, not {args.mode}")
-        return trained, flag, path
-    if args.mode is None:
-        raise ConfigError("nothing to evaluate: give --hypernet DIR (tagi), --adapter DIR or --mode concat|"
-                          "no_instruction (baselines; bare backbone without --adapter), or --teachers DIR")
-    return args.mode, None, None
-
-
-def resolve(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
-    """Launcher flags -> (config, EvalArgs); every inconsistency is a one-line ConfigError."""
-    mode, flag, path = _pick_mode(args)
-    for key in ("max_new_tokens", "batch_size"):
-        value = getattr(args, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{key}: must be > 0 ({value})")
-    cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode, flag)  # a teacher reads instr + input
-    if mode == "teacher":
-        artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
-    return cfg, EvalArgs(output_dir=output_dir(args, "evaluate"), mode=mode, artifact=path, kind=args.task,
-                         split=args.split, deepspeed=args.deepspeed, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size, flops=args.flops)
 
 
 # -- checks that need the data (before any process group exists) ------------------------------------------
@@ -305,4 +251,4 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
     return results
 
 
-__all__ = ["EVAL_MODES", "EvalArgs", "EvalChecked", "build", "evaluate", "finish", "preflight", "resolve", "run"]
+__all__ = ["EVAL_MODES", "EvalArgs", "EvalChecked", "build", "evaluate", "finish", "preflight", "run"]
