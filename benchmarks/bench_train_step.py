@@ -63,7 +63,7 @@ from tagi_ds.recipes import get_recipe  # noqa: E402
 
 VARIANTS = ("tagi", "tagi_nokl", "lora", "concat", "peft")
 ENGINES = ("torch", "z2", "z3", "z3+replicated", "z3+partitioned", "z3+offload_opt", "z3+offload")
-# train.frozen_backbone of each engine (tagi_ds.train.engine.backbone_placement); the others: auto
+# train.frozen_backbone of each engine (tagi_ds.runtime.engine.backbone_placement); the others: auto
 BACKBONE = {"z3+replicated": "replicated", "z3+partitioned": "partitioned"}
 MODES = {"tagi": "tagi", "tagi_nokl": "tagi", "lora": "no_instruction", "concat": "concat", "peft": "no_instruction"}
 FLOP_VARIANT = {"tagi_nokl": "tagi", "peft": "lora"}  # the tagi_ds.plan.step_flops variant of each case
@@ -146,7 +146,7 @@ class PeftLora(nn.Module):
 def ds_config(engine: str, recipe: str, z3_json: Path | None = None) -> dict:
     """The DeepSpeed JSON of ``engine``: the ZeRO-3 engines use ``recipe``'s default (a run's: ds_configs/z3.json;
     z3_tiny.json for the tiny recipes, which partitions their small tensors too) or ``z3_json``."""
-    from tagi_ds.train.engine import DEFAULT_DS_CONFIG, default_ds_config, load_ds_json
+    from tagi_ds.runtime.engine import DEFAULT_DS_CONFIG, default_ds_config, load_ds_json
 
     folder = DEFAULT_DS_CONFIG.parent
     ds = load_ds_json(folder / "z2.json" if engine == "z2" else folder / "z3_offload.json" if engine == "z3+offload"
@@ -164,7 +164,7 @@ def ds_config(engine: str, recipe: str, z3_json: Path | None = None) -> dict:
 def backbone_placement(model: nn.Module) -> str:
     """Where the frozen backbone's weights live: ``partitioned`` (ZeRO-3 parameters), ``replicated`` (ZeRO-3 engine,
     backbone whole outside ZeRO) or ``whole`` (no ZeRO-3)."""
-    from tagi_ds.train.engine import replicated
+    from tagi_ds.runtime.engine import replicated
 
     backbone = model.backbone if hasattr(model, "backbone") else getattr(model, "peft", model)
     if any(hasattr(p, "ds_id") for p in backbone.parameters()):
@@ -180,8 +180,8 @@ _F_LINEAR = torch.nn.functional.linear
 def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: Path | None = None):
     """(module, step function, cleanup) for one case. Raises if the case cannot run here."""
     from tagi_ds.model import build_backbone, build_model
-    from tagi_ds.train import dist
-    from tagi_ds.train import engine as ds_engine
+    from tagi_ds.runtime import dist
+    from tagi_ds.runtime import engine as ds_engine
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -349,7 +349,7 @@ def add_ratios(rows: list[dict], default_engine: str) -> None:
 
 def deepspeed_usable() -> tuple[bool, str]:
     try:
-        from tagi_ds.train import dist
+        from tagi_ds.runtime import dist
 
         dist.init()
     except Exception as err:  # noqa: BLE001

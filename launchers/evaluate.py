@@ -51,9 +51,10 @@ def parser():
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    from tagi_ds.eval.evaluate import resolve, run  # heavy (transformers, deepspeed): after --help
+    from tagi_ds.artifact_flags import resolve_evaluation  # heavy (transformers, deepspeed): after --help
+    from tagi_ds.eval.evaluate import run
 
-    cfg, eval_args = resolve(args)
+    cfg, eval_args = resolve_evaluation(args)
     run(cfg, eval_args)
 
 

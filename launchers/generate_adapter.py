@@ -51,13 +51,13 @@ def parser():
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    from tagi_ds.eval.evaluate import artifact_config, artifact_dir  # heavy (transformers): after --help
+    from tagi_ds.artifact_flags import artifact_config, artifact_dir  # heavy (torch): after --help
     from tagi_ds.export.peft import generate_adapter
 
     if args.data or args.mode not in (None, "tagi"):
         flag = f"--data {args.data}" if args.data else f"--mode {args.mode}"
         raise ConfigError(f"{flag}: generate_adapter reads one text (--instruction) with a tagi --hypernet")
-    hypernet = artifact_dir("hypernet", args.hypernet, ("generator.safetensors", "config.json"))
+    hypernet = artifact_dir("hypernet", args.hypernet)
     text = args.instruction
     if args.instruction_file:
         path = Path(args.instruction_file)

@@ -188,6 +188,44 @@ def plot(rouge: dict[str, list[float]], flops: dict[str, float], docs: Path) -> 
     fig.savefig(docs / "results.png", dpi=110)
 
 
+class Results:
+    """Every results.json of a run directory, per method and seed, and the figures the report reads."""
+
+    def __init__(self, run: Path) -> None:
+        self.run, self.seeds = run, seeds_of(run)
+        # method -> seed -> results.json (the ablations may run on fewer seeds)
+        self.by_seed = {k: rs for k, _, _ in HELD
+                        if (rs := {s: r for s in self.seeds if (r := load(run / "eval" / f"s{s}" / k))})}
+        self.seen = {k: r for k, _ in SEEN if (r := load(run / "eval" / "seen" / k)) is not None}  # seen tasks
+
+    @property
+    def res(self) -> dict[str, list[dict]]:
+        return {k: list(rs.values()) for k, rs in self.by_seed.items()}
+
+    @property
+    def rouge(self) -> dict[str, list[float]]:
+        return {k: [r["rougeL"] for r in rs] for k, rs in self.res.items()}
+
+    @property
+    def em(self) -> dict[str, list[float]]:
+        return {k: [r["exact_match"] for r in rs] for k, rs in self.res.items()}
+
+    @property
+    def flops(self) -> dict[str, float]:
+        return {k: mean([r["cost"]["flops_per_example"] for r in rs]) for k, rs in self.res.items()}
+
+    @property
+    def seed_txt(self) -> str:
+        n, seeds = len(self.seeds), self.seeds
+        return f"{n} seeds ({', '.join(map(str, seeds))})" if n > 1 else f"one seed ({seeds[0]})" if n else "-"
+
+    def paired(self, a: str, b: str) -> list[float]:
+        """Per-seed ROUGE-L differences a - b over the seeds both methods ran."""
+        by_seed = self.by_seed
+        return [by_seed[a][s]["rougeL"] - by_seed[b][s]["rougeL"] for s in self.seeds
+                if s in by_seed[a] and s in by_seed[b]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="runs/reproduce")
@@ -196,65 +234,74 @@ def main() -> None:
     args = ap.parse_args()
     run, docs = Path(args.run), Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    seeds = seeds_of(run)
-    # per method: the results.json of every seed that has one (the ablations may run on fewer seeds)
-    by_seed = {k: rs for k, _, _ in HELD if (rs := {s: r for s in seeds if (r := load(run / "eval" / f"s{s}" / k))})}
-    res = {k: list(rs.values()) for k, rs in by_seed.items()}
+    r = Results(run)
+    lines = [*header(r), *held_out(r), *seen_tasks(r), *findings(r), *per_category(r), *setup(r, docs),
+             *training_figures(r), *machine_and_commands(r, args.wall_s, docs)]
+    tmp = docs / "results.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(docs / "results.md")
+    if r.rouge:
+        plot(r.rouge, r.flops, docs)
 
-    def paired(a: str, b: str) -> list[float]:
-        """Per-seed ROUGE-L differences a - b over the seeds both methods ran."""
-        return [by_seed[a][s]["rougeL"] - by_seed[b][s]["rougeL"] for s in seeds if s in by_seed[a] and s in by_seed[b]]
-    rouge = {k: [r["rougeL"] for r in rs] for k, rs in res.items()}
-    em = {k: [r["exact_match"] for r in rs] for k, rs in res.items()}
-    flops = {k: mean([r["cost"]["flops_per_example"] for r in rs]) for k, rs in res.items()}
-    seen = {k: r for k, _ in SEEN if (r := load(run / "eval" / "seen" / k)) is not None}
-    secs = stage_seconds(run, seeds)
-    n = len(seeds)
-    seed_txt = f"{n} seeds ({', '.join(map(str, seeds))})" if n > 1 else f"one seed ({seeds[0]})" if n else "-"
 
+def header(r: Results) -> list[str]:
     groups: dict[tuple[int, ...], list[str]] = {}  # methods run on fewer seeds (ABLATION_SEEDS), by seed set
-    for k, rs in by_seed.items():
-        if len(rs) < n:
+    for k, rs in r.by_seed.items():
+        if len(rs) < len(r.seeds):
             groups.setdefault(tuple(rs), []).append(LABELS[k])
     fewer_txt = ""
     if groups:
         parts = [f"{', '.join(labs)}: seed{'s' * (len(v) > 1)} {', '.join(map(str, v))} only"
                  for v, labs in groups.items()]
         fewer_txt = " (" + "; ".join(parts) + ", to keep the pipeline within 45 minutes)"
-    L = ["# Miniature TAGI reproduction (built-in suite, CPU)", "",
-         "Produced by `bash scripts/reproduce.sh` (called by `make reproduce`); every number below is read from "
-         f"`{run}/eval/*/*/results.json` by `scripts/make_report.py`. Commit {git_rev()}.", "",
-         f"The backbone, the teachers and the pretrained hypernetwork are built once; every finetuning run and its "
-         f"evaluation is repeated for {seed_txt}{fewer_txt}. ROUGE-L and EM are the mean ± sample standard "
-         "deviation over seeds; the per-seed values follow.", ""]
-    L += ["## Held-out tasks (29 unseen tasks, greedy decoding, ROUGE-L / exact match)", "",
-          "| Method | What it is | ROUGE-L | per seed | EM | inference FLOPs / example | FLOPs vs concat |",
-          "|---|---|---:|---|---:|---:|---:|"]
+    return ["# Miniature TAGI reproduction (built-in suite, CPU)", "",
+            "Produced by `bash scripts/reproduce.sh` (called by `make reproduce`); every number below is read from "
+            f"`{r.run}/eval/*/*/results.json` by `scripts/make_report.py`. Commit {git_rev()}.", "",
+            f"The backbone, the teachers and the pretrained hypernetwork are built once; every finetuning run and its "
+            f"evaluation is repeated for {r.seed_txt}{fewer_txt}. ROUGE-L and EM are the mean ± sample standard "
+            "deviation over seeds; the per-seed values follow.", ""]
+
+
+def held_out(r: Results) -> list[str]:
+    rouge, em, flops, n = r.rouge, r.em, r.flops, len(r.seeds)
+    L = ["## Held-out tasks (29 unseen tasks, greedy decoding, ROUGE-L / exact match)", "",
+         "| Method | What it is | ROUGE-L | per seed | EM | inference FLOPs / example | FLOPs vs concat |",
+         "|---|---|---:|---|---:|---:|---:|"]
     for k, lab, what in HELD:
-        if k not in res:
+        if k not in r.by_seed:
             L.append(f"| {lab} | {what} | (missing) | | | | |")
             continue
         ratio = f"{flops[k] / flops['concat']:.2f}x" if "concat" in flops else "-"
-        ms = list(by_seed[k])
+        ms = list(r.by_seed[k])
         which = f" (seed{'s' * (len(ms) > 1)} {', '.join(map(str, ms))})" if len(ms) < n else ""
         L.append(f"| {lab} | {what} | {pm(rouge[k])} | {' / '.join(f'{x:.1f}' for x in rouge[k])}{which} | "
                  f"{pm(em[k])} | {flops[k] / 1e6:.2f} M | {ratio} |")
     L.append("")
-    if seen:
-        L += [f"## Seen training tasks (first instances of each of the 76 training tasks, seed {seeds[0]}; these "
-              "instances were in every method's training data)", "",
-              "The teachers exist only for training tasks (the built-in held-out tasks have no training instances), "
-              "so the teachers' upper bound is measured here, next to TAGI and concat on the same examples.", "",
-              "| Method | ROUGE-L | EM | inference FLOPs / example |", "|---|---:|---:|---:|"]
-        gran = json.loads((run / "teachers" / "config.json").read_text())["tagi"]["teacher"]["granularity"]
-        for k, lab in SEEN:
-            if k in seen:
-                r = seen[k]
-                L.append(f"| {lab.format(granularity=gran)} | {r['rougeL']:.2f} | {r['exact_match']:.2f} | "
-                         f"{r['cost']['flops_per_example'] / 1e6:.2f} M |")
-        L.append("")
+    return L
 
-    L += ["## What the table shows", ""]
+
+def seen_tasks(r: Results) -> list[str]:
+    if not r.seen:
+        return []
+    L = [f"## Seen training tasks (first instances of each of the 76 training tasks, seed {r.seeds[0]}; these "
+         "instances were in every method's training data)", "",
+         "The teachers exist only for training tasks (the built-in held-out tasks have no training instances), "
+         "so the teachers' upper bound is measured here, next to TAGI and concat on the same examples.", "",
+         "| Method | ROUGE-L | EM | inference FLOPs / example |", "|---|---:|---:|---:|"]
+    gran = json.loads((r.run / "teachers" / "config.json").read_text())["tagi"]["teacher"]["granularity"]
+    for k, lab in SEEN:
+        if k in r.seen:
+            s = r.seen[k]
+            L.append(f"| {lab.format(granularity=gran)} | {s['rougeL']:.2f} | {s['exact_match']:.2f} | "
+                     f"{s['cost']['flops_per_example'] / 1e6:.2f} M |")
+    L.append("")
+    return L
+
+
+def findings(r: Results) -> list[str]:
+    """"What the table shows": sentences generated from the numbers, claiming only what the table shows."""
+    rouge, flops, seed_txt, seen = r.rouge, r.flops, r.seed_txt, r.seen
+    L = ["## What the table shows", ""]
     if "tagi" in rouge and "concat" in rouge:
         d = mean(rouge["tagi"]) - mean(rouge["concat"])
         ratio = flops["tagi"] / flops["concat"]
@@ -265,8 +312,8 @@ def main() -> None:
                  f"{'met' if within and ratio <= 0.4 else 'NOT met'} "
                  f"({'quality ok' if within else 'quality gap > 1 point'}, "
                  f"{'cost ok' if ratio <= 0.4 else 'cost ratio > 0.4'}).")
-        if n > 1:
-            diffs = paired("tagi", "concat")
+        if len(r.seeds) > 1:
+            diffs = r.paired("tagi", "concat")
             L.append(f"- Per seed, TAGI minus concat: {', '.join(f'{x:+.1f}' for x in diffs)} "
                      f"(TAGI ahead in {sum(x > 0 for x in diffs)} of {len(diffs)} seeds).")
     if "tagi" in rouge and "no_instruction" in rouge:
@@ -277,7 +324,7 @@ def main() -> None:
     if "tagi" in rouge:
         for k, lab, _ in HELD[3:]:
             if k in rouge:
-                diffs = paired(k, "tagi")
+                diffs = r.paired(k, "tagi")
                 spread = f" ± {std(diffs):.2f} over {len(diffs)} seeds" if len(diffs) > 1 else ""
                 L.append(f"- {lab}: {mean(diffs):+.2f}{spread} ROUGE-L vs full TAGI (paper, XL: "
                          f"{PAPER_ABLATION[k]}).")
@@ -298,9 +345,13 @@ def main() -> None:
         L.append("- One seed: differences of about a point between methods are within what a different seed "
                  "could move; they are not significance-tested.")
     L.append("")
+    return L
 
-    L += [f"## Per-category ROUGE-L (held-out, mean over {seed_txt})", ""]
-    cats = sorted({c for rs in res.values() for r in rs for c in r.get("per_category", {})})
+
+def per_category(r: Results) -> list[str]:
+    res = r.res
+    L = [f"## Per-category ROUGE-L (held-out, mean over {r.seed_txt})", ""]
+    cats = sorted({c for rs in res.values() for x in rs for c in x.get("per_category", {})})
     if cats:
         keys = list(res)
         L.append("| category | " + " | ".join(keys) + " |")
@@ -308,12 +359,17 @@ def main() -> None:
         for c in cats:
             cells = []
             for k in keys:
-                vals = [r["per_category"][c]["rougeL"] for r in res[k] if c in r.get("per_category", {})]
+                vals = [x["per_category"][c]["rougeL"] for x in res[k] if c in x.get("per_category", {})]
                 cells.append(f"{mean(vals):.1f}" if vals else "-")
             L.append(f"| {c} | " + " | ".join(cells) + " |")
         L.append("")
+    return L
 
-    L += ["![results](results.png)", "", "## Setup", ""]
+
+def setup(r: Results, docs: Path) -> list[str]:
+    """The setup of the run, read from its config.json files (the backbone's, the teachers', seed 0's)."""
+    run, seeds = r.run, r.seeds
+    L = ["![results](results.png)", "", "## Setup", ""]
     s0 = run / f"s{seeds[0]}" if seeds else run
     cfg_path = s0 / "ft_tagi" / "config.json"
     if cfg_path.is_file():
@@ -365,6 +421,13 @@ def main() -> None:
     L += ["- Evaluation: `launchers/evaluate.py`, greedy decoding, SNI ROUGE-L / exact match over the accepted "
           "answers; FLOPs counted with torch's FlopCounterMode per batch (instruction encoding and hypernetwork "
           "included for TAGI; concat pays the instruction tokens in every example).", ""]
+    return L
+
+
+def training_figures(r: Results) -> list[str]:
+    """Stage wall times and final training losses."""
+    run, seeds, secs = r.run, r.seeds, stage_seconds(r.run, r.seeds)
+    L: list[str] = []
     if secs:
         L += ["Stage wall times (s; finetuning stages are the mean over seeds; two jobs in parallel, one thread each, "
               "the backbone alone on two threads): " + ", ".join(f"{k} {v}" for k, v in secs.items()) + ".", ""]
@@ -378,8 +441,11 @@ def main() -> None:
             losses.append(f"{name} {mean(vals):.3f}")
     L += ["Final training loss (mean of the last 20 logged steps; finetuning: mean over seeds): "
           + ", ".join(losses) + ".", ""]
-    L += ["## Machine and wall time", "", f"- {machine()}"]
-    L += wall_lines(run, args.wall_s)
+    return L
+
+
+def machine_and_commands(r: Results, wall_s: float | None, docs: Path) -> list[str]:
+    L = ["## Machine and wall time", "", f"- {machine()}", *wall_lines(r.run, wall_s)]
     L += ["", "## Commands", "", "```", "make reproduce        # = bash scripts/reproduce.sh", "```", "",
           "The stage command lines, as `scripts/reproduce.sh` ran them (also in `docs/reproduce_log/commands.txt`; "
           "each run directory's `config.json` holds the resolved config; stage logs and every `results.json` are "
@@ -388,11 +454,7 @@ def main() -> None:
     if log.is_file():
         L += log.read_text().splitlines()
     L += ["```", ""]
-    tmp = docs / "results.md.tmp"
-    tmp.write_text("\n".join(L) + "\n")
-    tmp.replace(docs / "results.md")
-    if rouge:
-        plot(rouge, flops, docs)
+    return L
 
 
 if __name__ == "__main__":

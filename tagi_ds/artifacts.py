@@ -14,14 +14,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tagi_ds.config import ConfigError, TagiConfig, from_dict
+from tagi_ds.config import ConfigError, Granularity, TagiConfig, from_dict
+from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import fail, read_json, safetensors_header
-from tagi_ds.train import dist
 
 
 @contextlib.contextmanager
@@ -152,6 +152,23 @@ def load_hypernet(model, path: Path) -> None:
                           "use the same hypernet.* settings")
 
 
+def check(path: Path, model, flag: str) -> None:
+    """Preflight of the dir that gives ``model`` (on the meta device) its adapters: a hypernet/ dir for its
+    generator, a teachers/ or baseline_lora/ dir for its LoRA bank."""
+    if model.generator is not None:
+        check_hypernet(path, model, flag)
+    else:
+        check_teachers(path, model.bank, model, flag)
+
+
+def load(model, path: Path) -> None:
+    """Load the adapters ``model`` runs with (before an engine is built): its generator's, or its LoRA bank's."""
+    if model.generator is not None:
+        load_hypernet(model, path)
+    else:
+        load_teachers(model.bank, path, model)
+
+
 def save_teachers(model, path: Path, rows: dict[str, int], granularity: str) -> None:
     bank = model.bank
     params = list(bank.parameters())
@@ -176,10 +193,31 @@ def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, i
             or not all(isinstance(v, int) for v in rows.values())):
         fail(f"{flag} {path / 'rows.json'}", "expected a JSON object of names to rows 0..N-1", str(rows)[:60])
     if not (isinstance(meta["rank"], int) and meta["rank"] > 0 and isinstance(meta["alpha"], (int, float))
-            and meta["granularity"] in ("task", "category", "shared")):
+            and meta["granularity"] in (*get_args(Granularity), "shared")):
         fail(f"{flag} {path / 'config.json'}", "rank, alpha or granularity is not valid",
              f"{meta['rank']!r}, {meta['alpha']!r}, {meta['granularity']!r}")
     return rows, meta
+
+
+def adopt_teacher(cfg: TagiConfig, path: Path, flag: str = "--teachers") -> dict[str, int]:
+    """The rows of a teachers/ dir; its rank, alpha and granularity become ``cfg.teacher`` (the bank this run
+    builds takes the saved shapes) and the config is validated again."""
+    rows, meta = read_teacher_rows(path, flag)
+    cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        fail(f"{flag} {Path(path) / 'config.json'}", str(err))
+    return rows
+
+
+def check_rows(tasks, rows: dict[str, int], granularity: str, where: str, hint: str) -> None:
+    """Every task has a teacher row (by its name, or its category); the first one without is a ConfigError."""
+    for task in tasks:
+        key = task.name if granularity == "task" else task.category
+        if key not in rows:
+            raise ConfigError(f"{where}: no teacher for {granularity} {key!r} (rows.json has {len(rows)} "
+                              f"{granularity}s, e.g. {next(iter(rows))!r}); {hint}")
 
 
 def load_teachers(bank, path: Path, model) -> None:

@@ -1,4 +1,5 @@
-"""The flags every launcher shares (DESIGN.md's contract) and their resolution into one TagiConfig.
+"""The flags every launcher shares (README: "Flags shared by every training launcher") and their resolution into
+one TagiConfig.
 
 Precedence: recipe < ``--set key=value`` < dedicated flags (``--max_steps`` etc.). Unknown flags and keys
 are errors. Every entry point parses with :class:`Parser` (argparse errors as one line plus a ``--help``
@@ -14,12 +15,15 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tagi_ds.config import ConfigError, TagiConfig, apply_overrides, from_dict
+from tagi_ds.config import ConfigError, DataConfig, TagiConfig, apply_overrides, choices, field_docs, from_dict
 from tagi_ds.recipes import RECIPES, get_recipe
 from tagi_ds.runtime.preflight import check_argv, guarded
+from tagi_ds.stages import STAGES
 
 STAGE_DEFAULT_OUT = {"teachers": "runs/teachers", "pretrain": "runs/pretrain", "finetune": "runs/finetune",
                      "evaluate": "runs/eval", "generate_adapter": "runs/adapter"}
+INPUT_HELP = {"teachers": "teachers/ from train_teachers.py: targets of the KL and parameter-alignment terms",
+              "init_hypernet": "hypernet/ from pretrain.py to start from (default: from scratch)"}
 RECIPE_HELP = {"tiny": "built-in tiny T5, random init, CPU-sized", "tiny-llama": "built-in tiny LLaMA",
                "mini": "the small T5 of the miniature reproduction, scripts/reproduce.sh"}
 __all__ = ["Parser", "add_set_flag", "base_parser", "guarded", "output_dir", "resolve_config", "train_main",
@@ -58,7 +62,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_set_flag(p: argparse.ArgumentParser, help: str = "override any config field, e.g. --set hypernet.rank=16 "
-                 "loss.kl_weight=0.5") -> None:
+                 "loss.kl_weight=0.5 (every field: python -m tagi_ds.config)") -> None:
     """``--set KEY=VALUE ...``: one rule everywhere (launchers, ``python -m tagi_ds.data``, benchmarks): one flag
     takes several keys, and the flag may be repeated; all go to ``args.overrides`` in order."""
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -85,29 +89,27 @@ def base_parser(prog: str, description: str, epilog: str | None = None,
     p.add_argument("--model_name_or_path", default=None, metavar="PATH",
                    help="local HF checkpoint dir for the backbone (default: the recipe's shape, random init)")
     p.add_argument("--data", default=None, metavar="SPEC",
-                   help="builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR (default: the recipe's, builtin)")
+                   help=f"{field_docs(DataConfig)['spec']} (default: the recipe's, builtin)")
     stage = prog.removesuffix(".py").removeprefix("train_")  # train_teachers.py -> teachers
     p.add_argument("--output_dir", default=None, metavar="DIR",
                    help=f"run directory (default: {STAGE_DEFAULT_OUT.get(stage, 'runs/<stage>')})")
     p.add_argument("--seed", type=int, default=None, help="global seed (default: train.seed of the recipe, 42)")
-    p.add_argument("--mode", default=None, choices=["tagi", "concat", "no_instruction"],
-                   help="tagi (generated adapters), or a baseline: concat (instruction + input) / no_instruction "
-                        "(default: tagi)")
+    p.add_argument("--mode", default=None, choices=choices(TagiConfig, "mode"),
+                   help=f"{field_docs(TagiConfig)['mode']} (default: {TagiConfig.mode})")
     add_set_flag(p)
     return p
 
 
 def _default_run(stage: str) -> str:
     """What the launcher does with no flag (named in --help): what it reads, how many steps, where it writes."""
-    cfg = get_recipe("tiny")
-    reads = {"pretrain": "the built-in text corpus (split a|b|c)",
-             "teachers": "the built-in task suite's 76 training tasks",
-             "finetune": "the built-in task suite's 76 training tasks"}[stage]
+    cfg, spec = get_recipe("tiny"), STAGES[stage]
+    reads = {"corpus": "the built-in text corpus (split a|b|c)",
+             "tasks": "the built-in task suite's 76 training tasks"}[spec.data]
     line = (f"With no flag: recipe tiny (built-in tiny T5, random init, frozen), reads {reads}, trains "
             f"{cfg.train.max_steps} steps (train.max_steps; a checkpoint every {cfg.train.save_steps}) under ZeRO-3 "
             f"(ds_configs/z3.json), one process or the ranks the deepspeed launcher starts, and writes "
             f"{STAGE_DEFAULT_OUT[stage]}/.")
-    if stage == "finetune":
+    if spec.distils:
         line += (" Finetuning needs --teachers DIR for its KL and alignment terms, or --set loss.kl_weight=0 "
                  "loss.param_weight=0.")
     line += " Bad input: one line 'error: ...' and exit code 2, nothing written (README: exit codes)."
@@ -115,18 +117,14 @@ def _default_run(stage: str) -> str:
 
 
 def training_parser(stage: str, description: str) -> argparse.ArgumentParser:
-    p = base_parser("train_teachers.py" if stage == "teachers" else f"{stage}.py", description,
-                    epilog=_default_run(stage))
+    p = base_parser(STAGES[stage].launcher, description, epilog=_default_run(stage))
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: train.max_steps)")
     p.add_argument("--save_steps", type=int, default=None,
                    help="checkpoint every N steps (default: train.save_steps)")
     p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
                    help="'latest' (in --output_dir/checkpoints) or a checkpoint dir")
-    if stage == "finetune":
-        p.add_argument("--teachers", default=None, metavar="DIR",
-                       help="teachers/ from train_teachers.py: targets of the KL and parameter-alignment terms")
-        p.add_argument("--init_hypernet", default=None, metavar="DIR",
-                       help="hypernet/ from pretrain.py to start from (default: from scratch)")
+    for flag in STAGES[stage].inputs:
+        p.add_argument(f"--{flag}", default=None, metavar="DIR", help=INPUT_HELP[flag])
     return p
 
 

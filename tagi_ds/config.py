@@ -3,18 +3,26 @@
 Parsed once (recipe -> ``--set`` overrides -> flags) into these dataclasses and handed down; nothing
 deeper reads argparse, env vars or globals. Unknown keys and ill-typed values raise ``ConfigError``
 naming the key and the value.
+
+Each field is declared once, here: its type (a ``Literal`` lists the choices), its default, its range
+(the section's ``RULES``) and the docstring under it. ``validate()``, ``--help`` and the README's config table
+(``python -m tagi_ds.config --markdown``) all read them from here.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
+import functools
+import inspect
 import json
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -23,8 +31,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """What a valid value of one config field is. Each section declares its rules next to its fields
-    (``RULES``: field name -> Rule); ``TagiConfig.validate`` checks them all and names key and value."""
+    """What a valid value of one config field is. Each section declares its ranges next to its fields
+    (``RULES``: field name -> Rule); a ``Literal`` field's rule is its choices. ``TagiConfig.validate`` checks
+    them all and names key and value."""
 
     test: Callable[[Any], bool]
     text: str  # "> 0", "one of t5, llama": the error says "<key>: must be <text> (<value>)"
@@ -57,7 +66,10 @@ NON_NEGATIVE = at_least(0)
 SEED = within(0, 2**32 - 1)  # numpy's seed range
 FAULT = matches(r"|(nan|raise)@\d+(-\d+)?:\d+", "empty, nan@STEP[-LAST]:RANK or raise@STEP:RANK")
 
-DECODER_ONLY = ("llama", "mistral", "qwen2", "gemma2")  # model.arch of the decoder-only families (HF model_type)
+Arch = Literal["t5", "llama", "mistral", "qwen2", "gemma2"]
+DECODER_ONLY = tuple(a for a in get_args(Arch) if a != "t5")  # model.arch of the decoder-only families (HF model_type)
+ModeName = Literal["tagi", "concat", "no_instruction"]  # what tagi_ds/stages.py's MODES describe
+Granularity = Literal["task", "category"]
 
 
 @dataclass
@@ -65,44 +77,62 @@ class ModelConfig:
     """The frozen backbone and which of its projections get adapters."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "arch": one_of("t5", *DECODER_ONLY), "vocab_size": POSITIVE, "d_model": POSITIVE, "d_ff": POSITIVE,
-        "d_kv": POSITIVE, "num_layers": POSITIVE, "num_decoder_layers": POSITIVE, "num_heads": POSITIVE,
-        "num_kv_heads": POSITIVE, "max_position_embeddings": POSITIVE, "head_dim": NON_NEGATIVE,
-        "rope_theta": POSITIVE, "rope_scaling": NON_NEGATIVE, "sliding_window": NON_NEGATIVE,
-        "feed_forward_proj": one_of("relu", "gelu", "gated-relu", "gated-gelu", "gated-silu"),
-        "attn_implementation": one_of("sdpa", "eager", "flash_attention_2"),
-        "dtype": one_of("float32", "bfloat16", "float16"), "adapter_impl": one_of("auto", "torch", "triton"),
-        "init_seed": SEED,
+        "vocab_size": POSITIVE, "d_model": POSITIVE, "d_ff": POSITIVE, "d_kv": POSITIVE, "num_layers": POSITIVE,
+        "num_decoder_layers": POSITIVE, "num_heads": POSITIVE, "num_kv_heads": POSITIVE,
+        "max_position_embeddings": POSITIVE, "head_dim": NON_NEGATIVE, "rope_theta": POSITIVE,
+        "rope_scaling": NON_NEGATIVE, "sliding_window": NON_NEGATIVE, "init_seed": SEED,
     }
 
-    arch: str = "t5"  # t5 (encoder-decoder) | llama | mistral | qwen2 | gemma2 (decoder-only; Llama-1/2/3 are llama)
-    model_name_or_path: str | None = None  # local HF directory; None = built-in shape, random init
+    arch: Arch = "t5"
+    """t5 is the encoder-decoder; the others are decoder-only families, by HF model_type (Llama-1/2/3 are llama)"""
+    model_name_or_path: str | None = None
+    """local HF checkpoint dir; none = the recipe's shape, random init"""
     vocab_size: int = 1024
+    """embedding rows (a local checkpoint's config.json decides)"""
     d_model: int = 64
+    """hidden size"""
     d_ff: int = 128
-    d_kv: int = 16  # T5 per-head size
+    """feed-forward width"""
+    d_kv: int = 16
+    """T5 per-head size"""
     num_layers: int = 2
-    num_decoder_layers: int = 2  # T5 only
+    """layers (T5: encoder layers)"""
+    num_decoder_layers: int = 2
+    """T5 only"""
     num_heads: int = 4
-    num_kv_heads: int = 4  # LLaMA grouped-query attention
-    head_dim: int = 0  # decoder-only per-head size; 0 = d_model // num_heads (Gemma-2: 256)
-    rope_theta: float = 10000.0  # decoder-only RoPE base (Llama-3: 5e5; Qwen2.5, Mistral v0.3: 1e6)
-    rope_scaling: float = 0.0  # llama: Llama-3.1-style RoPE scaling factor (3.1: 8, 3.2: 32); 0 = none
-    sliding_window: int = 0  # mistral / qwen2 / gemma2: sliding-window attention width in tokens; 0 = none
-    tie_word_embeddings: bool = False  # decoder-only: LM head shares the input embedding (Gemma-2, Llama-3.2 1B)
-    feed_forward_proj: str = "gated-gelu"  # T5: relu | gated-gelu (T5-LM-Adapt / v1.1)
-    max_position_embeddings: int = 2048  # LLaMA
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs the flash-attn extra)
-    dtype: str = "float32"  # backbone weights: float32 | bfloat16 | float16
-    # Projection kinds to adapt. T5: q k v o wi wo (wi_0 wi_1 for gated FFN); LLaMA: q k v o gate up down.
+    """attention heads"""
+    num_kv_heads: int = 4
+    """decoder-only grouped-query attention"""
+    head_dim: int = 0
+    """decoder-only per-head size; 0 = d_model // num_heads (Gemma-2: 256)"""
+    rope_theta: float = 10000.0
+    """decoder-only RoPE base (Llama-3: 5e5; Qwen2.5, Mistral v0.3: 1e6)"""
+    rope_scaling: float = 0.0
+    """llama: Llama-3.1-style RoPE scaling factor (3.1: 8, 3.2: 32); 0 = none"""
+    sliding_window: int = 0
+    """mistral / qwen2 / gemma2: sliding-window attention width in tokens; 0 = none"""
+    tie_word_embeddings: bool = False
+    """decoder-only: the LM head shares the input embedding (Gemma-2, Llama-3.2 1B)"""
+    feed_forward_proj: Literal["relu", "gelu", "gated-relu", "gated-gelu", "gated-silu"] = "gated-gelu"
+    """T5 feed-forward (gated-gelu: T5-LM-Adapt / v1.1)"""
+    max_position_embeddings: int = 2048
+    """decoder-only"""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """flash_attention_2 needs the flash extra"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """backbone weights"""
     adapted: list[str] = field(default_factory=lambda: ["q", "v"])
-    # T5 stacks to adapt: encoder (self-attn, FFN), decoder (self-attn, FFN), cross (enc-dec attention).
+    """projection kinds to adapt. T5: q k v o wi wo (wi_0 wi_1 for a gated FFN); decoder-only: q k v o gate up down"""
     adapted_stacks: list[str] = field(default_factory=lambda: ["encoder", "decoder", "cross"])
-    # Regexes of backbone parameter names to train anyway (default: none; the backbone is frozen).
+    """T5 stacks to adapt: encoder (self-attn, FFN), decoder (self-attn, FFN), cross (enc-dec attention)"""
     trainable: list[str] = field(default_factory=list)
-    gradient_checkpointing: bool = False  # per-layer, non-reentrant, over the adapted backbone
-    adapter_impl: str = "auto"  # tagi_ds.ops.lora_delta impl: auto | torch | triton
-    init_seed: int = 0  # random-init backbones (no model_name_or_path): the same weights in every stage
+    """regexes of backbone parameter names to train anyway (default: none; the backbone is frozen)"""
+    gradient_checkpointing: bool = False
+    """per layer, non-reentrant, over the adapted backbone"""
+    adapter_impl: Literal["auto", "torch", "triton"] = "auto"
+    """tagi_ds.ops.lora_delta's implementation: auto = triton on CUDA, torch elsewhere"""
+    init_seed: int = 0
+    """random-init backbones (no model_name_or_path): the same weights in every stage"""
 
 
 @dataclass
@@ -111,31 +141,43 @@ class HypernetConfig:
 
     RULES: ClassVar[dict[str, Rule]] = {
         "rank": POSITIVE, "alpha": POSITIVE, "hidden": POSITIVE, "site_dim": POSITIVE,
-        "generator": one_of("shared", "per_layer"), "pooling": one_of("mean", "first_last"),
         "dropout": within(0, 1, hi_open=True),
     }
 
     rank: int = 8
-    alpha: float = 16.0  # generated delta scale s = alpha / rank
-    hidden: int = 128  # generator MLP width
-    site_dim: int = 32  # learned site embedding (layer x projection kind)
-    generator: str = "shared"  # shared (one trunk + one head per projection kind) | per_layer
-    pooling: str = "mean"  # mean (masked, last layer) | first_last (masked mean of first and last)
-    fusion: bool = True  # T5: decoder cross-attends to [instruction ; input] encodings
-    fusion_marker: bool = False  # fusion: add a learned vector to the instruction states (tells them from input)
-    checkpoint_encoder: bool = True  # checkpoint instruction encoding when it needs gradients
+    """rank r of every generated LoRA"""
+    alpha: float = 16.0
+    """generated delta scale s = alpha / rank"""
+    hidden: int = 128
+    """generator MLP width"""
+    site_dim: int = 32
+    """learned site embedding (layer x projection kind)"""
+    generator: Literal["shared", "per_layer"] = "shared"
+    """shared: one trunk + one head per projection kind; per_layer: one per site"""
+    pooling: Literal["mean", "first_last"] = "mean"
+    """mean: masked, last layer; first_last: masked mean of the first and last layers"""
+    fusion: bool = True
+    """T5: the decoder cross-attends to [instruction ; input] encodings"""
+    fusion_marker: bool = False
+    """fusion: add a learned vector to the instruction states (tells them from the input's)"""
+    checkpoint_encoder: bool = True
+    """checkpoint the instruction encoding when it needs gradients"""
     dropout: float = 0.0
+    """in the generator's MLP"""
 
 
 @dataclass
 class TeacherConfig:
     """Stage-0 teacher LoRA bank: one adapter per task (or per category)."""
 
-    RULES: ClassVar[dict[str, Rule]] = {"rank": POSITIVE, "alpha": POSITIVE, "granularity": one_of("task", "category")}
+    RULES: ClassVar[dict[str, Rule]] = {"rank": POSITIVE, "alpha": POSITIVE}
 
     rank: int = 8
+    """rank of every teacher LoRA"""
     alpha: float = 16.0
-    granularity: str = "task"  # task | category
+    """teacher delta scale s = alpha / rank"""
+    granularity: Granularity = "task"
+    """one teacher per task, or per category"""
 
 
 @dataclass
@@ -144,14 +186,18 @@ class LossConfig:
 
     RULES: ClassVar[dict[str, Rule]] = {
         "kl_weight": NON_NEGATIVE, "param_weight": NON_NEGATIVE, "temperature": POSITIVE, "chunk_tokens": POSITIVE,
-        "param_align": one_of("delta", "factors"),
     }
 
-    kl_weight: float = 1.0  # lambda_1
-    param_weight: float = 1.0  # lambda_2
+    kl_weight: float = 1.0
+    """lambda_1"""
+    param_weight: float = 1.0
+    """lambda_2"""
     temperature: float = 2.0
-    chunk_tokens: int = 256  # target tokens per chunk of LM head + CE/KL (bounds fp32 [tokens, vocab] temporaries)
-    param_align: str = "delta"  # delta (effective s*B@A) | factors (A<->A, s*B<->s*B)
+    """of the KL term (T; the term is scaled by T^2)"""
+    chunk_tokens: int = 256
+    """target tokens per chunk of LM head + CE/KL (bounds the fp32 [tokens, vocab] temporaries)"""
+    param_align: Literal["delta", "factors"] = "delta"
+    """delta: the effective s*B@A; factors: A<->A and s*B<->s*B"""
 
 
 @dataclass
@@ -159,34 +205,54 @@ class DataConfig:
     """Where examples come from and how they are tokenised and batched."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "setting": one_of("def", "def_pos"), "num_pos": NON_NEGATIVE,
-        "max_instances_per_task": Rule(lambda v: v > 0 or v == -1, "> 0, or -1 for all"),
+        "num_pos": NON_NEGATIVE, "max_instances_per_task": Rule(lambda v: v > 0 or v == -1, "> 0, or -1 for all"),
         "max_instruction_length": at_least(2), "max_source_length": at_least(2), "max_target_length": at_least(2),
         "tasks_per_batch": POSITIVE, "examples_per_task": POSITIVE, "builtin_seed": SEED,
         "pretrain_length": at_least(3), "num_workers": NON_NEGATIVE,
     }
 
-    spec: str = "builtin"  # builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR
-    tokenizer: str | None = None  # local tokenizer dir; None = the backbone's dir, or built-in sentencepiece
-    setting: str = "def"  # def | def_pos (Definition + num_pos positive examples)
+    spec: str = "builtin"
+    """builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR"""
+    tokenizer: str | None = None
+    """local tokenizer dir; none = the backbone's dir, or the built-in sentencepiece model"""
+    setting: Literal["def", "def_pos"] = "def"
+    """the instruction: the Definition, or the Definition + num_pos positive examples"""
     num_pos: int = 2
+    """positive examples in a def_pos instruction"""
     max_instances_per_task: int = 100
-    categories: list[str] = field(default_factory=list)  # restrict to these categories (empty = all)
-    tasks: list[str] = field(default_factory=list)  # restrict to these task names (empty = all)
-    exclude_tasks: list[str] = field(default_factory=list)  # drop these task names (e.g. a validation split)
+    """instances kept per task; -1 = all"""
+    categories: list[str] = field(default_factory=list)
+    """keep only these categories (empty = all)"""
+    tasks: list[str] = field(default_factory=list)
+    """keep only these task names (empty = all)"""
+    exclude_tasks: list[str] = field(default_factory=list)
+    """drop these task names (e.g. a validation split)"""
     english_only: bool = True
+    """keep only tasks whose input and output language is English (SNI)"""
     max_instruction_length: int = 128
+    """tokens of an instruction (the hypernetwork's input); longer ones are cut"""
     max_source_length: int = 128
+    """tokens of an input (concat: instruction + input); longer ones are cut"""
     max_target_length: int = 32
-    tasks_per_batch: int = 2  # k tasks per micro-batch
-    examples_per_task: int = 4  # m examples per task
+    """tokens of a target; longer ones are cut"""
+    tasks_per_batch: int = 2
+    """k tasks per micro-batch"""
+    examples_per_task: int = 4
+    """m examples per task"""
     builtin_seed: int = 0
-    pretrain_length: int = 96  # a|b|c split window (tokens) for stage 1
+    """the built-in suite's generator seed"""
+    pretrain_length: int = 96
+    """stage 1: the a|b|c window, in tokens"""
     num_workers: int = 0
-    corpus: str | None = None  # stage-1 text: builtin | text:FILE_OR_DIR; None = data.spec if text:, else builtin
-    streaming: bool = False  # stage 1: stream the corpus files in order instead of holding all windows in memory
-    sample_variants: bool = True  # train: a Definition paraphrase per task and an accepted output per example
-    chat_template: bool = False  # wrap instruction, input and concat prompts in the tokenizer's chat template
+    """not used: collation tokenises in the training process"""
+    corpus: str | None = None
+    """stage-1 text: builtin | text:FILE_OR_DIR; none = data.spec if text:, else builtin"""
+    streaming: bool = False
+    """stage 1: stream the corpus files in order instead of holding every window in memory"""
+    sample_variants: bool = True
+    """training draws a Definition paraphrase per task and an accepted output per example"""
+    chat_template: bool = False
+    """wrap the instruction, input and concat prompts in the tokenizer's chat template"""
 
 
 @dataclass
@@ -195,39 +261,58 @@ class TrainConfig:
 
     RULES: ClassVar[dict[str, Rule]] = {
         "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_ratio": within(0, 1), "max_steps": POSITIVE,
-        "grad_clip": NON_NEGATIVE, "grad_accum": POSITIVE, "precision": one_of("auto", "fp32", "bf16", "fp16"),
-        "save_steps": POSITIVE, "keep_last": NON_NEGATIVE, "log_steps": POSITIVE, "stop_after": NON_NEGATIVE,
-        "max_bad_steps": POSITIVE, "seed": SEED, "inject_fault": FAULT,
-        "frozen_backbone": one_of("auto", "replicated", "partitioned"),
+        "grad_clip": NON_NEGATIVE, "grad_accum": POSITIVE, "save_steps": POSITIVE, "keep_last": NON_NEGATIVE,
+        "log_steps": POSITIVE, "stop_after": NON_NEGATIVE, "max_bad_steps": POSITIVE, "seed": SEED,
+        "inject_fault": FAULT,
     }
 
     lr: float = 1e-3
+    """peak learning rate (torch AdamW)"""
     weight_decay: float = 0.0
+    """AdamW weight decay"""
     warmup_ratio: float = 0.02
+    """linear warmup over this share of max_steps, then linear decay to 10% of lr"""
     max_steps: int = 100
+    """optimizer steps"""
     grad_clip: float = 1.0
+    """global gradient-norm clip; 0 = off"""
     grad_accum: int = 1
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    frozen_backbone: str = "auto"  # ZeRO-3: auto | replicated | partitioned (tagi_ds.train.engine.backbone_placement)
+    """micro-batches per optimizer step"""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU"""
+    frozen_backbone: Literal["auto", "replicated", "partitioned"] = "auto"
+    """ZeRO-3: where the frozen backbone lives. partitioned: ZeRO-3 owns it (1/W per rank); replicated: whole on
+    every rank, outside DeepSpeed (no gathers, no hooks); auto: replicated on a GPU where tagi_ds.plan says it fits,
+    else partitioned (always partitioned on a CPU)"""
     save_steps: int = 50
+    """a checkpoint every N steps (and at the last)"""
     keep_last: int = 2
+    """checkpoints kept"""
     log_steps: int = 1
-    stop_after: int = 0  # end this session after N steps (checkpointed; schedule still spans max_steps); 0 = off
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    """a metrics.jsonl line every N steps"""
+    stop_after: int = 0
+    """end this session after N steps (checkpointed; the schedule still spans max_steps); 0 = off"""
+    max_bad_steps: int = 5
+    """stop after this many non-finite steps in a row"""
     seed: int = 42
+    """global seed (data order, dropout, initialisation of what trains)"""
     tensorboard: bool = False
-    # Fault injection for the guard tests: "nan@STEP:RANK" (loss becomes NaN) or "raise@STEP:RANK".
+    """also write TensorBoard scalars (OUTPUT_DIR/tensorboard)"""
     inject_fault: str = ""
+    """fault injection for the guard tests: nan@STEP[-LAST]:RANK (the loss becomes NaN) or raise@STEP:RANK"""
 
 
 @dataclass
 class TagiConfig:
     """The root of the tree; ``recipe`` names where the defaults came from."""
 
-    RULES: ClassVar[dict[str, Rule]] = {"mode": one_of("tagi", "concat", "no_instruction")}
+    RULES: ClassVar[dict[str, Rule]] = {}  # mode: its Literal's choices
 
     recipe: str = "tiny"
-    mode: str = "tagi"  # tagi | concat | no_instruction
+    """the recipe the defaults came from (tagi_ds/recipes.py)"""
+    mode: ModeName = "tagi"
+    """tagi (generated adapters), or a baseline with one shared LoRA: concat (instruction + input) or
+    no_instruction (input only)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     hypernet: HypernetConfig = field(default_factory=HypernetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -239,7 +324,8 @@ class TagiConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TagiConfig:
-        """Check every section's ``RULES`` and the rules that span fields; ConfigError names key and value."""
+        """Check every field's rule (``RULES``, a ``Literal``'s choices) and the rules that span fields;
+        ConfigError names key and value."""
         for key, rule, value in _ruled(self):
             if not rule.test(value):
                 raise ConfigError(f"{key}: must be {rule.text} ({value!r})")
@@ -255,14 +341,44 @@ class TagiConfig:
         return self
 
 
+def rule_of(section: type, name: str) -> Rule | None:
+    """The rule of one field: its section's ``RULES`` entry, or its ``Literal``'s choices."""
+    hint = get_type_hints(section)[name]
+    if get_origin(hint) is Literal:
+        return one_of(*get_args(hint))
+    return getattr(section, "RULES", {}).get(name)
+
+
 def _ruled(obj: Any, prefix: str = ""):
     """``(key, rule, value)`` for every rule of ``obj``'s section and its subsections."""
-    for name, rule in getattr(type(obj), "RULES", {}).items():
-        yield f"{prefix}{name}", rule, getattr(obj, name)
+    sections = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            yield from _ruled(value, f"{prefix}{f.name}.")
+            sections.append((f.name, value))
+        elif (rule := rule_of(type(obj), f.name)) is not None:
+            yield f"{prefix}{f.name}", rule, value
+    for name, value in sections:
+        yield from _ruled(value, f"{prefix}{name}.")
+
+
+@functools.cache
+def field_docs(section: type) -> dict[str, str]:
+    """The docstring under each field of ``section`` (a string literal right after the field: PEP 257's
+    attribute docstrings), read from the source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(section)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def choices(section: type, name: str) -> tuple[str, ...]:
+    """A ``Literal`` field's choices (``--help`` offers them)."""
+    return get_args(get_type_hints(section)[name])
 
 
 def _check_family(m: ModelConfig) -> None:
@@ -286,6 +402,8 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
             return None
         typ = next(a for a in args if a is not type(None))
         origin, args = get_origin(typ), get_args(typ)
+    if origin is Literal:  # its type here; the choice is validate()'s, with every other rule
+        typ, origin, args = type(args[0]), None, ()
     try:
         if origin is list:
             if isinstance(value, str):
@@ -356,3 +474,68 @@ def apply_overrides(cfg: TagiConfig, overrides: list[str]) -> TagiConfig:
             nested = {p: nested}
         _update(cfg, nested)
     return cfg
+
+
+# -- the reference: every key, its values, default and meaning (README table, python -m tagi_ds.config) ------------
+def reference(obj: Any | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, values, default, meaning)`` for every field of the tree, in declaration order."""
+    obj = TagiConfig() if obj is None else obj
+    section, hints, docs = type(obj), get_type_hints(type(obj)), field_docs(type(obj))
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += reference(value, f"{prefix}{f.name}.")
+            continue
+        rule = rule_of(section, f.name)
+        values = (" | ".join(choices(section, f.name)) if get_origin(hints[f.name]) is Literal
+                  else f"{_kind(hints[f.name])}, {rule.text}" if rule else _kind(hints[f.name]))
+        rows.append((prefix + f.name, values, _shown(value), docs.get(f.name, "")))
+    return rows
+
+
+def _kind(typ: Any) -> str:
+    args = get_args(typ)
+    if type(None) in args:
+        return f"{_kind(next(a for a in args if a is not type(None)))} or none"
+    if get_origin(typ) is list:
+        return "list"
+    return {bool: "true/false", str: "text"}.get(typ, getattr(typ, "__name__", str(typ)))
+
+
+def _shown(value: Any) -> str:
+    """A default as ``--set`` takes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(value) if value else "(empty)"
+    return str(value) if value != "" else "(empty)"
+
+
+def markdown() -> str:
+    """The README's config table (a test holds the README to exactly this text)."""
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = ["| key | values | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{key}` | {cell(values)} | `{cell(default)}` | {cell(doc)} |"
+              for key, values, default, doc in reference()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tagi_ds.config", description="Every config key with its values, "
+                                "default (TagiConfig's; a recipe overrides some) and meaning. Set any of them with "
+                                "--set KEY=VALUE.")
+    p.add_argument("--markdown", action="store_true", help="print the README's config table")
+    if p.parse_args(argv).markdown:
+        print(markdown())
+        return
+    for key, values, default, doc in reference():
+        print(f"{key} = {default}    ({values})" + (f"\n    {doc}" if doc else ""))
+
+
+if __name__ == "__main__":
+    main()

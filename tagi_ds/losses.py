@@ -1,7 +1,8 @@
 """Stage objectives: CE over label tokens, KL_T(teacher || student), and parameter alignment.
 
-Both official-code bugs are avoided (TAGI.md): the KL compares the real teacher distribution (never the
-student's logits standing in for it), and parameter alignment compares like with like, in one scale.
+Both official-code bugs are avoided (README, "The method in one screen"): the KL compares the real teacher
+distribution (never the student's logits standing in for it), and parameter alignment compares like with like,
+in one scale.
 
 Large vocabularies (128k-256k): training never holds logits ``[B, L, V]``. :func:`token_losses` takes the
 final hidden states at the N target tokens and the LM head, and computes CE and KL ``loss.chunk_tokens`` target

@@ -1,11 +1,11 @@
 """TagiModel: frozen backbone + adapted sites + (hypernet | LoRA bank) + the stage objective.
 
-Stage and mode decide where the student's adapters come from:
+The stage's mode (:func:`tagi_ds.stages.spec`) decides where the student's adapters come from:
 
 =============  ================  ==========================================================
 stage          mode              student adapters / input / loss
 =============  ================  ==========================================================
-teachers       (any)             bank row per task; instruction + input; CE
+teachers       teacher           bank row per task; instruction + input; CE
 pretrain       tagi              generated from segment a; segment b; CE on c
 finetune       tagi              generated; input (+ fused instruction); CE + l1 KL + l2 align
 finetune       concat            one shared LoRA; instruction + input; CE
@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from tagi_ds import backbones
+from tagi_ds import backbones, stages
 from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
 from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
@@ -32,8 +32,6 @@ from tagi_ds.batch import TaskBatch
 from tagi_ds.config import DECODER_ONLY, ConfigError, TagiConfig
 from tagi_ds.hypernet import Generator, InstructionEncoder
 from tagi_ds.losses import param_alignment, target_rows, token_losses
-
-STAGES = ("teachers", "pretrain", "finetune")
 
 
 def fuses(cfg: TagiConfig) -> bool:
@@ -47,6 +45,7 @@ class TagiModel(nn.Module):
                  teacher: LoraBank | None = None) -> None:
         super().__init__()
         self.cfg, self.stage, self.sites, self.state = cfg, stage, sites, state
+        self.spec = stages.spec(stage, cfg)
         self.arch = backbones.get(cfg.model.arch)
         self.causal = cfg.model.arch in DECODER_ONLY
         self.backbone = backbone
@@ -96,7 +95,7 @@ class TagiModel(nn.Module):
     def student_adapters(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor | None]:
         if self.generator is not None:
             return self.generate(batch)
-        return self.bank_adapters(self.bank, batch, shared=self.stage != "teachers"), None
+        return self.bank_adapters(self.bank, batch, shared=self.spec.mode.adapters == "shared"), None
 
     # -- forward ----------------------------------------------------------------------------------------
     def fusion_prefix(self, batch: TaskBatch | None, instr_states: torch.Tensor | None):
@@ -148,7 +147,7 @@ class TagiModel(nn.Module):
         student, labels, head = self.head_rows(batch.input_ids, batch.attention_mask, batch.labels, adapters, batch,
                                                instr_states)
         lc = self.cfg.loss
-        distil = self.teacher is not None and self.generator is not None and self.stage == "finetune"
+        distil = self.teacher is not None and self.spec.stage.distils
         teacher_adapters = self.teacher_adapters(batch, adapters) if distil else None
         teacher = None
         if distil and lc.kl_weight > 0:
@@ -195,14 +194,12 @@ def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -
 
 def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows: int = 0,
                 with_teacher: bool = False) -> TagiModel:
-    """Freeze the backbone, inject adapted sites and attach what ``stage``/``cfg.mode`` trains.
+    """Freeze the backbone, inject adapted sites and attach the adapters of ``stage`` in its mode
+    (:func:`tagi_ds.stages.spec`): the hypernetwork, a LoRA bank with a row per task, or one shared LoRA.
 
     ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``).
     """
-    if stage not in STAGES:
-        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-    if stage == "pretrain" and cfg.mode != "tagi":
-        raise ConfigError(f"pretraining trains the hypernetwork: mode must be tagi, got {cfg.mode!r}")
+    adapters = stages.spec(stage, cfg).mode.adapters
     cfg.validate()
     arch = backbones.get(cfg.model.arch)
     freeze(backbone, cfg.model.trainable)
@@ -212,14 +209,14 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
         enable_checkpointing(backbone, {"use_reentrant": False, "context_fn": state.checkpoint_context})
     d_model = backbone.config.d_model if cfg.model.arch == "t5" else backbone.config.hidden_size
     generator = bank = teacher = None
-    if stage == "teachers":
+    if adapters == "per_task":
         if num_bank_rows <= 0:
             raise ConfigError("stage teachers needs at least one task (num_bank_rows > 0)")
         bank = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha)
-    elif cfg.mode == "tagi":
+    elif adapters == "generated":
         generator = Generator(d_model, sites, cfg.hypernet, fusion=fuses(cfg))
         if with_teacher:
             teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha).requires_grad_(False)
-    else:
+    else:  # one shared LoRA: the concat / no_instruction baselines
         bank = LoraBank(sites, 1, cfg.hypernet.rank, cfg.hypernet.alpha)
     return TagiModel(cfg, stage, backbone, sites, state, generator=generator, bank=bank, teacher=teacher)

@@ -11,8 +11,8 @@ import copy
 
 from tagi_ds.config import ConfigError, TagiConfig, from_dict
 
-# Overlays onto TagiConfig() defaults. Paper values (TAGI.md): rank 32, lr 1e-4 (Base) / 5e-5 (XL, XXL),
-# 1024 input / 128 output tokens on SNI, 20k finetuning steps with 2% warmup, bf16.
+# Overlays onto TagiConfig() defaults. Values of the paper (Liao et al., NeurIPS 2024; README): rank 32, lr 1e-4
+# (Base) / 5e-5 (XL, XXL), 1024 input / 128 output tokens on SNI, 20k finetuning steps with 2% warmup, bf16.
 _T5_COMMON = {"arch": "t5", "vocab_size": 32128, "d_kv": 64, "feed_forward_proj": "gated-gelu", "dtype": "bfloat16"}
 _PAPER_DATA = {"max_instruction_length": 1024, "max_source_length": 1024, "max_target_length": 128}
 _PAPER_HYPER = {"rank": 32, "alpha": 32.0, "hidden": 512, "site_dim": 64}

@@ -16,7 +16,7 @@ from tagi_ds.adapters.layer import AdapterSet, Site
 
 def call_whole(module: nn.Module, *args):
     """``module(*args)``, or its forward directly when ZeRO-3 keeps every parameter of ``module`` whole on every rank
-    (``ds_persist``: the hypernetwork and the baselines' shared LoRA, ``tagi_ds.train.engine.kept_whole``). The hooks
+    (``ds_persist``: the hypernetwork and the baselines' shared LoRA, ``tagi_ds.runtime.engine.kept_whole``). The hooks
     of a call would only gather parameters that are already there, and wrap each output tensor (two per adapted
     site) in an autograd function for the backward; the parameters' gradient hooks do not depend on them."""
     params = list(module.parameters())

@@ -1,6 +1,6 @@
 """Build functions: config + tokenizer -> the loader a stage iterates.
 
-What the batches hold, per stage (``cfg.mode`` only matters in finetune and eval):
+What the batches hold, per stage and mode (:mod:`tagi_ds.stages`: the stage's data, the mode's view):
 
 =========  ==============  ======================================  =======  ===========  =============
 stage      mode            input_ids (+ labels)                    instr_*  teacher_*    teacher_index
@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
+from tagi_ds import stages
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import TagiConfig
 from tagi_ds.data.collate import PretrainCollator, TaskCollator
@@ -30,8 +31,6 @@ from tagi_ds.data.sampler import EvalSampler, TaskBatchSampler
 from tagi_ds.data.spec import corpus_source, load_tasks
 from tagi_ds.data.spec import teacher_rows as default_teacher_rows
 from tagi_ds.data.task import DataError, Task
-
-STAGES = ("teachers", "pretrain", "finetune")
 
 
 class TaskLoader:
@@ -87,10 +86,9 @@ class _WindowPlans:
         self.sampler.load_state_dict(state)
 
 
-def _views(mode: str) -> dict:
-    if mode not in ("tagi", "concat", "no_instruction"):
-        raise DataError(f"mode must be tagi, concat or no_instruction, got {mode!r}")
-    return {"input_view": "concat" if mode == "concat" else "input", "instruction": mode == "tagi"}
+def _views(mode: stages.Mode) -> dict:
+    """The collator's views of a mode: what the backbone reads, and whether batches carry the instruction."""
+    return {"input_view": mode.view, "instruction": mode.instruction}
 
 
 def _check(cfg: TagiConfig) -> None:
@@ -113,9 +111,8 @@ def build_train_loader(cfg: TagiConfig, tokenizer, stage: str, rank: int = 0, wo
     """
     _check(cfg)
     d, arch, seed = cfg.data, cfg.model.arch, cfg.train.seed
-    if stage not in STAGES:
-        raise DataError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
-    if stage == "pretrain":
+    spec = stages.spec(stage, cfg)
+    if spec.stage.data == "corpus":
         collate = PretrainCollator(tokenizer, d, arch)
         batch = d.tasks_per_batch * d.examples_per_task
         source = corpus_source(d)
@@ -128,14 +125,20 @@ def build_train_loader(cfg: TagiConfig, tokenizer, stage: str, rank: int = 0, wo
     tasks = list(tasks) if tasks is not None else load_tasks(d.spec, d, "train")
     sampler = TaskBatchSampler([len(t.instances) for t in tasks], d.tasks_per_batch, d.examples_per_task, seed,
                                rank, world_size)
-    common = dict(arch=arch, teacher_key=cfg.teacher.granularity, sample=d.sample_variants)
-    if stage == "teachers":
+    common = dict(arch=arch, teacher_key=cfg.teacher.granularity, sample=d.sample_variants, **_views(spec.mode))
+    if spec.mode.adapters == "per_task":  # the teachers themselves: each task's own bank row
         rows = teacher_rows if teacher_rows is not None else default_teacher_rows(tasks, cfg.teacher.granularity)
-        collate = TaskCollator(tasks, tokenizer, d, input_view="concat", instruction=False, teacher_rows=rows, **common)
+        collate = TaskCollator(tasks, tokenizer, d, teacher_rows=rows, **common)
     else:
-        collate = TaskCollator(tasks, tokenizer, d, **_views(cfg.mode), teacher_rows=teacher_rows,
+        collate = TaskCollator(tasks, tokenizer, d, teacher_rows=teacher_rows,
                                teacher_view=teacher_rows is not None and cfg.loss.kl_weight > 0, **common)
     return TaskLoader(sampler, collate, tasks)
+
+
+def _mode(name: str) -> stages.Mode:
+    if name not in stages.MODES:
+        raise DataError(f"mode must be one of {', '.join(stages.MODES)}, got {name!r}")
+    return stages.MODES[name]
 
 
 class EvalLoader:
@@ -162,6 +165,6 @@ def build_eval_loader(cfg: TagiConfig, tokenizer, split: str = "test", rank: int
     sampler = EvalSampler([len(t.instances) for t in tasks], batch_size or d.tasks_per_batch * d.examples_per_task,
                           rank, world_size)
     llama_gen = generation and cfg.model.arch != "t5"  # every decoder-only family
-    collate = TaskCollator(tasks, tokenizer, d, arch=cfg.model.arch, **_views(cfg.mode),
+    collate = TaskCollator(tasks, tokenizer, d, arch=cfg.model.arch, **_views(_mode(cfg.mode)),
                            padding_side="left" if llama_gen else "right", with_targets=not llama_gen)
     return EvalLoader(sampler, collate, tasks)

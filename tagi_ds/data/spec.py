@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
-from tagi_ds.config import DataConfig
+from tagi_ds.config import DataConfig, Granularity
 from tagi_ds.data.builtin import builtin_suite
 from tagi_ds.data.p3 import load_p3
 from tagi_ds.data.sni import load_sni
@@ -75,7 +76,7 @@ def corpus_source(cfg: DataConfig) -> Path | None:
 
 def teacher_rows(tasks: Sequence[Task], granularity: str = "task") -> dict[str, int]:
     """Teacher-bank rows: one per task name (granularity ``task``) or per category, in sorted order."""
-    if granularity not in ("task", "category"):
-        raise DataError(f"teacher.granularity must be task or category, got {granularity!r}")
+    if granularity not in get_args(Granularity):
+        raise DataError(f"teacher.granularity must be {' or '.join(get_args(Granularity))}, got {granularity!r}")
     keys = sorted({t.name if granularity == "task" else t.category for t in tasks})
     return {k: i for i, k in enumerate(keys)}

@@ -45,6 +45,11 @@ class Tokenizer:
         template (the built-in sentencepiece model, T5, base checkpoints without one)."""
         return None
 
+    @property
+    def special_ids(self) -> dict[str, int | None]:
+        """The ids a backbone is built with (``model.build_backbone``): pad, eos and bos."""
+        return {"pad_id": self.pad_id, "eos_id": self.eos_id, "bos_id": self.bos_id}
+
     def _keep(self, ids: Sequence[int]) -> list[int]:
         drop = {self.pad_id, self.eos_id, self.bos_id, -100}
         return [int(i) for i in ids if int(i) not in drop]

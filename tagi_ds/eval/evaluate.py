@@ -1,7 +1,8 @@
-"""Evaluation runs: resolve the mode and artifact, build under DeepSpeed, run every batch on every rank in
-step, gather to rank 0, score, write ``predictions.jsonl`` and ``results.json``.
+"""Evaluation runs: check every input, build under DeepSpeed, run every batch on every rank in step, gather to
+rank 0, score, write ``predictions.jsonl`` and ``results.json``.
 
-Read top to bottom, :func:`run` is the whole of what ``launchers/evaluate.py`` runs. Under ZeRO-3 every rank
+Read top to bottom, :func:`run` is the whole of what ``launchers/evaluate.py`` runs once its flags are resolved
+into a config and :class:`EvalArgs` (``tagi_ds.artifact_flags.resolve_evaluation``). Under ZeRO-3 every rank
 calls the same modules the same number of times: the eval loader gives ranks equal step counts (short ranks
 repeat batches), generation keeps ranks in step (``synced_gpus``), and results are de-duplicated by example
 id on rank 0. ``kind`` generate: SNI-style greedy generation scored by exact match and ROUGE-L; ``kind`` rank:
@@ -10,10 +11,8 @@ P3-style rank classification (:mod:`tagi_ds.eval.classify`). Costs: :mod:`tagi_d
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,19 +20,15 @@ from typing import Any
 import torch
 
 from tagi_ds import artifacts, data
-from tagi_ds.cli import output_dir, resolve_config
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
 from tagi_ds.eval.metrics import compute_metrics
 from tagi_ds.model import build_model
+from tagi_ds.runtime import dist, rundir
+from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train import dist
-from tagi_ds.train import engine as ds_engine
-from tagi_ds.train.checkpoint import atomic_write_text
-from tagi_ds.train.loop import seed_everything, write_config
-
-ARTIFACT_FLAGS = ("hypernet", "adapter", "teachers")
+from tagi_ds.stages import MODES
 
 
 @dataclass
@@ -52,109 +47,6 @@ class EvalArgs:
     stage: str = "evaluate"
 
 
-# -- resolution: flags + artifact -> (TagiConfig, EvalArgs) -------------------------------------------------
-def artifact_dir(flag: str, path: str, needs: tuple[str, ...]) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"--{flag} {path!r}: no such directory")
-    for name in needs:
-        if not (p / name).is_file():
-            raise ConfigError(f"--{flag} {path!r}: no {name} (expected a {flag_dir(flag)} dir written by tagi-ds)")
-    return p
-
-
-def flag_dir(flag: str) -> str:
-    return {"hypernet": "hypernet/", "adapter": "baseline_lora/", "teachers": "teachers/"}[flag]
-
-
-def _as_overrides(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    """A saved config as ``key=value`` strings, so the shared resolver applies it under ``--set`` and flags."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.extend(_as_overrides(value, f"{prefix}{key}."))
-        elif value is None:
-            out.append(f"{prefix}{key}=none")
-        elif isinstance(value, (list, bool)):
-            out.append(f"{prefix}{key}={json.dumps(value)}")
-        else:
-            out.append(f"{prefix}{key}={value}")
-    return out
-
-
-def _pick_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
-    """``(eval mode, artifact flag, artifact dir)`` from ``--mode`` and the one artifact flag given."""
-    given = [f for f in ARTIFACT_FLAGS if getattr(args, f, None)]
-    if len(given) > 1:
-        raise ConfigError(f"--{given[0]} and --{given[1]} exclude each other: evaluate one thing per run")
-    flag = given[0] if given else None
-    if flag == "hypernet":
-        if args.mode not in (None, "tagi"):
-            raise ConfigError(f"--hypernet is evaluated in mode tagi, got --mode {args.mode}")
-        return "tagi", flag, artifact_dir(flag, args.hypernet, ("generator.safetensors", "config.json"))
-    if flag == "teachers":
-        if args.mode is not None:
-            raise ConfigError(f"--teachers selects mode teacher (instruction + input, each task's own teacher); "
-                              f"drop --mode {args.mode}")
-        return "teacher", flag, artifact_dir(flag, args.teachers, ("teachers.safetensors", "rows.json", "config.json"))
-    if args.mode == "tagi":
-        raise ConfigError("--mode tagi needs --hypernet DIR (a hypernet/ dir from pretrain.py or finetune.py)")
-    if flag == "adapter":
-        path = artifact_dir(flag, args.adapter, ("teachers.safetensors", "rows.json", "config.json"))
-        rows, meta = artifacts.read_teacher_rows(path)
-        if rows != {"*": 0}:
-            raise ConfigError(f"--adapter {args.adapter!r}: rows.json has {len(rows)} rows; a baseline_lora/ dir has "
-                              "one shared row (a teachers/ dir goes to --teachers)")
-        trained = meta["tagi"].get("mode")
-        if args.mode is not None and args.mode != trained:
-            raise ConfigError(f"--adapter {args.adapter!r} was trained in mode {trained}; evaluate it with "
-                              f"--mode {trained}, not {args.mode}")
-        return trained, flag, path
-    if args.mode is None:
-        raise ConfigError("nothing to evaluate: give --hypernet DIR (tagi), --adapter DIR or --mode concat|"
-                          "no_instruction (baselines; bare backbone without --adapter), or --teachers DIR")
-    return args.mode, None, None
-
-
-def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | None = None,
-                    flag: str | None = None) -> TagiConfig:
-    """The config: the artifact's own (backbone shape, sites, ranks) < ``--set`` < flags (``cli.resolve_config``).
-
-    ``--recipe`` is the base only without an artifact; with one it must agree with the artifact's recipe.
-    ``mode`` (a TagiConfig mode) replaces ``--mode``.
-    """
-    ns = argparse.Namespace(**vars(args))
-    if mode is not None:
-        ns.mode = mode
-    if path is not None:
-        saved = artifacts.read_config(path, f"--{flag}" if flag else "artifact")
-        if args.recipe is not None and args.recipe != saved.recipe:
-            raise ConfigError(f"--recipe {args.recipe} disagrees with {path / 'config.json'} (recipe "
-                              f"{saved.recipe}); drop --recipe: the artifact fixes the model")
-        tree = saved.to_dict()
-        tree.pop("mode")
-        ns.recipe, ns.overrides = saved.recipe, _as_overrides(tree) + list(args.overrides)
-    else:
-        ns.recipe = args.recipe or "tiny"
-    return resolve_config(ns)
-
-
-def resolve(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
-    """Launcher flags -> (config, EvalArgs); every inconsistency is a one-line ConfigError."""
-    mode, flag, path = _pick_mode(args)
-    for key in ("max_new_tokens", "batch_size"):
-        value = getattr(args, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{key}: must be > 0 ({value})")
-    cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode, flag)  # a teacher reads instr + input
-    if mode == "teacher":
-        _, meta = artifacts.read_teacher_rows(path)
-        cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
-    return cfg, EvalArgs(output_dir=output_dir(args, "evaluate"), mode=mode, artifact=path, kind=args.task,
-                         split=args.split, deepspeed=args.deepspeed, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size, flops=args.flops)
-
-
 # -- checks that need the data (before any process group exists) ------------------------------------------
 def _kind(kind: str, cfg: TagiConfig) -> str:
     if kind == "auto":
@@ -164,32 +56,13 @@ def _kind(kind: str, cfg: TagiConfig) -> str:
     return kind
 
 
-def teacher_rows_for(tasks, path: Path, granularity: str) -> dict[str, int]:
-    """Each task's teacher row; a task without one is an error naming it."""
-    rows, _ = artifacts.read_teacher_rows(path)
-    for task in tasks:
-        key = task.name if granularity == "task" else task.category
-        if key not in rows:
-            raise ConfigError(f"--teachers {str(path)!r}: no teacher for {granularity} {key!r} (rows.json has "
-                              f"{len(rows)} {granularity}s, e.g. {next(iter(rows))!r}); evaluate teachers on the "
-                              "tasks they were trained on (--split train)")
-    return rows
-
-
 # -- building -----------------------------------------------------------------------------------------------
 def build(cfg: TagiConfig, args: EvalArgs, ds: dict, tok, num_rows: int):
     """The frozen TagiModel with the artifact loaded (backbone partitioned as built under ZeRO-3)."""
-    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
-    backbone = ds_engine.build_backbone(cfg, ds, special)
-    if args.mode == "teacher":
-        model = build_model(cfg, "teachers", backbone, num_bank_rows=num_rows)
-        artifacts.load_teachers(model.bank, args.artifact, model)
-    else:
-        model = build_model(cfg, "finetune", backbone)
-        if args.mode == "tagi":
-            artifacts.load_hypernet(model, args.artifact)
-        elif args.artifact is not None:
-            artifacts.load_teachers(model.bank, args.artifact, model)
+    backbone = ds_engine.build_backbone(cfg, ds, tok.special_ids)
+    model = build_model(cfg, MODES[args.mode].stage, backbone, num_bank_rows=num_rows)  # the model that trained it
+    if args.artifact is not None:  # none: the bare backbone
+        artifacts.load(model, args.artifact)
     return model.requires_grad_(False).eval()
 
 
@@ -232,19 +105,17 @@ def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
     tok = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, args.split)
     kind = _kind(args.kind, cfg)
-    rows = teacher_rows_for(tasks, args.artifact, cfg.teacher.granularity) if args.mode == "teacher" else None
+    mode = MODES[args.mode]
+    rows = None
+    if mode.adapters == "per_task":  # each task's own teacher
+        rows, _ = artifacts.read_teacher_rows(args.artifact)
+        artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {str(args.artifact)!r}",
+                             "evaluate teachers on the tasks they were trained on (--split train)")
     scored = classify.expand_choices(tasks) if kind == "rank" else tasks
     method = cost.resolve_method(args.flops)
-    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
-    if args.mode == "teacher":
-        model = preflight_checks.meta_model(cfg, "teachers", special, num_bank_rows=len(rows))
-        artifacts.check_teachers(args.artifact, model.bank, model, "--teachers")
-    else:
-        model = preflight_checks.meta_model(cfg, "finetune", special)
-        if args.mode == "tagi":
-            artifacts.check_hypernet(args.artifact, model, "--hypernet")
-        elif args.artifact is not None:
-            artifacts.check_teachers(args.artifact, model.bank, model, "--adapter")
+    model = preflight_checks.meta_model(cfg, mode.stage, tok.special_ids, num_bank_rows=len(rows) if rows else 0)
+    if args.artifact is not None:
+        artifacts.check(args.artifact, model, mode.flag)
     return EvalChecked(ds, tok, tasks, kind, rows, scored, method)
 
 
@@ -255,21 +126,19 @@ def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
 
 def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str, Any] | None:
     """Evaluate what :func:`preflight` checked; returns the results dict on rank 0 (None elsewhere)."""
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ds, tok, tasks, kind, rows, scored, method = (checked.ds, checked.tok, checked.tasks, checked.kind, checked.rows,
                                                   checked.scored, checked.method)
-    dist.init()
-    seed_everything(cfg.train.seed)
-    write_config(Path(args.output_dir), cfg, ds, args)
+    rundir.start(cfg, ds, args)  # process group, seed, config.json
     model = build(cfg, args, ds, tok, len(rows) if rows else 0)
+    mode = MODES[args.mode]
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
     gen = greedy_config(args.max_new_tokens, tok.eos_id, tok.pad_id,
                         None if model.causal else model.backbone.config.decoder_start_token_id)
-    use_bank = args.mode == "teacher" or args.artifact is not None
+    use_bank = args.artifact is not None  # without one, the bare backbone (concat / no_instruction)
     runner, device = wrap(EvalStep(model, args.mode, kind, gen, use_bank=use_bank, synced=synced), ds)
     loader = data.build_eval_loader(cfg, tok, args.split, dist.rank(), dist.world_size(),
                                     generation=kind == "generate", tasks=scored, batch_size=args.batch_size)
-    adapter_rank = cfg.hypernet.rank if args.mode == "tagi" else model.bank.rank if use_bank else 0
+    adapter_rank = cfg.hypernet.rank if mode.instruction else model.bank.rank if use_bank else 0
     formula = cost.FlopFormula(model, adapter_rank) if method == "formula" else None
     say(f"tagi-ds evaluate: mode {args.mode}, {kind}, {len(tasks)} tasks, {len(loader)} batches per rank on "
         f"{dist.world_size()} rank(s), ZeRO-{ds_engine.zero_stage(ds)}, FLOPs by {method}")
@@ -284,7 +153,7 @@ def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str,
             batch = batch.to(device)
             with cost.measure(method, device) as m:
                 out = runner(batch)
-            local.extend(_batch_records(batch, out, m, formula, tok, args.mode == "tagi"))
+            local.extend(_batch_records(batch, out, m, formula, tok, mode.instruction))
             if (i + 1) % max(1, len(loader) // 10) == 0 or i + 1 == len(loader):
                 say(f"[eval] batch {i + 1}/{len(loader)} ({time.perf_counter() - t0:.1f}s)")
     everything = dist.gather_object(local)
@@ -372,8 +241,9 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
                         "max_new_tokens": args.max_new_tokens if generated else None,
                         "new_tokens": sum(rec["new_tokens"] for rec in by_id.values()) if generated else None}}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    rundir.atomic_write_text(out / "predictions.jsonl", lines)
+    rundir.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     headline = (f"accuracy {results['accuracy']:.2f}" if kind == "rank" else
                 f"rougeL {results['rougeL']:.2f} exact_match {results['exact_match']:.2f}")
     say(f"{headline} ({len(records)} examples, {total_flops / 1e9:.3g} GFLOPs, {wall_s:.1f}s) -> "
@@ -381,5 +251,4 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
     return results
 
 
-__all__ = ["EVAL_MODES", "EvalArgs", "EvalChecked", "artifact_config", "artifact_dir", "build", "evaluate", "finish",
-           "preflight", "resolve", "run", "teacher_rows_for"]
+__all__ = ["EVAL_MODES", "EvalArgs", "EvalChecked", "build", "evaluate", "finish", "preflight", "run"]

@@ -29,8 +29,9 @@ from tagi_ds.adapters import AdapterSet
 from tagi_ds.backbones.base import cache_kwarg
 from tagi_ds.batch import TaskBatch
 from tagi_ds.eval.rank import choice_scores
+from tagi_ds.stages import MODES
 
-EVAL_MODES = ("tagi", "concat", "no_instruction", "teacher")
+EVAL_MODES = tuple(MODES)
 KINDS = ("generate", "rank")
 
 
@@ -40,12 +41,13 @@ def eval_adapters(model, batch: TaskBatch, mode: str,
 
     ``use_bank=False`` (concat / no_instruction without ``--adapter``): the bare backbone, no adapters.
     """
-    if mode == "tagi":
-        return model.generate(batch)
-    if mode == "teacher":
-        return model.bank_adapters(model.bank, batch), None
-    if mode not in EVAL_MODES:
+    if mode not in MODES:
         raise ValueError(f"eval mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
+    adapters = MODES[mode].adapters
+    if adapters == "generated":
+        return model.generate(batch)
+    if adapters == "per_task":
+        return model.bank_adapters(model.bank, batch), None
     return (model.bank_adapters(model.bank, batch, shared=True) if use_bank else None), None
 
 

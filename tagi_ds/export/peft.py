@@ -33,10 +33,10 @@ from tagi_ds import artifacts, data
 from tagi_ds.config import DECODER_ONLY, ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
 from tagi_ds.model import build_model
+from tagi_ds.runtime import dist
+from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train import dist
-from tagi_ds.train import engine as ds_engine
-from tagi_ds.train.loop import seed_everything
+from tagi_ds.runtime.rundir import seed_everything
 
 CONDITIONS = ("task", "instance")
 TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", **{arch: "CAUSAL_LM" for arch in DECODER_ONLY}}
@@ -122,8 +122,7 @@ def preflight(cfg, hypernet: Path, out_dir: Path, deepspeed: str | None = None):
     preflight_checks.check_output_dir(out_dir)
     ds = preflight_checks.deepspeed_config(deepspeed, cfg, 1)
     tok = data.load_tokenizer(cfg)
-    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
-    artifacts.check_hypernet(hypernet, preflight_checks.meta_model(cfg, "finetune", special), "--hypernet")
+    artifacts.check_hypernet(hypernet, preflight_checks.meta_model(cfg, "finetune", tok.special_ids), "--hypernet")
     return ds, tok
 
 
@@ -140,8 +139,7 @@ def generate_adapter(cfg, hypernet: Path, text: str, condition: str, out_dir: Pa
     if ds_engine.zero_stage(ds) == 3:
         dist.init()
     seed_everything(cfg.train.seed)  # as training did before building: the same built-in random init
-    special = {"pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
-    backbone = ds_engine.build_backbone(cfg, ds, special)
+    backbone = ds_engine.build_backbone(cfg, ds, tok.special_ids)
     model = build_model(cfg, "finetune", backbone).requires_grad_(False).eval()
     artifacts.load_hypernet(model, hypernet)
     read = condition_text(text, condition)

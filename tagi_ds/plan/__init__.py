@@ -11,13 +11,13 @@ One concept per module (each module's docstring holds its definitions):
 - ``gpu_memory``: the per-GPU memory terms, the activation formulas and the peak ``total``.
 - ``flops``: ``step_flops`` (the FLOP formula) and ``step_time`` (compute vs communication).
 - ``placement``: where the frozen backbone lives under ZeRO-3 (``choose``: replicated where it fits, else
-  partitioned; ``for_run``: the same for a training run, used by ``tagi_ds.train.engine``).
+  partitioned; ``for_run``: the same for a training run, used by ``tagi_ds.runtime.engine``).
 - ``fit``: ``plan`` (everything in one dict), ``fits``, ``max_micro_batch``, ``suggest``.
 - ``measure``: ``measure_step`` (the measured quantity of the planner's check), ``synthetic_batch``,
   ``TensorBytesTracker``.
 - ``cli``: argparse, the rich tables and ``--json`` (``python -m tagi_ds.plan``).
 
-What has been checked: the fp32 path against ``measure_step`` on CPU (tests/test_plan.py: tiny T5 and LLaMA,
+What has been checked: the fp32 path against ``measure_step`` on CPU (tests/plan/test_plan.py: tiny T5 and LLaMA,
 checkpointing on and off, within a few percent), and ``step_flops`` against torch's FlopCounterMode. The bf16
 specifics (T5's extra fp32 norm input, bf16 logits), the GPU attention kernels' saved tensors and DeepSpeed's
 buffers follow the code of torch 2.13 / transformers 5.23 / deepspeed 0.19.8 but have not been measured on a

@@ -8,7 +8,7 @@ per site (forward 2 + backward 4); generator 3 x its forward (2 x matmul params)
 instruction encoding 2*N_enc per instruction token (forward only); teacher forward 2N per teacher token;
 gradient checkpointing recomputes the student's layers, and the chunked loss the LM head of each view
 (hardware FLOPs only; MFU uses model FLOPs). Decoder-only training projects the LM head at target tokens only.
-Checked against torch's FlopCounterMode on the tiny recipes (tests/test_plan.py).
+Checked against torch's FlopCounterMode on the tiny recipes (tests/plan/test_plan.py).
 
 Step time: hardware FLOPs (``step_flops``) / ``--tflops_per_gpu``, and ZeRO-3's all-gathers of the backbone
 (instruction encoding, student forward, teacher forward, backward; + recompute with checkpointing), plus the

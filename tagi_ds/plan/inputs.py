@@ -136,6 +136,6 @@ def shapes_of(p: PlanInput, micro_batch: int | None = None) -> Shapes:
 def ds_zero(p: PlanInput) -> dict[str, Any]:
     """The ``zero_optimization`` block of ``--deepspeed`` (default ds_configs/z3.json or z2.json); {} for none."""
     path = Path(p.deepspeed) if p.deepspeed else DS_CONFIGS / ("z2.json" if p.stage == "z2" else "z3.json")
-    from tagi_ds.train.engine import load_ds_json
+    from tagi_ds.runtime.engine import load_ds_json
 
     return load_ds_json(path).get("zero_optimization", {}) if p.stage != "none" else {}

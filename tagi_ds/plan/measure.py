@@ -1,6 +1,6 @@
 """The planner's check: one real training step, measured (``measure_step``, ``--measure``).
 
-Measured quantity of the 10% check (``measure_step``, ``--measure``, tests/test_plan.py): one training step
+Measured quantity of the 10% check (``measure_step``, ``--measure``, tests/plan/test_plan.py): one training step
 (forward, backward, AdamW step) of the given recipe in ONE process without DeepSpeed (``--stage none``), after
 a warm-up step (so optimizer state exists), on a synthetic batch of exactly the given shapes
 (``synthetic_batch``). On CPU the peak is tracked tensor bytes: the storages alive when the step starts

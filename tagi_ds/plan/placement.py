@@ -9,7 +9,7 @@ rest of ZeRO-3 (the hypernetwork's gradients and optimizer state stay partitione
 
 ``choose`` decides for a plan (``--backbone auto``: replicated when its memory ``total`` fits the usable memory,
 ``gpu_memory.usable_bytes``); ``for_run`` asks the same question for a training run's config on this machine's
-GPU (``tagi_ds.train.engine.backbone_placement``).
+GPU (``tagi_ds.runtime.engine.backbone_placement``).
 """
 
 from __future__ import annotations

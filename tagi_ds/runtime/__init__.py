@@ -1,5 +1,8 @@
-"""What every entry point does around its work: check all inputs first, report failures in one style.
+"""Process and run-directory plumbing that every entry point shares (training, evaluation, export, the
+planner's DeepSpeed settings, the benchmarks); it imports nothing from train/, eval/, export/ or the CLI.
 
-``preflight``: the checks (output dir, DeepSpeed JSON, safetensors headers, artifacts, checkpoints, the model
-on the meta device) and the error contract (one line, exit codes, printed once per job).
+``preflight``: the checks before anything is written or a process group starts, and the error contract (one
+line, exit codes, printed once per job). ``dist``: rank discipline (the process group, barriers, rank-0 side
+effects). ``engine``: the DeepSpeed glue (the JSON, what the config injects, the backbone under ZeRO-3, the
+engine, ``place``). ``rundir``: a run's start (process group, seed, ``config.json``) and atomic writes.
 """

@@ -82,7 +82,7 @@ def guarded(main: Callable[[], object]) -> None:
         report(str(err).replace("\n", " "))
     except Stopped as err:
         raise SystemExit(err.exit_code) from None
-    from tagi_ds.train import dist
+    from tagi_ds.runtime import dist
 
     dist.shutdown()
 
@@ -159,7 +159,7 @@ def deepspeed_config(path: str | None, cfg, world_size: int) -> dict[str, Any]:
     DeepSpeed's schema first (:func:`check_deepspeed`)."""
     import torch.distributed as td
 
-    from tagi_ds.train import engine
+    from tagi_ds.runtime import engine
 
     path = path or str(engine.default_ds_config(cfg.recipe))  # tiny recipes: z3_tiny.json
     raw = engine.load_ds_json(path)

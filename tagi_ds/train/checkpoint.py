@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from tagi_ds.config import ConfigError
+from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import check_zip, fail, read_json
-from tagi_ds.train import dist
+from tagi_ds.runtime.rundir import atomic_write_text
 
 LATEST = "latest"
 FINGERPRINT = "tagi_checkpoint.json"
@@ -50,12 +51,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def fingerprint(stage: str, cfg, world_size: int, model) -> dict[str, Any]:

@@ -20,8 +20,8 @@ import threading
 
 import torch
 
+from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import EXIT_BAD_STEPS, Stopped
-from tagi_ds.train import dist
 
 WATCH_INTERVAL_S = 1.0
 

@@ -1,30 +1,29 @@
-"""The one training loop, for all three stages: preflight, build, (resume), step, log, checkpoint, export.
+"""The one training loop, for all three stages: preflight, setup, step, finish.
 
 Read top to bottom: it is the whole of what a launcher runs. :func:`preflight` checks and loads every input
-before anything is written or any process group starts; :func:`train` then runs. Stops: ``max_steps``
+before anything is written or any process group starts; :func:`train` then runs: :func:`setup` (process group,
+config.json, model, engine, resume), :func:`step` until ``train.max_steps``, :func:`finish` (the artifact).
+What the stage trains, reads and writes comes from its spec (:mod:`tagi_ds.stages`). Stops: ``max_steps``
 (exit 0), ``train.stop_after`` / a signal / the launcher gone (checkpoint, exit 0), ``train.max_bad_steps``
 non-finite steps in a row (checkpoint, one line, exit code 3).
 """
 
 from __future__ import annotations
 
-import json
-import random
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from tagi_ds import artifacts, data
+from tagi_ds import artifacts, data, stages
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.model import build_model
+from tagi_ds.runtime import dist, rundir
+from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train import checkpoint, dist
-from tagi_ds.train import engine as ds_engine
+from tagi_ds.train import checkpoint
 from tagi_ds.train.guards import Guards, TooManyBadSteps
 from tagi_ds.train.progress import Progress
 
@@ -43,35 +42,19 @@ class RunArgs:
     init_hypernet: str | None = None  # finetune: start from a pretrained hypernet/
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def write_config(out: Path, cfg: TagiConfig, ds: dict, args: RunArgs) -> None:
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"stage": args.stage, "world_size": dist.world_size(), "precision": ds_engine.precision(cfg),
-                  "tagi": cfg.to_dict(), "deepspeed": ds,
-                  "args": {k: str(v) if v is not None else None for k, v in vars(args).items()}}
-        checkpoint.atomic_write_text(out / "config.json", json.dumps(record, indent=2))
-    dist.barrier()
-
-
 @dataclass
 class Checked:
     """Everything preflight checked and loaded for a run, handed to :func:`train` (nothing written yet)."""
 
     cfg: TagiConfig
     args: RunArgs
+    spec: stages.Spec  # what the stage trains, reads and writes
     ds: dict  # the final DeepSpeed dict for this world size
     world_size: int
     tokenizer: Any
     loader: Any  # this rank's training loader
     fingerprint: dict  # what a checkpoint of this run records (and a resumed one must match)
     rows: dict[str, int] | None = None  # teacher-bank rows: stage teachers (trained) or finetune (frozen)
-    with_teacher: bool = False  # finetune: the frozen teacher bank from --teachers
     resume: Path | None = None
 
 
@@ -84,45 +67,36 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     world, rank = preflight_checks.env_world_size(), preflight_checks.env_rank()
     out = preflight_checks.check_output_dir(args.output_dir)
     ds = preflight_checks.deepspeed_config(args.deepspeed, cfg, world)
-    distill = args.stage == "finetune" and cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
-    if args.teachers and not distill:
+    spec = stages.spec(args.stage, cfg)  # what the stage trains, reads and writes
+    if args.teachers and not spec.teacher:
         raise ConfigError(f"--teachers {args.teachers}: unused by this run (it needs finetune, mode tagi and "
                           f"loss.kl_weight or loss.param_weight > 0; mode {cfg.mode}); drop --teachers")
-    if args.init_hypernet and cfg.mode != "tagi":
+    if args.init_hypernet and not spec.mode.instruction:
         raise ConfigError(f"--init_hypernet {args.init_hypernet}: a hypernetwork needs mode tagi (mode {cfg.mode})")
-    rows, meta = None, None
-    if distill:
+    rows = None
+    if spec.teacher:
         if not args.teachers:
             raise ConfigError("--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
                               "(or --set loss.kl_weight=0 loss.param_weight=0)")
-        rows, meta = artifacts.read_teacher_rows(Path(args.teachers))
-        cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
+        rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)
-    tasks = None if args.stage == "pretrain" else data.load_tasks(cfg.data.spec, cfg.data, "train")
-    if args.stage == "teachers":
+    tasks = data.load_tasks(cfg.data.spec, cfg.data, "train") if spec.stage.data == "tasks" else None
+    if spec.mode.adapters == "per_task":  # the teachers stage: a bank row per task (or category) it trains
         rows = data.teacher_rows(tasks, cfg.teacher.granularity)
-    elif distill:
-        _check_teacher_rows(tasks, rows, cfg.teacher.granularity, args.teachers)
+    elif spec.teacher:
+        artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {args.teachers}",
+                             "train the teachers on the same data and filters")
     loader = data.build_train_loader(cfg, tokenizer, stage=args.stage, rank=rank, world_size=world,
                                      teacher_rows=rows, tasks=tasks)
-    special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
-    model = preflight_checks.meta_model(cfg, args.stage, special, num_bank_rows=len(rows) if rows else 0,
-                                        with_teacher=distill)
-    if distill:
+    model = preflight_checks.meta_model(cfg, args.stage, tokenizer.special_ids, num_bank_rows=len(rows) if rows else 0,
+                                        with_teacher=spec.teacher)
+    if spec.teacher:
         artifacts.check_teachers(Path(args.teachers), model.teacher, model, "--teachers")
     if args.init_hypernet:
         artifacts.check_hypernet(Path(args.init_hypernet), model, "--init_hypernet")
     fingerprint = checkpoint.fingerprint(args.stage, cfg, world, model)
     resume = checkpoint.check(args.resume_from_checkpoint, out, fingerprint) if args.resume_from_checkpoint else None
-    return Checked(cfg, args, ds, world, tokenizer, loader, fingerprint, rows, distill, resume)
-
-
-def _check_teacher_rows(tasks, rows: dict[str, int], granularity: str, path) -> None:
-    for task in tasks:
-        key = task.name if granularity == "task" else task.category
-        if key not in rows:
-            raise ConfigError(f"--teachers {path}: no teacher for {granularity} {key!r} of the training data "
-                              f"({len(rows)} in rows.json); train the teachers on the same data and filters")
+    return Checked(cfg, args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume)
 
 
 def run(cfg: TagiConfig, args: RunArgs) -> Path:
@@ -131,125 +105,173 @@ def run(cfg: TagiConfig, args: RunArgs) -> Path:
 
 
 def train(checked: Checked) -> Path:
-    """Train one stage from what :func:`preflight` checked; returns the final artifact directory."""
-    cfg, args, ds, loader, rows = checked.cfg, checked.args, checked.ds, checked.loader, checked.rows
-    # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods the log.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    dist.init()
-    if dist.world_size() != checked.world_size:
-        raise RuntimeError(f"preflight saw WORLD_SIZE={checked.world_size}, the process group has "
-                           f"{dist.world_size()} ranks")
-    seed_everything(cfg.train.seed)
-    out = Path(args.output_dir)
-    write_config(out, cfg, ds, args)
+    """Train one stage from what :func:`preflight` checked; returns the final artifact directory (or, when a
+    stop request ended the session early, the checkpoint it saved)."""
+    s = setup(checked)
+    tc = checked.cfg.train
+    try:
+        while s.step < tc.max_steps:
+            done = step(s)
+            stop_bad = s.guards.too_many_bad()
+            if s.step % tc.log_steps == 0 or s.step == tc.max_steps or stop_bad:
+                s.progress.log(metrics(s, done))
+            signalled = s.guards.stop_requested()
+            pause = signalled or (tc.stop_after > 0 and s.step - s.start >= tc.stop_after)
+            if s.step % tc.save_steps == 0 or pause or stop_bad or s.step == tc.max_steps:
+                save(s)
+            if stop_bad:
+                stop_on_bad_steps(s)
+            if pause and s.step < tc.max_steps:
+                return stop(s, s.guards.reason if signalled else f"train.stop_after={tc.stop_after}")
+    except TooManyBadSteps:
+        raise
+    except BaseException:
+        s.progress.close()
+        raise
+    return finish(s)
 
-    tokenizer = checked.tokenizer
-    special = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
-    backbone = ds_engine.build_backbone(cfg, ds, special, training=True)
+
+# -- the parts of train() ---------------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """A training run in progress: what :func:`setup` built, and where the loop stands."""
+
+    checked: Checked
+    model: torch.nn.Module
+    eng: Any  # the DeepSpeed engine
+    batches: Any  # iterator over this rank's micro-batches
+    guards: Guards
+    progress: Progress
+    out: Path
+    start: int  # the step the session began at (0, or the resumed checkpoint's)
+    step: int = 0  # optimizer steps done
+    save_s: float = 0.0  # how long the last checkpoint took
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+@dataclass
+class StepDone:
+    """What one optimizer step leaves for its log line."""
+
+    lr: float
+    t0: float  # when it started (perf_counter)
+    tokens: int = 0  # this rank's input + target tokens
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss and each term, mean over micro-batches
+    loss_bad: bool = False  # a non-finite loss on some rank: nobody stepped
+    norm: float | None = None  # the global gradient norm (None: the step was skipped)
+
+
+def setup(checked: Checked) -> Session:
+    """Join the process group, write config.json, build the model (loading the artifacts it starts from) and
+    the engine, and restore the checkpoint to resume."""
+    cfg, args, ds, loader, rows = checked.cfg, checked.args, checked.ds, checked.loader, checked.rows
+    out = rundir.start(cfg, ds, args, checked.world_size)
+    backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, training=True)
     model = build_model(cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0,
-                        with_teacher=checked.with_teacher)
-    if checked.with_teacher:
+                        with_teacher=checked.spec.teacher)
+    if checked.spec.teacher:
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)
     if args.init_hypernet:
         artifacts.load_hypernet(model, Path(args.init_hypernet))
     eng = ds_engine.build_engine(model, cfg, ds)
-    device = eng.device
 
     start = 0
     if checked.resume is not None:
         start, loader_state = checkpoint.load(eng, checked.resume)
         loader.load_state_dict(loader_state)
-    batches = iter(loader)
 
     guards = Guards(cfg.train.max_bad_steps, cfg.train.inject_fault)
     progress = Progress(out, args.stage, cfg.train.max_steps, start, cfg.train.tensorboard)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.trainable_parameters())  # full sizes
     progress.message(f"tagi-ds {args.stage}: recipe {cfg.recipe}, mode {cfg.mode}, {dist.world_size()} rank(s), "
-                     f"ZeRO-{ds_engine.zero_stage(ds)}, precision {ds_engine.precision(cfg)}, device {device.type}, "
-                     f"{trainable:,} trainable parameters"
+                     f"ZeRO-{ds_engine.zero_stage(ds)}, precision {ds_engine.precision(cfg)}, "
+                     f"device {eng.device.type}, {trainable:,} trainable parameters"
                      + (f", resumed at step {start}" if start else ""))
     if layout := ds_engine.describe_partitioning(model, dist.world_size()):
         progress.message(layout)
-    ckpt_dir = out / "checkpoints"
-    step = start
-    save_s = 0.0
+    return Session(checked, model, eng, iter(loader), guards, progress, out, start, step=start)
 
-    def save() -> None:
-        nonlocal save_s
-        t = time.perf_counter()
-        checkpoint.save(eng, ckpt_dir, step, loader.state_dict(), cfg.train.keep_last, checked.fingerprint)
-        save_s = time.perf_counter() - t
-        if save_s > SAVE_WARN_S:
-            progress.message(f"warning: saving step {step} took {save_s:.0f}s; deepspeed's launch.py kills ranks "
-                             "30 s after a SIGTERM, so stop this job by signalling the runner's PID (README: "
-                             "stopping)")
 
-    try:
-        while step < cfg.train.max_steps:
-            t0 = time.perf_counter()
-            sums: dict[str, torch.Tensor] = {}
-            tokens, loss_bad = 0, False
-            lr = eng.get_lr()[0]  # the rate this step uses (the scheduler advances in eng.step)
-            for _ in range(cfg.train.grad_accum):
-                batch = next(batches)
-                # Counted on the host copy: reading the device's would wait for it (a sync per micro-step).
-                tokens += int(batch.attention_mask.sum()) + batch.num_target_tokens()
-                batch = batch.to(device)
-                loss, terms = eng(batch)
-                loss = guards.inject(step, loss)
-                if guards.loss_is_bad(loss, step):  # same decision on every rank: nobody steps
-                    loss_bad = True
-                    break
-                eng.backward(loss)
-                eng.step()
-                for k, v in {"loss": loss, **terms}.items():  # device tensors, read once per logged step
-                    sums[k] = sums.get(k, 0.0) + v.detach().double() / cfg.train.grad_accum
-            if loss_bad:
-                eng.zero_grad()
-            # A skipped step has no gradient norm of its own (DeepSpeed still reports the previous one).
-            norm = None if loss_bad else _norm(eng.get_global_grad_norm())
-            guards.record(loss_bad or guards.grad_norm_is_bad(norm), step + 1)  # non-finite norm: update skipped
-            step += 1
-            stop_bad = guards.too_many_bad()
-            if step % cfg.train.log_steps == 0 or step == cfg.train.max_steps or stop_bad:
-                record = {"step": step, **({"loss": None} if loss_bad else _mean_over_ranks(sums, device)),
-                          "lr": lr, "grad_norm": norm,
-                          "tokens_per_s": tokens * dist.world_size() / (time.perf_counter() - t0),
-                          "skipped_steps": guards.skipped}
-                progress.log(record)
-            signalled = guards.stop_requested()
-            pause = signalled or (cfg.train.stop_after > 0 and step - start >= cfg.train.stop_after)
-            if step % cfg.train.save_steps == 0 or pause or stop_bad or step == cfg.train.max_steps:
-                save()
-            if stop_bad:
-                progress.close()
-                message = guards.bad_steps_message(step, str(ckpt_dir / f"step-{step}"))
-                preflight_checks.say_once(message)
-                dist.barrier()  # rank 0 has printed before any rank exits (the launcher ends the job at the first)
-                raise TooManyBadSteps(message)
-            if pause and step < cfg.train.max_steps:
-                why = guards.reason if signalled else f"train.stop_after={cfg.train.stop_after}"
-                progress.message(f"{why}: saved step {step} in {save_s:.1f}s, stopping "
-                                 "(resume with --resume_from_checkpoint latest)")
-                progress.close()
-                return ckpt_dir / f"step-{step}"
-    except TooManyBadSteps:
-        raise
-    except BaseException:
-        progress.close()
-        raise
-    progress.close()
-    progress.message(f"data (rank 0): {loader.report()}")
-    if args.stage == "teachers":
-        final = out / "teachers"
-        artifacts.save_teachers(model, final, rows, cfg.teacher.granularity)
-    elif model.generator is not None:
-        final = out / "hypernet"
-        artifacts.save_hypernet(model, final)
+def step(s: Session) -> StepDone:
+    """One optimizer step over ``train.grad_accum`` micro-batches; a non-finite loss on any rank skips it."""
+    cfg, eng, guards = s.checked.cfg, s.eng, s.guards
+    done = StepDone(lr=eng.get_lr()[0], t0=time.perf_counter())  # the rate this step uses (eng.step advances it)
+    for _ in range(cfg.train.grad_accum):
+        batch = next(s.batches)
+        # Counted on the host copy: reading the device's would wait for it (a sync per micro-step).
+        done.tokens += int(batch.attention_mask.sum()) + batch.num_target_tokens()
+        batch = batch.to(eng.device)
+        loss, terms = eng(batch)
+        loss = guards.inject(s.step, loss)
+        if guards.loss_is_bad(loss, s.step):  # same decision on every rank: nobody steps
+            done.loss_bad = True
+            break
+        eng.backward(loss)
+        eng.step()
+        for k, v in {"loss": loss, **terms}.items():  # device tensors, read once per logged step
+            done.sums[k] = done.sums.get(k, 0.0) + v.detach().double() / cfg.train.grad_accum
+    if done.loss_bad:
+        eng.zero_grad()
+    # A skipped step has no gradient norm of its own (DeepSpeed still reports the previous one).
+    done.norm = None if done.loss_bad else _norm(eng.get_global_grad_norm())
+    guards.record(done.loss_bad or guards.grad_norm_is_bad(done.norm), s.step + 1)  # non-finite norm: update skipped
+    s.step += 1
+    return done
+
+
+def metrics(s: Session, done: StepDone) -> dict[str, Any]:
+    """The step's metrics.jsonl record; a collective (the terms are averaged over ranks)."""
+    return {"step": s.step, **({"loss": None} if done.loss_bad else _mean_over_ranks(done.sums, s.eng.device)),
+            "lr": done.lr, "grad_norm": done.norm,
+            "tokens_per_s": done.tokens * dist.world_size() / (time.perf_counter() - done.t0),
+            "skipped_steps": s.guards.skipped}
+
+
+def save(s: Session) -> None:
+    """A checkpoint of this step (a collective); warns when it took too long for deepspeed's SIGTERM grace."""
+    t = time.perf_counter()
+    checkpoint.save(s.eng, s.ckpt_dir, s.step, s.checked.loader.state_dict(), s.checked.cfg.train.keep_last,
+                    s.checked.fingerprint)
+    s.save_s = time.perf_counter() - t
+    if s.save_s > SAVE_WARN_S:
+        s.progress.message(f"warning: saving step {s.step} took {s.save_s:.0f}s; deepspeed's launch.py kills ranks "
+                           "30 s after a SIGTERM, so stop this job by signalling the runner's PID (README: "
+                           "stopping)")
+
+
+def stop_on_bad_steps(s: Session) -> None:
+    """``train.max_bad_steps`` non-finite steps in a row (saved already): one line, then exit code 3."""
+    s.progress.close()
+    message = s.guards.bad_steps_message(s.step, str(s.ckpt_dir / f"step-{s.step}"))
+    preflight_checks.say_once(message)
+    dist.barrier()  # rank 0 has printed before any rank exits (the launcher ends the job at the first)
+    raise TooManyBadSteps(message)
+
+
+def stop(s: Session, why: str) -> Path:
+    """End the session early on request (saved already); returns the checkpoint to resume from."""
+    s.progress.message(f"{why}: saved step {s.step} in {s.save_s:.1f}s, stopping "
+                       "(resume with --resume_from_checkpoint latest)")
+    s.progress.close()
+    return s.ckpt_dir / f"step-{s.step}"
+
+
+def finish(s: Session) -> Path:
+    """Write the stage's artifact (``teachers/``, ``hypernet/`` or ``baseline_lora/``); returns its directory."""
+    cfg, spec = s.checked.cfg, s.checked.spec
+    s.progress.close()
+    s.progress.message(f"data (rank 0): {s.checked.loader.report()}")
+    final = s.out / spec.artifact
+    if spec.mode.adapters == "generated":
+        artifacts.save_hypernet(s.model, final)
+    elif spec.mode.adapters == "per_task":
+        artifacts.save_teachers(s.model, final, s.checked.rows, cfg.teacher.granularity)
     else:  # concat / no_instruction baselines: their shared LoRA is a one-row bank
-        final = out / "baseline_lora"
-        artifacts.save_teachers(model, final, {"*": 0}, "shared")
-    progress.message(f"done: {final}")
+        artifacts.save_teachers(s.model, final, {"*": 0}, "shared")
+    s.progress.message(f"done: {final}")
     return final
 
 
@@ -266,4 +288,3 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], device: torch.device) -> d
 
 def _norm(value) -> float | None:
     return None if value is None else float(value)
-

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tagi_ds.train import dist
+from tagi_ds.runtime import dist
 
 
 class Progress:

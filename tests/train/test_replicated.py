@@ -10,7 +10,7 @@ import pytest
 
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.recipes import get_recipe
-from tagi_ds.train import engine as E
+from tagi_ds.runtime import engine as E
 from tests.train.harness import REPO, env
 
 Z3 = {"zero_optimization": {"stage": 3}}
@@ -42,7 +42,7 @@ from tagi_ds.config import apply_overrides
 from tagi_ds.model import build_model
 from tagi_ds.plan import synthetic_batch, Shapes
 from tagi_ds.recipes import get_recipe
-from tagi_ds.train import dist, engine as E
+from tagi_ds.runtime import dist, engine as E
 dist.init()
 # replicated first: a partitioned build replaces F.linear for good
 for placement, mode in (("replicated", "tagi"), ("replicated", "no_instruction"), ("partitioned", "tagi"),

@@ -19,7 +19,7 @@ from tagi_ds import plan
 from tagi_ds.config import ConfigError
 from tagi_ds.plan import PlanInput
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = {"model": "t5-xxl", "nodes": 4, "gpus_per_node": 8, "gpu_mem_gb": 80}
 
 

@@ -16,7 +16,7 @@ RAW = """
     """
 TAGI = """
     import torch
-    from tagi_ds.train import dist
+    from tagi_ds.runtime import dist
     dist.init()
     t = torch.ones(4) * (dist.rank() + 1)
     torch.distributed.all_reduce(t)  # the collectives still work after the names are gone

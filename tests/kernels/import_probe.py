@@ -1,4 +1,4 @@
-"""``python -m tests.import_probe`` from the repository root (tests/test_imports.py): the imports that
+"""``python -m tests.kernels.import_probe`` from the repository root (tests/kernels/test_imports.py): the imports that
 the root's ``kernels/`` folder once shadowed."""
 
 import os

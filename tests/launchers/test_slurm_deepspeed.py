@@ -1,6 +1,6 @@
 """launchers/slurm + the real DeepSpeed runner: the SIGUSR1 stop-and-save path end to end (~10-20 s on CPU).
 
-Same fake scontrol/srun as tests/test_slurm.py, but `deepspeed` is the real one: two fake nodes on this
+Same fake scontrol/srun as tests/launchers/test_slurm.py, but `deepspeed` is the real one: two fake nodes on this
 machine, one gloo rank each, rendezvous through --no_ssh --node_rank. Checks the claim common.sh relies on:
 the DeepSpeed runner and deepspeed.launcher.launch, started with SIGUSR1 ignored, survive the signal while
 the training processes (which install a handler) get it.
@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from tests.test_slurm import JOB_ID, REPO, _kill_session, _make_env, _wait_for
+from tests.launchers.test_slurm import JOB_ID, REPO, _kill_session, _make_env, _wait_for
 
 pytestmark = pytest.mark.distributed
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {"z3.json": 3, "z3_tiny.json": 3, "z3_offload.json": 3, "z2.json": 2}
 
 # Owned by the tagi-ds config and injected when the engine is built; a copy here would silently disagree.
@@ -113,7 +113,7 @@ def test_z3_tiny_is_z3_with_every_tensor_partitioned():
     assert tiny["stage3_param_persistence_threshold"] == 0
     differ = {k for k in z3 if z3[k] != tiny.get(k)} | (tiny.keys() - z3.keys())
     assert differ == {"stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "reduce_bucket_size"}
-    from tagi_ds.train.engine import DEFAULT_DS_CONFIG, default_ds_config
+    from tagi_ds.runtime.engine import DEFAULT_DS_CONFIG, default_ds_config
 
     assert default_ds_config("tiny").name == default_ds_config("tiny-llama").name == "z3_tiny.json"
     assert default_ds_config("t5-xl") == default_ds_config("mini") == DEFAULT_DS_CONFIG

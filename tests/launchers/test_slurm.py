@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ("train_teachers", "pretrain", "finetune", "evaluate")
 RESUMING = {"train_teachers", "pretrain", "finetune"}
 HOSTS = ("gpu-node-017", "gpu-node-018")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagi_ds.train.engine import place
+from tagi_ds.runtime.engine import place
 from tests.core.helpers import tiny_model
 from tests.train.harness import REPO, env
 
@@ -52,7 +52,7 @@ def test_place_skips_parameters_deepspeed_owns():
 
 ENGINE = r"""
 import sys, torch
-from tagi_ds.train import dist, engine as E
+from tagi_ds.runtime import dist, engine as E
 from tagi_ds.recipes import get_recipe
 from tagi_ds.model import build_model
 dist.init()

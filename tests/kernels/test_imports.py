@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PROBE = ("import transformers.activations, tagi_ds, tagi_kernels, kernels, os; "
          "assert not kernels.__file__.startswith(os.getcwd() + os.sep), kernels.__file__; "
@@ -36,7 +36,7 @@ def test_python_c_in_repo_root_imports_transformers_tagi_ds_and_tagi_kernels():
 
 def test_python_m_in_repo_root_imports_them_too():
     # ``-m`` puts the current directory first on sys.path, as pytest's rootdir insertion does.
-    proc = _run("-m", "tests.import_probe")
+    proc = _run("-m", "tests.kernels.import_probe")
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
 
 

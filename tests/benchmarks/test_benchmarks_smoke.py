@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_bench(script: str, out_dir: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:

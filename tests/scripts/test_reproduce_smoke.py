@@ -12,7 +12,7 @@ from tagi_ds.data import SentencePieceTokenizer, builtin_suite, format_concat, l
 from tagi_ds.model import build_backbone
 from tagi_ds.recipes import get_recipe
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_backbone.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pretrain_backbone.py"
 
 
 def _script():
@@ -61,7 +61,7 @@ def test_adapted_t5_ffn_output_projection_runs():
 
 
 def _report_script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "make_report.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "make_report.py"
     spec = importlib.util.spec_from_file_location("make_report", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

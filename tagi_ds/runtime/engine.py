@@ -166,7 +166,7 @@ def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, i
     under z3 then evaluates on the same backbone under z2, in one process, or in the tests.
     """
     from tagi_ds import model as tagi_model
-    from tagi_ds.train import dist
+    from tagi_ds.runtime import dist
 
     placement = backbone_placement(cfg, ds, dist.world_size()) if training else \
         ("partitioned" if zero_stage(ds) == 3 else "whole", "evaluation and export build it as ZeRO-3 runs did")
@@ -198,7 +198,7 @@ def _init_device(cfg: TagiConfig, special_ids: dict[str, int]) -> torch.device:
     stand-in) directly on this rank's device, which takes seconds instead of minutes on the CPU; anything else on
     the CPU, whose random init every other build (partitioned, evaluation) reproduces."""
     from tagi_ds import model as tagi_model
-    from tagi_ds.train import dist
+    from tagi_ds.runtime import dist
 
     if cfg.model.model_name_or_path:
         return torch.device("cpu")

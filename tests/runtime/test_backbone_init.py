@@ -7,7 +7,7 @@ from tests.train.harness import REPO, env, partitioned_z3
 
 SCRIPT = r"""
 import sys, torch, deepspeed
-from tagi_ds.train import dist, engine as E
+from tagi_ds.runtime import dist, engine as E
 from tagi_ds.recipes import get_recipe
 from tagi_ds.model import build_backbone
 dist.init()
