@@ -63,7 +63,7 @@ from tagi_ds.recipes import get_recipe  # noqa: E402
 
 VARIANTS = ("tagi", "tagi_nokl", "lora", "concat", "peft")
 ENGINES = ("torch", "z2", "z3", "z3+replicated", "z3+partitioned", "z3+offload_opt", "z3+offload")
-# train.frozen_backbone of each engine (tagi_ds.runtime.engine.backbone_placement); the others: auto
+# train.frozen_backbone of each engine (tagi_ds.plan.for_training); the others: auto
 BACKBONE = {"z3+replicated": "replicated", "z3+partitioned": "partitioned"}
 MODES = {"tagi": "tagi", "tagi_nokl": "tagi", "lora": "no_instruction", "concat": "concat", "peft": "no_instruction"}
 FLOP_VARIANT = {"tagi_nokl": "tagi", "peft": "lora"}  # the tagi_ds.plan.step_flops variant of each case
@@ -208,7 +208,7 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: P
     ds = ds_engine.inject(ds_config(engine, cfg.recipe, z3_json), cfg, dist.world_size())
     if variant == "peft" and cfg.train.frozen_backbone == "replicated":
         raise RuntimeError("peft's LoRA layers live inside the backbone: only a partitioned one runs under ZeRO-3")
-    backbone = ds_engine.build_backbone(cfg, ds, {}, training=True)
+    backbone = ds_engine.build_backbone(cfg, ds, {}, placement=plan.for_training(cfg, ds, dist.world_size()))
     model = make(backbone)
     eng = ds_engine.build_engine(model, cfg, ds)
 

@@ -48,7 +48,7 @@ from tagi_ds.plan.inputs import (
     shapes_of,
 )
 from tagi_ds.plan.measure import TensorBytesTracker, measure_step, storage_bytes, synthetic_batch
-from tagi_ds.plan.placement import choose, for_run
+from tagi_ds.plan.placement import choose, for_run, for_training
 from tagi_ds.plan.shapes import Counts, Shapes, build_meta, count
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "ds_zero",
     "fits",
     "for_run",
+    "for_training",
     "main",
     "max_micro_batch",
     "measure_step",

@@ -122,44 +122,12 @@ def backbone_init(ds: dict[str, Any]):
 PLAIN_INIT_LIMIT = 1_000_000_000
 
 
-def backbone_placement(cfg: TagiConfig, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
-    """Where a training run keeps its frozen backbone, and why: ``whole`` (below ZeRO-3 every rank holds it anyway),
-    ``replicated`` (ZeRO-3: whole on every rank, outside ZeRO: no all-gathers, no module hooks; the hypernetwork's
-    gradients and optimizer state stay partitioned) or ``partitioned`` (ZeRO-3 owns it, 1/W per rank).
-
-    ``train.frozen_backbone=replicated|partitioned`` decides (replicated needs a frozen backbone and no parameter
-    offload). ``auto``: partitioned when a parameter is unfrozen (``model.trainable``) or offloaded; on CUDA,
-    replicated when ``tagi_ds.plan`` says it fits this GPU next to everything else, else partitioned; on a CPU,
-    partitioned (CPU runs are how ZeRO-3 partitioning is exercised at tiny scale: the tests and the quickstart).
-    """
-    choice, zero = cfg.train.frozen_backbone, ds.get("zero_optimization", {})
-    if zero_stage(ds) != 3:
-        return "whole", f"ZeRO-{zero_stage(ds)}: every rank holds the frozen backbone"
-    offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
-    if choice == "replicated" and (cfg.model.trainable or offload):
-        why = "model.trainable unfreezes backbone parameters" if cfg.model.trainable else "offload_param is set"
-        raise ConfigError(f"train.frozen_backbone=replicated keeps a frozen backbone whole, outside ZeRO, but {why} "
-                          "(use train.frozen_backbone=partitioned or auto)")
-    if choice != "auto":
-        return choice, f"train.frozen_backbone={choice}"
-    if cfg.model.trainable:
-        return "partitioned", "model.trainable unfreezes backbone parameters: ZeRO-3 owns them"
-    if offload:
-        return "partitioned", "offload_param keeps parameters off the GPU"
-    if not torch.cuda.is_available():
-        return "partitioned", "auto on a CPU (train.frozen_backbone=replicated to keep it whole)"
-    from tagi_ds import plan
-
-    fit = plan.for_run(cfg, zero, world_size, torch.cuda.get_device_properties(torch.cuda.current_device())
-                       .total_memory, precision(cfg))
-    return fit["placement"], f"auto: {fit['why']} (tagi_ds.plan)"
-
-
 def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, int],
-                   training: bool = False) -> torch.nn.Module:
-    """The backbone for a run under ``ds``: partitioned as it is built under ZeRO-3, unless ``training`` and
-    ``backbone_placement`` keeps it replicated (then built plainly; ``build_engine`` keeps it out of DeepSpeed).
-    The choice is recorded on the module (``tagi_placement``: placement, why).
+                   placement: tuple[str, str] | None = None) -> torch.nn.Module:
+    """The backbone for a run under ``ds``: partitioned as it is built under ZeRO-3, unless a training run's
+    ``placement`` (``tagi_ds.plan.for_training``: placement, why) keeps it replicated (then built plainly;
+    ``build_engine`` keeps it out of DeepSpeed). Without ``placement`` (evaluation, export) it is built as ZeRO-3
+    runs did. The choice is recorded on the module (``tagi_placement``: placement, why).
 
     ``deepspeed.zero.Init`` draws random weights differently from plain construction, so a random-init
     backbone (no ``model_name_or_path``) is overwritten with the plain build's values: a hypernet trained
@@ -168,8 +136,9 @@ def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, i
     from tagi_ds import model as tagi_model
     from tagi_ds.runtime import dist
 
-    placement = backbone_placement(cfg, ds, dist.world_size()) if training else \
-        ("partitioned" if zero_stage(ds) == 3 else "whole", "evaluation and export build it as ZeRO-3 runs did")
+    training = placement is not None
+    placement = placement or ("partitioned" if zero_stage(ds) == 3 else "whole",
+                              "evaluation and export build it as ZeRO-3 runs did")
     if placement[0] != "partitioned":
         with torch.device(_init_device(cfg, special_ids) if training else "cpu"):
             backbone = tagi_model.build_backbone(cfg, special_ids)
@@ -270,7 +239,7 @@ def replicated(model: torch.nn.Module) -> bool:
 def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
     """``deepspeed.initialize`` with torch AdamW over the trainable parameters and the LR schedule.
 
-    A replicated frozen backbone (``build_backbone(training=True)``) stays out of DeepSpeed: the engine wraps
+    A replicated frozen backbone (``build_backbone(placement=...)``) stays out of DeepSpeed: the engine wraps
     ``WithoutBackbone(model)``, the backbone is cast to the training precision here (parameters only, buffers as
     built, as DeepSpeed casts what it owns) and placed on the engine's device, and ``memory_efficient_linear`` is off
     (it replaces ``F.linear`` process-wide with an autograd function that only partitioned weights need).

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tagi_ds import artifacts, data, stages
+from tagi_ds import artifacts, data, plan, stages
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.model import build_model
 from tagi_ds.runtime import dist, rundir
@@ -169,7 +169,8 @@ def setup(checked: Checked) -> Session:
     the engine, and restore the checkpoint to resume."""
     cfg, args, ds, loader, rows = checked.cfg, checked.args, checked.ds, checked.loader, checked.rows
     out = rundir.start(cfg, ds, args, checked.world_size)
-    backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, training=True)
+    placement = plan.for_training(cfg, ds, checked.world_size)
+    backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, placement=placement)
     model = build_model(cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0,
                         with_teacher=checked.spec.teacher)
     if checked.spec.teacher:

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from tagi_ds.config import ConfigError, apply_overrides
+from tagi_ds.plan import for_training
 from tagi_ds.recipes import get_recipe
-from tagi_ds.runtime import engine as E
 from tests.train.harness import REPO, env
 
 Z3 = {"zero_optimization": {"stage": 3}}
@@ -21,17 +21,17 @@ def _cfg(*overrides: str):
 
 
 def test_placement_follows_the_config_and_the_stage():
-    assert E.backbone_placement(_cfg(), {"zero_optimization": {"stage": 2}}, 1)[0] == "whole"
+    assert for_training(_cfg(), {"zero_optimization": {"stage": 2}}, 1)[0] == "whole"
     # auto on a CPU: partitioned (the CPU runs exercise ZeRO-3 partitioning at tiny scale)
-    placement, why = E.backbone_placement(_cfg(), Z3, 2)
+    placement, why = for_training(_cfg(), Z3, 2)
     assert placement == "partitioned" and "CPU" in why
-    assert E.backbone_placement(_cfg("train.frozen_backbone=replicated"), Z3, 2)[0] == "replicated"
-    assert E.backbone_placement(_cfg('model.trainable=["shared"]'), Z3, 2)[0] == "partitioned"
+    assert for_training(_cfg("train.frozen_backbone=replicated"), Z3, 2)[0] == "replicated"
+    assert for_training(_cfg('model.trainable=["shared"]'), Z3, 2)[0] == "partitioned"
     with pytest.raises(ConfigError, match="model.trainable unfreezes"):
-        E.backbone_placement(_cfg("train.frozen_backbone=replicated", 'model.trainable=["shared"]'), Z3, 1)
+        for_training(_cfg("train.frozen_backbone=replicated", 'model.trainable=["shared"]'), Z3, 1)
     offload = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
     with pytest.raises(ConfigError, match="offload_param"):
-        E.backbone_placement(_cfg("train.frozen_backbone=replicated"), offload, 1)
+        for_training(_cfg("train.frozen_backbone=replicated"), offload, 1)
     with pytest.raises(ConfigError, match="train.frozen_backbone"):
         _cfg("train.frozen_backbone=sharded")
 
@@ -41,6 +41,7 @@ import torch
 from tagi_ds.config import apply_overrides
 from tagi_ds.model import build_model
 from tagi_ds.plan import synthetic_batch, Shapes
+from tagi_ds.plan import for_training
 from tagi_ds.recipes import get_recipe
 from tagi_ds.runtime import dist, engine as E
 dist.init()
@@ -52,8 +53,8 @@ for placement, mode in (("replicated", "tagi"), ("replicated", "no_instruction")
     batch = synthetic_batch("t5", Shapes(4, 2, 16, 8, 16), 1024, mode=mode)
     ds = E.inject(E.load_ds_json(E.TINY_DS_CONFIG), cfg, 1)
     torch.manual_seed(0)
-    model = build_model(cfg, "finetune", E.build_backbone(cfg, ds, {}, training=True), num_bank_rows=2,
-                        with_teacher=mode == "tagi")
+    backbone = E.build_backbone(cfg, ds, {}, placement=for_training(cfg, ds, 1))
+    model = build_model(cfg, "finetune", backbone, num_bank_rows=2, with_teacher=mode == "tagi")
     placement = f"{placement}-{mode}"
     eng = E.build_engine(model, cfg, ds)
     trained = model.generator if mode == "tagi" else model.bank
