@@ -13,7 +13,7 @@ quickstart:  ## all stages + evaluation on the embedded default, 2 CPU ranks
 	$(INSTALL) && bash launchers/quickstart.sh
 
 test:  ## the whole suite (README's test command; .ci/run runs exactly this)
-	$(INSTALL) && $(PYTHON) -m pytest -q
+	$(INSTALL) && $(PYTHON) -m pytest -q -n 2 --dist worksteal
 
 test-fast:  ## everything but the multi-process tests
 	$(PYTHON) -m pytest -q -m "not distributed"

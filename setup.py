@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "pytest-timeout", "peft>=0.13", "rouge-score>=0.1.2", "ruff", "kernels"],
+        "test": ["pytest>=8", "pytest-timeout", "peft>=0.13", "rouge-score>=0.1.2", "ruff", "kernels", "pytest-xdist"],
         "plot": ["matplotlib"],
     },
 )

@@ -18,6 +18,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+    # The longest first (``long``, then the 2-rank jobs), in collection order otherwise: under the README's
+    # ``-n 2 --dist worksteal`` the two workers then finish together instead of one waiting on a late long test.
+    items.sort(key=lambda item: 0 if "long" in item.keywords else 1 if "distributed" in item.keywords else 2)
 
 
 

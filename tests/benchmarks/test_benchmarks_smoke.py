@@ -33,6 +33,7 @@ def written(out_dir: Path, name: str) -> tuple[dict, str]:
     return json.loads((out_dir / js).read_text()), (out_dir / f"{stem}.md").read_text()
 
 
+@pytest.mark.long
 def test_bench_train_step_smoke(tmp_path):
     proc = run_bench("bench_train_step.py", tmp_path)
     result, md = written(tmp_path, "train_step")

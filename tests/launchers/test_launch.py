@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tagi_ds.launch import runner_argv
 from tests.train.harness import TINY, metrics, popen
 
@@ -27,6 +29,7 @@ def test_the_runner_log_level_is_quiet_unless_asked():
     assert "--log_level" not in runner_argv(["--quiet", *SCRIPT], {})[0]
 
 
+@pytest.mark.distributed
 def test_two_two_rank_runs_started_at_once_without_ports_both_finish(tmp_path):
     """The quickstart's failure mode (EADDRINUSE on 29500 when another DeepSpeed job runs), reproduced with two
     real 2-rank jobs started together, neither given a port."""

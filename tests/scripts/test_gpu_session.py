@@ -36,6 +36,7 @@ def packed(out: Path, stage: str) -> dict[str, str]:
                 for m in tf.getmembers() if m.isfile()}
 
 
+@pytest.mark.long
 def test_check_stage_runs_the_whole_pipeline_and_both_train_steps(tmp_path):
     proc, out = session(tmp_path, "check")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -59,6 +60,7 @@ def test_check_stage_runs_the_whole_pipeline_and_both_train_steps(tmp_path):
         assert f"\n{step} " in summary and "ok" in summary.split(f"\n{step} ")[1].split("\n")[0]
 
 
+@pytest.mark.long
 def test_profile_stage_profiles_then_measures_both_recipes(tmp_path):
     """Issue 15's stage: profile_train_step.py (lora on each engine), then bench_train_step.py, for a T5 and a LLaMA
     recipe, one result file pair per script."""
