@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/quickstart}
 NP=${NP:-2}
 STEPS=${STEPS:-60}
-DS=${DS:-ds_configs/z3.json}
+DS=${DS:-ds_configs/z3_tiny.json}  # threshold 0: the tiny backbone is partitioned across the ranks
 # tagi_ds.launch is the deepspeed launcher on a free port (or $MASTER_PORT), so that this run never collides
 # with another DeepSpeed job on the machine; it prints the port it uses.
 run() { echo "+ deepspeed --num_gpus $NP $*"; python -m tagi_ds.launch --num_gpus "$NP" "$@"; }
