@@ -18,9 +18,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
+from tagi_ds.config import ConfigError
 from tagi_ds.plan.gpu_memory import memory, usable_bytes
 from tagi_ds.plan.inputs import GiB, PlanInput
 from tagi_ds.plan.shapes import Counts, Shapes
+from tagi_ds.runtime import engine as E
 
 
 def choose(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str, Any]:
@@ -70,11 +74,6 @@ def for_training(cfg, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
     replicated when ``for_run`` says it fits this GPU next to everything else, else partitioned; on a CPU,
     partitioned (CPU runs are how ZeRO-3 partitioning is exercised at tiny scale: the tests and the quickstart).
     """
-    import torch
-
-    from tagi_ds.config import ConfigError
-    from tagi_ds.runtime import engine as E
-
     choice, zero = cfg.train.frozen_backbone, ds.get("zero_optimization", {})
     if E.zero_stage(ds) != 3:
         return "whole", f"ZeRO-{E.zero_stage(ds)}: every rank holds the frozen backbone"

@@ -194,6 +194,7 @@ CASES = [
     Case("unknown-projection", "pretrain", ["--set", "model.adapted=q,zz"], "model.adapted: unknown T5 projection"),
     Case("trainable-matches-nothing", "teachers", ["--set", 'model.trainable=["nomatch"]'], "model.trainable"),
     Case("trainable-bad-regex", "pretrain", ["--set", 'model.trainable=["("]'], "model.trainable: bad regex"),
+    Case("frozen-backbone-bad-choice", "pretrain", ["--set", "train.frozen_backbone=sharded"], "train.frozen_backbone"),
     Case("pretrain-concat", "pretrain", ["--mode", "concat"], "mode must be tagi, got 'concat'"),
     # data sources
     Case("data-scheme", "pretrain", ["--data", "ftp:/x"], "unknown scheme 'ftp'"),
