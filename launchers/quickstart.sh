@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: every stage + evaluation on the embedded default (built-in tiny T5, built-in task suite),
-# on NP CPU ranks (default 2) under DeepSpeed ZeRO-3, then a results table. About 5 minutes on 2 idle cores (README: Times).
+# on NP CPU ranks (default 2) under DeepSpeed ZeRO-3, then a results table. About 5 minutes on 2 idle cores
+# (README: Times).
 #
 #   bash launchers/quickstart.sh                 # OUT=runs/quickstart NP=2
 #   OUT=/tmp/qs NP=1 STEPS=30 bash launchers/quickstart.sh
