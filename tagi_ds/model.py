@@ -54,7 +54,8 @@ class TagiModel(nn.Module):
         # The frozen distillation teacher is deliberately NOT a submodule: it stays whole in host memory on
         # every rank, outside DeepSpeed (never partitioned, cast, checkpointed or all-gathered), and each
         # step copies only the rows of the batch's tasks to the device (``LoraBank.take``).
-        object.__setattr__(self, "teacher", teacher.pin() if teacher is not None else None)
+        # ``runtime.engine.keep_teacher`` keeps it in the training dtype, on the device where it fits.
+        object.__setattr__(self, "teacher", teacher)
         self.encoder = InstructionEncoder(backbone, self.arch, state, cfg.hypernet.pooling,
                                           cfg.hypernet.checkpoint_encoder)
         self.fusion = fuses(cfg) and generator is not None
@@ -193,11 +194,12 @@ def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -
 
 
 def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows: int = 0,
-                with_teacher: bool = False) -> TagiModel:
+                with_teacher: bool = False, teacher_init: str = "peft") -> TagiModel:
     """Freeze the backbone, inject adapted sites and attach the adapters of ``stage`` in its mode
     (:func:`tagi_ds.stages.spec`): the hypernetwork, a LoRA bank with a row per task, or one shared LoRA.
 
-    ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``).
+    ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``);
+    ``teacher_init="empty"``: that bank allocated uninitialised (its values are loaded, or do not matter: benchmarks).
     """
     adapters = stages.spec(stage, cfg).mode.adapters
     cfg.validate()
@@ -216,7 +218,8 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
     elif adapters == "generated":
         generator = Generator(d_model, sites, cfg.hypernet, fusion=fuses(cfg))
         if with_teacher:
-            teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha).requires_grad_(False)
+            teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha,
+                               init=teacher_init).requires_grad_(False)
     else:  # one shared LoRA: the concat / no_instruction baselines
         bank = LoraBank(sites, 1, cfg.hypernet.rank, cfg.hypernet.alpha)
     return TagiModel(cfg, stage, backbone, sites, state, generator=generator, bank=bank, teacher=teacher)

@@ -21,6 +21,10 @@ adds onto it, in forward and for the input gradient). Costs of each: kernels/NOT
 
 from __future__ import annotations
 
+import collections
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -75,18 +79,41 @@ def lora_delta_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offs
     return yp[valid] * scale
 
 
+# How many adapter-op calls each impl served (``resolve_impl``) since ``RESOLVED.clear()``: a benchmark row records
+# which op it timed from this, rather than trusting ``impl="auto"`` to have picked the kernel.
+RESOLVED: collections.Counter[str] = collections.Counter()
+_warned_fallback = False
+
+
+@functools.lru_cache(maxsize=1)
+def kernels_import_error() -> str | None:
+    """Why ``tagi_kernels`` (with Triton) does not import here, or None when it does (tried once per process)."""
+    try:
+        import tagi_kernels  # noqa: F401
+    except (ImportError, RuntimeError, OSError) as err:  # Triton raises RuntimeError/OSError without a usable driver
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """The impl that runs for ``impl`` on ``x``: ``auto`` is ``triton`` for CUDA tensors when ``tagi_kernels``
+    imports, else ``torch``. On CUDA a failed import warns once, naming the error: the reference op is several
+    times slower, and a run (or a benchmark row) must not time it as if it were the kernel. Counted in RESOLVED."""
+    global _warned_fallback
     if impl not in IMPLS:
         raise ValueError(f"lora_delta: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    if x.is_cuda:
-        try:
-            import tagi_kernels  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
-    return "torch"
+    if impl == "auto":
+        impl = "torch"
+        if x.is_cuda:
+            err = kernels_import_error()
+            if err is None:
+                impl = "triton"
+            elif not _warned_fallback:
+                _warned_fallback = True
+                warnings.warn(f"lora_delta: impl='auto' on CUDA runs the torch reference op: tagi_kernels does not "
+                              f"import ({err})", RuntimeWarning, stacklevel=3)
+    RESOLVED[impl] += 1
+    return impl
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,

@@ -88,8 +88,32 @@ def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None
             raise ConfigError(f"--model_name_or_path {str(path)!r}: config.json has model_type {model_type!r} but "
                               f"model.arch is {cfg.arch!r}; pick the recipe of that family or --set "
                               f"model.arch={model_type}")
-        return model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn, local_files_only=True)
-    return model_cls._from_config(hf_config(cfg, pad_id, eos_id, bos_id), attn_implementation=attn, dtype=dtype)
+        model = model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn, local_files_only=True)
+    else:
+        model = model_cls._from_config(hf_config(cfg, pad_id, eos_id, bos_id), attn_implementation=attn, dtype=dtype)
+    return fp32_rotary(model)
+
+
+def fp32_rotary(model: torch.nn.Module) -> torch.nn.Module:
+    """Every rotary embedding's frequency buffers (``inv_freq``, ``original_inv_freq``, ...) recomputed in fp32.
+
+    Built under ``deepspeed.zero.Init``, they come out in the training dtype: DeepSpeed's tensor-constructor wrappers
+    cast every float tensor created in the context (``torch.arange(..., dtype=torch.float)`` included), and
+    transformers before 5.2x does not guard RoPE against it. In bf16 the phases ``position * inv_freq`` are then
+    wrong by ~1.4 rad at position 1152: a LLaMA trained on the partitioned path would see broken positions beyond a
+    few hundred tokens, silently. The buffers are non-persistent (never in a checkpoint), so each is rebuilt by a
+    fresh module of the same class, outside the context, where the family computes them in fp32 as it always does.
+    """
+    for module in model.modules():
+        names = [n for n, b in module._buffers.items() if b is not None and "inv_freq" in n]
+        if not names or not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        if all(module._buffers[n].dtype == torch.float32 for n in names):
+            continue
+        fresh = type(module)(module.config)
+        for n in names:
+            module._buffers[n] = fresh._buffers[n].to(module._buffers[n].device)
+    return model
 
 
 def site_names(model: PreTrainedModel, cfg: ModelConfig) -> list[tuple[str, str, int, str]]:

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 from tagi_ds.batch import TaskBatch
 from tagi_ds.plan.inputs import PlanInput, resolve, shapes_of
 from tagi_ds.plan.shapes import Shapes
+from tagi_ds.runtime import engine as E
 
 
 def synthetic_batch(arch: str, s: Shapes, vocab: int, mode: str = "tagi", teacher: bool = True,
@@ -113,8 +114,10 @@ def measure_step(p: PlanInput, device: str | None = None, seed: int = 0) -> dict
     torch.manual_seed(seed)
     s = shapes_of(p)
     backbone = build_backbone(cfg)
-    model = build_model(cfg, "finetune", backbone, num_bank_rows=max(p.teacher_rows, s.tasks),
-                        with_teacher=p.kl).to(dev, dtype)
+    model = build_model(cfg, "finetune", backbone, num_bank_rows=max(p.teacher_rows, s.tasks), with_teacher=p.kl)
+    # Parameters only, as the training engine casts them: ``.to(dtype)`` would also cast RoPE's fp32 inv_freq.
+    model = E.place(E.cast_parameters(model, dtype), dev)
+    E.keep_teacher(model, dtype, dev)
     cfg.loss.kl_weight = cfg.loss.param_weight = 1.0 if p.kl else 0.0
     batch = synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, teacher=p.kl, seed=seed).to(dev)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)

@@ -195,7 +195,7 @@ def place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     only below ZeRO-3; under ZeRO-3 it partitions parameters (their shards live where the config says: the
     device, or host memory with offload) and leaves buffers where they were built, e.g. the generator's site
     indices on the CPU, which then index a CUDA embedding. Parameters with a ``ds_id`` are DeepSpeed's and
-    stay as they are. The host-side teacher bank is not a submodule (by design), so it stays in host memory.
+    stay as they are. The teacher bank is not a submodule (by design): ``keep_teacher`` decides where it lives.
     """
     for m in module.modules():
         for name, buf in m._buffers.items():
@@ -206,9 +206,6 @@ def place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
                 # In place: an optimizer that already holds ``p`` keeps holding the moved parameter.
                 torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().to(device), p.requires_grad))
     return module
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class WithoutBackbone(torch.nn.Module):
@@ -236,13 +233,67 @@ def replicated(model: torch.nn.Module) -> bool:
     return getattr(backbone, "tagi_placement", ("",))[0] == "replicated"
 
 
+def train_dtype(ds: dict[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed trains in under the final dict ``ds`` (``inject``): bf16, fp16 or fp32."""
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast ``module``'s floating-point parameters that DeepSpeed does not own (no ``ds_id``) to ``dtype``, in place
+    (an optimizer holding them keeps holding them), and no buffer: ``module.to(dtype)`` would also cast the rotary
+    embeddings' fp32 ``inv_freq`` (``backbones.decoder.fp32_rotary``), which DeepSpeed itself leaves alone."""
+    for p in module.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return module
+
+
+# The frozen teacher bank stays on the GPU, in the training dtype, when it is at most this share of the GPU's
+# memory and of what is free once the engine is built (llama-7b's 1B-value bank in bf16: 2 GiB, 2.5% of an H100).
+# Else it stays in host memory and each step copies its rows through one pinned buffer (``LoraBank.keep``).
+TEACHER_ON_GPU_SHARE = 0.05
+TEACHER_OF_FREE_SHARE = 0.25
+
+
+def teacher_home(nbytes: int, device: torch.device) -> tuple[torch.device, str]:
+    """Where a frozen teacher bank of ``nbytes`` is kept for steps on ``device``, and why."""
+    if device.type != "cuda":
+        return device, f"on the {device.type}, where the steps run"
+    free, total = torch.cuda.mem_get_info(device)
+    if nbytes <= TEACHER_ON_GPU_SHARE * total and nbytes <= TEACHER_OF_FREE_SHARE * free:
+        return device, (f"on the GPU: {nbytes / 2**30:.2f} GiB <= {TEACHER_ON_GPU_SHARE:.0%} of its memory and "
+                        f"{TEACHER_OF_FREE_SHARE:.0%} of the {free / 2**30:.1f} GiB free")
+    return torch.device("cpu"), (f"in pinned host memory: {nbytes / 2**30:.2f} GiB > {TEACHER_ON_GPU_SHARE:.0%} of the "
+                                 f"GPU's memory or {TEACHER_OF_FREE_SHARE:.0%} of the {free / 2**30:.1f} GiB free")
+
+
+def keep_teacher(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """The model's frozen teacher bank (if any) in the training dtype, on ``device`` when ``teacher_home`` says so,
+    else in host memory with a staging buffer for a batch's rows (``LoraBank.keep``); the choice is recorded on the
+    bank (``tagi_home``: device, why)."""
+    teacher = getattr(model, "teacher", None)
+    if teacher is None:
+        return
+    nbytes = sum(p.numel() for p in teacher.parameters()) * torch.empty(0, dtype=dtype).element_size()
+    home, why = teacher_home(nbytes, device)
+    teacher.keep(dtype, home, max_rows=model.cfg.data.tasks_per_batch)
+    teacher.tagi_home = (home, why)
+
+
 def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
     """``deepspeed.initialize`` with torch AdamW over the trainable parameters and the LR schedule.
 
+    Every parameter DeepSpeed does not own yet is cast to the training dtype here, whatever the placement:
+    DeepSpeed casts the module it is given only when none of its parameters is ZeRO-3-partitioned already
+    (``is_zero_init_model``), so with a partitioned backbone the hypernetwork (or a LoRA bank) would train in fp32,
+    and with a replicated one in bf16. Parameters only: buffers stay as built (RoPE's ``inv_freq`` in fp32).
+
     A replicated frozen backbone (``build_backbone(placement=...)``) stays out of DeepSpeed: the engine wraps
-    ``WithoutBackbone(model)``, the backbone is cast to the training precision here (parameters only, buffers as
-    built, as DeepSpeed casts what it owns) and placed on the engine's device, and ``memory_efficient_linear`` is off
-    (it replaces ``F.linear`` process-wide with an autograd function that only partitioned weights need).
+    ``WithoutBackbone(model)``, the backbone is placed on the engine's device, and ``memory_efficient_linear`` is off
+    (it replaces ``F.linear`` process-wide with an autograd function that only partitioned weights need). The frozen
+    teacher bank, outside DeepSpeed too, is kept in the training dtype where ``keep_teacher`` says.
     """
     import deepspeed
 
@@ -251,17 +302,17 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
                                   betas=(0.9, 0.999), eps=1e-8)
     schedule = lr_lambda(cfg)
     module = model
+    dtype = train_dtype(ds)
+    cast_parameters(model, dtype)
     if zero_stage(ds) == 3 and replicated(model):
         ds = copy.deepcopy(ds)
         ds["zero_optimization"]["memory_efficient_linear"] = False
-        dtype = DTYPES[precision(cfg)]
-        for p in model.backbone.parameters():
-            p.data = p.data.to(dtype)
         module = WithoutBackbone(model)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     place(model, engine.device)
+    keep_teacher(model, dtype, engine.device)
     if zero_stage(ds) == 3 and kept_whole(model):
         keep_whole(engine, kept_whole(model))
     return engine
@@ -298,7 +349,8 @@ def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
             f"{'hypernetwork' if getattr(model, 'generator', None) is not None else 'shared LoRA'} {whole:,} whole on "
             "every rank")
     if (teacher := getattr(model, "teacher", None)) is not None:
-        line += f"; teacher bank {sum(p.numel() for p in teacher.parameters()):,} in host memory, outside ZeRO"
+        where = getattr(teacher, "tagi_home", (None, "in host memory"))[1]
+        line += f"; teacher bank {sum(p.numel() for p in teacher.parameters()):,} outside ZeRO, {where}"
     if (why := getattr(getattr(model, "backbone", None), "tagi_placement", None)) is not None:
         line += f"; backbone partitioned: {why[1]}"
     return line
