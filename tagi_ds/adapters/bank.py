@@ -90,7 +90,8 @@ class LoraBank(nn.Module):
         if staged is None:
             staged = device.type == "cpu" and torch.cuda.is_available()
         self._staged = None
-        self._staging = (torch.empty(max_rows * self._row_numel(), dtype=dtype, pin_memory=torch.cuda.is_available())
+        self._staging = (torch.empty(max_rows * self._row_numel(), dtype=dtype, device="cpu",
+                                     pin_memory=torch.cuda.is_available())
                          if staged and device.type == "cpu" else None)
         return self
 
@@ -126,7 +127,7 @@ class LoraBank(nn.Module):
         ``device``, and views of that copy per factor."""
         if self._staged is not None:
             self._staged.synchronize()  # the previous step's copy may still read the buffer we are about to fill
-        k, idx, views, at = len(rows), torch.tensor(rows, dtype=torch.long), [], 0
+        k, idx, views, at = len(rows), torch.tensor(rows, dtype=torch.long, device="cpu"), [], 0
         for i in self.site_indices:
             for factor in (self.A[str(i)], self.B[str(i)]):
                 shape = (k, *factor.shape[1:])
@@ -136,7 +137,7 @@ class LoraBank(nn.Module):
                 at += n
         # Into a new tensor even on the host: the next step refills the buffer while this step's views may live on.
         moved = torch.empty(at, device=device, dtype=dtype).copy_(self._staging[:at], non_blocking=True)
-        if moved.is_cuda:
+        if moved.is_cuda and torch.cuda.is_available():  # (a fake CUDA tensor, in the tests, has no stream)
             self._staged = torch.cuda.Event()
             self._staged.record()
         out = [moved[a:a + math.prod(shape)].view(shape) for a, shape in views]

@@ -260,13 +260,14 @@ TEACHER_OF_FREE_SHARE = 0.25
 def teacher_home(nbytes: int, device: torch.device) -> tuple[torch.device, str]:
     """Where a frozen teacher bank of ``nbytes`` is kept for steps on ``device``, and why."""
     if device.type != "cuda":
-        return device, f"on the {device.type}, where the steps run"
+        return device, f"steps run on the {device.type}"
     free, total = torch.cuda.mem_get_info(device)
     if nbytes <= TEACHER_ON_GPU_SHARE * total and nbytes <= TEACHER_OF_FREE_SHARE * free:
-        return device, (f"on the GPU: {nbytes / 2**30:.2f} GiB <= {TEACHER_ON_GPU_SHARE:.0%} of its memory and "
+        return device, (f"{nbytes / 2**30:.2f} GiB <= {TEACHER_ON_GPU_SHARE:.0%} of the GPU's memory and "
                         f"{TEACHER_OF_FREE_SHARE:.0%} of the {free / 2**30:.1f} GiB free")
-    return torch.device("cpu"), (f"in pinned host memory: {nbytes / 2**30:.2f} GiB > {TEACHER_ON_GPU_SHARE:.0%} of the "
-                                 f"GPU's memory or {TEACHER_OF_FREE_SHARE:.0%} of the {free / 2**30:.1f} GiB free")
+    return torch.device("cpu"), (f"rows copied through a pinned buffer: {nbytes / 2**30:.2f} GiB > "
+                                 f"{TEACHER_ON_GPU_SHARE:.0%} of the GPU's memory or {TEACHER_OF_FREE_SHARE:.0%} "
+                                 f"of the {free / 2**30:.1f} GiB free")
 
 
 def keep_teacher(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -349,8 +350,9 @@ def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
             f"{'hypernetwork' if getattr(model, 'generator', None) is not None else 'shared LoRA'} {whole:,} whole on "
             "every rank")
     if (teacher := getattr(model, "teacher", None)) is not None:
-        where = getattr(teacher, "tagi_home", (None, "in host memory"))[1]
-        line += f"; teacher bank {sum(p.numel() for p in teacher.parameters()):,} outside ZeRO, {where}"
+        home, why = getattr(teacher, "tagi_home", (torch.device("cpu"), "not kept by build_engine"))
+        where = "on the GPU" if home.type == "cuda" else "in host memory"
+        line += f"; teacher bank {sum(p.numel() for p in teacher.parameters()):,} {where}, outside ZeRO ({why})"
     if (why := getattr(getattr(model, "backbone", None), "tagi_placement", None)) is not None:
         line += f"; backbone partitioned: {why[1]}"
     return line
