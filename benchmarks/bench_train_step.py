@@ -342,7 +342,7 @@ def bench_recipe(args, recipe: str, default_engine: str, on_row=None) -> dict:
                       "sites": len(counts.sites)}, "rows": []}
     for variant, engine, ckpt in cases:  # each in its own process (common.run_child)
         case = {"recipe": recipe, "variant": variant, "engine": engine, "checkpointing": ckpt}
-        row = common.run_child(__file__, args.argv, case, args.case_timeout)
+        row = common.run_child(__file__, args.argv, case, common.case_timeout(args, variant))
         out["rows"].append({"variant": variant, "engine": engine, "checkpointing": ckpt, **row})
         if row["status"].startswith("failed"):
             print(f"  {recipe} {variant} {engine} ckpt={ckpt}: {row['status']}", file=sys.stderr, flush=True)

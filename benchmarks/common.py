@@ -300,10 +300,30 @@ def add_case_args(p) -> None:
     """``--case_timeout`` and the hidden ``--_case`` (what a parent passes to its child)."""
     import argparse
 
-    p.add_argument("--case_timeout", type=float, default=CASE_TIMEOUT,
-                   help=f"seconds each case's own process may run (default {CASE_TIMEOUT}); one past it becomes a "
-                        "row saying so")
+    p.add_argument("--case_timeout", nargs="+", type=_case_timeout, default=[("*", CASE_TIMEOUT)],
+                   metavar="[VARIANT=]SECONDS",
+                   help=f"seconds each case's own process may run (default {CASE_TIMEOUT}); VARIANT=SECONDS for one "
+                        "variant (e.g. lora=60 tagi=80: the check stage's plan); one past it becomes a row saying so")
     p.add_argument("--_case", dest="case", help=argparse.SUPPRESS)
+
+
+def _case_timeout(text: str) -> tuple[str, float]:
+    import argparse
+
+    key, _, secs = text.rpartition("=")
+    value = float(secs)  # argparse: "invalid case_timeout value"
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--case_timeout must be > 0, got {secs}")
+    return key or "*", value
+
+
+_case_timeout.__name__ = "case_timeout"
+
+
+def case_timeout(args, variant: str) -> float:
+    """``--case_timeout``'s seconds for ``variant`` (its own entry, else the plain number, else the default)."""
+    given = dict(args.case_timeout)
+    return given.get(variant, given.get("*", CASE_TIMEOUT))
 
 
 def run_child(script: str | Path, argv: list[str], case: dict, timeout: float) -> dict:

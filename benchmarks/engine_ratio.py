@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in args.variants:
             # Each measurement in its own process (common.run_child): its engines must coexist, but the next
             # measurement's must not find them (ZeRO-3 engines outlive destroy(); CUDA faults stick).
-            m = common.run_child(__file__, args.argv, {"recipe": recipe, "variant": variant}, args.case_timeout)
+            m = common.run_child(__file__, args.argv, {"recipe": recipe, "variant": variant},
+                                 common.case_timeout(args, variant))
             if m["status"] != "ok":
                 print(f"  {recipe} {variant}: {m['status']}", file=sys.stderr, flush=True)
             result["measurements"].append({"recipe": recipe, "variant": variant, "rows": [], **m})

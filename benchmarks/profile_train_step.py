@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     "status": f"skipped: DeepSpeed could not start ({why})"})
                 continue
             # Each engine in its own process (common.run_child): ZeRO-3 engines outlive destroy(), CUDA faults stick.
-            row = common.run_child(__file__, args.argv, {"recipe": recipe, "engine": engine}, args.case_timeout)
+            row = common.run_child(__file__, args.argv, {"recipe": recipe, "engine": engine},
+                                   common.case_timeout(args, args.variant))
             rec["rows"].append({"variant": args.variant, "engine": engine, **row})
             if row["status"].startswith("failed"):
                 print(f"  {recipe} {args.variant} {engine}: {row['status']}", file=sys.stderr, flush=True)
