@@ -13,8 +13,11 @@ Engines: torch (one process, no DeepSpeed, AdamW), z2 (ds_configs/z2.json), z3 (
 uses: z3.json, z3_tiny.json for the tiny recipes; the frozen backbone where train.frozen_backbone=auto puts it:
 replicated on a GPU it fits, partitioned on a CPU), z3+replicated / z3+partitioned (the same JSON, the backbone forced
 whole outside ZeRO / partitioned by ZeRO-3), z3+offload_opt (optimizer state on the CPU), z3+offload
-(ds_configs/z3_offload.json: parameters too). DeepSpeed runs in this
-process as a single rank (gloo on CPU); a case that cannot run here is listed as skipped with the reason.
+(ds_configs/z3_offload.json: parameters too). Every case runs in its
+own process (``--_case``; DeepSpeed keeps ZeRO-3 engines alive after destroy(), and a CUDA fault is sticky), as a
+single DeepSpeed rank (gloo on CPU), under ``--case_timeout``; the parent rewrites the result files after each case.
+A case that cannot run here is listed as skipped with the reason, one whose process died as failed. Column "op":
+the adapter op that ran (tagi_ds.ops.resolve_impl's answers during the first warm-up step; none: peft's layers).
 Table 1: every case on the default engine (z3 when DeepSpeed can start, else torch); table 2: tagi on
 every engine; table 3: tagi and lora with gradient checkpointing (model.gradient_checkpointing) on. Ratios
 are against the lora case on the default engine without checkpointing, measured in the same run: "x lora"
@@ -84,18 +87,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     p.add_argument("--no_checkpointing_table", action="store_true", help="skip the gradient checkpointing cases")
     p.add_argument("--steps", type=int, help="timed steps (GPU: median, CPU: min; default GPU 10, CPU 3)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default GPU 3, CPU 1)")
+    p.add_argument("--warmup", type=int, help="untimed steps first, >= 1: the first records which adapter op "
+                   "runs (default GPU 3, CPU 1)")
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: known GPUs; none on CPU)")
     p.add_argument("--deepspeed", type=Path, help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, as a "
                    "run uses: z3.json, z3_tiny.json for the tiny recipes)")
+    common.add_case_args(p)
     common.add_run_args(p)
     a, gpu = common.parse_run_args(p, argv)
     for key in ("micro_batch", "tasks", "seq_len", "target_len", "instr_len", "steps", "teacher_rows"):
         v = getattr(a, key)
         if v is not None and v <= 0:
             p.error(f"--{key} must be > 0, got {v}")
-    if a.warmup is not None and a.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {a.warmup}")
+    if a.warmup is not None and a.warmup < 1:
+        p.error(f"--warmup must be >= 1 (its first step records the adapter op), got {a.warmup}")
     if a.smoke:
         a.micro_batch, a.seq_len, a.target_len, a.instr_len = a.micro_batch or 4, a.seq_len or 32, \
             a.target_len or 8, a.instr_len or 32
@@ -195,7 +200,7 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: P
         dtype = torch.bfloat16 if ds_engine.precision(cfg) == "bf16" else torch.float32
         with torch.device(dev):  # random init on the GPU: seconds instead of minutes for a 7B backbone
             backbone = build_backbone(cfg)
-        model = ds_engine.place(make(backbone).to(dtype), dev)
+        model = ds_engine.place(cast_parameters(make(backbone), dtype), dev)
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
 
         def step(batch):
@@ -219,10 +224,22 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: P
         eng.step()
 
     def cleanup():
+        from tagi_ds.runtime import zero_release
+
         eng.destroy()
+        zero_release.release(model)  # DeepSpeed's globals would keep the model alive (several engines, one process)
         torch.nn.functional.linear = _F_LINEAR
 
     return model, step, cleanup
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The training dtype for floating parameters only: ``model.to(dtype)`` would cast buffers too, and RoPE's
+    ``inv_freq`` in bf16 breaks positions past a few hundred tokens."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def case_config(args, recipe: str, variant: str, checkpointing: bool, engine: str = "z3") -> TagiConfig:
@@ -267,7 +284,10 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
         batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
                                      teacher=teacher, seed=args.seed)
         batch = batch.to("cuda" if gpu else "cpu")
-        for _ in range(args.warmup):
+        with common.AdapterOps() as ops:  # untimed: which adapter op the case runs
+            step(batch)
+        row["adapter_op"] = ops.summary()
+        for _ in range(args.warmup - 1):
             step(batch)
         times = []
         for _ in range(args.steps):
@@ -318,16 +338,15 @@ def bench_recipe(args, recipe: str, default_engine: str, on_row=None) -> dict:
     cases += [("tagi", e, False) for e in args.engines if e != default_engine]
     if not args.no_checkpointing_table:
         cases += [(v, default_engine, True) for v in ("tagi", "lora") if v in args.variants]
-    if not torch.cuda.is_available() and cases and not args.smoke:
-        # One unrecorded pass first: lazy imports, DeepSpeed's first init and allocator growth otherwise land
-        # in the first case's RSS delta and timing (--smoke checks the harness, not the numbers).
-        quick = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
-        run_case(quick, recipe, *cases[0])
     out = {"recipe": recipe, "overrides": args.overrides, "shapes": vars(s), "default_engine": default_engine,
            "params": {"backbone": counts.backbone, "generator": counts.generator, "teacher_bank": counts.teacher,
                       "sites": len(counts.sites)}, "rows": []}
-    for c in cases:
-        out["rows"].append(run_case(args, recipe, *c))
+    for variant, engine, ckpt in cases:  # each in its own process (common.run_child)
+        case = {"recipe": recipe, "variant": variant, "engine": engine, "checkpointing": ckpt}
+        row = common.run_child(__file__, args.argv, case, common.case_timeout(args, variant))
+        out["rows"].append({"variant": variant, "engine": engine, "checkpointing": ckpt, **row})
+        if row["status"].startswith("failed"):
+            print(f"  {recipe} {variant} {engine} ckpt={ckpt}: {row['status']}", file=sys.stderr, flush=True)
         add_ratios(out["rows"], default_engine)
         if on_row is not None:
             on_row(out)
@@ -394,7 +413,7 @@ def to_markdown(result: dict) -> str:
                   f"params, generator {rec['params']['generator']:,}, teacher bank {rec['params']['teacher_bank']:,}"
                   f"; default engine {rec['default_engine']}; ratios vs lora on {rec['default_engine']}", ""]
         mem = "peak RSS Δ" if cpu else "peak alloc"
-        head = (f"| case | engine | ckpt | step ms | tokens/s | x lora | FLOPs x lora | s/FLOP x lora | TFLOP/s "
+        head = (f"| case | engine | ckpt | op | step ms | tokens/s | x lora | FLOPs x lora | s/FLOP x lora | TFLOP/s "
                 f"| hw TFLOP/s | MFU | {mem} | x lora |")
         if cpu:
             head += " tracked peak |"
@@ -406,7 +425,8 @@ def to_markdown(result: dict) -> str:
                     head.count("|") - 5))
                 continue
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            cells = [r["variant"], r["engine"], ck, f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
+            cells = [r["variant"], r["engine"], ck, r.get("adapter_op", "—"), f"{r['step_ms']:.1f}",
+                     f"{r['tokens_per_s']:,.0f}",
                      _ratio(r, "speed_vs_lora"), _ratio(r, "flops_vs_lora"), _ratio(r, "time_per_flop_vs_lora"),
                      f"{r['tflops']:.3g}", f"{r['hw_tflops']:.3g}", mfu,
                      common.fmt_bytes(r["peak_bytes"]), _ratio(r, "memory_vs_lora")]
@@ -417,11 +437,27 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_one(args) -> None:
+    """A child's work (``--_case``): one case, its row to the parent's file."""
+    import json
+
+    case = json.loads(args.case)
+    c = (case["recipe"], case["variant"], case["engine"], case["checkpointing"])
+    if not torch.cuda.is_available() and not args.smoke:
+        # One unrecorded pass first: lazy imports, DeepSpeed's first init and allocator growth otherwise land
+        # in the case's RSS delta and timing (--smoke checks the harness, not the numbers).
+        run_case(argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1}), *c)
+    common.write_row(case, run_case(args, *c))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.case:
+        return run_one(args)
     ds_ok, why = deepspeed_usable()
     engines = [e for e in args.engines if e == "torch" or ds_ok]
     skipped_engines = [] if ds_ok else [f"{e}: DeepSpeed could not start ({why})" for e in args.engines

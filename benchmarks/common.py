@@ -286,3 +286,119 @@ def fmt_bytes(n: float | None) -> str:
     if abs(n) >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     return f"{n / 2**20:.1f} MiB"
+
+
+# -- one process per case ---------------------------------------------------------------------------------------
+# DeepSpeed keeps every ZeRO-3 engine alive after destroy() (tagi_ds.runtime.zero_release), and a fault inside a
+# CUDA kernel is sticky: every later case of the same process would fail or run out of memory. So a benchmark's
+# parent process runs each case as a fresh child (``script <argv> --_case JSON``), which writes its row to a file;
+# a child that dies (OOM, a sticky CUDA error, its timeout) becomes a row saying so, and the next case still runs.
+CASE_TIMEOUT = 1800  # seconds: a 7B build + teacher bank + steps on a GPU takes minutes, not half an hour
+
+
+def add_case_args(p) -> None:
+    """``--case_timeout`` and the hidden ``--_case`` (what a parent passes to its child)."""
+    import argparse
+
+    p.add_argument("--case_timeout", nargs="+", type=_case_timeout, default=[("*", CASE_TIMEOUT)],
+                   metavar="[VARIANT=]SECONDS",
+                   help=f"seconds each case's own process may run (default {CASE_TIMEOUT}); VARIANT=SECONDS for one "
+                        "variant (e.g. lora=60 tagi=80: the check stage's plan); one past it becomes a row saying so")
+    p.add_argument("--_case", dest="case", help=argparse.SUPPRESS)
+
+
+def _case_timeout(text: str) -> tuple[str, float]:
+    import argparse
+
+    key, _, secs = text.rpartition("=")
+    value = float(secs)  # argparse: "invalid case_timeout value"
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--case_timeout must be > 0, got {secs}")
+    return key or "*", value
+
+
+_case_timeout.__name__ = "case_timeout"
+
+
+def case_timeout(args, variant: str) -> float:
+    """``--case_timeout``'s seconds for ``variant`` (its own entry, else the plain number, else the default)."""
+    given = dict(args.case_timeout)
+    return given.get(variant, given.get("*", CASE_TIMEOUT))
+
+
+def run_child(script: str | Path, argv: list[str], case: dict, timeout: float) -> dict:
+    """Run one case in a fresh Python: the child's row, or ``{"status": "failed: ..."}`` if it died. The child's
+    output streams through (the parent's log shows each case as it runs)."""
+    import json
+    import subprocess
+    import sys
+
+    fd, row_file = tempfile.mkstemp(prefix="case_row.", suffix=".json")
+    os.close(fd)
+    try:
+        cmd = [sys.executable, str(script), *argv, "--_case", json.dumps({**case, "row_file": row_file})]
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.run(cmd, stdout=sys.stderr, timeout=timeout, env=_world_of_one_env()).returncode
+        except subprocess.TimeoutExpired:
+            return {"status": f"failed: the case's process ran past --case_timeout {timeout:g}s"}
+        text = Path(row_file).read_text()
+        if rc == 0 and text:
+            return json.loads(text)
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
+        return {"status": f"failed: the case's process died ({how}) after {time.perf_counter() - t0:.0f}s"
+                          + (" (its row was written)" if text else "")}
+    finally:
+        os.unlink(row_file)
+
+
+def _world_of_one_env() -> dict[str, str]:
+    """The parent's environment without the rendezvous variables its own ``dist.init`` set: every case is a world
+    of one on a free port of its own (the parent's port is still held: EADDRINUSE)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def write_row(case: dict, row: dict) -> None:
+    """The child's side of :func:`run_child`."""
+    import json
+
+    write_atomic(Path(case["row_file"]), json.dumps(row, default=str))
+
+
+class AdapterOps:
+    """Which adapter op ran: counts what ``tagi_ds.ops.resolve_impl`` returned (``torch`` / ``triton``) while
+    active, so a row never reports the torch reference's time as the kernel's. Measurement instrumentation only."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self.counts: collections.Counter = collections.Counter()
+
+    def __enter__(self) -> AdapterOps:
+        from tagi_ds import ops
+
+        self._ops, self._orig = ops, getattr(ops, "resolve_impl", None)
+        if self._orig is None:  # another checkout's tagi_ds (--code) without it: "unknown"
+            self.counts["unknown"] += 1
+            return self
+
+        def counted(*args, **kwargs):
+            impl = self._orig(*args, **kwargs)
+            self.counts[impl] += 1
+            return impl
+
+        ops.resolve_impl = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._orig is not None:
+            self._ops.resolve_impl = self._orig
+
+    def summary(self) -> str:
+        """``triton``, ``torch``, ``none`` (no tagi_ds adapter: peft) or ``mixed (torch 3, triton 5)``."""
+        if not self.counts:
+            return "none"
+        if len(self.counts) == 1:
+            return next(iter(self.counts))
+        return "mixed (" + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) + ")"

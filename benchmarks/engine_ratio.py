@@ -3,7 +3,8 @@
 bench_train_step.py measures one case after another; on a shared CPU host, load changes between cases move its
 ratios by tens of percent. Here every engine's case is built first, then each round runs one step of every engine in
 turn, so all engines see the same load; the ratio of a round is its step time over the torch engine's in that round,
-and the reported ratio is the median over rounds (min step times beside it).
+and the reported ratio is the median over rounds (min step times beside it). Each (recipe, case) measurement runs in
+its own process (``--_case``, under ``--case_timeout``): DeepSpeed keeps ZeRO-3 engines alive after destroy().
 
 ``--code DIR`` measures another checkout of tagi-ds (its own ``tagi_ds`` must come first on PYTHONPATH, and its
 ``benchmarks/bench_train_step.py`` builds the cases), which is how a before/after pair is measured:
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--deepspeed", type=Path, help="ZeRO-3 JSON of the z3 engines (only where the code takes one)")
     p.add_argument("--code", type=Path, help="another tagi-ds checkout to measure (default: this one)")
+    common.add_case_args(p)
     common.add_run_args(p)
     a, _ = common.parse_run_args(p, argv)
     if a.smoke:
@@ -107,6 +109,12 @@ def measure(bench, args, recipe: str, variant: str) -> dict:
                 times[engine].append(time.perf_counter() - t0)
     for _, cleanup in cases.values():
         cleanup()
+    try:  # this process built several ZeRO-3 engines; DeepSpeed's globals would keep them (another --code's may not)
+        from tagi_ds.runtime import zero_release
+    except ImportError:
+        pass
+    else:
+        zero_release.release()
     base = args.engines[0]
     rows = []
     for engine, ts in times.items():
@@ -130,6 +138,8 @@ def to_markdown(result: dict) -> str:
               "ratio of the minima", "", f"| recipe | case | engine | median ms | min ms | x {base} (median) | "
               f"x {base} (of mins) |", "|---|---|---|---|---|---|---|"]
     for m in result["measurements"]:
+        if m.get("status", "ok") != "ok":
+            lines.append(f"| {m['recipe']} | {m['variant']} | {m['status']} | | | | |")
         for r in m["rows"]:
             lines.append(f"| {m['recipe']} | {m['variant']} | {r['engine']} | {r['median_ms']:.1f} | "
                          f"{r['min_ms']:.1f} | {r['ratio_median']:.2f} | {r['ratio_of_mins']:.2f} |")
@@ -138,6 +148,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,9 +158,24 @@ def main(argv: list[str] | None = None) -> dict:
               "versions": common.versions(), "code": code, "engines": args.engines, "rounds": args.rounds,
               "warmup": args.warmup, "z3_json": str(args.deepspeed) if args.deepspeed else "the code's default",
               "host_load_start": common.host_load(), "measurements": []}
+    if args.case:  # a child: one measurement (all engines of one case, interleaved), to the parent's file
+        import json
+
+        case = json.loads(args.case)
+        return common.write_row(case, {"status": "ok", **measure(bench, args, case["recipe"], case["variant"])})
     for recipe in args.recipe:
         for variant in args.variants:
-            result["measurements"].append(measure(bench, args, recipe, variant))
+            # Each measurement in its own process (common.run_child): its engines must coexist, but the next
+            # measurement's must not find them (ZeRO-3 engines outlive destroy(); CUDA faults stick).
+            m = common.run_child(__file__, args.argv, {"recipe": recipe, "variant": variant},
+                                 common.case_timeout(args, variant))
+            if m["status"] != "ok":
+                print(f"  {recipe} {variant}: {m['status']}", file=sys.stderr, flush=True)
+            result["measurements"].append({"recipe": recipe, "variant": variant, "rows": [], **m})
+            if not args.no_save:  # finished measurements on disk as they come
+                partial = {**result, "host_load_end": common.host_load(), "partial": True}
+                common.save_results(args.out_dir, common.result_name("engine_ratio", args.tag), partial,
+                                    to_markdown(partial), default=str, quiet=True)
     result["host_load_end"] = common.host_load()
     common.emit(args, "engine_ratio", result, to_markdown(result), default=str)
     return result

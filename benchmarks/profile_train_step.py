@@ -14,7 +14,10 @@ For each engine (torch / z2 / z3 ... as in bench_train_step.py, one process, one
     GPU each read of a CUDA tensor waits for the device (a sync); also, on a GPU, the syncs torch itself reports
     (``torch.cuda.set_sync_debug_mode("warn")``);
   - the attention implementation the backbone runs (``config._attn_implementation``) and the SDPA kernels seen,
-    and where the frozen backbone lives under ZeRO-3 (replicated or partitioned).
+    and where the frozen backbone lives under ZeRO-3 (replicated or partitioned);
+  - the adapter op that ran (tagi_ds.ops.resolve_impl's answers in the host-read step; none: peft's layers).
+Each engine runs in its own process (``--_case``, under ``--case_timeout``): DeepSpeed keeps ZeRO-3 engines alive
+after destroy(), and a CUDA fault is sticky; the parent rewrites the result files after each engine.
 
     python benchmarks/profile_train_step.py --recipe t5-xl llama-7b --variant lora --engines torch z2 z3 z3+partitioned
     python benchmarks/profile_train_step.py --smoke --out_dir /tmp/r     # tiny shapes: checks the harness
@@ -68,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "its benchmarks/bench_train_step.py builds the cases): the 'before' of a before/after")
     p.add_argument("--deepspeed", type=Path, help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, "
                    "as a run uses: z3.json, z3_tiny.json for the tiny recipes)")
+    common.add_case_args(p)
     common.add_run_args(p)
     a, _ = common.parse_run_args(p, argv)
     for key in ("micro_batch", "tasks", "seq_len", "target_len", "instr_len", "steps", "teacher_rows"):
@@ -314,9 +318,10 @@ def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
         row.update(summarize_profile(prof, args.steps, wall))
         row["zero3"] = {k: v / args.steps for k, v in sorted(zc.counts.items())}
         reads, synced = HostReads(), []
-        with cuda_sync_warnings(synced), reads:
+        with cuda_sync_warnings(synced), reads, common.AdapterOps() as ops:
             step(batch)
             common.sync()
+        row["adapter_op"] = ops.summary()
         row["host_reads"] = {"total": reads.total, "on_device": reads.on_device,
                              "sites": dict(reads.sites.most_common())}
         row["cuda_sync_warnings"] = synced[0] if synced else None
@@ -370,7 +375,7 @@ def _recipe_markdown(rec: dict) -> list[str]:
     lines = [f"## {rec['recipe']}{' ' + ' '.join(rec['overrides']) if rec['overrides'] else ''}", "",
              f"B={sh['micro_batch']} / K={sh['tasks']}, input {sh['seq_len']}, target {sh['target_len']}, "
              f"instruction {sh['instr_len']}", ""]
-    head = ("| engine | backbone | attention | step ms | x torch | device busy | kernels/step | aten calls/step | "
+    head = ("| engine | backbone | attention | op | step ms | x torch | device busy | kernels/step | aten calls/step | "
             "aten share of wall | ZeRO-3 fetched/step | all-gathers/step | released/step | host reads/step | "
             "sync ops/step |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -384,7 +389,8 @@ def _recipe_markdown(rec: dict) -> list[str]:
         busy = None if r["device_busy"] is None else 100 * r["device_busy"]
         hr = f"{r['host_reads']['total']}" + (f" ({r['cuda_sync_warnings']} sync warnings)"
                                               if r["cuda_sync_warnings"] is not None else "")
-        lines.append(f"| {r['engine']} | {r['backbone']} | {r['attention']} | {r['step_ms']:.1f} | "
+        lines.append(f"| {r['engine']} | {r['backbone']} | {r['attention']} | {r.get('adapter_op', '—')} | "
+                     f"{r['step_ms']:.1f} | "
                      f"{_f(r['step_ms'] / base['step_ms'] if base else None, '{:.2f}')} | {_f(busy, '{:.1f}%')} | "
                      f"{_f(r['kernel_launches_per_step'], '{:.0f}')} | {r['aten_calls_per_step']:.0f} | "
                      f"{100 * r['aten_self_cpu_share']:.0f}% | "
@@ -413,10 +419,16 @@ def _recipe_markdown(rec: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     bench, code = engine_ratio.load_bench(args.code)
+    if args.case:  # a child: one engine's profile, its row to the parent's file
+        import json
+
+        case = json.loads(args.case)
+        return common.write_row(case, profile_case(bench, args, case["recipe"], args.variant, case["engine"]))
     ds_ok, why = bench.deepspeed_usable()
     result = {"benchmark": "profile_train_step", "device": common.device_name(),
               "device_kind": common.device_kind(), "device_label": common.device_label(),
@@ -436,7 +448,12 @@ def main(argv: list[str] | None = None) -> dict:
                 rec["rows"].append({"variant": args.variant, "engine": engine,
                                     "status": f"skipped: DeepSpeed could not start ({why})"})
                 continue
-            rec["rows"].append(profile_case(bench, args, recipe, args.variant, engine))
+            # Each engine in its own process (common.run_child): ZeRO-3 engines outlive destroy(), CUDA faults stick.
+            row = common.run_child(__file__, args.argv, {"recipe": recipe, "engine": engine},
+                                   common.case_timeout(args, args.variant))
+            rec["rows"].append({"variant": args.variant, "engine": engine, **row})
+            if row["status"].startswith("failed"):
+                print(f"  {recipe} {args.variant} {engine}: {row['status']}", file=sys.stderr, flush=True)
             if not args.no_save:  # finished engines on disk as they come (a GPU call can be cut short)
                 partial = {**result, "host_load_end": common.host_load(), "partial": True}
                 common.save_results(args.out_dir, common.result_name("profile_train_step", args.tag), partial,

@@ -6,9 +6,9 @@
 # Here (pip reaches the package index), once per checkout; ~12 MB, .whl/ is git-ignored:
 #   bash scripts/gpu_session.sh wheels     # scripts/gpu_wheels.py build: the closed set of wheels the image lacks
 # There, ONE stage per call, carrying .whl (device tool: run, carry [".whl"]):
-#   bash scripts/gpu_session.sh check      # GPU kernel tests (small autotune space), the whole pipeline on 1 GPU
-#                                          # (z3, bf16, Triton op; scripts/gpu_pipeline.py), one TAGI + LoRA step
-#                                          # at t5-xl and llama-7b shapes
+#   bash scripts/gpu_session.sh check      # GPU kernel tests (small autotune space), one LoRA + TAGI step at t5-xl
+#                                          # and llama-7b shapes (each case its own process), then the whole pipeline
+#                                          # on 1 GPU (z3, bf16, Triton op; scripts/gpu_pipeline.py). Time plan below.
 #   bash scripts/gpu_session.sh profile    # profile_train_step.py (lora; torch z2 z3 z3+partitioned), then
 #                                          # bench_train_step.py (lora tagi tagi_nokl), t5-xl and llama-7b shapes
 #   bash scripts/gpu_session.sh kernels    # GPU kernel tests, then bench_lora_kernel.py over the full grid
@@ -16,7 +16,21 @@
 #   bash scripts/gpu_session.sh plan       # bench_plan_memory.py (planner vs measured peak)
 #   bash scripts/gpu_session.sh train t5-xl [bench flags]   # bench_train_step.py --recipe t5-xl --tag t5-xl
 #
-# Every step runs under its own timeout, capped by what is left of the stage's BUDGET (seconds, default 480);
+# check's time plan, sized for one H100 80 GB and one device `run` call (<= 600 s of command; BUDGET 540 leaves
+# 60 s of slack). Ordered by diagnostic value: a fault in a Triton kernel is a sticky CUDA error that fails whatever
+# runs after it in the same process, so the kernels go first and every train case runs in its own process.
+#   setup                 ~20 s  wheels into a site dir, versions, nvidia-smi (not a step: counted from the start)
+#   gpu_kernel_tests       60 s  pytest -m gpu tests/kernels, one autotune config per kernel (~1 min expected)
+#   train_step_t5-xl      140 s  the parent ~10 s (imports, DeepSpeed check), then lora 55 s (process start ~15 s,
+#                                3B build ~20 s, 4 steps of ~2.2 s), then tagi 75 s (the same + the teacher bank
+#                                + 4 steps of ~5 s); each case under its own cap (--case_timeout)
+#   train_step_llama-7b   180 s  parent ~10 s, lora 75 s (7B build ~40 s, 4 steps of ~1 s), tagi 95 s (+ bank,
+#                                4 steps of ~2.5 s)
+#   pipeline              140 s  8 launches of the tiny recipe (~15 s each: imports, DeepSpeed init, 6 steps),
+#                                the last step: it gets what is left (<= 140 s, 60 s per launch)
+#   sum of caps           540 s  = BUDGET (setup comes out of the pipeline's share: it runs last)
+# Every step runs under its own timeout, capped by what is left of the stage's BUDGET (seconds; check 540, others
+# 480);
 # a step that no longer fits is skipped and says so. After every step the stage's logs and results are packed
 # into $OUT/<stage>.tgz, so a call cut short still brings back what came before. $OUT ends up holding at most
 # 8 files: <stage>.tgz, summary.txt, versions.txt and the new result files (*.md, *.json; commit them under
@@ -30,7 +44,9 @@ STAGE=${1:-}
 [[ $# -gt 0 ]] && shift
 OUT=${OUT:-${TMPDIR:-/tmp}/tagi_gpu_out}
 BENCH_OUT=${BENCH_OUT:-benchmarks/results}
-BUDGET=${BUDGET:-480}
+DEFAULT_BUDGET=480
+[[ "$STAGE" == check ]] && DEFAULT_BUDGET=540
+BUDGET=${BUDGET:-$DEFAULT_BUDGET}
 WHEELS=${WHEELS:-.whl}
 SMOKE=${SMOKE:-0}
 SMOKE_FLAG=()
@@ -38,7 +54,7 @@ SMOKE_FLAG=()
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 
 wheels() {
@@ -77,10 +93,11 @@ for name in ("deepspeed", "peft"):
         print(name, "unavailable:", type(err).__name__, err)
 import tagi_ds, tagi_kernels  # noqa: F401
 EOF
-  [[ ${PIPESTATUS[0]} == 0 ]] || { echo "error: the environment check failed"; cp "$WORK/versions.txt" "$OUT/"; exit 2; }
-  cp "$WORK/versions.txt" "$OUT/"
+  local env_rc=${PIPESTATUS[0]}
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,power.draw \
     --format=csv >> "$WORK/versions.txt" 2>&1
+  cp "$WORK/versions.txt" "$OUT/"  # after the nvidia-smi line: the copy that comes back holds it
+  [[ $env_rc == 0 ]] || { echo "error: the environment check failed"; exit 2; }
 }
 
 pack() {
@@ -131,27 +148,32 @@ kernel_tests() {
   step gpu_kernel_tests "$1" env TAGI_KERNELS_TUNE=fixed $PY -m pytest -q -p no:cacheprovider tests/kernels -m gpu
 }
 
-# One TAGI step next to the LoRA step at a recipe's full shapes (B=4, K=2, input 1024, target 128,
-# instruction 1024: the benchmark's GPU defaults), ZeRO-3.
+# The LoRA step, then the TAGI step, at a recipe's full shapes (B=4, K=2, input 1024, target 128, instruction 1024:
+# the benchmark's GPU defaults), ZeRO-3: each case in its own process under its own cap (--case_timeout), so an OOM
+# or a sticky CUDA error in one still leaves the other. One result file pair per recipe (what comes back: <= 8 files).
+# SMOKE: the tiny recipes at the tiniest shapes, 1 step: the wiring, not the numbers.
 train_step() {
-  local recipe=$1 max=$2
-  local shapes=(--recipe "$recipe")
-  [[ "$SMOKE" == 1 ]] && shapes=(--recipe "$([[ $recipe == llama* ]] && echo tiny-llama || echo tiny)" --smoke)
+  local recipe=$1 max=$2 lora=$3 tagi=$4
+  local shapes=(--recipe "$recipe" --steps 3 --warmup 1)
+  [[ "$SMOKE" == 1 ]] && shapes=(--recipe "$([[ $recipe == llama* ]] && echo tiny-llama || echo tiny)" --smoke \
+    --micro_batch 2 --seq_len 8 --target_len 4 --instr_len 8 --teacher_rows 2 --steps 1 --warmup 1)
   step "train_step_$recipe" "$max" $PY benchmarks/bench_train_step.py "${shapes[@]}" --tag "$recipe" \
-    --variants tagi lora --engines z3 --no_checkpointing_table --steps 3 --warmup 1 --out_dir "$BENCH_OUT"
+    --variants lora tagi --engines z3 --no_checkpointing_table --case_timeout "lora=$lora" "tagi=$tagi" \
+    --out_dir "$BENCH_OUT"
 }
 
 case "$STAGE" in
   wheels)
     wheels ;;
   check)
+    # The time plan is in this file's header; the caps sum to BUDGET (540).
     setup
+    kernel_tests 60
+    train_step t5-xl 140 55 75     # step cap, then the lora and tagi cases' caps
+    train_step llama-7b 180 75 95
     pipe=(--steps 6 --eval_n 5)
     [[ "$SMOKE" == 1 ]] && pipe=(--steps 1 --eval_n 1 --eval_set data.categories=Spelling)
-    step pipeline 200 $PY scripts/gpu_pipeline.py --out "$WORK/pipeline" --timeout 100 "${pipe[@]}"
-    train_step t5-xl 150
-    kernel_tests 75
-    train_step llama-7b 120
+    step pipeline 140 $PY scripts/gpu_pipeline.py --out "$WORK/pipeline" --timeout 60 "${pipe[@]}"
     finish ;;
   profile)
     # Issue 15: where a training step's time goes, then the steps themselves, at full t5-xl and llama-7b shapes

@@ -15,7 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_bench(script: str, out_dir: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+# Several times the idle run (tens of seconds) for a loaded 2-core host, and below pytest's own 600 s timeout, so a
+# slow run still ends with this file's message and output, not a bare kill (issue 29: load is not a failure).
+TIMEOUT = 540
+
+
+def run_bench(script: str, out_dir: Path, *args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # the adapter op's torch reference on CPU, as in training
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out_dir", str(out_dir),
@@ -35,19 +40,19 @@ def written(out_dir: Path, name: str) -> tuple[dict, str]:
 
 @pytest.mark.long
 def test_bench_train_step_smoke(tmp_path):
-    proc = run_bench("bench_train_step.py", tmp_path)
+    # Four cases, each its own process (~10 s idle each): the variants whose FLOPs and ratios are checked, on z3
+    # and the torch engine.
+    proc = run_bench("bench_train_step.py", tmp_path, "--variants", "tagi", "tagi_nokl", "lora", "--engines", "z3",
+                     "torch", "--no_checkpointing_table")
     result, md = written(tmp_path, "train_step")
-    assert result["benchmark"] == "train_step" and result["smoke"] is True
+    assert result["benchmark"] == "train_step" and result["smoke"] is True and "partial" not in result
     (rec,) = result["recipes"]
     rows = {(r["variant"], r["engine"], r["checkpointing"]): r for r in rec["rows"]}
     engine = rec["default_engine"]
-    for variant in ("tagi", "tagi_nokl", "lora", "concat", "peft"):
-        assert (variant, engine, False) in rows
-    for e in ("torch", "z2", "z3", "z3+offload_opt", "z3+offload"):
-        assert ("tagi", e, False) in rows or any(e in s for s in result["skipped_engines"])
-    assert ("tagi", engine, True) in rows and ("lora", engine, True) in rows
+    assert engine == "z3" and set(rows) == {("tagi", "z3", False), ("tagi_nokl", "z3", False),
+                                            ("lora", "z3", False), ("tagi", "torch", False)}
     for r in rec["rows"]:
-        assert r["status"] == "ok" or r["status"].startswith("skipped: "), r
+        assert r["status"] == "ok" and r["adapter_op"] == "torch", r  # CPU: the torch reference op, and said
     for key in (("tagi", engine, False), ("lora", engine, False), ("tagi", "torch", False)):
         r = rows[key]
         assert r["status"] == "ok", r
@@ -65,7 +70,35 @@ def test_bench_train_step_smoke(tmp_path):
     if result["device_kind"] == "cpu":
         assert "CPU" in md.splitlines()[0] and "CPU results" in md and "RSS" in md
         assert result["peak_tflops"] is None and tagi["mfu"] is None
-    assert "4N" in md and md.splitlines()[-1] in proc.stdout
+    assert "4N" in md and md.splitlines()[-1] in proc.stdout and "| op |" in md
+
+
+def test_a_case_whose_process_dies_is_a_row_and_the_next_case_still_runs(tmp_path):
+    """One process per case: the lora case's process is killed by its --case_timeout (as a sticky CUDA error or an
+    OOM kills one on a GPU); the row says so and the tagi case after it is measured."""
+    run_bench("bench_train_step.py", tmp_path, "--variants", "lora", "tagi", "--engines", "torch",
+              "--no_checkpointing_table", "--case_timeout", "lora=0.5", "300")
+    result, md = written(tmp_path, "train_step")
+    lora, tagi = result["recipes"][0]["rows"]
+    assert (lora["variant"], tagi["variant"]) == ("lora", "tagi")
+    assert lora["status"] == "failed: the case's process ran past --case_timeout 0.5s", lora
+    assert tagi["status"] == "ok" and tagi["step_ms"] > 0 and tagi["speed_vs_lora"] is None  # no baseline
+    assert "failed: the case's process ran past" in md
+
+
+def test_the_torch_engine_casts_parameters_not_buffers(monkeypatch):
+    """bf16 parameters, but RoPE's inv_freq stays fp32 (``model.to(dtype)`` cast it: positions broke)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_train_step
+
+    m = torch.nn.Linear(4, 4)
+    m.register_buffer("inv_freq", torch.ones(2), persistent=False)
+    m.register_buffer("ids", torch.arange(3))
+    bench_train_step.cast_parameters(m, torch.bfloat16)
+    assert m.weight.dtype == m.bias.dtype == torch.bfloat16
+    assert m.inv_freq.dtype == torch.float32 and m.ids.dtype == torch.int64
 
 
 def test_bench_inference_cost_smoke(tmp_path):
@@ -100,6 +133,7 @@ def test_bench_plan_memory_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("script, flag", [("bench_train_step", "--micro_batch"), ("bench_train_step", "--steps"),
+                                          ("bench_train_step", "--case_timeout"),
                                           ("bench_plan_memory", "--micro_batch"), ("bench_plan_memory", "--seq_len")])
 def test_zero_sizes_are_refused_even_with_smoke_defaults(script, flag, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -37,12 +38,18 @@ def packed(out: Path, stage: str) -> dict[str, str]:
 
 
 @pytest.mark.long
-def test_check_stage_runs_the_whole_pipeline_and_both_train_steps(tmp_path):
-    proc, out = session(tmp_path, "check")
+def test_check_stage_runs_kernels_then_both_train_steps_then_the_whole_pipeline(tmp_path):
+    # A stand-in nvidia-smi: its line must be in the versions.txt that comes back (it was copied before, issue 23).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'name, memory.total [MiB]'\necho 'FAKE H100, 81559 MiB'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    proc, out = session(tmp_path, "check", timeout=900, PATH=f"{bin_dir}:{os.environ['PATH']}")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
     steps = [f"cpu_{TODAY}_train_step_{r}.{ext}" for r in ("llama-7b", "t5-xl") for ext in ("json", "md")]
     assert names == sorted(["check.tgz", "summary.txt", "versions.txt", *steps]) and len(names) <= 8
+    assert "FAKE H100, 81559 MiB" in (out / "versions.txt").read_text()
     files = packed(out, "check")
     pipeline = files["pipeline/pipeline.tsv"].splitlines()[1:]
     assert [row.split("\t")[:2] for row in pipeline] == [[s, "ok"] for s in (
@@ -52,12 +59,29 @@ def test_check_stage_runs_the_whole_pipeline_and_both_train_steps(tmp_path):
     assert "held-out tasks" in files["pipeline/table.txt"]
     for recipe, tiny in (("t5-xl", "tiny"), ("llama-7b", "tiny-llama")):
         (rec,) = json.loads((out / f"cpu_{TODAY}_train_step_{recipe}.json").read_text())["recipes"]
-        assert rec["recipe"] == tiny and {(r["variant"], r["engine"]) for r in rec["rows"]} == {
-            ("tagi", "z3"), ("lora", "z3")}
-        assert all(r.get("step_ms") for r in rec["rows"]), rec["rows"]
-    summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last
-    for step in ("pipeline", "train_step_t5-xl", "gpu_kernel_tests", "train_step_llama-7b"):
-        assert f"\n{step} " in summary and "ok" in summary.split(f"\n{step} ")[1].split("\n")[0]
+        # lora first (the baseline, and the cheaper case), then tagi; each measured, with the adapter op it ran
+        assert rec["recipe"] == tiny and [(r["variant"], r["engine"]) for r in rec["rows"]] == [
+            ("lora", "z3"), ("tagi", "z3")]
+        assert all(r.get("step_ms") and r["adapter_op"] == "torch" for r in rec["rows"]), rec["rows"]
+    summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last, the steps in the planned order
+    order = ("gpu_kernel_tests", "train_step_t5-xl", "train_step_llama-7b", "pipeline")
+    assert [summary.index(f"\n{s} ") for s in order] == sorted(summary.index(f"\n{s} ") for s in order)
+    for step in order:
+        assert "ok" in summary.split(f"\n{step} ")[1].split("\n")[0]
+
+
+def test_check_stage_caps_sum_to_its_budget_which_fits_one_device_call():
+    """The time plan in the script's header is the one it runs: the check's step caps add up to BUDGET (540), which
+    leaves >= 40 s of a 600 s device call."""
+    text = (ROOT / "scripts" / "gpu_session.sh").read_text()
+    body = text[text.index("  check)"):text.index("  profile)")]
+    caps = [int(m) for m in re.findall(r"^\s*(?:kernel_tests|train_step \S+|step pipeline) (\d+)", body, re.M)]
+    assert len(caps) == 4 and sum(caps) == 540
+    assert "[[ \"$STAGE\" == check ]] && DEFAULT_BUDGET=540" in text and 600 - 540 >= 40
+    for recipe, line in re.findall(r"^\s*train_step (\S+) (\d+ \d+ \d+)", body, re.M):
+        step_cap, lora, tagi = map(int, line.split())
+        assert lora + tagi < step_cap, recipe  # the parent's own start fits beside its two cases
+        assert f"train_step_{recipe}" in text[:text.index("set -uo")]  # in the header's plan
 
 
 @pytest.mark.long

@@ -1,0 +1,52 @@
+"""Two ZeRO-3 TAGI engines built one after the other in each rank, 2 steps each, then destroyed: prints, per rank,
+the TagiModel / DeepSpeedZeroOptimizer_Stage3 objects the garbage collector still sees before and after
+``zero_release.release`` (tests/runtime/test_zero_release.py; ``--no_release``: the counts without it)."""
+
+import gc
+import json
+import sys
+
+import torch
+
+from tagi_ds import plan
+from tagi_ds.config import apply_overrides
+from tagi_ds.model import TagiModel, build_model
+from tagi_ds.recipes import get_recipe
+from tagi_ds.runtime import dist, zero_release
+from tagi_ds.runtime import engine as ds_engine
+
+
+def alive() -> dict[str, int]:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    gc.collect()
+    objs = gc.get_objects()
+    return {"TagiModel": sum(isinstance(o, TagiModel) for o in objs),
+            "DeepSpeedZeroOptimizer_Stage3": sum(isinstance(o, DeepSpeedZeroOptimizer_Stage3) for o in objs)}
+
+
+def one_case(seed: int) -> None:
+    cfg = apply_overrides(get_recipe("tiny"), ["data.tasks_per_batch=2", "data.examples_per_task=1",
+                                               "train.frozen_backbone=partitioned"]).validate()
+    ds = ds_engine.inject(ds_engine.load_ds_json(ds_engine.default_ds_config(cfg.recipe)), cfg, dist.world_size())
+    torch.manual_seed(seed)
+    backbone = ds_engine.build_backbone(cfg, ds, {}, placement=plan.for_training(cfg, ds, dist.world_size()))
+    model = build_model(cfg, "finetune", backbone, num_bank_rows=4, with_teacher=True)
+    eng = ds_engine.build_engine(model, cfg, ds)
+    batch = plan.synthetic_batch(cfg.model.arch, plan.Shapes(2, 2, 16, 4, 16), cfg.model.vocab_size, mode=cfg.mode,
+                                 teacher=True, seed=seed)
+    for _ in range(2):  # the release cache fills from the second step on (a complete trace)
+        loss, _ = eng(batch)
+        eng.backward(loss)
+        eng.step()
+    eng.destroy()
+    if "--no_release" not in sys.argv:
+        print("released", json.dumps(zero_release.release(model)), flush=True)
+
+
+if __name__ == "__main__":
+    dist.init()
+    for seed in (0, 1):
+        one_case(seed)
+    print(f"rank {dist.rank()} alive", json.dumps(alive()), flush=True)
+    dist.shutdown()
