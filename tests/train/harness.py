@@ -51,7 +51,7 @@ def command(script: str, nprocs: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "tagi_ds.launch", "--num_gpus", str(nprocs), str(REPO / "launchers" / script), *args]
 
 
-def run(cmd: list[str], timeout: int = HANG_S, env_: dict | None = None) -> subprocess.CompletedProcess:
+def run_job(cmd: list[str], timeout: int = HANG_S, env_: dict | None = None) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` from the repository root, in a session of its own.
 
     Past ``timeout`` the whole session is killed, the ranks with the launcher (``subprocess.run``'s own timeout
@@ -71,7 +71,7 @@ def run(cmd: list[str], timeout: int = HANG_S, env_: dict | None = None) -> subp
 
 def launch(script: str, nprocs: int, args: list[str], timeout: int = HANG_S,
            extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return run(command(script, nprocs, args), timeout, {**env(), **(extra_env or {})})
+    return run_job(command(script, nprocs, args), timeout, {**env(), **(extra_env or {})})
 
 
 def popen(script: str, nprocs: int, args: list[str]) -> subprocess.Popen:
