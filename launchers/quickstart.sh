@@ -14,9 +14,12 @@ OUT=${OUT:-runs/quickstart}
 NP=${NP:-2}
 STEPS=${STEPS:-60}
 DS=${DS:-ds_configs/z3_tiny.json}  # threshold 0: the tiny backbone is partitioned across the ranks
+# Each command is printed as it runs (not as the plain `deepspeed` command it stands in for: copied from the
+# log, that one takes port 29500 and collides with any other DeepSpeed job on the machine).
+x() { echo "+ $*"; "$@"; }
 # tagi_ds.launch is the deepspeed launcher on a free port (or $MASTER_PORT), so that this run never collides
 # with another DeepSpeed job on the machine; it prints the port it uses.
-run() { echo "+ deepspeed --num_gpus $NP $*"; python -m tagi_ds.launch --num_gpus "$NP" "$@"; }
+run() { x python -m tagi_ds.launch --num_gpus "$NP" "$@"; }
 common=(--deepspeed "$DS" --max_steps "$STEPS")
 evalset=(--deepspeed "$DS" --max_new_tokens 32 --set data.max_instances_per_task=20)
 
@@ -28,6 +31,6 @@ run launchers/finetune.py "${common[@]}" --mode concat --output_dir "$OUT/concat
 run launchers/evaluate.py "${evalset[@]}" --hypernet "$OUT/finetune/hypernet" --output_dir "$OUT/eval/tagi"
 run launchers/evaluate.py "${evalset[@]}" --adapter "$OUT/concat/baseline_lora" --output_dir "$OUT/eval/concat"
 run launchers/evaluate.py "${evalset[@]}" --mode no_instruction --output_dir "$OUT/eval/no_instruction"
-python -m tagi_ds.eval.table concat="$OUT/eval/concat" tagi="$OUT/eval/tagi" \
+x python -m tagi_ds.eval.table concat="$OUT/eval/concat" tagi="$OUT/eval/tagi" \
     no_instruction="$OUT/eval/no_instruction"
 echo "artifacts in $OUT (hypernet: $OUT/finetune/hypernet; teachers: $OUT/teachers/teachers)"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 
@@ -41,11 +42,20 @@ def build(rows: list[tuple[str, dict]]) -> Table:
     return table
 
 
+def show(table: Table, console: Console) -> None:
+    """Print ``table`` at its natural width, also where the console is narrower (a pipe or a log file: 80
+    columns). Squeezed to fit, rich cuts the run labels and numbers ("no_instru…", "1230…"), which then
+    read as other runs or other values; a wide line that wraps in a narrow terminal hides nothing."""
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    console.width = max(console.width, natural)
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     specs = argv if argv is not None else sys.argv[1:]
     if not specs:
         raise SystemExit("usage: python -m tagi_ds.eval.table NAME=EVAL_DIR [NAME=EVAL_DIR ...]")
-    Console().print(build([load(s) for s in specs]))
+    show(build([load(s) for s in specs]), Console())
 
 
 if __name__ == "__main__":

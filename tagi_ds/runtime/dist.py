@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import os
+import re
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,9 +33,26 @@ def init(backend: str | None = None) -> None:
 
     atexit.register(_destroy_at_exit)
 
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-                               timeout=COLLECTIVE_TIMEOUT)
+    with _without_op_built_line():
+        deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+                                   timeout=COLLECTIVE_TIMEOUT)
     _unlink_shm_allreduce_buffer()
+
+
+@contextlib.contextmanager
+def _without_op_built_line():
+    """DeepSpeed prints ``DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully`` at every start,
+    once per rank (``deepspeed/comm/torch.py: build_shm_op``, an unconditional print, also when the op was built
+    long ago): the one line of every job's log that says nothing. Whatever else is printed meanwhile is kept."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True)
+                if not re.fullmatch(r"DeepSpeed \S+ built successfully\n?", line)]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()
 
 
 def _destroy_at_exit() -> None:

@@ -48,18 +48,23 @@ class Guards:
         self.reason = self.reason or f"{signal.Signals(signum).name} received"
 
     def _watch(self) -> None:
-        import psutil
-
         stop = threading.Event()
         while not stop.wait(WATCH_INTERVAL_S):
-            for proc, what in self._watched:
-                try:
-                    gone = not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-                except psutil.Error:
-                    gone = True
-                if gone:
-                    self.reason = self.reason or f"the {what} (pid {proc.pid}) exited"
-                    return
+            if self._launcher_gone():
+                return
+
+    def _launcher_gone(self) -> bool:
+        import psutil
+
+        for proc, what in self._watched:
+            try:
+                gone = not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                gone = True
+            if gone:
+                self.reason = self.reason or f"the {what} (pid {proc.pid}) exited"
+                return True
+        return False
 
     def inject(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         if self.fault and self.fault[1] <= step <= self.fault[2] and self.fault[3] == dist.rank():
@@ -100,7 +105,14 @@ class Guards:
         return norm is not None and not math.isfinite(float(norm))
 
     def stop_requested(self) -> bool:
-        return dist.any_rank(self.reason is not None)
+        if not dist.any_rank(self.reason is not None):
+            return False
+        # Another rank saw it first: each rank's watch polls on its own clock, so on a loaded machine rank 0 (which
+        # says why the run stopped) may not have looked yet. A lost launcher is lost for every rank: look now.
+        if self.reason is None and self._watched:
+            self._launcher_gone()
+        self.reason = self.reason or "a stop requested on another rank"
+        return True
 
 
 def _launcher_processes() -> list:

@@ -30,7 +30,7 @@ from tagi_ds.model import build_backbone, build_model
 from tagi_ds.plan import count
 from tagi_ds.recipes import get_recipe
 from tests.backbones.families import ARCHS, write_checkpoint
-from tests.train.harness import REPO, check, env, partitioned_z3
+from tests.train.harness import HANG_S, REPO, check, env, hang_limit, partitioned_z3, run_job
 
 INSTRUCTION = "Reverse the order of the words, then write every word in uppercase."
 
@@ -221,7 +221,7 @@ def test_launcher_rejects_them_in_one_line_before_writing_anything(tmp_path):
 
     proc = subprocess.run([sys.executable, str(REPO / "launchers" / "pretrain.py"), "--recipe", "tiny-gemma2",
                            "--output_dir", str(tmp_path / "run"), "--set", "model.attn_implementation=sdpa"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: model.attn_implementation: Gemma-2 soft-caps its attention logits, which sdpa cannot do; "
         "use eager or flash_attention_2 (sdpa)"]
@@ -240,7 +240,6 @@ def test_every_family_through_every_stage_on_two_ranks_then_peft(tmp_path, check
     backbone parameter partitioned), llama and qwen2 with their chat template; then each trained hypernetwork's
     adapter exported to PEFT (launchers' generate_adapter path) gives tagi-ds's logits."""
     import shutil
-    import subprocess
     import sys
 
     for arch, path in checkpoints.items():
@@ -249,7 +248,7 @@ def test_every_family_through_every_stage_on_two_ranks_then_peft(tmp_path, check
     cmd = [sys.executable, "-m", "tagi_ds.launch", "--num_gpus", "2",
            str(REPO / "tests" / "backbones" / "pipeline.py"), str(tmp_path), partitioned_z3(tmp_path),
            *[f"{arch}:chat" if chat[arch] else arch for arch in ARCHS]]
-    proc = check(subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=400))
+    proc = check(run_job(cmd, timeout=hang_limit(120)))  # the suite's longest launch: 16 stages, ~50-100 s
     print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("[pipeline]")))
     assert proc.stdout.count("parameters partitioned across 2 rank(s)") == 4 * 3  # training
     assert proc.stdout.count("0 small ones kept whole") == 4 * 3

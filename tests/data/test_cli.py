@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from tagi_ds.data.__main__ import main
+from tests.train.harness import HANG_S
 
 
 def test_builtin_summary(capsys, tmp_path):
@@ -27,7 +28,7 @@ def test_sni_sample_and_corpus(capsys, sni_sample, tmp_path):
 
 def test_errors_are_one_line_with_status_2():
     proc = subprocess.run([sys.executable, "-m", "tagi_ds.data", "--data", "s3://bucket/sni"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: data spec 's3://bucket/sni': unknown scheme 's3'; "
                                                 "expected builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR"]

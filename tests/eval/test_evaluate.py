@@ -14,7 +14,7 @@ from tagi_ds import artifacts
 from tagi_ds.cli import guarded
 from tagi_ds.model import build_backbone, build_model
 from tests.core.helpers import tiny_cfg
-from tests.train.harness import REPO, check, env, launch, partitioned_z3
+from tests.train.harness import HANG_S, REPO, check, env, launch, partitioned_z3
 
 SMALL = ["--max_new_tokens", "6", "--set", "data.max_instances_per_task=2"]
 
@@ -41,7 +41,7 @@ def evaluate(args: list[str], nprocs: int | None = None) -> subprocess.Completed
     if nprocs is not None:
         return check(launch("evaluate.py", nprocs, args))
     cmd = [sys.executable, str(REPO / "launchers" / "evaluate.py"), *args]
-    return check(subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300))
+    return check(subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S))
 
 
 def read_jsonl(path):

@@ -15,7 +15,7 @@ from tagi_ds.data import SentencePieceTokenizer
 from tagi_ds.export.peft import condition_text, export_peft, generate_factors, instruction_tensors
 from tagi_ds.model import build_backbone, build_model
 from tests.core.helpers import tiny_cfg
-from tests.train.harness import REPO, env
+from tests.train.harness import HANG_S, REPO, env
 
 peft = pytest.importorskip("peft")
 HF = {"tiny": T5ForConditionalGeneration, "tiny-llama": LlamaForCausalLM}
@@ -100,7 +100,7 @@ def test_generate_adapter_launcher_writes_what_the_model_generates(tmp_path):
     cmd = [sys.executable, str(REPO / "launchers" / "generate_adapter.py"), "--hypernet", str(tmp_path / "hypernet"),
            "--instruction_file", str(tmp_path / "q.txt"), "--condition", "instance", "--output_dir", str(out),
            "--deepspeed", str(REPO / "ds_configs" / "z2.json")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "omits the instruction fusion" in proc.stderr  # the tiny recipe fuses
     meta = json.loads((out / "tagi_adapter.json").read_text())

@@ -7,14 +7,14 @@ import sys
 import pytest
 
 from tagi_ds.cli import training_parser
-from tests.train.harness import REPO, env
+from tests.train.harness import HANG_S, REPO, env
 
 LAUNCHERS = ["train_teachers.py", "pretrain.py", "finetune.py"]
 SHARED = ["--recipe", "--deepspeed", "--local_rank", "--model_name_or_path", "--data", "--output_dir", "--max_steps",
           "--save_steps", "--resume_from_checkpoint", "--seed", "--set", "--mode"]
 
 
-def run(script, *args, timeout=180):
+def run(script, *args, timeout=HANG_S):
     return subprocess.run([sys.executable, str(REPO / "launchers" / script), *args], cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 

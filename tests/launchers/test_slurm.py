@@ -25,6 +25,9 @@ RESUMING = {"train_teachers", "pretrain", "finetune"}
 HOSTS = ("gpu-node-017", "gpu-node-018")
 JOB_ID = 123456
 PORT = 20000 + JOB_ID % 20000
+# Wall-clock limits here are hang guards only (a few bash processes each; well under a second on 2 idle cores),
+# sized for a loaded machine: the suite must pass with other CPU-heavy jobs running beside it.
+HANG_S = 300
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
 
@@ -87,7 +90,7 @@ def save_and_exit(signum, frame):
 signal.signal(signal.SIGUSR1, save_and_exit)
 signal.signal(signal.SIGTERM, save_and_exit)
 (log / f"ready.{node}").write_text(str(os.getpid()))
-time.sleep(10)
+time.sleep(900)  # the test signals it as soon as every rank is ready (or kills the job's session when it fails)
 sys.exit(3)  # never signalled
 """
 
@@ -144,7 +147,7 @@ def _run(fake, stage, *args, **env):
         env={**fake["env"], **env},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=HANG_S,
     )
     assert proc.returncode == 0, proc.stderr
     return proc
@@ -234,10 +237,11 @@ def test_env_overrides_and_defaults(fake_slurm):
 def test_errors_are_reported(fake_slurm):
     script = str(REPO / "launchers" / "slurm" / "pretrain.sbatch")
     env = {k: v for k, v in fake_slurm["env"].items() if k != "SLURM_JOB_ID"}
-    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2 and "not inside a Slurm job" in proc.stderr
     proc = subprocess.run(
-        ["bash", script], env={**fake_slurm["env"], "GPUS_PER_NODE": "x"}, capture_output=True, text=True, timeout=30
+        ["bash", script], env={**fake_slurm["env"], "GPUS_PER_NODE": "x"}, capture_output=True, text=True,
+        timeout=HANG_S,
     )
     assert proc.returncode == 2 and "GPUS_PER_NODE" in proc.stderr
 
@@ -253,12 +257,41 @@ def _kill_session(proc):
     proc.wait()
 
 
-def _wait_for(paths, proc, timeout=15.0):
+def _wait_for(paths, proc, timeout=HANG_S):
+    """Until every path exists; fails at once when the job exits first, and after ``timeout`` s (a hang guard)."""
     deadline = time.monotonic() + timeout
     while not all(p.exists() for p in paths):
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"no {[p.name for p in paths if not p.exists()]} after {timeout} s (job rc={proc.poll()})")
         time.sleep(0.05)
+
+
+def _wait_until_the_shells_wait(proc, settle_s=10.0):
+    """Until every bash of the job (batch shell, srun, node.sh, the fake runner) sits in wait(2): then each has
+    set its traps and recorded its children's pids, so a signal sent now is relayed (sent earlier, node.sh could
+    get it between starting the launcher and ``group=$!``, and drop it). Where /proc/PID/wchan does not name
+    do_wait (a kernel that hides it or names it otherwise), a settle time instead."""
+    start = time.monotonic()
+    while True:
+        shells = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "bash" and _in_session(p, proc)]
+        try:
+            chans = [Path(f"/proc/{p.pid}/wchan").read_text().strip() for p in shells]
+        except OSError:  # a shell that just exited: look again
+            chans = []
+        if chans and all(c == "do_wait" for c in chans):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the job exited (rc={proc.poll()}) before its shells waited")
+        if time.monotonic() - start > settle_s:
+            return  # no usable wchan: this long after every rank was ready, the shells wait
+        time.sleep(0.05)
+
+
+def _in_session(p, proc) -> bool:
+    try:
+        return os.getsid(p.pid) == proc.pid
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 @pytest.mark.parametrize(
@@ -279,9 +312,9 @@ def test_signal_reaches_every_rank_and_requeues(fake_slurm, stage, sig, requeue)
         )
         try:
             _wait_for([log / "ready.0", log / "ready.1"], proc)
-            time.sleep(0.2)  # let node.sh reach its wait loop
+            _wait_until_the_shells_wait(proc)
             proc.send_signal(sig)  # to the batch shell only, as `#SBATCH --signal=B:USR1@300`
-            proc.wait(timeout=20)
+            proc.wait(timeout=HANG_S)
         finally:
             if proc.poll() is None:
                 _kill_session(proc)

@@ -6,14 +6,22 @@ the DeepSpeed runner and deepspeed.launcher.launch, started with SIGUSR1 ignored
 the training processes (which install a handler) get it.
 """
 
-import os
 import shutil
 import signal
 import subprocess
 
 import pytest
 
-from tests.launchers.test_slurm import JOB_ID, REPO, _kill_session, _make_env, _wait_for
+from tagi_ds.launch import free_port
+from tests.launchers.test_slurm import (
+    HANG_S,
+    JOB_ID,
+    REPO,
+    _kill_session,
+    _make_env,
+    _wait_for,
+    _wait_until_the_shells_wait,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -39,7 +47,7 @@ total = torch.tensor([rank + 1.0])
 dist.all_reduce(total)
 (out / f"world.{rank}").write_text(f"{dist.get_world_size()} {total.item()}")
 (out / f"ready.{rank}").write_text("")
-deadline = time.monotonic() + 60
+deadline = time.monotonic() + 900  # the test signals once both ranks are ready; this only ends an orphan
 while not stop and time.monotonic() < deadline:
     time.sleep(0.05)
 dist.barrier()  # every rank got the signal: save collectively
@@ -66,7 +74,7 @@ def test_real_deepspeed_stop_save_requeue(tmp_path):
         "OUT": str(out),
         "GPUS_PER_NODE": "1",
         "TAGI_MASTER_ADDR": "127.0.0.1",
-        "TAGI_MASTER_PORT": str(29000 + os.getpid() % 1000),
+        "TAGI_MASTER_PORT": str(free_port()),  # not a guess from the pid: another job may hold it
     }
     script = str(REPO / "launchers" / "slurm" / "pretrain.sbatch")
     log_path = tmp_path / "job.log"  # a file, not a pipe: DeepSpeed's logging must never block on it
@@ -76,9 +84,10 @@ def test_real_deepspeed_stop_save_requeue(tmp_path):
             ["bash", script], cwd=tmp_path, env=env, stdout=job_log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            _wait_for([out / "ready.0", out / "ready.1"], proc, timeout=90)
+            _wait_for([out / "ready.0", out / "ready.1"], proc, timeout=2 * HANG_S)  # two DeepSpeed runners start
+            _wait_until_the_shells_wait(proc)
             proc.send_signal(signal.SIGUSR1)  # to the batch shell only, as `--signal=B:USR1@300`
-            proc.wait(timeout=60)
+            proc.wait(timeout=HANG_S)
         finally:
             if proc.poll() is None:
                 _kill_session(proc)

@@ -18,12 +18,13 @@ import torch
 from tagi_ds import plan
 from tagi_ds.config import ConfigError
 from tagi_ds.plan import PlanInput
+from tests.train.harness import HANG_S
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = {"model": "t5-xxl", "nodes": 4, "gpus_per_node": 8, "gpu_mem_gb": 80}
 
 
-def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tagi_ds.plan", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 

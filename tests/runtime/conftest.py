@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.harness import REPO, env
+from tests.train.harness import HANG_S, REPO, env
 
 SMALL = ["--max_steps", "2", "--save_steps", "2", "--set", "data.tasks_per_batch=2", "data.examples_per_task=2"]
 # The three stages in one process: one import of torch/deepspeed/transformers instead of three.
@@ -32,7 +32,7 @@ build_tokenizer()[0].save_pretrained(out + "/backbone")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for f in ("teachers/teachers/teachers.safetensors", "pretrain/hypernet/generator.safetensors",
               "concat/baseline_lora/teachers.safetensors", "pretrain/checkpoints/step-2/trainer_rank0.pt",

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tests.train.harness import REPO, env, partitioned_z3
+from tests.train.harness import HANG_S, REPO, env, partitioned_z3
 
 SCRIPT = r"""
 import sys, torch, deepspeed
@@ -32,7 +32,7 @@ def test_zero3_random_init_equals_plain_build(tmp_path):
     ds = partitioned_z3(tmp_path)
     for recipe in ("tiny", "tiny-llama"):
         proc = subprocess.run([sys.executable, "-c", SCRIPT, recipe, ds], cwd=REPO, env=env(), capture_output=True,
-                              text=True, timeout=180)
+                              text=True, timeout=HANG_S)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         same = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAME"))
         assert int(same.split()[1]) > 0  # without the copy, zero.Init's weights would differ

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tagi_ds.cli import guarded, train_main
-from tests.train.harness import REPO, env, launch
+from tests.train.harness import HANG_S, REPO, env, launch
 
 
 @dataclass
@@ -359,7 +359,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, runs, tmp_path, 
 
 
 # -- real processes: no traceback reaches the terminal, one line, one report per job ---------------------------
-def _proc(*cmd: str, timeout: int = 180) -> subprocess.CompletedProcess:
+def _proc(*cmd: str, timeout: int = HANG_S) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *cmd], cwd=REPO, env=env(), capture_output=True, timeout=timeout)
 
 
@@ -389,7 +389,7 @@ def test_processes_report_one_line(runs, tmp_path):
 @pytest.mark.distributed
 def test_two_ranks_report_once(tmp_path):
     fresh = tmp_path / "fresh"
-    proc = launch("pretrain.py", 2, ["--output_dir", str(fresh), "--set", "train.save_steps=0"], timeout=240)
+    proc = launch("pretrain.py", 2, ["--output_dir", str(fresh), "--set", "train.save_steps=0"])
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     _one_line(proc.stderr.encode(), "train.save_steps: must be > 0 (0)")
     assert "Traceback" not in proc.stdout and "error:" not in proc.stdout

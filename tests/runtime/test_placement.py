@@ -19,7 +19,7 @@ import torch
 
 from tagi_ds.runtime.engine import place
 from tests.core.helpers import tiny_model
-from tests.train.harness import REPO, env
+from tests.train.harness import HANG_S, REPO, env
 
 META = torch.device("meta")
 
@@ -75,7 +75,7 @@ def test_building_the_engine_places_the_model_on_the_engine_device(config, stage
     """A CPU machine has no second device to leave a buffer on, so this checks the wiring: every engine build
     hands the whole model to ``place`` with the engine's device (the meta tests above check ``place``)."""
     proc = subprocess.run([sys.executable, "-c", ENGINE, str(REPO / "ds_configs" / config), str(stage)], cwd=REPO,
-                          env=env(), capture_output=True, text=True, timeout=180)
+                          env=env(), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CALLS [(True, 'cpu')] ENGINE cpu" in proc.stdout and "LEFT []" in proc.stdout, proc.stdout[-2000:]
 

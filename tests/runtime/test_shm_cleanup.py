@@ -1,13 +1,12 @@
 """DeepSpeed's CPU shared-memory allreduce leaves one /dev/shm segment per rank behind; tagi-ds unlinks them."""
 
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.train.harness import REPO, env, free_port
+from tests.train.harness import free_port, run_job
 
 SHM = Path("/dev/shm")
 RAW = """
@@ -30,8 +29,8 @@ def two_ranks(tmp_path: Path, code: str) -> int:
     script = tmp_path / f"job_{abs(hash(code))}.py"
     script.write_text(textwrap.dedent(code))
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                           str(port), str(script)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
+    proc = run_job([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+                    str(script)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return port
 

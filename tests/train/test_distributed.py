@@ -1,36 +1,62 @@
 """ZeRO-3 over 2 gloo CPU ranks through the deepspeed launcher: equivalence, resume, crashes, guards."""
 
-import os
-import signal
-import time
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.harness import TINY, check, launch, metrics, partitioned_z3, popen
+from tests.train.harness import TINY, check, kill_session, launch, metrics, partitioned_z3, popen, wait_until
 
 pytestmark = pytest.mark.distributed
 FT = ["--set", "loss.kl_weight=0", "loss.param_weight=0"]  # finetune without teachers: CE only
+# The 2-rank CE run both tests below compare against. No --deepspeed: the tiny recipe's default
+# (ds_configs/z3_tiny.json, threshold 0) partitions the backbone.
+STRAIGHT = ["--max_steps", "6", "--save_steps", "3", *TINY, "train.grad_accum=1", *FT]
 
 
-def test_one_rank_and_two_ranks_give_the_same_losses(tmp_path):
-    ds = partitioned_z3(tmp_path)
-    one, two = tmp_path / "one", tmp_path / "two"
-    check(launch("finetune.py", 1, ["--deepspeed", ds, "--output_dir", str(one), "--max_steps", "5", *TINY,
-                                    "train.grad_accum=2", *FT]))
-    # No --deepspeed: the tiny recipe's default (ds_configs/z3_tiny.json, threshold 0) partitions the backbone.
-    proc = check(launch("finetune.py", 2, ["--output_dir", str(two), "--max_steps", "5", *TINY,
-                                           "train.grad_accum=1", *FT]))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple:
+    """One 2-rank ZeRO-3 run of 6 steps, shared: the 2-rank side of the 1-vs-2-rank comparison and the straight
+    run the resumed one must repeat (one launch fewer than a run for each; the next two tests stay adjacent so
+    that pytest-xdist gives them to one worker)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    return out, check(launch("finetune.py", 2, ["--output_dir", str(out), *STRAIGHT]))
+
+
+def test_one_rank_and_two_ranks_give_the_same_losses(tmp_path, straight):
+    two, proc = straight
+    one = tmp_path / "one"
+    check(launch("finetune.py", 1, ["--deepspeed", partitioned_z3(tmp_path), "--output_dir", str(one),
+                                    "--max_steps", "6", *TINY, "train.grad_accum=2", *FT]))
     # The backbone really is partitioned, half on each rank, while the hypernetwork stays whole on every rank.
     assert ("ZeRO-3: 263,168 parameters partitioned across 2 rank(s), 131,584 held by each rank; "
             "0 small ones kept whole") in proc.stdout
     assert "hypernetwork 293,632 whole on every rank" in proc.stdout
+    # DeepSpeed's own line, once per rank at every start, is left out (tagi_ds.runtime.dist.init).
+    assert "built successfully" not in proc.stdout + proc.stderr
     a, b = metrics(one), metrics(two)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
         assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x, y)
+
+
+def test_resume_in_a_new_process_is_identical_to_a_straight_run(tmp_path, straight):
+    straight_out, _ = straight
+    split = tmp_path / "split"
+    first = check(launch("finetune.py", 2, ["--output_dir", str(split), *STRAIGHT, "train.stop_after=3"]))
+    assert "train.stop_after=3: saved step 3" in first.stdout
+    proc = check(launch("finetune.py", 2, ["--output_dir", str(split), "--resume_from_checkpoint", "latest",
+                                           *STRAIGHT]))
+    assert "resumed at step 3" in proc.stdout
+    a, b = metrics(straight_out), metrics(split)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
+    wa = load_file(str(straight_out / "hypernet" / "generator.safetensors"))
+    wb = load_file(str(split / "hypernet" / "generator.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
 
 
 def test_distillation_under_zero3_matches_one_rank_with_the_teacher_outside_zero(tmp_path):
@@ -54,40 +80,15 @@ def test_distillation_under_zero3_matches_one_rank_with_the_teacher_outside_zero
             assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
 
 
-def test_resume_in_a_new_process_is_identical_to_a_straight_run(tmp_path):
-    ds = partitioned_z3(tmp_path)
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["--deepspeed", ds, "--save_steps", "3", *TINY, *FT]
-    check(launch("finetune.py", 2, ["--output_dir", str(straight), "--max_steps", "6", *common]))
-    first = check(launch("finetune.py", 2, ["--output_dir", str(split), "--max_steps", "6", *common,
-                                            "train.stop_after=3"]))
-    assert "train.stop_after=3: saved step 3" in first.stdout
-    proc = check(launch("finetune.py", 2, ["--output_dir", str(split), "--max_steps", "6",
-                                           "--resume_from_checkpoint", "latest", *common]))
-    assert "resumed at step 3" in proc.stdout
-    a, b = metrics(straight), metrics(split)
-    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
-    wa = load_file(str(straight / "hypernet" / "generator.safetensors"))
-    wb = load_file(str(split / "hypernet" / "generator.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
-
-
 def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
     ds = partitioned_z3(tmp_path)
     args = ["--deepspeed", ds, "--output_dir", str(out), "--save_steps", "2", *TINY, *FT]
-    proc = popen("finetune.py", 2, ["--max_steps", "400", *args])
     latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() != "step-2"):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-step or mid-save
-    proc.wait(timeout=30)
-    assert latest.exists(), "no checkpoint was completed before the kill"
+    with popen("finetune.py", 2, ["--max_steps", "400", *args]) as proc:
+        wait_until(lambda: latest.exists() and latest.read_text().strip() != "step-2", proc, "a second checkpoint")
+        kill_session(proc)  # the launcher and both ranks, mid-step or mid-save
+        proc.wait()  # SIGKILL cannot be caught: no limit needed
     pointed = latest.read_text().strip()
     assert not pointed.endswith(".tmp") and (out / "checkpoints" / pointed / "trainer_rank1.pt").exists()
     # A half-written checkpoint (as a kill during a save leaves it) is never picked.
@@ -101,11 +102,12 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path):
 
 
 def test_a_rank_that_raises_makes_the_launcher_fail_fast(tmp_path):
-    t0 = time.time()
+    # Rank 0 waits for rank 1 in its next collective. With the collective timeout an hour away, only the launcher
+    # tearing the job down can end it before the hang guard (a wall-clock bound such as "under 90 s" cannot tell
+    # the two apart: start-up plus the 60 s default timeout fits in it, and a loaded machine's start-up does not).
     proc = launch("finetune.py", 2, ["--output_dir", str(tmp_path / "r"), "--max_steps", "50", *TINY, *FT,
-                                     "train.inject_fault=raise@2:1"], timeout=120)
+                                     "train.inject_fault=raise@2:1"], extra_env={"TAGI_COLLECTIVE_TIMEOUT_S": "3600"})
     assert proc.returncode != 0
-    assert time.time() - t0 < 90  # start-up included; the failure itself propagates in seconds
     assert "injected fault at step 2 on rank 1" in proc.stdout + proc.stderr
 
 

@@ -11,7 +11,7 @@ import pytest
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.plan import for_training
 from tagi_ds.recipes import get_recipe
-from tests.train.harness import REPO, env
+from tests.train.harness import HANG_S, REPO, env
 
 Z3 = {"zero_optimization": {"stage": 3}}
 
@@ -80,7 +80,7 @@ for placement, mode in (("replicated", "tagi"), ("replicated", "no_instruction")
 
 def test_a_replicated_backbone_trains_like_a_partitioned_one_outside_deepspeed():
     proc = subprocess.run([sys.executable, "-c", ENGINES], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = {tuple(line.split(" ", 2)[:2]): line.split(" ", 2)[2] for line in proc.stdout.splitlines()
            if line.startswith(("replicated-", "partitioned-"))}
