@@ -109,8 +109,8 @@ def _delta_sq_norm(A, B, s) -> torch.Tensor:
 
 
 ALIGN_MODES = ("relative", "delta", "factors")
-# A teacher whose every delta is zero (an untrained bank) leaves nothing to be relative to: the denominator is
-# floored here, so the term is then the generated delta's plain squared norm times 1/floor instead of a 0/0.
+# A task whose teacher delta is zero at every site (a bank row its teachers stage never sampled, still at B = 0)
+# gives nothing to be relative to: it is left out of the mean (a 1/0 would otherwise be its gradient).
 RELATIVE_FLOOR = 1e-12
 
 
@@ -120,7 +120,8 @@ def param_alignment(generated: dict[int, tuple[torch.Tensor, torch.Tensor]], gen
     """How far the generated adapters are from the teacher's, over the sites ``s`` and the batch's tasks.
 
     ``relative`` (the default): per task ``sum_s ||dG_s - dT_s||_F^2 / sum_s ||dT_s||_F^2`` with ``d = s B A``
-    the effective deltas, then the mean over tasks. Scale-free: 1.0 at init (the generated delta starts at 0)
+    the effective deltas, then the mean over tasks (tasks whose teacher delta is 0 everywhere, an untrained
+    bank row, are left out: 0 when none is left). Scale-free: 1.0 at init (the generated delta starts at 0)
     whatever the model width, rank or teacher scale, so its weight means the same at every size. The
     per-element MSE of ``delta`` divides by ``d_out * d_in`` instead and starts at ~1e-3 on the tiny model,
     where its gradient is ~1e-3 of CE's: an inert term.
@@ -145,6 +146,9 @@ def param_alignment(generated: dict[int, tuple[torch.Tensor, torch.Tensor]], gen
                 raise ValueError(f"loss.param_align=factors needs equal ranks: generated A {tuple(Ag.shape)} vs "
                                  f"teacher A {tuple(At.shape)}; use param_align=relative or delta")
             terms.append(((Ag - At) ** 2).mean((1, 2)) + ((gen_scale * Bg - teacher_scale * Bt) ** 2).mean((1, 2)))
-    if mode == "relative":  # [S, K] -> per task over sites -> mean over tasks
-        return (torch.stack(terms).sum(0) / torch.stack(norms).sum(0).clamp(min=RELATIVE_FLOOR)).mean()
+    if mode == "relative":  # [S, K] -> per task over sites -> mean over the tasks that have a teacher delta
+        num, den = torch.stack(terms).sum(0), torch.stack(norms).sum(0)
+        has = den > RELATIVE_FLOOR  # torch.where, not indexing: no host sync
+        ratio = torch.where(has, num / den.clamp(min=RELATIVE_FLOOR), torch.zeros_like(num))
+        return ratio.sum() / has.sum().clamp(min=1)
     return torch.stack(terms).mean()

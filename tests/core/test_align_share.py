@@ -120,3 +120,20 @@ def test_measuring_does_not_change_the_step(step0):
     _share(cfg, model, batches[:1], "relative", 1.0)
     assert all(p.grad is None for p in model.trainable_parameters())
     assert model(batches[0])[0].item() == before
+
+
+def test_relative_leaves_out_tasks_whose_teacher_delta_is_zero():
+    """A bank row its teachers stage never sampled (B = 0) has nothing to be relative to: it neither divides by 0
+    nor counts in the mean."""
+    g = torch.Generator().manual_seed(6)
+    gen, tea = _factors(g, K=3), _factors(g, K=3)
+    got = param_alignment(gen, 1.0, tea, 1.0, "relative")
+    untrained = {s: (a, b.clone()) for s, (a, b) in tea.items()}
+    for s in untrained:
+        untrained[s][1][2] = 0.0
+    two = param_alignment({s: (a[:2], b[:2]) for s, (a, b) in gen.items()}, 1.0,
+                          {s: (a[:2], b[:2]) for s, (a, b) in tea.items()}, 1.0, "relative")
+    torch.testing.assert_close(param_alignment(gen, 1.0, untrained, 1.0, "relative"), two)
+    assert got.item() != pytest.approx(two.item())
+    none = {s: (a, torch.zeros_like(b)) for s, (a, b) in tea.items()}
+    assert param_alignment(gen, 1.0, none, 1.0, "relative").item() == 0.0
