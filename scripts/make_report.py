@@ -30,7 +30,19 @@ LABELS = {k: lab.strip("*") for k, lab, _ in HELD}  # plain labels (no markdown 
 SEEN = [("teachers", "LoRA teachers, one per {granularity} (upper bound)"), ("tagi", "TAGI"),
         ("concat", "Concat")]
 FT = ["ft_tagi", "ft_concat", "ft_no_instruction", "ft_no_pretrain", "ft_no_kl", "ft_no_param", "ft_no_fusion"]
-PAPER_ABLATION = {"no_pretrain": "-1.3", "no_kl": "-2.7", "no_param": "-0.9", "no_fusion": "-13.3"}
+# The paper's ablation (T5-XL, SNI ROUGE-L, Table 5) has a column per instruction setting: a run is compared with
+# the column of the setting it ran (data.setting of its TAGI run), never the other one.
+PAPER_ABLATION = {
+    "def": {"no_pretrain": "-1.3", "no_kl": "-2.7", "no_param": "-0.9", "no_fusion": "-13.3"},
+    "def_pos": {"no_pretrain": "-0.7", "no_kl": "-2.4", "no_param": "-1.1", "no_fusion": "-15.7"},
+}
+PAPER_SETTING = {"def": "Def", "def_pos": "Def+2Pos"}
+
+
+def run_setting(run: Path, seeds: list[int]) -> str:
+    """data.setting of the run's TAGI finetuning (def when its config.json is absent: the config's default)."""
+    cfg = run / (f"s{seeds[0]}" if seeds else "") / "ft_tagi" / "config.json"
+    return json.loads(cfg.read_text())["tagi"]["data"]["setting"] if cfg.is_file() else "def"
 
 
 def load(path: Path) -> dict | None:
@@ -322,12 +334,13 @@ def findings(r: Results) -> list[str]:
     if "concat" in rouge and "no_instruction" in rouge:
         L.append(f"- Concat vs no-instruction: {mean(rouge['concat']) - mean(rouge['no_instruction']):+.2f} ROUGE-L.")
     if "tagi" in rouge:
+        setting = run_setting(r.run, r.seeds)
         for k, lab, _ in HELD[3:]:
             if k in rouge:
                 diffs = r.paired(k, "tagi")
                 spread = f" ± {std(diffs):.2f} over {len(diffs)} seeds" if len(diffs) > 1 else ""
-                L.append(f"- {lab}: {mean(diffs):+.2f}{spread} ROUGE-L vs full TAGI (paper, XL: "
-                         f"{PAPER_ABLATION[k]}).")
+                L.append(f"- {lab}: {mean(diffs):+.2f}{spread} ROUGE-L vs full TAGI (paper, XL, "
+                         f"{PAPER_SETTING[setting]}: {PAPER_ABLATION[setting][k]}).")
     if "concat" in rouge and "no_instruction" in rouge and "tagi" in rouge:
         gap = mean(rouge["concat"]) - mean(rouge["no_instruction"])
         if gap < 5.0:

@@ -196,8 +196,9 @@ class LossConfig:
     """of the KL term (T; the term is scaled by T^2)"""
     chunk_tokens: int = 256
     """target tokens per chunk of LM head + CE/KL (bounds the fp32 [tokens, vocab] temporaries)"""
-    param_align: Literal["delta", "factors"] = "delta"
-    """delta: the effective s*B@A; factors: A<->A and s*B<->s*B"""
+    param_align: Literal["relative", "delta", "factors"] = "relative"
+    """relative: per task sum_sites ||dG - dT||^2 / sum_sites ||dT||^2 of the effective deltas d = s*B@A (1.0 at init,
+    scale-free); delta: their per-element MSE; factors: A<->A and s*B<->s*B"""
 
 
 @dataclass
@@ -241,6 +242,9 @@ class DataConfig:
     """m examples per task"""
     builtin_seed: int = 0
     """the built-in suite's generator seed"""
+    builtin_suite: Literal["v1", "v2"] = "v1"
+    """v1: chains of 70 skills (docs/results.md); v2: single-answer selection, 8 two-vocabulary families x 16 skills,
+    Latin-square held-out pairs (docs/suite_v2.md)"""
     pretrain_length: int = 96
     """stage 1: the a|b|c window, in tokens"""
     num_workers: int = 0
@@ -260,6 +264,7 @@ class TrainConfig:
     """Optimisation, schedule, checkpoints and guards."""
 
     RULES: ClassVar[dict[str, Rule]] = {
+        "grad_ratio_every": NON_NEGATIVE,
         "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_ratio": within(0, 1), "max_steps": POSITIVE,
         "grad_clip": NON_NEGATIVE, "grad_accum": POSITIVE, "save_steps": POSITIVE, "keep_last": NON_NEGATIVE,
         "log_steps": POSITIVE, "stop_after": NON_NEGATIVE, "max_bad_steps": POSITIVE, "seed": SEED,
@@ -296,6 +301,9 @@ class TrainConfig:
     """stop after this many non-finite steps in a row"""
     seed: int = 42
     """global seed (data order, dropout, initialisation of what trains)"""
+    grad_ratio_every: int = 50
+    """every N steps from step 0, log each loss term's gradient-norm ratio and cosine to CE's (grad_ratio/kl,
+    grad_ratio/param, grad_cos/*) w.r.t. the hypernetwork; 0 = off"""
     tensorboard: bool = False
     """also write TensorBoard scalars (OUTPUT_DIR/tensorboard)"""
     inject_fault: str = ""

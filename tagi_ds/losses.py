@@ -103,25 +103,52 @@ def _delta_sq_dist(Ag, Bg, sg, At, Bt, st) -> torch.Tensor:
     return d.clamp(min=0.0)
 
 
+def _delta_sq_norm(A, B, s) -> torch.Tensor:
+    """``||s B A||_F^2`` per task via the r x r Gram matrices: ``s^2 sum((B^T B) * (A A^T))``."""
+    return s * s * ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum((1, 2))
+
+
+ALIGN_MODES = ("relative", "delta", "factors")
+# A task whose teacher delta is zero at every site (a bank row its teachers stage never sampled, still at B = 0)
+# gives nothing to be relative to: it is left out of the mean (a 1/0 would otherwise be its gradient).
+RELATIVE_FLOOR = 1e-12
+
+
 def param_alignment(generated: dict[int, tuple[torch.Tensor, torch.Tensor]], gen_scale: float,
                     teacher: dict[int, tuple[torch.Tensor, torch.Tensor]], teacher_scale: float,
-                    mode: str = "delta") -> torch.Tensor:
-    """Mean over sites and tasks of the MSE between generated and teacher adapters.
+                    mode: str = "relative") -> torch.Tensor:
+    """How far the generated adapters are from the teacher's, over the sites ``s`` and the batch's tasks.
 
-    ``delta``: between effective deltas ``s B A`` (any ranks; invariant to how a delta is factored).
+    ``relative`` (the default): per task ``sum_s ||dG_s - dT_s||_F^2 / sum_s ||dT_s||_F^2`` with ``d = s B A``
+    the effective deltas, then the mean over tasks (tasks whose teacher delta is 0 everywhere, an untrained
+    bank row, are left out: 0 when none is left). Scale-free: 1.0 at init (the generated delta starts at 0)
+    whatever the model width, rank or teacher scale, so its weight means the same at every size. The
+    per-element MSE of ``delta`` divides by ``d_out * d_in`` instead and starts at ~1e-3 on the tiny model,
+    where its gradient is ~1e-3 of CE's: an inert term.
+    ``delta``: the mean over sites and tasks of the per-element MSE of the effective deltas ``s B A`` (any
+    ranks; invariant to how a delta is factored).
     ``factors``: ``A`` with ``A`` and ``s B`` with ``s B`` (ranks must match).
+    Deltas are never materialised (``d_out x d_in``): distances go through r x r Gram matrices.
     """
-    terms = []
+    if mode not in ALIGN_MODES:
+        raise ValueError(f"loss.param_align must be one of {', '.join(ALIGN_MODES)}, got {mode!r}")
+    terms, norms = [], []
     for site, (Ag, Bg) in generated.items():
         At, Bt = teacher[site]
         Ag, Bg, At, Bt = Ag.float(), Bg.float(), At.float(), Bt.float()
-        if mode == "delta":
+        if mode == "relative":
+            terms.append(_delta_sq_dist(Ag, Bg, gen_scale, At, Bt, teacher_scale))
+            norms.append(_delta_sq_norm(At, Bt, teacher_scale))
+        elif mode == "delta":
             terms.append(_delta_sq_dist(Ag, Bg, gen_scale, At, Bt, teacher_scale) / (Bg.shape[1] * Ag.shape[2]))
-        elif mode == "factors":
+        else:
             if Ag.shape != At.shape:
                 raise ValueError(f"loss.param_align=factors needs equal ranks: generated A {tuple(Ag.shape)} vs "
-                                 f"teacher A {tuple(At.shape)}; use param_align=delta")
+                                 f"teacher A {tuple(At.shape)}; use param_align=relative or delta")
             terms.append(((Ag - At) ** 2).mean((1, 2)) + ((gen_scale * Bg - teacher_scale * Bt) ** 2).mean((1, 2)))
-        else:
-            raise ValueError(f"loss.param_align must be delta or factors, got {mode!r}")
+    if mode == "relative":  # [S, K] -> per task over sites -> mean over the tasks that have a teacher delta
+        num, den = torch.stack(terms).sum(0), torch.stack(norms).sum(0)
+        has = den > RELATIVE_FLOOR  # torch.where, not indexing: no host sync
+        ratio = torch.where(has, num / den.clamp(min=RELATIVE_FLOOR), torch.zeros_like(num))
+        return ratio.sum() / has.sum().clamp(min=1)
     return torch.stack(terms).mean()

@@ -9,6 +9,7 @@ from typing import get_args
 
 from tagi_ds.config import DataConfig, Granularity
 from tagi_ds.data.builtin import builtin_suite
+from tagi_ds.data.builtin_v2 import builtin_suite_v2
 from tagi_ds.data.p3 import load_p3
 from tagi_ds.data.sni import load_sni
 from tagi_ds.data.task import DataError, Task, select_tasks
@@ -56,7 +57,8 @@ def load_tasks(spec: str | DataSpec, cfg: DataConfig, split: str) -> list[Task]:
                         f"training tasks out with data.exclude_tasks and evaluate them with --split train "
                         f"--set data.tasks=...")
     if spec.scheme == "builtin":
-        return select_tasks(builtin_suite(cfg.builtin_seed)[split], categories=cfg.categories, names=cfg.tasks,
+        suite = builtin_suite_v2 if cfg.builtin_suite == "v2" else builtin_suite
+        return select_tasks(suite(cfg.builtin_seed)[split], categories=cfg.categories, names=cfg.tasks,
                             exclude=cfg.exclude_tasks, max_instances=cfg.max_instances_per_task, where="builtin")
     if spec.scheme == "sni":
         return load_sni(spec.path, cfg, split)

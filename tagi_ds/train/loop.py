@@ -23,7 +23,7 @@ from tagi_ds.model import build_model
 from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.train import checkpoint
+from tagi_ds.train import checkpoint, grad_ratio
 from tagi_ds.train.guards import Guards, TooManyBadSteps
 from tagi_ds.train.progress import Progress
 
@@ -113,7 +113,7 @@ def train(checked: Checked) -> Path:
         while s.step < tc.max_steps:
             done = step(s)
             stop_bad = s.guards.too_many_bad()
-            if s.step % tc.log_steps == 0 or s.step == tc.max_steps or stop_bad:
+            if s.step % tc.log_steps == 0 or s.step == tc.max_steps or stop_bad or done.ratios:
                 s.progress.log(metrics(s, done))
             signalled = s.guards.stop_requested()
             pause = signalled or (tc.stop_after > 0 and s.step - s.start >= tc.stop_after)
@@ -162,6 +162,7 @@ class StepDone:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss and each term, mean over micro-batches
     loss_bad: bool = False  # a non-finite loss on some rank: nobody stepped
     norm: float | None = None  # the global gradient norm (None: the step was skipped)
+    ratios: dict[str, float] = field(default_factory=dict)  # grad_ratio/* on train.grad_ratio_every steps
 
 
 def setup(checked: Checked) -> Session:
@@ -200,11 +201,14 @@ def step(s: Session) -> StepDone:
     """One optimizer step over ``train.grad_accum`` micro-batches; a non-finite loss on any rank skips it."""
     cfg, eng, guards = s.checked.cfg, s.eng, s.guards
     done = StepDone(lr=eng.get_lr()[0], t0=time.perf_counter())  # the rate this step uses (eng.step advances it)
+    ratios = grad_ratio.StepRatios(s.model, cfg.loss) if grad_ratio.due(cfg.train.grad_ratio_every, s.step) else None
     for _ in range(cfg.train.grad_accum):
         batch = next(s.batches)
         # Counted on the host copy: reading the device's would wait for it (a sync per micro-step).
         done.tokens += int(batch.attention_mask.sum()) + batch.num_target_tokens()
         batch = batch.to(eng.device)
+        if ratios is not None:  # before the step's own forward: ZeRO-3 backward expects its graph to be the last
+            ratios.add(batch)
         loss, terms = eng(batch)
         loss = guards.inject(s.step, loss)
         if guards.loss_is_bad(loss, s.step):  # same decision on every rank: nobody steps
@@ -216,6 +220,8 @@ def step(s: Session) -> StepDone:
             done.sums[k] = done.sums.get(k, 0.0) + v.detach().double() / cfg.train.grad_accum
     if done.loss_bad:
         eng.zero_grad()
+    elif ratios is not None:
+        done.ratios = ratios.result()
     # A skipped step has no gradient norm of its own (DeepSpeed still reports the previous one).
     done.norm = None if done.loss_bad else _norm(eng.get_global_grad_norm())
     guards.record(done.loss_bad or guards.grad_norm_is_bad(done.norm), s.step + 1)  # non-finite norm: update skipped
@@ -228,7 +234,7 @@ def metrics(s: Session, done: StepDone) -> dict[str, Any]:
     return {"step": s.step, **({"loss": None} if done.loss_bad else _mean_over_ranks(done.sums, s.eng.device)),
             "lr": done.lr, "grad_norm": done.norm,
             "tokens_per_s": done.tokens * dist.world_size() / (time.perf_counter() - done.t0),
-            "skipped_steps": s.guards.skipped}
+            "skipped_steps": s.guards.skipped, **done.ratios}
 
 
 def save(s: Session) -> None:
