@@ -140,3 +140,47 @@ def test_shrink_choice_follows_the_cost_model():
     small ranks at d <= 4096, split at d = 8192 or rank 64 beyond d = 2048 (kernels/NOTES.md)."""
     assert fl.choose_shrink(16, 2048, 2) and fl.choose_shrink(16, 4096, 2) and fl.choose_shrink(64, 1024, 2)
     assert not fl.choose_shrink(16, 8192, 2) and not fl.choose_shrink(64, 4096, 2)
+
+
+def test_adapted_layer_fused_path_reads_the_weight_its_module_hooks_gather():
+    """The adapted layer's fused path runs as the base layer's forward, so a ZeRO-3-style partitioned weight (empty
+    outside the module's call, gathered by a pre-forward hook, released after it, gathered again by a pre-backward
+    hook) is whole when the fused GEMMs read it, and the result and gradients equal the unfused reference path."""
+    from tagi_ds.adapters import AdapterSet, AdapterState
+    from tagi_ds.adapters.layer import AdaptedLinear, Site
+
+    gen = torch.Generator().manual_seed(5)
+    base = torch.nn.Linear(48, 136).to(DEVICE).requires_grad_(False)
+    full = base.weight.detach().clone()
+    gathers = []
+
+    def gather(*_):
+        gathers.append(1)
+        base.weight.data = full
+
+    def release(*_):
+        base.weight.data = torch.empty(0, device=DEVICE)
+
+    base.register_forward_pre_hook(gather)
+    base.register_forward_hook(release)
+    base.register_full_backward_pre_hook(gather)
+    base.register_full_backward_hook(release)
+    release()
+    state = AdapterState()
+    layer = AdaptedLinear(base, Site(0, "q", "encoder", 0, "q", 48, 136), state)
+    A = (torch.randn(2, 8, 48, generator=gen) / 7).to(DEVICE).requires_grad_()
+    B = (torch.randn(2, 136, 8, generator=gen) / 3).to(DEVICE).requires_grad_()
+    x = torch.randn(3, 50, 48, generator=gen).to(DEVICE).requires_grad_()  # 150 tokens: tile 0 spans both tasks
+    dy = torch.randn(3, 50, 136, generator=gen).to(DEVICE)
+    adapters = AdapterSet({0: (A, B)}, torch.tensor([0, 2, 3], device=DEVICE), 0.5, impl="triton", linear="fused")
+    with state.use(adapters):
+        y = layer(x)
+    got = (y, *torch.autograd.grad(y, (x, A, B), dy))
+    assert base.weight.numel() == 0 and len(gathers) == 2  # gathered for forward and for backward, released after
+    offs = torch.tensor([0, 100, 150], device=DEVICE)
+    y_ref = ops.lora_linear_torch(x.reshape(150, 48), full, base.bias, A, B, offs, 0.5).view(3, 50, 136)
+    want = (y_ref, *torch.autograd.grad(y_ref, (x, A, B), dy))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="linear must be one of unfused, fused, got 'fast'"):
+        AdapterSet({}, torch.tensor([0, 1]), 1.0, linear="fast")
