@@ -184,3 +184,34 @@ def test_adapted_layer_fused_path_reads_the_weight_its_module_hooks_gather():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="linear must be one of unfused, fused, got 'fast'"):
         AdapterSet({}, torch.tensor([0, 1]), 1.0, linear="fast")
+
+
+# ---------------------------------------------------------------- GPU: real dtypes, realistic sizes (-m gpu)
+GPU_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shrink", ["fused", "split"])
+@pytest.mark.parametrize("r", [8, 64])
+def test_gpu_fused_linear_matches_float64(dtype, shrink, r):
+    """64 tasks over 2000 tokens with empty and one-token segments, d_in 1056 (partial K tile), d_out 520 (partial
+    N tile): y and every gradient within the dtype's bound and not far above the unfused torch reference's error."""
+    gen = torch.Generator().manual_seed(r)
+    cuts = torch.sort(torch.randint(0, 2001, (61,), generator=gen)).values.tolist()
+    bounds = [0, *cuts, 2000]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    lengths = lengths[:31] + [0, 1] + lengths[31:]  # 64 segments
+    x, W, b, A, B, offs, dy = inputs(lengths, 1056, 520, r, dtype, seed=r)
+    y = triton_lora_linear_fused(x, W, b, A, B, offs, 0.5, shrink)
+    got = (y, *torch.autograd.grad(y, (x, A, B), dy))
+    y_ref = ops.lora_linear_torch(x, W, b, A, B, offs, 0.5)
+    ref = (y_ref, *torch.autograd.grad(y_ref, (x, A, B), dy))
+    want = truth(x, W, b, A, B, offs, 0.5, dy, "xAB")
+    for name, g, rf, w in zip(("y", "dx", "dA", "dB"), got, ref, want):
+        assert torch.isfinite(g).all(), f"{name}: non-finite"
+        scale = w.abs().max().item() + 1e-6
+        err, err_ref = ((g.double() - w).abs().max().item() / scale, (rf.double() - w).abs().max().item() / scale)
+        assert err < GPU_TOL[dtype] and err <= 2 * err_ref + GPU_TOL[dtype] / 4, (name, dtype, err, err_ref)
+    again = triton_lora_linear_fused(x, W, b, A, B, offs, 0.5, shrink)
+    assert torch.equal(again, y)  # deterministic: no atomics
