@@ -7,7 +7,10 @@ Cases, each one forward and one backward (grads of x, A, B; the base weight is f
   triton         base + tagi_ds.ops.lora_delta(impl="triton")    (the delta, then torch's add)
   triton_add     tagi_ds.ops.lora_delta_add_ into the base output (the expand adds in place)
   triton_linear  tagi_ds.ops.lora_linear                          (delta written, base GEMM added onto it)
-Ratios are against ``base`` measured in the same run, on the same inputs.
+  fused          tagi_ds.ops.lora_linear_fused(shrink="fused")    (one Triton GEMM per direction, LoRA inside,
+                                                                   x A_s^T from the GEMM's own x tiles; issue 26)
+  fused_split    tagi_ds.ops.lora_linear_fused(shrink="split")    (the same GEMM, x A_s^T by the split-K shrink)
+Ratios are against ``base`` (cuBLAS) measured in the same run, on the same inputs.
 
 Protocol (GPU). Input sets (x, W, A, B, dY) rotate from one repetition to the next, enough of them that together
 they exceed 3x the L2 cache, so no repetition finds its inputs in L2. Before each phase, blocks of the outputs'
@@ -19,7 +22,13 @@ the phase (capped at 20 ms), so ``ms`` is GPU time with the host's launch overhe
 reported beside it (``host ms``; a case whose host time exceeds its GPU time is host-bound when run alone). Median
 of ``--reps``.
 Error: the last repetition's outputs (y, dx, dA, dB) against float64 from the same (rounded) inputs, max abs error
-over max abs truth, the max over the four; NaN when any output is non-finite.
+over max abs truth, each of the four in the JSON (``<case>_err_y`` ...) and their max (``<case>_err``); NaN when an
+output is non-finite.
+Autotuning: the Triton kernels' autotune caches are cleared before every grid point, so each point tunes for its
+own shape (the v1 kernels' keys omit the shape; a process that tuned once would reuse the first point's configs).
+Floors: bytes over the device-to-device copy bandwidth measured at start-up (``copy_TBps`` in the JSON; on CPU, a
+memcpy), not a datasheet figure. Partial results: the JSON and Markdown are rewritten after every grid point, so a
+run cut short keeps the points it finished (``complete: false`` until the last one).
 
 GPU (default grid: d in {2048, 4096, 8192}, r in {8, 16, 64}, tasks in {1, 4, 16, 64}, 8192 tokens, bf16):
     python benchmarks/bench_lora_kernel.py [--d 4096 --r 16 --tasks 1 16 ...]
@@ -50,17 +59,18 @@ import common  # noqa: E402
 
 from tagi_ds import ops  # noqa: E402
 
-CASES = ("base", "loop", "torch", "triton", "triton_add", "triton_linear")
+CASES = ("base", "loop", "torch", "triton", "triton_add", "triton_linear", "fused", "fused_split")
 TRITON_CASES = CASES[3:]
+ERR_PARTS = ("y", "dx", "dA", "dB")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FULL = {"d": [2048, 4096, 8192], "r": [8, 16, 64], "tasks": [1, 4, 16, 64], "tokens": 8192, "reps": 20}
 SMOKE = {"d": [32], "r": [4, 8], "tasks": [1, 4], "tokens": 40, "reps": 2}
 
 
-# H200 ceilings measured on 2026-12-04 (../shared/GPU.md): device copy bandwidth counting read + write, and the bf16
-# matmul rate on random 8192^3 data. The floors below divide bytes and FLOPs by them; they are computed, not measured.
-COPY_BYTES_PER_S = 4.3e12
-MATMUL_FLOPS_PER_S = 790e12
+# Defaults for --floors without a device: the H100's ~3.0 TB/s device copy (read + write counted) and ~800 TFLOP/s
+# bf16 matmul (kernels/NOTES.md). A benchmark run replaces the bandwidth by the one it measures at start-up.
+COPY_BYTES_PER_S = 3.0e12
+MATMUL_FLOPS_PER_S = 800e12
 # Passes over a [T, d] activation-sized tensor (x, y, dY or dX; one read or one write each) that each path makes in
 # forward + backward, with L2 flushed between them (kernels/NOTES.md derives each count):
 PASSES = {
@@ -69,10 +79,15 @@ PASSES = {
     #                      dX written (GEMM adds onto it), x for dA, dY for dB
     "triton_add": 10,  # fwd: x, y read + written in place; bwd: dY, dX, autograd's dX sum (2 reads 1 write), x, dY
     "triton": 12,  # triton_add + the delta written and re-read by torch's add (y + delta: 2 reads, 1 write)
+    # fused, shrink from the GEMM's x tiles: y and dX written by the GEMMs themselves (counted in the base), dA
+    # reads x, dB reads dY; its extra FLOPs (R_PAD / BLOCK_N of the GEMMs) are added in floors()
+    "fused": 2,
+    "fused_split": 4,  # the same + the split-K shrinks read x (forward) and dY (backward)
 }
+FUSED_BLOCK_N = 256  # the fused GEMM's widest column tile: each N tile recomputes its rows' x A_s^T
 
 
-def floors(T: int, d: int, r: int, S: int, elt: int = 2) -> dict:
+def floors(T: int, d: int, r: int, S: int, elt: int = 2, copy_bps: float = COPY_BYTES_PER_S) -> dict:
     """Computed floors (ms) of the base linear (FLOPs: y = x W^T and dX = dY W) and of each LoRA path (bytes: its
     activation passes, plus A and B read in forward and backward and dA, dB written, plus the fp32 r-wide
     intermediates H and G written and read; its FLOPs 12 T d r are below the bytes' time at every grid point)."""
@@ -80,7 +95,9 @@ def floors(T: int, d: int, r: int, S: int, elt: int = 2) -> dict:
     extra = 6 * S * r * d * elt + 4 * T * pad16(r) * 4
     out = {"base_ms": base, "lora_flops_ms": 12 * T * d * r / MATMUL_FLOPS_PER_S * 1e3}
     for path, passes in PASSES.items():
-        out[f"{path}_ms"] = max((passes * T * d * elt + extra) / COPY_BYTES_PER_S * 1e3, out["lora_flops_ms"])
+        out[f"{path}_ms"] = max((passes * T * d * elt + extra) / copy_bps * 1e3, out["lora_flops_ms"])
+    # Fused shrink: 2 GEMMs x (R_PAD / BLOCK_N) of their 2 T d d FLOPs recomputed per column tile, on tensor cores.
+    out["fused_ms"] += 2 * 2 * T * d * d * pad16(r) / FUSED_BLOCK_N / MATMUL_FLOPS_PER_S * 1e3
     return out
 
 
@@ -90,11 +107,12 @@ def pad16(r: int) -> int:
 
 def floors_markdown(grid: dict) -> str:
     T = grid["tokens"]
-    lines = [f"Computed floors, T={T}, bf16, H200 ceilings ({COPY_BYTES_PER_S / 1e12:.1f} TB/s copy, "
+    lines = [f"Computed floors, T={T}, bf16, H100 ceilings ({COPY_BYTES_PER_S / 1e12:.1f} TB/s copy, "
              f"{MATMUL_FLOPS_PER_S / 1e12:.0f} TFLOP/s bf16 matmul): base = FLOPs of x W^T and dY W; each LoRA "
              "path = its bytes; x = (base + path) / base.", "",
-             "| d | r | tasks | base ms | LoRA FLOPs us | ideal us (x) | linear us (x) | add_ us (x) | delta us (x) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| d | r | tasks | base ms | LoRA FLOPs us | ideal us (x) | linear us (x) | add_ us (x) | delta us (x) "
+             "| fused us (x) | fused_split us (x) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in grid["d"]:
         for r in grid["r"]:
             for S in grid["tasks"]:
@@ -171,6 +189,10 @@ def case_forward(name: str, offs: torch.Tensor, bounds: list[int], scale: float)
     if name == "triton_linear":
         return lambda i: ops.lora_linear(i["x"], i["W"], None, i["A"], i["B"], offs, scale, impl="triton",
                                          check_offsets=False)
+    if name in ("fused", "fused_split"):
+        shrink = "fused" if name == "fused" else "split"
+        return lambda i: ops.lora_linear_fused(i["x"], i["W"], None, i["A"], i["B"], offs, scale, impl="triton",
+                                               check_offsets=False, shrink=shrink)
     return lambda i: F.linear(i["x"], i["W"]) + deltas[name](i["x"], i["A"], i["B"], offs, scale)
 
 
@@ -254,13 +276,49 @@ def float64_truth(inputs: dict, bounds: list[int], scale: float) -> list[torch.T
     return [y.detach(), *torch.autograd.grad(y, (x, A, B), inputs["dy"].double())]
 
 
-def rel_err(got: list[torch.Tensor], truth: list[torch.Tensor]) -> float:
-    errs = []
-    for g, t in zip(got, truth):
-        if not torch.isfinite(g).all():
-            return math.nan
-        errs.append(float((g.double() - t).abs().max() / t.abs().max().clamp_min(1e-30)))
-    return max(errs)
+def rel_errs(got: list[torch.Tensor], truth: list[torch.Tensor]) -> list[float]:
+    """Per output (y, dx, dA, dB): max abs error over max abs truth; NaN for an output with a non-finite value."""
+    return [math.nan if not torch.isfinite(g).all() else
+            float((g.double() - t).abs().max() / t.abs().max().clamp_min(1e-30)) for g, t in zip(got, truth)]
+
+
+def worst(errs: list[float]) -> float:
+    return math.nan if any(math.isnan(e) for e in errs) else max(errs)
+
+
+def reset_autotuners() -> int:
+    """Clear every Triton autotune cache of tagi_kernels (so this grid point tunes for its own shape); returns how
+    many autotuned kernels there are."""
+    from triton.runtime.autotuner import Autotuner
+
+    from tagi_kernels import fused_linear, lora_kernels
+
+    tuners = [k for mod in (lora_kernels, fused_linear) for k in vars(mod).values() if isinstance(k, Autotuner)]
+    for k in tuners:
+        k.cache.clear()
+    return len(tuners)
+
+
+def measure_copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in bytes/s, read + write counted (the floors' ceiling): median of 5 copies
+    of a 1 GiB buffer on a GPU (64 MiB on CPU)."""
+    n = (1 << 30) if device == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        if device == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dst.copy_(src)
+            e1.record()
+            torch.cuda.synchronize()
+            times.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    return 2 * n / statistics.median(times[1:])
 
 
 def bench_point(d: int, r: int, tasks: int, args, harness: Harness) -> dict:
@@ -277,9 +335,12 @@ def bench_point(d: int, r: int, tasks: int, args, harness: Harness) -> dict:
     last, truth = sets[(args.reps - 1) % n_sets], None  # the inputs of the last repetition, whose outputs are checked
     row = {"d": d, "r": r, "tasks": tasks, "segment_lengths_max": int((offs[1:] - offs[:-1]).max()),
            "input_sets": n_sets}
+    if args.triton_mode != "skipped":
+        reset_autotuners()
     for name in CASES:
         if name not in args.cases or (name in TRITON_CASES and args.triton_mode == "skipped"):
             row[f"{name}_ms"] = row[f"{name}_host_ms"] = row[f"{name}_err"] = None
+            row.update({f"{name}_err_{p}": None for p in ERR_PARTS})
             continue
         fwd = case_forward(name, offs_dev, bounds, args.scale)
         ms, host_ms, (y, grads) = harness.run(fwd, lambda y, i, n=name: torch.autograd.grad(y, wrt(n, i), i["dy"]),
@@ -287,13 +348,16 @@ def bench_point(d: int, r: int, tasks: int, args, harness: Harness) -> dict:
         row[f"{name}_ms"], row[f"{name}_host_ms"] = ms, host_ms
         if name != "base":
             truth = truth or float64_truth(last, bounds, args.scale)
-            row[f"{name}_err"] = rel_err([y, *grads], truth)
+            errs = rel_errs([y, *grads], truth)
+            row.update({f"{name}_err_{p}": e for p, e in zip(ERR_PARTS, errs)})
+            row[f"{name}_err"] = worst(errs)
         del y, grads
     for name in CASES[1:]:
         ms = row[f"{name}_ms"]
         row[f"{name}_x"] = None if ms is None else ms / row["base_ms"]
-    f = floors(args.tokens, d, r, tasks, torch.finfo(dtype).bits // 8)
-    for path in ("triton", "triton_add", "triton_linear"):  # the path's computed floor, on this run's measured base
+    f = floors(args.tokens, d, r, tasks, torch.finfo(dtype).bits // 8, args.copy_bps)
+    # Each path's computed floor, on this run's measured base and bandwidth.
+    for path in ("triton", "triton_add", "triton_linear", "fused", "fused_split"):
         row[f"{path}_floor_x"] = 1 + f[f"{path}_ms"] / row["base_ms"]
     triton_ms = [row[f"{c}_ms"] for c in TRITON_CASES if row[f"{c}_ms"] is not None]
     row["best_triton_ms"] = min(triton_ms) if triton_ms else None
@@ -307,34 +371,45 @@ def to_markdown(result: dict) -> str:
     def fmt(v, spec):
         return "—" if v is None else format(v, spec)
 
+    def errs(row, case):
+        parts = [row.get(f"{case}_err_{p}") for p in ERR_PARTS]
+        return "—" if any(e is None for e in parts) else " / ".join(f"{e:.1e}" for e in parts)
+
     lines = common.md_head("LoRA delta kernel", result, "CPU timings check the harness; they are not GPU numbers.") + [
         f"forward+backward, {result['tokens']} tokens, {result['dtype']}, scale {result['scale']}; timer: "
-        f"{result['timer']}; triton: {result['triton_mode']} (torch {result['torch']}, triton {result['triton']}). "
-        "Cases as ms (x base); err: max relative error of y, dx, dA, dB vs float64 (triton: worst of its three "
-        "paths); host: ms the host takes to issue the fastest triton path's forward+backward; linear floor: the "
-        "computed byte floor of lora_linear on this run's base (kernels/NOTES.md).",
+        f"{result['timer']}; triton: {result['triton_mode']} (torch {result['torch']}, triton {result['triton']}); "
+        f"autotune: {result['autotune']}; copy bandwidth measured at start-up: {result['copy_TBps']:.2f} TB/s"
+        f"{'' if result['complete'] else '; PARTIAL: the run stopped before the end of its grid'}. "
+        "Cases as ms (x base, the cuBLAS frozen linear); linear = lora_linear (v1 kernels + cuBLAS), fused / "
+        "fused_split = lora_linear_fused (one Triton GEMM per direction; shrink from its x tiles / split-K first); "
+        "fused floor: the computed floor of fused on this run's base and bandwidth (kernels/NOTES.md); best: the "
+        "fastest triton path; err: max relative error vs float64 of y / dx / dA / dB; host: ms the host takes to "
+        "issue the best path's forward+backward.",
         "",
     ]
     if result["triton_mode"] == "interpreter":
         lines += ["Triton timings come from the CPU interpreter: they check the harness, not the kernels.", ""]
     lines += [
-        "| d | r | tasks | base ms | loop x | torch x | triton x | add_ x | linear x | linear floor x | loop / best "
-        "| torch / best | err triton | err torch | host ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| d | r | tasks | base ms | loop x | torch x | triton x | add_ x | linear x | fused x | fused_split x "
+        "| fused floor x | loop / best | torch / best | err triton (worst path) | err fused y/dx/dA/dB "
+        "| err fused_split y/dx/dA/dB | err torch | host ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         best = row["best_triton_ms"]
-        errs = [row[f"{c}_err"] for c in TRITON_CASES if row[f"{c}_err"] is not None]
-        err = max(errs, key=lambda e: math.inf if math.isnan(e) else e) if errs else None
+        all_errs = [row[f"{c}_err"] for c in TRITON_CASES if row[f"{c}_err"] is not None]
+        err = max(all_errs, key=lambda e: math.inf if math.isnan(e) else e) if all_errs else None
         fastest = min((c for c in TRITON_CASES if row[f"{c}_ms"] is not None), key=lambda c: row[f"{c}_ms"],
                       default=None)
         lines.append(
             f"| {row['d']} | {row['r']} | {row['tasks']} | {row['base_ms']:.3f} | {ratio(row, 'loop')} | "
             f"{ratio(row, 'torch')} | {ratio(row, 'triton')} | {ratio(row, 'triton_add')} | "
-            f"{ratio(row, 'triton_linear')} | {row['triton_linear_floor_x']:.2f} | "
+            f"{ratio(row, 'triton_linear')} | {ratio(row, 'fused')} | {ratio(row, 'fused_split')} | "
+            f"{row['fused_floor_x']:.3f} | "
             f"{fmt(row['loop_ms'] / best if best and row['loop_ms'] else None, '.1f')} | "
             f"{fmt(row['torch_ms'] / best if best and row['torch_ms'] else None, '.1f')} | {fmt(err, '.1e')} | "
-            f"{fmt(row['torch_err'], '.1e')} | {fmt(row[f'{fastest}_host_ms'] if fastest else None, '.3f')} |")
+            f"{errs(row, 'fused')} | {errs(row, 'fused_split')} | {fmt(row['torch_err'], '.1e')} | "
+            f"{fmt(row[f'{fastest}_host_ms'] if fastest else None, '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -354,15 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         triton_version = triton.__version__
     harness = Harness(args.device, args.reps)
-    rows = []
-    for d in args.d:
-        for r in args.r:
-            for tasks in args.tasks:
-                rows.append(bench_point(d, r, tasks, args, harness))
-                print(f"d={d} r={r} tasks={tasks}: " + ", ".join(
-                    f"{c} {rows[-1][f'{c}_ms']:.3f} ms" for c in CASES if rows[-1][f"{c}_ms"] is not None),
-                    file=sys.stderr, flush=True)
+    args.copy_bps = measure_copy_bandwidth(args.device)
     gpu = args.device == "cuda"
+    rows = []
     result = {
         "benchmark": "lora_kernel",
         "device": common.device_name(args.device),
@@ -373,17 +442,32 @@ def main(argv: list[str] | None = None) -> dict:
         "triton": triton_version,
         "triton_mode": args.triton_mode,
         "tune": os.environ.get("TAGI_KERNELS_TUNE", "full"),
+        "autotune": (f"caches reset before every point ({os.environ.get('TAGI_KERNELS_TUNE', 'full')} space)"
+                     if args.triton_mode != "skipped" else "n/a"),
         "dtype": args.dtype,
         "tokens": args.tokens,
         "scale": args.scale,
         "smoke": args.smoke,
         "cpu_threads": torch.get_num_threads(),
         "l2_bytes": harness.l2,
+        "copy_TBps": args.copy_bps / 1e12,
+        "matmul_TFLOPs_assumed": MATMUL_FLOPS_PER_S / 1e12,
         "reps": args.reps,
         "timer": (f"CUDA events, fwd + bwd each behind a GPU sleep, L2 flushed, median of {args.reps}" if gpu
                   else f"perf_counter median of {args.reps}"),
+        "complete": False,
         "rows": rows,
     }
+    points = [(d, r, tasks) for d in args.d for r in args.r for tasks in args.tasks]
+    for n, (d, r, tasks) in enumerate(points, 1):
+        rows.append(bench_point(d, r, tasks, args, harness))
+        print(f"d={d} r={r} tasks={tasks}: " + ", ".join(
+            f"{c} {rows[-1][f'{c}_ms']:.3f} ms" for c in CASES if rows[-1][f"{c}_ms"] is not None),
+            file=sys.stderr, flush=True)
+        result["complete"] = n == len(points)
+        if not args.no_save and not result["complete"]:  # partial results after every point (a timeout keeps them)
+            common.save_results(args.out_dir, common.result_name("lora_kernel", args.tag), result,
+                                to_markdown(result), device=args.device, quiet=True)
     common.emit(args, "lora_kernel", result, to_markdown(result), device=args.device)
     return result
 

@@ -16,7 +16,9 @@ materialised). ``impl="triton"`` is the fused kernel in ``kernels/`` (import nam
 Two entry points sit beside it, same arguments and dispatch: :func:`lora_delta_add_` adds the delta into a given
 output in place (the base linear's output: no delta tensor written and re-read by an add) and :func:`lora_linear`
 is the whole adapted linear ``F.linear(x, weight, bias) + delta`` (the kernels write the delta and the base GEMM
-adds onto it, in forward and for the input gradient). Costs of each: kernels/NOTES.md.
+adds onto it, in forward and for the input gradient). :func:`lora_linear_fused` is the same adapted linear as one
+Triton GEMM per direction with the LoRA inside it (:func:`lora_linear_torch` is its reference). Costs of each:
+kernels/NOTES.md.
 """
 
 from __future__ import annotations
@@ -155,8 +157,36 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}], "
                          f"got {list(weight.shape)}")
     if resolve_impl(impl, x) == "torch":
-        return F.linear(x, weight, bias) + lora_delta_torch(x, A, B, seg_offsets, scale)
+        return lora_linear_torch(x, weight, bias, A, B, seg_offsets, scale)
     return _kernels("lora_linear").triton_lora_linear(x, weight, bias, A, B, seg_offsets, scale)
+
+
+def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                      B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Reference and specification of the adapted linear: ``F.linear(x, weight, bias)`` plus the per-task delta
+    (:func:`lora_delta_torch`), rounded as two separate results and their sum."""
+    return F.linear(x, weight, bias) + lora_delta_torch(x, A, B, seg_offsets, scale)
+
+
+LINEAR_SHRINKS = ("auto", "fused", "split")
+
+
+def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                      B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0, impl: str = "auto",
+                      check_offsets: bool = True, shrink: str = "auto") -> torch.Tensor:
+    """The adapted linear with the LoRA inside the base GEMM (issue 26): same contract as :func:`lora_linear`.
+    ``impl="triton"`` runs one fused Triton GEMM per direction (y and dX each written once); ``impl="torch"`` is
+    :func:`lora_linear_torch`. ``shrink`` (triton only): ``fused`` computes ``x A_s^T`` from the GEMM's own x tiles,
+    ``split`` runs the split-K shrink kernel first, ``auto`` picks by the cost model in kernels/NOTES.md."""
+    check_args(x, A, B, seg_offsets, check_offsets)
+    if weight.shape != (B.shape[1], x.shape[1]):
+        raise ValueError(f"lora_linear_fused: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}], "
+                         f"got {list(weight.shape)}")
+    if shrink not in LINEAR_SHRINKS:
+        raise ValueError(f"lora_linear_fused: shrink must be one of {', '.join(LINEAR_SHRINKS)}, got {shrink!r}")
+    if resolve_impl(impl, x) == "torch":
+        return lora_linear_torch(x, weight, bias, A, B, seg_offsets, scale)
+    return _kernels("lora_linear_fused").triton_lora_linear_fused(x, weight, bias, A, B, seg_offsets, scale, shrink)
 
 
 def _kernels(op: str):

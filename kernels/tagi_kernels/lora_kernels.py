@@ -67,6 +67,19 @@ def configs(kernel: str) -> list[triton.Config]:
 
 
 SHRINK_CONFIGS, EXPAND_CONFIGS, SEG_REDUCE_CONFIGS = configs("shrink"), configs("expand"), configs("seg_reduce")
+SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90 (H100 / H200)
+
+
+def prune_shrink(configs, named_args, **kwargs):
+    """Drop shrink configs whose buffered x and W1 tiles exceed sm_90's shared memory for this call's dtype (the fp32
+    BLOCK_K = 256 config at rank 64 needs 262144 B; the same config in bf16 fits). The estimate, ``num_stages``
+    buffers of both tiles, is conservative; tests/kernels/aot_compile.py prints the compiler's figure."""
+    elt, r_pad = named_args["X"].element_size(), kwargs["R_PAD"]
+
+    def smem(c):
+        return c.num_stages * (BLOCK_M_GPU * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * r_pad) * elt
+
+    return [c for c in configs if smem(c) <= SMEM_LIMIT] or [min(configs, key=smem)]
 
 
 @triton.jit
@@ -91,7 +104,8 @@ def _row_tile(T, BLOCK_M: tl.constexpr):
     return m0, tl.minimum(m0 + BLOCK_M, T), rows, rows.to(tl.int64)
 
 
-@triton.autotune(configs=SHRINK_CONFIGS, key=["R_PAD", "stride_wk"])
+@triton.autotune(configs=SHRINK_CONFIGS, key=["R_PAD", "stride_wk"],
+                 prune_configs_by={"early_config_prune": prune_shrink})
 @triton.jit(do_not_specialize=["T", "S", "R", "k_chunk"])
 def shrink_kernel(
     X, W1, HP, offs,  # [T, K], [S, R, K] (any strides), fp32 [KSPLIT, T, R_PAD], int64 [S+1]

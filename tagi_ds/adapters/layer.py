@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tagi_ds.ops import lora_delta, lora_delta_add_
+from tagi_ds.ops import lora_delta, lora_delta_add_, lora_linear_fused, resolve_impl
+
+# How an adapted layer computes base + delta: "unfused" (the base layer's own GEMM, then the delta added into its
+# output in place) or "fused" (one Triton GEMM per direction with the LoRA inside it, tagi_ds.ops.lora_linear_fused).
+# The default stays "unfused" until a GPU measurement shows the fused kernel beating it (kernels/NOTES.md, decision
+# rule); "fused" runs only where the Triton kernels run (impl resolves to triton) and the base is an nn.Linear.
+LINEAR_PATHS = ("unfused", "fused")
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,11 @@ class AdapterSet:
     scale: float
     impl: str = "auto"
     host_offsets: list[int] | None = None
+    linear: str = "unfused"
 
     def __post_init__(self) -> None:
+        if self.linear not in LINEAR_PATHS:
+            raise ValueError(f"AdapterSet: linear must be one of {', '.join(LINEAR_PATHS)}, got {self.linear!r}")
         # Validated once per forward here, so the adapted layers need no device sync; from the host copy when
         # given (reading example_offsets on a GPU would wait for the device).
         offs = list(self.host_offsets) if self.host_offsets is not None else self.example_offsets.tolist()
@@ -101,9 +110,12 @@ class AdaptedLinear(nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = self._state.active
+        if (adapters is not None and adapters.linear == "fused" and self.site.index in adapters.factors
+                and type(self.base_layer) is nn.Linear and resolve_impl(adapters.impl, x) == "triton"):
+            return self._fused(x, adapters)
         # The base layer is called as a module: under a partitioned ZeRO-3 backbone its hooks gather the weight.
         y = self.base_layer(x)
-        adapters = self._state.active
         if adapters is None or self.site.index not in adapters.factors:
             return y
         A, B = adapters.factors[self.site.index]
@@ -121,6 +133,32 @@ class AdaptedLinear(nn.Module):
             return y
         delta = lora_delta(x2, A, B, offs, adapters.scale, adapters.impl, check_offsets=False)
         return y + delta.view(y.shape).to(y.dtype)
+
+    def _fused(self, x: torch.Tensor, adapters: AdapterSet) -> torch.Tensor:
+        """base + delta as one fused GEMM, run *as the base layer's forward*: ``base(x)`` goes through
+        ``nn.Module.__call__``, so ZeRO-3's pre-forward hook has gathered ``base.weight`` when the kernel reads it,
+        its post-forward hook releases it and hooks the output so that backward gathers it again before the dgrad
+        GEMM reads the saved parameter (exactly what happens to F.linear's saved weight on the unfused path)."""
+        base = self.base_layer
+        A, B = adapters.factors[self.site.index]
+        if adapters.num_examples != x.shape[0]:
+            raise ValueError(f"adapted layer {self.site.name}: batch has {x.shape[0]} rows but the adapters "
+                             f"cover {adapters.num_examples} examples")
+        offs = adapters.token_offsets(x.shape[1])
+
+        def fused_forward(inp: torch.Tensor) -> torch.Tensor:
+            x2 = inp.reshape(-1, inp.shape[-1])
+            w = base.weight  # gathered by now under ZeRO-3
+            y2 = lora_linear_fused(x2, w.to(x2.dtype), None if base.bias is None else base.bias.to(x2.dtype),
+                                   A.to(x2.dtype), B.to(x2.dtype), offs, adapters.scale, "triton",
+                                   check_offsets=False)
+            return y2.view(*inp.shape[:-1], y2.shape[-1])
+
+        base.forward = fused_forward  # instance attribute: shadows nn.Linear.forward for this one call
+        try:
+            return base(x)
+        finally:
+            del base.forward
 
     def extra_repr(self) -> str:
         return f"site={self.site.index} ({self.site.stack}.{self.site.layer}.{self.site.kind})"
