@@ -195,7 +195,9 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: P
         dtype = torch.bfloat16 if ds_engine.precision(cfg) == "bf16" else torch.float32
         with torch.device(dev):  # random init on the GPU: seconds instead of minutes for a 7B backbone
             backbone = build_backbone(cfg)
-        model = ds_engine.place(make(backbone).to(dtype), dev)
+        # Parameters only, as the engines cast them (``.to(dtype)`` would cast RoPE's fp32 inv_freq too).
+        model = ds_engine.place(ds_engine.cast_parameters(make(backbone), dtype), dev)
+        ds_engine.keep_teacher(model, dtype, dev)
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
 
         def step(batch):
