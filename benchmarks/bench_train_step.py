@@ -200,7 +200,9 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: P
         dtype = torch.bfloat16 if ds_engine.precision(cfg) == "bf16" else torch.float32
         with torch.device(dev):  # random init on the GPU: seconds instead of minutes for a 7B backbone
             backbone = build_backbone(cfg)
-        model = ds_engine.place(cast_parameters(make(backbone), dtype), dev)
+        # Parameters only, as the engines cast them (``.to(dtype)`` would cast RoPE's fp32 inv_freq too).
+        model = ds_engine.place(ds_engine.cast_parameters(make(backbone), dtype), dev)
+        ds_engine.keep_teacher(model, dtype, dev)
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
 
         def step(batch):
@@ -231,15 +233,6 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: P
         torch.nn.functional.linear = _F_LINEAR
 
     return model, step, cleanup
-
-
-def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The training dtype for floating parameters only: ``model.to(dtype)`` would cast buffers too, and RoPE's
-    ``inv_freq`` in bf16 breaks positions past a few hundred tokens."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)
-    return model
 
 
 def case_config(args, recipe: str, variant: str, checkpointing: bool, engine: str = "z3") -> TagiConfig:
