@@ -6,11 +6,12 @@
 
 Every stage runs as a user runs it on one device (``python launchers/STAGE.py``: a world of one, under the DeepSpeed
 engine of the recipe's ZeRO-3 config) on the built-in suite with the tiny recipe. On a GPU: bf16
-(``train.precision=auto``) and the Triton adapter op forced
-(``model.adapter_impl=triton``: a silent fallback to the torch reference would hide the kernel); on a CPU (the
-test suite's SMOKE run): fp32 and the torch op. Checks: exit 0, every logged loss term finite, the precision
-that ran, both evaluations' results and the table, and the PEFT adapter loaded onto the backbone on the device
-with finite logits. One line per stage goes to OUT/pipeline.tsv; exit 1 if any check failed.
+(``train.precision=auto``) and the Triton adapter op forced (``model.adapter_impl=triton``: a silent fallback to the
+torch reference would hide the kernel); on a CPU (the test suite's SMOKE run): fp32 and the torch op. Independent
+stages run at once, two by two (teachers and pretrain, finetune and concat, the two evaluations): most of a tiny
+stage's time is start-up. Checks: exit 0, every logged loss term finite, the precision that ran, both evaluations'
+results and the table, and the PEFT adapter loaded onto the backbone on the device with finite logits. One line per
+stage goes to OUT/pipeline.tsv; exit 1 if any check failed.
 
     python scripts/gpu_pipeline.py --out /tmp/pipe [--steps 6] [--eval_n 5]
 """
@@ -41,6 +42,11 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
 
     def launch(self, name: str, script: str, *args: str) -> bool:
+        ok, row = self._launch(name, script, *args)
+        self.rows.append(row)
+        return ok
+
+    def _launch(self, name: str, script: str, *args: str) -> tuple[bool, tuple[str, str, float, str]]:
         cmd = [sys.executable, str(ROOT / "launchers" / script), *args, "--set", f"model.adapter_impl={self.impl}"]
         t0 = time.perf_counter()
         log = self.out / f"{name}.log"
@@ -54,10 +60,8 @@ class Pipeline:
         secs = time.perf_counter() - t0
         if rc != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-            self.rows.append((name, "FAIL", secs, f"exit {rc}: {tail[0][:160]}"))
-            return False
-        self.rows.append((name, "ok", secs, ""))
-        return True
+            return False, (name, "FAIL", secs, f"exit {rc}: {tail[0][:160]}")
+        return True, (name, "ok", secs, "")
 
     def _set(self, name: str, status: str, detail: str) -> None:
         secs = self.rows.pop()[2] if self.rows and self.rows[-1][0] == name else 0.0
@@ -88,25 +92,39 @@ class Pipeline:
         self.ok(name, f"{precision}, {self.impl} op; step {last['step']}: " +
                   ", ".join(f"{t} {last[t]:.4g}" for t in terms))
 
+    def wave(self, *jobs) -> None:
+        """Launch independent stages at once (each its own process and DeepSpeed world of one; most of a tiny
+        stage's time is Python start-up and imports), then check each in order. ``jobs``: (name, script, args,
+        check)."""
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            done = list(pool.map(lambda j: self._launch(j[0], j[1], *j[2]), jobs))
+        for (*_, check), (ok, row) in zip(jobs, done):
+            self.rows.append(row)
+            if ok:
+                check()
+
     def run(self) -> bool:
         o = self.out
         train = ["--max_steps", str(self.steps), "--save_steps", str(self.steps)]
         # FLOPs by formula, as on a GPU (the CPU default, torch's FLOP counter, is the slow part of a tiny evaluation).
         ev = ["--max_new_tokens", "16", "--flops", "formula", "--set", f"data.max_instances_per_task={self.eval_n}",
               *self.eval_set]
-        if self.launch("teachers", "train_teachers.py", *train, "--output_dir", str(o / "teachers")):
-            self.check_train("teachers", o / "teachers")
-        if self.launch("pretrain", "pretrain.py", *train, "--output_dir", str(o / "pretrain")):
-            self.check_train("pretrain", o / "pretrain")
-        if self.launch("finetune", "finetune.py", *train, "--output_dir", str(o / "finetune"), "--teachers",
-                       str(o / "teachers" / "teachers"), "--init_hypernet", str(o / "pretrain" / "hypernet")):
-            self.check_train("finetune", o / "finetune", ("loss", "ce", "kl", "param"))
-        if self.launch("concat", "finetune.py", *train, "--mode", "concat", "--output_dir", str(o / "concat")):
-            self.check_train("concat", o / "concat")
-        for name, src in (("eval_tagi", ["--hypernet", str(o / "finetune" / "hypernet")]),
-                          ("eval_concat", ["--adapter", str(o / "concat" / "baseline_lora")])):
-            if self.launch(name, "evaluate.py", *ev, *src, "--output_dir", str(o / name)):
-                self.check_eval(name, o / name)
+        self.wave(("teachers", "train_teachers.py", [*train, "--output_dir", str(o / "teachers")],
+                   lambda: self.check_train("teachers", o / "teachers")),
+                  ("pretrain", "pretrain.py", [*train, "--output_dir", str(o / "pretrain")],
+                   lambda: self.check_train("pretrain", o / "pretrain")))
+        self.wave(("finetune", "finetune.py", [*train, "--output_dir", str(o / "finetune"), "--teachers",
+                                                str(o / "teachers" / "teachers"), "--init_hypernet",
+                                                str(o / "pretrain" / "hypernet")],
+                   lambda: self.check_train("finetune", o / "finetune", ("loss", "ce", "kl", "param"))),
+                  ("concat", "finetune.py", [*train, "--mode", "concat", "--output_dir", str(o / "concat")],
+                   lambda: self.check_train("concat", o / "concat")))
+        self.wave(*[(name, "evaluate.py", [*ev, *src, "--output_dir", str(o / name)],
+                     lambda name=name: self.check_eval(name, o / name))
+                    for name, src in (("eval_tagi", ["--hypernet", str(o / "finetune" / "hypernet")]),
+                                      ("eval_concat", ["--adapter", str(o / "concat" / "baseline_lora")]))])
         self.table()
         if self.launch("adapter", "generate_adapter.py", "--hypernet", str(o / "finetune" / "hypernet"),
                        "--instruction", "Reverse the order of the words.", "--output_dir", str(o / "adapter")):
