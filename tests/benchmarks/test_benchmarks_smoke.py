@@ -86,17 +86,17 @@ def test_a_case_whose_process_dies_is_a_row_and_the_next_case_still_runs(tmp_pat
     assert "failed: the case's process ran past" in md
 
 
-def test_the_torch_engine_casts_parameters_not_buffers(monkeypatch):
+def test_the_torch_engine_casts_parameters_not_buffers():
     """bf16 parameters, but RoPE's inv_freq stays fp32 (``model.to(dtype)`` cast it: positions broke)."""
     import torch
 
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import bench_train_step
+    from tagi_ds.runtime.engine import cast_parameters
 
+    assert "ds_engine.cast_parameters(" in (ROOT / "benchmarks" / "bench_train_step.py").read_text()
     m = torch.nn.Linear(4, 4)
     m.register_buffer("inv_freq", torch.ones(2), persistent=False)
     m.register_buffer("ids", torch.arange(3))
-    bench_train_step.ds_engine.cast_parameters(m, torch.bfloat16)  # what its torch engine calls
+    cast_parameters(m, torch.bfloat16)  # what the benchmark's torch engine calls
     assert m.weight.dtype == m.bias.dtype == torch.bfloat16
     assert m.inv_freq.dtype == torch.float32 and m.ids.dtype == torch.int64
 
