@@ -259,3 +259,21 @@ def test_two_ranks_disk_full_during_a_save_then_ctrl_c_saves(tmp_path):
     assert step > 2 and (ckpts / f"step-{step}" / "trainer_rank1.pt").is_file()
     assert metrics(out)[-1]["step"] == step
     shutil.rmtree(out)
+
+
+def test_plan_measure_refuses_a_model_larger_than_host_memory(monkeypatch, capsys):
+    """Estimated first: the step is never built (it used to die in a DefaultCPUAllocator traceback)."""
+    import psutil
+
+    from tagi_ds.plan import cli
+
+    class Little:
+        available = 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Little)
+    monkeypatch.setattr(cli, "measure_step", lambda p: pytest.fail("measured anyway"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--stage", "none", "--nodes", "1", "--gpus_per_node", "1", "--model", "t5-xl", "--measure"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--measure: the step needs about" in err[0] and "1.0 GiB are available" in err[0], err
