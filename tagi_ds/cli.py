@@ -122,7 +122,10 @@ def training_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--save_steps", type=int, default=None,
                    help="checkpoint every N steps (default: train.save_steps)")
     p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
-                   help="'latest' (in --output_dir/checkpoints) or a checkpoint dir")
+                   help="'latest' (in --output_dir/checkpoints: the newest complete checkpoint) or a checkpoint dir")
+    p.add_argument("--start_over", action="store_true",
+                   help="a fresh run into an --output_dir that holds another run's checkpoints: move its checkpoints/ "
+                        "and metrics.jsonl into OUTPUT_DIR/replaced-<time>/ (kept; delete it yourself)")
     for flag in STAGES[stage].inputs:
         p.add_argument(f"--{flag}", default=None, metavar="DIR", help=INPUT_HELP[flag])
     return p
@@ -169,6 +172,7 @@ def train_main(stage: str, doc: str, argv: list[str] | None = None) -> None:
 
     checked = preflight(cfg, RunArgs(stage=stage, output_dir=output_dir(args, stage), deepspeed=args.deepspeed,
                                      resume_from_checkpoint=args.resume_from_checkpoint,
+                                     start_over=args.start_over,
                                      teachers=getattr(args, "teachers", None),
                                      init_hypernet=getattr(args, "init_hypernet", None)))
     train(checked)

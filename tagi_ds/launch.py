@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tagi-ds launch: rendezvous on port {port_of(full)} ({how})", flush=True)
     from deepspeed.launcher.runner import main as ds_main
 
+    # Ctrl-C reaches every process of the job: the ranks save and stop (train/guards.py), DeepSpeed's launch.py
+    # passes a SIGTERM on and waits for them. The runner here has no handler on one node and died with a
+    # KeyboardInterrupt traceback before the ranks had saved; ignoring it lets the runner wait for them.
+    # (A SIGINT handler, not SIG_IGN: an ignored signal would stay ignored in the processes it starts.)
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
     ds_main(full)
 
 

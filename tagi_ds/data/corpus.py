@@ -103,14 +103,41 @@ def iter_documents(files: Sequence[Path]) -> Iterator[str]:
 
 
 def pack(documents: Iterable[str], tokenizer, length: int) -> Iterator[list[int]]:
-    """Windows of ``length`` tokens from the documents joined with eos (the incomplete tail is dropped)."""
+    """Windows of ``length`` tokens from the documents joined with eos (the incomplete tail is dropped).
+
+    Linear in the corpus: windows are sliced at a moving offset and the consumed head is dropped once per
+    document (deleting each window from the front of the buffer was quadratic in a long document's length: a
+    25 MB single-line document took minutes), and a very long document is encoded in pieces split at whitespace
+    (:func:`_pieces`)."""
     buf: list[int] = []
     for doc in documents:
-        buf.extend(tokenizer.encode(doc))
+        for piece in _pieces(doc):
+            buf.extend(tokenizer.encode(piece))
         buf.append(tokenizer.eos_id)
-        while len(buf) >= length:
-            yield buf[:length]
-            del buf[:length]
+        start = 0
+        while len(buf) - start >= length:
+            yield buf[start:start + length]
+            start += length
+        del buf[:start]
+
+
+PIECE_CHARS = 1 << 20  # documents longer than this are encoded in pieces of about this many characters
+
+
+def _pieces(doc: str) -> Iterator[str]:
+    """``doc`` whole when it is short (every ordinary document: its tokens are unchanged), else pieces of about
+    PIECE_CHARS characters cut before a whitespace, so that the tokenizer never holds a 25 MB string at once."""
+    if len(doc) <= PIECE_CHARS:
+        yield doc
+        return
+    start = 0
+    while start < len(doc):
+        end = min(start + PIECE_CHARS, len(doc))
+        if end < len(doc):
+            cut = doc.rfind(" ", start + PIECE_CHARS // 2, end)
+            end = cut if cut > start else end
+        yield doc[start:end]
+        start = end
 
 
 def load_windows(source: str | Path | None, tokenizer, length: int) -> np.ndarray:

@@ -156,6 +156,22 @@ def render(result: dict[str, Any]) -> None:
                   f"{_fmt(m['total'])} ({100 * (m['total'] / me['peak'] - 1):+.1f}%)")
 
 
+def _check_host_memory(result: dict[str, Any]) -> None:
+    """``--measure`` builds the whole model in this process: refuse it in one line, before building anything, when
+    the estimate does not fit in the host memory available now (it used to end in a DefaultCPUAllocator traceback).
+    On CPU the step's predicted peak lives in host memory; on a GPU the model is built on the host first, so its
+    weights do."""
+    import psutil
+
+    m = result["memory"]
+    need = m["total"] if not torch.cuda.is_available() else m["backbone"] + m["hypernet"]
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise ConfigError(f"--measure: the step needs about {need / 2**30:.1f} GiB of host memory, "
+                          f"{free / 2**30:.1f} GiB are available here; measure a smaller --model or on a larger "
+                          "machine (the prediction above needs no memory: drop --measure)")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tagi_ds.runtime.preflight import report
 
@@ -166,10 +182,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             a.gpus_per_node = 1 if a.stage == "none" else 8
         p = PlanInput(**{k: v for k, v in vars(a).items() if k in keys})
         result = plan(p)
+        if result["usable"] <= 0:  # 0.92 x mem - 1 GiB: a GPU this small holds nothing
+            raise ConfigError(f"--gpu_mem_gb: leaves no usable memory (0.92 x {a.gpu_mem_gb:g} GiB - 1 GiB reserved "
+                              f"= {result['usable'] / 2**30:.2f} GiB); give at least 1.1")
         if a.measure:
             if result["input"]["stage"] != "none":
                 raise ConfigError("--measure runs one plain-torch step in this process: use --stage none "
                                   "--nodes 1 --gpus_per_node 1")
+            _check_host_memory(result)
             result["measured"] = {**measure_step(p), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     except ConfigError as err:
         report(str(err))

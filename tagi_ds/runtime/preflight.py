@@ -32,6 +32,7 @@ from tagi_ds.config import ConfigError
 
 EXIT_USAGE = 2  # bad input: nothing was written
 EXIT_BAD_STEPS = 3  # train.max_bad_steps non-finite steps in a row: checkpoint saved, run stopped
+EXIT_SAVE_FAILED = 4  # a checkpoint (or config.json) could not be written: the previous checkpoint is kept, run stopped
 PEER_REPORT_DELAY_S = 10.0  # a rank > 0 waits this long before printing its own error and exiting
 
 
@@ -39,6 +40,12 @@ class Stopped(Exception):  # noqa: N818  (not an error of the program: an orderl
     """An orderly stop with its own exit code; the message was already printed (rank 0) before all ranks left."""
 
     exit_code = 1
+
+
+class WriteFailed(Stopped):
+    """A file of the run (a checkpoint, config.json) could not be written: one line printed, previous state kept."""
+
+    exit_code = EXIT_SAVE_FAILED
 
 
 def env_rank() -> int:

@@ -1,22 +1,30 @@
 """A run's start and its directory: what every entry point does once its inputs are checked.
 
-:func:`start` joins the process group, seeds every RNG and writes ``config.json`` (the resolved config, the final
-DeepSpeed dict, world size and the precision that runs) before any other file of the run; files are written
-whole or not at all (:func:`atomic_write_text`).
+:func:`start` joins the process group, seeds every RNG, takes the run directory's lock (:func:`lock`: one run per
+``--output_dir``), and writes ``config.json`` (the resolved config, the final DeepSpeed dict, world size and the
+precision that runs) before any other file of the run; files are written whole or not at all
+(:func:`atomic_write_text`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import random
+import shutil
+import socket
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tagi_ds.config import TagiConfig
+from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
 
@@ -31,8 +39,92 @@ def start(cfg: TagiConfig, ds: dict, args, world_size: int | None = None) -> Pat
         raise RuntimeError(f"preflight saw WORLD_SIZE={world_size}, the process group has {dist.world_size()} ranks")
     seed_everything(cfg.train.seed)
     out = Path(args.output_dir)
+    refusal = None
+    if dist.is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock(out)
+        except ConfigError as err:
+            refusal = str(err)
+        except OSError as err:
+            refusal = f"--output_dir {out}: cannot create its lock file {out / LOCK} ({err.strerror})"
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise ConfigError(refusal)
+    if getattr(args, "start_over", False) and dist.is_main():
+        if moved := set_aside(out):
+            print(f"--start_over: moved the previous run's {', '.join(moved)} to {out / moved[0]}", flush=True)
     write_config(out, cfg, ds, args)
     return out
+
+
+LOCK = ".tagi-run.lock"
+_held: dict[Path, object] = {}  # run dir -> open lock file of this process (released at exit, or by unlock)
+
+
+def lock(out: Path) -> None:
+    """Hold an exclusive ``flock`` on ``OUTPUT_DIR/.tagi-run.lock`` for the life of this process (rank 0's): a
+    second run into the same directory is refused in one line naming the holder. The kernel releases a flock when
+    its process ends, however it ends, so a lock is never stale; the PID, host and start time written into the
+    file only name the holder (and tell a holder on another host of a shared file system apart)."""
+    key = out.resolve()
+    if key in _held:
+        return
+    f = open(out / LOCK, "a+", encoding="utf-8")  # noqa: SIM115  (held open on purpose: the lock lives with it)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise ConfigError(f"--output_dir {out}: another run is using it ({holder}); wait for it to end, or choose "
+                          "another --output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _held[key] = f
+
+
+def unlock(out: Path) -> None:
+    """Release the lock :func:`lock` took (a driver that runs several stages in one process moves on)."""
+    f = _held.pop(Path(out).resolve(), None)
+    if f is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def holder(out: Path) -> str | None:
+    """Who holds the lock on ``out`` (without taking it), or None: for the preflight's one line."""
+    path = Path(out) / LOCK
+    if not path.is_file() or Path(out).resolve() in _held:
+        return None
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return f.read().strip() or "another process"
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+def set_aside(out: Path) -> list[str]:
+    """``--start_over``: move the previous run's checkpoints and metrics into ``OUTPUT_DIR/replaced-<time>/`` (kept,
+    not deleted: remove that folder yourself). Returns the folder's name and what went into it."""
+    old = [name for name in ("checkpoints", "metrics.jsonl", "tensorboard") if (out / name).exists()]
+    if not old:
+        return []
+    dest = out / time.strftime("replaced-%Y%m%d-%H%M%S")
+    dest.mkdir()
+    for name in old:
+        shutil.move(str(out / name), str(dest / name))
+    return [dest.name, *old]
 
 
 def seed_everything(seed: int) -> None:
@@ -42,16 +134,37 @@ def seed_everything(seed: int) -> None:
 
 
 def write_config(out: Path, cfg: TagiConfig, ds: dict, args) -> None:
+    """``config.json``, by rank 0; a failure to write it (a full or read-only disk) is one line on every rank's
+    behalf and exit code 4, with no temp file left (``train.inject_fault=enospc@0`` tests it)."""
+    from tagi_ds.runtime.preflight import WriteFailed
+
+    error = None
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         record = {"stage": args.stage, "world_size": dist.world_size(), "precision": ds_engine.precision(cfg),
                   "tagi": cfg.to_dict(), "deepspeed": ds,
                   "args": {k: str(v) if v is not None else None for k, v in vars(args).items()}}
-        atomic_write_text(out / "config.json", json.dumps(record, indent=2))
-    dist.barrier()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if getattr(cfg.train, "inject_fault", "") == "enospc@0":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "config.json"))
+            atomic_write_text(out / "config.json", json.dumps(record, indent=2))
+        except OSError as err:
+            error = f"error: cannot write {err.filename or out / 'config.json'}: {err.strerror}; nothing was trained"
+            print(error, file=sys.stderr, flush=True)
+    if dist.broadcast_object(error):
+        raise WriteFailed(error)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole, or is untouched (and no temp file is left) when the write fails."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

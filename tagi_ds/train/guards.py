@@ -3,7 +3,7 @@
 Every decision is taken by all ranks together (``dist.any_rank``), so no rank skips a collective
 that another rank enters.
 
-Stop requests: SIGUSR1 or SIGTERM to a rank, or the loss of the DeepSpeed launcher above it. The
+Stop requests: SIGUSR1, SIGTERM or SIGINT (Ctrl-C) to a rank, or the loss of the DeepSpeed launcher above it. The
 ``deepspeed`` runner has no signal handler of its own (local runs): SIGTERM or SIGUSR1 sent to its PID alone
 kills it and would leave the ranks training on, orphaned. So each rank watches the runner and
 ``deepspeed.launcher.launch`` above it; when one of them is gone, that counts as a stop request: the ranks
@@ -38,7 +38,13 @@ class Guards:
         self.first_bad_step = 0
         self.reason: str | None = None  # why a stop was requested (a signal, the launcher gone)
         self.fault = _parse_fault(inject_fault)
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        # enospc@STEP: the checkpoint of that step fails to write (checkpoint.save); step 0 is config.json's write
+        self.enospc_step = self.fault[1] if self.fault and self.fault[0] == "enospc" else None
+        if self.enospc_step is not None:
+            self.fault = None
+        # SIGINT too: Ctrl-C reaches every process of the job (the terminal's process group) and used to end each
+        # rank with a KeyboardInterrupt traceback and nothing saved.
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._watched = _launcher_processes() if watch_launcher else []
         if self._watched:
@@ -136,10 +142,12 @@ def _launcher_processes() -> list:
 
 
 def _parse_fault(spec: str):
-    """``nan@STEP[-LAST]:RANK`` (a NaN loss at those 0-based steps) or ``raise@STEP:RANK``; validated by the
-    config's rule for train.inject_fault."""
+    """``nan@STEP[-LAST]:RANK`` (a NaN loss at those 0-based steps), ``raise@STEP:RANK`` or ``enospc@STEP``;
+    validated by the config's rule for train.inject_fault."""
     if not spec:
         return None
+    if m := re.fullmatch(r"enospc@(\d+)", spec):
+        return "enospc", int(m[1]), int(m[1]), None
     m = re.fullmatch(r"(nan|raise)@(\d+)(?:-(\d+))?:(\d+)", spec)
     if m is None:
         raise ValueError(f"train.inject_fault: expected nan@STEP[-LAST]:RANK or raise@STEP:RANK ({spec!r})")

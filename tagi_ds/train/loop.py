@@ -11,6 +11,7 @@ non-finite steps in a row (checkpoint, one line, exit code 3).
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class RunArgs:
     resume_from_checkpoint: str | None = None
     teachers: str | None = None  # finetune: teachers/ dir for KL + param alignment
     init_hypernet: str | None = None  # finetune: start from a pretrained hypernet/
+    start_over: bool = False  # a fresh run into a dir with another run's checkpoints: move them aside first
 
 
 @dataclass
@@ -66,6 +68,13 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     Bad input raises ConfigError / DataError (one line, exit code 2 under ``runtime.preflight.guarded``)."""
     world, rank = preflight_checks.env_world_size(), preflight_checks.env_rank()
     out = preflight_checks.check_output_dir(args.output_dir)
+    if rank == 0 and (holder := rundir.holder(out)):  # rank 0 alone: the others would see their own rank 0's lock
+        raise ConfigError(f"--output_dir {out}: another run is using it ({holder}); wait for it to end, or choose "
+                          "another --output_dir")
+    if args.start_over and args.resume_from_checkpoint:
+        raise ConfigError("--start_over: a fresh start, so it cannot go with --resume_from_checkpoint; drop one")
+    if not args.resume_from_checkpoint and not args.start_over:
+        checkpoint.refuse_previous_run(out)
     ds = preflight_checks.deepspeed_config(args.deepspeed, cfg, world)
     spec = stages.spec(args.stage, cfg)  # what the stage trains, reads and writes
     if args.teachers and not spec.teacher:
@@ -96,6 +105,8 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
         artifacts.check_hypernet(Path(args.init_hypernet), model, "--init_hypernet")
     fingerprint = checkpoint.fingerprint(args.stage, cfg, world, model)
     resume = checkpoint.check(args.resume_from_checkpoint, out, fingerprint) if args.resume_from_checkpoint else None
+    # The run a checkpoint belongs to (pruning removes only its own): a resume continues the checkpoint's run.
+    fingerprint["run_id"] = checkpoint.run_id(resume) if resume is not None else None
     return Checked(cfg, args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume)
 
 
@@ -170,6 +181,8 @@ def setup(checked: Checked) -> Session:
     the engine, and restore the checkpoint to resume."""
     cfg, args, ds, loader, rows = checked.cfg, checked.args, checked.ds, checked.loader, checked.rows
     out = rundir.start(cfg, ds, args, checked.world_size)
+    if checked.fingerprint.get("run_id") is None:
+        checked.fingerprint["run_id"] = dist.broadcast_object(uuid.uuid4().hex if dist.is_main() else None)
     placement = plan.for_training(cfg, ds, checked.world_size)
     backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, placement=placement)
     model = build_model(cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0,
@@ -241,7 +254,7 @@ def save(s: Session) -> None:
     """A checkpoint of this step (a collective); warns when it took too long for deepspeed's SIGTERM grace."""
     t = time.perf_counter()
     checkpoint.save(s.eng, s.ckpt_dir, s.step, s.checked.loader.state_dict(), s.checked.cfg.train.keep_last,
-                    s.checked.fingerprint)
+                    s.checked.fingerprint, fault=s.guards.enospc_step)
     s.save_s = time.perf_counter() - t
     if s.save_s > SAVE_WARN_S:
         s.progress.message(f"warning: saving step {s.step} took {s.save_s:.0f}s; deepspeed's launch.py kills ranks "
@@ -263,6 +276,7 @@ def stop(s: Session, why: str) -> Path:
     s.progress.message(f"{why}: saved step {s.step} in {s.save_s:.1f}s, stopping "
                        "(resume with --resume_from_checkpoint latest)")
     s.progress.close()
+    rundir.unlock(s.out)
     return s.ckpt_dir / f"step-{s.step}"
 
 
@@ -279,6 +293,8 @@ def finish(s: Session) -> Path:
     else:  # concat / no_instruction baselines: their shared LoRA is a one-row bank
         artifacts.save_teachers(s.model, final, {"*": 0}, "shared")
     s.progress.message(f"done: {final}")
+    dist.barrier()  # every rank is done with the directory before rank 0 lets another run have it
+    rundir.unlock(s.out)
     return final
 
 

@@ -327,6 +327,9 @@ CASES = [
     Case("plan-micro-batch", "plan", ["--micro_batch", "0"], "--micro_batch must be > 0", False),
     Case("plan-unknown-flag", "plan", ["--bogus"], "unrecognized arguments: --bogus", False),
     Case("plan-ds-missing", "plan", ["--deepspeed", "nope.json"], "--deepspeed 'nope.json': no such file", False),
+    Case("plan-gpu-mem-tiny", "plan", ["--gpu_mem_gb", "0.001"], "--gpu_mem_gb: leaves no usable memory", False),
+    Case("start-over-and-resume", "pretrain", ["--start_over", "--resume_from_checkpoint", "latest"],
+         "--start_over: a fresh start"),
     # python -m tagi_ds.data
     Case("data-cli-scheme", "data", ["--data", "s3://bucket/sni"], "unknown scheme 's3'", False),
     Case("data-cli-set-value", "data", ["--set", "data.setting=def", "data.num_pos=-1"], "data.num_pos: must be >= 0",
