@@ -25,6 +25,7 @@ setup(
         "triton>=3.0",
         "safetensors>=0.4",
         "numpy",
+        "psutil",  # free memory before --measure; the launcher check (deepspeed needs it too)
         "nltk",  # Porter stemmer for ROUGE-L (the one rouge-score uses)
     ],
     extras_require={
