@@ -74,7 +74,7 @@ def registers(compiled) -> str:
         f.write(compiled.asm["cubin"])
         f.flush()
         try:
-            out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+            out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, timeout=300).stdout
         except (OSError, subprocess.SubprocessError):
             return "?"
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)  # STACK > 0: registers spilled to local memory
