@@ -25,6 +25,7 @@ from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.train import checkpoint, grad_ratio
+from tagi_ds.train import resume as resume_settings
 from tagi_ds.train.guards import Guards, TooManyBadSteps
 from tagi_ds.train.progress import Progress
 
@@ -105,6 +106,9 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
         artifacts.check_hypernet(Path(args.init_hypernet), model, "--init_hypernet")
     fingerprint = checkpoint.fingerprint(args.stage, cfg, world, model)
     resume = checkpoint.check(args.resume_from_checkpoint, out, fingerprint) if args.resume_from_checkpoint else None
+    if resume is not None:  # a changed setting the restored state belongs to is refused here, the others listed
+        resume_settings.compare(resume, cfg, ds)
+    fingerprint.update(resume_settings.record(cfg, ds))  # what the next resume compares itself with
     # The run a checkpoint belongs to (pruning removes only its own): a resume continues the checkpoint's run.
     fingerprint["run_id"] = checkpoint.run_id(resume) if resume is not None else None
     return Checked(cfg, args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume)
@@ -197,6 +201,7 @@ def setup(checked: Checked) -> Session:
     if checked.resume is not None:
         start, loader_state = checkpoint.load(eng, checked.resume)
         loader.load_state_dict(loader_state)
+        resume_settings.apply(eng, cfg)  # this run's lr and schedule, not the restored ones (config.json's)
 
     guards = Guards(cfg.train.max_bad_steps, cfg.train.inject_fault)
     progress = Progress(out, args.stage, cfg.train.max_steps, start, cfg.train.tensorboard)
