@@ -64,7 +64,8 @@ STAGE=${1:-}
 OUT=${OUT:-${TMPDIR:-/tmp}/tagi_gpu_out}
 BENCH_OUT=${BENCH_OUT:-benchmarks/results}
 DEFAULT_BUDGET=480
-[[ "$STAGE" == check || "$STAGE" == profile ]] && DEFAULT_BUDGET=540
+[[ "$STAGE" == check ]] && DEFAULT_BUDGET=540
+[[ "$STAGE" == profile ]] && DEFAULT_BUDGET=540  # its own plan in the header, like check's
 # SMOKE runs on a shared CPU host: every cap (and the default budget) times SMOKE_SCALE, so load is not a failure.
 SMOKE=${SMOKE:-0}
 SCALE=1
