@@ -53,6 +53,7 @@ def test_bench_train_step_smoke(tmp_path):
                                             ("lora", "z3", False), ("tagi", "torch", False)}
     for r in rec["rows"]:
         assert r["status"] == "ok" and r["adapter_op"] == "torch", r  # CPU: the torch reference op, and said
+        assert r["build_s"] > 0, r  # every row: the per-case build cost the GPU stages' caps come from
     for key in (("tagi", engine, False), ("lora", engine, False), ("tagi", "torch", False)):
         r = rows[key]
         assert r["status"] == "ok", r
@@ -66,7 +67,7 @@ def test_bench_train_step_smoke(tmp_path):
         assert r["status"] == "ok", r
         assert r["flops_vs_lora"] == pytest.approx(r["model_flops"] / lora["model_flops"])
         assert r["time_per_flop_vs_lora"] == pytest.approx((r["step_ms"] / lora["step_ms"]) / r["flops_vs_lora"])
-    assert "FLOPs x lora" in md and "s/FLOP x lora" in md
+    assert "FLOPs x lora" in md and "s/FLOP x lora" in md and "| build s |" in md
     if result["device_kind"] == "cpu":
         assert "CPU" in md.splitlines()[0] and "CPU results" in md and "RSS" in md
         assert result["peak_tflops"] is None and tagi["mfu"] is None
