@@ -37,18 +37,20 @@
 # result tables: the next plan comes from those numbers). The profiler's post-processing (summary s) parses every
 # event into Python: ~15-30 s per profiled case at t5-xl's 24+24 layers (~27 s for 169k events on this 2-core host,
 # loaded). Two recipes x four engines no longer fit one call: one recipe a call, z2 left out (not a product path).
-#   setup                 ~20 s  as check's (not a step: comes out of bench_train_step's share, it runs last)
-#   profile_train_step    270 s  parent ~10 s, then z3 (the product path: backbone where the planner puts it),
-#                                z3+partitioned (the 2026-12-04 path, the "before"), torch (the reference), each
-#                                <= 85 s: start 15 + build 20-40 + 4 steps + 2 profiled + summary 15-30 + 1 step
-#   bench_train_step      270 s  parent ~10 s, lora z3 <= 70 s, tagi z3 and tagi torch <= 85 s each (+ the teacher
-#                                bank ~20 s); 3 timed steps after 2 warm-up; 250 s in all = what setup leaves it
-#   sum of caps           540 s  = BUDGET
+#                        t5-xl  llama-7b
+#   setup                 ~20 s   ~20 s  as check's (not a step: comes out of bench_train_step's share, it runs last)
+#   profile_train_step    270 s   250 s  parent ~10 s, then z3 (the product path: backbone where the planner puts
+#                                        it), z3+partitioned (the 2026-12-04 path, the "before"), torch (the
+#                                        reference), each <= 85 s (7B: 80): start 15 + build 20 (7B 40) + 4 steps
+#                                        + 2 profiled + summary 15-30 (7B: 32 decoder layers, fewer events) + 1 step
+#   bench_train_step      270 s   290 s  parent ~10 s, lora z3 <= 70 s (7B 75), tagi z3 and tagi torch <= 85 s
+#                                        each (7B 95: the bank ~20 s, 4 steps of ~2.5 s); 3 timed steps after 2
+#                                        warm-up; what setup leaves it: 250 s (7B 270) = the sum of its cases + 10
+#   sum of caps           540 s   540 s  = BUDGET
 # RECIPES other than t5-xl or llama-7b (one of them) are refused in one line; SMOKE runs tiny (t5-xl) or
 # tiny-llama (llama-7b) on the same engines and cases.
-# Every step runs under its own timeout, capped by what is left of the stage's BUDGET (seconds; check and profile 540,
-# others
-# 480);
+# Every step runs under its own timeout, capped by what is left of the stage's BUDGET (seconds; check and profile
+# 540, others 480);
 # a step that no longer fits is skipped and says so. After every step the stage's logs and results are packed
 # into $OUT/<stage>.tgz, so a call cut short still brings back what came before. $OUT ends up holding at most
 # 8 files: <stage>.tgz, summary.txt, versions.txt and the new result files (*.md, *.json; commit them under
@@ -207,8 +209,9 @@ case "$STAGE" in
     # recipe, rewritten after every finished case: a step cut by its cap keeps what it measured. Caps: the header.
     RECIPES=${RECIPES:-t5-xl}
     case "$RECIPES" in
-      t5-xl) tiny=tiny ;;
-      llama-7b) tiny=tiny-llama ;;
+      # the header's plan: profile step cap, its per-engine case cap, bench step cap, lora and tagi case caps
+      t5-xl) tiny=tiny; caps=(270 85 270 70 85) ;;
+      llama-7b) tiny=tiny-llama; caps=(250 80 290 75 95) ;;
       *) echo "error: RECIPES='$RECIPES' is not a profile recipe: t5-xl or llama-7b, one per call"; exit 2 ;;
     esac
     setup
@@ -220,12 +223,12 @@ case "$STAGE" in
       psteps=()
       bsteps=()
     fi
-    TAILN=4 step profile_train_step 270 $PY benchmarks/profile_train_step.py "${recipe[@]}" --variant lora \
-      --engines z3 z3+partitioned torch "${psteps[@]}" --case_timeout $(( 85 * SCALE )) --tag "$RECIPES" \
+    TAILN=4 step profile_train_step "${caps[0]}" $PY benchmarks/profile_train_step.py "${recipe[@]}" --variant lora \
+      --engines z3 z3+partitioned torch "${psteps[@]}" --case_timeout $(( caps[1] * SCALE )) --tag "$RECIPES" \
       --out_dir "$BENCH_OUT"
-    TAILN=4 step bench_train_step 270 $PY benchmarks/bench_train_step.py "${recipe[@]}" --variants lora tagi \
-      --engines z3 torch --no_checkpointing_table "${bsteps[@]}" --case_timeout "lora=$(( 70 * SCALE ))" \
-      "tagi=$(( 85 * SCALE ))" --tag "$RECIPES" --out_dir "$BENCH_OUT"
+    TAILN=4 step bench_train_step "${caps[2]}" $PY benchmarks/bench_train_step.py "${recipe[@]}" --variants lora \
+      tagi --engines z3 torch --no_checkpointing_table "${bsteps[@]}" --case_timeout "lora=$(( caps[3] * SCALE ))" \
+      "tagi=$(( caps[4] * SCALE ))" --tag "$RECIPES" --out_dir "$BENCH_OUT"
     finish ;;
   kernels)
     # Issue 26, in one device call (<= 600 s of command): the GPU kernel tests (fixed tuning: one config per
