@@ -36,6 +36,8 @@ throughput). FLOPs per step (tagi_ds.plan.step_flops; checked against torch's Fl
 Peak memory: GPU torch.cuda.max_memory_allocated over build + steps, minus what was allocated before. CPU:
 the process RSS high-water mark above the RSS before the case (sampled, psutil), and the tracked tensor peak
 (the planner's definition, tagi_ds.plan.measure: live tensor storages + the step's high-water mark) of one more step.
+Build s (``build_s``, every row): seconds from the case's start to its first step (model + teacher bank, engine
+init, batch on the device); one process per case pays it every case, so the GPU stages' caps come from it.
 
     python benchmarks/bench_train_step.py                         # GPU: t5-xl t5-xxl llama-7b; CPU: tiny tiny-llama
     python benchmarks/bench_train_step.py --recipe t5-xl --micro_batch 8 --seq_len 512
@@ -273,10 +275,15 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
         torch.cuda.reset_peak_memory_stats()
     cleanup = lambda: None  # noqa: E731
     try:
+        t_build = time.perf_counter()
         model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks), args.deepspeed)
         batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
                                      teacher=teacher, seed=args.seed)
         batch = batch.to("cuda" if gpu else "cpu")
+        common.sync()
+        # Model (+ teacher bank) build and engine init: each case's process pays it, so the GPU stages' per-case
+        # caps come from this number (scripts/gpu_session.sh's time plans).
+        row["build_s"] = time.perf_counter() - t_build
         with common.AdapterOps() as ops:  # untimed: which adapter op the case runs
             step(batch)
         row["adapter_op"] = ops.summary()
@@ -317,7 +324,8 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
                hw_tflops=flops["hardware"] / step_s / 1e12,
                mfu=(flops["model"] / step_s / 1e12 / args.peak_tflops) if args.peak_tflops else None)
     print(f"  {recipe} {variant:6s} {engine:14s} ckpt={'on' if checkpointing else 'off'}: {row['step_ms']:.1f} ms, "
-          f"{row['tokens_per_s']:.0f} tok/s, peak {common.fmt_bytes(row['peak_bytes'])}", file=sys.stderr, flush=True)
+          f"{row['tokens_per_s']:.0f} tok/s, peak {common.fmt_bytes(row['peak_bytes'])}, build {row['build_s']:.1f} s",
+          file=sys.stderr, flush=True)
     return row
 
 
@@ -410,6 +418,7 @@ def to_markdown(result: dict) -> str:
                 f"| hw TFLOP/s | MFU | {mem} | x lora |")
         if cpu:
             head += " tracked peak |"
+        head += " build s |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for r in rec["rows"]:
             ck = "on" if r["checkpointing"] else "off"
@@ -425,6 +434,7 @@ def to_markdown(result: dict) -> str:
                      common.fmt_bytes(r["peak_bytes"]), _ratio(r, "memory_vs_lora")]
             if cpu:
                 cells.append(common.fmt_bytes(r.get("tracked_bytes")))
+            cells.append("—" if r.get("build_s") is None else f"{r['build_s']:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 For each engine (torch / z2 / z3 ... as in bench_train_step.py, one process, one device) and the one variant:
   - step time without the profiler (median on a GPU, min on a CPU; the profiler's own overhead excluded);
   - top operators by device time (GPU) and by host time (self CPU), per step;
-  - device busy fraction: the union of the GPU's kernel and copy intervals / the profiled steps' wall time (GPU);
+  - device busy fraction: the GPU's summed kernel and copy time / the profiled steps' wall time (GPU; the union
+    of their intervals when streams do not overlap);
     on a CPU there is no device to idle, so "n/a", and instead the share of the wall time spent inside aten ops
     (the rest is Python: modules, hooks, autograd functions, the optimizer's bookkeeping);
   - kernel launches per step (GPU; on a CPU: aten op calls per step, all nesting levels);
@@ -16,6 +17,9 @@ For each engine (torch / z2 / z3 ... as in bench_train_step.py, one process, one
   - the attention implementation the backbone runs (``config._attn_implementation``) and the SDPA kernels seen,
     and where the frozen backbone lives under ZeRO-3 (replicated or partitioned);
   - the adapter op that ran (tagi_ds.ops.resolve_impl's answers in the host-read step; none: peft's layers).
+  - build s (the case's model + engine build) and summary s (the profiler's post-processing: key_averages()
+    parses every profiled event into Python, ~170k per step at t5-xl's layer count): the case's fixed costs,
+    from which the profile stage's caps are sized.
 Each engine runs in its own process (``--_case``, under ``--case_timeout``): DeepSpeed keeps ZeRO-3 engines alive
 after destroy(), and a CUDA fault is sticky; the parent rewrites the result files after each engine.
 
@@ -235,18 +239,15 @@ def placement_of(model: torch.nn.Module) -> str:
         return "partitioned" if any(hasattr(p, "ds_id") for p in backbone.parameters()) else "whole"
 
 
-def _union_us(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
+COPY_PREFIXES = ("Memcpy", "Memset")  # device copies and fills: counted apart from the kernels
 
 
 def summarize_profile(prof, steps: int, wall_s: float) -> dict:
-    """Per-step numbers from a profile of ``steps`` steps that took ``wall_s`` seconds."""
+    """Per-step numbers from a profile of ``steps`` steps that took ``wall_s`` seconds, all from one
+    ``key_averages()`` (the device kernels are its CUDA-typed keys: count = launches, device time = their
+    durations); no walk of ``prof.events()``. Device busy is the kernels' and copies' summed time / wall: the union
+    of their intervals when streams do not overlap (one stream; ZeRO-3 on one device has nothing to overlap), above
+    it when they do."""
     from torch.autograd import DeviceType
 
     gpu = torch.cuda.is_available()
@@ -264,13 +265,14 @@ def summarize_profile(prof, steps: int, wall_s: float) -> dict:
         dev = sorted((e for e in avgs if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
         out["top_device"] = [{"op": e.key, "calls": e.count / steps,
                               "device_ms": e.self_device_time_total / 1e3 / steps} for e in dev[:TOP]]
-        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        copies = [e for e in kernels if e.name.startswith(("Memcpy", "Memset"))]
-        out["kernel_launches_per_step"] = (len(kernels) - len(copies)) / steps
-        out["copies_per_step"] = len(copies) / steps
-        busy = _union_us([(e.time_range.start, e.time_range.end) for e in kernels])
-        out["device_busy"] = busy / 1e6 / wall_s
-        out["device_ms_per_step"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps
+        kernels = [e for e in avgs if e.device_type == DeviceType.CUDA]
+        copies = [e for e in kernels if e.key.startswith(COPY_PREFIXES)]
+        n_copies = sum(e.count for e in copies)
+        out["kernel_launches_per_step"] = (sum(e.count for e in kernels) - n_copies) / steps
+        out["copies_per_step"] = n_copies / steps
+        device_us = sum(e.device_time_total for e in kernels)
+        out["device_busy"] = device_us / 1e6 / wall_s
+        out["device_ms_per_step"] = device_us / 1e3 / steps
     else:
         out["top_device"] = []
         out["kernel_launches_per_step"] = out["copies_per_step"] = out["device_busy"] = None
@@ -287,10 +289,13 @@ def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
     torch.manual_seed(args.seed)
     cleanup = lambda: None  # noqa: E731
     try:
+        t_build = time.perf_counter()
         model, step, cleanup = engine_ratio.build_case(bench, cfg, variant, engine,
                                                        max(args.teacher_rows, args.tasks), args.deepspeed)
         batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
                                      teacher=variant == "tagi", seed=args.seed).to(dev)
+        common.sync()
+        row["build_s"] = time.perf_counter() - t_build  # the next stage budget's per-case fixed cost
         row.update(attention=attention_of(model), backbone=placement_of(model),
                    zero3_linear_patched=torch.nn.functional.linear.__name__ == "zero3_linear_wrap")
         for _ in range(args.warmup):
@@ -315,7 +320,9 @@ def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
                 step(batch)
             common.sync()
             wall = time.perf_counter() - t0
+        t_sum = time.perf_counter()
         row.update(summarize_profile(prof, args.steps, wall))
+        row["summary_s"] = time.perf_counter() - t_sum  # the profiler's post-processing: part of the case's budget
         row["zero3"] = {k: v / args.steps for k, v in sorted(zc.counts.items())}
         reads, synced = HostReads(), []
         with cuda_sync_warnings(synced), reads, common.AdapterOps() as ops:
@@ -338,7 +345,8 @@ def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
     z = row["zero3"]
     print(f"  {recipe} {variant} {engine}: {row['step_ms']:.1f} ms/step, {row['aten_calls_per_step']:.0f} aten "
           f"calls, {z.get('params_fetched', 0):.0f} ZeRO-3 fetches, {z.get('params_released', 0):.0f} releases, "
-          f"{row['host_reads']['total']} host reads per step", file=sys.stderr, flush=True)
+          f"{row['host_reads']['total']} host reads per step; build {row['build_s']:.1f} s, summary "
+          f"{row['summary_s']:.1f} s", file=sys.stderr, flush=True)
     return row
 
 
@@ -377,7 +385,7 @@ def _recipe_markdown(rec: dict) -> list[str]:
              f"instruction {sh['instr_len']}", ""]
     head = ("| engine | backbone | attention | op | step ms | x torch | device busy | kernels/step | aten calls/step | "
             "aten share of wall | ZeRO-3 fetched/step | all-gathers/step | released/step | host reads/step | "
-            "sync ops/step |")
+            "sync ops/step | build s | summary s |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     ok = [r for r in rec["rows"] if r["status"] == "ok"]
     base = next((r for r in ok if r["engine"] == "torch"), None)
@@ -396,7 +404,7 @@ def _recipe_markdown(rec: dict) -> list[str]:
                      f"{100 * r['aten_self_cpu_share']:.0f}% | "
                      f"{z.get('params_fetched', 0) + z.get('params_fetched_outside_coordinator', 0):.0f} | "
                      f"{z.get('all_gather_calls', 0):.0f} | {z.get('params_released', 0):.0f} | {hr} | "
-                     f"{sum(r['sync_ops'].values()):g} |")
+                     f"{sum(r['sync_ops'].values()):g} | {_f(r.get('build_s'))} | {_f(r.get('summary_s'))} |")
     lines.append("")
     for r in ok:
         syncs = ", ".join(f"{k} {v:g}" for k, v in r["sync_ops"].items()) or "none"

@@ -9,8 +9,9 @@
 #   bash scripts/gpu_session.sh check      # GPU kernel tests (small autotune space), one LoRA + TAGI step at t5-xl
 #                                          # and llama-7b shapes (each case its own process), then the whole pipeline
 #                                          # on 1 GPU (z3, bf16, Triton op; scripts/gpu_pipeline.py). Time plan below.
-#   bash scripts/gpu_session.sh profile    # profile_train_step.py (lora; torch z2 z3 z3+partitioned), then
-#                                          # bench_train_step.py (lora tagi tagi_nokl), t5-xl and llama-7b shapes
+#   bash scripts/gpu_session.sh profile    # ONE recipe a call: RECIPES=t5-xl (default) or RECIPES=llama-7b;
+#                                          # profile_train_step.py (lora; z3 z3+partitioned torch), then
+#                                          # bench_train_step.py (lora, tagi on z3; tagi on torch). Time plan below.
 #   bash scripts/gpu_session.sh kernels    # GPU kernel tests, then bench_lora_kernel.py over the full grid
 #   bash scripts/gpu_session.sh infer      # bench_inference_cost.py (t5-xl t5-xxl llama-7b)
 #   bash scripts/gpu_session.sh plan       # bench_plan_memory.py (planner vs measured peak)
@@ -29,8 +30,27 @@
 #   pipeline              160 s  8 launches of the tiny recipe (~15 s each: imports, DeepSpeed init, 6 steps; two
 #                                at a time where independent), 60 s per launch; last, it gets what is left: ~140 s
 #   sum of caps           540 s  = BUDGET (setup comes out of the pipeline's share: it runs last)
-# Every step runs under its own timeout, capped by what is left of the stage's BUDGET (seconds; check 540, others
-# 480);
+#
+# profile's time plan, per call (one recipe), sized for one H100 80 GB and one device `run` call: BUDGET 540, 60 s
+# of slack. Every case is its own process (DeepSpeed keeps ZeRO-3 engines alive; ~27 GiB left behind per t5-xl
+# case), so every case pays the process start (~15 s) and the model build (3B ~20 s, 7B ~40 s; `build s` in the
+# result tables: the next plan comes from those numbers). The profiler's post-processing (summary s) parses every
+# event into Python: ~15-30 s per profiled case at t5-xl's 24+24 layers (~27 s for 169k events on this 2-core host,
+# loaded). Two recipes x four engines no longer fit one call: one recipe a call, z2 left out (not a product path).
+#                        t5-xl  llama-7b
+#   setup                 ~20 s   ~20 s  as check's (not a step: comes out of bench_train_step's share, it runs last)
+#   profile_train_step    270 s   250 s  parent ~10 s, then z3 (the product path: backbone where the planner puts
+#                                        it), z3+partitioned (the 2026-12-04 path, the "before"), torch (the
+#                                        reference), each <= 85 s (7B: 80): start 15 + build 20 (7B 40) + 4 steps
+#                                        + 2 profiled + summary 15-30 (7B: 32 decoder layers, fewer events) + 1 step
+#   bench_train_step      270 s   290 s  parent ~10 s, lora z3 <= 70 s (7B 75), tagi z3 and tagi torch <= 85 s
+#                                        each (7B 95: the bank ~20 s, 4 steps of ~2.5 s); 3 timed steps after 2
+#                                        warm-up; what setup leaves it: 250 s (7B 270) = the sum of its cases + 10
+#   sum of caps           540 s   540 s  = BUDGET
+# RECIPES other than t5-xl or llama-7b (one of them) are refused in one line; SMOKE runs tiny (t5-xl) or
+# tiny-llama (llama-7b) on the same engines and cases.
+# Every step runs under its own timeout, capped by what is left of the stage's BUDGET (seconds; check and profile
+# 540, others 480);
 # a step that no longer fits is skipped and says so. After every step the stage's logs and results are packed
 # into $OUT/<stage>.tgz, so a call cut short still brings back what came before. $OUT ends up holding at most
 # 8 files: <stage>.tgz, summary.txt, versions.txt and the new result files (*.md, *.json; commit them under
@@ -47,6 +67,7 @@ OUT=${OUT:-${TMPDIR:-/tmp}/tagi_gpu_out}
 BENCH_OUT=${BENCH_OUT:-benchmarks/results}
 DEFAULT_BUDGET=480
 [[ "$STAGE" == check ]] && DEFAULT_BUDGET=540
+[[ "$STAGE" == profile ]] && DEFAULT_BUDGET=540  # its own plan in the header, like check's
 # SMOKE runs on a shared CPU host: every cap (and the default budget) times SMOKE_SCALE, so load is not a failure.
 SMOKE=${SMOKE:-0}
 SCALE=1
@@ -181,30 +202,33 @@ case "$STAGE" in
     step pipeline 160 $PY scripts/gpu_pipeline.py --out "$WORK/pipeline" --timeout $(( 60 * SCALE )) "${pipe[@]}"
     finish ;;
   profile)
-    # Issue 15: where a training step's time goes, then the steps themselves, at full t5-xl and llama-7b shapes
-    # (B=4, K=2, input 1024, target 128, instruction 1024: the benchmarks' GPU defaults). Engines: torch (no
-    # DeepSpeed), z2, z3 (the frozen backbone where train.frozen_backbone=auto puts it: replicated when the planner
-    # says it fits) and z3+partitioned (ZeRO-3 owns the backbone: the path measured on 2026-12-04, the "before").
-    # One file pair per script for both recipes, rewritten after every finished case: a step cut by its timeout
-    # keeps what it measured.
+    # Issues 15 and 27: where a training step's time goes, then the steps themselves, at one recipe's full shapes
+    # (B=4, K=2, input 1024, target 128, instruction 1024: the benchmarks' GPU defaults). Engines: z3 (the frozen
+    # backbone where train.frozen_backbone=auto puts it), z3+partitioned (ZeRO-3 owns the backbone: the path
+    # measured on 2026-12-04, the "before") and torch (no DeepSpeed). One file pair per script, tagged with the
+    # recipe, rewritten after every finished case: a step cut by its cap keeps what it measured. Caps: the header.
+    RECIPES=${RECIPES:-t5-xl}
+    case "$RECIPES" in
+      # the header's plan: profile step cap, its per-engine case cap, bench step cap, lora and tagi case caps
+      t5-xl) tiny=tiny; caps=(270 85 270 70 85) ;;
+      llama-7b) tiny=tiny-llama; caps=(250 80 290 75 95) ;;
+      *) echo "error: RECIPES='$RECIPES' is not a profile recipe: t5-xl or llama-7b, one per call"; exit 2 ;;
+    esac
     setup
-    recipes=(--recipe t5-xl llama-7b)
-    engines=(torch z2 z3 z3+partitioned)
-    variants=(lora tagi tagi_nokl)
+    recipe=(--recipe "$RECIPES")
     psteps=(--steps 2 --warmup 2)
     bsteps=(--steps 3 --warmup 2)
     if [[ "$SMOKE" == 1 ]]; then  # --smoke: tiny shapes, one step after one warm-up
-      recipes=(--recipe tiny tiny-llama --smoke)
-      engines=(torch z3+partitioned)
-      variants=(lora tagi)
+      recipe=(--recipe "$tiny" --smoke)
       psteps=()
       bsteps=()
     fi
-    TAILN=4 step profile_train_step 170 $PY benchmarks/profile_train_step.py "${recipes[@]}" --variant lora \
-      --engines "${engines[@]}" "${psteps[@]}" --out_dir "$BENCH_OUT"
-    TAILN=4 step bench_train_step 290 $PY benchmarks/bench_train_step.py "${recipes[@]}" \
-      --variants "${variants[@]}" --engines "${engines[@]}" --no_checkpointing_table "${bsteps[@]}" \
+    TAILN=4 step profile_train_step "${caps[0]}" $PY benchmarks/profile_train_step.py "${recipe[@]}" --variant lora \
+      --engines z3 z3+partitioned torch "${psteps[@]}" --case_timeout $(( caps[1] * SCALE )) --tag "$RECIPES" \
       --out_dir "$BENCH_OUT"
+    TAILN=4 step bench_train_step "${caps[2]}" $PY benchmarks/bench_train_step.py "${recipe[@]}" --variants lora \
+      tagi --engines z3 torch --no_checkpointing_table "${bsteps[@]}" --case_timeout "lora=$(( caps[3] * SCALE ))" \
+      "tagi=$(( caps[4] * SCALE ))" --tag "$RECIPES" --out_dir "$BENCH_OUT"
     finish ;;
   kernels)
     # Issue 26, in one device call (<= 600 s of command): the GPU kernel tests (fixed tuning: one config per

@@ -53,6 +53,7 @@ def test_bench_train_step_smoke(tmp_path):
                                             ("lora", "z3", False), ("tagi", "torch", False)}
     for r in rec["rows"]:
         assert r["status"] == "ok" and r["adapter_op"] == "torch", r  # CPU: the torch reference op, and said
+        assert r["build_s"] > 0, r  # every row: the per-case build cost the GPU stages' caps come from
     for key in (("tagi", engine, False), ("lora", engine, False), ("tagi", "torch", False)):
         r = rows[key]
         assert r["status"] == "ok", r
@@ -66,7 +67,7 @@ def test_bench_train_step_smoke(tmp_path):
         assert r["status"] == "ok", r
         assert r["flops_vs_lora"] == pytest.approx(r["model_flops"] / lora["model_flops"])
         assert r["time_per_flop_vs_lora"] == pytest.approx((r["step_ms"] / lora["step_ms"]) / r["flops_vs_lora"])
-    assert "FLOPs x lora" in md and "s/FLOP x lora" in md
+    assert "FLOPs x lora" in md and "s/FLOP x lora" in md and "| build s |" in md
     if result["device_kind"] == "cpu":
         assert "CPU" in md.splitlines()[0] and "CPU results" in md and "RSS" in md
         assert result["peak_tflops"] is None and tagi["mfu"] is None
@@ -141,3 +142,116 @@ def test_zero_sizes_are_refused_even_with_smoke_defaults(script, flag, capsys, m
     with pytest.raises(SystemExit):
         mod.parse_args(["--smoke", flag, "0"])
     assert f"{flag} must be > 0, got 0" in capsys.readouterr().err
+
+
+# -- profile_train_step's summary ------------------------------------------------------------------------------
+def _summary_from_events(prof, steps: int, wall_s: float) -> dict:
+    """The summary as profile_train_step computed it before issue 27 (key_averages for the host side, then walks of
+    ``prof.events()`` for the kernels and the union of their intervals): the reference the key_averages-only
+    summary must agree with."""
+    import torch
+    from torch.autograd import DeviceType
+
+    top, sync_ops = 15, ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
+
+    def union_us(intervals):
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(intervals):
+            if b <= end:
+                continue
+            total += b - max(a, end)
+            end = b
+        return total
+
+    avgs = prof.key_averages()
+    out = {"profiled_wall_ms_per_step": wall_s * 1e3 / steps}
+    host = sorted((e for e in avgs if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    out["top_host"] = [{"op": e.key, "calls": e.count / steps, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps}
+                       for e in host[:top]]
+    aten = [e for e in avgs if e.key.startswith("aten::")]
+    out["aten_calls_per_step"] = sum(e.count for e in aten) / steps
+    out["aten_self_cpu_share"] = sum(e.self_cpu_time_total for e in aten) / 1e6 / wall_s
+    out["sdpa_ops"] = sorted({e.key for e in avgs if "scaled_dot_product" in e.key or "flash_attention" in e.key})
+    out["sync_ops"] = {e.key: e.count / steps for e in avgs if e.key in sync_ops}
+    if torch.cuda.is_available():
+        dev = sorted((e for e in avgs if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+        out["top_device"] = [{"op": e.key, "calls": e.count / steps,
+                              "device_ms": e.self_device_time_total / 1e3 / steps} for e in dev[:top]]
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        copies = [e for e in kernels if e.name.startswith(("Memcpy", "Memset"))]
+        out["kernel_launches_per_step"] = (len(kernels) - len(copies)) / steps
+        out["copies_per_step"] = len(copies) / steps
+        out["device_busy"] = union_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e6 / wall_s
+        out["device_ms_per_step"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps
+    else:
+        out["top_device"] = []
+        out["kernel_launches_per_step"] = out["copies_per_step"] = out["device_busy"] = None
+    return out
+
+
+def _profile_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import profile_train_step
+
+    return profile_train_step
+
+
+def test_profile_summary_from_key_averages_matches_the_event_walk_on_a_tiny_profile(monkeypatch):
+    """A real CPU profile of a tiny step with attention (SDPA), a host read and a boolean mask: every field of the
+    summary equals what the two walks of events() gave (issue 27: one key_averages(), same fields and table)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    prof_mod = _profile_module(monkeypatch)
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 4, 8)
+
+    def step():
+        q = lin(x).view(2, 1, 4, 8)
+        y = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        y.sum().backward()
+        return float(y.detach().mean()), y.detach()[y.detach() > 0].numel()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            step()
+    new, old = prof_mod.summarize_profile(prof, 2, 0.05), _summary_from_events(prof, 2, 0.05)
+    assert new == old
+    assert new["sdpa_ops"] and new["sync_ops"]["aten::_local_scalar_dense"] == 1.0 and new["sync_ops"]["aten::nonzero"]
+
+
+def test_profile_summary_counts_kernels_copies_and_device_time_from_key_averages(monkeypatch):
+    """The GPU fields, on hand-made CUDA kernel events (real torch FunctionEvents; no GPU here): launches, copies and
+    device time per step as the event walk counted them, and device busy equal to the interval union when the
+    kernels do not overlap (one stream)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    prof_mod = _profile_module(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    events, t = [], 0
+    for i, (name, us) in enumerate([("aten::mm", 40), ("sm90_gemm_bf16", 30), ("Memcpy HtoD (Pageable -> Device)", 5),
+                                    ("sm90_gemm_bf16", 25), ("Memset (Device)", 2), ("triton_lora_fwd", 12)] * 2):
+        device = DeviceType.CPU if name.startswith("aten::") else DeviceType.CUDA
+        events.append(FunctionEvent(i, name, thread=0, start_us=t, end_us=t + us, use_device="cuda",
+                                    device_type=device, stack=[], input_shapes=[]))
+        t += us + 3
+
+    class Prof:  # what summarize_profile reads of torch.profiler.profile
+        def __init__(self):
+            self._events = EventList(events, use_device="cuda")
+            self._events._build_tree()
+
+        def events(self):
+            return self._events
+
+        def key_averages(self):
+            return self._events.key_averages()
+
+    new, old = prof_mod.summarize_profile(Prof(), 2, 0.001), _summary_from_events(Prof(), 2, 0.001)
+    assert new == old
+    assert new["kernel_launches_per_step"] == 3 and new["copies_per_step"] == 2
+    assert new["device_ms_per_step"] == pytest.approx((30 + 5 + 25 + 2 + 12) / 1e3)
+    assert [o["op"] for o in new["top_device"]][:1] == ["sm90_gemm_bf16"]

@@ -86,41 +86,73 @@ def test_check_stage_caps_sum_to_its_budget_which_fits_one_device_call():
 
 
 @pytest.mark.long
-@pytest.mark.timeout(1800)  # ten cases, each its own process, on a loaded host; issue 29
-def test_profile_stage_profiles_then_measures_both_recipes(tmp_path):
-    """Issue 15's stage: profile_train_step.py (lora on each engine), then bench_train_step.py, for a T5 and a LLaMA
-    recipe, one result file pair per script."""
+@pytest.mark.timeout(1800)  # a hang guard: six cases, each its own process, on a loaded host (~2.5 min); issue 29
+def test_profile_stage_profiles_then_measures_one_recipe(tmp_path):
+    """Issues 15 and 27: profile_train_step.py (lora on z3, z3+partitioned, torch), then bench_train_step.py (lora
+    and tagi on z3, tagi on torch), for the one recipe of the call (RECIPES, default t5-xl: tiny under SMOKE), one
+    result file pair per script tagged with the recipe, and every row with its build time."""
     proc, out = session(tmp_path, "profile", timeout=1750)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
-    results = [f"cpu_{TODAY}_{name}.{ext}" for name in ("profile_train_step", "train_step") for ext in ("json", "md")]
+    results = [f"cpu_{TODAY}_{name}_t5-xl.{ext}" for name in ("profile_train_step", "train_step")
+               for ext in ("json", "md")]
     assert names == sorted(["profile.tgz", "summary.txt", "versions.txt", *results]) and len(names) <= 8
-    prof = json.loads((out / f"cpu_{TODAY}_profile_train_step.json").read_text())
-    assert prof["variant"] == "lora" and [r["recipe"] for r in prof["recipes"]] == ["tiny", "tiny-llama"]
-    for rec in prof["recipes"]:
-        rows = {r["engine"]: r for r in rec["rows"]}
-        assert set(rows) == {"torch", "z3+partitioned"} and all(r["status"] == "ok" for r in rows.values())
-        torch_row, z3 = rows["torch"], rows["z3+partitioned"]
-        assert torch_row["zero3"] == {} and torch_row["backbone"] == "whole"
-        assert torch_row["attention"] == ("tagi_t5_sdpa" if rec["recipe"] == "tiny" else "sdpa")  # T5: merged bias
-        # ZeRO-3 fetches and releases the partitioned backbone's parameters, through a hook per module call.
-        assert z3["backbone"] == "partitioned" and z3["zero3"]["params_fetched"] > 0
-        assert z3["zero3"]["params_released"] > 0 and z3["zero3"]["fetch_sub_module"] > 0
-        assert z3["zero3_linear_patched"] and not torch_row["zero3_linear_patched"]
-        for r in rows.values():
-            assert r["top_host"] and r["aten_calls_per_step"] > 0 and r["device_busy"] is None  # CPU: n/a
-            assert r["host_reads"]["total"] == sum(r["host_reads"]["sites"].values())
-    md = (out / f"cpu_{TODAY}_profile_train_step.md").read_text()
+    prof = json.loads((out / f"cpu_{TODAY}_profile_train_step_t5-xl.json").read_text())
+    (rec,) = prof["recipes"]
+    assert prof["variant"] == "lora" and rec["recipe"] == "tiny" and "partial" not in prof
+    rows = {r["engine"]: r for r in rec["rows"]}
+    assert [r["engine"] for r in rec["rows"]] == ["z3", "z3+partitioned", "torch"]
+    assert all(r["status"] == "ok" for r in rows.values()), rec["rows"]
+    torch_row, z3 = rows["torch"], rows["z3+partitioned"]
+    assert torch_row["zero3"] == {} and torch_row["backbone"] == "whole"
+    assert torch_row["attention"] == "tagi_t5_sdpa"  # T5: the merged-bias SDPA
+    # ZeRO-3 fetches and releases the partitioned backbone's parameters, through a hook per module call.
+    assert z3["backbone"] == "partitioned" and z3["zero3"]["params_fetched"] > 0
+    assert z3["zero3"]["params_released"] > 0 and z3["zero3"]["fetch_sub_module"] > 0
+    assert z3["zero3_linear_patched"] and not torch_row["zero3_linear_patched"]
+    for r in rows.values():
+        assert r["top_host"] and r["aten_calls_per_step"] > 0 and r["device_busy"] is None  # CPU: n/a
+        assert r["host_reads"]["total"] == sum(r["host_reads"]["sites"].values())
+        assert r["build_s"] > 0 and r["summary_s"] > 0  # the next budget's per-case costs
+    md = (out / f"cpu_{TODAY}_profile_train_step_t5-xl.md").read_text()
     assert "top by host (self CPU) time" in md and "host reads of tensor values" in md and "n/a" in md
-    bench = json.loads((out / f"cpu_{TODAY}_train_step.json").read_text())
-    assert [r["recipe"] for r in bench["recipes"]] == ["tiny", "tiny-llama"] and "partial" not in bench
-    for rec in bench["recipes"]:
-        cases = {(r["variant"], r["engine"]) for r in rec["rows"] if r["status"] == "ok"}
-        assert cases == {("lora", "torch"), ("tagi", "torch"), ("tagi", "z3+partitioned")}, rec["rows"]
+    assert "| build s | summary s |" in md
+    bench = json.loads((out / f"cpu_{TODAY}_train_step_t5-xl.json").read_text())
+    (rec,) = bench["recipes"]
+    assert rec["recipe"] == "tiny" and "partial" not in bench
+    assert [(r["variant"], r["engine"], r["status"]) for r in rec["rows"]] == [
+        ("lora", "z3", "ok"), ("tagi", "z3", "ok"), ("tagi", "torch", "ok")], rec["rows"]
+    assert all(r["build_s"] > 0 for r in rec["rows"])
+    assert "build s |" in (out / f"cpu_{TODAY}_train_step_t5-xl.md").read_text()
     summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last, the profile before the measurement
     assert summary.index("\nprofile_train_step ") < summary.index("\nbench_train_step ")
     for step in ("profile_train_step", "bench_train_step"):
         assert "ok" in summary.split(f"\n{step} ")[1].split("\n")[0]
+
+
+def test_profile_stage_takes_one_known_recipe_and_its_caps_sum_to_its_budget(tmp_path):
+    """One recipe a call (issue 27: both recipes x four engines could not finish in one device call): an unknown or
+    a second recipe is refused in one line before anything runs; the profile's step caps add up to BUDGET (540,
+    >= 40 s of a 600 s call left) and each step's case caps fit inside its step with the parent's start."""
+    for bad in ("t5-xxl", "t5-xl llama-7b"):
+        proc, out = session(tmp_path, "profile", timeout=60, RECIPES=bad)
+        assert proc.returncode == 2 and proc.stdout.strip() == (
+            f"error: RECIPES='{bad}' is not a profile recipe: t5-xl or llama-7b, one per call"), proc.stdout
+        assert not out.exists()  # refused before setup: nothing half-written
+    text = (ROOT / "scripts" / "gpu_session.sh").read_text()
+    body = text[text.index("  profile)"):text.index("  kernels)")]
+    assert '[[ "$STAGE" == profile ]] && DEFAULT_BUDGET=540' in text and 600 - 540 >= 40
+    header = text[:text.index("set -uo")]
+    plans = dict(re.findall(r"^\s*(t5-xl|llama-7b)\) tiny=\S+; caps=\((\d+(?: \d+){4})\) ;;", body, re.M))
+    assert set(plans) == {"t5-xl", "llama-7b"}
+    for col, recipe in enumerate(("t5-xl", "llama-7b")):
+        prof, prof_case, bench, lora, tagi = map(int, plans[recipe].split())
+        assert prof + bench == 540, recipe
+        for name, cap in (("profile_train_step", prof), ("bench_train_step", bench)):  # the header's plan runs
+            row = re.search(rf"^#   {name} +(\d+) s +(\d+) s", header, re.M)
+            assert row and int(row.group(1 + col)) == cap, (recipe, name)
+        assert 3 * prof_case < prof  # three engines + the parent
+        assert lora + 2 * tagi < bench - 20  # lora z3, tagi z3, tagi torch, after setup's ~20 s
 
 
 def test_plan_stage_packs_logs_and_results_after_each_step(tmp_path):
