@@ -5,6 +5,7 @@ the TagiModel / DeepSpeedZeroOptimizer_Stage3 objects the garbage collector stil
 import gc
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ def alive() -> dict[str, int]:
             "DeepSpeedZeroOptimizer_Stage3": sum(isinstance(o, DeepSpeedZeroOptimizer_Stage3) for o in objs)}
 
 
-def one_case(seed: int) -> None:
+def one_case(seed: int) -> dict | None:
     cfg = apply_overrides(get_recipe("tiny"), ["data.tasks_per_batch=2", "data.examples_per_task=1",
                                                "train.frozen_backbone=partitioned"]).validate()
     ds = ds_engine.inject(ds_engine.load_ds_json(ds_engine.default_ds_config(cfg.recipe)), cfg, dist.world_size())
@@ -41,12 +42,18 @@ def one_case(seed: int) -> None:
         eng.step()
     eng.destroy()
     if "--no_release" not in sys.argv:
-        print("released", json.dumps(zero_release.release(model)), flush=True)
+        released = zero_release.release(model)
+        print("released", json.dumps(released), flush=True)
+        return released
+    return None
 
 
 if __name__ == "__main__":
     dist.init()
-    for seed in (0, 1):
-        one_case(seed)
-    print(f"rank {dist.rank()} alive", json.dumps(alive()), flush=True)
+    released = [one_case(seed) for seed in (0, 1)]
+    counts = alive()
+    print(f"rank {dist.rank()} alive", json.dumps(counts), flush=True)
+    if "--out" in sys.argv:  # one file per rank: two ranks' lines on one stdout can interleave
+        out = Path(sys.argv[sys.argv.index("--out") + 1])
+        (out / f"rank{dist.rank()}.json").write_text(json.dumps({"released": released, "alive": counts}))
     dist.shutdown()
