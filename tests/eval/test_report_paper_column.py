@@ -1,19 +1,11 @@
 """scripts/make_report.py compares each ablation with the paper's column of the setting the run used (issue 25
 item 6): a Def+2Pos run with -0.7/-2.4/-1.1/-15.7, a Def run with -1.3/-2.7/-0.9/-13.3."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-
-def _report_script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "make_report.py"
-    spec = importlib.util.spec_from_file_location("make_report", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.scripts.test_reproduce_smoke import _report_script
 
 
 @pytest.mark.parametrize("setting, expected", [
