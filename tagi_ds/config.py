@@ -302,9 +302,9 @@ class TrainConfig:
     """stop after this many non-finite steps in a row"""
     seed: int = 42
     """global seed (data order, dropout, initialisation of what trains)"""
-    grad_ratio_every: int = 50
+    grad_ratio_every: int = 500
     """every N steps from step 0, log each loss term's gradient-norm ratio and cosine to CE's (grad_ratio/kl,
-    grad_ratio/param, grad_cos/*) w.r.t. the hypernetwork; 0 = off"""
+    grad_ratio/param, grad_cos/*) w.r.t. the hypernetwork; each such step pays extra forwards and backwards; 0 = off"""
     tensorboard: bool = False
     """also write TensorBoard scalars (OUTPUT_DIR/tensorboard)"""
     inject_fault: str = ""
