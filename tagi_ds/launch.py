@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         failure, lost = dog.failure, _peer_loss(dog)
         shutil.rmtree(job, ignore_errors=True)
     if failure is not None:
-        print(watchdog.report_line(failure, argv), file=sys.stderr, flush=True)
+        print(_report_line(failure, argv), file=sys.stderr, flush=True)
         raise SystemExit(watchdog.EXIT_RANK_LOST)
     if lost is not None:  # a rank lost its peers with none of them found dead (e.g. a network failure)
         print(f"error: rank {lost[0]} lost contact with the other ranks mid-collective ({lost[1]}); "
@@ -161,6 +161,20 @@ def _rank_timeout(argv: list[str]) -> tuple[float, list[str]]:
                 raise SystemExit(2) from None
             return seconds, argv[:i] + argv[i + (1 if "=" in a else 2):]
     return RANK_TIMEOUT_S, argv
+
+
+
+def _report_line(failure, argv: list[str]) -> str:
+    """The launcher's one line: the rank, what happened, the last complete checkpoint, the resume command."""
+    from tagi_ds.train.checkpoint import newest_complete
+
+    last = newest_complete(Path(failure.output_dir) / "checkpoints") if failure.output_dir else None
+    command = ["python", "-m", "tagi_ds.launch", *argv]
+    if "--resume_from_checkpoint" not in " ".join(argv):
+        command += ["--resume_from_checkpoint", "latest"]
+    where = (f"last complete checkpoint {last}; resume with: {' '.join(command)}" if last is not None
+             else "no complete checkpoint yet: run the same command again")
+    return f"error: rank {failure.rank} (pid {failure.pid}) {failure.what}; stopped the other ranks; {where}"
 
 
 if __name__ == "__main__":

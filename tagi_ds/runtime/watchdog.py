@@ -219,16 +219,3 @@ def _zombie_status(pid: int) -> int | None:
     if fields[0] != "Z" or len(fields) < 50:
         return None
     return int(fields[49])
-
-
-def report_line(failure: Failure, argv: list[str]) -> str:
-    """The launcher's one line: the rank, what happened, the last complete checkpoint, the resume command."""
-    from tagi_ds.train.checkpoint import newest_complete
-
-    last = newest_complete(Path(failure.output_dir) / "checkpoints") if failure.output_dir else None
-    command = ["python", "-m", "tagi_ds.launch", *argv]
-    if "--resume_from_checkpoint" not in " ".join(argv):
-        command += ["--resume_from_checkpoint", "latest"]
-    where = (f"last complete checkpoint {last}; resume with: {' '.join(command)}" if last is not None
-             else "no complete checkpoint yet: run the same command again")
-    return f"error: rank {failure.rank} (pid {failure.pid}) {failure.what}; stopped the other ranks; {where}"
