@@ -100,9 +100,9 @@ def is_peer_loss(err: BaseException) -> bool:
 
 
 def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    from tagi_ds.runtime.rundir import atomic_write_text  # lazily: rundir imports dist, which imports this
+
+    atomic_write_text(path, json.dumps(obj))
 
 
 # -- the launcher side ----------------------------------------------------------------------------------------

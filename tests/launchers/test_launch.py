@@ -59,3 +59,16 @@ def test_each_python_environment_compiles_deepspeed_ops_into_its_own_folder(monk
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setattr(sys, "prefix", sys.prefix + "-other-venv")
     assert use_own_extensions_dir() != mine and "torch_extensions" in mine
+
+
+def test_rank_timeout_is_the_launchers_own_option_and_a_bad_value_is_one_line(capsys):
+    from tagi_ds.launch import _rank_timeout
+
+    assert _rank_timeout(["--rank_timeout", "12", *SCRIPT]) == (12.0, SCRIPT)
+    assert _rank_timeout(["--rank_timeout=7.5", *SCRIPT]) == (7.5, SCRIPT)
+    assert _rank_timeout(SCRIPT)[1] == SCRIPT
+    for bad in ("0", "soon"):
+        with pytest.raises(SystemExit) as exit_:
+            _rank_timeout(["--rank_timeout", bad, *SCRIPT])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == f"error: --rank_timeout: expected seconds > 0 ({bad!r})\n"

@@ -156,6 +156,8 @@ def edit_json(**changes):
 
 TEACH = ["--teachers", "{teachers}"]
 HN = ["--hypernet", "{hypernet}"]
+FAULT_RULE = ("train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP "
+              "or rofs@STEP")
 CASES = [
     # flags and argparse
     Case("unknown-flag", "pretrain", ["--max_stpes", "3"], "unrecognized arguments: --max_stpes"),
@@ -179,13 +181,11 @@ CASES = [
     Case("lr-inf", "finetune", ["--set", "train.lr=inf"], "train.lr: expects a finite float ('inf')"),
     Case("inject-fault-bogus", "pretrain", ["--set", "train.inject_fault=bogus"], "train.inject_fault: must be"),
     Case("inject-fault-enospc-step", "pretrain", ["--set", "train.inject_fault=enospc@x"],
-         "train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or "
-         "rofs@STEP ('enospc@x')"),
+         f"{FAULT_RULE} ('enospc@x')"),
     Case("inject-fault-kill-no-rank", "pretrain", ["--set", "train.inject_fault=kill@3"],
-         "train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or "
-         "rofs@STEP ('kill@3')"),
+         f"{FAULT_RULE} ('kill@3')"),
     Case("inject-fault-stop-range", "pretrain", ["--set", "train.inject_fault=stop@3-5:1"],
-         "train.inject_fault: must be empty"),
+         f"{FAULT_RULE} ('stop@3-5:1')"),
     Case("grad-ratio-every-negative", "finetune", ["--set", "train.grad_ratio_every=-1"],
          "train.grad_ratio_every: must be >= 0 (-1)"),
     Case("param-align-choice", "finetune", ["--set", "loss.param_align=absolute"],
