@@ -126,8 +126,9 @@ def split_names(root: str | Path, split: str) -> list[str]:
         train = {name for _, name in _split_lines(root, "train")}
         for lineno, name in _split_lines(root, "test"):
             if name in train:
-                raise DataError(f"{test_file}: line {lineno}: task {name!r} is also in train_tasks.txt (a test task "
-                                "must be unseen in training: remove it from one split or list it in excluded_tasks.txt)")
+                raise DataError(f"{test_file}: line {lineno}: task {name!r} is also in train_tasks.txt (a test "
+                                "task must be unseen in training: remove it from one split or list it in "
+                                "excluded_tasks.txt)")
     return [name for _, name in lines]
 
 
