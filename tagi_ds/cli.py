@@ -26,6 +26,9 @@ INPUT_HELP = {"teachers": "teachers/ from train_teachers.py: targets of the KL a
               "init_hypernet": "hypernet/ from pretrain.py to start from (default: from scratch)"}
 RECIPE_HELP = {"tiny": "built-in tiny T5, random init, CPU-sized", "tiny-llama": "built-in tiny LLaMA",
                "mini": "the small T5 of the miniature reproduction, scripts/reproduce.sh"}
+# engine.default_ds_config's rule, spelled out here: cli must not import the engine (torch) before --help
+# (tests/runtime/test_ds_configs.py holds the two to each other).
+DS_DEFAULT_HELP = "ds_configs/z3_tiny.json for the tiny* recipes, else ds_configs/z3.json"
 __all__ = ["Parser", "add_set_flag", "base_parser", "guarded", "output_dir", "resolve_config", "train_main",
            "training_parser"]
 
@@ -84,7 +87,7 @@ def base_parser(prog: str, description: str, epilog: str | None = None,
                    help=recipe_help(recipe_default) if recipe_default else
                    recipe_help(None) + " (default: the artifact's own recipe; tiny without an artifact)")
     p.add_argument("--deepspeed", default=None, metavar="PATH",
-                   help="DeepSpeed JSON, ZeRO settings only (default: ds_configs/z3.json)")
+                   help=f"DeepSpeed JSON, ZeRO settings only (default: {DS_DEFAULT_HELP})")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; leave it")
     p.add_argument("--model_name_or_path", default=None, metavar="PATH",
                    help="local HF checkpoint dir for the backbone (default: the recipe's shape, random init)")
@@ -107,7 +110,7 @@ def _default_run(stage: str) -> str:
              "tasks": "the built-in task suite's 76 training tasks"}[spec.data]
     line = (f"With no flag: recipe tiny (built-in tiny T5, random init, frozen), reads {reads}, trains "
             f"{cfg.train.max_steps} steps (train.max_steps; a checkpoint every {cfg.train.save_steps}) under ZeRO-3 "
-            f"(ds_configs/z3.json), one process or the ranks the deepspeed launcher starts, and writes "
+            f"(ds_configs/z3_tiny.json), one process or the ranks the deepspeed launcher starts, and writes "
             f"{STAGE_DEFAULT_OUT[stage]}/.")
     if spec.distils:
         line += (" Finetuning needs --teachers DIR for its KL and alignment terms, or --set loss.kl_weight=0 "

@@ -130,7 +130,7 @@ def generate_adapter(cfg, hypernet: Path, text: str, condition: str, out_dir: Pa
                      base_model: str | None = None) -> Path:
     """Build the frozen backbone + hypernetwork, generate the adapter for ``text``, export it to ``out_dir``.
 
-    The backbone is built as training built it: under ZeRO-3 (``--deepspeed``, default z3.json) inside
+    The backbone is built as training built it: under ZeRO-3 (``--deepspeed``, default as in training) inside
     ``deepspeed.zero.Init`` in a world of one, so a built-in random-init backbone is the one the hypernetwork
     was trained with; its parameters are gathered for the one forward. Single process: no engine.
     """

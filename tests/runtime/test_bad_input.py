@@ -169,6 +169,7 @@ CASES = [
     Case("unknown-section", "pretrain", ["--set", "nosuch.x=1"], "nosuch: unknown config key"),
     Case("set-without-equals", "pretrain", ["--set", "rank"], "--set rank: expected KEY=VALUE"),
     Case("set-a-section", "pretrain", ["--set", "hypernet=3"], "hypernet: is a section"),
+    Case("retired-key", "pretrain", ["--set", "data.num_workers=2"], "data.num_workers: removed: it was never used"),
     Case("lr-not-a-number", "pretrain", ["--set", "train.lr=fast"], "train.lr: expects a finite float ('fast')"),
     Case("lr-negative", "pretrain", ["--set", "train.lr=-1"], "train.lr: must be > 0 (-1.0)"),
     Case("save-steps-zero", "pretrain", ["--set", "train.save_steps=0"], "train.save_steps: must be > 0 (0)"),
