@@ -5,5 +5,6 @@ planner's DeepSpeed settings, the benchmarks); it imports nothing from train/, e
 line, exit codes, printed once per job). ``dist``: rank discipline (the process group, barriers, rank-0 side
 effects). ``engine``: the DeepSpeed glue (the JSON, what the config injects, the backbone under ZeRO-3, the
 engine, ``place``). ``flags``: ``Parser``, argparse with the error contract, for every entry point.
-``environment``: a free port and this Python environment's extensions dir (the launcher's too). ``rundir``: a run's start (process group, seed, ``config.json``) and atomic writes.
+``environment``: a free port and this Python environment's extensions dir (the launcher's too).
+``rundir``: a run's start (process group, seed, ``config.json``) and atomic writes.
 """
