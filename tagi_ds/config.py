@@ -24,9 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and the value."""
+from tagi_ds.errors import ConfigError  # defined with the other input errors; imported from here too
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
-CORE = ("tagi_ds/config.py", "tagi_ds/stages.py", "tagi_ds/recipes.py", "tagi_ds/batch.py", "tagi_ds/ops.py",
+CORE = ("tagi_ds/errors.py", "tagi_ds/files.py", "tagi_ds/config.py", "tagi_ds/stages.py", "tagi_ds/recipes.py",
+        "tagi_ds/batch.py", "tagi_ds/ops.py",
         "tagi_ds/losses.py", "tagi_ds/model.py", "tagi_ds/adapters", "tagi_ds/backbones", "tagi_ds/hypernet",
         "tagi_ds/data")
 ABOVE_CORE = ("tagi_ds.runtime", "tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli",

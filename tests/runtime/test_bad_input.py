@@ -210,7 +210,7 @@ CASES = [
     Case("data-missing-dir", "finetune", ["--data", "sni:/nonexistent/sni"], "/nonexistent/sni does not exist"),
     Case("corpus-empty-file", "pretrain", ["--data", "text:{empty}"], "empty corpus"),
     Case("corpus-not-utf8", "pretrain", ["--data", "text:{binary}"], "binary.txt"),
-    Case("sni-malformed-json", "teachers", ["--data", "sni:{badsni}"], "task001_x.json: malformed JSON"),
+    Case("sni-malformed-json", "teachers", ["--data", "sni:{badsni}"], "task001_x.json: invalid JSON"),
     Case("data-tasks-unknown", "teachers", ["--set", "data.tasks=no_such_task"], "data.tasks names"),
     Case("data-categories-unknown", "teachers", ["--set", "data.categories=Nope"], "data.categories"),
     # a local checkpoint dir for the backbone (its config.json and weight headers, before anything is built)
