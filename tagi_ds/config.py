@@ -62,8 +62,8 @@ def matches(pattern: str, text: str) -> Rule:
 POSITIVE = above(0)
 NON_NEGATIVE = at_least(0)
 SEED = within(0, 2**32 - 1)  # numpy's seed range
-FAULT = matches(r"|(nan|raise)@\d+(-\d+)?:\d+|enospc@\d+",
-                "empty, nan@STEP[-LAST]:RANK, raise@STEP:RANK or enospc@STEP")
+FAULT = matches(r"|(nan|raise)@\d+(-\d+)?:\d+|(kill|stop)@\d+:\d+|(enospc|rofs)@\d+",
+                "empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or rofs@STEP")
 
 Arch = Literal["t5", "llama", "mistral", "qwen2", "gemma2"]
 DECODER_ONLY = tuple(a for a in get_args(Arch) if a != "t5")  # model.arch of the decoder-only families (HF model_type)
@@ -304,8 +304,9 @@ class TrainConfig:
     tensorboard: bool = False
     """also write TensorBoard scalars (OUTPUT_DIR/tensorboard)"""
     inject_fault: str = ""
-    """fault injection for the guard tests: nan@STEP[-LAST]:RANK (the loss becomes NaN), raise@STEP:RANK, or
-    enospc@STEP (the checkpoint of step STEP fails with 'No space left on device'; 0: the config.json write)"""
+    """fault injection for the guard tests: nan@STEP[-LAST]:RANK (the loss becomes NaN), raise@STEP:RANK,
+    kill@STEP:RANK / stop@STEP:RANK (that rank SIGKILLs / SIGSTOPs itself), enospc@STEP or rofs@STEP (the
+    checkpoint of step STEP fails with 'No space left on device' / 'Read-only file system'; 0: config.json)"""
 
 
 @dataclass

@@ -37,6 +37,9 @@ def init(backend: str | None = None) -> None:
         deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
                                    timeout=COLLECTIVE_TIMEOUT)
     _unlink_shm_allreduce_buffer()
+    from tagi_ds.runtime import watchdog
+
+    watchdog.start_beating(dist.get_rank())  # under tagi_ds.launch: a dead or frozen rank is named (watchdog.py)
 
 
 @contextlib.contextmanager

@@ -78,16 +78,34 @@ def guarded(main: Callable[[], object]) -> None:
     """Run an entry point's ``main``: user errors become the one-line report and exit code 2, orderly stops
     their own exit code; anything else (a bug) keeps its traceback."""
     from tagi_ds.data.task import DataError
+    from tagi_ds.runtime import watchdog
 
     try:
         main()
     except (ConfigError, DataError) as err:
+        watchdog.record_end(EXIT_USAGE)
         report(str(err).replace("\n", " "))
     except Stopped as err:
+        watchdog.record_end(err.exit_code)
         raise SystemExit(err.exit_code) from None
+    except SystemExit as err:
+        watchdog.record_end(err.code if isinstance(err.code, int) else 1)
+        raise
+    except BaseException as err:
+        if watchdog.is_peer_loss(err):
+            # A peer died or froze mid-collective: tagi_ds.launch names it in one line; this rank's gloo/NCCL
+            # traceback would only bury that line. os._exit: a process group with a dead peer can hang in
+            # the interpreter's teardown (destroy_process_group waits for it).
+            watchdog.record_end(watchdog.EXIT_PEER_LOST, str(err).splitlines()[0][:300])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(watchdog.EXIT_PEER_LOST)
+        watchdog.record_end(1)
+        raise
     from tagi_ds.runtime import dist
 
     dist.shutdown()
+    watchdog.record_end(0)
 
 
 # -- command line ---------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ def start(cfg: TagiConfig, ds: dict, args, world_size: int | None = None) -> Pat
         if moved := set_aside(out):
             print(f"--start_over: moved the previous run's {', '.join(moved)} to {out / moved[0]}", flush=True)
     write_config(out, cfg, ds, args)
+    from tagi_ds.runtime import watchdog
+
+    watchdog.note_run_dir(out)
     return out
 
 
@@ -146,8 +149,8 @@ def write_config(out: Path, cfg: TagiConfig, ds: dict, args) -> None:
                   "args": {k: str(v) if v is not None else None for k, v in vars(args).items()}}
         try:
             out.mkdir(parents=True, exist_ok=True)
-            if getattr(cfg.train, "inject_fault", "") == "enospc@0":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "config.json"))
+            if (code := {"enospc@0": errno.ENOSPC, "rofs@0": errno.EROFS}.get(getattr(cfg.train, "inject_fault", ""))):
+                raise OSError(code, os.strerror(code), str(out / "config.json"))
             atomic_write(out / "config.json", json.dumps(record, indent=2))
         except OSError as err:
             error = f"error: cannot write {err.filename or out / 'config.json'}: {err.strerror}; nothing was trained"

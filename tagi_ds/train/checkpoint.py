@@ -68,14 +68,14 @@ class SaveFailed(WriteFailed):
 
 
 def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], keep_last: int,
-         fingerprint: dict[str, Any] | None = None, fault: int | None = None) -> Path:
+         fingerprint: dict[str, Any] | None = None, fault: tuple[int, int] | None = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     A failure to write (a full or read-only disk) raises :class:`SaveFailed` on every rank after rank 0 has
     printed one line; ``tmp`` is removed and ``latest`` still names the previous complete checkpoint. The space
     check and the ``tmp`` directory come first, agreed by all ranks, so that a disk that is full or read-only
     before the save fails before DeepSpeed writes (a rank that fails inside DeepSpeed's own collectives would
-    leave its peers waiting). ``fault``: the step of ``train.inject_fault=enospc@STEP``."""
+    leave its peers waiting). ``fault``: ``(step, errno)`` of ``train.inject_fault=enospc@STEP`` / ``rofs@STEP``."""
     tag, tmp_tag = _tag(step), f"{_tag(step)}.tmp"
     final, tmp = ckpt_dir / tag, ckpt_dir / tmp_tag
     error = None
@@ -92,8 +92,8 @@ def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], keep_l
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
         mine = tmp / f"trainer_rank{dist.rank()}.pt"
-        if fault == step:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(mine))
+        if fault is not None and fault[0] == step:
+            raise OSError(fault[1], os.strerror(fault[1]), str(mine))
         state = io.BytesIO()  # a few kB (loader position, RNG states): serialised here, written by the one writer
         torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": dist.world_size()}, state)
         atomic_write(mine, state.getvalue())

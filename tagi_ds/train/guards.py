@@ -12,6 +12,7 @@ finish the step, save, and exit 0, with no launcher left to cut the save short.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -38,9 +39,11 @@ class Guards:
         self.first_bad_step = 0
         self.reason: str | None = None  # why a stop was requested (a signal, the launcher gone)
         self.fault = _parse_fault(inject_fault)
-        # enospc@STEP: the checkpoint of that step fails to write (checkpoint.save); step 0 is config.json's write
-        self.enospc_step = self.fault[1] if self.fault and self.fault[0] == "enospc" else None
-        if self.enospc_step is not None:
+        # enospc@STEP / rofs@STEP: the checkpoint of that step fails to write (checkpoint.save); step 0 is
+        # config.json's write (rundir.write_config)
+        self.save_fault = None
+        if self.fault and self.fault[0] in ("enospc", "rofs"):
+            self.save_fault = (self.fault[1], errno.ENOSPC if self.fault[0] == "enospc" else errno.EROFS)
             self.fault = None
         # SIGINT too: Ctrl-C reaches every process of the job (the terminal's process group) and used to end each
         # rank with a KeyboardInterrupt traceback and nothing saved.
@@ -76,6 +79,8 @@ class Guards:
         if self.fault and self.fault[1] <= step <= self.fault[2] and self.fault[3] == dist.rank():
             if self.fault[0] == "raise":
                 raise RuntimeError(f"injected fault at step {step} on rank {dist.rank()} (train.inject_fault)")
+            if self.fault[0] in ("kill", "stop"):  # a rank that dies / freezes (runtime/watchdog.py reports it)
+                os.kill(os.getpid(), signal.SIGKILL if self.fault[0] == "kill" else signal.SIGSTOP)
             return loss * float("nan")
         return loss
 
@@ -142,14 +147,16 @@ def _launcher_processes() -> list:
 
 
 def _parse_fault(spec: str):
-    """``nan@STEP[-LAST]:RANK`` (a NaN loss at those 0-based steps), ``raise@STEP:RANK`` or ``enospc@STEP``;
+    """``nan@STEP[-LAST]:RANK`` (a NaN loss at those 0-based steps), ``raise|kill|stop@STEP:RANK`` or
+    ``enospc|rofs@STEP``;
     validated by the config's rule for train.inject_fault."""
     if not spec:
         return None
-    if m := re.fullmatch(r"enospc@(\d+)", spec):
-        return "enospc", int(m[1]), int(m[1]), None
-    m = re.fullmatch(r"(nan|raise)@(\d+)(?:-(\d+))?:(\d+)", spec)
+    if m := re.fullmatch(r"(enospc|rofs)@(\d+)", spec):
+        return m[1], int(m[2]), int(m[2]), None
+    m = re.fullmatch(r"(nan|raise|kill|stop)@(\d+)(?:-(\d+))?:(\d+)", spec)
     if m is None:
-        raise ValueError(f"train.inject_fault: expected nan@STEP[-LAST]:RANK or raise@STEP:RANK ({spec!r})")
+        raise ValueError(f"train.inject_fault: expected nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK or "
+                         f"enospc|rofs@STEP ({spec!r})")
     first = int(m[2])
     return m[1], first, int(m[3]) if m[3] else first, int(m[4])

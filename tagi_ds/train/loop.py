@@ -259,7 +259,7 @@ def save(s: Session) -> None:
     """A checkpoint of this step (a collective); warns when it took too long for deepspeed's SIGTERM grace."""
     t = time.perf_counter()
     checkpoint.save(s.eng, s.ckpt_dir, s.step, s.checked.loader.state_dict(), s.checked.cfg.train.keep_last,
-                    s.checked.fingerprint, fault=s.guards.enospc_step)
+                    s.checked.fingerprint, fault=s.guards.save_fault)
     s.save_s = time.perf_counter() - t
     if s.save_s > SAVE_WARN_S:
         s.progress.message(f"warning: saving step {s.step} took {s.save_s:.0f}s; deepspeed's launch.py kills ranks "

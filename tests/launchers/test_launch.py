@@ -17,7 +17,7 @@ def test_a_given_port_wins_then_master_port_then_a_free_one():
     argv, source = runner_argv(["--master_port", "1234", *SCRIPT], {"MASTER_PORT": "999"})
     assert source == "--master_port" and argv.count("--master_port") == 2 and "999" not in argv
     argv, source = runner_argv(["--master_port=1234", *SCRIPT], {})
-    assert source == "--master_port" and argv[:2] == ["--log_level", "error"]
+    assert source == "--master_port" and argv[:2] == ["--log_level", "critical"]
     argv, source = runner_argv(SCRIPT, {"MASTER_PORT": "29555"})
     assert source == "MASTER_PORT" and argv[:2] == ["--master_port", "29555"] and argv[-len(SCRIPT):] == SCRIPT
     argv, source = runner_argv(SCRIPT, {"MASTER_PORT": ""})

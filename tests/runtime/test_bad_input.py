@@ -180,7 +180,13 @@ CASES = [
     Case("lr-inf", "finetune", ["--set", "train.lr=inf"], "train.lr: expects a finite float ('inf')"),
     Case("inject-fault-bogus", "pretrain", ["--set", "train.inject_fault=bogus"], "train.inject_fault: must be"),
     Case("inject-fault-enospc-step", "pretrain", ["--set", "train.inject_fault=enospc@x"],
-         "train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise@STEP:RANK or enospc@STEP ('enospc@x')"),
+         "train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or "
+         "rofs@STEP ('enospc@x')"),
+    Case("inject-fault-kill-no-rank", "pretrain", ["--set", "train.inject_fault=kill@3"],
+         "train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or "
+         "rofs@STEP ('kill@3')"),
+    Case("inject-fault-stop-range", "pretrain", ["--set", "train.inject_fault=stop@3-5:1"],
+         "train.inject_fault: must be empty"),
     Case("grad-ratio-every-negative", "finetune", ["--set", "train.grad_ratio_every=-1"],
          "train.grad_ratio_every: must be >= 0 (-1)"),
     Case("param-align-choice", "finetune", ["--set", "loss.param_align=absolute"],

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tagi_ds.runtime import rundir
-from tests.train.harness import REPO, TINY, env, launch, metrics, popen
+from tests.train.harness import REPO, TINY, check, command, env, launch, metrics, popen, run_job
 
 SMALL = ["--save_steps", "2", *TINY, "train.keep_last=2"]
 
@@ -103,6 +103,8 @@ def single(tmp_path_factory):
         ("!copy", ["copy", str(full), str(t / "full-at-fault")]),  # what the fault left, before the resume
         ("enospc-resume", ["--output_dir", str(full), "--max_steps", "6", "--resume_from_checkpoint", "latest",
                            *SMALL]),
+        # the directory turns read-only during the 2nd save (as root, chmod does not stop writes: injected EROFS)
+        ("rofs", ["--output_dir", str(t / "rofs"), "--max_steps", "4", *SMALL, "train.inject_fault=rofs@4"]),
         # the disk is full at start: config.json cannot be written
         ("enospc-start", ["--output_dir", str(start), "--max_steps", "2", *SMALL, "train.inject_fault=enospc@0"]),
         # latest is not UTF-8: the newest complete step is used, and said so
@@ -174,6 +176,17 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resumes_bit_e
     got = _losses(full)
     assert [m["step"] for m in metrics(full)] == [1, 2, 3, 4, 5, 6]  # the resume replaced steps 3-4 of the fault
     assert got == ref  # the resumed steps 3-6 are the uninterrupted run's, bit for bit
+
+
+def test_a_read_only_directory_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(single):
+    t, r, _ = single
+    res = r["rofs"]
+    assert res["rc"] == 4, res["stderr"][-3000:]
+    _one_line(res, "error: saving step 4 failed: cannot write", os.strerror(errno.EROFS),
+              f"last complete checkpoint {t / 'rofs' / 'checkpoints' / 'step-2'}", "--resume_from_checkpoint latest")
+    ckpts = t / "rofs" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-2\n"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-2"]  # no step-4.tmp
 
 
 def test_disk_full_at_start_is_one_line_and_leaves_no_temp_file(single):
@@ -277,3 +290,50 @@ def test_plan_measure_refuses_a_model_larger_than_host_memory(monkeypatch, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--measure: the step needs about" in err[0] and "1.0 GiB are available" in err[0], err
+
+
+def _launcher_line(log: str) -> str:
+    assert "Traceback" not in log and "Connection closed" not in log, log[-4000:]
+    errors = [ln for ln in log.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, log[-4000:]
+    return errors[0]
+
+
+@pytest.mark.distributed
+def test_a_dead_rank_and_a_frozen_rank_are_named_in_one_line_and_the_run_resumes(tmp_path):
+    """2 ranks. Rank 1 SIGKILLs itself at step 5: the launcher ends the job (exit 6) with one line naming rank 1,
+    SIGKILL, the last complete checkpoint (step-4) and the resume command; no gloo traceback from rank 0. The
+    resume recomputes step 5 bit for bit (the killed run had logged it). Then rank 1 SIGSTOPs itself: found by
+    its missing heartbeat after --rank_timeout, reported the same way, and no rank is left behind."""
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--max_steps", "400", *SMALL]
+    t0 = time.monotonic()
+    proc = launch("pretrain.py", 2, [*args, "train.inject_fault=kill@5:1"], timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 6, log[-4000:]
+    line = _launcher_line(log)
+    # the signal, unless the DeepSpeed launcher reaped the rank before the watchdog's 50 ms poll saw it
+    assert line.startswith("error: rank 1 (pid ") and ("killed by SIGKILL" in line or "died without" in line), line
+    assert f"last complete checkpoint {out / 'checkpoints' / 'step-4'}" in line, line
+    assert "resume with: python -m tagi_ds.launch --num_gpus 2 " in line and "--resume_from_checkpoint latest" in line
+    killed = _losses(out)
+    assert max(killed) == 5, killed  # step 5 was logged; the kill came in step 6
+    print(f"kill: {time.monotonic() - t0:.0f}s launch to exit")
+
+    check(launch("pretrain.py", 2, ["--output_dir", str(out), "--max_steps", "5", "--resume_from_checkpoint",
+                                    "latest", *SMALL], timeout=600))
+    assert _losses(out)[5] == killed[5]  # the resume from step-4 continues bit-exactly
+
+    stopped = tmp_path / "stopped"
+    t0 = time.monotonic()
+    cmd = command("pretrain.py", 2, ["--output_dir", str(stopped), "--max_steps", "400", *SMALL,
+                                     "train.inject_fault=stop@3:1"])
+    proc = run_job([*cmd[:3], "--rank_timeout", "10", *cmd[3:]], 600, env())  # the launcher's option: before the script
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 6, log[-4000:]
+    line = _launcher_line(log)
+    assert line.startswith("error: rank 1 (pid ") and "stopped responding: no heartbeat for" in line, line
+    assert "--rank_timeout 10" in line and "step-2" in line, line
+    pid = int(line.split("(pid ")[1].split(")")[0])
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split(")")[1][:3]
+    print(f"stop: {time.monotonic() - t0:.0f}s launch to exit")

@@ -59,28 +59,57 @@ def test_resume_in_a_new_process_is_identical_to_a_straight_run(tmp_path, straig
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
 
 
-def test_distillation_under_zero3_matches_one_rank_with_the_teacher_outside_zero(tmp_path):
-    """Finetuning with teachers (KL + param-MSE): 2 partitioned ZeRO-3 ranks give the losses of 1 rank x accum
-    2, while the frozen teacher bank stays whole in host memory (never a DeepSpeed parameter)."""
-    ds = partitioned_z3(tmp_path)
-    teachers = tmp_path / "teachers"
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory) -> tuple:
+    """Finetuning with teachers (KL + param-MSE), shared by the next two tests (issue 29: one teacher run and one
+    1-rank / 2-rank pair instead of two of each): 1 rank x accum 2 measuring the gradient ratios at every step,
+    2 partitioned ZeRO-3 ranks x accum 1 measuring them at steps 0 and 2 of 3 (train.grad_ratio_every=2)."""
+    tmp = tmp_path_factory.mktemp("distilled")
+    ds = partitioned_z3(tmp)
+    teachers = tmp / "teachers"
     check(launch("train_teachers.py", 1, ["--deepspeed", ds, "--output_dir", str(teachers), "--max_steps", "3",
                                           *TINY, "train.lr=1e-2"]))
     # The absolute alignment term: the relative one (the default) leaves out tasks whose teacher row is still
     # zero, and 3 teacher steps train few of the tasks these 3 steps sample, so it would read 0 here.
     common = ["--deepspeed", ds, "--teachers", str(teachers / "teachers"), "--max_steps", "3", *TINY,
               "loss.param_align=delta"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    check(launch("finetune.py", 1, ["--output_dir", str(one), *common, "train.grad_accum=2"]))
-    proc = check(launch("finetune.py", 2, ["--output_dir", str(two), *common, "train.grad_accum=1"]))
+    one, two = tmp / "one", tmp / "two"
+    check(launch("finetune.py", 1, ["--output_dir", str(one), *common, "train.grad_accum=2",
+                                    "train.grad_ratio_every=1"]))
+    proc = check(launch("finetune.py", 2, ["--output_dir", str(two), *common, "train.grad_accum=1",
+                                           "train.grad_ratio_every=2"]))
+    return metrics(one), metrics(two), proc
+
+
+def test_distillation_under_zero3_matches_one_rank_with_the_teacher_outside_zero(distilled):
+    """2 partitioned ZeRO-3 ranks give the losses of 1 rank x accum 2, while the frozen teacher bank stays whole
+    in host memory (never a DeepSpeed parameter)."""
+    a, b, proc = distilled
     assert "ZeRO-3: 263,168 parameters partitioned across 2 rank(s)" in proc.stdout
     assert "in host memory, outside ZeRO" in proc.stdout
-    a, b = metrics(one), metrics(two)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
     for x, y in zip(a, b):
         assert x["kl"] > 0 and x["param"] > 0
-        for key in ("loss", "kl", "param"):
+        for key in ("loss", "ce", "kl", "param"):
             assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+
+
+def test_grad_ratios_in_metrics_match_across_ranks_and_do_not_change_training(distilled):
+    """train.grad_ratio_every: each term's gradient-norm ratio to CE's lands in metrics.jsonl, identical on 2 ZeRO-3
+    ranks and on 1 rank x 2 micro-batches (the step's gradients: summed over micro-batches, averaged over ranks),
+    and measuring leaves the training itself unchanged: the 1-rank run measured step 1 and the 2-rank run did
+    not, and their losses (the test above) are the same."""
+    a, b, _ = distilled
+    keys = ("grad_ratio/kl", "grad_ratio/param", "grad_cos/kl", "grad_cos/param")
+    assert all(k in m for m in a for k in keys)  # every step measured
+    assert [all(k in m for k in keys) for m in b] == [True, False, True]  # steps 0 and 2 of 3
+    for x, y in zip(a, b):
+        for key in ("loss", "ce", "kl", "param"):
+            assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+        for key in keys:
+            if key in y:
+                assert abs(x[key] - y[key]) < 1e-4, (key, x, y)
+    assert 0 < a[0]["grad_ratio/kl"] and 0 < a[0]["grad_ratio/param"]
 
 
 def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path):
