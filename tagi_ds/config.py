@@ -24,9 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and the value."""
+from tagi_ds.errors import ConfigError  # defined with the other input errors; imported from here too
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,7 @@ class DataConfig:
         "num_pos": NON_NEGATIVE, "max_instances_per_task": Rule(lambda v: v > 0 or v == -1, "> 0, or -1 for all"),
         "max_instruction_length": at_least(2), "max_source_length": at_least(2), "max_target_length": at_least(2),
         "tasks_per_batch": POSITIVE, "examples_per_task": POSITIVE, "builtin_seed": SEED,
-        "pretrain_length": at_least(3), "num_workers": NON_NEGATIVE,
+        "pretrain_length": at_least(3),
     }
 
     spec: str = "builtin"
@@ -248,8 +246,6 @@ class DataConfig:
     Latin-square held-out pairs (docs/suite_v2.md)"""
     pretrain_length: int = 96
     """stage 1: the a|b|c window, in tokens"""
-    num_workers: int = 0
-    """not used: collation tokenises in the training process"""
     corpus: str | None = None
     """stage-1 text: builtin | text:FILE_OR_DIR; none = data.spec if text:, else builtin"""
     streaming: bool = False
@@ -448,11 +444,20 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
     raise ConfigError(f"{key}: expects {kind} ({value!r})")
 
 
-def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+# Keys an older version had and this one dropped: a saved config.json (an artifact, a checkpoint's run) that still
+# holds one reads as before, the key ignored; setting one (--set) is refused with the reason.
+RETIRED = {"data.num_workers": "removed: it was never used (collation tokenises in the training process)"}
+
+
+def _update(obj: Any, data: dict[str, Any], prefix: str = "", saved: bool = False) -> None:
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in RETIRED and key not in names:
+            if saved:
+                continue
+            raise ConfigError(f"{path}: {RETIRED[path]}; drop it ({value!r})")
         if key not in names:
             raise ConfigError(f"{path}: unknown config key (known{' in ' + prefix[:-1] if prefix else ''}: "
                               f"{', '.join(sorted(names))})")
@@ -460,15 +465,16 @@ def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: is a section, set {path}.KEY=VALUE ({value!r})")
-            _update(current, value, prefix=f"{path}.")
+            _update(current, value, prefix=f"{path}.", saved=saved)
         else:
             setattr(obj, key, _coerce(path, hints[key], value))
 
 
 def from_dict(data: dict[str, Any], base: TagiConfig | None = None) -> TagiConfig:
-    """Overlay a (possibly partial) nested dict onto ``base`` (default: a fresh TagiConfig)."""
+    """Overlay a (possibly partial) nested dict onto ``base`` (default: a fresh TagiConfig); a saved config's
+    :data:`RETIRED` keys are ignored."""
     cfg = copy.deepcopy(base) if base is not None else TagiConfig()
-    _update(cfg, data)
+    _update(cfg, data, saved=True)
     return cfg
 
 

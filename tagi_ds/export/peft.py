@@ -20,8 +20,6 @@ is not a weight, so a fusion-trained hypernetwork's PEFT adapter reproduces tagi
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from safetensors.torch import save_file
 from tagi_ds import artifacts, data
 from tagi_ds.config import DECODER_ONLY, ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
+from tagi_ds.files import atomic_dir
 from tagi_ds.model import build_model
 from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
@@ -90,10 +89,7 @@ def export_peft(out_dir: str | Path, model, factors, base_model: str | None = No
     """Write the PEFT adapter dir for ``factors`` of ``model``'s sites (atomically: temp dir + rename)."""
     cfg = model.cfg
     final = Path(out_dir)
-    tmp = final.with_name(f".{final.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as tmp:
         save_file(peft_state_dict(model.sites, factors), str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         files = {"adapter_config.json": peft_config(model.sites, cfg.hypernet.rank, cfg.hypernet.alpha,
@@ -103,12 +99,6 @@ def export_peft(out_dir: str | Path, model, factors, base_model: str | None = No
                                        "sites": [s.name for s in model.sites]}}
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -130,7 +120,7 @@ def generate_adapter(cfg, hypernet: Path, text: str, condition: str, out_dir: Pa
                      base_model: str | None = None) -> Path:
     """Build the frozen backbone + hypernetwork, generate the adapter for ``text``, export it to ``out_dir``.
 
-    The backbone is built as training built it: under ZeRO-3 (``--deepspeed``, default z3.json) inside
+    The backbone is built as training built it: under ZeRO-3 (``--deepspeed``, default as in training) inside
     ``deepspeed.zero.Init`` in a world of one, so a built-in random-init backbone is the one the hypernetwork
     was trained with; its parameters are gathered for the one forward. Single process: no engine.
     """

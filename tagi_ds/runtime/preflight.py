@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tagi_ds.config import ConfigError
+from tagi_ds.errors import env_rank, say
+from tagi_ds.files import read_json
 
 EXIT_USAGE = 2  # bad input: nothing was written
 EXIT_BAD_STEPS = 3  # train.max_bad_steps non-finite steps in a row: checkpoint saved, run stopped
@@ -48,11 +50,6 @@ class WriteFailed(Stopped):
     exit_code = EXIT_SAVE_FAILED
 
 
-def env_rank() -> int:
-    """This process's global rank as the launcher set it (0 without a launcher)."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
@@ -62,9 +59,8 @@ def fail(where: str, what: str, value: Any = None) -> NoReturn:
 
 
 def say_once(line: str) -> None:
-    """Print ``line`` on stderr from rank 0 only."""
-    if env_rank() == 0:
-        print(line, file=sys.stderr, flush=True)
+    """``line`` on stderr, from rank 0 only (``tagi_ds.errors.say``, the one rank-0 printer)."""
+    say(line, file=sys.stderr)
 
 
 def report(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -281,24 +277,6 @@ def check_zip(path: Path, where: str) -> None:
         fail(where, f"{path.name} is unreadable or truncated ({err})")
     if bad is not None:
         fail(where, f"{path.name} is truncated (member {bad} runs past the end)")
-
-
-def read_json(path: Path, where: str, keys: tuple[str, ...] = ()) -> Any:
-    """A JSON file that must exist, parse, and (for an object) hold ``keys``; ``where`` names the file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        fail(where, "missing")
-    except OSError as err:
-        fail(where, f"cannot read it ({err.strerror})")
-    except UnicodeDecodeError:
-        fail(where, "not UTF-8 text")
-    except json.JSONDecodeError as err:
-        fail(where, f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}")
-    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
-    if missing:
-        fail(where, f"no {missing[0]!r} key", sorted(data) if isinstance(data, dict) else type(data).__name__)
-    return data
 
 
 # -- the model, without memory --------------------------------------------------------------------------------

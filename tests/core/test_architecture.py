@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,71 @@ def reaching(sources: list[Path], forbidden: tuple[str, ...]) -> list[str]:
             if any(m == bad or m.startswith(bad + ".") for bad in forbidden)]
 
 
-CORE = ("tagi_ds/config.py", "tagi_ds/stages.py", "tagi_ds/recipes.py", "tagi_ds/batch.py", "tagi_ds/ops.py",
+def module_name(path: Path) -> str:
+    """``tagi_ds/plan/cli.py`` -> ``tagi_ds.plan.cli``; a package's ``__init__.py`` is the package."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Module -> the modules of ``paths`` it imports, lazy imports included. ``from tagi_ds.backbones import t5``
+    is an edge to ``tagi_ds.backbones.t5``, ``from tagi_ds.plan import count`` to ``tagi_ds.plan`` (the longest
+    imported prefix that is one of the modules). Only the imports the code writes: the parent packages Python
+    runs first are left out, or every package ``__init__`` that re-exports a submodule would make a cycle."""
+    modules = {module_name(p): p for p in paths}
+
+    def known(m: str) -> str:
+        while m and m not in modules:
+            m = m.rpartition(".")[0]
+        return m
+
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets |= {known(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else known(node.module)
+                            for a in node.names}
+        graph[name] = {m for m in targets if m and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph``: each strongly connected component of more than one module (Tarjan),
+    sorted, so that a failure names every module of the cycle."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+CORE = ("tagi_ds/errors.py", "tagi_ds/files.py", "tagi_ds/config.py", "tagi_ds/stages.py", "tagi_ds/recipes.py",
+        "tagi_ds/batch.py", "tagi_ds/ops.py",
         "tagi_ds/losses.py", "tagi_ds/model.py", "tagi_ds/adapters", "tagi_ds/backbones", "tagi_ds/hypernet",
         "tagi_ds/data")
 ABOVE_CORE = ("tagi_ds.runtime", "tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli",
@@ -52,7 +117,12 @@ RULES = [  # (what, the files, the packages or modules they must not import)
     ("runtime/ sits below the work and the CLI",
      files("tagi_ds/runtime"),
      ("tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli", "tagi_ds.artifact_flags",
-      "tagi_ds.artifacts")),
+      "tagi_ds.artifacts", "tagi_ds.launch")),
+    ("no arrow from the work or the layers below it up to the CLI or the launcher (entry points of lower layers,"
+     " python -m tagi_ds.plan and python -m tagi_ds.data, parse with runtime/flags.py)",
+     files(*CORE, "tagi_ds/runtime", "tagi_ds/artifacts.py", "tagi_ds/train", "tagi_ds/eval", "tagi_ds/export",
+           "tagi_ds/plan"),
+     ("tagi_ds.cli", "tagi_ds.artifact_flags", "tagi_ds.launch")),
     ("evaluation and export know no flags",
      files("tagi_ds/eval", "tagi_ds/export"),
      ("tagi_ds.cli", "tagi_ds.artifact_flags")),
@@ -72,6 +142,28 @@ def test_the_import_reader_sees_lazy_and_from_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("from tagi_ds import train\n\ndef f():\n    from tagi_ds.train.loop import run\n")
     assert {"tagi_ds.train", "tagi_ds.train.loop", "tagi_ds.train.loop.run"} <= imports(f)
+
+
+def test_no_import_cycles():
+    """No cycle among the package's modules, lazy imports included: a cycle ties layers (or two modules of one
+    layer) together so that neither can be read, tested or changed alone (it was cli -> train/loop -> plan ->
+    plan/cli -> cli, because plan/__init__.py re-exported the planner's command line)."""
+    assert cycles(import_graph(files("tagi_ds"))) == []
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_lazy_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "tagi_ds"
+    (pkg / "plan").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text("def main():\n    from tagi_ds.train import loop\n")
+    (pkg / "train").mkdir()
+    (pkg / "train" / "loop.py").write_text("from tagi_ds import plan\n")
+    (pkg / "plan" / "__init__.py").write_text("from tagi_ds.plan.cli import main\n")
+    (pkg / "plan" / "cli.py").write_text("from tagi_ds.cli import Parser\nfrom tagi_ds.plan import fit\n")
+    (pkg / "plan" / "fit.py").write_text("import json\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    found = cycles(import_graph(files("tagi_ds")))
+    assert found == [["tagi_ds.cli", "tagi_ds.plan", "tagi_ds.plan.cli", "tagi_ds.train.loop"]]
 
 
 # -- the layout blocks of README.md and docs/architecture.md against the tree --------------------------------------
