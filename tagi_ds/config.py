@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
+from tagi_ds import families
 from tagi_ds.errors import ConfigError  # defined with the other input errors; imported from here too
 
 
@@ -35,10 +36,19 @@ class Rule:
 
     test: Callable[[Any], bool]
     text: str  # "> 0", "one of t5, llama": the error says "<key>: must be <text> (<value>)"
+    choices: Callable[[], tuple[str, ...]] | None = None  # a registry's names, read when checked (model.arch)
+
+    def says(self) -> str:
+        return f"one of {', '.join(self.choices())}" if self.choices else self.text
 
 
 def one_of(*allowed: str) -> Rule:
     return Rule(lambda v: v in allowed, f"one of {', '.join(allowed)}")
+
+
+def registered(names: Callable[[], tuple[str, ...]]) -> Rule:
+    """One of the names a registry holds when the config is checked (a test may register a family first)."""
+    return Rule(lambda v: v in names(), "", names)
 
 
 def above(lo: float) -> Rule:
@@ -65,8 +75,6 @@ SEED = within(0, 2**32 - 1)  # numpy's seed range
 FAULT = matches(r"|(nan|raise)@\d+(-\d+)?:\d+|(kill|stop)@\d+:\d+|(enospc|rofs)@\d+",
                 "empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or rofs@STEP")
 
-Arch = Literal["t5", "llama", "mistral", "qwen2", "gemma2"]
-DECODER_ONLY = tuple(a for a in get_args(Arch) if a != "t5")  # model.arch of the decoder-only families (HF model_type)
 ModeName = Literal["tagi", "concat", "no_instruction"]  # what tagi_ds/stages.py's MODES describe
 Granularity = Literal["task", "category"]
 
@@ -80,9 +88,10 @@ class ModelConfig:
         "num_decoder_layers": POSITIVE, "num_heads": POSITIVE, "num_kv_heads": POSITIVE,
         "max_position_embeddings": POSITIVE, "head_dim": NON_NEGATIVE, "rope_theta": POSITIVE,
         "rope_scaling": NON_NEGATIVE, "sliding_window": NON_NEGATIVE, "init_seed": SEED,
+        "arch": registered(families.names),
     }
 
-    arch: Arch = "t5"
+    arch: str = "t5"
     """t5 is the encoder-decoder; the others are decoder-only families, by HF model_type (Llama-1/2/3 are llama)"""
     model_name_or_path: str | None = None
     """local HF checkpoint dir; none = the recipe's shape, random init"""
@@ -335,14 +344,16 @@ class TagiConfig:
         ConfigError names key and value."""
         for key, rule, value in _ruled(self):
             if not rule.test(value):
-                raise ConfigError(f"{key}: must be {rule.text} ({value!r})")
-        m = self.model
-        if self.hypernet.fusion and m.arch != "t5" and self.mode == "tagi":
-            raise ConfigError(f"hypernet.fusion: true is T5-only (model.arch={m.arch} is decoder-only: no encoder to "
-                              "fuse into); set hypernet.fusion=false (True)")
-        if m.arch in DECODER_ONLY and not m.head_dim and m.d_model % m.num_heads:
+                raise ConfigError(f"{key}: must be {rule.says()} ({value!r})")
+        m, fam = self.model, families.get(self.model.arch)
+        if self.hypernet.fusion and not fam.fusion and self.mode == "tagi":
+            fusing = "/".join(families.get(n).label for n in families.having("fusion"))
+            why = "is decoder-only: no encoder to fuse into" if fam.causal else "has no fusion"
+            raise ConfigError(f"hypernet.fusion: true is {fusing}-only (model.arch={m.arch} {why}); "
+                              "set hypernet.fusion=false (True)")
+        if "head_dim" in fam.shape and not m.head_dim and m.d_model % m.num_heads:  # head_dim 0: d_model / heads
             raise ConfigError(f"model.d_model: must be a multiple of model.num_heads={m.num_heads} ({m.d_model})")
-        if m.arch in DECODER_ONLY and m.num_heads % m.num_kv_heads:
+        if "num_kv_heads" in fam.shape and m.num_heads % m.num_kv_heads:
             raise ConfigError(f"model.num_kv_heads: must divide model.num_heads={m.num_heads} ({m.num_kv_heads})")
         _check_family(m)
         return self
@@ -389,16 +400,30 @@ def choices(section: type, name: str) -> tuple[str, ...]:
 
 
 def _check_family(m: ModelConfig) -> None:
-    """Settings a decoder-only family cannot honour (tagi_ds/backbones/decoder.py builds the rest)."""
-    if m.arch == "gemma2" and m.attn_implementation == "sdpa":
-        raise ConfigError("model.attn_implementation: Gemma-2 soft-caps its attention logits, which sdpa cannot do; "
-                          "use eager or flash_attention_2 (sdpa)")
-    if m.sliding_window and m.arch in ("t5", "llama"):
-        raise ConfigError(f"model.sliding_window: {m.arch} has no sliding-window attention (mistral, qwen2 and gemma2 "
-                          f"do); set it to 0 ({m.sliding_window})")
-    if m.rope_scaling and m.arch != "llama":
-        raise ConfigError(f"model.rope_scaling: Llama-3.1-style RoPE scaling is for model.arch=llama only "
-                          f"(model.arch={m.arch}); set it to 0 ({m.rope_scaling:g})")
+    """Settings the family of ``m`` cannot honour (its record: tagi_ds/families.py)."""
+    fam = families.get(m.arch)
+    if (why := attention_error(m)) is not None:
+        raise ConfigError(why)
+    if m.sliding_window and not fam.sliding_window:
+        raise ConfigError(f"model.sliding_window: {m.arch} has no sliding-window attention "
+                          f"({_and(families.having('sliding_window'))} do); set it to 0 ({m.sliding_window})")
+    if m.rope_scaling and not fam.rope_scaling:
+        raise ConfigError(f"model.rope_scaling: Llama-3.1-style RoPE scaling is for model.arch="
+                          f"{' or '.join(families.having('rope_scaling'))} only (model.arch={m.arch}); set it to 0 "
+                          f"({m.rope_scaling:g})")
+
+
+def attention_error(m: ModelConfig) -> str | None:
+    """Why ``m``'s family cannot use ``m.attn_implementation`` (its record's ``attention``), or None."""
+    fam = families.get(m.arch)
+    if m.attn_implementation not in fam.attention:
+        return None
+    others = " or ".join(a for a in choices(ModelConfig, "attn_implementation") if a not in fam.attention)
+    return f"model.attn_implementation: {fam.attention[m.attn_implementation]}; use {others} ({m.attn_implementation})"
+
+
+def _and(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
@@ -506,6 +531,7 @@ def reference(obj: Any | None = None, prefix: str = "") -> list[tuple[str, str, 
             continue
         rule = rule_of(section, f.name)
         values = (" | ".join(choices(section, f.name)) if get_origin(hints[f.name]) is Literal
+                  else " | ".join(rule.choices()) if rule and rule.choices
                   else f"{_kind(hints[f.name])}, {rule.text}" if rule else _kind(hints[f.name]))
         rows.append((prefix + f.name, values, _shown(value), docs.get(f.name, "")))
     return rows

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tagi_ds import artifacts, data
-from tagi_ds.config import DECODER_ONLY, ConfigError
+from tagi_ds import artifacts, data, families
+from tagi_ds.config import ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
 from tagi_ds.files import atomic_dir
 from tagi_ds.model import build_model
@@ -38,7 +38,6 @@ from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.runtime.rundir import seed_everything
 
 CONDITIONS = ("task", "instance")
-TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", **{arch: "CAUSAL_LM" for arch in DECODER_ONLY}}
 
 
 def condition_text(text: str, condition: str = "task") -> str:
@@ -77,7 +76,7 @@ def peft_state_dict(sites, factors) -> dict[str, torch.Tensor]:
 
 def peft_config(sites, rank: int, alpha: float, arch: str, base_model: str | None) -> dict[str, Any]:
     return {
-        "peft_type": "LORA", "task_type": TASK_TYPES[arch], "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": families.get(arch).peft_task_type, "base_model_name_or_path": base_model,
         "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "target_modules": [s.name for s in sites], "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},

@@ -305,25 +305,16 @@ def meta_model(cfg, stage: str, special_ids: dict[str, int], num_bank_rows: int 
              cfg.model.model_name_or_path)
 
 
-def _hf_class(arch: str):
-    """``(model_type, HF model class)`` of ``model.arch`` (the decoder-only families: backbones/decoder.py)."""
-    if arch == "t5":
-        from transformers import T5ForConditionalGeneration
-
-        return "t5", T5ForConditionalGeneration
-    from tagi_ds.backbones.decoder import family
-
-    return arch, family(arch)[1]
-
-
 def _meta_pretrained(cfg):
     import transformers
 
+    from tagi_ds import families
     from tagi_ds.backbones.base import DTYPES, check_attention, check_model_dir
 
     path = check_model_dir(cfg.model.model_name_or_path)
     read_json(path / "config.json", f"--model_name_or_path {path}/config.json", ("model_type",))
-    model_type, model_cls = _hf_class(cfg.model.arch)
+    family = families.get(cfg.model.arch)  # its record names the class and the model_type to expect
+    model_type, model_cls = family.model_type, getattr(transformers, family.model_class)
     try:
         hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:

@@ -104,10 +104,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
-CORE = ("tagi_ds/errors.py", "tagi_ds/files.py", "tagi_ds/config.py", "tagi_ds/stages.py", "tagi_ds/recipes.py",
-        "tagi_ds/batch.py", "tagi_ds/ops.py",
-        "tagi_ds/losses.py", "tagi_ds/model.py", "tagi_ds/adapters", "tagi_ds/backbones", "tagi_ds/hypernet",
-        "tagi_ds/data")
+CORE = ("tagi_ds/errors.py", "tagi_ds/files.py", "tagi_ds/families.py", "tagi_ds/config.py", "tagi_ds/stages.py",
+        "tagi_ds/recipes.py", "tagi_ds/batch.py", "tagi_ds/ops.py", "tagi_ds/losses.py", "tagi_ds/model.py",
+        "tagi_ds/adapters", "tagi_ds/backbones", "tagi_ds/hypernet", "tagi_ds/data")
 ABOVE_CORE = ("tagi_ds.runtime", "tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli",
               "tagi_ds.artifact_flags", "tagi_ds.artifacts")
 RULES = [  # (what, the files, the packages or modules they must not import)
@@ -203,3 +202,56 @@ def test_layout_names_what_the_tree_holds(doc, heading):
     covered = {p.removeprefix("tagi_ds/") for p in named if p.startswith("tagi_ds/")}
     assert package <= covered, f"{doc} does not name {sorted(package - covered)}"
     assert top <= {p.split("/")[0] + "/" for p in named}, f"{doc} does not name {sorted(top - set(named))}"
+
+
+# -- what a backbone family is, is read from its record (tagi_ds/families.py), not re-derived from its name -------
+ARCH_WORDS = {"t5", "llama", "mistral", "qwen2", "gemma2"}  # the model.arch names of the built-in families
+ARCH_LISTS = {"DECODER_ONLY", "ARCHS", "Arch"}  # the old hand-made lists of families (config.py, data/collate.py)
+ARCH_PLACES = ("tagi_ds", "launchers", "benchmarks", "scripts")
+
+
+def arch_tests(root: Path = REPO, places: tuple[str, ...] = ARCH_PLACES, but: str = "tagi_ds/backbones/") -> list[str]:
+    """``file:line`` of every line outside ``but`` that tests a family by name: a comparison or ``in`` test
+    against an arch literal (``arch == "t5"``, ``arch in ("t5", "llama")``), a dict keyed by one, a subscript by
+    one (``Literal["t5", ...]``), or a use of a hand-made family list (not its import: one line per use).
+    On the tree before the Family record (9d51a8d..6ebef81): 43 in tagi_ds/ + launchers/ (11 files, 21 in
+    plan/), 47 with benchmarks/ and scripts/."""
+    def named(node: ast.AST) -> bool:
+        elts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return any(isinstance(e, ast.Constant) and e.value in ARCH_WORDS for e in elts)
+
+    out: dict[tuple[str, int], str] = {}  # (file, line) -> the line: a line counts once
+    for f in (g for place in places for g in sorted((root / place).rglob("*.py"))):
+        rel = str(f.relative_to(root))
+        if rel.startswith(but):
+            continue
+        text = f.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if ((isinstance(node, ast.Compare) and any(named(s) for s in (node.left, *node.comparators)))
+                    or (isinstance(node, ast.Dict) and any(k is not None and named(k) for k in node.keys))
+                    or (isinstance(node, ast.Subscript) and named(node.slice))
+                    or (isinstance(node, ast.Name) and node.id in ARCH_LISTS)):
+                out[(rel, node.lineno)] = text.splitlines()[node.lineno - 1].strip()
+    return [f"{rel}:{line}: {code}" for (rel, line), code in sorted(out.items())]
+
+
+def test_families_are_read_from_their_record_not_tested_by_name():
+    found = arch_tests()
+    assert len(found) == 0, "read the family's record (tagi_ds.families.get(arch)), not its name:\n" + "\n".join(found)
+
+
+def test_the_arch_test_counter_sees_comparisons_keys_literals_and_lists(tmp_path):
+    (tmp_path / "m.py").write_text(
+        'if arch == "t5" or cfg.model.arch in ("llama", "qwen2"):\n    pass\n'
+        'TYPES = {"t5": 1}\nArch = Literal["t5", "gemma2"]\nok = arch in DECODER_ONLY\n'
+        'from tagi_ds.config import DECODER_ONLY\nrecipe = {"arch": "t5"}\n')
+    found = arch_tests(tmp_path, (".",), but="-")
+    assert [int(f.split(":")[1]) for f in found] == [1, 3, 4, 5]  # a line once; the import and a value are not tests
+
+
+if __name__ == "__main__":  # python -m tests.core.test_architecture [TREE]: the count, line by line (TREE: a checkout)
+    import sys
+
+    hits = arch_tests(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO)
+    print("\n".join(hits) + f"\n{len(hits)} architecture-name tests outside tagi_ds/backbones/ in "
+          f"{', '.join(ARCH_PLACES)}")
