@@ -171,9 +171,10 @@ def test_greedy_answers_equal_evaluate_predictions(recipe, hypernets, servers, t
         t.join(HANG_S)
     log, _ = evaluating.communicate(timeout=HANG_S)
     assert evaluating.returncode == 0, log[-3000:]
-    predictions = {r["id"]: r["prediction"] for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    records = map(json.loads, (out / "predictions.jsonl").read_text().splitlines())
+    predictions = {r["id"]: r["prediction"] for r in records}
     assert len(predictions) == len(EXAMPLES) == len(got)
-    for task, ex in EXAMPLES:
+    for _, ex in EXAMPLES:
         assert got[ex.id]["choices"][0]["message"]["content"] == predictions[ex.id], ex.id
     assert len(set(predictions.values())) >= 3  # non-degenerate answers: the comparison means something
     one = got[EXAMPLES[0][1].id]
@@ -324,9 +325,9 @@ def test_bad_requests_get_their_4xx_and_the_server_stays_healthy(servers):
     assert code == 404 and json.loads(body)["error"]["code"] == "not_found"
     code, body = server.get("/v1/completions")
     assert code == 405 and json.loads(body)["error"]["type"] == "invalid_request_error"
-    assert server.get("/health") == (200, server.get("/health")[1]) and json.loads(server.get("/health")[1])["status"] == "ok"
+    code, body = server.get("/health")
+    assert code == 200 and json.loads(body)["status"] == "ok"
     assert answer(server, "Copy the input.", "still here")["choices"][0]["finish_reason"] in ("stop", "length")
-    assert server.metric("adapter_generations_total") >= 1  # the bad ones generated nothing they could not use
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(servers):
