@@ -15,6 +15,7 @@ Endpoints: POST /v1/chat/completions (system message = instruction, user message
 
 from __future__ import annotations
 
+import math
 import socket
 import textwrap
 import warnings
@@ -58,10 +59,10 @@ def check_flags(args) -> None:
     for flag in ("max_batch", "max_tokens", "max_request_bytes"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag}: must be > 0 ({getattr(args, flag)})")
-    if not args.batch_window_ms >= 0:
-        raise ConfigError(f"--batch_window_ms: must be >= 0 ({args.batch_window_ms})")
-    if not args.adapter_cache_mb > 0:
-        raise ConfigError(f"--adapter_cache_mb: must be > 0 ({args.adapter_cache_mb})")
+    if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
+        raise ConfigError(f"--batch_window_ms: must be >= 0 and finite ({args.batch_window_ms})")
+    if not (math.isfinite(args.adapter_cache_mb) and args.adapter_cache_mb > 0):
+        raise ConfigError(f"--adapter_cache_mb: must be > 0 and finite ({args.adapter_cache_mb})")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: must be in [0, 65535] ({args.port})")
     if not args.served_name.strip():

@@ -376,3 +376,38 @@ def test_models_metrics_and_the_openai_client(servers):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model="tagi", messages=messages, max_tokens=0)
+
+
+def test_a_taken_port_is_one_error_line_before_the_model_is_built(hypernets):
+    import contextlib
+    import io
+    import socket
+
+    from tagi_ds.cli import guarded
+    from tagi_ds.serve.__main__ import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            guarded(lambda: main(["--hypernet", str(hypernets["tiny"]), "--port", str(port)]))
+    assert exit_info.value.code == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --port {port}: cannot listen on 127.0.0.1:{port}"), lines
+
+
+def test_help_and_readme_document_every_flag():
+    from tagi_ds.serve.__main__ import parser
+
+    p = parser()
+    text = p.format_help()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Serve"):]
+    section = section[:section.index("\n## ", 1)]
+    for action in p._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                assert flag in text, flag
+                assert flag in section or flag == "--help", f"README 'Serve' does not name {flag}"
