@@ -11,7 +11,8 @@
 Both completion endpoints take ``max_tokens``, ``temperature`` (0: greedy, the default), ``top_p``, ``seed``,
 ``stop`` (a string or up to 4), ``stream`` (server-sent events, ``data: [DONE]`` last) and the TAGI extension
 ``condition`` (``task``: the instruction is a task definition, formatted as training formats it; ``instance``:
-read as is). Answers carry ``usage`` and a ``tagi`` object (adapter id, cache hit or miss, instruction tokens).
+read as is) and ``ignore_eos`` (decode ``max_tokens`` tokens whatever comes, as vLLM's: for benchmarks).
+Answers carry ``usage`` and a ``tagi`` object (adapter id, cache hit or miss, instruction tokens).
 
 Bad requests get a 4xx and the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; the body is
 parsed here (size, UTF-8, JSON, every field), never by the engine. A streaming client that goes away cancels its
@@ -145,7 +146,11 @@ def decoding(body: dict, limits: Limits, served: str, max_key: str = "max_tokens
         raise ApiError(400, f"'condition' must be one of {', '.join(CONDITIONS)}, got {condition!r}",
                        param="condition")
     seed = _int(body, "seed")
-    return {"max_tokens": max_tokens, "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, f"'ignore_eos' must be true or false, got {ignore_eos!r}", param="ignore_eos")
+    return {"ignore_eos": ignore_eos, "max_tokens": max_tokens,
+            "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
             "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), "seed": seed, "stop": tuple(stop),
             "stream": stream, "condition": condition}
 
@@ -237,7 +242,7 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None)
     def make_request(instruction: str, prompt: str, d: dict) -> serve_engine.Request:
         return serve_engine.Request(instruction=instruction, prompt=prompt, condition=d["condition"],
                                     max_tokens=d["max_tokens"], temperature=d["temperature"], top_p=d["top_p"],
-                                    seed=d["seed"], stop=d["stop"])
+                                    seed=d["seed"], stop=d["stop"], ignore_eos=d["ignore_eos"])
 
     def usage(result: dict) -> dict:
         return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],

@@ -15,6 +15,7 @@ request gets the same tokens whatever it was batched with (up to the float ties 
 
 from __future__ import annotations
 
+import random
 import time
 
 import torch
@@ -41,13 +42,16 @@ class Output:
         self.generated = 0
         self.text = self.emitted = ""
         self.reason: str | None = None
-        self.gen = torch.Generator().manual_seed(req.seed if req.seed is not None else
-                                                 torch.seed()) if req.temperature > 0 else None
+        seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)  # the global RNG untouched
+        self.gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
 
     def push(self, token: int) -> None:
         self.generated += 1
-        if token == self.tok.eos_id:
+        if token == self.tok.eos_id and not self.req.ignore_eos:
             self.reason = "stop"
+        elif token == self.tok.eos_id:  # ignore_eos (benchmarks): decoding goes on, the text takes nothing
+            if self.generated >= self.req.max_tokens:
+                self.reason = "length"
         else:
             self.tokens.append(token)
             text = self.tok.decode(self.tokens)

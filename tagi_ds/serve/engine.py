@@ -56,6 +56,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # decode max_tokens tokens whatever comes (benchmarks, as vLLM's ignore_eos)
     emit: Callable[[str, object], None] = lambda kind, value: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)

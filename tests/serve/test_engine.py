@@ -59,6 +59,9 @@ def test_rows_that_end_leave_the_batch(engine):
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     assert [r["adapter"] for r in together] == [r["adapter"] for r in alone]
     assert len({r["text"] for r in together}) >= 2
+    # ignore_eos decodes max_tokens tokens whatever comes (the benchmark's fixed work per request)
+    (long,) = serve(engine, [Request(t0.definitions[0], e0.input, max_tokens=9, ignore_eos=True)])
+    assert long["completion_tokens"] == 9 and long["finish_reason"] == "length"
 
 
 def adapter(key: str, nbytes: int) -> Adapter:

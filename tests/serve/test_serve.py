@@ -308,6 +308,7 @@ BAD = [  # (what, path, body (bytes: sent as is), status, param)
     ("top_p 0", "/v1/chat/completions", chat("Copy.", "x", top_p=0), 400, "top_p"),
     ("five stop strings", "/v1/chat/completions", chat("Copy.", "x", stop=list("abcde")), 400, "stop"),
     ("n 2", "/v1/chat/completions", chat("Copy.", "x", n=2), 400, "n"),
+    ("ignore_eos not a boolean", "/v1/chat/completions", chat("Copy.", "x", ignore_eos="yes"), 400, "ignore_eos"),
     ("unknown condition", "/v1/adapters", {"instruction": "Copy.", "condition": "both"}, 400, "condition"),
     ("empty adapter instruction", "/v1/adapters", {"instruction": " "}, 400, "instruction"),
 ]
