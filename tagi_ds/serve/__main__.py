@@ -46,6 +46,9 @@ def parser() -> Parser:
                    help="a request's max_tokens when it gives none, and the most it may ask for")
     p.add_argument("--max_request_bytes", type=int, default=262144,
                    help="largest request body taken (bigger: 413)")
+    p.add_argument("--adapter_export_dir", default=None, metavar="DIR",
+                   help="where POST /v1/adapters with \"export\": true writes PEFT adapter dirs, one per adapter id "
+                        "(default: none; export refused)")
     p.add_argument("--served_name", default="tagi", metavar="NAME",
                    help="the model id of /v1/models; a request naming another model gets 404")
     p.add_argument("--mode", default="tagi", choices=MODES,
@@ -102,6 +105,11 @@ def main(argv=None) -> None:
     from tagi_ds.serve import engine as serve_engine
 
     tok = serve_engine.preflight(cfg, hypernet)
+    export_dir = None
+    if args.adapter_export_dir is not None:
+        from tagi_ds.runtime.preflight import check_output_dir
+
+        export_dir = check_output_dir(args.adapter_export_dir, "--adapter_export_dir")
     sock = bind(args.host, args.port)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import uvicorn
@@ -120,7 +128,8 @@ def main(argv=None) -> None:
               f"{cfg.recipe} {cfg.model.arch} on {engine.device}, {len(engine.model.sites)} adapted sites, "
               f"max_batch {args.max_batch}, window {args.batch_window_ms:g} ms)", flush=True)
 
-    app = create_app(scheduler, args.served_name, Limits(args.max_tokens, args.max_request_bytes), on_ready=ready)
+    app = create_app(scheduler, args.served_name, Limits(args.max_tokens, args.max_request_bytes), on_ready=ready,
+                     export_dir=export_dir)
     scheduler.start()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     try:

@@ -3,7 +3,8 @@
 =====================================  ==========================================================================
 ``POST /v1/chat/completions``          the system message is the instruction, the one user message the input
 ``POST /v1/completions``               ``instruction`` beside ``prompt``
-``POST /v1/adapters``                  ``instruction`` -> the adapter's content-hash id (generated and cached)
+``POST /v1/adapters``                  ``instruction`` -> the adapter's content-hash id (generated and cached);
+                                       ``"export": true`` also writes it in PEFT format (``--adapter_export_dir``)
 ``GET /v1/models``, ``/health``,       the served model; ``{"status": "ok"}`` (503 once the engine thread is
 ``/metrics``                           gone); Prometheus text
 =====================================  ==========================================================================
@@ -23,16 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tagi_ds.export.peft import CONDITIONS
+from tagi_ds.export.peft import CONDITIONS, export_peft
 from tagi_ds.serve import engine as serve_engine
 from tagi_ds.serve.scheduler import Scheduler
 
@@ -193,10 +196,12 @@ def chat_texts(body: dict) -> tuple[str, str]:
 
 
 # -- the app ------------------------------------------------------------------------------------------------------
-def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None) -> FastAPI:
+def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
+               export_dir: Path | None = None) -> FastAPI:
     engine = scheduler.engine
     metrics = engine.metrics
     app = FastAPI(title="tagi-ds serve", docs_url=None, redoc_url=None, openapi_url=None)
+    export_lock = threading.Lock()
     if on_ready is not None:
         app.router.on_startup.append(on_ready)
 
@@ -326,6 +331,12 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None)
         if condition not in CONDITIONS:
             raise ApiError(400, f"'condition' must be one of {', '.join(CONDITIONS)}, got {condition!r}",
                            param="condition")
+        export = body.get("export", False)
+        if not isinstance(export, bool):
+            raise ApiError(400, f"'export' must be true or false, got {export!r}", param="export")
+        if export and export_dir is None:
+            raise ApiError(400, "'export': this server was started without --adapter_export_dir", param="export",
+                           code="export_disabled")
         if engine.mode != "tagi":
             raise ApiError(400, f"this server runs mode {engine.mode}: no adapters are generated", code="no_adapters")
         req = serve_engine.Request(instruction=instruction, prompt="", condition=condition, adapter_only=True)
@@ -334,8 +345,20 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None)
             if kind == "done":
                 result = value
         a = result["adapter"]
-        return {"id": a.id, "object": "adapter", "model": served, "condition": condition,
-                "instruction_tokens": a.instruction_tokens, "bytes": a.nbytes, "cached": result["cache"] == "hit"}
+        out = {"id": a.id, "object": "adapter", "model": served, "condition": condition,
+               "instruction_tokens": a.instruction_tokens, "bytes": a.nbytes, "cached": result["cache"] == "hit"}
+        if export:  # reads the cached factors only (no forward): off the engine thread, the file writes too
+            provenance = {"condition": condition, "text": instruction, "adapter": a.id,
+                          "hypernet_fingerprint": engine.fingerprint}
+            def write() -> Path:
+                with export_lock:  # export_peft's temp dir is named by the process: one export at a time
+                    return export_peft(export_dir / a.id, engine.model, a.factors,
+                                       engine.cfg.model.model_name_or_path, provenance)
+
+            path = await asyncio.to_thread(write)
+            out["peft_dir"] = str(path)
+            out["fusion"] = engine.model.fusion  # true: the PEFT adapter alone omits the instruction fusion
+        return out
 
     @app.get("/v1/models")
     async def models():

@@ -362,6 +362,8 @@ CASES = [
     Case("serve-body-limit-text", "serve", [*HN, "--max_request_bytes", "1MB"], "argument --max_request_bytes", False),
     Case("serve-mode-choice", "serve", [*HN, "--mode", "lora"], "argument --mode: invalid choice", False),
     Case("serve-unknown-key", "serve", [*HN, "--set", "hypernet.rnak=3"], "hypernet.rnak: unknown config key", False),
+    Case("serve-export-dir-file", "serve", [*HN, "--adapter_export_dir", "{afile}"],
+         "--adapter_export_dir: exists and is not a directory", False),
     Case("serve-other-layers", "serve", [*HN, "--set", "model.num_layers=3"], "adapted sites differ", False),
     # python -m tagi_ds.data
     Case("data-cli-scheme", "data", ["--data", "s3://bucket/sni"], "unknown scheme 's3'", False),

@@ -59,9 +59,27 @@ def test_rows_that_end_leave_the_batch(engine):
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     assert [r["adapter"] for r in together] == [r["adapter"] for r in alone]
     assert len({r["text"] for r in together}) >= 2
+    # the instruction matters (the same input, four instructions: not one answer), so the checks above mean something
+    same_input = [Request(task.definitions[0], e0.input, max_tokens=8) for task, _ in EXAMPLES[::2]]
+    assert len({r["text"] for r in serve(engine, same_input)}) >= 2
     # ignore_eos decodes max_tokens tokens whatever comes (the benchmark's fixed work per request)
     (long,) = serve(engine, [Request(t0.definitions[0], e0.input, max_tokens=9, ignore_eos=True)])
     assert long["completion_tokens"] == 9 and long["finish_reason"] == "length"
+
+
+def test_the_cached_adapter_is_what_generate_adapter_exports(engine):
+    """The server's adapter for a text = ``export/peft.generate_factors`` for it (launchers/generate_adapter.py)."""
+    from tagi_ds.export.peft import condition_text, generate_factors, instruction_tensors
+
+    text = EXAMPLES[0][0].definitions[0]
+    req = Request(text, "", adapter_only=True)
+    engine.resolve([req, Request("Another instruction read in the same forward.", "", adapter_only=True)])
+    ids, mask = instruction_tensors(engine.tok, engine.cfg, condition_text(text, "task"))
+    want = generate_factors(engine.model, ids, mask)
+    assert len(req.adapter.factors) == len(want) == len(engine.model.sites)
+    for (A, B), (wa, wb) in zip(req.adapter.factors, want):
+        torch.testing.assert_close(A, wa, rtol=0, atol=1e-6)
+        torch.testing.assert_close(B, wb, rtol=0, atol=1e-6)
 
 
 def adapter(key: str, nbytes: int) -> Adapter:

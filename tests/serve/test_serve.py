@@ -140,7 +140,9 @@ def servers(hypernets, tmp_path_factory):
 
     def get(recipe: str) -> Server:
         if recipe not in running:
-            running[recipe] = Server(hypernets[recipe], tmp_path_factory.mktemp("log") / f"{recipe}.log")
+            logs = tmp_path_factory.mktemp("log")
+            running[recipe] = Server(hypernets[recipe], logs / f"{recipe}.log", "--adapter_export_dir",
+                                     str(logs / "peft"))
         return running[recipe]
 
     yield get
@@ -206,6 +208,15 @@ def test_second_request_with_the_same_instruction_does_not_run_the_hypernetwork(
     status, other = server.post("/v1/adapters", {"instruction": instruction, "condition": "instance"})
     assert status == 200 and other["id"] != body["id"] and other["cached"] is False
     assert server.metric("adapter_generations_total") == before["adapter_generations_total"] + 2
+    # "export": the cached adapter in PEFT format, in a dir named by its id
+    status, exported = server.post("/v1/adapters", {"instruction": instruction, "export": True})
+    assert status == 200 and exported["id"] == body["id"] and exported["fusion"] is True
+    peft_dir = Path(exported["peft_dir"])
+    assert peft_dir.name == body["id"] and sorted(p.name for p in peft_dir.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "tagi_adapter.json"]
+    meta = json.loads((peft_dir / "tagi_adapter.json").read_text())
+    assert meta["adapter"] == body["id"] and meta["text"] == instruction
+    assert server.metric("adapter_generations_total") == before["adapter_generations_total"] + 2  # from the cache
 
 
 def test_16_concurrent_clients_with_8_instructions_get_their_one_at_a_time_answers(servers):
@@ -311,6 +322,7 @@ BAD = [  # (what, path, body (bytes: sent as is), status, param)
     ("ignore_eos not a boolean", "/v1/chat/completions", chat("Copy.", "x", ignore_eos="yes"), 400, "ignore_eos"),
     ("unknown condition", "/v1/adapters", {"instruction": "Copy.", "condition": "both"}, 400, "condition"),
     ("empty adapter instruction", "/v1/adapters", {"instruction": " "}, 400, "instruction"),
+    ("export not a boolean", "/v1/adapters", {"instruction": "Copy.", "export": "yes"}, 400, "export"),
 ]
 
 
