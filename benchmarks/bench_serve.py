@@ -7,9 +7,11 @@ Both variants are ``python -m tagi_ds.serve`` processes over the same backbone w
 A point sends ``--requests`` /v1/completions requests from ``--clients`` concurrent clients (closed loop), the
 instructions taken round-robin from D fresh distinct ones of ``--instr_len`` tokens, inputs of ``--input_len``
 tokens, ``--output_len`` generated tokens each (``ignore_eos``). Reported: requests/s, generated tokens/s, latency
-p50 / p99 (request sent -> answer read, HTTP included), and the adapters tagi generated. The hypernetwork is a
-random generator of the recipe's shape (cost does not depend on its values); the backbone is the recipe's random
-init (its shape is what costs).
+p50 / p99 (request sent -> answer read, HTTP included), and the adapters tagi generated. Then, one request at a
+time, the first-token latency (a ``max_tokens=1`` request: prefill + one token, HTTP included; the median of
+``--ttft_reps``): tagi with an unseen instruction (the hypernetwork runs first) and with a cached one, concat.
+The hypernetwork is a random generator of the recipe's shape (cost does not depend on its values); the backbone is
+the recipe's random init (its shape is what costs).
 
     python benchmarks/bench_serve.py                        # CPU: tiny; GPU: t5-xl llama-7b
     python benchmarks/bench_serve.py --smoke --out_dir /tmp/r
@@ -57,6 +59,7 @@ def parse_args(argv):
     p.add_argument("--instr_len", type=int, default=256, help="instruction tokens")
     p.add_argument("--input_len", type=int, default=32, help="input tokens")
     p.add_argument("--output_len", type=int, default=16, help="generated tokens per request")
+    p.add_argument("--ttft_reps", type=int, default=5, help="first-token latency: requests per kind (median)")
     p.add_argument("--max_batch", type=int, default=32, help="the servers' --max_batch")
     p.add_argument("--batch_window_ms", type=float, default=5.0, help="the servers' --batch_window_ms")
     common.add_run_args(p)
@@ -67,7 +70,8 @@ def parse_args(argv):
         a.requests = 256 if gpu else 64
     if a.smoke:
         a.distinct, a.requests, a.clients, a.instr_len, a.input_len, a.output_len = [1, 2], 8, 4, 64, 16, 4
-    for key in ("requests", "clients", "instr_len", "input_len", "output_len", "max_batch"):
+        a.ttft_reps = 2
+    for key in ("requests", "clients", "instr_len", "input_len", "output_len", "max_batch", "ttft_reps"):
         if getattr(a, key) <= 0:
             p.error(f"--{key} must be > 0, got {getattr(a, key)}")
     if any(d <= 0 for d in a.distinct):
@@ -203,6 +207,20 @@ def load_point(server: Server, bodies: list[dict], clients: int) -> dict:
             "adapters_generated": server.metric("adapter_generations_total") - generations}
 
 
+def first_token(server: Server, bodies: list[dict]) -> float:
+    """The median latency (ms) of ``bodies`` sent one at a time with ``max_tokens=1``."""
+    import statistics
+
+    times = []
+    for body in bodies:
+        t0 = time.perf_counter()
+        status, answer = server.request("POST", "/v1/completions", {**body, "max_tokens": 1})
+        times.append(time.perf_counter() - t0)
+        if status != 200:
+            raise RuntimeError(f"first-token request failed: {status}: {answer}")
+    return 1000 * statistics.median(times)
+
+
 def table(result: dict) -> str:
     lines = common.md_head("Serving: TAGI vs concat", result,
                            "CPU numbers check the harness and compare variants on this host; they are not GPU "
@@ -220,7 +238,21 @@ def table(result: dict) -> str:
         lines.append(f"| {p['recipe']} | {p['distinct']} | {p['mode']} | {p['requests_per_s']:.2f} | "
                      f"{p['tokens_per_s']:.1f} | {p['p50_ms']:.0f} | {p['p99_ms']:.0f} | "
                      f"{p['adapters_generated']:.0f} | {ratio} |")
+    if result["first_token"]:
+        lines += ["", "First-token latency, one request at a time (max_tokens=1: prefill + one token, HTTP included; "
+                  "median ms):", "", "| recipe | tagi, unseen instruction | tagi, cached | concat | unseen - cached |",
+                  "|---|---|---|---|---|"]
+        for recipe, f in result["first_token"].items():
+            got = {k: f.get(k, float("nan")) for k in ("tagi_unseen_ms", "tagi_cached_ms", "concat_ms")}
+            lines.append(f"| {recipe} | {got['tagi_unseen_ms']:.1f} | {got['tagi_cached_ms']:.1f} | "
+                         f"{got['concat_ms']:.1f} | {got['tagi_unseen_ms'] - got['tagi_cached_ms']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def save_point(args, result: dict) -> None:
+    """After every point: a run cut short keeps what it measured."""
+    if not args.no_save:
+        common.save_results(args.out_dir, common.result_name("serve", args.tag), result, table(result), quiet=True)
 
 
 def main(argv=None) -> None:
@@ -231,7 +263,8 @@ def main(argv=None) -> None:
 
     result = {"name": "serve", "date": datetime.date.today().isoformat(), "device_kind": common.device_kind(),
               "device_label": common.device_label(), "versions": common.versions(), "host_load": common.host_load(),
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "points": []}
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "points": [],
+              "first_token": {}}
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         for recipe in args.recipe:
@@ -254,9 +287,16 @@ def main(argv=None) -> None:
                         print(f"{recipe} {mode} distinct={d}: {point['requests_per_s']:.2f} req/s, "
                               f"{point['tokens_per_s']:.1f} tok/s, p50 {point['p50_ms']:.0f} ms, p99 "
                               f"{point['p99_ms']:.0f} ms", file=sys.stderr, flush=True)
-                        if not args.no_save:  # after every point: a run cut short keeps what it measured
-                            common.save_results(args.out_dir, common.result_name("serve", args.tag), result,
-                                                table(result), quiet=True)
+                        save_point(args, result)
+                    fresh = [{"instruction": text_of(tok, rng, args.instr_len, f"unseen {recipe} {k}:"),
+                              "prompt": inputs[k % len(inputs)], "ignore_eos": True} for k in range(args.ttft_reps)]
+                    f = result["first_token"].setdefault(recipe, {})
+                    if mode == "tagi":
+                        f["tagi_unseen_ms"] = first_token(server, fresh)
+                        f["tagi_cached_ms"] = first_token(server, fresh)  # the same instructions again: cached
+                    else:
+                        f["concat_ms"] = first_token(server, fresh)
+                    save_point(args, result)
                 finally:
                     server.stop()
     common.emit(args, "serve", result, table(result))

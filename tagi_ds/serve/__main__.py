@@ -131,7 +131,9 @@ def main(argv=None) -> None:
     app = create_app(scheduler, args.served_name, Limits(args.max_tokens, args.max_request_bytes), on_ready=ready,
                      export_dir=export_dir)
     scheduler.start()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    # a stream still open at SIGTERM gets 5 s to end, then the server stops anyway
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     finally:

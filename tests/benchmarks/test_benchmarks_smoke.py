@@ -268,3 +268,5 @@ def test_bench_serve_smoke(tmp_path):
     assert all(p["adapters_generated"] == 0 for (mode, _), p in points.items() if mode == "concat")
     assert all(p["requests_per_s"] > 0 and p["completion_tokens"] == 8 * 4 for p in points.values())
     assert "| tiny | 2 | tagi |" in table and "x |" in table
+    first = result["first_token"]["tiny"]
+    assert set(first) == {"tagi_unseen_ms", "tagi_cached_ms", "concat_ms"} and min(first.values()) > 0
