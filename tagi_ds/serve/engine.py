@@ -27,6 +27,7 @@ import torch
 
 from tagi_ds import artifacts, data
 from tagi_ds.adapters.bank import call_whole
+from tagi_ds.backbones.base import DTYPES
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import TagiConfig
 from tagi_ds.data import Example, Segment, Task, TaskCollator
@@ -97,6 +98,11 @@ def load(cfg: TagiConfig, hypernet: Path, tok, cache_bytes: int, metrics: Metric
                                         placement=("whole", "serving: one process holds the whole model"))
     model = build_model(cfg, "finetune", backbone).requires_grad_(False).eval()
     artifacts.load_hypernet(model, hypernet)
+    # the precision evaluate.py's engine runs in (train.precision; auto: bf16 on CUDA), else the backbone's own
+    # model.dtype; parameters only (RoPE's fp32 inv_freq buffer stays): the generator, saved in fp32, then reads
+    # states of its own dtype
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds_engine.precision(cfg))
+    ds_engine.cast_parameters(model, half or DTYPES[cfg.model.dtype])
     ds_engine.place(model, device)
     return Engine(cfg, model, tok, fingerprint(hypernet, cfg), device, AdapterCache(cache_bytes, metrics), metrics,
                   mode)
