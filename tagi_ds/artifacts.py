@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tagi_ds.config import ConfigError, Granularity, TagiConfig, from_dict
+from tagi_ds.data.files import usual_permissions
 from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import fail, read_json, safetensors_header
 
@@ -44,6 +46,7 @@ def _write_dir(final: Path, files: dict[str, Any]) -> None:
     for name, content in files.items():
         if name.endswith(".safetensors"):
             save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / name))
+            usual_permissions(tmp / name)
         else:
             (tmp / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
     if final.exists():
@@ -55,14 +58,45 @@ def _sites_meta(model) -> list[dict[str, Any]]:
     return [dataclasses.asdict(s) for s in model.sites]
 
 
+def backbone_fingerprint(model) -> str:
+    """A short hash of the frozen weights a generator was trained against: a strided sample (4096 values) of
+    the base weight of the first and the last adapted site, as bf16, so an fp32 and a bf16 copy of one
+    checkpoint agree. Shapes are checked elsewhere; this tells two backbones of the same shape apart (another
+    checkpoint of the family, another seed of a random init). Collective under ZeRO-3 (it gathers 2 weights)."""
+    weights = [model.backbone.get_submodule(model.sites[i].name).base_layer.weight for i in (0, -1)]
+    digest = hashlib.sha256()
+    with gathered(weights):
+        for w in weights:
+            flat = w.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+            digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_hypernet(model, path: Path) -> None:
+    fingerprint = backbone_fingerprint(model)
     params = list(model.generator.parameters())
     with gathered(params):
         if dist.is_main():
             tensors = {k: v.float() for k, v in model.generator.state_dict().items()}
             _write_dir(path, {"generator.safetensors": tensors,
-                              "config.json": {"tagi": model.cfg.to_dict(), "sites": _sites_meta(model)}})
+                              "config.json": {"tagi": model.cfg.to_dict(), "sites": _sites_meta(model),
+                                              "backbone_fingerprint": fingerprint}})
     dist.barrier()
+
+
+def warn_if_other_backbone(model, path: Path, flag: str = "--hypernet") -> None:
+    """One warning line when ``path`` was trained against other backbone weights of the same shapes: the
+    generated adapters then run, but fit a backbone that is not this one (hypernets saved before the
+    fingerprint existed are taken as they are)."""
+    meta = read_json(Path(path) / "config.json", f"{flag} {Path(path) / 'config.json'}")
+    saved = meta.get("backbone_fingerprint") if isinstance(meta, dict) else None
+    mine = backbone_fingerprint(model)
+    if isinstance(saved, str) and saved != mine and dist.is_main():
+        trained = (meta.get("tagi") or {}).get("model", {}).get("model_name_or_path") or "a built-in random init"
+        print(f"warning: {flag} {path}: trained against other backbone weights (fingerprint {saved}, this "
+              f"backbone's {mine}; same shapes): its adapters fit {trained}, not this backbone; pass the "
+              "--model_name_or_path it was trained with", flush=True)
 
 
 def read_config(path: Path, flag: str = "artifact") -> TagiConfig:
@@ -124,7 +158,7 @@ def check_teachers(path: Path, bank, model, flag: str = "--teachers") -> None:
     _check_tensors(path / "teachers.safetensors", flag, expected)
 
 
-def load_hypernet(model, path: Path) -> None:
+def load_hypernet(model, path: Path, flag: str = "--hypernet") -> None:
     """Load generator weights (before the engine is built). Sites and shapes must match."""
     f = Path(path) / "generator.safetensors"
     if not f.is_file():
@@ -138,6 +172,7 @@ def load_hypernet(model, path: Path) -> None:
             raise ConfigError(f"{f}: generator tensor {key} has shape {tuple(state[key].shape)}, this model's "
                               f"{tuple(want.shape)}; use the same hypernet.* settings (rank, hidden, ...)")
     missing, unexpected = model.generator.load_state_dict(state, strict=False)
+    warn_if_other_backbone(model, Path(path), flag)
     if missing == ["marker.vector"] and not unexpected:
         # A hypernet saved without hypernet.fusion_marker: the marker is set to zero, which is exactly fusion
         # without a marker, so the loaded model computes what the saved one did (and finetuning may train it).

@@ -53,11 +53,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open()`` would (0644 under umask 022): safetensors' ``save_file`` and
+    ``mkstemp`` create 0600, which hides weights from the group that shares a run directory."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:
