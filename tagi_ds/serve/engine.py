@@ -67,10 +67,11 @@ class Request:
     cache: str = ""  # hit | miss
 
 
-def fingerprint(hypernet: Path, cfg: TagiConfig) -> str:
-    """sha256 of the generator's weights, the hypernet's config.json and the model it runs with (the backbone,
-    its shape and checkpoint): adapters of two different hypernetworks or backbones never share an id."""
-    h = hashlib.sha256()
+def fingerprint(hypernet: Path, cfg: TagiConfig, model) -> str:
+    """sha256 of the generator's weights, the hypernet's config.json, the model config it runs with and the
+    backbone's weights (``artifacts.backbone_fingerprint``): adapters of two different hypernetworks or backbones
+    never share an id."""
+    h = hashlib.sha256(artifacts.backbone_fingerprint(model).encode())
     for name in ("generator.safetensors", "config.json"):
         with open(hypernet / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -104,8 +105,8 @@ def load(cfg: TagiConfig, hypernet: Path, tok, cache_bytes: int, metrics: Metric
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds_engine.precision(cfg))
     ds_engine.cast_parameters(model, half or DTYPES[cfg.model.dtype])
     ds_engine.place(model, device)
-    return Engine(cfg, model, tok, fingerprint(hypernet, cfg), device, AdapterCache(cache_bytes, metrics), metrics,
-                  mode)
+    return Engine(cfg, model, tok, fingerprint(hypernet, cfg, model), device, AdapterCache(cache_bytes, metrics),
+                  metrics, mode)
 
 
 class Engine:
