@@ -88,8 +88,15 @@ def config(recipe: str, args):
 
 
 def write_hypernet(cfg, path: Path) -> Path:
-    """A hypernet/ dir of ``cfg``'s shape: the model on the meta device, a real (random) generator."""
-    from tagi_ds import artifacts, data
+    """A hypernet/ dir of ``cfg``'s shape: the model on the meta device (a 7B backbone costs nothing here; each
+    server builds its own), a real (random) generator. Written as ``artifacts.save_hypernet`` lays it out but
+    without the backbone fingerprint (a meta backbone has no weights to hash; the loader then takes it as it is)."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    from tagi_ds import data
     from tagi_ds.hypernet import Generator
     from tagi_ds.model import build_backbone, build_model, fuses
 
@@ -97,8 +104,12 @@ def write_hypernet(cfg, path: Path) -> Path:
     with torch.device("meta"):
         model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids))
     d = model.backbone.config.d_model if cfg.model.arch == "t5" else model.backbone.config.hidden_size
-    model.generator = Generator(d, model.sites, cfg.hypernet, fusion=fuses(cfg))
-    artifacts.save_hypernet(model, path)
+    generator = Generator(d, model.sites, cfg.hypernet, fusion=fuses(cfg))
+    path.mkdir(parents=True)
+    save_file({k: v.float().contiguous() for k, v in generator.state_dict().items()},
+              str(path / "generator.safetensors"))
+    meta = {"tagi": cfg.to_dict(), "sites": [dataclasses.asdict(s) for s in model.sites]}
+    (path / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return path
 
 
