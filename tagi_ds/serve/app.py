@@ -40,6 +40,7 @@ from tagi_ds.serve import engine as serve_engine
 from tagi_ds.serve.scheduler import Scheduler
 
 MAX_STOP = 4
+DRAIN_FACTOR = 64
 
 
 class ApiError(Exception):
@@ -61,16 +62,19 @@ class Limits:
 
 # -- reading a request --------------------------------------------------------------------------------------------
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > limit:
-        raise ApiError(413, f"request body is {int(size)} bytes, more than this server takes ({limit}; "
-                            "--max_request_bytes)", code="request_too_large")
     raw = bytearray()
+    seen = 0
     async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise ApiError(413, f"request body is more than this server takes ({limit} bytes; --max_request_bytes)",
-                           code="request_too_large")
+        # A body over the limit is still read (and dropped), up to DRAIN_FACTOR times the limit: answering 413
+        # while the client is still sending would reach it as a broken pipe, not as the 413.
+        seen += len(chunk)
+        if seen <= limit:
+            raw += chunk
+        elif seen > DRAIN_FACTOR * limit:
+            break
+    if seen > limit:
+        raise ApiError(413, f"request body is {'over ' if seen > DRAIN_FACTOR * limit else ''}{seen} bytes, more "
+                            f"than this server takes ({limit}; --max_request_bytes)", code="request_too_large")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,16 +27,20 @@ from tagi_ds.serve.metrics import Metrics
 @dataclass
 class Adapter:
     """One instruction's generated adapter. ``factors[s] = (A [r, d_in], B [d_out, r])`` in site order;
-    ``states [Li, d]``: the instruction's encoder states (T5 fusion: the decoder cross-attends to them), or None."""
+    ``states [Li, d]``: the instruction's encoder states (T5 fusion: the decoder cross-attends to them), or None;
+    ``cross_kv[layer] = (k, v)``, ``[H, Li, dk]`` each: those states' cross-attention keys and values in every
+    decoder layer, projected once under this adapter (T5 fusion; empty otherwise)."""
 
     id: str
     factors: list[tuple[torch.Tensor, torch.Tensor]]
     states: torch.Tensor | None
     instruction_tokens: int
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for pair in self.factors for t in pair] + ([self.states] if self.states is not None else [])
+        tensors = [t for pair in (*self.factors, *self.cross_kv) for t in pair]
+        tensors += [self.states] if self.states is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

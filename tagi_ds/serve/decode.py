@@ -2,11 +2,11 @@
 
 The rows are grouped by adapter, so the batch is a TaskBatch-shaped layout that the adapted layers already read:
 adapter k owns rows ``offsets[k]:offsets[k+1]`` and every adapted Linear runs ``ops.lora_delta`` over those
-segments (the per-task op training runs, Triton on CUDA). Prefill once (T5: the encoder, its cross-attention keys and
-values; decoder-only: the prompt), then one token per step with the KV cache (HF's ``DynamicCache`` /
-``EncoderDecoderCache``). A row that ends (eos, a stop string, ``max_tokens``, its client gone) leaves the batch:
-the cache, the masks and the adapter segments are cut to the rows still running, so the next steps compute
-nothing for it.
+segments (the per-task op training runs, Triton on CUDA). Prefill once (T5: the encoder and the inputs'
+cross-attention keys and values, the instructions' coming from the adapter cache; decoder-only: the prompt), then
+one token per step with the KV cache (HF's ``DynamicCache`` / ``EncoderDecoderCache``). A row that ends (eos, a
+stop string, ``max_tokens``, its client gone) leaves the batch: the cache, the masks and the adapter segments are
+cut to the rows still running, so the next steps compute nothing for it.
 
 Greedy rows take the argmax, as ``eval/generate.greedy_config`` does; sampled rows (``temperature`` > 0) draw from
 the temperature-scaled, ``top_p``-truncated distribution with a generator of their own (``seed``), so a seeded
@@ -161,8 +161,9 @@ class Seq2Seq:
                 present, offs = self.rows.offsets()
                 view = TaskBatch(b.input_ids, mask, b.input_ids, torch.tensor(offs, device=e.device),
                                  instr_attention_mask=fused[1], host_offsets=tuple(offs))
-                cache = model.prefix_cache(view, fused[0], adapters)
-                self.past = cache(hidden)
+                # the instructions' keys/values come from the cache; only the inputs' are projected here
+                self.past = model.arch.cross_cache(model.backbone, hidden, None, view.task_of_example, None,
+                                                   prefix_kv=fused[2])
                 hidden, mask = model.arch.fuse(hidden, mask, *model.fusion_prefix(view, fused[0]))
         self.hidden, self.mask = hidden, mask
         start = model.backbone.config.decoder_start_token_id

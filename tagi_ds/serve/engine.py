@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from tagi_ds import artifacts, data
+from tagi_ds.adapters import AdapterSet
 from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import DTYPES
 from tagi_ds.batch import TaskBatch
@@ -162,16 +163,29 @@ class Engine:
         mask = pad([[1] * len(r) for r in rows], 0, side).to(self.device)
         states, pooled = self.model.encoder(ids, mask)
         factors = call_whole(self.model.generator, pooled)
+        kv = self._cross_kv(states, factors) if self.model.fusion else []
         out = []
         for k, (key, row) in enumerate(zip(keys, rows)):
-            n = len(row)
+            n = len(row)  # right-padded (fusion is T5's): the first n positions are the instruction's
             keep = states[k, :n].contiguous() if self.model.fusion else None  # unmarked: fusion_prefix marks them
-            out.append(Adapter(key, [(A[k].contiguous(), B[k].contiguous()) for A, B in factors], keep, n))
+            out.append(Adapter(key, [(A[k].contiguous(), B[k].contiguous()) for A, B in factors], keep, n,
+                               [(pk[k, :, :n].contiguous(), pv[k, :, :n].contiguous()) for pk, pv in kv]))
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the histogram below times the work, not its launch
         self.metrics.inc("adapter_generations_total", len(keys))
         self.metrics.observe("adapter_generation_seconds", time.perf_counter() - t0)
         return out
+
+    def _cross_kv(self, states: torch.Tensor, factors) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """T5 fusion: every decoder layer's cross-attention keys/values of the (marked) instruction states, each
+        instruction under its own adapter, as ``TagiModel.prefix_cache`` projects them for a batch's tasks; kept
+        with the adapter, so no later batch projects that instruction again."""
+        from tagi_ds.backbones import t5
+
+        model, K = self.model, states.shape[0]
+        rows = AdapterSet(dict(enumerate(factors)), torch.arange(K + 1, device=self.device), model.generator.scale,
+                          self.cfg.model.adapter_impl, host_offsets=list(range(K + 1)))
+        return t5.prefix_keys_values(model.backbone, model._marked(states), lambda: model.state.use(rows))
 
     # -- a batch's inputs ---------------------------------------------------------------------------------
     def prompt_batch(self, requests: list[Request]) -> TaskBatch:
@@ -184,8 +198,10 @@ class Engine:
                                padding_side="left" if self.causal else "right", with_targets=not self.causal)
         return collate([Segment(i, (0,), 0) for i in range(len(requests))]).to(self.device)
 
-    def fusion_states(self, adapters: list[Adapter]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """T5 fusion: each adapter's instruction states padded to ``[K, Li, d]`` and their mask ``[K, Li]``."""
+    def fusion_states(self, adapters: list[Adapter]):
+        """T5 fusion: each adapter's instruction states padded to ``[K, Li, d]``, their mask ``[K, Li]``, and
+        their cross-attention keys/values padded alike (``[K, H, Li, dk]`` per decoder layer; the padding is
+        masked). None without fusion."""
         if not self.model.fusion or self.mode != "tagi":
             return None
         n = max(a.states.shape[0] for a in adapters)
@@ -195,4 +211,14 @@ class Engine:
         for k, a in enumerate(adapters):
             states[k, :a.states.shape[0]] = a.states
             mask[k, :a.states.shape[0]] = 1
-        return states, mask
+        kv = []
+        for layer in range(len(adapters[0].cross_kv)):
+            pair = []
+            for j in (0, 1):
+                first = adapters[0].cross_kv[layer][j]
+                t = first.new_zeros(len(adapters), first.shape[0], n, first.shape[2])
+                for k, a in enumerate(adapters):
+                    t[k, :, :a.states.shape[0]] = a.cross_kv[layer][j]
+                pair.append(t)
+            kv.append(tuple(pair))
+        return states, mask, kv

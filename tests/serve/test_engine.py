@@ -82,6 +82,26 @@ def test_the_cached_adapter_is_what_generate_adapter_exports(engine):
         torch.testing.assert_close(B, wb, rtol=0, atol=1e-6)
 
 
+def test_fusion_keys_values_are_cached_with_the_adapter(engine):
+    """T5 fusion: the instruction's cross-attention keys/values are projected once, with its adapter; a batch
+    afterwards projects only its inputs (every call of a cross-attention k reads input-length rows)."""
+    task, ex = EXAMPLES[3]
+    req = Request(task.definitions[0] + " (fusion check)", ex.input, max_tokens=3)
+    engine.resolve([req])
+    a = req.adapter
+    blocks = engine.model.backbone.decoder.block
+    assert len(a.cross_kv) == len(blocks) and a.cross_kv[0][0].shape[1] == a.instruction_tokens
+    assert a.nbytes > sum(x.numel() * x.element_size() for pair in a.factors for x in pair)
+    lengths = []
+    hook = blocks[0].layer[1].EncDecAttention.k.register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    try:
+        (alone,) = serve(engine, [Request(req.instruction, ex.input, max_tokens=3)])
+    finally:
+        hook.remove()
+    width = engine.prompt_batch([req]).input_ids.shape[1]
+    assert lengths == [width] and alone["cache"] == "hit"
+
+
 def adapter(key: str, nbytes: int) -> Adapter:
     return Adapter(key, [(torch.zeros(nbytes // 4), torch.zeros(0))], None, 1)
 
