@@ -225,7 +225,6 @@ def test_16_concurrent_clients_with_8_instructions_get_their_one_at_a_time_answe
              for ex in t.instances[:2]]
     assert len(pairs) == 16 and len({p[0] for p in pairs}) == 8
     generations = server.metric("adapter_generations_total")
-    batches = server.metric("batch_size_count")
     start = threading.Barrier(len(pairs))
     got: dict[int, dict] = {}
 
@@ -241,7 +240,7 @@ def test_16_concurrent_clients_with_8_instructions_get_their_one_at_a_time_answe
     assert len(got) == 16
     # each new instruction generated once, though two clients asked for it at the same time
     assert server.metric("adapter_generations_total") == generations + 8
-    assert server.metric("batch_size_count") - batches < 16  # some requests shared a batch
+    # (whether they shared batches depends on timing: tests/serve/test_engine.py batches instructions together)
     for i, (system, user) in enumerate(pairs):  # one at a time now (every adapter cached)
         alone = answer(server, system, user)
         assert alone["tagi"]["cache"] == "hit"
