@@ -10,9 +10,11 @@
 =====================================  ==========================================================================
 
 Both completion endpoints take ``max_tokens``, ``temperature`` (0: greedy, the default), ``top_p``, ``seed``,
-``stop`` (a string or up to 4), ``stream`` (server-sent events, ``data: [DONE]`` last) and the TAGI extension
-``condition`` (``task``: the instruction is a task definition, formatted as training formats it; ``instance``:
-read as is) and ``ignore_eos`` (decode ``max_tokens`` tokens whatever comes, as vLLM's: for benchmarks).
+``stop`` (a string or up to 4), ``stream`` (server-sent events, ``data: [DONE]`` last) and the TAGI extensions
+``adapter`` (instead of the instruction: the id of a cached adapter, from ``POST /v1/adapters`` or an answer's
+``tagi.adapter``; 404 once evicted), ``condition`` (``task``: the instruction is a task definition, formatted as
+training formats it; ``instance``: read as is) and ``ignore_eos`` (decode ``max_tokens`` tokens whatever comes, as
+vLLM's: for benchmarks).
 Answers carry ``usage`` and a ``tagi`` object (adapter id, cache hit or miss, instruction tokens).
 
 Bad requests get a 4xx and the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; the body is
@@ -173,8 +175,9 @@ def _content(message: dict, i: int) -> str:
     return content
 
 
-def chat_texts(body: dict) -> tuple[str, str]:
-    """(instruction, input) from ``messages``: the system message(s) and the one user message."""
+def chat_texts(body: dict, by_id: bool = False) -> tuple[str, str]:
+    """(instruction, input) from ``messages``: the system message(s) and the one user message (``by_id``: the
+    request names its adapter, so it has no system message)."""
     messages = body.get("messages")
     if messages is None:
         raise ApiError(400, "missing required field 'messages'", param="messages", code="missing_field")
@@ -190,9 +193,11 @@ def chat_texts(body: dict) -> tuple[str, str]:
         else:
             raise ApiError(400, f"messages[{i}].role {role!r}: TAGI reads a system message (the instruction) and one "
                                 "user message (the input)", param=f"messages[{i}].role")
-    if not system or not "\n\n".join(system).strip():
+    if by_id and system:
+        raise ApiError(400, "'adapter' names the adapter: give no system message beside it", param="messages")
+    if not by_id and (not system or not "\n\n".join(system).strip()):
         raise ApiError(400, "'messages' needs a non-empty system message: the instruction the adapter is generated "
-                            "from", param="messages")
+                            "from (or 'adapter': an id from POST /v1/adapters)", param="messages")
     if len(user) != 1:
         raise ApiError(400, f"'messages' needs exactly one user message (the input), got {len(user)}",
                        param="messages")
@@ -248,10 +253,26 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
             if not done:  # the client went away (or the response was cancelled): its row leaves the batch
                 req.cancelled.set()
 
-    def make_request(instruction: str, prompt: str, d: dict) -> serve_engine.Request:
+    def named_adapter(body: dict):
+        """The cached adapter a request names by id (``"adapter"``), or None when it sends its instruction."""
+        ref = body.get("adapter")
+        if ref is None:
+            return None
+        if not isinstance(ref, str):
+            raise ApiError(400, f"'adapter' must be an adapter id string, got {type(ref).__name__}", param="adapter")
+        if engine.mode != "tagi":
+            raise ApiError(400, f"this server runs mode {engine.mode}: no adapters", param="adapter")
+        adapter = engine.cache.get(ref)
+        if adapter is None:
+            raise ApiError(404, f"adapter {ref!r} is not cached (never made here, or evicted): send its instruction "
+                                "again, or POST /v1/adapters", param="adapter", code="adapter_not_found")
+        return adapter
+
+    def make_request(instruction: str, prompt: str, d: dict, adapter=None) -> serve_engine.Request:
         return serve_engine.Request(instruction=instruction, prompt=prompt, condition=d["condition"],
                                     max_tokens=d["max_tokens"], temperature=d["temperature"], top_p=d["top_p"],
-                                    seed=d["seed"], stop=d["stop"], ignore_eos=d["ignore_eos"])
+                                    seed=d["seed"], stop=d["stop"], ignore_eos=d["ignore_eos"], adapter=adapter,
+                                    cache="hit" if adapter is not None else "")
 
     def usage(result: dict) -> dict:
         return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
@@ -309,14 +330,18 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request, limits.max_request_bytes)
-        instruction, prompt = chat_texts(body)
+        adapter = named_adapter(body)
+        instruction, prompt = chat_texts(body, by_id=adapter is not None)
         d = decoding(body, limits, served, max_key="max_completion_tokens")
-        return await answer(make_request(instruction, prompt, d), d, True, include_usage(body))
+        return await answer(make_request(instruction, prompt, d, adapter), d, True, include_usage(body))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request, limits.max_request_bytes)
-        instruction = _text(body, "instruction")
+        adapter = named_adapter(body)
+        if adapter is not None and body.get("instruction") is not None:
+            raise ApiError(400, "give 'instruction' or 'adapter', not both", param="adapter")
+        instruction = "" if adapter is not None else _text(body, "instruction")
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -325,7 +350,7 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
         d = decoding(body, limits, served)
-        return await answer(make_request(instruction, prompt, d), d, False, include_usage(body))
+        return await answer(make_request(instruction, prompt, d, adapter), d, False, include_usage(body))
 
     @app.post("/v1/adapters")
     async def adapters(request: Request):

@@ -72,6 +72,14 @@ class AdapterCache:
     def nbytes(self) -> int:
         return self._bytes
 
+    def get(self, key: str) -> Adapter | None:
+        """The cached adapter ``key`` (now the most recently used), or None."""
+        with self._lock:
+            adapter = self._entries.get(key)
+            if adapter is not None:
+                self._entries.move_to_end(key)
+            return adapter
+
     def resolve(self, keys: Sequence[str],
                 generate: Callable[[list[str]], list[Adapter]]) -> tuple[dict[str, Adapter], set[str]]:
         """``({key: adapter}, the keys this call generated)`` for ``keys`` (repeats allowed). ``generate(missing)``

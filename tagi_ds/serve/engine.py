@@ -130,7 +130,12 @@ class Engine:
         return adapter_id(self.fingerprint, condition, text)
 
     def resolve(self, requests: list[Request]) -> None:
-        """Each request's adapter from the cache, the new ones generated in one hypernetwork forward."""
+        """Each request's adapter from the cache, the new ones generated in one hypernetwork forward (a request
+        that named a cached adapter by id has it already)."""
+        for r in requests:
+            if r.adapter is not None:
+                self.metrics.inc("adapter_cache_hits_total")
+        requests = [r for r in requests if r.adapter is None]
         keys = []
         for r in requests:
             key = self.adapter_key(r.instruction, r.condition)

@@ -208,6 +208,17 @@ def test_second_request_with_the_same_instruction_does_not_run_the_hypernetwork(
     status, other = server.post("/v1/adapters", {"instruction": instruction, "condition": "instance"})
     assert status == 200 and other["id"] != body["id"] and other["cached"] is False
     assert server.metric("adapter_generations_total") == before["adapter_generations_total"] + 2
+    # the id stands for the instruction: not sent again, not read again
+    status, by_id = server.post("/v1/completions", {"adapter": body["id"], "prompt": "one two three four",
+                                                    "max_tokens": MAX_TOKENS})
+    assert status == 200 and by_id["choices"][0]["text"] == second["choices"][0]["message"]["content"]
+    assert by_id["tagi"]["adapter"] == body["id"] and by_id["tagi"]["cache"] == "hit"
+    chat_by_id = server.post("/v1/chat/completions", {"adapter": body["id"], "max_tokens": MAX_TOKENS,
+                                                      "messages": [{"role": "user", "content": "one two three four"}]})
+    assert chat_by_id[0] == 200 and chat_by_id[1]["choices"][0]["message"]["content"] == by_id["choices"][0]["text"]
+    assert server.post("/v1/completions", {"adapter": "tagi-" + "0" * 32, "prompt": "x"})[0] == 404
+    assert server.post("/v1/completions", {"adapter": body["id"], "instruction": instruction, "prompt": "x"})[0] == 400
+    assert server.metric("adapter_generations_total") == before["adapter_generations_total"] + 2
     # "export": the cached adapter in PEFT format, in a dir named by its id
     status, exported = server.post("/v1/adapters", {"instruction": instruction, "export": True})
     assert status == 200 and exported["id"] == body["id"] and exported["fusion"] is True
