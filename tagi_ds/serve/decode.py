@@ -217,36 +217,61 @@ class Causal:
         self.past.batch_select_indices(idx)
 
 
-@torch.no_grad()
-def run(engine: Engine, requests: list[Request]) -> None:
-    """Decode ``requests`` (adapters resolved) together; each gets its deltas and then ``("done", result)``."""
-    reqs = sorted(requests, key=lambda r: r.adapter.id if r.adapter else "")  # stable: each adapter's rows contiguous
-    batch = engine.prompt_batch(reqs)
-    prompt_tokens = batch.attention_mask.sum(1).tolist()
-    rows = Rows(engine, reqs)
-    outs = [Output(r, engine.tok) for r in reqs]
-    stepper = (Causal if engine.causal else Seq2Seq)(engine, batch, rows)
-    live = list(range(len(reqs)))
-    logits = stepper.prefill()
-    while True:
-        tokens = pick(logits, [outs[i] for i in live])
+class Decoding:
+    """One batch's decoding, a step at a time (:meth:`step`), so that the scheduler can interleave batches. Each
+    request gets its deltas as its text grows and ``("done", result)`` as soon as its own row ends."""
+
+    def __init__(self, engine: Engine, requests: list[Request]) -> None:
+        self.engine = engine
+        self.reqs = sorted(requests, key=lambda r: r.adapter.id if r.adapter else "")  # each adapter's rows contiguous
+        self.batch = engine.prompt_batch(self.reqs)
+        self.prompt_tokens = self.batch.attention_mask.sum(1).tolist()
+        self.rows = Rows(engine, self.reqs)
+        self.outs = [Output(r, engine.tok) for r in self.reqs]
+        self.stepper = (Causal if engine.causal else Seq2Seq)(engine, self.batch, self.rows)
+        self.live = list(range(len(self.reqs)))
+        self.logits: torch.Tensor | None = None
+
+    @property
+    def running(self) -> int:
+        return len(self.live)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """The prefill on the first call; then one token for every running row. True once every row has ended."""
+        if self.logits is None:
+            self.logits = self.stepper.prefill()
+        live, outs = self.live, self.outs
+        tokens = pick(self.logits, [outs[i] for i in live])
         for i, t in zip(live, tokens.tolist()):
-            if reqs[i].cancelled.is_set():
+            if self.reqs[i].cancelled.is_set():
                 outs[i].cancel()
             else:
                 outs[i].push(t)
+            if outs[i].reason is not None:
+                self._done(i)
         keep = [p for p, i in enumerate(live) if outs[i].reason is None]
         if not keep:
-            break
+            self.live = []
+            return True
         if len(keep) < len(live):  # rows that ended leave the batch: nothing more is computed for them
-            idx = torch.tensor(keep, device=engine.device)
-            stepper.select(idx)
-            rows.keep(keep)
+            idx = torch.tensor(keep, device=self.engine.device)
+            self.stepper.select(idx)
+            self.rows.keep(keep)
             tokens = tokens[idx]
-            live = [live[p] for p in keep]
-        logits = stepper.step(tokens)
-    m = engine.metrics
-    for r, o, n in zip(reqs, outs, prompt_tokens):
+            self.live = [live[p] for p in keep]
+        self.logits = self.stepper.step(tokens)
+        return False
+
+    def fail(self, err: BaseException) -> None:
+        """An error in a step: every row still running gets it."""
+        for i in self.live:
+            self.reqs[i].emit("error", err)
+        self.live = []
+
+    def _done(self, i: int) -> None:
+        r, o, n = self.reqs[i], self.outs[i], self.prompt_tokens[i]
+        m = self.engine.metrics
         m.inc("prompt_tokens_total", n)
         m.inc("completion_tokens_total", o.generated)
         if o.reason == "cancelled":
@@ -256,3 +281,10 @@ def run(engine: Engine, requests: list[Request]) -> None:
                         "completion_tokens": o.generated,
                         "instruction_tokens": r.adapter.instruction_tokens if r.adapter else 0,
                         "adapter": r.adapter.id if r.adapter else None, "cache": r.cache or None})
+
+
+def run(engine: Engine, requests: list[Request]) -> None:
+    """Decode ``requests`` (adapters resolved) together, to the end."""
+    decoding = Decoding(engine, requests)
+    while not decoding.step():
+        pass

@@ -378,6 +378,27 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(servers):
     assert answer(server, task.definitions[0], ex.input)["choices"][0]["message"]["content"]
 
 
+def test_a_short_request_does_not_wait_for_a_long_one(servers):
+    """A batch that starts while another decodes runs beside it: the short answer comes while the long one goes on."""
+    server = servers("tiny")
+    tokens = server.metric("completion_tokens_total")
+    task, ex = EXAMPLES[0]  # a stream of CAP tokens (no eos here, see the test above)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_S)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP,
+                                                                  stream=True)),
+                 {"content-type": "application/json"})
+    response = conn.getresponse()
+    seen = 0
+    while seen < 3:
+        if response.readline().startswith(b"data: "):
+            seen += 1
+    short = answer(server, EXAMPLES[1][0].definitions[0], EXAMPLES[1][1].input)
+    # only the short request has ended: the long one is still decoding
+    assert server.metric("completion_tokens_total") - tokens == short["usage"]["completion_tokens"]
+    conn.sock.shutdown(2)
+    conn.close()
+
+
 def test_models_metrics_and_the_openai_client(servers):
     server = servers("tiny")
     code, body = server.get("/v1/models")
