@@ -18,11 +18,12 @@ test:  ## the whole suite (README's test command; .ci/run runs exactly this)
 test-fast:  ## everything but the multi-process tests
 	$(PYTHON) -m pytest -q -m "not distributed"
 
-bench:  ## kernel, train-step, inference-cost and plan-memory benchmarks (results in benchmarks/results/)
+bench:  ## kernel, train-step, inference-cost, plan-memory and serving benchmarks (results in benchmarks/results/)
 	$(PYTHON) benchmarks/bench_lora_kernel.py
 	$(PYTHON) benchmarks/bench_train_step.py
 	$(PYTHON) benchmarks/bench_inference_cost.py
 	$(PYTHON) benchmarks/bench_plan_memory.py
+	$(PYTHON) benchmarks/bench_serve.py
 
 STYLE_PATHS = tagi_ds kernels launchers benchmarks tests scripts
 

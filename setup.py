@@ -27,10 +27,13 @@ setup(
         "numpy",
         "psutil",  # free memory before --measure; the launcher check (deepspeed needs it too)
         "nltk",  # Porter stemmer for ROUGE-L (the one rouge-score uses)
+        "fastapi>=0.110",  # python -m tagi_ds.serve: the HTTP API (ASGI)
+        "uvicorn>=0.29",  # ... and its server
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "pytest-timeout", "peft>=0.13", "rouge-score>=0.1.2", "ruff", "kernels", "pytest-xdist"],
+        "test": ["pytest>=8", "pytest-timeout", "peft>=0.13", "rouge-score>=0.1.2", "ruff", "kernels", "pytest-xdist",
+                 "openai"],  # tests/serve: the OpenAI client against the server
         "plot": ["matplotlib"],
     },
 )

@@ -15,6 +15,7 @@
 #   bash scripts/gpu_session.sh kernels    # GPU kernel tests, then bench_lora_kernel.py over the full grid
 #   bash scripts/gpu_session.sh infer      # bench_inference_cost.py (t5-xl t5-xxl llama-7b)
 #   bash scripts/gpu_session.sh plan       # bench_plan_memory.py (planner vs measured peak)
+#   bash scripts/gpu_session.sh serve      # bench_serve.py (TAGI- vs concat-served over HTTP; t5-xl llama-7b)
 #   bash scripts/gpu_session.sh train t5-xl [bench flags]   # bench_train_step.py --recipe t5-xl --tag t5-xl
 #
 # check's time plan, sized for one H100 80 GB and one device `run` call (<= 600 s of command; BUDGET 540 leaves
@@ -261,6 +262,10 @@ case "$STAGE" in
     setup
     step bench_plan_memory 450 $PY benchmarks/bench_plan_memory.py --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
     finish ;;
+  serve)
+    setup
+    step bench_serve 450 $PY benchmarks/bench_serve.py --out_dir "$BENCH_OUT" "${SMOKE_FLAG[@]}" "$@"
+    finish ;;
   train)
     recipe=${1:-}
     [[ -n "$recipe" && "$recipe" != -* ]] || { echo "error: train needs a recipe (t5-xl, t5-xxl, llama-7b, ...)"; exit 2; }
@@ -272,6 +277,6 @@ case "$STAGE" in
   -h|--help|help)
     usage ;;
   *)
-    echo "error: unknown stage '${STAGE}' (wheels, check, profile, kernels, infer, plan, train RECIPE)"
+    echo "error: unknown stage '${STAGE}' (wheels, check, profile, kernels, infer, plan, serve, train RECIPE)"
     exit 2 ;;
 esac

@@ -99,32 +99,47 @@ def fuse(hidden: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None,
             torch.cat([prefix_mask.to(mask.dtype), mask], dim=1))
 
 
-def cross_cache(model: T5ForConditionalGeneration, hidden: torch.Tensor, prefix: torch.Tensor, rows: torch.Tensor,
-                prefix_scope: Callable[[], AbstractContextManager]) -> EncoderDecoderCache:
+def prefix_keys_values(model: T5ForConditionalGeneration, prefix: torch.Tensor,
+                       prefix_scope: Callable[[], AbstractContextManager]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every decoder layer's cross-attention keys and values of ``prefix [K, Li, d]`` (each task's instruction
+    states), ``[K, H, Li, dk]`` each, projected under ``prefix_scope()`` (the adapters over the K task rows). The
+    server keeps them with each instruction's adapter (``cross_cache(..., prefix_kv=)``)."""
+    out = []
+    for block in model.decoder.block:
+        attn = block.layer[1].EncDecAttention
+        dk = attn.key_value_proj_dim
+        with prefix_scope():
+            out.append((_heads(attn.k(prefix), dk), _heads(attn.v(prefix), dk)))
+    return out
+
+
+def _heads(x: torch.Tensor, dk: int) -> torch.Tensor:  # [n, S, H * dk] -> [n, H, S, dk]
+    return x.view(x.shape[0], x.shape[1], -1, dk).transpose(1, 2)
+
+
+def cross_cache(model: T5ForConditionalGeneration, hidden: torch.Tensor, prefix: torch.Tensor | None,
+                rows: torch.Tensor, prefix_scope: Callable[[], AbstractContextManager] | None,
+                prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> EncoderDecoderCache:
     """The decoder's cross-attention keys/values over ``[prefix ; hidden]``, filled in before decoding.
 
     ``prefix [K, Li, d]`` holds each task's instruction states once; ``rows [B]`` is each example's task.
     Without this cache the decoder projects the fused states ``[B, Li + L, d]`` of every example, so each
     task's instruction is projected once per example. Here every layer's k and v project each task's prefix
-    once, under ``prefix_scope()`` (the adapters over the K task rows), and each example's ``hidden [B, L, d]``
-    under the caller's adapters; the prefix's keys/values are then gathered to the examples. An
+    once, under ``prefix_scope()`` (the adapters over the K task rows; ``prefix_kv``: those projections
+    already made, :func:`prefix_keys_values`), and each example's ``hidden [B, L, d]`` under the caller's
+    adapters; the prefix's keys/values are then gathered to the examples. An
     ``EncoderDecoderCache`` whose cross-attention layers are all filled makes HF's T5 reuse them instead of
     projecting ``encoder_hidden_states``: the logits are those of the uncached path (tested), with
     ``2 Li N_kv`` instead of ``2 B Li N_kv`` FLOPs for the instruction part.
     """
     cross = DynamicCache()
-    prefix = prefix.to(hidden.dtype)
-
-    def heads(x: torch.Tensor, dk: int) -> torch.Tensor:  # [n, S, H * dk] -> [n, H, S, dk]
-        return x.view(x.shape[0], x.shape[1], -1, dk).transpose(1, 2)
-
-    for i, block in enumerate(model.decoder.block):
+    if prefix_kv is None:
+        prefix_kv = prefix_keys_values(model, prefix.to(hidden.dtype), prefix_scope)
+    for i, (block, (pk, pv)) in enumerate(zip(model.decoder.block, prefix_kv, strict=True)):
         attn = block.layer[1].EncDecAttention
         dk = attn.key_value_proj_dim
-        with prefix_scope():
-            pk, pv = heads(attn.k(prefix), dk), heads(attn.v(prefix), dk)
-        k = torch.cat([pk[rows], heads(attn.k(hidden), dk)], dim=2)
-        v = torch.cat([pv[rows], heads(attn.v(hidden), dk)], dim=2)
+        k = torch.cat([pk[rows].to(hidden.dtype), _heads(attn.k(hidden), dk)], dim=2)
+        v = torch.cat([pv[rows].to(hidden.dtype), _heads(attn.v(hidden), dk)], dim=2)
         cross.update(k, v, i)
     return EncoderDecoderCache(DynamicCache(), cross)
 

@@ -260,3 +260,18 @@ def test_profile_summary_counts_kernels_copies_and_device_time_from_key_averages
     assert new["kernel_launches_per_step"] == 3 and new["copies_per_step"] == 2
     assert new["device_ms_per_step"] == pytest.approx((30 + 5 + 25 + 2 + 12) / 1e3)
     assert [o["op"] for o in new["top_device"]][:1] == ["sm90_gemm_bf16"]
+
+
+def test_bench_serve_smoke(tmp_path):
+    """Both servers start, every point of the smoke grid is measured and written (tagi generates one adapter per
+    distinct instruction, concat none)."""
+    run_bench("bench_serve.py", tmp_path)
+    result, table = written(tmp_path, "serve")
+    points = {(p["mode"], p["distinct"]): p for p in result["points"]}
+    assert sorted(points) == [("concat", 1), ("concat", 2), ("tagi", 1), ("tagi", 2)]
+    assert [points[("tagi", d)]["adapters_generated"] for d in (1, 2)] == [1, 2]
+    assert all(p["adapters_generated"] == 0 for (mode, _), p in points.items() if mode == "concat")
+    assert all(p["requests_per_s"] > 0 and p["completion_tokens"] == 8 * 4 for p in points.values())
+    assert "| tiny | 2 | tagi |" in table and "x |" in table
+    first = result["first_token"]["tiny"]
+    assert set(first) == {"tagi_unseen_ms", "tagi_cached_ms", "concat_ms"} and min(first.values()) > 0

@@ -110,8 +110,10 @@ CORE = ("tagi_ds/errors.py", "tagi_ds/files.py", "tagi_ds/families.py", "tagi_ds
 ABOVE_CORE = ("tagi_ds.runtime", "tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli",
               "tagi_ds.artifact_flags", "tagi_ds.artifacts")
 RULES = [  # (what, the files, the packages or modules they must not import)
-    ("evaluation, export, the planner, artifacts, benchmarks and scripts share the runtime layer, not train/",
-     files("tagi_ds/eval", "tagi_ds/export", "tagi_ds/plan", "tagi_ds/artifacts.py", "benchmarks", "scripts"),
+    ("evaluation, export, the planner, the server, artifacts, benchmarks and scripts share the runtime layer, not "
+     "train/",
+     files("tagi_ds/eval", "tagi_ds/export", "tagi_ds/plan", "tagi_ds/serve", "tagi_ds/artifacts.py", "benchmarks",
+           "scripts"),
      ("tagi_ds.train",)),
     ("runtime/ sits below the work and the CLI",
      files("tagi_ds/runtime"),
@@ -122,8 +124,8 @@ RULES = [  # (what, the files, the packages or modules they must not import)
      files(*CORE, "tagi_ds/runtime", "tagi_ds/artifacts.py", "tagi_ds/train", "tagi_ds/eval", "tagi_ds/export",
            "tagi_ds/plan"),
      ("tagi_ds.cli", "tagi_ds.artifact_flags", "tagi_ds.launch")),
-    ("evaluation and export know no flags",
-     files("tagi_ds/eval", "tagi_ds/export"),
+    ("evaluation, export and the server know no flags",
+     files("tagi_ds/eval", "tagi_ds/export", "tagi_ds/serve", but=("tagi_ds/serve/__main__.py",)),
      ("tagi_ds.cli", "tagi_ds.artifact_flags")),
     ("the model and its data know no processes, DeepSpeed glue, artifacts or flags",
      files(*CORE, but=("tagi_ds/data/__main__.py",)),  # python -m tagi_ds.data: an entry point

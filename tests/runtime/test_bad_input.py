@@ -30,7 +30,7 @@ from tests.train.harness import HANG_S, REPO, env, launch
 @dataclass
 class Case:
     id: str
-    entry: str  # pretrain | teachers | finetune | evaluate | generate_adapter | plan | data
+    entry: str  # pretrain | teachers | finetune | evaluate | generate_adapter | plan | data | serve
     argv: list[str]
     needle: str | tuple[str, ...]  # what the one line must name (the flag, key, file or value at fault)
     out: bool = True  # give the entry point a fresh --output_dir
@@ -57,6 +57,10 @@ def run_entry(entry: str, argv: list[str]) -> tuple[object, str]:
                 from tagi_ds.plan.cli import main
 
                 main(argv)
+            elif entry == "serve":
+                from tagi_ds.serve.__main__ import main as serve_main
+
+                guarded(lambda: serve_main(argv))
             else:
                 from tagi_ds.data.__main__ import main
 
@@ -345,6 +349,23 @@ CASES = [
     Case("plan-gpu-mem-tiny", "plan", ["--gpu_mem_gb", "0.001"], "--gpu_mem_gb: leaves no usable memory", False),
     Case("start-over-and-resume", "pretrain", ["--start_over", "--resume_from_checkpoint", "latest"],
          "--start_over: a fresh start"),
+    # python -m tagi_ds.serve: every one before the model is built and the port opens
+    Case("serve-no-hypernet", "serve", ["--port", "0"], "the following arguments are required: --hypernet", False),
+    Case("serve-hypernet-missing", "serve", ["--hypernet", "/nonexistent/hn"], "--hypernet '/nonexistent/hn'", False),
+    Case("serve-hypernet-truncated", "serve", ["--hypernet", "{trunc:pretrain/hypernet|generator.safetensors}"],
+         "generator.safetensors: truncated", False),
+    Case("serve-max-batch-zero", "serve", [*HN, "--max_batch", "0"], "--max_batch: must be > 0 (0)", False),
+    Case("serve-window-negative", "serve", [*HN, "--batch_window_ms", "-1"], "--batch_window_ms: must be >= 0", False),
+    Case("serve-window-nan", "serve", [*HN, "--batch_window_ms", "nan"], "--batch_window_ms: must be >= 0", False),
+    Case("serve-cache-zero", "serve", [*HN, "--adapter_cache_mb", "0"], "--adapter_cache_mb: must be > 0", False),
+    Case("serve-port-range", "serve", [*HN, "--port", "70000"], "--port: must be in [0, 65535] (70000)", False),
+    Case("serve-max-tokens-zero", "serve", [*HN, "--max_tokens", "0"], "--max_tokens: must be > 0 (0)", False),
+    Case("serve-body-limit-text", "serve", [*HN, "--max_request_bytes", "1MB"], "argument --max_request_bytes", False),
+    Case("serve-mode-choice", "serve", [*HN, "--mode", "lora"], "argument --mode: invalid choice", False),
+    Case("serve-unknown-key", "serve", [*HN, "--set", "hypernet.rnak=3"], "hypernet.rnak: unknown config key", False),
+    Case("serve-export-dir-file", "serve", [*HN, "--adapter_export_dir", "{afile}"],
+         "--adapter_export_dir: exists and is not a directory", False),
+    Case("serve-other-layers", "serve", [*HN, "--set", "model.num_layers=3"], "adapted sites differ", False),
     # python -m tagi_ds.data
     Case("data-cli-scheme", "data", ["--data", "s3://bucket/sni"], "unknown scheme 's3'", False),
     Case("data-cli-set-value", "data", ["--set", "data.setting=def", "data.num_pos=-1"], "data.num_pos: must be >= 0",
@@ -356,7 +377,7 @@ CASES = [
 def test_table_has_the_kinds_the_contract_names():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
     assert {c.entry for c in CASES} == {"pretrain", "teachers", "finetune", "evaluate", "generate_adapter", "plan",
-                                        "data"}
+                                        "data", "serve"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

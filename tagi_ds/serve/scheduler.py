@@ -1,0 +1,128 @@
+"""The one engine thread: requests that arrive within ``--batch_window_ms`` of the first waiting one (at most
+``--max_batch``) are decoded together, whatever their instructions; batches that start while others run decode
+beside them, their steps interleaved.
+
+Every forward runs on this thread (the adapted layers share one adapter slot, so forwards must not interleave
+*within* a step); the HTTP event loop only queues requests and reads their events. A batch first resolves its
+adapters (the new instructions of the batch in one hypernetwork forward), then decodes a step at a time. While
+batches run, the requests that are waiting at a step boundary start a new batch at once (no window: the running
+ones would stall), up to ``MAX_RUNNING`` batches and ``--max_batch`` running rows in all; so a short request never
+waits for a long one to end. Rows of different batches are not merged into one forward (each batch keeps its own
+KV cache). Adapter-only requests (``POST /v1/adapters``) ride in the same batches. An error in a batch is sent to
+its requests and the thread goes on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from tagi_ds.serve.decode import Decoding
+from tagi_ds.serve.engine import Engine, Request
+
+# Batches decoding at once: each step of each is its own forward, so past a few the steps of all of them slow down
+# more than a newcomer gains by not waiting.
+MAX_RUNNING = 4
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_batch: int, window_s: float) -> None:
+        self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="tagi-serve-engine", daemon=True)
+        self.batches = 0
+        self.failure: BaseException | None = None  # an error outside any batch: the thread is gone, /health says so
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, request: Request) -> None:
+        self._queue.put(request)
+        self.engine.metrics.set("queue_depth", self._queue.qsize())
+
+    def _take(self, limit: int, wait_s: float | None) -> list[Request]:
+        """Up to ``limit`` waiting requests: the first blocking (``wait_s`` None: none waits, take what is there),
+        the others within ``wait_s`` of it."""
+        batch: list[Request] = []
+        if wait_s is not None:
+            first = self._queue.get()
+            if first is None:
+                self._stopping = True
+                return batch
+            batch.append(first)
+        deadline = time.perf_counter() + (wait_s or 0.0)
+        while len(batch) < limit:
+            left = deadline - time.perf_counter()
+            try:
+                nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._stopping = True
+                break
+            batch.append(nxt)
+        self.engine.metrics.set("queue_depth", self._queue.qsize())
+        return batch
+
+    def _loop(self) -> None:
+        running: list[Decoding] = []
+        try:
+            while not self._stopping:
+                room = self.max_batch - sum(d.running for d in running)
+                if not running:
+                    batch = self._take(self.max_batch, self.window_s)
+                elif len(running) < MAX_RUNNING and room > 0:
+                    batch = self._take(room, None)
+                else:
+                    batch = []
+                if batch:
+                    started = self._start(batch)
+                    if started is not None:
+                        running.append(started)
+                for d in list(running):
+                    try:
+                        finished = d.step()
+                    except Exception as err:  # this batch's requests get the error; the others go on
+                        d.fail(err)
+                        finished = True
+                    if finished:
+                        running.remove(d)
+                        self.batches += 1
+        except BaseException as err:  # a bug in the loop itself: recorded, /health turns 503
+            self.failure = err
+            raise
+
+    def _start(self, batch: list[Request]) -> Decoding | None:
+        """Resolve the batch's adapters, answer its adapter-only requests; the decoding of the rest, or None."""
+        live = [r for r in batch if not r.cancelled.is_set()]
+        for r in batch:
+            if r not in live:
+                r.emit("done", {"finish_reason": "cancelled"})
+        try:
+            if self.engine.mode == "tagi" and live:
+                self.engine.resolve(live)
+            for r in live:
+                if r.adapter_only:
+                    r.emit("done", {"adapter": r.adapter, "cache": r.cache})
+            rows = [r for r in live if not r.adapter_only]
+            if not rows:
+                self.batches += 1
+                return None
+            m = self.engine.metrics
+            m.observe("batch_size", len(rows))
+            m.observe("batch_instructions", len({r.adapter.id if r.adapter else "" for r in rows}))
+            return Decoding(self.engine, rows)
+        except Exception as err:  # a request the engine could not serve: each of the batch's gets the error
+            for r in live:
+                r.emit("error", err)
+            return None
