@@ -96,14 +96,14 @@ def write_hypernet(cfg, path: Path) -> Path:
 
     from safetensors.torch import save_file
 
-    from tagi_ds import data
+    from tagi_ds import data, families
     from tagi_ds.hypernet import Generator
     from tagi_ds.model import build_backbone, build_model, fuses
 
     tok = data.load_tokenizer(cfg)
     with torch.device("meta"):
         model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids))
-    d = model.backbone.config.d_model if cfg.model.arch == "t5" else model.backbone.config.hidden_size
+    d = getattr(model.backbone.config, families.get(cfg.model.arch).shape["d_model"])  # as build_model reads it
     generator = Generator(d, model.sites, cfg.hypernet, fusion=fuses(cfg))
     path.mkdir(parents=True)
     save_file({k: v.float().contiguous() for k, v in generator.state_dict().items()},
