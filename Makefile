@@ -24,8 +24,11 @@ bench:  ## kernel, train-step, inference-cost and plan-memory benchmarks (result
 	$(PYTHON) benchmarks/bench_inference_cost.py
 	$(PYTHON) benchmarks/bench_plan_memory.py
 
-style:
-	ruff check tagi_ds kernels launchers benchmarks tests scripts
+STYLE_PATHS = tagi_ds kernels launchers benchmarks tests scripts
+
+style:  ## lint and formatting (ruff check, ruff format --check; settings in pyproject.toml)
+	ruff check $(STYLE_PATHS)
+	ruff format --check $(STYLE_PATHS)
 
 reproduce:  ## the miniature TAGI reproduction -> docs/results.md (<= 45 min on 2 CPU cores)
 	$(PYTHON) -m pip install -e ".[test,plot]" && bash scripts/reproduce.sh

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from tagi_ds import plan  # noqa: E402
+from tagi_ds import families, plan  # noqa: E402
 from tagi_ds.adapters import AdapterSet  # noqa: E402
 from tagi_ds.batch import TaskBatch  # noqa: E402
 from tagi_ds.config import TagiConfig, apply_overrides  # noqa: E402
@@ -91,7 +91,7 @@ def task_data(arch: str, vocab: int, args, instr_len: int, seed: int) -> dict[st
 
 def _view(arch: str, prompt: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels): T5 input / decoder targets; LLaMA prompt + target with -100 on the prompt."""
-    if arch == "t5":
+    if families.get(arch).encoder_decoder:
         return prompt, out
     ids = torch.cat([prompt, out], dim=1)
     labels = ids.clone()
@@ -155,7 +155,7 @@ def timed(fns: dict, reps: int) -> dict[str, dict[str, float]]:
 def analytic(cfg: TagiConfig, instr_len: int, L: int, Lt: int, n: int, batch_size: int) -> dict[str, float]:
     """Forward FLOPs of one task from tagi_ds.plan's formulas (matmuls + attention; LoRA deltas included)."""
     c = plan.count(cfg, 0)
-    t5 = c.arch == "t5"
+    t5 = c.encoder_decoder
     enc = plan.backbone_forward_flops(c, 1, instr_len, 0, decoder=False) if t5 else \
         plan.backbone_forward_flops(c, 1, instr_len, 0, lm_head=False)
     per_task = 2 * sum(k * ((c.d + c.site_dim) * c.hidden + c.hidden * c.hidden + c.hidden * c.rank * (di + do))

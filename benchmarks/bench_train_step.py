@@ -125,12 +125,12 @@ class PeftLora(nn.Module):
     def __init__(self, cfg: TagiConfig, backbone: nn.Module) -> None:
         from peft import LoraConfig, get_peft_model
 
-        from tagi_ds import backbones
+        from tagi_ds import backbones, families
         from tagi_ds.backbones.base import freeze
 
         super().__init__()
         self.arch = backbones.get(cfg.model.arch)
-        self.causal = cfg.model.arch != "t5"
+        self.causal = families.get(cfg.model.arch).causal
         self.chunk = cfg.loss.chunk_tokens
         freeze(backbone, [])
         names = [name for name, *_ in self.arch.site_names(backbone, cfg.model)]

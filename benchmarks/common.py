@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from tagi_ds.files import atomic_write
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -64,16 +66,9 @@ def results_stem(out_dir: Path, name: str, date: str | None = None, device: str 
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a half-written result."""
+    """Readers never see a half-written result (``tagi_ds.files.atomic_write``; the folder made first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, text)
 
 
 def save_results(out_dir: Path, name: str, result: dict, table: str, device: str | None = None,

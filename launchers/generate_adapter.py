@@ -53,6 +53,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     from tagi_ds.artifact_flags import artifact_config, artifact_dir  # heavy (torch): after --help
     from tagi_ds.export.peft import generate_adapter
+    from tagi_ds.model import fuses
 
     if args.data or args.mode not in (None, "tagi"):
         flag = f"--data {args.data}" if args.data else f"--mode {args.mode}"
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
     cfg = artifact_config(args, hypernet, "tagi", "hypernet")
     out = generate_adapter(cfg, hypernet, text, args.condition, output_dir(args, "generate_adapter"),
                            args.deepspeed, args.base_model_name_or_path)
-    if cfg.hypernet.fusion and cfg.model.arch == "t5":
+    if fuses(cfg):
         print("warning: hypernet.fusion=true: the exported adapter omits the instruction fusion (not a weight); "
               "PEFT outputs match tagi-ds's only for hypernet.fusion=false", file=sys.stderr)
     print(f"wrote {out}")

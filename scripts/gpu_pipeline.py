@@ -155,7 +155,7 @@ class Pipeline:
         import peft
         import torch
 
-        from tagi_ds import artifacts
+        from tagi_ds import artifacts, families
         from tagi_ds.model import build_backbone
 
         try:
@@ -164,7 +164,7 @@ class Pipeline:
             model = peft.PeftModel.from_pretrained(build_backbone(cfg), str(adapter)).to(device).eval()
             ids = torch.tensor([[5, 6, 7, 8, 1]], device=device)
             with torch.no_grad():
-                kw = {"decoder_input_ids": ids[:, :2]} if cfg.model.arch == "t5" else {}
+                kw = {"decoder_input_ids": ids[:, :2]} if families.get(cfg.model.arch).encoder_decoder else {}
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits
             loras = sum(1 for n, _ in model.named_parameters() if "lora_A" in n)
         except Exception as err:  # noqa: BLE001  (reported as the check's result, with its type)

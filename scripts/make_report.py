@@ -17,6 +17,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from tagi_ds.files import atomic_write
+
 HELD = [  # (key, label, what it is)
     ("no_instruction", "No instruction", "shared LoRA, input only"),
     ("concat", "Concat (Tk-Instruct analogue)", "shared LoRA, instruction + input in every example"),
@@ -313,9 +315,7 @@ def main() -> None:
     r = Results(run)
     lines = [*header(r), *held_out(r), *seen_tasks(r), *findings(r), *per_category(r), *setup(r, docs),
              *training_figures(r), *machine_and_commands(r, args.wall_s, docs)]
-    tmp = docs / "results.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(docs / "results.md")
+    atomic_write(docs / "results.md", "\n".join(lines) + "\n")
     if r.rouge:
         plot(r.rouge, r.flops, docs)
 

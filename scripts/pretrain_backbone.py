@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
+
+from tagi_ds.files import atomic_dir
 
 MASK_ID = 2  # the built-in tokenizer's unk: never produced by encode (byte fallback), so free as a mask
 
@@ -177,14 +177,10 @@ def main(argv=None) -> None:
             print(json.dumps(rec), flush=True)
 
     out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "pretrain_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:  # the backbone dir whole or not at all
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "pretrain_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
     print(f"saved {out} ({time.time() - t_start:.0f} s)", flush=True)
 
 

@@ -12,8 +12,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, get_args
 
@@ -21,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tagi_ds.config import ConfigError, Granularity, TagiConfig, from_dict
-from tagi_ds.data.files import usual_permissions
+from tagi_ds.files import atomic_dir, read_json, usual_permissions
 from tagi_ds.runtime import dist
-from tagi_ds.runtime.preflight import fail, read_json, safetensors_header
+from tagi_ds.runtime.preflight import fail, safetensors_header
 
 
 @contextlib.contextmanager
@@ -39,19 +37,14 @@ def gathered(params: list[torch.nn.Parameter]):
 
 
 def _write_dir(final: Path, files: dict[str, Any]) -> None:
-    """Write ``files`` (name -> dict of tensors | JSON object) into ``final`` via a temp dir + rename."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, content in files.items():
-        if name.endswith(".safetensors"):
-            save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / name))
-            usual_permissions(tmp / name)
-        else:
-            (tmp / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Write ``files`` (name -> dict of tensors | JSON object) into ``final``, whole or not at all."""
+    with atomic_dir(final) as tmp:
+        for name, content in files.items():
+            if name.endswith(".safetensors"):
+                save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / name))
+                usual_permissions(tmp / name)
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
 
 
 def _sites_meta(model) -> list[dict[str, Any]]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import textwrap
 from pathlib import Path
 
 from tagi_ds.config import ConfigError, DataConfig, TagiConfig, apply_overrides, choices, field_docs, from_dict
 from tagi_ds.recipes import RECIPES, get_recipe
-from tagi_ds.runtime.preflight import check_argv, guarded
+from tagi_ds.runtime.flags import Parser, add_set_flag
+from tagi_ds.runtime.preflight import guarded
 from tagi_ds.stages import STAGES
 
 STAGE_DEFAULT_OUT = {"teachers": "runs/teachers", "pretrain": "runs/pretrain", "finetune": "runs/finetune",
@@ -26,47 +26,11 @@ INPUT_HELP = {"teachers": "teachers/ from train_teachers.py: targets of the KL a
               "init_hypernet": "hypernet/ from pretrain.py to start from (default: from scratch)"}
 RECIPE_HELP = {"tiny": "built-in tiny T5, random init, CPU-sized", "tiny-llama": "built-in tiny LLaMA",
                "mini": "the small T5 of the miniature reproduction, scripts/reproduce.sh"}
+# engine.default_ds_config's rule, spelled out here: cli must not import the engine (torch) before --help
+# (tests/runtime/test_ds_configs.py holds the two to each other).
+DS_DEFAULT_HELP = "ds_configs/z3_tiny.json for the tiny* recipes, else ds_configs/z3.json"
 __all__ = ["Parser", "add_set_flag", "base_parser", "guarded", "output_dir", "resolve_config", "train_main",
            "training_parser"]
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each default stated once: ``(default: X)`` is added only where the help text does not already say
-    ``default`` and there is a default to state (not None, False or an empty list)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
-            return text
-        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
-            return f"{text} (default: %(default)s)"
-        return text
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the error contract: an error is one line ``<message>; see <prog> --help`` (no usage
-    block), raised as ConfigError for :func:`guarded` to report once; arguments that are not valid UTF-8 are
-    refused by flag."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else list(args)
-        check_argv(args)
-        return super().parse_known_args(args, namespace)
-
-    def error(self, message: str):
-        raise ConfigError(f"{message}; see {self.prog} --help")
-
-
-def add_set_flag(p: argparse.ArgumentParser, help: str = "override any config field, e.g. --set hypernet.rank=16 "
-                 "loss.kl_weight=0.5 (every field: python -m tagi_ds.config)") -> None:
-    """``--set KEY=VALUE ...``: one rule everywhere (launchers, ``python -m tagi_ds.data``, benchmarks): one flag
-    takes several keys, and the flag may be repeated; all go to ``args.overrides`` in order."""
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help=help)
 
 
 def recipe_help(default: str | None) -> str:
@@ -84,7 +48,7 @@ def base_parser(prog: str, description: str, epilog: str | None = None,
                    help=recipe_help(recipe_default) if recipe_default else
                    recipe_help(None) + " (default: the artifact's own recipe; tiny without an artifact)")
     p.add_argument("--deepspeed", default=None, metavar="PATH",
-                   help="DeepSpeed JSON, ZeRO settings only (default: ds_configs/z3.json)")
+                   help=f"DeepSpeed JSON, ZeRO settings only (default: {DS_DEFAULT_HELP})")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; leave it")
     p.add_argument("--model_name_or_path", default=None, metavar="PATH",
                    help="local HF checkpoint dir for the backbone (default: the recipe's shape, random init)")
@@ -107,7 +71,7 @@ def _default_run(stage: str) -> str:
              "tasks": "the built-in task suite's 76 training tasks"}[spec.data]
     line = (f"With no flag: recipe tiny (built-in tiny T5, random init, frozen), reads {reads}, trains "
             f"{cfg.train.max_steps} steps (train.max_steps; a checkpoint every {cfg.train.save_steps}) under ZeRO-3 "
-            f"(ds_configs/z3.json), one process or the ranks the deepspeed launcher starts, and writes "
+            f"(ds_configs/z3_tiny.json), one process or the ranks the deepspeed launcher starts, and writes "
             f"{STAGE_DEFAULT_OUT[stage]}/.")
     if spec.distils:
         line += (" Finetuning needs --teachers DIR for its KL and alignment terms, or --set loss.kl_weight=0 "

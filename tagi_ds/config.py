@@ -24,9 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and the value."""
+from tagi_ds import families
+from tagi_ds.errors import ConfigError  # defined with the other input errors; imported from here too
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,19 @@ class Rule:
 
     test: Callable[[Any], bool]
     text: str  # "> 0", "one of t5, llama": the error says "<key>: must be <text> (<value>)"
+    choices: Callable[[], tuple[str, ...]] | None = None  # a registry's names, read when checked (model.arch)
+
+    def says(self) -> str:
+        return f"one of {', '.join(self.choices())}" if self.choices else self.text
 
 
 def one_of(*allowed: str) -> Rule:
     return Rule(lambda v: v in allowed, f"one of {', '.join(allowed)}")
+
+
+def registered(names: Callable[[], tuple[str, ...]]) -> Rule:
+    """One of the names a registry holds when the config is checked (a test may register a family first)."""
+    return Rule(lambda v: v in names(), "", names)
 
 
 def above(lo: float) -> Rule:
@@ -67,8 +75,6 @@ SEED = within(0, 2**32 - 1)  # numpy's seed range
 FAULT = matches(r"|(nan|raise)@\d+(-\d+)?:\d+|(kill|stop)@\d+:\d+|(enospc|rofs)@\d+",
                 "empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or rofs@STEP")
 
-Arch = Literal["t5", "llama", "mistral", "qwen2", "gemma2"]
-DECODER_ONLY = tuple(a for a in get_args(Arch) if a != "t5")  # model.arch of the decoder-only families (HF model_type)
 ModeName = Literal["tagi", "concat", "no_instruction"]  # what tagi_ds/stages.py's MODES describe
 Granularity = Literal["task", "category"]
 
@@ -82,9 +88,10 @@ class ModelConfig:
         "num_decoder_layers": POSITIVE, "num_heads": POSITIVE, "num_kv_heads": POSITIVE,
         "max_position_embeddings": POSITIVE, "head_dim": NON_NEGATIVE, "rope_theta": POSITIVE,
         "rope_scaling": NON_NEGATIVE, "sliding_window": NON_NEGATIVE, "init_seed": SEED,
+        "arch": registered(families.names),
     }
 
-    arch: Arch = "t5"
+    arch: str = "t5"
     """t5 is the encoder-decoder; the others are decoder-only families, by HF model_type (Llama-1/2/3 are llama)"""
     model_name_or_path: str | None = None
     """local HF checkpoint dir; none = the recipe's shape, random init"""
@@ -210,7 +217,7 @@ class DataConfig:
         "num_pos": NON_NEGATIVE, "max_instances_per_task": Rule(lambda v: v > 0 or v == -1, "> 0, or -1 for all"),
         "max_instruction_length": at_least(2), "max_source_length": at_least(2), "max_target_length": at_least(2),
         "tasks_per_batch": POSITIVE, "examples_per_task": POSITIVE, "builtin_seed": SEED,
-        "pretrain_length": at_least(3), "num_workers": NON_NEGATIVE,
+        "pretrain_length": at_least(3),
     }
 
     spec: str = "builtin"
@@ -248,8 +255,6 @@ class DataConfig:
     Latin-square held-out pairs (docs/suite_v2.md)"""
     pretrain_length: int = 96
     """stage 1: the a|b|c window, in tokens"""
-    num_workers: int = 0
-    """not used: collation tokenises in the training process"""
     corpus: str | None = None
     """stage-1 text: builtin | text:FILE_OR_DIR; none = data.spec if text:, else builtin"""
     streaming: bool = False
@@ -339,14 +344,16 @@ class TagiConfig:
         ConfigError names key and value."""
         for key, rule, value in _ruled(self):
             if not rule.test(value):
-                raise ConfigError(f"{key}: must be {rule.text} ({value!r})")
-        m = self.model
-        if self.hypernet.fusion and m.arch != "t5" and self.mode == "tagi":
-            raise ConfigError(f"hypernet.fusion: true is T5-only (model.arch={m.arch} is decoder-only: no encoder to "
-                              "fuse into); set hypernet.fusion=false (True)")
-        if m.arch in DECODER_ONLY and not m.head_dim and m.d_model % m.num_heads:
+                raise ConfigError(f"{key}: must be {rule.says()} ({value!r})")
+        m, fam = self.model, families.get(self.model.arch)
+        if self.hypernet.fusion and not fam.fusion and self.mode == "tagi":
+            fusing = "/".join(families.get(n).label for n in families.having("fusion"))
+            why = "is decoder-only: no encoder to fuse into" if fam.causal else "has no fusion"
+            raise ConfigError(f"hypernet.fusion: true is {fusing}-only (model.arch={m.arch} {why}); "
+                              "set hypernet.fusion=false (True)")
+        if "head_dim" in fam.shape and not m.head_dim and m.d_model % m.num_heads:  # head_dim 0: d_model / heads
             raise ConfigError(f"model.d_model: must be a multiple of model.num_heads={m.num_heads} ({m.d_model})")
-        if m.arch in DECODER_ONLY and m.num_heads % m.num_kv_heads:
+        if "num_kv_heads" in fam.shape and m.num_heads % m.num_kv_heads:
             raise ConfigError(f"model.num_kv_heads: must divide model.num_heads={m.num_heads} ({m.num_kv_heads})")
         _check_family(m)
         return self
@@ -393,16 +400,30 @@ def choices(section: type, name: str) -> tuple[str, ...]:
 
 
 def _check_family(m: ModelConfig) -> None:
-    """Settings a decoder-only family cannot honour (tagi_ds/backbones/decoder.py builds the rest)."""
-    if m.arch == "gemma2" and m.attn_implementation == "sdpa":
-        raise ConfigError("model.attn_implementation: Gemma-2 soft-caps its attention logits, which sdpa cannot do; "
-                          "use eager or flash_attention_2 (sdpa)")
-    if m.sliding_window and m.arch in ("t5", "llama"):
-        raise ConfigError(f"model.sliding_window: {m.arch} has no sliding-window attention (mistral, qwen2 and gemma2 "
-                          f"do); set it to 0 ({m.sliding_window})")
-    if m.rope_scaling and m.arch != "llama":
-        raise ConfigError(f"model.rope_scaling: Llama-3.1-style RoPE scaling is for model.arch=llama only "
-                          f"(model.arch={m.arch}); set it to 0 ({m.rope_scaling:g})")
+    """Settings the family of ``m`` cannot honour (its record: tagi_ds/families.py)."""
+    fam = families.get(m.arch)
+    if (why := attention_error(m)) is not None:
+        raise ConfigError(why)
+    if m.sliding_window and not fam.sliding_window:
+        raise ConfigError(f"model.sliding_window: {m.arch} has no sliding-window attention "
+                          f"({_and(families.having('sliding_window'))} do); set it to 0 ({m.sliding_window})")
+    if m.rope_scaling and not fam.rope_scaling:
+        raise ConfigError(f"model.rope_scaling: Llama-3.1-style RoPE scaling is for model.arch="
+                          f"{' or '.join(families.having('rope_scaling'))} only (model.arch={m.arch}); set it to 0 "
+                          f"({m.rope_scaling:g})")
+
+
+def attention_error(m: ModelConfig) -> str | None:
+    """Why ``m``'s family cannot use ``m.attn_implementation`` (its record's ``attention``), or None."""
+    fam = families.get(m.arch)
+    if m.attn_implementation not in fam.attention:
+        return None
+    others = " or ".join(a for a in choices(ModelConfig, "attn_implementation") if a not in fam.attention)
+    return f"model.attn_implementation: {fam.attention[m.attn_implementation]}; use {others} ({m.attn_implementation})"
+
+
+def _and(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
@@ -448,11 +469,20 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
     raise ConfigError(f"{key}: expects {kind} ({value!r})")
 
 
-def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+# Keys an older version had and this one dropped: a saved config.json (an artifact, a checkpoint's run) that still
+# holds one reads as before, the key ignored; setting one (--set) is refused with the reason.
+RETIRED = {"data.num_workers": "removed: it was never used (collation tokenises in the training process)"}
+
+
+def _update(obj: Any, data: dict[str, Any], prefix: str = "", saved: bool = False) -> None:
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in RETIRED and key not in names:
+            if saved:
+                continue
+            raise ConfigError(f"{path}: {RETIRED[path]}; drop it ({value!r})")
         if key not in names:
             raise ConfigError(f"{path}: unknown config key (known{' in ' + prefix[:-1] if prefix else ''}: "
                               f"{', '.join(sorted(names))})")
@@ -460,15 +490,16 @@ def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: is a section, set {path}.KEY=VALUE ({value!r})")
-            _update(current, value, prefix=f"{path}.")
+            _update(current, value, prefix=f"{path}.", saved=saved)
         else:
             setattr(obj, key, _coerce(path, hints[key], value))
 
 
 def from_dict(data: dict[str, Any], base: TagiConfig | None = None) -> TagiConfig:
-    """Overlay a (possibly partial) nested dict onto ``base`` (default: a fresh TagiConfig)."""
+    """Overlay a (possibly partial) nested dict onto ``base`` (default: a fresh TagiConfig); a saved config's
+    :data:`RETIRED` keys are ignored."""
     cfg = copy.deepcopy(base) if base is not None else TagiConfig()
-    _update(cfg, data)
+    _update(cfg, data, saved=True)
     return cfg
 
 
@@ -500,6 +531,7 @@ def reference(obj: Any | None = None, prefix: str = "") -> list[tuple[str, str, 
             continue
         rule = rule_of(section, f.name)
         values = (" | ".join(choices(section, f.name)) if get_origin(hints[f.name]) is Literal
+                  else " | ".join(rule.choices()) if rule and rule.choices
                   else f"{_kind(hints[f.name])}, {rule.text}" if rule else _kind(hints[f.name]))
         rows.append((prefix + f.name, values, _shown(value), docs.get(f.name, "")))
     return rows

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from tagi_ds import artifacts, data
-from tagi_ds.cli import Parser, add_set_flag
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.eval.generate import cut_at_eos, eval_adapters, generate_tokens, greedy_config, score_targets
 from tagi_ds.eval.metrics import compute_metrics
+from tagi_ds.files import atomic_write
 from tagi_ds.model import build_backbone, build_model
-from tagi_ds.runtime import rundir
+from tagi_ds.runtime.flags import Parser, add_set_flag
 
 CONDITIONS = ("right", "wrong_adapter", "wrong_fused", "wrong_both", "fusion_off")
 LABELS = {"right": "own", "wrong_adapter": "wrong: adapter", "wrong_fused": "wrong: fused",
@@ -211,7 +211,7 @@ def run(args) -> dict[str, Any]:
         model.train()
         report["grad_ratios"] = grad_ratios(model, cfg, tok, args, rows)
     out.mkdir(parents=True, exist_ok=True)
-    rundir.atomic_write_text(out / "diagnose.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(out / "diagnose.json", json.dumps(report, indent=2) + "\n")
     report["output"] = str(out / "diagnose.json")
     return report
 

@@ -24,19 +24,20 @@ from functools import partial
 import torch
 from torch import nn
 
-from tagi_ds import backbones, stages
+from tagi_ds import backbones, families, stages
 from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
 from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
 from tagi_ds.batch import TaskBatch
-from tagi_ds.config import DECODER_ONLY, ConfigError, TagiConfig
+from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.hypernet import Generator, InstructionEncoder
 from tagi_ds.losses import param_alignment, target_rows, token_losses
 
 
 def fuses(cfg: TagiConfig) -> bool:
-    """Instruction fusion-in-decoder is on: ``hypernet.fusion`` on a T5 (decoder-only models have no encoder)."""
-    return cfg.hypernet.fusion and cfg.model.arch == "t5"
+    """Instruction fusion-in-decoder is on: ``hypernet.fusion`` on a family that fuses (T5; decoder-only models
+    have no encoder)."""
+    return cfg.hypernet.fusion and families.get(cfg.model.arch).fusion
 
 
 class TagiModel(nn.Module):
@@ -46,8 +47,9 @@ class TagiModel(nn.Module):
         super().__init__()
         self.cfg, self.stage, self.sites, self.state = cfg, stage, sites, state
         self.spec = stages.spec(stage, cfg)
+        self.family = families.get(cfg.model.arch)
         self.arch = backbones.get(cfg.model.arch)
-        self.causal = cfg.model.arch in DECODER_ONLY
+        self.causal = self.family.causal
         self.backbone = backbone
         self.generator = generator
         self.bank = bank
@@ -114,8 +116,9 @@ class TagiModel(nn.Module):
         """At inference with fusion: a builder of the decoder's cross-attention cache (``arch.cross_cache``)
         that projects each task's instruction states once instead of once per example. None when
         autograd is on (training keeps HF's own per-example projection, with its gradients and activation
-        checkpointing) or without fusion. Call it under ``state.use(adapters)``."""
-        if not self.fusion or instr_states is None or torch.is_grad_enabled():
+        checkpointing), without fusion, or for a family without ``cross_cache``. Call it under
+        ``state.use(adapters)``."""
+        if not self.fusion or not self.family.cross_cache or instr_states is None or torch.is_grad_enabled():
             return None
         task_rows = None
         if adapters is not None:  # the same factors over one row per task
@@ -180,9 +183,7 @@ class TagiModel(nn.Module):
 def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -> nn.Module:
     """The HF model only (so a launcher can build it under ``deepspeed.zero.Init``)."""
     ids = special_ids or {}
-    kwargs = {k: ids[k] for k in ("pad_id", "eos_id") if k in ids}
-    if cfg.model.arch in DECODER_ONLY and "bos_id" in ids:
-        kwargs["bos_id"] = ids["bos_id"]
+    kwargs = {k: ids[k] for k in ("pad_id", "eos_id", "bos_id") if k in ids}
     build = backbones.get(cfg.model.arch).build
     if cfg.model.model_name_or_path:
         return build(cfg.model, **kwargs)
@@ -209,7 +210,7 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
     sites = inject(backbone, arch.site_names(backbone, cfg.model), state)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(backbone, {"use_reentrant": False, "context_fn": state.checkpoint_context})
-    d_model = backbone.config.d_model if cfg.model.arch == "t5" else backbone.config.hidden_size
+    d_model = getattr(backbone.config, families.get(cfg.model.arch).shape["d_model"])
     generator = bank = teacher = None
     if adapters == "per_task":
         if num_bank_rows <= 0:

@@ -35,8 +35,10 @@ IMPLS = ("auto", "torch", "triton")
 
 def check_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
                check_offsets: bool = True) -> None:
-    """Raise ValueError naming the argument whose shape, dtype or content is wrong. The content checks of
-    ``seg_offsets`` read it on the host (a device sync): ``check_offsets=False`` skips them."""
+    """The op contract, checked once per call of the public ops (the kernels then check only what they add:
+    ``tagi_kernels`` ``checked=True``). Raise ValueError naming the argument whose shape, dtype or content is
+    wrong. The content checks of ``seg_offsets`` read it on the host (a device sync):
+    ``check_offsets=False`` skips them."""
     if x.dim() != 2:
         raise ValueError(f"lora_delta: x must be [T, d_in], got shape {tuple(x.shape)}")
     if A.dim() != 3:
@@ -128,7 +130,7 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: t
     check_args(x, A, B, seg_offsets, check_offsets)
     if resolve_impl(impl, x) == "torch":
         return lora_delta_torch(x, A, B, seg_offsets, scale)
-    return _kernels("lora_delta").triton_lora_delta(x, A, B, seg_offsets, scale)
+    return _kernels("lora_delta").triton_lora_delta(x, A, B, seg_offsets, scale, checked=True)
 
 
 def lora_delta_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -144,7 +146,7 @@ def lora_delta_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
                          f"got {list(out.shape)} {out.dtype} on {out.device}")
     if resolve_impl(impl, x) == "torch":
         return out.add_(lora_delta_torch(x, A, B, seg_offsets, scale))
-    return _kernels("lora_delta_add_").triton_lora_delta_add_(out, x, A, B, seg_offsets, scale)
+    return _kernels("lora_delta_add_").triton_lora_delta_add_(out, x, A, B, seg_offsets, scale, checked=True)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
@@ -158,7 +160,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                          f"got {list(weight.shape)}")
     if resolve_impl(impl, x) == "torch":
         return lora_linear_torch(x, weight, bias, A, B, seg_offsets, scale)
-    return _kernels("lora_linear").triton_lora_linear(x, weight, bias, A, B, seg_offsets, scale)
+    return _kernels("lora_linear").triton_lora_linear(x, weight, bias, A, B, seg_offsets, scale, checked=True)
 
 
 def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -186,7 +188,8 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"lora_linear_fused: shrink must be one of {', '.join(LINEAR_SHRINKS)}, got {shrink!r}")
     if resolve_impl(impl, x) == "torch":
         return lora_linear_torch(x, weight, bias, A, B, seg_offsets, scale)
-    return _kernels("lora_linear_fused").triton_lora_linear_fused(x, weight, bias, A, B, seg_offsets, scale, shrink)
+    return _kernels("lora_linear_fused").triton_lora_linear_fused(x, weight, bias, A, B, seg_offsets, scale, shrink,
+                                                                 checked=True)
 
 
 def _kernels(op: str):

@@ -291,11 +291,11 @@ SHRINK_CHOICES = ("auto", "fused", "split")
 
 def triton_lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                              B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0,
-                             shrink: str = "auto") -> torch.Tensor:
+                             shrink: str = "auto", checked: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scale * (x A_s^T) B_s^T`` ``[T, d_out]`` as one fused GEMM per direction;
     differentiable in every tensor. ``shrink``: ``fused`` (H from the GEMM's x tiles), ``split`` (v1's split-K
     shrink kernel first), ``auto`` (:func:`choose_shrink`, per direction)."""
-    _check("triton_lora_linear_fused", x, A, B, seg_offsets)
+    _check("triton_lora_linear_fused", x, A, B, seg_offsets, checked)
     if shrink not in SHRINK_CHOICES:
         raise ValueError(f"triton_lora_linear_fused: shrink must be one of {', '.join(SHRINK_CHOICES)}, "
                          f"got {shrink!r}")

@@ -170,19 +170,16 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dw, dbias, dA, dB, None, None
 
 
-def _check(name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor) -> None:
+def _check(name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
+           checked: bool = False) -> None:
     """Shapes, dtypes and devices, without a host sync; the contents of ``seg_offsets`` (monotone, ends at 0 and T)
-    are validated by ``tagi_ds.ops``, the public entry points."""
-    if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
-        raise ValueError(f"{name}: want x [T, d_in], A [S, r, d_in], B [S, d_out, r], got "
-                         f"{tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
-    S, r, d_in = A.shape
-    if x.shape[1] != d_in or B.shape[0] != S or B.shape[2] != r:
-        raise ValueError(f"{name}: shapes disagree: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
-    if seg_offsets.dim() != 1 or seg_offsets.numel() != S + 1 or seg_offsets.dtype != torch.int64:
-        raise ValueError(f"{name}: seg_offsets must be int64 [S+1={S + 1}], got {seg_offsets.dtype} "
-                         f"{tuple(seg_offsets.shape)}")
-    if x.dtype not in DTYPES or A.dtype != x.dtype or B.dtype != x.dtype:
+    are validated by ``tagi_ds.ops``, the public entry points. ``checked``: the caller (``tagi_ds.ops``, which
+    validates the op contract once per call) did the shape/dtype part already; only what the kernels add (the
+    dtypes they compile for, one device, CUDA or the interpreter) is checked, so an adapted layer pays one
+    validation per call, not two."""
+    if not checked:
+        _check_contract(name, x, A, B, seg_offsets)
+    if x.dtype not in DTYPES:
         raise ValueError(f"{name}: x, A, B must share one of {DTYPES}, got {x.dtype}, {A.dtype}, {B.dtype}")
     if A.device != x.device or B.device != x.device:
         raise ValueError(f"{name}: x, A, B must be on one device, got {x.device}, {A.device}, {B.device}")
@@ -194,6 +191,22 @@ def _check(name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_off
                          "(or TRITON_INTERPRET=1 set before tagi_kernels is imported)")
 
 
+def _check_contract(name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor) -> None:
+    """The op contract for a direct caller of the kernels (tests, benchmarks): ``tagi_ds.ops.check_args`` without
+    the offsets' contents (tagi_kernels stands alone: it does not import tagi_ds)."""
+    if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"{name}: want x [T, d_in], A [S, r, d_in], B [S, d_out, r], got "
+                         f"{tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
+    S, r, d_in = A.shape
+    if x.shape[1] != d_in or B.shape[0] != S or B.shape[2] != r:
+        raise ValueError(f"{name}: shapes disagree: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if seg_offsets.dim() != 1 or seg_offsets.numel() != S + 1 or seg_offsets.dtype != torch.int64:
+        raise ValueError(f"{name}: seg_offsets must be int64 [S+1={S + 1}], got {seg_offsets.dtype} "
+                         f"{tuple(seg_offsets.shape)}")
+    if A.dtype != x.dtype or B.dtype != x.dtype:
+        raise ValueError(f"{name}: x, A, B must share one of {DTYPES}, got {x.dtype}, {A.dtype}, {B.dtype}")
+
+
 def _check_output(name: str, what: str, t: torch.Tensor, x: torch.Tensor, d_out: int) -> None:
     if t.shape != (x.shape[0], d_out) or t.dtype != x.dtype or t.device != x.device:
         raise ValueError(f"{name}: {what} must be [T={x.shape[0]}, d_out={d_out}] {x.dtype} on {x.device}, got "
@@ -201,25 +214,26 @@ def _check_output(name: str, what: str, t: torch.Tensor, x: torch.Tensor, d_out:
 
 
 def triton_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
-                      scale: float = 1.0) -> torch.Tensor:
+                      scale: float = 1.0, checked: bool = False) -> torch.Tensor:
     """``[T, d_out]`` per-segment ``scale * (x A_s^T) B_s^T``; differentiable in x, A, B."""
-    _check("triton_lora_delta", x, A, B, seg_offsets)
+    _check("triton_lora_delta", x, A, B, seg_offsets, checked)
     return LoraDeltaFunction.apply(x, A, B, seg_offsets, float(scale))
 
 
 def triton_lora_delta_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                           seg_offsets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+                           seg_offsets: torch.Tensor, scale: float = 1.0, checked: bool = False) -> torch.Tensor:
     """``out += scale * (x A_s^T) B_s^T`` in place, returns ``out`` ``[T, d_out]`` (any strides; it must not overlap
     x). Differentiable in out, x, A, B; ``out`` must not be a leaf that requires grad (autograd's in-place rule)."""
-    _check("triton_lora_delta_add_", x, A, B, seg_offsets)
+    _check("triton_lora_delta_add_", x, A, B, seg_offsets, checked)
     _check_output("triton_lora_delta_add_", "out", out, x, B.shape[1])
     return LoraDeltaAddFunction.apply(out, x, A, B, seg_offsets, float(scale))
 
 
 def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                       B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+                       B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0,
+                       checked: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scale * (x A_s^T) B_s^T`` ``[T, d_out]``; differentiable in every tensor."""
-    _check("triton_lora_linear", x, A, B, seg_offsets)
+    _check("triton_lora_linear", x, A, B, seg_offsets, checked)
     if weight.dim() != 2 or weight.shape != (B.shape[1], x.shape[1]) or weight.dtype != x.dtype:
         raise ValueError(f"triton_lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}] {x.dtype}, "
                          f"got {tuple(weight.shape)} {weight.dtype}")

@@ -10,21 +10,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tagi_ds import families
 from tagi_ds.adapters.layer import AdaptedLinear, AdapterState, Site
-from tagi_ds.config import ConfigError, ModelConfig
+from tagi_ds.config import ConfigError, ModelConfig, attention_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_attention(cfg: ModelConfig) -> str:
-    """The attention implementation to ask transformers for; a clear error if flash-attn is absent."""
-    if cfg.attn_implementation == "flash_attention_2":
-        if cfg.arch == "t5":
-            raise ConfigError("model.attn_implementation=flash_attention_2 is for the decoder-only archs only "
-                              "(T5's relative position bias needs sdpa or eager)")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn extra: "
-                              "pip install 'tagi-ds[flash]' (on a CUDA machine); or use sdpa")
+    """The attention implementation to ask transformers for; a clear error if the family cannot use it (its
+    record, as ``validate`` checks it) or flash-attn is absent."""
+    if (why := attention_error(cfg)) is not None:  # for a config built without validate()
+        raise ConfigError(why)
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn extra: "
+                          "pip install 'tagi-ds[flash]' (on a CUDA machine); or use sdpa")
     return cfg.attn_implementation
 
 
@@ -97,37 +97,25 @@ def enable_checkpointing(model: nn.Module, kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-# ModelConfig shape field <- the checkpoint config.json key it is read from, per kind of backbone.
-_T5_SHAPE = {"vocab_size": "vocab_size", "d_model": "d_model", "d_ff": "d_ff", "d_kv": "d_kv",
-             "num_layers": "num_layers", "num_decoder_layers": "num_decoder_layers", "num_heads": "num_heads",
-             "feed_forward_proj": "feed_forward_proj"}
-_DECODER_SHAPE = {"vocab_size": "vocab_size", "d_model": "hidden_size", "d_ff": "intermediate_size",
-                  "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-                  "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
-                  "max_position_embeddings": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings",
-                  "sliding_window": "sliding_window"}
-
-
 def checkpoint_shape(path: str, arch: str) -> dict:
     """The shape fields of ``model`` as a local checkpoint's config.json gives them (``{}`` when it cannot be
     read: preflight then says what is wrong with the directory). A run on a checkpoint describes that checkpoint
     (planner, saved configs, tokenizer checks), not the recipe it started from; the weights load from the
-    checkpoint either way."""
+    checkpoint either way. Which key holds which field is the family's record (``Family.shape``)."""
     import json
 
+    family = families.get(arch)
     try:
         hf = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if not isinstance(hf, dict) or hf.get("model_type") != arch:
+    if not isinstance(hf, dict) or hf.get("model_type") != family.model_type:
         return {}  # another family: the build names the mismatch
-    keys = _T5_SHAPE if arch == "t5" else _DECODER_SHAPE
-    out = {field: hf[key] for field, key in keys.items() if hf.get(key) is not None}
-    if arch != "t5":
-        rope = hf.get("rope_parameters") or {}
-        theta = hf.get("rope_theta", rope.get("rope_theta") if isinstance(rope, dict) else None)
-        if theta is not None:
-            out["rope_theta"] = float(theta)
-        if hf.get("use_sliding_window") is False:
-            out.pop("sliding_window", None)
+    out = {field: hf[key] for field, key in family.shape.items() if hf.get(key) is not None}
+    rope = hf.get("rope_parameters") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta") if isinstance(rope, dict) else None)
+    if theta is not None:  # RoPE families: top-level in older configs, under rope_parameters in transformers 5
+        out["rope_theta"] = float(theta)
+    if family.window_switch and hf.get(family.window_switch) is False:
+        out.pop("sliding_window", None)
     return out

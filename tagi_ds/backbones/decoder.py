@@ -1,13 +1,15 @@
-"""Decoder-only backbones (``model.arch`` llama | mistral | qwen2 | gemma2): build or load, adapted sites,
-instruction encoding, logits.
+"""Decoder-only backbones (every family a ``tagi_ds.families.decoder_family`` record describes: llama, mistral,
+qwen2, gemma2): build or load, adapted sites, instruction encoding, logits.
 
 Each family is transformers' own class (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``Gemma2ForCausalLM``); ``model.arch`` is the checkpoint's ``model_type``, so Llama-1/2/3 are all ``llama``.
-What differs between them is the class's business (GQA, RoPE base and scaling, q/k/v bias in Qwen2,
-sliding-window attention, Gemma-2's embedding scale and soft-capping, tied embeddings); this module only
-names the adapted projections, which all four lay out the same way (``model.layers.{i}.self_attn.{q,k,v,o}_proj``,
-``model.layers.{i}.mlp.{gate,up,down}_proj``), each with its own shape (under GQA k and v are
-``num_kv_heads * head_dim`` wide, q ``num_heads * head_dim``, which for Gemma-2 is not ``d_model`` either).
+``Gemma2ForCausalLM``), named by its record; ``model.arch`` is the checkpoint's ``model_type``, so Llama-1/2/3 are
+all ``llama``. What differs between them is the class's business (GQA, RoPE base and scaling, q/k/v bias in Qwen2,
+sliding-window attention, Gemma-2's embedding scale and soft-capping, tied embeddings) or the record's (the
+constants of the public checkpoints, how the HF config takes the sliding window); this module only lays out the
+adapted projections, which all of them place the same way (the record's ``projections`` under
+``model.layers.{i}``: ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``), each with its own shape (under GQA
+k and v are ``num_kv_heads * head_dim`` wide, q ``num_heads * head_dim``, which for Gemma-2 is not ``d_model``
+either).
 
 Fusion: none. T5 fuses by letting the decoder cross-attend to the instruction encodings; a decoder-only
 model has no cross-attention, and the closest equivalent (the instruction's keys/values as a prefix of
@@ -25,29 +27,19 @@ import torch
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel
 
+from tagi_ds import families
 from tagi_ds.backbones.base import DTYPES, check_attention, check_model_dir
 from tagi_ds.config import ConfigError, ModelConfig
-
-KINDS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
-# arch -> (config class, model class, constants of the family's public checkpoints that the shape fields
-# of ModelConfig do not carry). Gemma-2: query scale head_dim^-0.5 (query_pre_attn_scalar = head_dim, as in 2B
-# and 9B), attention logits soft-capped at 50 and final logits at 30. Classes by name: transformers imports a
-# family's modeling code only when its class is first used (all four eagerly cost ~3 s per process).
-_FAMILIES: dict[str, tuple[str, str, dict]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {"rms_norm_eps": 1e-5}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"rms_norm_eps": 1e-5}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rms_norm_eps": 1e-6}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"rms_norm_eps": 1e-6, "attn_logit_softcapping": 50.0,
-                                                     "final_logit_softcapping": 30.0}),
-}
+from tagi_ds.families import Family
 
 
-def family(arch: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
-    """``(config class, model class, constants)`` of a decoder-only ``model.arch``."""
-    config_name, model_name, constants = _FAMILIES[arch]
-    return getattr(transformers, config_name), getattr(transformers, model_name), constants
+def family(arch: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel], Family]:
+    """``(config class, model class, record)`` of a decoder-only ``model.arch`` (its record names the classes;
+    transformers imports a family's modeling code only when its class is first used: all eagerly cost ~3 s)."""
+    record = families.get(arch)
+    return getattr(transformers, record.config_class), getattr(transformers, record.model_class), record
+
+
 # Llama-3.1 / 3.2 RoPE scaling, apart from the factor.
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -55,7 +47,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor"
 
 def hf_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 3) -> PretrainedConfig:
     """The family's HF config for ``cfg``'s shape (random init; a local checkpoint brings its own)."""
-    config_cls, _, constants = family(cfg.arch)
+    config_cls, _, record = family(cfg.arch)
     head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
@@ -65,13 +57,12 @@ def hf_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | 
                   num_key_value_heads=cfg.num_kv_heads, head_dim=head_dim,
                   max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope,
                   tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=pad_id, eos_token_id=eos_id,
-                  bos_token_id=bos_id, **constants)
-    if cfg.arch == "gemma2":
-        kwargs.update(query_pre_attn_scalar=head_dim, sliding_window=cfg.sliding_window or None)
-    elif cfg.arch == "mistral":
+                  bos_token_id=bos_id, **record.constants)
+    kwargs.update(dict.fromkeys(record.head_dim_keys, head_dim))
+    if record.sliding_window:
         kwargs["sliding_window"] = cfg.sliding_window or None
-    elif cfg.arch == "qwen2":
-        kwargs.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None)
+        if record.window_switch:
+            kwargs[record.window_switch] = bool(cfg.sliding_window)
     return config_cls(**kwargs)
 
 
@@ -80,11 +71,11 @@ def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None
     configured shape with random init. (``TagiConfig.validate`` rejects what a family cannot honour.)"""
     attn = check_attention(cfg)
     dtype = DTYPES[cfg.dtype]
-    model_cls = family(cfg.arch)[1]
+    _, model_cls, record = family(cfg.arch)
     if cfg.model_name_or_path:
         path = check_model_dir(cfg.model_name_or_path)
         model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-        if model_type != cfg.arch:
+        if model_type != record.model_type:
             raise ConfigError(f"--model_name_or_path {str(path)!r}: config.json has model_type {model_type!r} but "
                               f"model.arch is {cfg.arch!r}; pick the recipe of that family or --set "
                               f"model.arch={model_type}")
@@ -117,15 +108,17 @@ def fp32_rotary(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def site_names(model: PreTrainedModel, cfg: ModelConfig) -> list[tuple[str, str, int, str]]:
-    unknown = [k for k in cfg.adapted if k not in KINDS]
+    record = families.get(cfg.arch)
+    kinds = record.projections
+    unknown = [k for k in cfg.adapted if k not in kinds]
     if unknown:
         raise ConfigError(f"model.adapted: unknown {cfg.arch} projection {unknown[0]!r} ({cfg.arch}: "
-                          f"{' '.join(KINDS)})")
-    if cfg.adapted_stacks != ["decoder"]:
-        raise ConfigError(f"model.adapted_stacks must be [decoder] for the decoder-only model.arch={cfg.arch}, "
-                          f"got {cfg.adapted_stacks}")
-    return [(f"model.layers.{i}.{KINDS[k]}", "decoder", i, k)
-            for i in range(model.config.num_hidden_layers) for k in cfg.adapted]
+                          f"{' '.join(kinds)})")
+    if cfg.adapted_stacks != list(record.stacks):
+        raise ConfigError(f"model.adapted_stacks must be [{', '.join(record.stacks)}] for the decoder-only "
+                          f"model.arch={cfg.arch}, got {cfg.adapted_stacks}")
+    return [(f"model.layers.{i}.{kinds[k]}", "decoder", i, k)
+            for i in range(getattr(model.config, record.shape["num_layers"])) for k in cfg.adapted]
 
 
 def body(model: PreTrainedModel) -> torch.nn.Module:

@@ -10,17 +10,20 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from tagi_ds import families
 from tagi_ds.backbones import t5_attention
 from tagi_ds.backbones.base import DTYPES, cache_kwarg, check_attention, check_model_dir
 from tagi_ds.config import ConfigError, ModelConfig
 
-ATTN_KINDS = ("q", "k", "v", "o")
-FFN_KINDS = ("wi", "wo", "wi_0", "wi_1")
+FAMILY = families.get("t5")
+ATTN_KINDS = tuple(k for k, where in FAMILY.projections.items() if where == "attention")
+FFN_KINDS = tuple(k for k, where in FAMILY.projections.items() if where == "ffn")
 
 
-def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1) -> T5ForConditionalGeneration:
+def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = None) -> T5ForConditionalGeneration:
     """Load from a local dir, or build the configured shape with random init. transformers 5 always ties
-    T5's lm_head to the shared embedding; built configs keep its default output scaling (d_model^-0.5)."""
+    T5's lm_head to the shared embedding; built configs keep its default output scaling (d_model^-0.5).
+    ``bos_id``: the protocol's; T5 has no beginning-of-sequence token."""
     attn = t5_attention.implementation(check_attention(cfg))  # sdpa: with the position bias merged once per stack
     dtype = DTYPES[cfg.dtype]
     if cfg.model_name_or_path:
@@ -41,9 +44,9 @@ def site_names(model: T5ForConditionalGeneration, cfg: ModelConfig) -> list[tupl
     if unknown:
         raise ConfigError(f"model.adapted: unknown T5 projection {unknown[0]!r} "
                           f"(T5: {' '.join(ATTN_KINDS + FFN_KINDS)})")
-    bad = [s for s in cfg.adapted_stacks if s not in ("encoder", "decoder", "cross")]
+    bad = [s for s in cfg.adapted_stacks if s not in FAMILY.stacks]
     if bad:
-        raise ConfigError(f"model.adapted_stacks: unknown T5 stack {bad[0]!r} (encoder decoder cross)")
+        raise ConfigError(f"model.adapted_stacks: unknown T5 stack {bad[0]!r} ({' '.join(FAMILY.stacks)})")
     out = []
     for stack, prefix, n_layers in (("encoder", "encoder", model.config.num_layers),
                                     ("decoder", "decoder", model.config.num_decoder_layers),

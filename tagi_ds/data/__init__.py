@@ -30,7 +30,7 @@ Batches (``tagi_ds.batch.TaskBatch``)
 
 Config: ``DataConfig`` (``tagi_ds.config``); added for this package: ``corpus`` (stage-1 text source),
 ``streaming`` (stream the corpus files), ``sample_variants`` (train-time paraphrase / answer draws).
-``num_workers`` is not used: collation tokenises on the fly in the training process (cheap next to a step).
+Collation tokenises on the fly in the training process (cheap next to a step): there are no loader workers.
 
 Errors: bad data raises ``DataError`` (a ``ValueError``) with one line naming file, field and value.
 Inspection: ``python -m tagi_ds.data --data SPEC`` prints tasks, categories and length percentiles.

@@ -15,7 +15,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from tagi_ds.cli import Parser, add_set_flag
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.data.corpus import builtin_documents, corpus_files, iter_documents
 from tagi_ds.data.prompt import format_instance, format_instruction
@@ -24,6 +23,7 @@ from tagi_ds.data.spec import SCHEMES, load_tasks, parse_spec
 from tagi_ds.data.task import DataError
 from tagi_ds.data.tokenizer import load_tokenizer
 from tagi_ds.recipes import get_recipe
+from tagi_ds.runtime.flags import Parser, add_set_flag
 from tagi_ds.runtime.preflight import EXIT_USAGE, check_output_dir
 
 PERCENTILES = (50, 90, 99)

@@ -24,15 +24,15 @@ from collections.abc import Sequence
 
 import torch
 
+from tagi_ds import families
 from tagi_ds.batch import TaskBatch
-from tagi_ds.config import DECODER_ONLY, DataConfig
+from tagi_ds.config import DataConfig
 from tagi_ds.data.corpus import split_abc
 from tagi_ds.data.prompt import chat_format, format_instance, format_instruction
 from tagi_ds.data.sampler import Segment
 from tagi_ds.data.task import Task
 
 IGNORE_INDEX = -100
-ARCHS = ("t5", *DECODER_ONLY)
 
 
 def pad(rows: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
@@ -49,12 +49,12 @@ class _Collator:
     """Shared token layout and truncation counters."""
 
     def __init__(self, tokenizer, cfg: DataConfig, arch: str, padding_side: str = "right", with_targets: bool = True):
-        if arch not in ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        if arch not in families.FAMILIES:
+            raise ValueError(f"arch must be one of {', '.join(families.names())}, got {arch!r}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be right or left, got {padding_side!r}")
         self.tok, self.cfg, self.arch, self.side, self.with_targets = tokenizer, cfg, arch, padding_side, with_targets
-        self.causal = arch != "t5"  # decoder-only: the LLaMA layout below, whatever the family
+        self.causal = families.get(arch).causal  # decoder-only: the LLaMA layout below, whatever the family
         self.chat = None  # TaskCollator: data.chat_template's ChatFormat (prompt.py)
         self.stats: Counter = Counter()
         self._bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -74,7 +74,7 @@ class _Collator:
     def example_rows(self, prompt: list[int], target: list[int]) -> tuple[list[int], list[int]]:
         """(input row, label row) for a prompt and a target (both already cut to their budgets)."""
         eos = self.tok.eos_id
-        if self.arch == "t5":
+        if not self.causal:  # encoder input and decoder target, each closed by eos
             return prompt + [eos], target + [eos]
         if not self.with_targets:
             return self._bos + prompt, target + [eos]

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from tagi_ds.data.builtin import ANIMALS, COLORS, FOODS, NUMBER_WORDS, OBJECTS, SENTENCES, TOPICS, builtin_suite, plural
-from tagi_ds.data.files import check_json_lines, read_text
 from tagi_ds.data.prompt import format_instance, format_instruction
 from tagi_ds.data.task import DataError, show
+from tagi_ds.files import check_json_lines, read_text
 
 SUFFIXES = (".txt", ".text", ".jsonl", ".json")
 _NAMES = ("anna", "ben", "carla", "david", "emma", "felix", "grace", "hugo", "ivy", "jack", "lena", "omar")

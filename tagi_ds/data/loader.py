@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
-from tagi_ds import stages
+from tagi_ds import families, stages
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import TagiConfig
 from tagi_ds.data.collate import PretrainCollator, TaskCollator
@@ -164,7 +164,7 @@ def build_eval_loader(cfg: TagiConfig, tokenizer, split: str = "test", rank: int
     tasks = list(tasks) if tasks is not None else load_tasks(d.spec, d, split)
     sampler = EvalSampler([len(t.instances) for t in tasks], batch_size or d.tasks_per_batch * d.examples_per_task,
                           rank, world_size)
-    llama_gen = generation and cfg.model.arch != "t5"  # every decoder-only family
+    llama_gen = generation and families.get(cfg.model.arch).causal  # every decoder-only family
     collate = TaskCollator(tasks, tokenizer, d, arch=cfg.model.arch, **_views(_mode(cfg.mode)),
                            padding_side="left" if llama_gen else "right", with_targets=not llama_gen)
     return EvalLoader(sampler, collate, tasks)

@@ -23,8 +23,8 @@ import itertools
 from pathlib import Path
 
 from tagi_ds.config import DataConfig
-from tagi_ds.data.files import check_json_lines, read_json
 from tagi_ds.data.task import DataError, Example, Task, select_tasks, show
+from tagi_ds.files import check_json_lines, read_json
 
 MTEST11 = ("anli_r1", "anli_r2", "anli_r3", "hellaswag", "super_glue_cb", "super_glue_copa", "super_glue_rte",
            "super_glue_wic", "super_glue_wsc", "winogrande", "story_cloze")

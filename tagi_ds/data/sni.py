@@ -15,13 +15,14 @@ Every malformed field raises a one-line ``DataError`` naming the file, the field
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tagi_ds.config import DataConfig
-from tagi_ds.data.files import atomic_write_json, atomic_write_text, read_json, read_text
 from tagi_ds.data.task import DataError, Demo, Example, Task, note, select_tasks, show
+from tagi_ds.files import atomic_write, read_json, read_text
 
 SPLITS = ("train", "test")
 LANGUAGE_FIELDS = ("Input_language", "Output_language", "Instruction_language")
@@ -175,14 +176,16 @@ def task_to_json(task: Task) -> dict:
 
 
 def write_sni(out_dir: str | Path, train: Sequence[Task], test: Sequence[Task]) -> Path:
-    """Write tasks in the SNI layout; every file goes through a temp file + os.replace. Returns ``out_dir``."""
+    """Write tasks in the SNI layout; every file written whole (``tagi_ds.files.atomic_write``). Returns ``out_dir``."""
     out_dir = Path(out_dir)
     names = [t.name for t in (*train, *test)]
     if len(set(names)) != len(names):
         raise DataError(f"{out_dir}: duplicate task names {sorted({n for n in names if names.count(n) > 1})}")
     files = {f"tasks/{t.name}.json": task_to_json(t) for t in (*train, *test)}  # validate all before writing
     for rel, obj in files.items():
-        atomic_write_json(out_dir / rel, obj)
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / rel, json.dumps(obj, ensure_ascii=False, indent=4) + "\n")  # as the SNI sample
+    (out_dir / "splits" / "default").mkdir(parents=True, exist_ok=True)
     for split, tasks in (("train", train), ("test", test), ("excluded", ())):
-        atomic_write_text(out_dir / "splits" / "default" / f"{split}_tasks.txt", "".join(f"{t.name}\n" for t in tasks))
+        atomic_write(out_dir / "splits" / "default" / f"{split}_tasks.txt", "".join(f"{t.name}\n" for t in tasks))
     return out_dir

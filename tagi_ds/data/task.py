@@ -6,20 +6,16 @@ SNI files, the built-in suite and P3 templates all become ``Task`` objects; ever
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-
-class DataError(ValueError):
-    """Bad data: the one-line message names the file, the field and the value at fault."""
+from tagi_ds.errors import DataError, say
 
 
 def note(message: str) -> None:
     """Tell the user what a filter did (stdout, rank 0 only): data is never dropped silently."""
-    if os.environ.get("RANK", "0") in ("0", ""):
-        print(f"note: {message}", flush=True)
+    say(f"note: {message}")
 
 
 def show(value: object, limit: int = 60) -> str:

@@ -155,9 +155,9 @@ def train_sentencepiece(sentences: Sequence[str] | None = None, seed: int = 0,
 
 def build_builtin_tokenizer(out: str | Path = BUILTIN_MODEL, seed: int = 0) -> Path:
     """Train and write the built-in model (temp file + os.replace)."""
-    from tagi_ds.data.files import atomic_write_bytes
+    from tagi_ds.files import atomic_write
 
-    atomic_write_bytes(out, train_sentencepiece(seed=seed))
+    atomic_write(out, train_sentencepiece(seed=seed))
     return Path(out)
 
 

@@ -21,9 +21,11 @@ import torch
 
 from tagi_ds import artifacts, data
 from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds.errors import say
 from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
 from tagi_ds.eval.metrics import compute_metrics
+from tagi_ds.files import atomic_write
 from tagi_ds.model import build_model
 from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
@@ -165,11 +167,6 @@ def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str,
     return results
 
 
-def say(message: str) -> None:
-    if dist.is_main():
-        print(message, flush=True)
-
-
 def _batch_records(batch, out: dict[str, torch.Tensor], m: cost.Measured, formula, tok, tagi: bool) -> list[dict]:
     """One record per row: its id, result (text or score), and its share of the batch's cost."""
     n = len(batch.example_ids)
@@ -242,8 +239,8 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
                         "new_tokens": sum(rec["new_tokens"] for rec in by_id.values()) if generated else None}}
     out.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    rundir.atomic_write_text(out / "predictions.jsonl", lines)
-    rundir.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "predictions.jsonl", lines)
+    atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
     headline = (f"accuracy {results['accuracy']:.2f}" if kind == "rank" else
                 f"rougeL {results['rougeL']:.2f} exact_match {results['exact_match']:.2f}")
     say(f"{headline} ({len(records)} examples, {total_flops / 1e9:.3g} GFLOPs, {wall_s:.1f}s) -> "

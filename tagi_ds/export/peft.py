@@ -20,8 +20,6 @@ is not a weight, so a fusion-trained hypernetwork's PEFT adapter reproduces tagi
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,10 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tagi_ds import artifacts, data
-from tagi_ds.config import DECODER_ONLY, ConfigError
+from tagi_ds import artifacts, data, families
+from tagi_ds.config import ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
-from tagi_ds.data.files import usual_permissions
+from tagi_ds.files import atomic_dir, usual_permissions
 from tagi_ds.model import build_model
 from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
@@ -40,7 +38,6 @@ from tagi_ds.runtime import preflight as preflight_checks
 from tagi_ds.runtime.rundir import seed_everything
 
 CONDITIONS = ("task", "instance")
-TASK_TYPES = {"t5": "SEQ_2_SEQ_LM", **{arch: "CAUSAL_LM" for arch in DECODER_ONLY}}
 
 
 def condition_text(text: str, condition: str = "task") -> str:
@@ -79,7 +76,7 @@ def peft_state_dict(sites, factors) -> dict[str, torch.Tensor]:
 
 def peft_config(sites, rank: int, alpha: float, arch: str, base_model: str | None) -> dict[str, Any]:
     return {
-        "peft_type": "LORA", "task_type": TASK_TYPES[arch], "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": families.get(arch).peft_task_type, "base_model_name_or_path": base_model,
         "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "target_modules": [s.name for s in sites], "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
@@ -91,10 +88,7 @@ def export_peft(out_dir: str | Path, model, factors, base_model: str | None = No
     """Write the PEFT adapter dir for ``factors`` of ``model``'s sites (atomically: temp dir + rename)."""
     cfg = model.cfg
     final = Path(out_dir)
-    tmp = final.with_name(f".{final.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as tmp:
         save_file(peft_state_dict(model.sites, factors), str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         usual_permissions(tmp / "adapter_model.safetensors")
@@ -105,12 +99,6 @@ def export_peft(out_dir: str | Path, model, factors, base_model: str | None = No
                                        "sites": [s.name for s in model.sites]}}
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -132,7 +120,7 @@ def generate_adapter(cfg, hypernet: Path, text: str, condition: str, out_dir: Pa
                      base_model: str | None = None) -> Path:
     """Build the frozen backbone + hypernetwork, generate the adapter for ``text``, export it to ``out_dir``.
 
-    The backbone is built as training built it: under ZeRO-3 (``--deepspeed``, default z3.json) inside
+    The backbone is built as training built it: under ZeRO-3 (``--deepspeed``, default as in training) inside
     ``deepspeed.zero.Init`` in a world of one, so a built-in random-init backbone is the one the hypernetwork
     was trained with; its parameters are gathered for the one forward. Single process: no engine.
     """

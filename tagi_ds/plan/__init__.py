@@ -15,7 +15,8 @@ One concept per module (each module's docstring holds its definitions):
 - ``fit``: ``plan`` (everything in one dict), ``fits``, ``max_micro_batch``, ``suggest``.
 - ``measure``: ``measure_step`` (the measured quantity of the planner's check), ``synthetic_batch``,
   ``TensorBytesTracker``.
-- ``cli``: argparse, the rich tables and ``--json`` (``python -m tagi_ds.plan``).
+- ``cli``: argparse, the rich tables and ``--json`` (``python -m tagi_ds.plan``); not re-exported here, so that
+  importing the planner's functions (``train/loop.py`` does) never imports a command line.
 
 What has been checked: the fp32 path against ``measure_step`` on CPU (tests/plan/test_plan.py: tiny T5 and LLaMA,
 checkpointing on and off, within a few percent), and ``step_flops`` against torch's FlopCounterMode. The bf16
@@ -24,7 +25,6 @@ buffers follow the code of torch 2.13 / transformers 5.23 / deepspeed 0.19.8 but
 GPU yet: run ``--measure`` there (one GPU, ``--stage none``) to check.
 """
 
-from tagi_ds.plan.cli import main, parser, render
 from tagi_ds.plan.fit import ESCALATION, fits, max_micro_batch, plan, suggest
 from tagi_ds.plan.flops import (
     adapter_flops,
@@ -74,13 +74,10 @@ __all__ = [
     "fits",
     "for_run",
     "for_training",
-    "main",
     "max_micro_batch",
     "measure_step",
     "memory",
-    "parser",
     "plan",
-    "render",
     "resolve",
     "saved_layer",
     "shapes_of",

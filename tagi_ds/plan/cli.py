@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from tagi_ds.cli import Parser
 from tagi_ds.config import ConfigError
 from tagi_ds.plan.fit import plan
 from tagi_ds.plan.inputs import ASSUMED_MFU, BACKBONES, H100_BF16_DENSE_TFLOPS, ZERO3_HOOK_US, GiB, PlanInput
 from tagi_ds.plan.measure import measure_step
 from tagi_ds.recipes import RECIPES
+from tagi_ds.runtime.flags import Parser
 
 
 def _on_off(v: str) -> bool:

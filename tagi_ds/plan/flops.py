@@ -30,7 +30,7 @@ from tagi_ds.plan.shapes import Counts, Shapes
 def _layer_params(c: Counts) -> dict[str, int]:
     inner, kv = c.heads * c.d_kv, c.kv_heads * c.d_kv
     ffn = (3 if c.gated else 2) * c.d * c.d_ff
-    if c.arch == "t5":
+    if c.encoder_decoder:
         # decoder: self-attention + cross q, o + FFN per target token; cross k, v per encoder token
         return {"enc": 4 * c.d * inner + ffn, "dec_q": 6 * c.d * inner + ffn, "dec_kv": 2 * c.d * inner}
     return {"dec_q": 2 * c.d * inner + 2 * c.d * kv + ffn}
@@ -43,7 +43,7 @@ def backbone_forward_flops(c: Counts, B: int, L: int, Lt: int, Lx: int | None = 
     Decoder-only: L + Lt tokens in one causal sequence (counted as full attention). ``head_tokens``: the tokens per
     sequence the LM head projects (default: T5 Lt, decoder-only all L + Lt; training projects only the Lt targets)."""
     lp, inner = _layer_params(c), c.heads * c.d_kv
-    if c.arch == "t5":
+    if c.encoder_decoder:
         Lx = L if Lx is None else Lx
         lin = 2 * B * L * c.enc_layers * lp["enc"]
         att = 4 * B * L * L * inner * c.enc_layers
@@ -61,7 +61,7 @@ def backbone_forward_flops(c: Counts, B: int, L: int, Lt: int, Lx: int | None = 
 def cross_kv_flops(c: Counts, tokens: int, rank: int = 0) -> int:
     """T5: forward FLOPs of every decoder layer's cross-attention k and v (+ their rank-``rank`` adapters)
     over ``tokens`` encoder states; 0 for LLaMA."""
-    if c.arch != "t5":
+    if not c.encoder_decoder:
         return 0
     return 2 * tokens * c.dec_layers * _layer_params(c)["dec_kv"] + \
         adapter_flops(c, 1, 0, 0, tokens, rank, only_stacks=("cross",))
@@ -73,7 +73,7 @@ def adapter_flops(c: Counts, B: int, L: int, Lt: int, Lx: int, rank: int, only_s
     for stack, _, kind, d_in, d_out in c.sites:
         if only_stacks and stack not in only_stacks:
             continue
-        if c.arch != "t5":
+        if not c.encoder_decoder:
             T = B * (L + Lt)
         elif stack == "encoder":
             T = B * L
@@ -95,7 +95,7 @@ def step_flops(c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool 
     teacher forward on instruction + input (``kl``); ``concat``: one shared LoRA on instruction + input;
     ``lora``: one shared LoRA on the input alone (the plain single-LoRA step)."""
     B, K, L, Lt, Li = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len
-    t5 = c.arch == "t5"
+    t5 = c.encoder_decoder
     out: dict[str, float] = {}
     if variant == "concat":
         L = L + Li
@@ -141,7 +141,7 @@ def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
     W, wb = p.world, (2 if p.precision == "bf16" else 4)
     # Backbone passes that gather the weights: instruction encoding (T5: the encoder only), student forward,
     # teacher forward, backward, and the recompute with checkpointing.
-    enc_share = c.enc_layers / (c.enc_layers + c.dec_layers) if c.arch == "t5" else 1.0
+    enc_share = c.enc_layers / (c.enc_layers + c.dec_layers) if c.encoder_decoder else 1.0
     passes = enc_share + 1 + (1 if p.kl else 0) + 1 + (1 if p.gradient_checkpointing else 0)
     weights = passes * c.backbone * wb
     parted = p.stage == "z3" and p.backbone != "replicated"

@@ -45,7 +45,7 @@ from tagi_ds.plan.shapes import Counts, Shapes
 
 def _norm(c: Counts, T: int, b: int) -> int:
     """RMSNorm saved for backward: the fp32 input (the pow's), rsqrt [T, 1]; T5 also keeps the bf16 input."""
-    extra = T * c.d * b if (c.arch == "t5" and b < 4) else 0
+    extra = T * c.d * b if (c.encoder_decoder and b < 4) else 0
     return T * c.d * 4 + T * 4 + extra
 
 
@@ -58,7 +58,7 @@ def _attn(c: Counts, Tq: int, Tk: int, mask: int, b: int, scores: int = 0) -> in
     """SDPA saves q, k, v, out, the fp32 logsumexp and the additive mask it was given. Eager attention (decoder-only,
     ``scores`` = B*H*Lq*Lk) saves k and v repeated to every query head, the fp32 softmax and its copy in the weight
     dtype (bf16), and with soft-capping (Gemma-2) the tanh of the scores, but not the mask."""
-    if c.eager and c.arch != "t5":
+    if c.eager and not c.encoder_decoder:
         kv = 2 * Tk * c.heads * c.d_kv * b
         probs = scores * (4 + (b if b < 4 else 0) + (b if c.softcap else 0))
         return 2 * Tq * c.heads * c.d_kv * b + kv + probs  # the additive mask is not saved
@@ -68,7 +68,7 @@ def _attn(c: Counts, Tq: int, Tk: int, mask: int, b: int, scores: int = 0) -> in
 def _ffn(c: Counts, T: int, b: int) -> int:
     """T5 gated-gelu (tanh GELU): 4 tensors in the GELU + both product inputs; relu: its output; decoder-only gated
     FFN (SwiGLU, Gemma-2's fused tanh GELU): the activation's input and both product inputs."""
-    if c.arch != "t5":
+    if not c.encoder_decoder:
         return 3 * T * c.d_ff * b
     return (6 if c.gated else 1) * T * c.d_ff * b
 
@@ -82,7 +82,7 @@ def _sites_of(c: Counts, stack: str, tokens: dict[str, int], b: int) -> int:
 def saved_layer(c: Counts, s: Shapes, b: int) -> dict[str, int]:
     """Saved bytes of one student layer of each kind (the first layer of a stack saves no input norm)."""
     B, L, Lt, Li = s.micro_batch, s.seq_len, s.target_len, s.instr_len
-    if c.arch == "t5":
+    if c.encoder_decoder:
         Te, Td = B * L, B * Lt
         Lx = Li + L if c.fusion else L
         Tx = B * Lx
@@ -109,7 +109,7 @@ def loss_working_set(c: Counts, s: Shapes, b: int, kl: bool = True) -> dict[str,
     head's logits, the log-softmax of CE, with the KL the teacher's logits, probabilities and log-probabilities
     and the student's tempered log-softmax, and in backward their gradients. In bf16 each view's logits also get
     their fp32 copy. ``full_logits_fp32`` is what one fp32 ``[B, L, V]`` of the student's sequence would take."""
-    t5 = c.arch == "t5"
+    t5 = c.encoder_decoder
     N, V = s.micro_batch * s.target_len, c.vocab
     unit = min(c.chunk, N) * V * 4
     views = 2 if kl else 1
@@ -126,7 +126,7 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
     B, K, L, Lt, Li, V, d = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len, c.vocab, c.d
     lay = saved_layer(c, s, b)
     n_e, n_d = c.enc_layers, c.dec_layers
-    t5 = c.arch == "t5"
+    t5 = c.encoder_decoder
     S_student = L + Lt if not t5 else L
     Lx = Li + L if (t5 and c.fusion) else L
     # Generator: LayerNorm input, trunk input, 2 GELU inputs, 2 hidden outputs; generated A, B (the sites save them).
@@ -178,7 +178,7 @@ def _teacher_working_set(c: Counts, s: Shapes, b: int) -> int:
     """Peak of the teacher's no-grad forward (instruction + input) at one layer, plus what its stack holds."""
     B, L, Lt, Li, d, f = s.micro_batch, s.seq_len, s.target_len, s.instr_len, c.d, c.d_ff
     H, inner, kv = c.heads, c.heads * c.d_kv, c.kv_heads * c.d_kv
-    if c.arch == "t5":
+    if c.encoder_decoder:
         Lk = Li + L
         Tt = B * Lk
         stack = H * Lk * Lk * b + B * Lk * Lk + B * H * Lk * Lk * b  # position bias, bool mask, merged (t5_attention)

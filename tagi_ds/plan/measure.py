@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tagi_ds import families
 from tagi_ds.batch import TaskBatch
 from tagi_ds.plan.inputs import PlanInput, resolve, shapes_of
 from tagi_ds.plan.shapes import Shapes
@@ -29,13 +30,14 @@ def synthetic_batch(arch: str, s: Shapes, vocab: int, mode: str = "tagi", teache
     """Random ids at exactly ``s``'s lengths, K equal task segments, one padded position per view (so padding
     masks exist, as in real batches). T5: input [B, L] (concat: Li + L), labels [B, Lt]. Decoder-only: prompt + target
     in one row, labels -100 on the prompt. The teacher view is instruction + input."""
+    enc_dec = families.get(arch).encoder_decoder
     g = torch.Generator().manual_seed(seed)
     B, K, L, Lt, Li = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len
     counts = [B // K + (1 if k < B % K else 0) for k in range(K)]
     ids = lambda *shape: torch.randint(4, vocab, shape, generator=g)  # noqa: E731
 
     def view(prompt_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if arch == "t5":
+        if enc_dec:
             x, labels = ids(B, prompt_len), ids(B, Lt)
         else:
             x = ids(B, prompt_len + Lt)
@@ -44,7 +46,7 @@ def synthetic_batch(arch: str, s: Shapes, vocab: int, mode: str = "tagi", teache
         mask = torch.ones_like(x)
         mask[0, -1] = 0
         x[0, -1] = 0
-        if arch != "t5":
+        if not enc_dec:
             labels[0, -1] = -100
         return x, mask, labels
 
@@ -57,7 +59,7 @@ def synthetic_batch(arch: str, s: Shapes, vocab: int, mode: str = "tagi", teache
         if teacher:
             batch.teacher_index = torch.arange(K)
             tx, tmask, tlabels = view(Li + L)
-            if arch == "t5":
+            if enc_dec:
                 tlabels = labels
             batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels = tx, tmask, tlabels
     return batch

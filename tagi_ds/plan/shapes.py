@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tagi_ds import families
 from tagi_ds.config import TagiConfig
 
 
@@ -31,6 +32,7 @@ class Shapes:
 @dataclass
 class Counts:
     arch: str
+    encoder_decoder: bool  # T5's layout (encoder over the input, decoder over the target); else decoder-only
     d: int
     d_ff: int
     heads: int
@@ -84,19 +86,21 @@ def count(cfg: TagiConfig, teacher_rows: int, persistence_threshold: int = 100_0
     """Shapes and parameter counts of ``cfg``'s model in mode tagi (the baselines share its dims and sites)."""
     cfg = dataclasses.replace(cfg, mode="tagi")
     model = build_meta(cfg, teacher_rows)
-    m, hf = cfg.model, model.backbone.config
+    m, hf, fam = cfg.model, model.backbone.config, families.get(cfg.model.arch)
     unique = {id(p): p for p in model.backbone.parameters()}.values()  # tied embeddings count once
     vocab = {id(p): p for mod in (model.backbone.get_input_embeddings(), model.backbone.get_output_embeddings())
              for p in mod.parameters()}.values()
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
     groups = [(len(g), g[0].d_in, g[0].d_out) for g in model.generator.groups]
     return Counts(
-        arch=m.arch, d=m.d_model, d_ff=m.d_ff, heads=m.num_heads,
-        kv_heads=m.num_heads if m.arch == "t5" else hf.num_key_value_heads,
-        d_kv=m.d_kv if m.arch == "t5" else hf.head_dim, vocab=m.vocab_size,
-        enc_layers=m.num_layers if m.arch == "t5" else 0,
-        dec_layers=m.num_decoder_layers if m.arch == "t5" else m.num_layers,
-        gated=m.arch != "t5" or m.feed_forward_proj.startswith("gated"), eager=m.attn_implementation == "eager",
+        arch=m.arch, encoder_decoder=fam.encoder_decoder, d=m.d_model, d_ff=m.d_ff, heads=m.num_heads,
+        kv_heads=getattr(hf, fam.hf_key("num_kv_heads", "num_heads")),  # no grouped-query attention: the heads
+        d_kv=getattr(hf, fam.hf_key("head_dim", "d_kv")), vocab=m.vocab_size,
+        enc_layers=m.num_layers if fam.encoder_decoder else 0,
+        dec_layers=m.num_decoder_layers if fam.encoder_decoder else m.num_layers,
+        # a family without a feed_forward_proj field has a gated FFN (SwiGLU / GeGLU)
+        gated="feed_forward_proj" not in fam.shape or m.feed_forward_proj.startswith("gated"),
+        eager=m.attn_implementation == "eager",
         softcap=bool(getattr(hf, "attn_logit_softcapping", None)), layer_norms=_layer_norms(model.backbone),
         masks=len(set(getattr(hf, "layer_types", None) or ["full_attention"])),
         fusion=model.fusion, rank=cfg.hypernet.rank, teacher_rank=cfg.teacher.rank,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tagi_ds.launch import free_port, use_own_extensions_dir
+from tagi_ds.runtime.environment import free_port, use_own_extensions_dir
 
 # A collective that waits longer than this means a peer died; the deepspeed launcher then tears the job
 # down, but a bounded timeout guarantees no rank hangs forever on its own.

@@ -16,13 +16,15 @@ from typing import Any
 import torch
 
 from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds.recipes import RECIPES
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "z3.json"
 # The tiny recipes' tensors are all below z3.json's stage3_param_persistence_threshold (1e5 elements), so under it
 # ZeRO-3 would keep the whole tiny backbone on every rank: they default to a copy with threshold 0, so that the
 # embedded default run partitions its frozen backbone as a real one is.
 TINY_DS_CONFIG = DEFAULT_DS_CONFIG.with_name("z3_tiny.json")
-TINY_RECIPES = ("tiny", "tiny-llama")
+# Every tiny* recipe (read from the recipe table, so a new tiny recipe cannot be left on z3.json).
+TINY_RECIPES = tuple(name for name in RECIPES if name.startswith("tiny"))
 
 
 def default_ds_config(recipe: str) -> Path:

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tagi_ds.config import ConfigError
+from tagi_ds.errors import env_rank, say
+from tagi_ds.files import read_json
 
 EXIT_USAGE = 2  # bad input: nothing was written
 EXIT_BAD_STEPS = 3  # train.max_bad_steps non-finite steps in a row: checkpoint saved, run stopped
@@ -48,11 +50,6 @@ class WriteFailed(Stopped):
     exit_code = EXIT_SAVE_FAILED
 
 
-def env_rank() -> int:
-    """This process's global rank as the launcher set it (0 without a launcher)."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
@@ -62,9 +59,8 @@ def fail(where: str, what: str, value: Any = None) -> NoReturn:
 
 
 def say_once(line: str) -> None:
-    """Print ``line`` on stderr from rank 0 only."""
-    if env_rank() == 0:
-        print(line, file=sys.stderr, flush=True)
+    """``line`` on stderr, from rank 0 only (``tagi_ds.errors.say``, the one rank-0 printer)."""
+    say(line, file=sys.stderr)
 
 
 def report(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -283,24 +279,6 @@ def check_zip(path: Path, where: str) -> None:
         fail(where, f"{path.name} is truncated (member {bad} runs past the end)")
 
 
-def read_json(path: Path, where: str, keys: tuple[str, ...] = ()) -> Any:
-    """A JSON file that must exist, parse, and (for an object) hold ``keys``; ``where`` names the file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        fail(where, "missing")
-    except OSError as err:
-        fail(where, f"cannot read it ({err.strerror})")
-    except UnicodeDecodeError:
-        fail(where, "not UTF-8 text")
-    except json.JSONDecodeError as err:
-        fail(where, f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}")
-    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
-    if missing:
-        fail(where, f"no {missing[0]!r} key", sorted(data) if isinstance(data, dict) else type(data).__name__)
-    return data
-
-
 # -- the model, without memory --------------------------------------------------------------------------------
 def meta_model(cfg, stage: str, special_ids: dict[str, int], num_bank_rows: int = 0, with_teacher: bool = False):
     """The TagiModel this run will build, on the meta device: its adapted sites, parameter names and shapes,
@@ -327,25 +305,16 @@ def meta_model(cfg, stage: str, special_ids: dict[str, int], num_bank_rows: int 
              cfg.model.model_name_or_path)
 
 
-def _hf_class(arch: str):
-    """``(model_type, HF model class)`` of ``model.arch`` (the decoder-only families: backbones/decoder.py)."""
-    if arch == "t5":
-        from transformers import T5ForConditionalGeneration
-
-        return "t5", T5ForConditionalGeneration
-    from tagi_ds.backbones.decoder import family
-
-    return arch, family(arch)[1]
-
-
 def _meta_pretrained(cfg):
     import transformers
 
+    from tagi_ds import families
     from tagi_ds.backbones.base import DTYPES, check_attention, check_model_dir
 
     path = check_model_dir(cfg.model.model_name_or_path)
     read_json(path / "config.json", f"--model_name_or_path {path}/config.json", ("model_type",))
-    model_type, model_cls = _hf_class(cfg.model.arch)
+    family = families.get(cfg.model.arch)  # its record names the class and the model_type to expect
+    model_type, model_cls = family.model_type, getattr(transformers, family.model_class)
     try:
         hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:

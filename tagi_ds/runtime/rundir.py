@@ -3,7 +3,7 @@
 :func:`start` joins the process group, seeds every RNG, takes the run directory's lock (:func:`lock`: one run per
 ``--output_dir``), and writes ``config.json`` (the resolved config, the final DeepSpeed dict, world size and the
 precision that runs) before any other file of the run; files are written whole or not at all
-(:func:`atomic_write_text`).
+(``tagi_ds.files.atomic_write``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds.files import atomic_write
 from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
 
@@ -150,24 +151,9 @@ def write_config(out: Path, cfg: TagiConfig, ds: dict, args) -> None:
             out.mkdir(parents=True, exist_ok=True)
             if (code := {"enospc@0": errno.ENOSPC, "rofs@0": errno.EROFS}.get(getattr(cfg.train, "inject_fault", ""))):
                 raise OSError(code, os.strerror(code), str(out / "config.json"))
-            atomic_write_text(out / "config.json", json.dumps(record, indent=2))
+            atomic_write(out / "config.json", json.dumps(record, indent=2))
         except OSError as err:
             error = f"error: cannot write {err.filename or out / 'config.json'}: {err.strerror}; nothing was trained"
             print(error, file=sys.stderr, flush=True)
     if dist.broadcast_object(error):
         raise WriteFailed(error)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``path`` holds ``text`` whole, or is untouched (and no temp file is left) when the write fails."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise

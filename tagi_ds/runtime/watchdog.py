@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tagi_ds.files import atomic_write
+
 JOB_ENV = "TAGI_JOB_DIR"
 BEAT_S = 1.0
 OVERSLEEP_S = 5.0  # a poll this late means the launcher was stopped too (not just a slow machine)
@@ -101,9 +103,7 @@ def is_peer_loss(err: BaseException) -> bool:
 
 
 def _write(path: Path, obj: dict) -> None:
-    from tagi_ds.runtime.rundir import atomic_write_text  # lazily: rundir imports dist, which imports this
-
-    atomic_write_text(path, json.dumps(obj))
+    atomic_write(path, json.dumps(obj))  # the launcher side never reads half a record
 
 
 # -- the launcher side ----------------------------------------------------------------------------------------

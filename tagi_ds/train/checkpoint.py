@@ -15,6 +15,7 @@ will read, so that a foreign, partial or truncated checkpoint is one line and ex
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import random
@@ -27,9 +28,9 @@ import numpy as np
 import torch
 
 from tagi_ds.config import ConfigError
+from tagi_ds.files import atomic_write, read_json, replace_dir
 from tagi_ds.runtime import dist
-from tagi_ds.runtime.preflight import WriteFailed, check_zip, fail, read_json, say_once
-from tagi_ds.runtime.rundir import atomic_write_text
+from tagi_ds.runtime.preflight import WriteFailed, check_zip, fail, say_once
 
 LATEST = "latest"
 FINGERPRINT = "tagi_checkpoint.json"
@@ -91,23 +92,21 @@ def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], keep_l
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
         mine = tmp / f"trainer_rank{dist.rank()}.pt"
-        part = mine.with_name(mine.name + ".part")
         if fault is not None and fault[0] == step:
-            raise OSError(fault[1], os.strerror(fault[1]), str(part))
-        torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": dist.world_size()}, part)
-        os.replace(part, mine)
+            raise OSError(fault[1], os.strerror(fault[1]), str(mine))
+        state = io.BytesIO()  # a few kB (loader position, RNG states): serialised here, written by the one writer
+        torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": dist.world_size()}, state)
+        atomic_write(mine, state.getvalue())
     except (OSError, RuntimeError) as err:  # torch.save: RuntimeError "Parent directory ... does not exist"
         error = _describe(err, tmp)
     _agree(error, ckpt_dir, tmp, step)  # every rank's files are in tmp/
     if dist.is_main():
         try:
             if fingerprint is not None:
-                atomic_write_text(tmp / FINGERPRINT, json.dumps({**fingerprint, "step": step,
+                atomic_write(tmp / FINGERPRINT, json.dumps({**fingerprint, "step": step,
                                                                  "files": _manifest(tmp)}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            atomic_write_text(ckpt_dir / LATEST, tag + "\n")
+            replace_dir(tmp, final)
+            atomic_write(ckpt_dir / LATEST, tag + "\n")
         except OSError as err:
             error = _describe(err, tmp)
     _agree(error, ckpt_dir, tmp, step)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tagi_ds.files import atomic_write
 from tagi_ds.runtime import dist
 
 
@@ -51,9 +52,7 @@ class Progress:
         lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
         kept = [json.dumps(strict(rec), allow_nan=False) for ln in lines
                 if (rec := _parse(ln)) is not None and rec.get("step", 0) <= step]
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-        tmp.replace(self.metrics_path)
+        atomic_write(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:

@@ -23,14 +23,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tagi_ds.config import TagiConfig
+from tagi_ds.config import RETIRED, TagiConfig
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime.preflight import fail, say_once
 from tagi_ds.train import checkpoint
 
 # Fields that may change on resume although their section may not: another implementation of the same weights.
 ALLOWED = {"model.gradient_checkpointing", "model.adapter_impl", "model.attn_implementation",
-           "hypernet.dropout", "hypernet.checkpoint_encoder", "data.num_workers"}
+           "hypernet.dropout", "hypernet.checkpoint_encoder"}
 
 # Why a field cannot change on resume: by exact name first, then by section. Anything not named is allowed.
 _FIXED = {
@@ -110,7 +110,7 @@ def compare(path: Path, cfg: TagiConfig, ds: dict) -> list[str]:
         return []
     theirs, their_stage, source = saved
     mine = _flat(cfg.to_dict())
-    theirs = _flat(theirs)
+    theirs = {k: v for k, v in _flat(theirs).items() if k not in RETIRED}  # an old checkpoint's dropped keys
     differ = [k for k in [*mine, *(k for k in theirs if k not in mine)] if mine.get(k) != theirs.get(k)]
     refused = [k for k in differ if why_fixed(k)]
     if their_stage is not None and their_stage != ds_engine.zero_stage(ds):

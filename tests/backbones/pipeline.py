@@ -1,5 +1,7 @@
 """Every stage for several decoder-only families in ONE process group (one deepspeed launch; startup is the
-expensive part on CPU): ``deepspeed --num_gpus 2 tests/backbones/pipeline.py ROOT DS_JSON ARCH[:chat] ...``.
+expensive part on CPU): ``deepspeed --num_gpus 2 tests/backbones/pipeline.py ROOT DS_JSON ARCH[:chat] ...
+[--register MODULE:FUNCTION]``. ``--register``: each rank first calls that function, which registers a family that a
+test defines (its record and recipes: tests/backbones/test_new_family.py).
 
 For each ARCH, with the checkpoint ``ROOT/ARCH/model`` (tests/backbones/families.py): teachers -> pretrain ->
 finetune (KL + param-MSE against the teachers) -> evaluate, each through the launchers' own entry points
@@ -7,6 +9,7 @@ finetune (KL + param-MSE against the teachers) -> evaluate, each through the lau
 ``data.chat_template``. Outputs go to ``ROOT/ARCH/{teachers,pretrain,finetune,eval}``.
 """
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -57,6 +60,11 @@ def family(root: Path, arch: str, chat: bool, deepspeed: str) -> None:
 
 def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher's; dist reads the env
+    if "--register" in argv:
+        at = argv.index("--register")
+        module, _, function = argv[at + 1].partition(":")
+        getattr(importlib.import_module(module), function)()
+        del argv[at:at + 2]
     root, deepspeed = Path(argv[0]), argv[1]
     for item in argv[2:]:
         arch, _, flag = item.partition(":")

@@ -4,13 +4,14 @@ and every stage of the pipeline for each family on 2 ZeRO-3 CPU ranks (one launc
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tagi_ds import artifacts, backbones
+from tagi_ds import artifacts, backbones, families
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.data import (
@@ -57,6 +58,19 @@ def test_recipes_match_the_public_checkpoints_site_by_site(name):
     # One generator head group per projection shape: k and v (same shape) and gate and up still apart by kind.
     assert sorted((di, do) for _, di, do in c.groups) == sorted(want.values())
     assert c.teacher == 2 * 32 * sum(di + do for _, _, _, di, do in c.sites)  # the bank: true shapes, rank 32
+
+
+def test_every_backbone_module_has_the_protocols_signatures():
+    """What a family's record says its module provides, it provides, with the protocol's parameters in the
+    protocol's order (the same for every family: no caller branches on which one it holds)."""
+    for name, family in families.FAMILIES.items():
+        module = backbones.get(name)
+        for protocol, flag in backbones.PROTOCOLS:
+            if flag is not None and not getattr(family, flag):
+                continue
+            for member in backbones.members(protocol):
+                want = list(inspect.signature(getattr(protocol, member)).parameters)[1:]  # less self
+                assert list(inspect.signature(getattr(module, member)).parameters) == want, (name, member)
 
 
 def _tiny(arch: str):

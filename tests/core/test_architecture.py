@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,72 @@ def reaching(sources: list[Path], forbidden: tuple[str, ...]) -> list[str]:
             if any(m == bad or m.startswith(bad + ".") for bad in forbidden)]
 
 
-CORE = ("tagi_ds/config.py", "tagi_ds/stages.py", "tagi_ds/recipes.py", "tagi_ds/batch.py", "tagi_ds/ops.py",
-        "tagi_ds/losses.py", "tagi_ds/model.py", "tagi_ds/adapters", "tagi_ds/backbones", "tagi_ds/hypernet",
-        "tagi_ds/data")
+def module_name(path: Path) -> str:
+    """``tagi_ds/plan/cli.py`` -> ``tagi_ds.plan.cli``; a package's ``__init__.py`` is the package."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Module -> the modules of ``paths`` it imports, lazy imports included. ``from tagi_ds.backbones import t5``
+    is an edge to ``tagi_ds.backbones.t5``, ``from tagi_ds.plan import count`` to ``tagi_ds.plan`` (the longest
+    imported prefix that is one of the modules). Only the imports the code writes: the parent packages Python
+    runs first are left out, or every package ``__init__`` that re-exports a submodule would make a cycle."""
+    modules = {module_name(p): p for p in paths}
+
+    def known(m: str) -> str:
+        while m and m not in modules:
+            m = m.rpartition(".")[0]
+        return m
+
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets |= {known(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else known(node.module)
+                            for a in node.names}
+        graph[name] = {m for m in targets if m and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph``: each strongly connected component of more than one module (Tarjan),
+    sorted, so that a failure names every module of the cycle."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+CORE = ("tagi_ds/errors.py", "tagi_ds/files.py", "tagi_ds/families.py", "tagi_ds/config.py", "tagi_ds/stages.py",
+        "tagi_ds/recipes.py", "tagi_ds/batch.py", "tagi_ds/ops.py", "tagi_ds/losses.py", "tagi_ds/model.py",
+        "tagi_ds/adapters", "tagi_ds/backbones", "tagi_ds/hypernet", "tagi_ds/data")
 ABOVE_CORE = ("tagi_ds.runtime", "tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli",
               "tagi_ds.artifact_flags", "tagi_ds.artifacts")
 RULES = [  # (what, the files, the packages or modules they must not import)
@@ -52,7 +116,12 @@ RULES = [  # (what, the files, the packages or modules they must not import)
     ("runtime/ sits below the work and the CLI",
      files("tagi_ds/runtime"),
      ("tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli", "tagi_ds.artifact_flags",
-      "tagi_ds.artifacts")),
+      "tagi_ds.artifacts", "tagi_ds.launch")),
+    ("no arrow from the work or the layers below it up to the CLI or the launcher (entry points of lower layers,"
+     " python -m tagi_ds.plan and python -m tagi_ds.data, parse with runtime/flags.py)",
+     files(*CORE, "tagi_ds/runtime", "tagi_ds/artifacts.py", "tagi_ds/train", "tagi_ds/eval", "tagi_ds/export",
+           "tagi_ds/plan"),
+     ("tagi_ds.cli", "tagi_ds.artifact_flags", "tagi_ds.launch")),
     ("evaluation and export know no flags",
      files("tagi_ds/eval", "tagi_ds/export"),
      ("tagi_ds.cli", "tagi_ds.artifact_flags")),
@@ -72,6 +141,28 @@ def test_the_import_reader_sees_lazy_and_from_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("from tagi_ds import train\n\ndef f():\n    from tagi_ds.train.loop import run\n")
     assert {"tagi_ds.train", "tagi_ds.train.loop", "tagi_ds.train.loop.run"} <= imports(f)
+
+
+def test_no_import_cycles():
+    """No cycle among the package's modules, lazy imports included: a cycle ties layers (or two modules of one
+    layer) together so that neither can be read, tested or changed alone (it was cli -> train/loop -> plan ->
+    plan/cli -> cli, because plan/__init__.py re-exported the planner's command line)."""
+    assert cycles(import_graph(files("tagi_ds"))) == []
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_lazy_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "tagi_ds"
+    (pkg / "plan").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text("def main():\n    from tagi_ds.train import loop\n")
+    (pkg / "train").mkdir()
+    (pkg / "train" / "loop.py").write_text("from tagi_ds import plan\n")
+    (pkg / "plan" / "__init__.py").write_text("from tagi_ds.plan.cli import main\n")
+    (pkg / "plan" / "cli.py").write_text("from tagi_ds.cli import Parser\nfrom tagi_ds.plan import fit\n")
+    (pkg / "plan" / "fit.py").write_text("import json\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    found = cycles(import_graph(files("tagi_ds")))
+    assert found == [["tagi_ds.cli", "tagi_ds.plan", "tagi_ds.plan.cli", "tagi_ds.train.loop"]]
 
 
 # -- the layout blocks of README.md and docs/architecture.md against the tree --------------------------------------
@@ -111,3 +202,56 @@ def test_layout_names_what_the_tree_holds(doc, heading):
     covered = {p.removeprefix("tagi_ds/") for p in named if p.startswith("tagi_ds/")}
     assert package <= covered, f"{doc} does not name {sorted(package - covered)}"
     assert top <= {p.split("/")[0] + "/" for p in named}, f"{doc} does not name {sorted(top - set(named))}"
+
+
+# -- what a backbone family is, is read from its record (tagi_ds/families.py), not re-derived from its name -------
+ARCH_WORDS = {"t5", "llama", "mistral", "qwen2", "gemma2"}  # the model.arch names of the built-in families
+ARCH_LISTS = {"DECODER_ONLY", "ARCHS", "Arch"}  # the old hand-made lists of families (config.py, data/collate.py)
+ARCH_PLACES = ("tagi_ds", "launchers", "benchmarks", "scripts")
+
+
+def arch_tests(root: Path = REPO, places: tuple[str, ...] = ARCH_PLACES, but: str = "tagi_ds/backbones/") -> list[str]:
+    """``file:line`` of every line outside ``but`` that tests a family by name: a comparison or ``in`` test
+    against an arch literal (``arch == "t5"``, ``arch in ("t5", "llama")``), a dict keyed by one, a subscript by
+    one (``Literal["t5", ...]``), or a use of a hand-made family list (not its import: one line per use).
+    On the tree before the Family record (9d51a8d..6ebef81): 43 in tagi_ds/ + launchers/ (11 files, 21 in
+    plan/), 47 with benchmarks/ and scripts/."""
+    def named(node: ast.AST) -> bool:
+        elts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return any(isinstance(e, ast.Constant) and e.value in ARCH_WORDS for e in elts)
+
+    out: dict[tuple[str, int], str] = {}  # (file, line) -> the line: a line counts once
+    for f in (g for place in places for g in sorted((root / place).rglob("*.py"))):
+        rel = str(f.relative_to(root))
+        if rel.startswith(but):
+            continue
+        text = f.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if ((isinstance(node, ast.Compare) and any(named(s) for s in (node.left, *node.comparators)))
+                    or (isinstance(node, ast.Dict) and any(k is not None and named(k) for k in node.keys))
+                    or (isinstance(node, ast.Subscript) and named(node.slice))
+                    or (isinstance(node, ast.Name) and node.id in ARCH_LISTS)):
+                out[(rel, node.lineno)] = text.splitlines()[node.lineno - 1].strip()
+    return [f"{rel}:{line}: {code}" for (rel, line), code in sorted(out.items())]
+
+
+def test_families_are_read_from_their_record_not_tested_by_name():
+    found = arch_tests()
+    assert len(found) == 0, "read the family's record (tagi_ds.families.get(arch)), not its name:\n" + "\n".join(found)
+
+
+def test_the_arch_test_counter_sees_comparisons_keys_literals_and_lists(tmp_path):
+    (tmp_path / "m.py").write_text(
+        'if arch == "t5" or cfg.model.arch in ("llama", "qwen2"):\n    pass\n'
+        'TYPES = {"t5": 1}\nArch = Literal["t5", "gemma2"]\nok = arch in DECODER_ONLY\n'
+        'from tagi_ds.config import DECODER_ONLY\nrecipe = {"arch": "t5"}\n')
+    found = arch_tests(tmp_path, (".",), but="-")
+    assert [int(f.split(":")[1]) for f in found] == [1, 3, 4, 5]  # a line once; the import and a value are not tests
+
+
+if __name__ == "__main__":  # python -m tests.core.test_architecture [TREE]: the count, line by line (TREE: a checkout)
+    import sys
+
+    hits = arch_tests(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO)
+    print("\n".join(hits) + f"\n{len(hits)} architecture-name tests outside tagi_ds/backbones/ in "
+          f"{', '.join(ARCH_PLACES)}")

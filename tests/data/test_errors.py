@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from tagi_ds import files
 from tagi_ds.config import DataConfig
-from tagi_ds.data import files
 from tagi_ds.data.corpus import corpus_files, iter_documents, load_windows
 from tagi_ds.data.p3 import load_p3
 from tagi_ds.data.sni import load_sni, write_sni
@@ -60,7 +60,7 @@ def test_valid_minimal_task_loads(tmp_path):
 
 def test_malformed_json(tmp_path):
     root = sni_dir(tmp_path, raw=b'{"Definition": ["x"],\n "Instances": [}')
-    expect(lambda: load(root), "task001_copy.json", "malformed JSON", "line 2")
+    expect(lambda: load(root), "task001_copy.json", "invalid JSON", "line 2")
 
 
 def test_missing_definition(tmp_path):
@@ -174,7 +174,7 @@ def test_p3_missing_inputs(tmp_path):
 
 def test_p3_malformed_json_lines(tmp_path):
     root = p3_dir(tmp_path, '{"inputs": "a", "targets": "b"}\n{"inputs": "a",\n')
-    expect(lambda: load_p3(root, DataConfig(), "train"), "train.jsonl", "line 2", "malformed JSON")
+    expect(lambda: load_p3(root, DataConfig(), "train"), "train.jsonl", "line 2", "invalid JSON")
 
 
 def test_unknown_spec_scheme():
@@ -206,7 +206,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError):
-        files.atomic_write_text(tmp_path / "x.json", "{}")
+        files.atomic_write(tmp_path / "x.json", "{}")
     assert os.listdir(tmp_path) == []
 
 

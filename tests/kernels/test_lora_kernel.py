@@ -222,6 +222,21 @@ def test_bf16_refused_under_interpreter():
         triton_lora_delta(x, A, B, offs)
 
 
+def test_the_op_contract_is_validated_once_per_call(monkeypatch):
+    """tagi_ds.ops checks the contract (check_args) and tells the kernel so: the kernel's own copy of the shape
+    checks runs only for a direct caller (it ran on every adapted layer's call before)."""
+    from tagi_kernels import lora_delta as kernel_module
+
+    x, A, B, offs = make_inputs([3, 4], 8, 8, 4)
+    calls = []
+    real = kernel_module._check_contract
+    monkeypatch.setattr(kernel_module, "_check_contract", lambda *a: calls.append(a[0]) or real(*a))
+    ops.lora_delta(x, A, B, offs, 0.5, impl="triton")
+    assert calls == []
+    triton_lora_delta(x, A, B, offs, 0.5)
+    assert calls == ["triton_lora_delta"]
+
+
 def test_public_op_dispatches_to_the_kernel(monkeypatch):
     x, A, B, offs = make_inputs(LAYOUTS["many_mixed"], 24, 20, 4)
     y = ops.lora_delta(x, A, B, offs, 0.5, impl="triton")
@@ -229,7 +244,7 @@ def test_public_op_dispatches_to_the_kernel(monkeypatch):
                                rtol=1e-4, atol=1e-4)
     # Prove which path each impl takes: a sentinel kernel is reached by "triton", never by "auto" on CPU.
     calls = []
-    monkeypatch.setattr(tagi_kernels, "triton_lora_delta", lambda *a: calls.append(a) or a[0].new_zeros(0))
+    monkeypatch.setattr(tagi_kernels, "triton_lora_delta", lambda *a, **k: calls.append(a) or a[0].new_zeros(0))
     ops.lora_delta(x, A, B, offs, 0.5, impl="triton")
     assert len(calls) == 1
     if not x.is_cuda:

@@ -18,6 +18,7 @@ import torch
 from tagi_ds import plan
 from tagi_ds.config import ConfigError
 from tagi_ds.plan import PlanInput
+from tagi_ds.plan import cli as plan_cli
 from tests.train.harness import HANG_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +78,7 @@ def test_parameter_counts_come_from_the_recipe_shapes():
 
 
 def test_llama_13b_on_one_24gb_gpu_does_not_fit_and_the_suggestion_does(capsys):
-    plan.main(["--model", "llama-13b", "--nodes", "1", "--gpus_per_node", "1", "--gpu_mem_gb", "24"])
+    plan_cli.main(["--model", "llama-13b", "--nodes", "1", "--gpus_per_node", "1", "--gpu_mem_gb", "24"])
     out = capsys.readouterr().out
     assert "does not fit" in out and "smallest working configuration" in out
     result = plan.plan(PlanInput(model="llama-13b", nodes=1, gpus_per_node=1, gpu_mem_gb=24))
@@ -104,7 +105,7 @@ def test_the_t5_xxl_cluster_plan_prints_tables_and_json(capsys):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for text in ("memory per GPU", "zero3_gather", "step time estimate", "largest micro-batch", "host memory per rank"):
         assert text in proc.stdout
-    plan.main(["--model", "t5-xxl", "--nodes", "4", "--gpus_per_node", "8", "--gpu_mem_gb", "80", "--json"])
+    plan_cli.main(["--model", "t5-xxl", "--nodes", "4", "--gpus_per_node", "8", "--gpu_mem_gb", "80", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert data["input"]["stage"] == "z3" and data["shapes"]["micro_batch"] == 8
     parts = ("backbone", "hypernet", "optimizer", "activations", "transient", "zero3_gather")
@@ -139,7 +140,7 @@ def test_step_time_follows_throughput_and_bandwidth():
 ])
 def test_cli_errors_name_the_flag(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        plan.main(args)
+        plan_cli.main(args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err, err[-2000:]
@@ -165,7 +166,7 @@ def test_tiny_peak_prediction_is_within_ten_percent_of_the_measured_step(model, 
 
 
 def test_measure_flag_prints_prediction_and_measurement(capsys):
-    result = plan.main(["--model", "tiny", "--stage", "none", "--measure", "--seq_len", "32", "--instr_len", "32",
+    result = plan_cli.main(["--model", "tiny", "--stage", "none", "--measure", "--seq_len", "32", "--instr_len", "32",
                         "--target_len", "8", "--micro_batch", "4"])
     out = capsys.readouterr().out
     assert "measured peak" in out and "predicted" in out
@@ -218,7 +219,7 @@ def test_a_frozen_backbone_that_fits_is_replicated_and_its_step_has_no_zero3_hoo
     assert not small["options"]["replicated"]["fits"]
     with pytest.raises(ConfigError, match="--backbone replicated"):
         plan.plan(PlanInput(**one_gpu, backbone="replicated", offload="param"))
-    plan.main(["--model", "t5-xl", "--nodes", "1", "--gpus_per_node", "1", "--gpu_mem_gb", "139"])
+    plan_cli.main(["--model", "t5-xl", "--nodes", "1", "--gpus_per_node", "1", "--gpu_mem_gb", "139"])
     out = capsys.readouterr().out
     assert "frozen backbone: replicated" in out and "ZeRO-3 backbone placements" in out
 

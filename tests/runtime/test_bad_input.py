@@ -171,6 +171,7 @@ CASES = [
     Case("unknown-section", "pretrain", ["--set", "nosuch.x=1"], "nosuch: unknown config key"),
     Case("set-without-equals", "pretrain", ["--set", "rank"], "--set rank: expected KEY=VALUE"),
     Case("set-a-section", "pretrain", ["--set", "hypernet=3"], "hypernet: is a section"),
+    Case("retired-key", "pretrain", ["--set", "data.num_workers=2"], "data.num_workers: removed: it was never used"),
     Case("lr-not-a-number", "pretrain", ["--set", "train.lr=fast"], "train.lr: expects a finite float ('fast')"),
     Case("lr-negative", "pretrain", ["--set", "train.lr=-1"], "train.lr: must be > 0 (-1.0)"),
     Case("save-steps-zero", "pretrain", ["--set", "train.save_steps=0"], "train.save_steps: must be > 0 (0)"),
@@ -215,7 +216,7 @@ CASES = [
     Case("data-missing-dir", "finetune", ["--data", "sni:/nonexistent/sni"], "/nonexistent/sni does not exist"),
     Case("corpus-empty-file", "pretrain", ["--data", "text:{empty}"], "empty corpus"),
     Case("corpus-not-utf8", "pretrain", ["--data", "text:{binary}"], "binary.txt"),
-    Case("sni-malformed-json", "teachers", ["--data", "sni:{badsni}"], "task001_x.json: malformed JSON"),
+    Case("sni-malformed-json", "teachers", ["--data", "sni:{badsni}"], "task001_x.json: invalid JSON"),
     Case("data-tasks-unknown", "teachers", ["--set", "data.tasks=no_such_task"], "data.tasks names"),
     Case("data-categories-unknown", "teachers", ["--set", "data.categories=Nope"], "data.categories"),
     # a local checkpoint dir for the backbone (its config.json and weight headers, before anything is built)

@@ -113,7 +113,14 @@ def test_z3_tiny_is_z3_with_every_tensor_partitioned():
     assert tiny["stage3_param_persistence_threshold"] == 0
     differ = {k for k in z3 if z3[k] != tiny.get(k)} | (tiny.keys() - z3.keys())
     assert differ == {"stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "reduce_bucket_size"}
+    from tagi_ds.cli import DS_DEFAULT_HELP, base_parser
+    from tagi_ds.recipes import RECIPES
     from tagi_ds.runtime.engine import DEFAULT_DS_CONFIG, default_ds_config
 
-    assert default_ds_config("tiny").name == default_ds_config("tiny-llama").name == "z3_tiny.json"
+    tinies = [n for n in RECIPES if n.startswith("tiny")]
+    assert len(tinies) >= 5 and {default_ds_config(n).name for n in tinies} == {"z3_tiny.json"}  # was 2 of 5
+    # --help states the same rule (it used to say z3.json for every recipe)
+    assert f"ds_configs/{default_ds_config('tiny').name}" in DS_DEFAULT_HELP
+    assert f"ds_configs/{DEFAULT_DS_CONFIG.name}" in DS_DEFAULT_HELP
+    assert DS_DEFAULT_HELP in " ".join(base_parser("pretrain.py", "").format_help().split())
     assert default_ds_config("t5-xl") == default_ds_config("mini") == DEFAULT_DS_CONFIG
