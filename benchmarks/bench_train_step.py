@@ -256,14 +256,19 @@ def shapes_for(args, cfg: TagiConfig) -> plan.Shapes:
                        args.target_len or cfg.data.max_target_length, args.instr_len or cfg.data.max_instruction_length)
 
 
+def case_flops(args, cfg: TagiConfig, variant: str, checkpointing: bool) -> dict[str, float]:
+    """The planner's FLOPs of one step of ``variant``: the teacher terms only in ``tagi``."""
+    teacher = variant == "tagi"
+    return plan.step_flops(plan.count(cfg, args.teacher_rows), shapes_for(args, cfg),
+                           FLOP_VARIANT.get(variant, variant), checkpointing, kl=teacher, param_mse=teacher)
+
+
 # -- measuring one case -----------------------------------------------------------------------------------
 def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) -> dict:
     cfg = case_config(args, recipe, variant, checkpointing, engine)
     s = shapes_for(args, cfg)
     row = {"variant": variant, "engine": engine, "checkpointing": checkpointing, "status": "ok"}
-    counts = plan.count(cfg, args.teacher_rows)
-    teacher = variant == "tagi"
-    flops = plan.step_flops(counts, s, FLOP_VARIANT.get(variant, variant), checkpointing, kl=teacher, param_mse=teacher)
+    flops = case_flops(args, cfg, variant, checkpointing)
     row.update(model_flops=flops["model"], hardware_flops=flops["hardware"])
     gpu = torch.cuda.is_available()
     common.release_memory()
@@ -278,7 +283,7 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
         t_build = time.perf_counter()
         model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks), args.deepspeed)
         batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
-                                     teacher=teacher, seed=args.seed)
+                                     teacher=variant == "tagi", seed=args.seed)
         batch = batch.to("cuda" if gpu else "cpu")
         common.sync()
         # Model (+ teacher bank) build and engine init: each case's process pays it, so the GPU stages' per-case

@@ -69,6 +69,58 @@ def std(xs: list[float]) -> float:
     return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
 
 
+# Two-sided 95% Student t critical values by degrees of freedom (scipy is not a dependency); a df between two keys
+# takes the smaller key's value (the wider interval), above 30 the normal 1.96.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    return 1.96 if df > 30 else T975[max(k for k in T975 if k <= df)]
+
+
+def paired_ci(diffs: list[float]) -> tuple[float, float, float, float] | None:
+    """(mean, standard error, 95% CI low, high) of per-seed paired differences (t with n - 1 df); None below 2."""
+    if len(diffs) < 2:
+        return None
+    m, se = mean(diffs), std(diffs) / len(diffs) ** 0.5
+    h = t975(len(diffs) - 1) * se
+    return m, se, m - h, m + h
+
+
+def bootstrap_ci(per_seed_task: dict[int, dict[str, float]], reps: int = 2000,
+                 seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile interval of the mean difference when seeds and tasks are both resampled (with replacement,
+    independently): a task-level effect carried by a few tasks widens it, as seeds alone cannot show.
+    ``per_seed_task``: seed -> task -> difference; the tasks every seed has. None below 2 seeds or 2 tasks."""
+    import random
+
+    seeds = sorted(per_seed_task)
+    tasks = sorted(set.intersection(*(set(v) for v in per_seed_task.values()))) if seeds else []
+    if len(seeds) < 2 or len(tasks) < 2:
+        return None
+    rng = random.Random(seed)
+    means = []
+    for _ in range(reps):  # one draw of seeds and one of tasks per replicate: the two-way (crossed) bootstrap
+        drawn_seeds, drawn_tasks = rng.choices(seeds, k=len(seeds)), rng.choices(tasks, k=len(tasks))
+        means.append(mean([per_seed_task[s][t] for s in drawn_seeds for t in drawn_tasks]))
+    means.sort()
+    return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def verdict(ci: tuple[float, float, float, float] | None, boot: tuple[float, float] | None, a: str, b: str) -> str:
+    """The interval text and the one claim it allows: an ordering only where the 95% CI excludes 0."""
+    if ci is None:
+        return "one seed: no interval, no claim"
+    m, se, lo, hi = ci
+    text = f"mean {m:+.2f}, SE {se:.2f}, 95% CI [{lo:+.2f}, {hi:+.2f}]"
+    if boot is not None:
+        text += f", seed x task bootstrap [{boot[0]:+.2f}, {boot[1]:+.2f}]"
+    if lo > 0 or hi < 0:
+        return f"{text}: resolved, {a} {'above' if lo > 0 else 'below'} {b}"
+    return f"{text}: not resolved (the CI includes 0)"
+
+
 def pm(xs: list[float]) -> str:
     return f"{mean(xs):.2f} ± {std(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
@@ -233,6 +285,18 @@ class Results:
         n, seeds = len(self.seeds), self.seeds
         return f"{n} seeds ({', '.join(map(str, seeds))})" if n > 1 else f"one seed ({seeds[0]})" if n else "-"
 
+    def paired_tasks(self, a: str, b: str) -> dict[int, dict[str, float]]:
+        """seed -> task -> ROUGE-L difference a - b, over the seeds both ran (results.json's per_task)."""
+        by_seed, out = self.by_seed, {}
+        for s in self.seeds:
+            if s in by_seed[a] and s in by_seed[b]:
+                pa, pb = by_seed[a][s].get("per_task") or {}, by_seed[b][s].get("per_task") or {}
+                out[s] = {t: pa[t]["rougeL"] - pb[t]["rougeL"] for t in pa.keys() & pb.keys()}
+        return out
+
+    def verdict(self, a: str, b: str) -> str:
+        return verdict(paired_ci(self.paired(a, b)), bootstrap_ci(self.paired_tasks(a, b)), LABELS[a], LABELS[b])
+
     def paired(self, a: str, b: str) -> list[float]:
         """Per-seed ROUGE-L differences a - b over the seeds both methods ran."""
         by_seed = self.by_seed
@@ -327,7 +391,8 @@ def findings(r: Results) -> list[str]:
         if len(r.seeds) > 1:
             diffs = r.paired("tagi", "concat")
             L.append(f"- Per seed, TAGI minus concat: {', '.join(f'{x:+.1f}' for x in diffs)} "
-                     f"(TAGI ahead in {sum(x > 0 for x in diffs)} of {len(diffs)} seeds).")
+                     f"(TAGI ahead in {sum(x > 0 for x in diffs)} of {len(diffs)} seeds); paired: "
+                     f"{r.verdict('tagi', 'concat')}.")
     if "tagi" in rouge and "no_instruction" in rouge:
         L.append(f"- TAGI vs the no-instruction baseline: {mean(rouge['tagi']) - mean(rouge['no_instruction']):+.2f} "
                  "ROUGE-L (the no-instruction baseline reads the input alone, with one shared LoRA).")
@@ -340,7 +405,7 @@ def findings(r: Results) -> list[str]:
                 diffs = r.paired(k, "tagi")
                 spread = f" ± {std(diffs):.2f} over {len(diffs)} seeds" if len(diffs) > 1 else ""
                 L.append(f"- {lab}: {mean(diffs):+.2f}{spread} ROUGE-L vs full TAGI (paper, XL, "
-                         f"{PAPER_SETTING[setting]}: {PAPER_ABLATION[setting][k]}).")
+                         f"{PAPER_SETTING[setting]}: {PAPER_ABLATION[setting][k]}); paired: {r.verdict(k, 'tagi')}.")
     if "concat" in rouge and "no_instruction" in rouge and "tagi" in rouge:
         gap = mean(rouge["concat"]) - mean(rouge["no_instruction"])
         if gap < 5.0:
@@ -352,8 +417,8 @@ def findings(r: Results) -> list[str]:
     sds = [std(v) for v in rouge.values() if len(v) > 1]
     if sds:
         L.append(f"- Seed spread: the standard deviation over seeds is {min(sds):.1f} to {max(sds):.1f} ROUGE-L "
-                 "depending on the method; differences smaller than that are not evidence either way (nothing "
-                 "here is significance-tested).")
+                 "depending on the method. An ordering is claimed above only where the paired 95% CI over seeds "
+                 "excludes 0 (t with n - 1 df; the seed x task bootstrap beside it also resamples the tasks).")
     else:
         L.append("- One seed: differences of about a point between methods are within what a different seed "
                  "could move; they are not significance-tested.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, get_args
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tagi_ds.config import ConfigError, Granularity, TagiConfig, from_dict
-from tagi_ds.files import atomic_dir, read_json
+from tagi_ds.files import atomic_dir, read_json, usual_permissions
 from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import fail, safetensors_header
 
@@ -41,6 +42,7 @@ def _write_dir(final: Path, files: dict[str, Any]) -> None:
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / name))
+                usual_permissions(tmp / name)  # safetensors writes 0600, every other file of a run 0644
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
 
@@ -49,28 +51,63 @@ def _sites_meta(model) -> list[dict[str, Any]]:
     return [dataclasses.asdict(s) for s in model.sites]
 
 
+def backbone_fingerprint(model) -> str:
+    """A short hash of the frozen weights a generator was trained against: a strided sample (4096 values) of
+    the base weight of the first and the last adapted site, as bf16, so an fp32 and a bf16 copy of one
+    checkpoint agree. Shapes are checked elsewhere; this tells two backbones of the same shape apart (another
+    checkpoint of the family, another seed of a random init). Collective under ZeRO-3 (it gathers 2 weights)."""
+    weights = [model.backbone.get_submodule(model.sites[i].name).base_layer.weight for i in (0, -1)]
+    digest = hashlib.sha256()
+    with gathered(weights):
+        for w in weights:
+            flat = w.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+            digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+
 def save(model, path: Path, rows: dict[str, int] | None = None) -> None:
     """Write the artifact of ``model``'s adapter source (``stages.AdapterSource``): its trained module's tensors
     (float32) in the source's file, ``config.json``, and for a bank ``rows.json`` (the source's rows)."""
     src = model.source
-    _save(model, src.trained(model), src.file, path, src.rows(rows, model.cfg))
+    _save(model, src.trained(model), src.file, path, src.rows(rows, model.cfg), src.fingerprint)
 
 
 def save_hypernet(model, path: Path) -> None:
-    _save(model, model.generator, "generator.safetensors", path, None)
+    _save(model, model.generator, "generator.safetensors", path, None, fingerprint=True)
 
 
-def _save(model, module, file: str, path: Path, rows: tuple[dict[str, int], str] | None) -> None:
-    """``module``'s tensors in ``file``; ``rows``: ``(rows.json, granularity)`` of a LoRA bank, None without."""
+def _save(model, module, file: str, path: Path, rows: tuple[dict[str, int], str] | None,
+          fingerprint: bool = False) -> None:
+    """``module``'s tensors in ``file``; ``rows``: ``(rows.json, granularity)`` of a LoRA bank, None without;
+    ``fingerprint``: config.json records the backbone it was trained against (:func:`backbone_fingerprint`)."""
+    fp = backbone_fingerprint(model) if fingerprint else None  # a collective: every rank, before rank 0 writes
     with gathered(list(module.parameters())):
         if dist.is_main():
             meta = {"tagi": model.cfg.to_dict(), "sites": _sites_meta(model)}
+            if fp is not None:
+                meta["backbone_fingerprint"] = fp
             files: dict[str, Any] = {file: {k: v.float() for k, v in module.state_dict().items()}}
             if rows is not None:
                 files["rows.json"] = rows[0]
                 meta.update(rank=module.rank, alpha=module.alpha, granularity=rows[1])
             _write_dir(path, {**files, "config.json": meta})
     dist.barrier()
+
+
+def warn_if_other_backbone(model, path: Path, flag: str = "--hypernet") -> None:
+    """One warning line when ``path`` was trained against other backbone weights of the same shapes: the
+    generated adapters then run, but fit a backbone that is not this one (hypernets saved before the
+    fingerprint existed are taken as they are)."""
+    meta = read_json(Path(path) / "config.json", f"{flag} {Path(path) / 'config.json'}")
+    saved = meta.get("backbone_fingerprint") if isinstance(meta, dict) else None
+    mine = backbone_fingerprint(model)
+    if isinstance(saved, str) and saved != mine and dist.is_main():
+        trained = (meta.get("tagi") or {}).get("model", {}).get("model_name_or_path") or "a built-in random init"
+        print(f"warning: {flag} {path}: trained against other backbone weights (fingerprint {saved}, this "
+              f"backbone's {mine}; same shapes): its adapters fit {trained}, not this backbone; pass the "
+              "--model_name_or_path it was trained with", flush=True)
 
 
 def read_config(path: Path, flag: str = "artifact") -> TagiConfig:
@@ -132,14 +169,16 @@ def check_teachers(path: Path, bank, model, flag: str = "--teachers") -> None:
     _check_tensors(path / "teachers.safetensors", flag, expected)
 
 
-def load_hypernet(model, path: Path) -> None:
-    """Load generator weights (before the engine is built). Sites and shapes must match."""
+def load_hypernet(model, path: Path, flag: str = "--hypernet") -> None:
+    """Load generator weights (before the engine is built). Sites and shapes must match; one warning when it was
+    trained against other backbone weights of the same shapes."""
     _load_into(model.generator, Path(path) / "generator.safetensors", model,
-               "a hypernet/ dir written by pretrain.py or finetune.py")
+               "a hypernet/ dir written by pretrain.py or finetune.py", flag)
 
 
-def _load_into(module: torch.nn.Module, f: Path, model, what: str) -> None:
-    """``f``'s tensors into ``module`` (the generator or a LoRA bank of ``model``); sites and shapes must match."""
+def _load_into(module: torch.nn.Module, f: Path, model, what: str, flag: str | None = None) -> None:
+    """``f``'s tensors into ``module`` (the generator or a LoRA bank of ``model``); sites and shapes must match.
+    ``flag``: the artifact records the backbone it was trained against; warn (naming ``flag``) if not this one."""
     if not f.is_file():
         raise ConfigError(f"{str(f.parent)!r}: no {f.name} ({what} is expected)")
     _check_sites(f.parent, model)
@@ -151,6 +190,8 @@ def _load_into(module: torch.nn.Module, f: Path, model, what: str) -> None:
                               f"has shape {tuple(state[key].shape)}, this model's {tuple(want.shape)}; use the same "
                               "recipe and hypernet.*/teacher.* settings (rank, hidden, number of rows, ...)")
     missing, unexpected = module.load_state_dict(state, strict=False)
+    if flag is not None:  # a source whose artifact records its backbone (stages.AdapterSource.fingerprint)
+        warn_if_other_backbone(model, f.parent, flag)
     if missing == ["marker.vector"] and not unexpected:
         # A hypernet saved without hypernet.fusion_marker: the marker is set to zero, which is exactly fusion
         # without a marker, so the loaded model computes what the saved one did (and finetuning may train it).
@@ -177,7 +218,8 @@ def check(path: Path, model, flag: str) -> None:
 def load(model, path: Path) -> None:
     """Load the adapters ``model`` runs with (before an engine is built): its generator's, or its LoRA bank's."""
     src = model.source
-    _load_into(src.trained(model), Path(path) / src.file, model, f"a {src.dir}/ dir")
+    _load_into(src.trained(model), Path(path) / src.file, model, f"a {src.dir}/ dir",
+               f"--{src.flag}" if src.fingerprint else None)
 
 
 def save_teachers(model, path: Path, rows: dict[str, int], granularity: str) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 
 from tagi_ds.errors import FileError
 
-__all__ = ["atomic_dir", "atomic_write", "check_json_lines", "read_json", "read_text", "replace_dir"]
+__all__ = ["atomic_dir", "atomic_write", "check_json_lines", "read_json", "read_text", "replace_dir",
+           "usual_permissions"]
 
 
 # -- writing --------------------------------------------------------------------------------------------------
@@ -42,6 +43,12 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode :func:`atomic_write` gives (``0o666`` less the umask): for a file another writer
+    made, such as safetensors' ``save_file``, which creates 0600 and would hide weights from the group."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:

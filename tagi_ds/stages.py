@@ -53,6 +53,7 @@ class AdapterSource:
     per_task: bool = False  # one bank row per task (or category): loaders and evaluation need teacher rows
     whole: str = ""  # what ZeRO-3 keeps whole, in words (engine's partitioning line); "" for nothing
     optional: tuple[str, ...] = ()  # tensors an older artifact may lack (checked and loaded without them)
+    fingerprint: bool = False  # its artifact records the backbone weights it was trained against (a warning on others)
 
     def build(self, sites, cfg: TagiConfig, d_model: int, rows: int, fusion: bool) -> dict:
         """The modules it trains, as ``TagiModel`` keyword arguments (``generator=`` or ``bank=``)."""
@@ -82,6 +83,7 @@ class Generated(AdapterSource):
     name, dir, flag, file, instruction, whole = ("generated", "hypernet", "hypernet", "generator.safetensors", True,
                                                  "hypernetwork")
     optional = ("marker.vector",)  # a hypernet saved without hypernet.fusion_marker
+    fingerprint = True  # generated adapters fit the backbone they were trained with, not another of its shape
 
     def build(self, sites, cfg, d_model, rows, fusion):
         from tagi_ds.hypernet import Generator

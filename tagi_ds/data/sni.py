@@ -100,25 +100,37 @@ def read_task(path: str | Path, english_only: bool = False) -> Task | None:
                 negatives=_demos(path, "Negative Examples", data.get("Negative Examples", [])), source=str(path))
 
 
-def split_names(root: str | Path, split: str) -> list[str]:
-    """Task names of ``split`` (train | test) minus ``excluded_tasks.txt``; every name must have a file."""
-    root = Path(root)
-    if split not in SPLITS:
-        raise DataError(f"{root}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+def _split_lines(root: Path, split: str) -> list[tuple[int, str]]:
+    """(line number, task name) of ``splits/default/<split>_tasks.txt`` minus ``excluded_tasks.txt``."""
     split_file = root / "splits" / "default" / f"{split}_tasks.txt"
     if not split_file.is_file():
         raise DataError(f"{split_file}: split file missing (SNI layout: splits/default/{split}_tasks.txt)")
     excluded_file = split_file.with_name("excluded_tasks.txt")
     excluded = set(read_text(excluded_file).split()) if excluded_file.is_file() else set()
-    names = []
-    for lineno, line in enumerate(read_text(split_file).splitlines(), 1):
-        name = line.strip()
-        if not name or name.startswith("#") or name in excluded:
-            continue
+    lines = ((lineno, line.strip()) for lineno, line in enumerate(read_text(split_file).splitlines(), 1))
+    return [(lineno, name) for lineno, name in lines if name and not name.startswith("#") and name not in excluded]
+
+
+def split_names(root: str | Path, split: str) -> list[str]:
+    """Task names of ``split`` (train | test) minus ``excluded_tasks.txt``; every name must have a file, and
+    no task may be in both splits (a test task seen in training would score as "unseen" while it was not)."""
+    root = Path(root)
+    if split not in SPLITS:
+        raise DataError(f"{root}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+    split_file = root / "splits" / "default" / f"{split}_tasks.txt"
+    lines = _split_lines(root, split)
+    for lineno, name in lines:
         if not (root / "tasks" / f"{name}.json").is_file():
             raise DataError(f"{split_file}: line {lineno}: task {name!r} has no file tasks/{name}.json")
-        names.append(name)
-    return names
+    test_file = split_file.with_name("test_tasks.txt")
+    if test_file.is_file() and split_file.with_name("train_tasks.txt").is_file():
+        train = {name for _, name in _split_lines(root, "train")}
+        for lineno, name in _split_lines(root, "test"):
+            if name in train:
+                raise DataError(f"{test_file}: line {lineno}: task {name!r} is also in train_tasks.txt (a test "
+                                "task must be unseen in training: remove it from one split or list it in "
+                                "excluded_tasks.txt)")
+    return [name for _, name in lines]
 
 
 def load_sni(root: str | Path, cfg: DataConfig, split: str) -> list[Task]:
@@ -129,16 +141,22 @@ def load_sni(root: str | Path, cfg: DataConfig, split: str) -> list[Task]:
         task = read_task(root / "tasks" / f"{name}.json", english_only=cfg.english_only)
         if task is not None:
             tasks.append(task)
-    if len(tasks) < len(names):
-        note(f"{root}: data.english_only=true dropped {len(names) - len(tasks)} of {len(names)} {split} tasks "
+    dropped = sorted(set(names) - {t.name for t in tasks})
+    if dropped:
+        note(f"{root}: data.english_only=true dropped {len(dropped)} of {len(names)} {split} tasks "
              "(a language field other than English); --set data.english_only=false keeps them")
+        # a data.tasks name that the language filter removed is not "missing from the split": say what removed it
+        named = sorted(set(cfg.tasks) & set(dropped))
+        if named:
+            raise DataError(f"{root}: data.tasks names {show(named, 200)}, dropped by data.english_only=true "
+                            "(a language other than English); --set data.english_only=false keeps it")
     tasks = select_tasks(tasks, categories=cfg.categories,
                          names=cfg.tasks, exclude=cfg.exclude_tasks, max_instances=cfg.max_instances_per_task,
                          sample_seed="sni" if split == "train" else None, where=str(root))
-    if not tasks:
-        raise DataError(f"{root}: split {split!r} has no tasks left after the filters "
-                        f"(english_only={cfg.english_only}, categories={cfg.categories}; "
-                        "--set data.english_only=false keeps non-English tasks)")
+    if not tasks:  # only reachable when no task survived the language filter or the split lists none
+        why = (f"data.english_only=true dropped all {len(names)} (--set data.english_only=false keeps them)"
+               if names else f"splits/default/{split}_tasks.txt lists none (after excluded_tasks.txt)")
+        raise DataError(f"{root}: split {split!r} has no tasks: {why}")
     return tasks
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from tagi_ds import artifacts, data, families
 from tagi_ds.config import ConfigError
 from tagi_ds.data import Task, TaskCollator, format_instruction
-from tagi_ds.files import atomic_dir
+from tagi_ds.files import atomic_dir, usual_permissions
 from tagi_ds.model import build_model
 from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
@@ -91,6 +91,7 @@ def export_peft(out_dir: str | Path, model, factors, base_model: str | None = No
     with atomic_dir(final) as tmp:
         save_file(peft_state_dict(model.sites, factors), str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
+        usual_permissions(tmp / "adapter_model.safetensors")
         files = {"adapter_config.json": peft_config(model.sites, cfg.hypernet.rank, cfg.hypernet.alpha,
                                                     cfg.model.arch, base_model),
                  "tagi_adapter.json": {**(provenance or {}), "fusion": model.fusion, "recipe": cfg.recipe,

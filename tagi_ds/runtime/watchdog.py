@@ -33,6 +33,7 @@ from tagi_ds.files import atomic_write
 
 JOB_ENV = "TAGI_JOB_DIR"
 BEAT_S = 1.0
+OVERSLEEP_S = 5.0  # a poll this late means the launcher was stopped too (not just a slow machine)
 RANK_TIMEOUT_S = 30.0  # a frozen rank is killed after this; + the launcher's teardown, well under 60 s end to end
 EXIT_PEER_LOST = 5  # this rank lost a peer mid-collective; the launcher reports the peer (README: exit codes)
 EXIT_RANK_LOST = 6  # the launcher: a rank died or froze; the job was stopped
@@ -124,6 +125,8 @@ class Watchdog:
         self.failure: Failure | None = None
         self._clean: set[int] = set()
         self._codes: dict[int, int] = {}  # pid -> exit status read from /proc while it was a zombie
+        self._last_wake: float | None = None  # time.monotonic() of the previous poll
+        self._resumed_at = 0.0  # time.time() the watchdog last woke from a pause of the whole job (Ctrl-Z, fg)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tagi-watchdog", daemon=True)
 
@@ -144,15 +147,26 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll):
-            ranks = self.ranks()
-            for r in ranks:
-                if (self.job / f"rank-{r['rank']}.end").exists() or r["pid"] in self._clean:
-                    continue
-                what = self._dead(r["pid"]) or self._frozen(r["rank"])
-                if what:
-                    self.failure = Failure(r["rank"], r["pid"], what, _output_dir(ranks))
-                    self._kill_all(ranks)
-                    return
+            if self.check(time.monotonic()):
+                return
+
+    def check(self, now: float) -> bool:
+        """One poll at monotonic time ``now``; True when it found a failure (and killed every rank)."""
+        if self._last_wake is not None and now - self._last_wake > self.poll + OVERSLEEP_S:
+            # The watchdog itself did not run for a while: the whole job was stopped (Ctrl-Z then fg, a suspended
+            # VM). Every rank's beats stopped with it, so a beat's age counts from this wake-up, not from before.
+            self._resumed_at = time.time()
+        self._last_wake = now
+        ranks = self.ranks()
+        for r in ranks:
+            if (self.job / f"rank-{r['rank']}.end").exists() or r["pid"] in self._clean:
+                continue
+            what = self._dead(r["pid"]) or self._frozen(r["rank"])
+            if what:
+                self.failure = Failure(r["rank"], r["pid"], what, _output_dir(ranks))
+                self._kill_all(ranks)
+                return True
+        return False
 
     def _dead(self, pid: int) -> str | None:
         status = _zombie_status(pid)
@@ -178,7 +192,7 @@ class Watchdog:
     def _frozen(self, rank: int) -> str | None:
         beat = self.job / f"rank-{rank}.beat"
         try:
-            age = time.time() - beat.stat().st_mtime
+            age = time.time() - max(beat.stat().st_mtime, self._resumed_at)
         except OSError:
             return None  # not beating yet (still importing): the DeepSpeed launcher's own wait covers it
         if age <= self.timeout:

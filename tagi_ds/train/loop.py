@@ -194,7 +194,7 @@ def setup(checked: Checked) -> Session:
     if checked.spec.teacher:
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)
     if args.init_hypernet:
-        artifacts.load_hypernet(model, Path(args.init_hypernet))
+        artifacts.load_hypernet(model, Path(args.init_hypernet), "--init_hypernet")
     eng = ds_engine.build_engine(model, cfg, ds)
 
     start = 0

@@ -279,3 +279,38 @@ def test_hypernet_without_a_marker_loads_into_a_marker_model_exactly(tmp_path):
     other = tiny_model("tiny", teacher=False, hypernet={"rank": 4})
     with pytest.raises(ConfigError, match=r"generator tensor head_A.0.weight has shape \(1, 128, 512\), this model's"):
         artifacts.load_hypernet(other, tmp_path / "hn")
+
+
+def test_a_hypernet_loaded_onto_other_backbone_weights_of_the_same_shape_warns_once(tmp_path, capsys):
+    """The fingerprint saved with the generator tells two same-shaped backbones apart (here two random inits);
+    the same backbone (also as bf16) and a hypernet saved before fingerprints existed load without a word."""
+    import json
+
+    from tagi_ds import artifacts
+
+    trained = tiny_model("tiny", teacher=False)
+    artifacts.save_hypernet(trained, tmp_path / "hn")
+    saved = json.loads((tmp_path / "hn" / "config.json").read_text())["backbone_fingerprint"]
+    assert saved == artifacts.backbone_fingerprint(trained)
+    artifacts.load_hypernet(tiny_model("tiny", teacher=False), tmp_path / "hn")
+    assert "warning" not in capsys.readouterr().out
+    artifacts.load_hypernet(tiny_model("tiny", teacher=False).to(torch.bfloat16), tmp_path / "hn")
+    assert "warning" not in capsys.readouterr().out  # bf16 of the same weights: the same backbone
+    other = tiny_model("tiny", teacher=False, model={"init_seed": 12345})
+    assert artifacts.backbone_fingerprint(other) != saved
+    artifacts.load_hypernet(other, tmp_path / "hn")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"warning: --hypernet {tmp_path / 'hn'}: trained against other "
+                                               f"backbone weights (fingerprint {saved}, this backbone's "), out
+    assert "its adapters fit a built-in random init, not this backbone" in out[0]
+    meta = json.loads((tmp_path / "hn" / "config.json").read_text())
+    del meta["backbone_fingerprint"]  # written by an older version
+    (tmp_path / "hn" / "config.json").write_text(json.dumps(meta))
+    artifacts.load_hypernet(other, tmp_path / "hn")
+    assert "warning" not in capsys.readouterr().out
+    # training's finish and evaluation's load go through the mode's adapter source (stages.Generated): the same
+    artifacts.save(trained, tmp_path / "via_source")
+    assert json.loads((tmp_path / "via_source" / "config.json").read_text())["backbone_fingerprint"] == saved
+    artifacts.load(other, tmp_path / "via_source")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"warning: --hypernet {tmp_path / 'via_source'}: trained against "), out

@@ -53,3 +53,48 @@ def test_english_only_says_what_it_dropped_and_which_flag_keeps_it(capsys, tmp_p
     assert main(["--data", f"sni:{root}", "--split", "train", "--set", "data.english_only=false"]) == 0
     out = capsys.readouterr().out
     assert "dropped" not in out and "train: 2 tasks" in out
+
+
+def _two_task_sni(root, train: str, test: str, german: str = "task002_de"):
+    import json
+
+    (root / "tasks").mkdir(parents=True)
+    (root / "splits" / "default").mkdir(parents=True)
+    for name in ("task001_en", "task002_de", "task003_en"):
+        lang = "German" if name == german else "English"
+        (root / "tasks" / f"{name}.json").write_text(json.dumps({
+            "Definition": ["Copy the input."], "Categories": ["Misc."], "Input_language": [lang],
+            "Instances": [{"id": f"{name}-0", "input": "a b", "output": ["a b"]}]}))
+    (root / "splits" / "default" / "train_tasks.txt").write_text(train)
+    (root / "splits" / "default" / "test_tasks.txt").write_text(test)
+
+
+def test_a_task_in_both_splits_is_refused_naming_the_test_line(capsys, tmp_path):
+    root = tmp_path / "sni"
+    _two_task_sni(root, train="task001_en\ntask003_en\n", test="task002_de\ntask003_en\n")
+    for split in ("train", "test"):  # either split alone already refuses: training on a test task is the harm
+        assert main(["--data", f"sni:{root}", "--split", split, "--set", "data.english_only=false"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {root}/splits/default/test_tasks.txt: line 2: task 'task003_en' is also in "
+                       "train_tasks.txt (a test task must be unseen in training: remove it from one split or list it "
+                       "in excluded_tasks.txt)"], err
+    (root / "splits" / "default" / "excluded_tasks.txt").write_text("task003_en\n")
+    assert main(["--data", f"sni:{root}", "--split", "all", "--set", "data.english_only=false"]) == 0
+
+
+def test_a_data_tasks_name_dropped_by_the_language_filter_is_blamed_on_it_and_no_other(capsys, tmp_path):
+    root = tmp_path / "sni"
+    _two_task_sni(root, train="task001_en\ntask002_de\n", test="task003_en\n")
+    assert main(["--data", f"sni:{root}", "--split", "train", "--set", 'data.tasks=["task002_de"]']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {root}: data.tasks names ['task002_de'], dropped by data.english_only=true (a language "
+                   "other than English); --set data.english_only=false keeps it"], err
+    # a name that is simply not in the split says that, and does not mention the language filter
+    assert main(["--data", f"sni:{root}", "--split", "train", "--set", 'data.tasks=["task003_en"]']) == 2
+    err = capsys.readouterr().err
+    assert "not a task of this split" in err and "english_only" not in err
+    # an empty split says the split file lists none, not that english_only dropped them
+    (root / "splits" / "default" / "test_tasks.txt").write_text("# none yet\n")
+    assert main(["--data", f"sni:{root}", "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "test_tasks.txt lists none" in err and "english_only" not in err

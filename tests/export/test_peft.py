@@ -1,6 +1,8 @@
 """PEFT export: a generated adapter loaded with peft onto the same backbone reproduces tagi-ds's logits."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -103,6 +105,11 @@ def test_generate_adapter_launcher_writes_what_the_model_generates(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "omits the instruction fusion" in proc.stderr  # the tiny recipe fuses
+    # weights readable by the group that shares the run directory, like every other file (safetensors writes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "hypernet" / "generator.safetensors", out / "adapter_model.safetensors"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (f, oct(f.stat().st_mode))
     meta = json.loads((out / "tagi_adapter.json").read_text())
     assert meta["condition"] == "instance" and meta["hypernet_input"].startswith("Context: the cat")
     config = peft.PeftConfig.from_pretrained(str(out))

@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.train.harness import hang_limit
+
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("train_teachers", "pretrain", "finetune", "evaluate")
 RESUMING = {"train_teachers", "pretrain", "finetune"}
@@ -27,7 +29,7 @@ JOB_ID = 123456
 PORT = 20000 + JOB_ID % 20000
 # Wall-clock limits here are hang guards only (a few bash processes each; well under a second on 2 idle cores),
 # sized for a loaded machine: the suite must pass with other CPU-heavy jobs running beside it.
-HANG_S = 300
+HANG_S = hang_limit(1)
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="needs bash")
 

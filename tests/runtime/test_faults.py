@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tagi_ds.runtime import rundir
-from tests.train.harness import REPO, TINY, check, command, env, launch, metrics, popen, run_job
+from tests.train.harness import HANG_S, REPO, TINY, check, command, env, launch, metrics, popen, run_job
 
 SMALL = ["--save_steps", "2", *TINY, "train.keep_last=2"]
 
@@ -231,7 +231,7 @@ def test_a_second_run_into_a_held_dir_is_refused_naming_the_holder(tmp_path):
     rundir.lock(out)  # this process is the first run
     try:
         proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--output_dir", str(out), "--max_steps", "2",
-                               *SMALL], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+                               *SMALL], cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S)
     finally:
         rundir.unlock(out)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -259,12 +259,12 @@ def test_two_ranks_disk_full_during_a_save_then_ctrl_c_saves(tmp_path):
 
     run = popen("pretrain.py", 2, ["--output_dir", str(out), "--max_steps", "400", "--resume_from_checkpoint",
                                    "latest", *SMALL, "--save_steps", "1000"])
-    deadline = time.time() + 400
+    deadline = time.time() + HANG_S  # a hang guard (issue 29): ~20 s idle
     while time.time() < deadline and _records(out) < 6:  # 4 records of the first run, then steps 3 and 4
         time.sleep(0.3)
     assert _records(out) >= 6, "the resumed run never logged a step"
     os.killpg(run.pid, signal.SIGINT)
-    log, _ = run.communicate(timeout=300)
+    log, _ = run.communicate(timeout=HANG_S)
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-4000:]
     saved = [ln for ln in log.splitlines() if ln.startswith("SIGINT received: saved step")]
     assert len(saved) == 1, log[-4000:]

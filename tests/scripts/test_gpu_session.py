@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.test_benchmarks_smoke import check_train_step
+
 ROOT = Path(__file__).resolve().parents[2]
 TODAY = datetime.date.today().isoformat()
 
@@ -60,9 +62,9 @@ def test_check_stage_runs_kernels_then_both_train_steps_then_the_whole_pipeline(
     assert "held-out tasks" in files["pipeline/table.txt"]
     for recipe, tiny in (("t5-xl", "tiny"), ("llama-7b", "tiny-llama")):
         (rec,) = json.loads((out / f"cpu_{TODAY}_train_step_{recipe}.json").read_text())["recipes"]
-        # lora first (the baseline, and the cheaper case), then tagi; each measured, with the adapter op it ran
-        assert rec["recipe"] == tiny and [(r["variant"], r["engine"]) for r in rec["rows"]] == [
-            ("lora", "z3"), ("tagi", "z3")]
+        # SMOKE: the tagi case alone (lora first, then tagi on a GPU; the lora baseline and the ratios are the
+        # profile stage's SMOKE check below), measured, with the adapter op it ran
+        assert rec["recipe"] == tiny and [(r["variant"], r["engine"]) for r in rec["rows"]] == [("tagi", "z3")]
         assert all(r.get("step_ms") and r["adapter_op"] == "torch" for r in rec["rows"]), rec["rows"]
     summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last, the steps in the planned order
     order = ("gpu_kernel_tests", "train_step_t5-xl", "train_step_llama-7b", "pipeline")
@@ -117,13 +119,10 @@ def test_profile_stage_profiles_then_measures_one_recipe(tmp_path):
     md = (out / f"cpu_{TODAY}_profile_train_step_t5-xl.md").read_text()
     assert "top by host (self CPU) time" in md and "host reads of tensor values" in md and "n/a" in md
     assert "| build s | summary s |" in md
+    # The benchmark's own checks on the same run (it was run once more by tests/benchmarks before: issue 29).
     bench = json.loads((out / f"cpu_{TODAY}_train_step_t5-xl.json").read_text())
-    (rec,) = bench["recipes"]
-    assert rec["recipe"] == "tiny" and "partial" not in bench
-    assert [(r["variant"], r["engine"], r["status"]) for r in rec["rows"]] == [
-        ("lora", "z3", "ok"), ("tagi", "z3", "ok"), ("tagi", "torch", "ok")], rec["rows"]
-    assert all(r["build_s"] > 0 for r in rec["rows"])
-    assert "build s |" in (out / f"cpu_{TODAY}_train_step_t5-xl.md").read_text()
+    check_train_step(bench, (out / f"cpu_{TODAY}_train_step_t5-xl.md").read_text(),
+                     packed(out, "profile")["bench_train_step.log"])
     summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last, the profile before the measurement
     assert summary.index("\nprofile_train_step ") < summary.index("\nbench_train_step ")
     for step in ("profile_train_step", "bench_train_step"):

@@ -97,10 +97,12 @@ def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
     assert "| 13.00 ± 1.73 | 12.0 / 12.0 / 15.0 |" in md
     assert "0.30x" in md and "12.00 vs 13.00 ROUGE-L (-1.00 points, mean over 3 seeds (0, 1, 2))" in md
     assert "is met (quality ok, cost ok)" in md  # -1.00 is within 1 point; 0.30x <= 0.4x
-    assert "TAGI minus concat: -2.0, +2.0, -3.0 (TAGI ahead in 1 of 3 seeds)" in md
+    assert "TAGI minus concat: -2.0, +2.0, -3.0 (TAGI ahead in 1 of 3 seeds); paired: mean -1.00, SE 1.53, 95% CI " \
+           "[-7.57, +5.57]: not resolved (the CI includes 0)." in md  # t(2) = 4.303; no per_task: no bootstrap
     assert "| ordering | 7.0 | 14.0 | 13.0 | 15.0 |" in md  # per-category means, methods in table order
     assert "| 14.00 ± 4.24 | 11.0 / 17.0 (seeds 0, 1) |" in md
     assert "TAGI w/o KL: +2.00 ± 1.41 over 2 seeds ROUGE-L vs full TAGI" in md  # paired on the shared seeds only
+    assert "paired: mean +2.00, SE 1.00, 95% CI [-10.71, +14.71]: not resolved" in md  # t(1) = 12.706
     assert "(TAGI w/o KL: seeds 0, 1 only, to keep the pipeline within 45 minutes)" in md
     assert "ft_tagi 110" in md  # per-seed stage times averaged
     assert "1.0 min (stages reused from an earlier run, not included: backbone)" in md
@@ -133,3 +135,22 @@ def test_make_report_lists_each_invocation_of_a_resumed_pipeline(tmp_path):
     assert mod.wall_lines(single, 60.0) == [
         "- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): 1.0 min "
         "(stages reused from an earlier run, not included: backbone)"]
+
+
+def test_paired_intervals_claim_an_ordering_only_where_the_ci_excludes_zero():
+    mod = _report_script()
+    m, se, lo, hi = mod.paired_ci([1.0, 2.0, 3.0, 2.0, 2.0])  # sd 0.707, t(4) = 2.776
+    assert (m, round(se, 4), round(lo, 3), round(hi, 3)) == (2.0, 0.3162, 1.122, 2.878)
+    assert mod.paired_ci([1.0]) is None and mod.t975(40) == 1.96 and mod.t975(11) == mod.T975[10]
+    assert mod.verdict((m, se, lo, hi), None, "TAGI", "Concat").endswith(": resolved, TAGI above Concat")
+    assert mod.verdict(mod.paired_ci([-1.0, -2.0, -1.5]), None, "w/o KL", "TAGI").endswith("w/o KL below TAGI")
+    assert mod.verdict(None, None, "a", "b") == "one seed: no interval, no claim"
+    # The seed x task bootstrap: an effect carried by one task of four is not resolved by it, even though every
+    # seed shows it; a uniform effect is. Deterministic (its own seeded RNG).
+    one_task = {s: {"t1": 8.0, "t2": 0.0, "t3": 0.0, "t4": 0.0} for s in range(5)}
+    lo, hi = mod.bootstrap_ci(one_task)
+    assert lo <= 0.0 < hi and (lo, hi) == mod.bootstrap_ci(one_task)
+    uniform = {s: {f"t{i}": 2.0 + 0.1 * s for i in range(4)} for s in range(5)}
+    lo, hi = mod.bootstrap_ci(uniform)
+    assert 2.0 <= lo <= hi <= 2.4
+    assert mod.bootstrap_ci({0: {"t1": 1.0, "t2": 1.0}}) is None  # one seed
