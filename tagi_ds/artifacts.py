@@ -66,15 +66,33 @@ def backbone_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+
+def save(model, path: Path, rows: dict[str, int] | None = None) -> None:
+    """Write the artifact of ``model``'s adapter source (``stages.AdapterSource``): its trained module's tensors
+    (float32) in the source's file, ``config.json``, and for a bank ``rows.json`` (the source's rows)."""
+    src = model.source
+    _save(model, src.trained(model), src.file, path, src.rows(rows, model.cfg), src.fingerprint)
+
+
 def save_hypernet(model, path: Path) -> None:
-    fingerprint = backbone_fingerprint(model)
-    params = list(model.generator.parameters())
-    with gathered(params):
+    _save(model, model.generator, "generator.safetensors", path, None, fingerprint=True)
+
+
+def _save(model, module, file: str, path: Path, rows: tuple[dict[str, int], str] | None,
+          fingerprint: bool = False) -> None:
+    """``module``'s tensors in ``file``; ``rows``: ``(rows.json, granularity)`` of a LoRA bank, None without;
+    ``fingerprint``: config.json records the backbone it was trained against (:func:`backbone_fingerprint`)."""
+    fp = backbone_fingerprint(model) if fingerprint else None  # a collective: every rank, before rank 0 writes
+    with gathered(list(module.parameters())):
         if dist.is_main():
-            tensors = {k: v.float() for k, v in model.generator.state_dict().items()}
-            _write_dir(path, {"generator.safetensors": tensors,
-                              "config.json": {"tagi": model.cfg.to_dict(), "sites": _sites_meta(model),
-                                              "backbone_fingerprint": fingerprint}})
+            meta = {"tagi": model.cfg.to_dict(), "sites": _sites_meta(model)}
+            if fp is not None:
+                meta["backbone_fingerprint"] = fp
+            files: dict[str, Any] = {file: {k: v.float() for k, v in module.state_dict().items()}}
+            if rows is not None:
+                files["rows.json"] = rows[0]
+                meta.update(rank=module.rank, alpha=module.alpha, granularity=rows[1])
+            _write_dir(path, {**files, "config.json": meta})
     dist.barrier()
 
 
@@ -152,62 +170,60 @@ def check_teachers(path: Path, bank, model, flag: str = "--teachers") -> None:
 
 
 def load_hypernet(model, path: Path, flag: str = "--hypernet") -> None:
-    """Load generator weights (before the engine is built). Sites and shapes must match."""
-    f = Path(path) / "generator.safetensors"
+    """Load generator weights (before the engine is built). Sites and shapes must match; one warning when it was
+    trained against other backbone weights of the same shapes."""
+    _load_into(model.generator, Path(path) / "generator.safetensors", model,
+               "a hypernet/ dir written by pretrain.py or finetune.py", flag)
+
+
+def _load_into(module: torch.nn.Module, f: Path, model, what: str, flag: str | None = None) -> None:
+    """``f``'s tensors into ``module`` (the generator or a LoRA bank of ``model``); sites and shapes must match.
+    ``flag``: the artifact records the backbone it was trained against; warn (naming ``flag``) if not this one."""
     if not f.is_file():
-        raise ConfigError(f"--init_hypernet/--hypernet {str(path)!r}: no generator.safetensors (a hypernet/ dir "
-                          "written by pretrain.py or finetune.py is expected)")
-    _check_sites(Path(path), model)
+        raise ConfigError(f"{str(f.parent)!r}: no {f.name} ({what} is expected)")
+    _check_sites(f.parent, model)
     state = load_file(str(f))
-    mine = model.generator.state_dict()
+    mine = module.state_dict()
     for key, want in mine.items():  # in module order, so the first mismatch named is the first one built
         if key in state and tuple(state[key].shape) != tuple(want.shape):
-            raise ConfigError(f"{f}: generator tensor {key} has shape {tuple(state[key].shape)}, this model's "
-                              f"{tuple(want.shape)}; use the same hypernet.* settings (rank, hidden, ...)")
-    missing, unexpected = model.generator.load_state_dict(state, strict=False)
-    warn_if_other_backbone(model, Path(path), flag)
+            raise ConfigError(f"{f}: {type(module).__name__.lower().replace('lorabank', 'LoRA bank')} tensor {key} "
+                              f"has shape {tuple(state[key].shape)}, this model's {tuple(want.shape)}; use the same "
+                              "recipe and hypernet.*/teacher.* settings (rank, hidden, number of rows, ...)")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if flag is not None:  # a source whose artifact records its backbone (stages.AdapterSource.fingerprint)
+        warn_if_other_backbone(model, f.parent, flag)
     if missing == ["marker.vector"] and not unexpected:
         # A hypernet saved without hypernet.fusion_marker: the marker is set to zero, which is exactly fusion
         # without a marker, so the loaded model computes what the saved one did (and finetuning may train it).
         with torch.no_grad():
-            model.generator.marker.vector.zero_()
+            module.marker.vector.zero_()
         if dist.is_main():
             print(f"{f}: no fusion marker saved; it starts at zero (identical to fusion without a marker)",
                   flush=True)
         return
     if missing or unexpected:
-        raise ConfigError(f"{f}: generator keys differ (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                          "use the same hypernet.* settings")
+        raise ConfigError(f"{f}: tensor keys differ (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                          "use the same hypernet.*/teacher.* settings")
 
 
 def check(path: Path, model, flag: str) -> None:
     """Preflight of the dir that gives ``model`` (on the meta device) its adapters: a hypernet/ dir for its
-    generator, a teachers/ or baseline_lora/ dir for its LoRA bank."""
-    if model.generator is not None:
-        check_hypernet(path, model, flag)
-    else:
-        check_teachers(path, model.bank, model, flag)
+    generator, a teachers/ or baseline_lora/ dir for its LoRA bank (what its ``stages.AdapterSource`` trains)."""
+    src, path = model.source, Path(path)
+    _check_sites(path, model, flag)
+    expected = {k: tuple(v.shape) for k, v in src.trained(model).state_dict().items()}
+    _check_tensors(path / src.file, flag, expected, optional=src.optional)
 
 
 def load(model, path: Path) -> None:
     """Load the adapters ``model`` runs with (before an engine is built): its generator's, or its LoRA bank's."""
-    if model.generator is not None:
-        load_hypernet(model, path)
-    else:
-        load_teachers(model.bank, path, model)
+    src = model.source
+    _load_into(src.trained(model), Path(path) / src.file, model, f"a {src.dir}/ dir",
+               f"--{src.flag}" if src.fingerprint else None)
 
 
 def save_teachers(model, path: Path, rows: dict[str, int], granularity: str) -> None:
-    bank = model.bank
-    params = list(bank.parameters())
-    with gathered(params):
-        if dist.is_main():
-            tensors = {f"A.{k}": v.float() for k, v in bank.A.items()}
-            tensors.update({f"B.{k}": v.float() for k, v in bank.B.items()})
-            _write_dir(path, {"teachers.safetensors": tensors, "rows.json": rows,
-                              "config.json": {"tagi": model.cfg.to_dict(), "sites": _sites_meta(model),
-                                              "rank": bank.rank, "alpha": bank.alpha, "granularity": granularity}})
-    dist.barrier()
+    _save(model, model.bank, "teachers.safetensors", path, (rows, granularity))
 
 
 def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, int], dict[str, Any]]:
@@ -250,14 +266,4 @@ def check_rows(tasks, rows: dict[str, int], granularity: str, where: str, hint: 
 
 def load_teachers(bank, path: Path, model) -> None:
     """Copy saved teacher factors into ``bank`` (before the engine is built)."""
-    path = Path(path)
-    _check_sites(path, model)
-    state = load_file(str(path / "teachers.safetensors"))
-    with torch.no_grad():
-        for k in bank.A:
-            a, b = state[f"A.{k}"], state[f"B.{k}"]
-            if a.shape != bank.A[k].shape:
-                raise ConfigError(f"--teachers {str(path)!r}: teacher A.{k} has shape {tuple(a.shape)}, this run "
-                                  f"expects {tuple(bank.A[k].shape)} (teacher.rank / number of rows differ)")
-            bank.A[k].copy_(a)
-            bank.B[k].copy_(b)
+    _load_into(bank, Path(path) / "teachers.safetensors", model, "a teachers/ dir written by train_teachers.py")

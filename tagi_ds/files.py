@@ -19,7 +19,8 @@ from typing import Any
 
 from tagi_ds.errors import FileError
 
-__all__ = ["atomic_dir", "atomic_write", "check_json_lines", "read_json", "read_text", "replace_dir"]
+__all__ = ["atomic_dir", "atomic_write", "check_json_lines", "read_json", "read_text", "replace_dir",
+           "usual_permissions"]
 
 
 # -- writing --------------------------------------------------------------------------------------------------

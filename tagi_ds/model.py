@@ -29,7 +29,7 @@ from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
 from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
 from tagi_ds.batch import TaskBatch
-from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds.config import TagiConfig
 from tagi_ds.hypernet import Generator, InstructionEncoder
 from tagi_ds.losses import param_alignment, target_rows, token_losses
 
@@ -48,6 +48,7 @@ class TagiModel(nn.Module):
         self.cfg, self.stage, self.sites, self.state = cfg, stage, sites, state
         self.spec = stages.spec(stage, cfg)
         self.family = families.get(cfg.model.arch)
+        self.source = self.spec.mode.source  # where the student's adapters come from (stages.AdapterSource)
         self.arch = backbones.get(cfg.model.arch)
         self.causal = self.family.causal
         self.backbone = backbone
@@ -96,9 +97,7 @@ class TagiModel(nn.Module):
         return rows
 
     def student_adapters(self, batch: TaskBatch) -> tuple[AdapterSet, torch.Tensor | None]:
-        if self.generator is not None:
-            return self.generate(batch)
-        return self.bank_adapters(self.bank, batch, shared=self.spec.mode.adapters == "shared"), None
+        return self.source.adapters(self, batch)
 
     # -- forward ----------------------------------------------------------------------------------------
     def fusion_prefix(self, batch: TaskBatch | None, instr_states: torch.Tensor | None):
@@ -202,7 +201,7 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
     ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``);
     ``teacher_init="empty"``: that bank allocated uninitialised (its values are loaded, or do not matter: benchmarks).
     """
-    adapters = stages.spec(stage, cfg).mode.adapters
+    source = stages.spec(stage, cfg).mode.source
     cfg.validate()
     arch = backbones.get(cfg.model.arch)
     freeze(backbone, cfg.model.trainable)
@@ -211,16 +210,10 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(backbone, {"use_reentrant": False, "context_fn": state.checkpoint_context})
     d_model = getattr(backbone.config, families.get(cfg.model.arch).shape["d_model"])
-    generator = bank = teacher = None
-    if adapters == "per_task":
-        if num_bank_rows <= 0:
-            raise ConfigError("stage teachers needs at least one task (num_bank_rows > 0)")
-        bank = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha)
-    elif adapters == "generated":
-        generator = Generator(d_model, sites, cfg.hypernet, fusion=fuses(cfg))
-        if with_teacher:
-            teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha,
-                               init=teacher_init).requires_grad_(False)
-    else:  # one shared LoRA: the concat / no_instruction baselines
-        bank = LoraBank(sites, 1, cfg.hypernet.rank, cfg.hypernet.alpha)
-    return TagiModel(cfg, stage, backbone, sites, state, generator=generator, bank=bank, teacher=teacher)
+    built = source.build(sites, cfg, d_model, num_bank_rows, fuses(cfg))
+    teacher = None
+    if with_teacher and source.instruction:  # the frozen distillation bank: only a source that reads the
+        # instruction distils (stages.spec; the planner asks with_teacher for any mode)
+        teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha,
+                           init=teacher_init).requires_grad_(False)
+    return TagiModel(cfg, stage, backbone, sites, state, teacher=teacher, **built)

@@ -36,9 +36,104 @@ from typing import Literal, get_args
 
 from tagi_ds.config import ConfigError, ModeName, TagiConfig
 
-Adapters = Literal["generated", "shared", "per_task"]
-ARTIFACT = {"generated": "hypernet", "shared": "baseline_lora", "per_task": "teachers"}  # the dir that holds them
-EVAL_FLAG = {"generated": "hypernet", "shared": "adapter", "per_task": "teachers"}  # evaluate.py's flag for that dir
+
+class AdapterSource:
+    """Where a run's adapters come from: a strategy object (as peft's ``LoraVariant`` is for a LoRA layer's
+    math) that every user asks instead of comparing names. It builds its trainable parameters, produces a batch's
+    adapters, says which parameters ZeRO-3 keeps whole, and describes its artifact (dir, tensors file, the
+    evaluation flag, the rows it saves); ``tagi_ds.artifacts`` writes, checks and loads that artifact from this
+    description alone. A new baseline is one subclass and a :data:`MODES` row pointing at it.
+    """
+
+    name: str  # in words, and the key of :data:`SOURCES`
+    dir: str  # the artifact dir that holds its parameters (training writes it, evaluation reads it)
+    flag: str  # launchers/evaluate.py's flag for that dir
+    file: str  # the artifact's tensors file (the trained module's state_dict, float32)
+    instruction: bool = False  # batches carry each task's instruction once (the hypernetwork reads it)
+    per_task: bool = False  # one bank row per task (or category): loaders and evaluation need teacher rows
+    whole: str = ""  # what ZeRO-3 keeps whole, in words (engine's partitioning line); "" for nothing
+    optional: tuple[str, ...] = ()  # tensors an older artifact may lack (checked and loaded without them)
+    fingerprint: bool = False  # its artifact records the backbone weights it was trained against (a warning on others)
+
+    def build(self, sites, cfg: TagiConfig, d_model: int, rows: int, fusion: bool) -> dict:
+        """The modules it trains, as ``TagiModel`` keyword arguments (``generator=`` or ``bank=``)."""
+        raise NotImplementedError
+
+    def adapters(self, model, batch, use: bool = True):
+        """``(AdapterSet | None, instruction states [K, Li, d] | None)`` for ``batch``; ``use=False``: none
+        (a baseline evaluated on the bare backbone)."""
+        raise NotImplementedError
+
+    def trained(self, model):
+        """The module whose parameters are the artifact: the hypernetwork or the LoRA bank."""
+        return model.bank
+
+    def kept_whole(self, model) -> list:
+        """The parameters ZeRO-3 keeps gathered on every rank (small, and used whole at every step)."""
+        return list(self.trained(model).parameters()) if self.whole else []
+
+    def rows(self, rows: dict[str, int] | None, cfg: TagiConfig) -> tuple[dict[str, int], str] | None:
+        """The artifact's ``rows.json`` and granularity, or None when it has no rows (the hypernetwork)."""
+        return rows, cfg.teacher.granularity
+
+
+class Generated(AdapterSource):
+    """The hypernetwork: each task's adapters generated from its instruction (TAGI)."""
+
+    name, dir, flag, file, instruction, whole = ("generated", "hypernet", "hypernet", "generator.safetensors", True,
+                                                 "hypernetwork")
+    optional = ("marker.vector",)  # a hypernet saved without hypernet.fusion_marker
+    fingerprint = True  # generated adapters fit the backbone they were trained with, not another of its shape
+
+    def build(self, sites, cfg, d_model, rows, fusion):
+        from tagi_ds.hypernet import Generator
+
+        return {"generator": Generator(d_model, sites, cfg.hypernet, fusion=fusion)}
+
+    def adapters(self, model, batch, use=True):
+        return model.generate(batch)
+
+    def trained(self, model):
+        return model.generator
+
+    def rows(self, rows, cfg):
+        return None
+
+
+class SharedLora(AdapterSource):
+    """One LoRA for every task (the concat / no_instruction baselines): a one-row bank, every example on row 0."""
+
+    name, dir, flag, file, whole = "shared", "baseline_lora", "adapter", "teachers.safetensors", "shared LoRA"
+
+    def build(self, sites, cfg, d_model, rows, fusion):
+        from tagi_ds.adapters import LoraBank
+
+        return {"bank": LoraBank(sites, 1, cfg.hypernet.rank, cfg.hypernet.alpha)}
+
+    def adapters(self, model, batch, use=True):
+        return (model.bank_adapters(model.bank, batch, shared=True) if use else None), None
+
+    def rows(self, rows, cfg):
+        return {"*": 0}, "shared"
+
+
+class TaskBank(AdapterSource):
+    """A LoRA-bank row per task (or category): the teachers stage, and evaluation's ``--teachers``."""
+
+    name, dir, flag, file, per_task = "per_task", "teachers", "teachers", "teachers.safetensors", True
+
+    def build(self, sites, cfg, d_model, rows, fusion):
+        from tagi_ds.adapters import LoraBank
+
+        if rows <= 0:
+            raise ConfigError("stage teachers needs at least one task (num_bank_rows > 0)")
+        return {"bank": LoraBank(sites, rows, cfg.teacher.rank, cfg.teacher.alpha)}
+
+    def adapters(self, model, batch, use=True):
+        return model.bank_adapters(model.bank, batch), None
+
+
+SOURCES: dict[str, AdapterSource] = {s.name: s for s in (Generated(), SharedLora(), TaskBank())}
 
 
 @dataclass(frozen=True)
@@ -46,31 +141,31 @@ class Mode:
     """What the backbone reads, and where each task's adapters come from."""
 
     name: str
-    adapters: Adapters  # generated (the hypernetwork) | shared (one LoRA for every task) | per_task (a bank row)
+    source: AdapterSource  # generated (the hypernetwork) | one shared LoRA | a bank row per task
     view: Literal["input", "concat"]  # the backbone reads the input, or instruction + input (Tk-Instruct)
     stage: str  # the stage whose model runs this mode (evaluation builds that model)
 
     @property
     def instruction(self) -> bool:
         """Batches carry each task's instruction once (the hypernetwork reads it)."""
-        return self.adapters == "generated"
+        return self.source.instruction
 
     @property
     def artifact(self) -> str:
         """The artifact dir that holds this mode's adapters: what training writes, evaluation reads."""
-        return ARTIFACT[self.adapters]
+        return self.source.dir
 
     @property
     def flag(self) -> str:
         """The flag of ``launchers/evaluate.py`` that names that artifact: --hypernet, --adapter, --teachers."""
-        return f"--{EVAL_FLAG[self.adapters]}"
+        return f"--{self.source.flag}"
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("tagi", "generated", "input", "finetune"),
-    Mode("concat", "shared", "concat", "finetune"),
-    Mode("no_instruction", "shared", "input", "finetune"),
-    Mode("teacher", "per_task", "concat", "teachers"),
+    Mode("tagi", SOURCES["generated"], "input", "finetune"),
+    Mode("concat", SOURCES["shared"], "concat", "finetune"),
+    Mode("no_instruction", SOURCES["shared"], "input", "finetune"),
+    Mode("teacher", SOURCES["per_task"], "concat", "teachers"),
 )}
 assert set(get_args(ModeName)) < set(MODES), "every config mode has a row"
 

@@ -126,7 +126,7 @@ def build_train_loader(cfg: TagiConfig, tokenizer, stage: str, rank: int = 0, wo
     sampler = TaskBatchSampler([len(t.instances) for t in tasks], d.tasks_per_batch, d.examples_per_task, seed,
                                rank, world_size)
     common = dict(arch=arch, teacher_key=cfg.teacher.granularity, sample=d.sample_variants, **_views(spec.mode))
-    if spec.mode.adapters == "per_task":  # the teachers themselves: each task's own bank row
+    if spec.mode.source.per_task:  # the teachers themselves: each task's own bank row
         rows = teacher_rows if teacher_rows is not None else default_teacher_rows(tasks, cfg.teacher.granularity)
         collate = TaskCollator(tasks, tokenizer, d, teacher_rows=rows, **common)
     else:

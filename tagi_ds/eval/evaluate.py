@@ -109,7 +109,7 @@ def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
     kind = _kind(args.kind, cfg)
     mode = MODES[args.mode]
     rows = None
-    if mode.adapters == "per_task":  # each task's own teacher
+    if mode.source.per_task:  # each task's own teacher
         rows, _ = artifacts.read_teacher_rows(args.artifact)
         artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {str(args.artifact)!r}",
                              "evaluate teachers on the tasks they were trained on (--split train)")

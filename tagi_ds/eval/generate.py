@@ -43,12 +43,7 @@ def eval_adapters(model, batch: TaskBatch, mode: str,
     """
     if mode not in MODES:
         raise ValueError(f"eval mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
-    adapters = MODES[mode].adapters
-    if adapters == "generated":
-        return model.generate(batch)
-    if adapters == "per_task":
-        return model.bank_adapters(model.bank, batch), None
-    return (model.bank_adapters(model.bank, batch, shared=True) if use_bank else None), None
+    return MODES[mode].source.adapters(model, batch, use_bank)
 
 
 def greedy_config(max_new_tokens: int, eos_id: int, pad_id: int, decoder_start_id: int | None) -> GenerationConfig:

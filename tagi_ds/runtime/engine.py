@@ -324,10 +324,8 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
 def kept_whole(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """What ZeRO-3 keeps gathered on every rank: the hypernetwork, or the baselines' one-row shared LoRA (both small
     and used whole at every step; a teachers-stage bank, one row per task, stays partitioned)."""
-    if getattr(model, "generator", None) is not None:
-        return list(model.generator.parameters())
-    bank = getattr(model, "bank", None)
-    return list(bank.parameters()) if bank is not None and bank.num_rows == 1 else []
+    source = getattr(model, "source", None)  # a TagiModel's stages.AdapterSource says
+    return source.kept_whole(model) if source is not None else []
 
 
 def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
@@ -349,7 +347,7 @@ def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
     whole = sum(p.ds_numel for p in params if id(p) in hyper)
     line = (f"ZeRO-3: {split:,} parameters partitioned across {world_size} rank(s), {held:,} held by each rank; "
             f"{small:,} small ones kept whole (stage3_param_persistence_threshold); "
-            f"{'hypernetwork' if getattr(model, 'generator', None) is not None else 'shared LoRA'} {whole:,} whole on "
+            f"{model.source.whole or 'nothing else'} {whole:,} whole on "
             "every rank")
     if (teacher := getattr(model, "teacher", None)) is not None:
         home, why = getattr(teacher, "tagi_home", (torch.device("cpu"), "not kept by build_engine"))

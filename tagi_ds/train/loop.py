@@ -91,7 +91,7 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
         rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, "train") if spec.stage.data == "tasks" else None
-    if spec.mode.adapters == "per_task":  # the teachers stage: a bank row per task (or category) it trains
+    if spec.mode.source.per_task:  # the teachers stage: a bank row per task (or category) it trains
         rows = data.teacher_rows(tasks, cfg.teacher.granularity)
     elif spec.teacher:
         artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {args.teachers}",
@@ -287,16 +287,11 @@ def stop(s: Session, why: str) -> Path:
 
 def finish(s: Session) -> Path:
     """Write the stage's artifact (``teachers/``, ``hypernet/`` or ``baseline_lora/``); returns its directory."""
-    cfg, spec = s.checked.cfg, s.checked.spec
+    spec = s.checked.spec
     s.progress.close()
     s.progress.message(f"data (rank 0): {s.checked.loader.report()}")
     final = s.out / spec.artifact
-    if spec.mode.adapters == "generated":
-        artifacts.save_hypernet(s.model, final)
-    elif spec.mode.adapters == "per_task":
-        artifacts.save_teachers(s.model, final, s.checked.rows, cfg.teacher.granularity)
-    else:  # concat / no_instruction baselines: their shared LoRA is a one-row bank
-        artifacts.save_teachers(s.model, final, {"*": 0}, "shared")
+    artifacts.save(s.model, final, s.checked.rows)  # what it holds: the mode's source (stages.AdapterSource)
     s.progress.message(f"done: {final}")
     dist.barrier()  # every rank is done with the directory before rank 0 lets another run have it
     rundir.unlock(s.out)

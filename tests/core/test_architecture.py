@@ -251,6 +251,47 @@ def test_the_arch_test_counter_sees_comparisons_keys_literals_and_lists(tmp_path
     assert [int(f.split(":")[1]) for f in found] == [1, 3, 4, 5]  # a line once; the import and a value are not tests
 
 
+# -- where a run's adapters come from is asked of its source (tagi_ds/stages.py), not re-derived from a name ------
+MODE_WORDS = {"tagi", "concat", "no_instruction", "teacher",  # stages.MODES' names
+              "generated", "shared", "per_task"}  # the adapter sources' old Literal values
+NOT_MODES = ("input_view", "generator")  # a view name and the hypernet's generator kind share words with modes
+
+
+def mode_dispatches(places: tuple[str, ...] = ("tagi_ds", "launchers"),
+                    but: tuple[str, ...] = ("tagi_ds/stages.py",)) -> list[str]:
+    """``file:line`` of every comparison that dispatches on a mode or an adapter source by name outside
+    stages.py: ``x == "tagi"``, ``mode in ("tagi", ...)``, or anything compared with a ``.adapters`` attribute."""
+    def words(node: ast.AST) -> bool:
+        elts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return any(isinstance(e, ast.Constant) and e.value in MODE_WORDS for e in elts)
+
+    out = []
+    for f in (g for place in places for g in sorted((REPO / place).rglob("*.py"))):
+        if f.is_relative_to(REPO) and str(f.relative_to(REPO)) in but:
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            if any(n in ast.unparse(s) for s in sides for n in NOT_MODES):
+                continue
+            if any(words(s) for s in sides) or any(isinstance(s, ast.Attribute) and s.attr == "adapters"
+                                                   for s in sides):
+                out.append(f"{f.relative_to(REPO) if f.is_relative_to(REPO) else f}:{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_mode_dispatches_stay_in_stages():
+    found = mode_dispatches()
+    assert len(found) <= 16, "ask the mode's adapter source (tagi_ds.stages), not its name:\n" + "\n".join(found)
+
+
+def test_the_dispatch_counter_sees_names_and_sources(tmp_path):
+    (tmp_path / "m.py").write_text('if m.adapters == "x" or mode in ("tagi", "y") or v == "concat":\n    pass\n'
+                                   'if self.input_view == "concat" or cfg.generator == "shared":\n    pass\n')
+    assert len(mode_dispatches((str(tmp_path),), ())) == 3  # each Compare of the first line; views skipped
+
+
 if __name__ == "__main__":  # python -m tests.core.test_architecture [TREE]: the count, line by line (TREE: a checkout)
     import sys
 

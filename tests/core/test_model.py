@@ -308,3 +308,9 @@ def test_a_hypernet_loaded_onto_other_backbone_weights_of_the_same_shape_warns_o
     (tmp_path / "hn" / "config.json").write_text(json.dumps(meta))
     artifacts.load_hypernet(other, tmp_path / "hn")
     assert "warning" not in capsys.readouterr().out
+    # training's finish and evaluation's load go through the mode's adapter source (stages.Generated): the same
+    artifacts.save(trained, tmp_path / "via_source")
+    assert json.loads((tmp_path / "via_source" / "config.json").read_text())["backbone_fingerprint"] == saved
+    artifacts.load(other, tmp_path / "via_source")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"warning: --hypernet {tmp_path / 'via_source'}: trained against "), out
