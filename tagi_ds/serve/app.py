@@ -260,7 +260,7 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
             return None
         if not isinstance(ref, str):
             raise ApiError(400, f"'adapter' must be an adapter id string, got {type(ref).__name__}", param="adapter")
-        if engine.mode != "tagi":
+        if not engine.generates:
             raise ApiError(400, f"this server runs mode {engine.mode}: no adapters", param="adapter")
         adapter = engine.cache.get(ref)
         if adapter is None:
@@ -366,7 +366,7 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
         if export and export_dir is None:
             raise ApiError(400, "'export': this server was started without --adapter_export_dir", param="export",
                            code="export_disabled")
-        if engine.mode != "tagi":
+        if not engine.generates:
             raise ApiError(400, f"this server runs mode {engine.mode}: no adapters are generated", code="no_adapters")
         req = serve_engine.Request(instruction=instruction, prompt="", condition=condition, adapter_only=True)
         result = None

@@ -110,7 +110,7 @@ class Rows:
         self.adapters = adapters
         model = engine.model
         self.stacked = None
-        if engine.mode == "tagi":
+        if engine.generates:
             self.stacked = {s: (torch.stack([a.factors[s][0] for a in adapters]),
                                 torch.stack([a.factors[s][1] for a in adapters])) for s in range(len(model.sites))}
 

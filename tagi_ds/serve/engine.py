@@ -120,6 +120,9 @@ class Engine:
             raise ValueError(f"serve mode must be one of {', '.join(SERVE_MODES)}, got {mode!r}")
         self.cfg, self.model, self.tok, self.fingerprint, self.device = cfg, model, tok, fingerprint, device
         self.cache, self.metrics, self.mode = cache, metrics, mode
+        # tagi: the hypernetwork reads each instruction into adapters; concat: the bare backbone reads it in the
+        # prompt. Asked of the mode's adapter source (tagi_ds.stages), not of its name.
+        self.generates = MODES[mode].instruction
         self.causal = model.causal
         self._texts: dict[str, tuple[str, str]] = {}  # id -> (text, condition), for the ids being generated
 
@@ -207,7 +210,7 @@ class Engine:
         """T5 fusion: each adapter's instruction states padded to ``[K, Li, d]``, their mask ``[K, Li]``, and
         their cross-attention keys/values padded alike (``[K, H, Li, dk]`` per decoder layer; the padding is
         masked). None without fusion."""
-        if not self.model.fusion or self.mode != "tagi":
+        if not self.model.fusion or not self.generates:
             return None
         n = max(a.states.shape[0] for a in adapters)
         states = torch.zeros(len(adapters), n, adapters[0].states.shape[1], dtype=adapters[0].states.dtype,

@@ -109,7 +109,7 @@ class Scheduler:
             if r not in live:
                 r.emit("done", {"finish_reason": "cancelled"})
         try:
-            if self.engine.mode == "tagi" and live:
+            if self.engine.generates and live:
                 self.engine.resolve(live)
             for r in live:
                 if r.adapter_only:
