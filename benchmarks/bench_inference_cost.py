@@ -60,8 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_run_args(p)
     a, _ = common.parse_run_args(p, argv)
     if a.smoke:
-        a.instr_lens, a.examples, a.batch_size, a.reps = a.instr_lens[:2], min(a.examples, 10), \
-            min(a.batch_size, 5), 1
+        a.instr_lens, a.examples, a.batch_size, a.reps = a.instr_lens[:2], min(a.examples, 10), min(a.batch_size, 5), 1
     for key in ("input_len", "output_len", "examples", "batch_size", "reps"):
         if getattr(a, key) <= 0:
             p.error(f"--{key} must be > 0, got {getattr(a, key)}")
@@ -95,7 +94,7 @@ def _view(arch: str, prompt: torch.Tensor, out: torch.Tensor) -> tuple[torch.Ten
         return prompt, out
     ids = torch.cat([prompt, out], dim=1)
     labels = ids.clone()
-    labels[:, :prompt.shape[1]] = -100
+    labels[:, : prompt.shape[1]] = -100
     return ids, labels
 
 
@@ -107,7 +106,7 @@ def run_tagi(model, arch: str, data: dict, batch_size: int) -> None:
         first = TaskBatch(instr, imask, instr, torch.tensor([0, 1], device=dev), instr, imask)
         generated, states = model.generate(first)  # once per task: instruction encoding + generator
         for lo in range(0, data["inputs"].shape[0], batch_size):
-            x, labels = _view(arch, data["inputs"][lo:lo + batch_size], data["outputs"][lo:lo + batch_size])
+            x, labels = _view(arch, data["inputs"][lo : lo + batch_size], data["outputs"][lo : lo + batch_size])
             x, labels = x.to(dev), labels.to(dev)
             offsets = torch.tensor([0, x.shape[0]], device=dev)
             batch = TaskBatch(x, torch.ones_like(x), labels, offsets, instr, imask)
@@ -119,9 +118,9 @@ def run_concat(model, arch: str, data: dict, batch_size: int) -> None:
     dev = next(model.parameters()).device
     with torch.no_grad():
         for lo in range(0, data["inputs"].shape[0], batch_size):
-            n = data["inputs"][lo:lo + batch_size].shape[0]
-            prompt = torch.cat([data["instr"].expand(n, -1), data["inputs"][lo:lo + batch_size]], dim=1)
-            x, labels = _view(arch, prompt, data["outputs"][lo:lo + batch_size])
+            n = data["inputs"][lo : lo + batch_size].shape[0]
+            prompt = torch.cat([data["instr"].expand(n, -1), data["inputs"][lo : lo + batch_size]], dim=1)
+            x, labels = _view(arch, prompt, data["outputs"][lo : lo + batch_size])
             x, labels = x.to(dev), labels.to(dev)
             offsets = torch.tensor([0, n], device=dev)
             batch = TaskBatch(x, torch.ones_like(x), labels, offsets)
@@ -156,15 +155,26 @@ def analytic(cfg: TagiConfig, instr_len: int, L: int, Lt: int, n: int, batch_siz
     """Forward FLOPs of one task from tagi_ds.plan's formulas (matmuls + attention; LoRA deltas included)."""
     c = plan.count(cfg, 0)
     t5 = c.encoder_decoder
-    enc = plan.backbone_forward_flops(c, 1, instr_len, 0, decoder=False) if t5 else \
-        plan.backbone_forward_flops(c, 1, instr_len, 0, lm_head=False)
-    per_task = 2 * sum(k * ((c.d + c.site_dim) * c.hidden + c.hidden * c.hidden + c.hidden * c.rank * (di + do))
-                       for k, di, do in c.groups)
+    enc = (
+        plan.backbone_forward_flops(c, 1, instr_len, 0, decoder=False)
+        if t5
+        else plan.backbone_forward_flops(c, 1, instr_len, 0, lm_head=False)
+    )
+    per_task = 2 * sum(
+        k * ((c.d + c.site_dim) * c.hidden + c.hidden * c.hidden + c.hidden * c.rank * (di + do))
+        for k, di, do in c.groups
+    )
     fused = t5 and c.fusion
     Lx = instr_len + L if fused else L  # the keys each decoder token attends to
     ex = plan.backbone_forward_flops(c, n, L, Lt, Lx)
-    tagi = enc["linear"] + enc["attention"] + per_task + ex["linear"] + ex["attention"] + \
-        plan.adapter_flops(c, n, L, Lt, Lx, c.rank)
+    tagi = (
+        enc["linear"]
+        + enc["attention"]
+        + per_task
+        + ex["linear"]
+        + ex["attention"]
+        + plan.adapter_flops(c, n, L, Lt, Lx, c.rank)
+    )
     if fused:  # the instruction's cross-attention k/v (+ their adapters) run once per batch, not per example
         batches = math.ceil(n / batch_size)
         tagi -= (n - batches) * plan.cross_kv_flops(c, instr_len, c.rank)
@@ -176,28 +186,42 @@ def analytic(cfg: TagiConfig, instr_len: int, L: int, Lt: int, n: int, batch_siz
 def to_markdown(result: dict) -> str:
     a = result["args"]
     lines = common.md_head(
-        "Inference cost of one task", result,
+        "Inference cost of one task",
+        result,
         "**CPU results** at tiny shapes: counted FLOPs are exact for these shapes; wall times are CPU "
         f"times ({common.threads_text()}, host load average {result['host_load_start']} at "
         f"the start, {result['host_load_end']} at the end: a shared host) and only compare the two "
-        f"variants on this machine (interleaved repetitions, best of {a['reps']}).")
-    lines += [f"{a['examples']} examples, input {a['input_len']} tokens, output {a['output_len']} tokens "
-              f"(teacher-forced), batch {a['batch_size']}; tagi = instruction encoded once + generated adapters, "
-              "inputs without the instruction (T5: decoder cross-attends to the instruction states); concat = "
-              "instruction + input for every example. Ratio = tagi / concat.", ""]
+        f"variants on this machine (interleaved repetitions, best of {a['reps']}).",
+    )
+    lines += [
+        f"{a['examples']} examples, input {a['input_len']} tokens, output {a['output_len']} tokens "
+        f"(teacher-forced), batch {a['batch_size']}; tagi = instruction encoded once + generated adapters, "
+        "inputs without the instruction (T5: decoder cross-attends to the instruction states); concat = "
+        "instruction + input for every example. Ratio = tagi / concat.",
+        "",
+    ]
     for rec in result["measured"]:
-        lines += [f"## {rec['recipe']} (measured)", "",
-                  "| instruction | tagi GFLOP | concat GFLOP | FLOPs ratio | formula ratio | tagi ms | concat ms "
-                  "| time ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {rec['recipe']} (measured)",
+            "",
+            "| instruction | tagi GFLOP | concat GFLOP | FLOPs ratio | formula ratio | tagi ms | concat ms "
+            "| time ratio |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rec["rows"]:
-            lines.append(f"| {r['instr_len']} | {r['tagi_flops'] / 1e9:,.2f} | {r['concat_flops'] / 1e9:,.2f} | "
-                         f"{r['flops_ratio']:.3f} | {r['formula_ratio']:.3f} | {r['tagi_ms']:,.1f} | "
-                         f"{r['concat_ms']:,.1f} | {r['time_ratio']:.3f} |")
+            lines.append(
+                f"| {r['instr_len']} | {r['tagi_flops'] / 1e9:,.2f} | {r['concat_flops'] / 1e9:,.2f} | "
+                f"{r['flops_ratio']:.3f} | {r['formula_ratio']:.3f} | {r['tagi_ms']:,.1f} | "
+                f"{r['concat_ms']:,.1f} | {r['time_ratio']:.3f} |"
+            )
         lines.append("")
     if result.get("analytic"):
-        lines += ["## Paper-size shapes (analytic: tagi_ds.plan FLOP formulas, not measured)", "",
-                  "| recipe | " + " | ".join(f"instr {n}" for n in a["instr_lens"]) + " |",
-                  "|---|" + "---:|" * len(a["instr_lens"])]
+        lines += [
+            "## Paper-size shapes (analytic: tagi_ds.plan FLOP formulas, not measured)",
+            "",
+            "| recipe | " + " | ".join(f"instr {n}" for n in a["instr_lens"]) + " |",
+            "|---|" + "---:|" * len(a["instr_lens"]),
+        ]
         for name, rows in result["analytic"].items():
             lines.append(f"| {name} | " + " | ".join(f"{r['ratio']:.3f}" for r in rows) + " |")
         lines.append("")
@@ -210,29 +234,53 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     common.register_cpu_sdpa_flops()
-    result = {"benchmark": "inference_cost", "device": common.device_name(), "device_kind": common.device_kind(),
-              "device_label": common.device_label(), "date": datetime.date.today().isoformat(),
-              "versions": common.versions(), "decoding": "teacher-forced, one forward pass per batch",
-              "smoke": args.smoke, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "cpu_threads": torch.get_num_threads(), "host_load_start": common.host_load(),
-              "measured": [], "analytic": {}}
+    result = {
+        "benchmark": "inference_cost",
+        "device": common.device_name(),
+        "device_kind": common.device_kind(),
+        "device_label": common.device_label(),
+        "date": datetime.date.today().isoformat(),
+        "versions": common.versions(),
+        "decoding": "teacher-forced, one forward pass per batch",
+        "smoke": args.smoke,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cpu_threads": torch.get_num_threads(),
+        "host_load_start": common.host_load(),
+        "measured": [],
+        "analytic": {},
+    }
     for recipe in args.recipe:
         cfg = apply_overrides(get_recipe(recipe), args.overrides)
         tagi, concat = build(cfg, "tagi", args.seed), build(cfg, "concat", args.seed)
         arch, rows = cfg.model.arch, []
         for n in args.instr_lens:
             data = task_data(arch, cfg.model.vocab_size, args, n, args.seed + n)
-            fns = {"tagi": lambda: run_tagi(tagi, arch, data, args.batch_size),  # noqa: B023
-                   "concat": lambda: run_concat(concat, arch, data, args.batch_size)}  # noqa: B023
+            fns = {
+                "tagi": lambda: run_tagi(tagi, arch, data, args.batch_size),  # noqa: B023
+                "concat": lambda: run_concat(concat, arch, data, args.batch_size),  # noqa: B023
+            }
             tf, cf = counted_flops(fns["tagi"]), counted_flops(fns["concat"])
             t = timed(fns, args.reps)
             tt, ct = t["tagi"][t["tagi"]["reported"]], t["concat"][t["concat"]["reported"]]
             formula = analytic(cfg, n, args.input_len, args.output_len, args.examples, args.batch_size)
-            rows.append({"instr_len": n, "tagi_flops": tf, "concat_flops": cf, "flops_ratio": tf / cf,
-                         "formula_ratio": formula["ratio"], "tagi_ms": tt * 1e3, "concat_ms": ct * 1e3,
-                         "time_ratio": tt / ct, "timing": t})
-            print(f"{recipe} instr {n}: FLOPs x{tf / cf:.3f} (formula x{formula['ratio']:.3f}), time x{tt / ct:.3f}",
-                  file=sys.stderr, flush=True)
+            rows.append(
+                {
+                    "instr_len": n,
+                    "tagi_flops": tf,
+                    "concat_flops": cf,
+                    "flops_ratio": tf / cf,
+                    "formula_ratio": formula["ratio"],
+                    "tagi_ms": tt * 1e3,
+                    "concat_ms": ct * 1e3,
+                    "time_ratio": tt / ct,
+                    "timing": t,
+                }
+            )
+            print(
+                f"{recipe} instr {n}: FLOPs x{tf / cf:.3f} (formula x{formula['ratio']:.3f}), time x{tt / ct:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
         result["measured"].append({"recipe": recipe, "overrides": args.overrides, "rows": rows})
         tagi = concat = None
         common.release_memory()
@@ -240,9 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_analytic:
         for name in ANALYTIC_RECIPES:
             cfg = get_recipe(name)
-            result["analytic"][name] = [{"instr_len": n, **analytic(cfg, n, args.input_len, args.output_len,
-                                                                   args.examples, args.batch_size)}
-                                        for n in args.instr_lens]
+            result["analytic"][name] = [
+                {"instr_len": n, **analytic(cfg, n, args.input_len, args.output_len, args.examples, args.batch_size)}
+                for n in args.instr_lens
+            ]
     table = to_markdown(result)
     common.emit(args, "inference_cost", result, table)
     return result

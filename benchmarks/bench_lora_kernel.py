@@ -107,19 +107,25 @@ def pad16(r: int) -> int:
 
 def floors_markdown(grid: dict) -> str:
     T = grid["tokens"]
-    lines = [f"Computed floors, T={T}, bf16, H100 ceilings ({COPY_BYTES_PER_S / 1e12:.1f} TB/s copy, "
-             f"{MATMUL_FLOPS_PER_S / 1e12:.0f} TFLOP/s bf16 matmul): base = FLOPs of x W^T and dY W; each LoRA "
-             "path = its bytes; x = (base + path) / base.", "",
-             "| d | r | tasks | base ms | LoRA FLOPs us | ideal us (x) | linear us (x) | add_ us (x) | delta us (x) "
-             "| fused us (x) | fused_split us (x) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Computed floors, T={T}, bf16, H100 ceilings ({COPY_BYTES_PER_S / 1e12:.1f} TB/s copy, "
+        f"{MATMUL_FLOPS_PER_S / 1e12:.0f} TFLOP/s bf16 matmul): base = FLOPs of x W^T and dY W; each LoRA "
+        "path = its bytes; x = (base + path) / base.",
+        "",
+        "| d | r | tasks | base ms | LoRA FLOPs us | ideal us (x) | linear us (x) | add_ us (x) | delta us (x) "
+        "| fused us (x) | fused_split us (x) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for d in grid["d"]:
         for r in grid["r"]:
             for S in grid["tasks"]:
                 f = floors(T, d, r, S)
                 cells = [f"{f[f'{p}_ms'] * 1e3:.0f} ({1 + f[f'{p}_ms'] / f['base_ms']:.3f})" for p in PASSES]
-                lines.append(f"| {d} | {r} | {S} | {f['base_ms']:.3f} | {f['lora_flops_ms'] * 1e3:.1f} | "
-                             + " | ".join(cells) + " |")
+                lines.append(
+                    f"| {d} | {r} | {S} | {f['base_ms']:.3f} | {f['lora_flops_ms'] * 1e3:.1f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -179,20 +185,26 @@ def loop_delta(bounds: list[int]) -> Callable:
 
 def case_forward(name: str, offs: torch.Tensor, bounds: list[int], scale: float) -> Callable:
     """``forward(inputs) -> y`` of one case; ``inputs`` holds x, W, A, B (x, A, B require grad)."""
-    deltas = {"loop": loop_delta(bounds), "torch": ops.lora_delta_torch,
-              "triton": lambda x, A, B, o, s: ops.lora_delta(x, A, B, o, s, impl="triton", check_offsets=False)}
+    deltas = {
+        "loop": loop_delta(bounds),
+        "torch": ops.lora_delta_torch,
+        "triton": lambda x, A, B, o, s: ops.lora_delta(x, A, B, o, s, impl="triton", check_offsets=False),
+    }
     if name == "base":
         return lambda i: F.linear(i["x"], i["W"])
     if name == "triton_add":
-        return lambda i: ops.lora_delta_add_(F.linear(i["x"], i["W"]), i["x"], i["A"], i["B"], offs, scale,
-                                             impl="triton", check_offsets=False)
+        return lambda i: ops.lora_delta_add_(
+            F.linear(i["x"], i["W"]), i["x"], i["A"], i["B"], offs, scale, impl="triton", check_offsets=False
+        )
     if name == "triton_linear":
-        return lambda i: ops.lora_linear(i["x"], i["W"], None, i["A"], i["B"], offs, scale, impl="triton",
-                                         check_offsets=False)
+        return lambda i: ops.lora_linear(
+            i["x"], i["W"], None, i["A"], i["B"], offs, scale, impl="triton", check_offsets=False
+        )
     if name in ("fused", "fused_split"):
         shrink = "fused" if name == "fused" else "split"
-        return lambda i: ops.lora_linear_fused(i["x"], i["W"], None, i["A"], i["B"], offs, scale, impl="triton",
-                                               check_offsets=False, shrink=shrink)
+        return lambda i: ops.lora_linear_fused(
+            i["x"], i["W"], None, i["A"], i["B"], offs, scale, impl="triton", check_offsets=False, shrink=shrink
+        )
     return lambda i: F.linear(i["x"], i["W"]) + deltas[name](i["x"], i["A"], i["B"], offs, scale)
 
 
@@ -206,9 +218,13 @@ def make_inputs(d: int, r: int, tasks: int, tokens: int, dtype, gen: torch.Gener
     def randn(*shape, std=1.0):
         return (torch.randn(*shape, generator=gen, device=gen.device) * std).to(dtype)
 
-    return {"x": randn(tokens, d).requires_grad_(), "W": randn(d, d, std=d**-0.5),  # W: the frozen base weight
-            "A": randn(tasks, r, d, std=d**-0.5).requires_grad_(),
-            "B": randn(tasks, d, r, std=r**-0.5).requires_grad_(), "dy": randn(tokens, d)}
+    return {
+        "x": randn(tokens, d).requires_grad_(),
+        "W": randn(d, d, std=d**-0.5),  # W: the frozen base weight
+        "A": randn(tasks, r, d, std=d**-0.5).requires_grad_(),
+        "B": randn(tasks, d, r, std=r**-0.5).requires_grad_(),
+        "dy": randn(tokens, d),
+    }
 
 
 class Harness:
@@ -278,8 +294,12 @@ def float64_truth(inputs: dict, bounds: list[int], scale: float) -> list[torch.T
 
 def rel_errs(got: list[torch.Tensor], truth: list[torch.Tensor]) -> list[float]:
     """Per output (y, dx, dA, dB): max abs error over max abs truth; NaN for an output with a non-finite value."""
-    return [math.nan if not torch.isfinite(g).all() else
-            float((g.double() - t).abs().max() / t.abs().max().clamp_min(1e-30)) for g, t in zip(got, truth)]
+    return [
+        math.nan
+        if not torch.isfinite(g).all()
+        else float((g.double() - t).abs().max() / t.abs().max().clamp_min(1e-30))
+        for g, t in zip(got, truth)
+    ]
 
 
 def worst(errs: list[float]) -> float:
@@ -333,8 +353,13 @@ def bench_point(d: int, r: int, tasks: int, args, harness: Harness) -> dict:
     offs_dev, bounds = offs.to(dev), offs.tolist()
     shapes = [(args.tokens, d), (args.tokens, d), (tasks, r, d), (tasks, d, r)]  # y, dx, dA, dB
     last, truth = sets[(args.reps - 1) % n_sets], None  # the inputs of the last repetition, whose outputs are checked
-    row = {"d": d, "r": r, "tasks": tasks, "segment_lengths_max": int((offs[1:] - offs[:-1]).max()),
-           "input_sets": n_sets}
+    row = {
+        "d": d,
+        "r": r,
+        "tasks": tasks,
+        "segment_lengths_max": int((offs[1:] - offs[:-1]).max()),
+        "input_sets": n_sets,
+    }
     if args.triton_mode != "skipped":
         reset_autotuners()
     for name in CASES:
@@ -343,8 +368,9 @@ def bench_point(d: int, r: int, tasks: int, args, harness: Harness) -> dict:
             row.update({f"{name}_err_{p}": None for p in ERR_PARTS})
             continue
         fwd = case_forward(name, offs_dev, bounds, args.scale)
-        ms, host_ms, (y, grads) = harness.run(fwd, lambda y, i, n=name: torch.autograd.grad(y, wrt(n, i), i["dy"]),
-                                              sets, shapes, dtype)
+        ms, host_ms, (y, grads) = harness.run(
+            fwd, lambda y, i, n=name: torch.autograd.grad(y, wrt(n, i), i["dy"]), sets, shapes, dtype
+        )
         row[f"{name}_ms"], row[f"{name}_host_ms"] = ms, host_ms
         if name != "base":
             truth = truth or float64_truth(last, bounds, args.scale)
@@ -399,8 +425,9 @@ def to_markdown(result: dict) -> str:
         best = row["best_triton_ms"]
         all_errs = [row[f"{c}_err"] for c in TRITON_CASES if row[f"{c}_err"] is not None]
         err = max(all_errs, key=lambda e: math.inf if math.isnan(e) else e) if all_errs else None
-        fastest = min((c for c in TRITON_CASES if row[f"{c}_ms"] is not None), key=lambda c: row[f"{c}_ms"],
-                      default=None)
+        fastest = min(
+            (c for c in TRITON_CASES if row[f"{c}_ms"] is not None), key=lambda c: row[f"{c}_ms"], default=None
+        )
         lines.append(
             f"| {row['d']} | {row['r']} | {row['tasks']} | {row['base_ms']:.3f} | {ratio(row, 'loop')} | "
             f"{ratio(row, 'torch')} | {ratio(row, 'triton')} | {ratio(row, 'triton_add')} | "
@@ -409,7 +436,8 @@ def to_markdown(result: dict) -> str:
             f"{fmt(row['loop_ms'] / best if best and row['loop_ms'] else None, '.1f')} | "
             f"{fmt(row['torch_ms'] / best if best and row['torch_ms'] else None, '.1f')} | {fmt(err, '.1e')} | "
             f"{errs(row, 'fused')} | {errs(row, 'fused_split')} | {fmt(row['torch_err'], '.1e')} | "
-            f"{fmt(row[f'{fastest}_host_ms'] if fastest else None, '.3f')} |")
+            f"{fmt(row[f'{fastest}_host_ms'] if fastest else None, '.3f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -442,8 +470,11 @@ def main(argv: list[str] | None = None) -> dict:
         "triton": triton_version,
         "triton_mode": args.triton_mode,
         "tune": os.environ.get("TAGI_KERNELS_TUNE", "full"),
-        "autotune": (f"caches reset before every point ({os.environ.get('TAGI_KERNELS_TUNE', 'full')} space)"
-                     if args.triton_mode != "skipped" else "n/a"),
+        "autotune": (
+            f"caches reset before every point ({os.environ.get('TAGI_KERNELS_TUNE', 'full')} space)"
+            if args.triton_mode != "skipped"
+            else "n/a"
+        ),
         "dtype": args.dtype,
         "tokens": args.tokens,
         "scale": args.scale,
@@ -453,21 +484,33 @@ def main(argv: list[str] | None = None) -> dict:
         "copy_TBps": args.copy_bps / 1e12,
         "matmul_TFLOPs_assumed": MATMUL_FLOPS_PER_S / 1e12,
         "reps": args.reps,
-        "timer": (f"CUDA events, fwd + bwd each behind a GPU sleep, L2 flushed, median of {args.reps}" if gpu
-                  else f"perf_counter median of {args.reps}"),
+        "timer": (
+            f"CUDA events, fwd + bwd each behind a GPU sleep, L2 flushed, median of {args.reps}"
+            if gpu
+            else f"perf_counter median of {args.reps}"
+        ),
         "complete": False,
         "rows": rows,
     }
     points = [(d, r, tasks) for d in args.d for r in args.r for tasks in args.tasks]
     for n, (d, r, tasks) in enumerate(points, 1):
         rows.append(bench_point(d, r, tasks, args, harness))
-        print(f"d={d} r={r} tasks={tasks}: " + ", ".join(
-            f"{c} {rows[-1][f'{c}_ms']:.3f} ms" for c in CASES if rows[-1][f"{c}_ms"] is not None),
-            file=sys.stderr, flush=True)
+        print(
+            f"d={d} r={r} tasks={tasks}: "
+            + ", ".join(f"{c} {rows[-1][f'{c}_ms']:.3f} ms" for c in CASES if rows[-1][f"{c}_ms"] is not None),
+            file=sys.stderr,
+            flush=True,
+        )
         result["complete"] = n == len(points)
         if not args.no_save and not result["complete"]:  # partial results after every point (a timeout keeps them)
-            common.save_results(args.out_dir, common.result_name("lora_kernel", args.tag), result,
-                                to_markdown(result), device=args.device, quiet=True)
+            common.save_results(
+                args.out_dir,
+                common.result_name("lora_kernel", args.tag),
+                result,
+                to_markdown(result),
+                device=args.device,
+                quiet=True,
+            )
     common.emit(args, "lora_kernel", result, to_markdown(result), device=args.device)
     return result
 

@@ -45,8 +45,10 @@ from tagi_ds.recipes import get_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SERVE_RECIPES = ["t5-xl", "llama-7b"]
-WORDS = ("apple river stone green quick table window seven bright music horse paper silver garden cloud tiger "
-         "yellow bread candle mirror ocean pencil rabbit summer winter orange planet forest castle engine").split()
+WORDS = (
+    "apple river stone green quick table window seven bright music horse paper silver garden cloud tiger "
+    "yellow bread candle mirror ocean pencil rabbit summer winter orange planet forest castle engine"
+).split()
 START_S = 1800  # hang guard for a server to come up (a 7B random init on the host takes minutes)
 
 
@@ -82,9 +84,14 @@ def parse_args(argv):
 def config(recipe: str, args):
     """The recipe with budgets that hold the whole instruction and input, in either variant."""
     cfg = get_recipe(recipe)
-    return apply_overrides(cfg, [f"data.max_instruction_length={args.instr_len + 8}",
-                                 f"data.max_source_length={args.instr_len + args.input_len + 64}",
-                                 *args.overrides])
+    return apply_overrides(
+        cfg,
+        [
+            f"data.max_instruction_length={args.instr_len + 8}",
+            f"data.max_source_length={args.instr_len + args.input_len + 64}",
+            *args.overrides,
+        ],
+    )
 
 
 def write_hypernet(cfg, path: Path) -> Path:
@@ -106,8 +113,9 @@ def write_hypernet(cfg, path: Path) -> Path:
     d = getattr(model.backbone.config, families.get(cfg.model.arch).shape["d_model"])  # as build_model reads it
     generator = Generator(d, model.sites, cfg.hypernet, fusion=fuses(cfg))
     path.mkdir(parents=True)
-    save_file({k: v.float().contiguous() for k, v in generator.state_dict().items()},
-              str(path / "generator.safetensors"))
+    save_file(
+        {k: v.float().contiguous() for k, v in generator.state_dict().items()}, str(path / "generator.safetensors")
+    )
     meta = {"tagi": cfg.to_dict(), "sites": [dataclasses.asdict(s) for s in model.sites]}
     (path / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return path
@@ -132,11 +140,28 @@ class Server:
         env.pop("TRITON_INTERPRET", None)
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
-        cmd = [sys.executable, "-m", "tagi_ds.serve", "--hypernet", str(hypernet), "--port", str(self.port),
-               "--mode", mode, "--max_batch", str(args.max_batch), "--batch_window_ms", str(args.batch_window_ms),
-               "--max_tokens", str(args.output_len), "--max_request_bytes", str(1 << 24)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tagi_ds.serve",
+            "--hypernet",
+            str(hypernet),
+            "--port",
+            str(self.port),
+            "--mode",
+            mode,
+            "--max_batch",
+            str(args.max_batch),
+            "--batch_window_ms",
+            str(args.batch_window_ms),
+            "--max_tokens",
+            str(args.output_len),
+            "--max_request_bytes",
+            str(1 << 24),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.log = log
         deadline = time.monotonic() + START_S
         while time.monotonic() < deadline:
@@ -153,12 +178,14 @@ class Server:
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3600)
         try:
-            conn.request(method, path, json.dumps(body) if body is not None else None,
-                         {"content-type": "application/json"})
+            conn.request(
+                method, path, json.dumps(body) if body is not None else None, {"content-type": "application/json"}
+            )
             r = conn.getresponse()
             raw = r.read().decode()
-            return r.status, (json.loads(raw) if r.headers.get("content-type", "").startswith("application/json")
-                              else raw)
+            return r.status, (
+                json.loads(raw) if r.headers.get("content-type", "").startswith("application/json") else raw
+            )
         finally:
             conn.close()
 
@@ -212,10 +239,15 @@ def load_point(server: Server, bodies: list[dict], clients: int) -> dict:
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0][:300]}")
-    return {"wall_s": wall, "requests_per_s": len(bodies) / wall, "tokens_per_s": sum(tokens) / wall,
-            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
-            "completion_tokens": sum(tokens),
-            "adapters_generated": server.metric("adapter_generations_total") - generations}
+    return {
+        "wall_s": wall,
+        "requests_per_s": len(bodies) / wall,
+        "tokens_per_s": sum(tokens) / wall,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "completion_tokens": sum(tokens),
+        "adapters_generated": server.metric("adapter_generations_total") - generations,
+    }
 
 
 def first_token(server: Server, bodies: list[dict]) -> float:
@@ -233,30 +265,50 @@ def first_token(server: Server, bodies: list[dict]) -> float:
 
 
 def table(result: dict) -> str:
-    lines = common.md_head("Serving: TAGI vs concat", result,
-                           "CPU numbers check the harness and compare variants on this host; they are not GPU "
-                           "numbers.")
+    lines = common.md_head(
+        "Serving: TAGI vs concat",
+        result,
+        "CPU numbers check the harness and compare variants on this host; they are not GPU numbers.",
+    )
     a = result["args"]
-    lines += [f"{a['requests']} requests per point from {a['clients']} clients; instructions of {a['instr_len']} "
-              f"tokens, inputs of {a['input_len']}, {a['output_len']} generated tokens each; max_batch "
-              f"{a['max_batch']}, window {a['batch_window_ms']} ms. Host load at the start: {result['host_load']}.", "",
-              "| recipe | distinct | mode | requests/s | tokens/s | p50 ms | p99 ms | adapters generated | "
-              "tagi / concat requests/s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"{a['requests']} requests per point from {a['clients']} clients; instructions of {a['instr_len']} "
+        f"tokens, inputs of {a['input_len']}, {a['output_len']} generated tokens each; max_batch "
+        f"{a['max_batch']}, window {a['batch_window_ms']} ms. Host load at the start: {result['host_load']}.",
+        "",
+        "| recipe | distinct | mode | requests/s | tokens/s | p50 ms | p99 ms | adapters generated | "
+        "tagi / concat requests/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in result["points"]:
-        twin = next((q for q in result["points"] if q["recipe"] == p["recipe"] and q["distinct"] == p["distinct"]
-                     and q["mode"] == "concat"), None)
+        twin = next(
+            (
+                q
+                for q in result["points"]
+                if q["recipe"] == p["recipe"] and q["distinct"] == p["distinct"] and q["mode"] == "concat"
+            ),
+            None,
+        )
         ratio = f"{p['requests_per_s'] / twin['requests_per_s']:.2f}x" if twin and p["mode"] == "tagi" else ""
-        lines.append(f"| {p['recipe']} | {p['distinct']} | {p['mode']} | {p['requests_per_s']:.2f} | "
-                     f"{p['tokens_per_s']:.1f} | {p['p50_ms']:.0f} | {p['p99_ms']:.0f} | "
-                     f"{p['adapters_generated']:.0f} | {ratio} |")
+        lines.append(
+            f"| {p['recipe']} | {p['distinct']} | {p['mode']} | {p['requests_per_s']:.2f} | "
+            f"{p['tokens_per_s']:.1f} | {p['p50_ms']:.0f} | {p['p99_ms']:.0f} | "
+            f"{p['adapters_generated']:.0f} | {ratio} |"
+        )
     if result["first_token"]:
-        lines += ["", "First-token latency, one request at a time (max_tokens=1: prefill + one token, HTTP included; "
-                  "median ms):", "", "| recipe | tagi, unseen instruction | tagi, cached | concat | unseen - cached |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "First-token latency, one request at a time (max_tokens=1: prefill + one token, HTTP included; median ms):",
+            "",
+            "| recipe | tagi, unseen instruction | tagi, cached | concat | unseen - cached |",
+            "|---|---|---|---|---|",
+        ]
         for recipe, f in result["first_token"].items():
             got = {k: f.get(k, float("nan")) for k in ("tagi_unseen_ms", "tagi_cached_ms", "concat_ms")}
-            lines.append(f"| {recipe} | {got['tagi_unseen_ms']:.1f} | {got['tagi_cached_ms']:.1f} | "
-                         f"{got['concat_ms']:.1f} | {got['tagi_unseen_ms'] - got['tagi_cached_ms']:.1f} |")
+            lines.append(
+                f"| {recipe} | {got['tagi_unseen_ms']:.1f} | {got['tagi_cached_ms']:.1f} | "
+                f"{got['concat_ms']:.1f} | {got['tagi_unseen_ms'] - got['tagi_cached_ms']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -272,10 +324,17 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from tagi_ds import data
 
-    result = {"name": "serve", "date": datetime.date.today().isoformat(), "device_kind": common.device_kind(),
-              "device_label": common.device_label(), "versions": common.versions(), "host_load": common.host_load(),
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "points": [],
-              "first_token": {}}
+    result = {
+        "name": "serve",
+        "date": datetime.date.today().isoformat(),
+        "device_kind": common.device_kind(),
+        "device_label": common.device_label(),
+        "versions": common.versions(),
+        "host_load": common.host_load(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "points": [],
+        "first_token": {},
+    }
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         for recipe in args.recipe:
@@ -288,19 +347,41 @@ def main(argv=None) -> None:
                 try:
                     for d in args.distinct:
                         # fresh instructions per point: tagi pays each one's adapter within the point
-                        instructions = [text_of(tok, rng, args.instr_len, f"task {recipe} {mode} {d} {k}:")
-                                        for k in range(d)]
-                        bodies = [{"instruction": instructions[i % d], "prompt": inputs[i],
-                                   "max_tokens": args.output_len, "ignore_eos": True} for i in range(args.requests)]
-                        point = {"recipe": recipe, "mode": mode, "distinct": d, **load_point(server, bodies,
-                                                                                              args.clients)}
+                        instructions = [
+                            text_of(tok, rng, args.instr_len, f"task {recipe} {mode} {d} {k}:") for k in range(d)
+                        ]
+                        bodies = [
+                            {
+                                "instruction": instructions[i % d],
+                                "prompt": inputs[i],
+                                "max_tokens": args.output_len,
+                                "ignore_eos": True,
+                            }
+                            for i in range(args.requests)
+                        ]
+                        point = {
+                            "recipe": recipe,
+                            "mode": mode,
+                            "distinct": d,
+                            **load_point(server, bodies, args.clients),
+                        }
                         result["points"].append(point)
-                        print(f"{recipe} {mode} distinct={d}: {point['requests_per_s']:.2f} req/s, "
-                              f"{point['tokens_per_s']:.1f} tok/s, p50 {point['p50_ms']:.0f} ms, p99 "
-                              f"{point['p99_ms']:.0f} ms", file=sys.stderr, flush=True)
+                        print(
+                            f"{recipe} {mode} distinct={d}: {point['requests_per_s']:.2f} req/s, "
+                            f"{point['tokens_per_s']:.1f} tok/s, p50 {point['p50_ms']:.0f} ms, p99 "
+                            f"{point['p99_ms']:.0f} ms",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         save_point(args, result)
-                    fresh = [{"instruction": text_of(tok, rng, args.instr_len, f"unseen {recipe} {k}:"),
-                              "prompt": inputs[k % len(inputs)], "ignore_eos": True} for k in range(args.ttft_reps)]
+                    fresh = [
+                        {
+                            "instruction": text_of(tok, rng, args.instr_len, f"unseen {recipe} {k}:"),
+                            "prompt": inputs[k % len(inputs)],
+                            "ignore_eos": True,
+                        }
+                        for k in range(args.ttft_reps)
+                    ]
                     f = result["first_token"].setdefault(recipe, {})
                     if mode == "tagi":
                         f["tagi_unseen_ms"] = first_token(server, fresh)

@@ -77,8 +77,11 @@ PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # bf16 dense tensor
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_recipe_args(p, "tiny recipe at tiny shapes, 1 step: checks the harness",
-                           "config overrides for every recipe (sizes: model.d_model=..., model.num_layers=...)")
+    common.add_recipe_args(
+        p,
+        "tiny recipe at tiny shapes, 1 step: checks the harness",
+        "config overrides for every recipe (sizes: model.d_model=..., model.num_layers=...)",
+    )
     p.add_argument("--micro_batch", type=int, help="examples per step (default: GPU 4, CPU 8)")
     p.add_argument("--tasks", type=int, default=2, help="tasks per micro-batch")
     p.add_argument("--seq_len", type=int, help="input tokens (default: the recipe's data.max_source_length)")
@@ -89,11 +92,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     p.add_argument("--no_checkpointing_table", action="store_true", help="skip the gradient checkpointing cases")
     p.add_argument("--steps", type=int, help="timed steps (GPU: median, CPU: min; default GPU 10, CPU 3)")
-    p.add_argument("--warmup", type=int, help="untimed steps first, >= 1: the first records which adapter op "
-                   "runs (default GPU 3, CPU 1)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        help="untimed steps first, >= 1: the first records which adapter op runs (default GPU 3, CPU 1)",
+    )
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (default: known GPUs; none on CPU)")
-    p.add_argument("--deepspeed", type=Path, help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, as a "
-                   "run uses: z3.json, z3_tiny.json for the tiny recipes)")
+    p.add_argument(
+        "--deepspeed",
+        type=Path,
+        help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, as a "
+        "run uses: z3.json, z3_tiny.json for the tiny recipes)",
+    )
     common.add_case_args(p)
     common.add_run_args(p)
     a, gpu = common.parse_run_args(p, argv)
@@ -104,8 +114,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.warmup is not None and a.warmup < 1:
         p.error(f"--warmup must be >= 1 (its first step records the adapter op), got {a.warmup}")
     if a.smoke:
-        a.micro_batch, a.seq_len, a.target_len, a.instr_len = a.micro_batch or 4, a.seq_len or 32, \
-            a.target_len or 8, a.instr_len or 32
+        a.micro_batch, a.seq_len, a.target_len, a.instr_len = (
+            a.micro_batch or 4,
+            a.seq_len or 32,
+            a.target_len or 8,
+            a.instr_len or 32,
+        )
         a.steps, a.warmup = a.steps or 1, a.warmup if a.warmup is not None else 1
     a.micro_batch = a.micro_batch or (4 if gpu else 8)
     a.steps = a.steps or (10 if gpu else 3)
@@ -141,8 +155,7 @@ class PeftLora(nn.Module):
         from tagi_ds.losses import target_rows, token_losses
 
         # The same chunked LM head + CE as the lora case, so that the two differ in the adapters only.
-        x, head = self.arch.head_inputs(self.peft.base_model.model, batch.input_ids, batch.attention_mask,
-                                        batch.labels)
+        x, head = self.arch.head_inputs(self.peft.base_model.model, batch.input_ids, batch.attention_mask, batch.labels)
         loss, _ = token_losses(head, *target_rows(x, batch.labels, self.causal), chunk=self.chunk)
         return loss, {"ce": loss}
 
@@ -156,8 +169,13 @@ def ds_config(engine: str, recipe: str, z3_json: Path | None = None) -> dict:
     from tagi_ds.runtime.engine import DEFAULT_DS_CONFIG, default_ds_config, load_ds_json
 
     folder = DEFAULT_DS_CONFIG.parent
-    ds = load_ds_json(folder / "z2.json" if engine == "z2" else folder / "z3_offload.json" if engine == "z3+offload"
-                      else z3_json or default_ds_config(recipe))
+    ds = load_ds_json(
+        folder / "z2.json"
+        if engine == "z2"
+        else folder / "z3_offload.json"
+        if engine == "z3+offload"
+        else z3_json or default_ds_config(recipe)
+    )
     zero = ds["zero_optimization"]
     if engine == "z3+offload_opt":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -195,8 +213,9 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: P
     def make(backbone):
         if variant == "peft":
             return PeftLora(cfg, backbone)
-        return build_model(cfg, "finetune", backbone, num_bank_rows=rows, with_teacher=variant == "tagi",
-                           teacher_init="empty")  # its values do not change the step's time
+        return build_model(
+            cfg, "finetune", backbone, num_bank_rows=rows, with_teacher=variant == "tagi", teacher_init="empty"
+        )  # its values do not change the step's time
 
     if engine == "torch":
         dtype = torch.bfloat16 if ds_engine.precision(cfg) == "bf16" else torch.float32
@@ -252,15 +271,26 @@ def case_config(args, recipe: str, variant: str, checkpointing: bool, engine: st
 
 
 def shapes_for(args, cfg: TagiConfig) -> plan.Shapes:
-    return plan.Shapes(args.micro_batch, args.tasks, args.seq_len or cfg.data.max_source_length,
-                       args.target_len or cfg.data.max_target_length, args.instr_len or cfg.data.max_instruction_length)
+    return plan.Shapes(
+        args.micro_batch,
+        args.tasks,
+        args.seq_len or cfg.data.max_source_length,
+        args.target_len or cfg.data.max_target_length,
+        args.instr_len or cfg.data.max_instruction_length,
+    )
 
 
 def case_flops(args, cfg: TagiConfig, variant: str, checkpointing: bool) -> dict[str, float]:
     """The planner's FLOPs of one step of ``variant``: the teacher terms only in ``tagi``."""
     teacher = variant == "tagi"
-    return plan.step_flops(plan.count(cfg, args.teacher_rows), shapes_for(args, cfg),
-                           FLOP_VARIANT.get(variant, variant), checkpointing, kl=teacher, param_mse=teacher)
+    return plan.step_flops(
+        plan.count(cfg, args.teacher_rows),
+        shapes_for(args, cfg),
+        FLOP_VARIANT.get(variant, variant),
+        checkpointing,
+        kl=teacher,
+        param_mse=teacher,
+    )
 
 
 # -- measuring one case -----------------------------------------------------------------------------------
@@ -282,8 +312,9 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
     try:
         t_build = time.perf_counter()
         model, step, cleanup = build_case(cfg, variant, engine, max(args.teacher_rows, args.tasks), args.deepspeed)
-        batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
-                                     teacher=variant == "tagi", seed=args.seed)
+        batch = plan.synthetic_batch(
+            cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode, teacher=variant == "tagi", seed=args.seed
+        )
         batch = batch.to("cuda" if gpu else "cpu")
         common.sync()
         # Model (+ teacher bank) build and engine init: each case's process pays it, so the GPU stages' per-case
@@ -325,12 +356,19 @@ def run_case(args, recipe: str, variant: str, engine: str, checkpointing: bool) 
     step_s = stats[stats["reported"]]
     row.update(step_ms_median=stats["median"] * 1e3, step_ms_min=stats["min"] * 1e3)
     tokens = s.micro_batch * (s.seq_len + s.target_len)
-    row.update(step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, tflops=flops["model"] / step_s / 1e12,
-               hw_tflops=flops["hardware"] / step_s / 1e12,
-               mfu=(flops["model"] / step_s / 1e12 / args.peak_tflops) if args.peak_tflops else None)
-    print(f"  {recipe} {variant:6s} {engine:14s} ckpt={'on' if checkpointing else 'off'}: {row['step_ms']:.1f} ms, "
-          f"{row['tokens_per_s']:.0f} tok/s, peak {common.fmt_bytes(row['peak_bytes'])}, build {row['build_s']:.1f} s",
-          file=sys.stderr, flush=True)
+    row.update(
+        step_ms=step_s * 1e3,
+        tokens_per_s=tokens / step_s,
+        tflops=flops["model"] / step_s / 1e12,
+        hw_tflops=flops["hardware"] / step_s / 1e12,
+        mfu=(flops["model"] / step_s / 1e12 / args.peak_tflops) if args.peak_tflops else None,
+    )
+    print(
+        f"  {recipe} {variant:6s} {engine:14s} ckpt={'on' if checkpointing else 'off'}: {row['step_ms']:.1f} ms, "
+        f"{row['tokens_per_s']:.0f} tok/s, peak {common.fmt_bytes(row['peak_bytes'])}, build {row['build_s']:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
@@ -344,9 +382,19 @@ def bench_recipe(args, recipe: str, default_engine: str, on_row=None) -> dict:
     cases += [("tagi", e, False) for e in args.engines if e != default_engine]
     if not args.no_checkpointing_table:
         cases += [(v, default_engine, True) for v in ("tagi", "lora") if v in args.variants]
-    out = {"recipe": recipe, "overrides": args.overrides, "shapes": vars(s), "default_engine": default_engine,
-           "params": {"backbone": counts.backbone, "generator": counts.generator, "teacher_bank": counts.teacher,
-                      "sites": len(counts.sites)}, "rows": []}
+    out = {
+        "recipe": recipe,
+        "overrides": args.overrides,
+        "shapes": vars(s),
+        "default_engine": default_engine,
+        "params": {
+            "backbone": counts.backbone,
+            "generator": counts.generator,
+            "teacher_bank": counts.teacher,
+            "sites": len(counts.sites),
+        },
+        "rows": [],
+    }
     for variant, engine, ckpt in cases:  # each in its own process (common.run_child)
         case = {"recipe": recipe, "variant": variant, "engine": engine, "checkpointing": ckpt}
         row = common.run_child(__file__, args.argv, case, common.case_timeout(args, variant))
@@ -362,11 +410,23 @@ def bench_recipe(args, recipe: str, default_engine: str, on_row=None) -> dict:
 def add_ratios(rows: list[dict], default_engine: str) -> None:
     """The ratios of every row against the lora case on the default engine without checkpointing (None until it
     is measured)."""
-    base = next((r for r in rows if r["variant"] == "lora" and r["engine"] == default_engine
-                 and not r["checkpointing"] and r["status"] == "ok"), None)
+    base = next(
+        (
+            r
+            for r in rows
+            if r["variant"] == "lora"
+            and r["engine"] == default_engine
+            and not r["checkpointing"]
+            and r["status"] == "ok"
+        ),
+        None,
+    )
     for r in rows:
-        for key, ratio in (("tokens_per_s", "speed_vs_lora"), ("peak_bytes", "memory_vs_lora"),
-                           ("model_flops", "flops_vs_lora")):
+        for key, ratio in (
+            ("tokens_per_s", "speed_vs_lora"),
+            ("peak_bytes", "memory_vs_lora"),
+            ("model_flops", "flops_vs_lora"),
+        ):
             ok = base is not None and r["status"] == "ok" and base[key]
             r[ratio] = r[key] / base[key] if ok else None
         ok = r["flops_vs_lora"] is not None and r["speed_vs_lora"]
@@ -384,10 +444,12 @@ def deepspeed_usable() -> tuple[bool, str]:
 
 
 # -- output -----------------------------------------------------------------------------------------------
-FLOP_NOTE = ("FLOPs per step: frozen base 4N/token (fwd 2N + input-grads 2N, no weight grads) + attention "
-             "3x(4*Lk*H*dk)/token/layer + adapters 6*r*(d_in+d_out)/token/site + generator 3x fwd per task + "
-             "instruction encoding 2N_enc/instruction token + teacher forward 2N/teacher token (KL); "
-             "checkpointing recompute only in hw TFLOP/s")
+FLOP_NOTE = (
+    "FLOPs per step: frozen base 4N/token (fwd 2N + input-grads 2N, no weight grads) + attention "
+    "3x(4*Lk*H*dk)/token/layer + adapters 6*r*(d_in+d_out)/token/site + generator 3x fwd per task + "
+    "instruction encoding 2N_enc/instruction token + teacher forward 2N/teacher token (KL); "
+    "checkpointing recompute only in hw TFLOP/s"
+)
 
 
 def _ratio(row: dict, key: str) -> str:
@@ -397,30 +459,42 @@ def _ratio(row: dict, key: str) -> str:
 def to_markdown(result: dict) -> str:
     cpu = result["device_kind"] == "cpu"
     lines = common.md_head(
-        "Train step (stage 2)", result,
+        "Train step (stage 2)",
+        result,
         "**CPU results**: tiny shapes on a CPU check the harness and compare variants relative to each "
         "other; they are not GPU numbers. Memory: RSS high-water delta (sampled) and the tracked tensor "
         "peak (planner definition). DeepSpeed engines allocate their reduce bucket (z2: and all-gather "
         "bucket) up front, 5e7 elements each (ds_configs): in the tracked peak, mostly never resident in "
         f"RSS. {common.threads_text()}; host load average {result['host_load_start']} at "
-        f"the start, {result['host_load_end']} at the end (a shared host: timings are noisy).")
+        f"the start, {result['host_load_end']} at the end (a shared host: timings are noisy).",
+    )
     v = result["versions"]
-    lines += [f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}, peft {v['peft']}; "
-              f"{result['steps']} timed steps ({common.timing_stat()}) after {result['warmup']} warm-up; peak for MFU: "
-              f"{result['peak_tflops'] or 'n/a'} TFLOP/s; ZeRO-3 JSON: {result.get('z3_json', 'ds_configs/z3.json')}",
-              "", FLOP_NOTE, ""]
+    lines += [
+        f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}, peft {v['peft']}; "
+        f"{result['steps']} timed steps ({common.timing_stat()}) after {result['warmup']} warm-up; peak for MFU: "
+        f"{result['peak_tflops'] or 'n/a'} TFLOP/s; ZeRO-3 JSON: {result.get('z3_json', 'ds_configs/z3.json')}",
+        "",
+        FLOP_NOTE,
+        "",
+    ]
     if result.get("partial"):
         lines += ["**Partial**: written after each finished case; the run stopped before the last one.", ""]
     for rec in result["recipes"]:
         sh = rec["shapes"]
-        lines += [f"## {rec['recipe']}{' ' + ' '.join(rec['overrides']) if rec['overrides'] else ''}", "",
-                  f"B={sh['micro_batch']} examples / K={sh['tasks']} tasks, input {sh['seq_len']}, target "
-                  f"{sh['target_len']}, instruction {sh['instr_len']}; backbone {rec['params']['backbone']:,} "
-                  f"params, generator {rec['params']['generator']:,}, teacher bank {rec['params']['teacher_bank']:,}"
-                  f"; default engine {rec['default_engine']}; ratios vs lora on {rec['default_engine']}", ""]
+        lines += [
+            f"## {rec['recipe']}{' ' + ' '.join(rec['overrides']) if rec['overrides'] else ''}",
+            "",
+            f"B={sh['micro_batch']} examples / K={sh['tasks']} tasks, input {sh['seq_len']}, target "
+            f"{sh['target_len']}, instruction {sh['instr_len']}; backbone {rec['params']['backbone']:,} "
+            f"params, generator {rec['params']['generator']:,}, teacher bank {rec['params']['teacher_bank']:,}"
+            f"; default engine {rec['default_engine']}; ratios vs lora on {rec['default_engine']}",
+            "",
+        ]
         mem = "peak RSS Δ" if cpu else "peak alloc"
-        head = (f"| case | engine | ckpt | op | step ms | tokens/s | x lora | FLOPs x lora | s/FLOP x lora | TFLOP/s "
-                f"| hw TFLOP/s | MFU | {mem} | x lora |")
+        head = (
+            f"| case | engine | ckpt | op | step ms | tokens/s | x lora | FLOPs x lora | s/FLOP x lora | TFLOP/s "
+            f"| hw TFLOP/s | MFU | {mem} | x lora |"
+        )
         if cpu:
             head += " tracked peak |"
         head += " build s |"
@@ -428,15 +502,27 @@ def to_markdown(result: dict) -> str:
         for r in rec["rows"]:
             ck = "on" if r["checkpointing"] else "off"
             if r["status"] != "ok":
-                lines.append(f"| {r['variant']} | {r['engine']} | {ck} | {r['status']} |" + " |" * (
-                    head.count("|") - 5))
+                lines.append(
+                    f"| {r['variant']} | {r['engine']} | {ck} | {r['status']} |" + " |" * (head.count("|") - 5)
+                )
                 continue
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            cells = [r["variant"], r["engine"], ck, r.get("adapter_op", "—"), f"{r['step_ms']:.1f}",
-                     f"{r['tokens_per_s']:,.0f}",
-                     _ratio(r, "speed_vs_lora"), _ratio(r, "flops_vs_lora"), _ratio(r, "time_per_flop_vs_lora"),
-                     f"{r['tflops']:.3g}", f"{r['hw_tflops']:.3g}", mfu,
-                     common.fmt_bytes(r["peak_bytes"]), _ratio(r, "memory_vs_lora")]
+            cells = [
+                r["variant"],
+                r["engine"],
+                ck,
+                r.get("adapter_op", "—"),
+                f"{r['step_ms']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                _ratio(r, "speed_vs_lora"),
+                _ratio(r, "flops_vs_lora"),
+                _ratio(r, "time_per_flop_vs_lora"),
+                f"{r['tflops']:.3g}",
+                f"{r['hw_tflops']:.3g}",
+                mfu,
+                common.fmt_bytes(r["peak_bytes"]),
+                _ratio(r, "memory_vs_lora"),
+            ]
             if cpu:
                 cells.append(common.fmt_bytes(r.get("tracked_bytes")))
             cells.append("—" if r.get("build_s") is None else f"{r['build_s']:.1f}")
@@ -468,17 +554,27 @@ def main(argv: list[str] | None = None) -> dict:
         return run_one(args)
     ds_ok, why = deepspeed_usable()
     engines = [e for e in args.engines if e == "torch" or ds_ok]
-    skipped_engines = [] if ds_ok else [f"{e}: DeepSpeed could not start ({why})" for e in args.engines
-                                        if e != "torch"]
+    skipped_engines = [] if ds_ok else [f"{e}: DeepSpeed could not start ({why})" for e in args.engines if e != "torch"]
     default_engine = "z3" if ds_ok and "z3" in args.engines else engines[0] if engines else "torch"
     args.engines = engines or ["torch"]
-    result = {"benchmark": "train_step", "device": common.device_name(), "device_kind": common.device_kind(),
-              "device_label": common.device_label(), "date": datetime.date.today().isoformat(),
-              "versions": common.versions(), "steps": args.steps, "warmup": args.warmup,
-              "peak_tflops": args.peak_tflops, "smoke": args.smoke, "flop_formula": FLOP_NOTE,
-              "skipped_engines": skipped_engines, "cpu_threads": torch.get_num_threads(),
-              "host_load_start": common.host_load(), "recipes": [],
-              "z3_json": str(args.deepspeed) if args.deepspeed else "the recipe's (z3.json; tiny: z3_tiny.json)"}
+    result = {
+        "benchmark": "train_step",
+        "device": common.device_name(),
+        "device_kind": common.device_kind(),
+        "device_label": common.device_label(),
+        "date": datetime.date.today().isoformat(),
+        "versions": common.versions(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": args.peak_tflops,
+        "smoke": args.smoke,
+        "flop_formula": FLOP_NOTE,
+        "skipped_engines": skipped_engines,
+        "cpu_threads": torch.get_num_threads(),
+        "host_load_start": common.host_load(),
+        "recipes": [],
+        "z3_json": str(args.deepspeed) if args.deepspeed else "the recipe's (z3.json; tiny: z3_tiny.json)",
+    }
 
     def table() -> str:
         md = to_markdown(result)
@@ -486,10 +582,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save_partial(rec: dict) -> None:  # finished cases on disk as they come (a GPU call can be cut short)
         if not args.no_save:
-            partial = {**result, "recipes": [*result["recipes"], rec], "host_load_end": common.host_load(),
-                       "partial": True}
-            common.save_results(args.out_dir, common.result_name("train_step", args.tag), partial,
-                                to_markdown(partial), default=_json, quiet=True)
+            partial = {
+                **result,
+                "recipes": [*result["recipes"], rec],
+                "host_load_end": common.host_load(),
+                "partial": True,
+            }
+            common.save_results(
+                args.out_dir,
+                common.result_name("train_step", args.tag),
+                partial,
+                to_markdown(partial),
+                default=_json,
+                quiet=True,
+            )
 
     for recipe in args.recipe:
         print(f"{recipe}:", file=sys.stderr, flush=True)

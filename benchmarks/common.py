@@ -71,8 +71,9 @@ def write_atomic(path: Path, text: str) -> None:
     atomic_write(path, text)
 
 
-def save_results(out_dir: Path, name: str, result: dict, table: str, device: str | None = None,
-                 default=None, quiet: bool = False) -> Path:
+def save_results(
+    out_dir: Path, name: str, result: dict, table: str, device: str | None = None, default=None, quiet: bool = False
+) -> Path:
     """``<device>_<date>_<name>.json`` (the result dict) and ``.md`` (the printed table), each atomically."""
     import json
     import sys
@@ -85,8 +86,10 @@ def save_results(out_dir: Path, name: str, result: dict, table: str, device: str
     return stem
 
 
-THREADS_HELP = ("CPU intra-op threads (default 1: on a shared host, a descheduled OpenMP thread stalls every "
-                "parallel region of the others, which swings timings by 10x)")
+THREADS_HELP = (
+    "CPU intra-op threads (default 1: on a shared host, a descheduled OpenMP thread stalls every "
+    "parallel region of the others, which swings timings by 10x)"
+)
 
 
 def add_run_args(p, out_dir: Path | None = None) -> None:
@@ -99,8 +102,12 @@ def add_run_args(p, out_dir: Path | None = None) -> None:
 def add_output_args(p, out_dir: Path | None = None) -> None:
     """--out_dir --tag --no_save."""
     p.add_argument("--out_dir", type=Path, default=out_dir or RESULTS, help="where results files go")
-    p.add_argument("--tag", type=_tag, help="appended to the results file name (<device>_<date>_<name>_<tag>), so "
-                   "that runs of one day split across calls (one recipe each) keep separate files")
+    p.add_argument(
+        "--tag",
+        type=_tag,
+        help="appended to the results file name (<device>_<date>_<name>_<tag>), so "
+        "that runs of one day split across calls (one recipe each) keep separate files",
+    )
     p.add_argument("--no_save", action="store_true", help="print the table only")
 
 
@@ -141,8 +148,12 @@ def add_recipe_args(p, smoke_help: str, set_help: str = "config overrides for ev
     from tagi_ds.cli import add_set_flag
     from tagi_ds.recipes import RECIPES
 
-    p.add_argument("--recipe", nargs="+", choices=list(RECIPES),
-                   help=f"default: GPU {' '.join(GPU_RECIPES)}, CPU {' '.join(CPU_RECIPES)}")
+    p.add_argument(
+        "--recipe",
+        nargs="+",
+        choices=list(RECIPES),
+        help=f"default: GPU {' '.join(GPU_RECIPES)}, CPU {' '.join(CPU_RECIPES)}",
+    )
     add_set_flag(p, set_help)
     p.add_argument("--smoke", action="store_true", help=smoke_help)
 
@@ -271,7 +282,8 @@ def register_cpu_sdpa_flops() -> None:
         fc.register_flop_formula(fwd)(lambda q, k, v, *args, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v))
     if bwd is not None and bwd not in fc.flop_registry:
         fc.register_flop_formula(bwd)(
-            lambda g, q, k, v, *args, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
+            lambda g, q, k, v, *args, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)
+        )
     _CPU_SDPA_REGISTERED = True
 
 
@@ -295,10 +307,15 @@ def add_case_args(p) -> None:
     """``--case_timeout`` and the hidden ``--_case`` (what a parent passes to its child)."""
     import argparse
 
-    p.add_argument("--case_timeout", nargs="+", type=_case_timeout, default=[("*", CASE_TIMEOUT)],
-                   metavar="[VARIANT=]SECONDS",
-                   help=f"seconds each case's own process may run (default {CASE_TIMEOUT}); VARIANT=SECONDS for one "
-                        "variant (e.g. lora=60 tagi=80: the check stage's plan); one past it becomes a row saying so")
+    p.add_argument(
+        "--case_timeout",
+        nargs="+",
+        type=_case_timeout,
+        default=[("*", CASE_TIMEOUT)],
+        metavar="[VARIANT=]SECONDS",
+        help=f"seconds each case's own process may run (default {CASE_TIMEOUT}); VARIANT=SECONDS for one "
+        "variant (e.g. lora=60 tagi=80: the check stage's plan); one past it becomes a row saying so",
+    )
     p.add_argument("--_case", dest="case", help=argparse.SUPPRESS)
 
 
@@ -341,8 +358,10 @@ def run_child(script: str | Path, argv: list[str], case: dict, timeout: float) -
         if rc == 0 and text:
             return json.loads(text)
         how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
-        return {"status": f"failed: the case's process died ({how}) after {time.perf_counter() - t0:.0f}s"
-                          + (" (its row was written)" if text else "")}
+        return {
+            "status": f"failed: the case's process died ({how}) after {time.perf_counter() - t0:.0f}s"
+            + (" (its row was written)" if text else "")
+        }
     finally:
         os.unlink(row_file)
 
@@ -350,8 +369,11 @@ def run_child(script: str | Path, argv: list[str], case: dict, timeout: float) -
 def _world_of_one_env() -> dict[str, str]:
     """The parent's environment without the rendezvous variables its own ``dist.init`` set: every case is a world
     of one on a free port of its own (the parent's port is still held: EADDRINUSE)."""
-    return {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
 
 
 def write_row(case: dict, row: dict) -> None:

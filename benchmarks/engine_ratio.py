@@ -78,16 +78,23 @@ def build_case(bench, cfg, variant: str, engine: str, rows: int, z3_json: Path |
 
 def build(bench, args, recipe: str, variant: str, engine: str):
     """``(step, cleanup)`` of one case, whatever the checkout's bench_train_step signatures."""
-    bargs = bench.parse_args(["--recipe", recipe, "--no_save", *(["--smoke"] if args.smoke else []),
-                              *(["--set", *args.overrides] if args.overrides else [])])
+    bargs = bench.parse_args(
+        [
+            "--recipe",
+            recipe,
+            "--no_save",
+            *(["--smoke"] if args.smoke else []),
+            *(["--set", *args.overrides] if args.overrides else []),
+        ]
+    )
     cfg = case_config(bench, bargs, recipe, variant, engine)
     from tagi_ds import plan
 
-    model, step, cleanup = build_case(bench, cfg, variant, engine, max(bargs.teacher_rows, bargs.tasks),
-                                      args.deepspeed)
+    model, step, cleanup = build_case(bench, cfg, variant, engine, max(bargs.teacher_rows, bargs.tasks), args.deepspeed)
     s = bench.shapes_for(bargs, cfg)
-    batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode, teacher=variant == "tagi",
-                                 seed=args.seed).to("cuda" if torch.cuda.is_available() else "cpu")
+    batch = plan.synthetic_batch(
+        cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode, teacher=variant == "tagi", seed=args.seed
+    ).to("cuda" if torch.cuda.is_available() else "cpu")
     return (lambda: step(batch)), cleanup, vars(s)
 
 
@@ -119,30 +126,49 @@ def measure(bench, args, recipe: str, variant: str) -> dict:
     rows = []
     for engine, ts in times.items():
         ratios = [t / b for t, b in zip(ts, times[base])]
-        rows.append({"engine": engine, "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
-                     "ratio_median": statistics.median(ratios), "ratio_of_mins": min(ts) / min(times[base])})
-        print(f"  {recipe} {variant} {engine:15s} median {rows[-1]['median_ms']:7.1f} ms, x {base} "
-              f"{rows[-1]['ratio_median']:.2f} (of mins {rows[-1]['ratio_of_mins']:.2f})", file=sys.stderr, flush=True)
+        rows.append(
+            {
+                "engine": engine,
+                "median_ms": statistics.median(ts) * 1e3,
+                "min_ms": min(ts) * 1e3,
+                "ratio_median": statistics.median(ratios),
+                "ratio_of_mins": min(ts) / min(times[base]),
+            }
+        )
+        print(
+            f"  {recipe} {variant} {engine:15s} median {rows[-1]['median_ms']:7.1f} ms, x {base} "
+            f"{rows[-1]['ratio_median']:.2f} (of mins {rows[-1]['ratio_of_mins']:.2f})",
+            file=sys.stderr,
+            flush=True,
+        )
     return {"recipe": recipe, "variant": variant, "shapes": shapes, "rows": rows}
 
 
 def to_markdown(result: dict) -> str:
     base = result["engines"][0]
     lines = common.md_head(
-        "Engine step-time ratio (interleaved)", result,
+        "Engine step-time ratio (interleaved)",
+        result,
         f"**CPU results**: tiny shapes; every round runs one step of each engine in turn, so all engines share the "
         f"host's load. {common.threads_text()}; host load average {result['host_load_start']} at the start, "
-        f"{result['host_load_end']} at the end.")
-    lines += [f"code: {result['code']}; {result['rounds']} rounds after {result['warmup']} warm-up; ZeRO-3 JSON: "
-              f"{result['z3_json']}; ratio = step time / {base}'s in the same round (median over rounds), and the "
-              "ratio of the minima", "", f"| recipe | case | engine | median ms | min ms | x {base} (median) | "
-              f"x {base} (of mins) |", "|---|---|---|---|---|---|---|"]
+        f"{result['host_load_end']} at the end.",
+    )
+    lines += [
+        f"code: {result['code']}; {result['rounds']} rounds after {result['warmup']} warm-up; ZeRO-3 JSON: "
+        f"{result['z3_json']}; ratio = step time / {base}'s in the same round (median over rounds), and the "
+        "ratio of the minima",
+        "",
+        f"| recipe | case | engine | median ms | min ms | x {base} (median) | x {base} (of mins) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in result["measurements"]:
         if m.get("status", "ok") != "ok":
             lines.append(f"| {m['recipe']} | {m['variant']} | {m['status']} | | | | |")
         for r in m["rows"]:
-            lines.append(f"| {m['recipe']} | {m['variant']} | {r['engine']} | {r['median_ms']:.1f} | "
-                         f"{r['min_ms']:.1f} | {r['ratio_median']:.2f} | {r['ratio_of_mins']:.2f} |")
+            lines.append(
+                f"| {m['recipe']} | {m['variant']} | {r['engine']} | {r['median_ms']:.1f} | "
+                f"{r['min_ms']:.1f} | {r['ratio_median']:.2f} | {r['ratio_of_mins']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -153,11 +179,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench, code = load_bench(args.code)
-    result = {"benchmark": "engine_ratio", "device": common.device_name(), "device_kind": common.device_kind(),
-              "device_label": common.device_label(), "date": datetime.date.today().isoformat(),
-              "versions": common.versions(), "code": code, "engines": args.engines, "rounds": args.rounds,
-              "warmup": args.warmup, "z3_json": str(args.deepspeed) if args.deepspeed else "the code's default",
-              "host_load_start": common.host_load(), "measurements": []}
+    result = {
+        "benchmark": "engine_ratio",
+        "device": common.device_name(),
+        "device_kind": common.device_kind(),
+        "device_label": common.device_label(),
+        "date": datetime.date.today().isoformat(),
+        "versions": common.versions(),
+        "code": code,
+        "engines": args.engines,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "z3_json": str(args.deepspeed) if args.deepspeed else "the code's default",
+        "host_load_start": common.host_load(),
+        "measurements": [],
+    }
     if args.case:  # a child: one measurement (all engines of one case, interleaved), to the parent's file
         import json
 
@@ -167,15 +203,22 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in args.variants:
             # Each measurement in its own process (common.run_child): its engines must coexist, but the next
             # measurement's must not find them (ZeRO-3 engines outlive destroy(); CUDA faults stick).
-            m = common.run_child(__file__, args.argv, {"recipe": recipe, "variant": variant},
-                                 common.case_timeout(args, variant))
+            m = common.run_child(
+                __file__, args.argv, {"recipe": recipe, "variant": variant}, common.case_timeout(args, variant)
+            )
             if m["status"] != "ok":
                 print(f"  {recipe} {variant}: {m['status']}", file=sys.stderr, flush=True)
             result["measurements"].append({"recipe": recipe, "variant": variant, "rows": [], **m})
             if not args.no_save:  # finished measurements on disk as they come
                 partial = {**result, "host_load_end": common.host_load(), "partial": True}
-                common.save_results(args.out_dir, common.result_name("engine_ratio", args.tag), partial,
-                                    to_markdown(partial), default=str, quiet=True)
+                common.save_results(
+                    args.out_dir,
+                    common.result_name("engine_ratio", args.tag),
+                    partial,
+                    to_markdown(partial),
+                    default=str,
+                    quiet=True,
+                )
     result["host_load_end"] = common.host_load()
     common.emit(args, "engine_ratio", result, to_markdown(result), default=str)
     return result

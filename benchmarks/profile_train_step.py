@@ -58,10 +58,14 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_recipe_args(p, "tiny recipe at tiny shapes, 1 profiled step: checks the harness",
-                           "config overrides (sizes: model.d_model=..., model.num_layers=...)")
-    p.add_argument("--variant", default="lora", choices=bench_train_step.VARIANTS,
-                   help="the case profiled on every engine")
+    common.add_recipe_args(
+        p,
+        "tiny recipe at tiny shapes, 1 profiled step: checks the harness",
+        "config overrides (sizes: model.d_model=..., model.num_layers=...)",
+    )
+    p.add_argument(
+        "--variant", default="lora", choices=bench_train_step.VARIANTS, help="the case profiled on every engine"
+    )
     p.add_argument("--engines", nargs="+", choices=bench_train_step.ENGINES, default=["torch", "z2", "z3"])
     p.add_argument("--micro_batch", type=int, help="examples per step (default: GPU 4, CPU 8)")
     p.add_argument("--tasks", type=int, default=2, help="tasks per micro-batch")
@@ -71,10 +75,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher_rows", type=int, default=60, help="teacher bank rows")
     p.add_argument("--steps", type=int, help="timed and profiled steps (default GPU 3, CPU 3; smoke 1)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2; smoke 1)")
-    p.add_argument("--code", type=Path, help="another tagi-ds checkout to profile (its tagi_ds first on PYTHONPATH; "
-                   "its benchmarks/bench_train_step.py builds the cases): the 'before' of a before/after")
-    p.add_argument("--deepspeed", type=Path, help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, "
-                   "as a run uses: z3.json, z3_tiny.json for the tiny recipes)")
+    p.add_argument(
+        "--code",
+        type=Path,
+        help="another tagi-ds checkout to profile (its tagi_ds first on PYTHONPATH; "
+        "its benchmarks/bench_train_step.py builds the cases): the 'before' of a before/after",
+    )
+    p.add_argument(
+        "--deepspeed",
+        type=Path,
+        help="the ZeRO-3 JSON of the z3 engines (default: the recipe's, "
+        "as a run uses: z3.json, z3_tiny.json for the tiny recipes)",
+    )
     common.add_case_args(p)
     common.add_run_args(p)
     a, _ = common.parse_run_args(p, argv)
@@ -83,8 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if v is not None and v <= 0:
             p.error(f"--{key} must be > 0, got {v}")
     if a.smoke:
-        a.micro_batch, a.seq_len, a.target_len, a.instr_len = a.micro_batch or 4, a.seq_len or 32, \
-            a.target_len or 8, a.instr_len or 32
+        a.micro_batch, a.seq_len, a.target_len, a.instr_len = (
+            a.micro_batch or 4,
+            a.seq_len or 32,
+            a.target_len or 8,
+            a.instr_len or 32,
+        )
         a.steps, a.warmup = a.steps or 1, a.warmup if a.warmup is not None else 1
     a.micro_batch = a.micro_batch or (4 if torch.cuda.is_available() else 8)
     a.steps = a.steps or 3
@@ -113,8 +129,10 @@ class ZeroCounter:
         except ImportError:
             return self
         counts = self.counts
-        gather_name, release_name = "_PartitionedParameterCoordinator__all_gather_params_", \
-            "_PartitionedParameterCoordinator__release_param"
+        gather_name, release_name = (
+            "_PartitionedParameterCoordinator__all_gather_params_",
+            "_PartitionedParameterCoordinator__release_param",
+        )
         gather, release = getattr(C, gather_name), getattr(C, release_name)
 
         def counted_gather(coord, params, forward, quantize=False):
@@ -122,8 +140,9 @@ class ZeroCounter:
             if n:
                 counts["all_gather_calls"] += 1
                 counts["params_fetched"] += n
-                counts["elements_fetched"] += sum(p.ds_numel for p in params
-                                                  if p.ds_status == ZeroParamStatus.NOT_AVAILABLE)
+                counts["elements_fetched"] += sum(
+                    p.ds_numel for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE
+                )
             return gather(coord, params, forward, quantize)
 
         def counted_release(coord, param, free_data=True):
@@ -142,7 +161,8 @@ class ZeroCounter:
 
         def counted_direct(init, param_list, async_op=False, hierarchy=None):
             counts["params_fetched_outside_coordinator"] += sum(
-                1 for p in param_list if p.ds_status == ZeroParamStatus.NOT_AVAILABLE)
+                1 for p in param_list if p.ds_status == ZeroParamStatus.NOT_AVAILABLE
+            )
             return direct(init, param_list, async_op=async_op, hierarchy=hierarchy)
 
         self._saved.append((Init, "_all_gather", direct))
@@ -254,8 +274,9 @@ def summarize_profile(prof, steps: int, wall_s: float) -> dict:
     avgs = prof.key_averages()
     out: dict = {"profiled_wall_ms_per_step": wall_s * 1e3 / steps}
     host = sorted((e for e in avgs if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
-    out["top_host"] = [{"op": e.key, "calls": e.count / steps, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps}
-                       for e in host[:TOP]]
+    out["top_host"] = [
+        {"op": e.key, "calls": e.count / steps, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps} for e in host[:TOP]
+    ]
     aten = [e for e in avgs if e.key.startswith("aten::")]
     out["aten_calls_per_step"] = sum(e.count for e in aten) / steps
     out["aten_self_cpu_share"] = sum(e.self_cpu_time_total for e in aten) / 1e6 / wall_s
@@ -263,8 +284,10 @@ def summarize_profile(prof, steps: int, wall_s: float) -> dict:
     out["sync_ops"] = {e.key: e.count / steps for e in avgs if e.key in SYNC_OPS}
     if gpu:
         dev = sorted((e for e in avgs if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
-        out["top_device"] = [{"op": e.key, "calls": e.count / steps,
-                              "device_ms": e.self_device_time_total / 1e3 / steps} for e in dev[:TOP]]
+        out["top_device"] = [
+            {"op": e.key, "calls": e.count / steps, "device_ms": e.self_device_time_total / 1e3 / steps}
+            for e in dev[:TOP]
+        ]
         kernels = [e for e in avgs if e.device_type == DeviceType.CUDA]
         copies = [e for e in kernels if e.key.startswith(COPY_PREFIXES)]
         n_copies = sum(e.count for e in copies)
@@ -290,14 +313,19 @@ def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
     cleanup = lambda: None  # noqa: E731
     try:
         t_build = time.perf_counter()
-        model, step, cleanup = engine_ratio.build_case(bench, cfg, variant, engine,
-                                                       max(args.teacher_rows, args.tasks), args.deepspeed)
-        batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode,
-                                     teacher=variant == "tagi", seed=args.seed).to(dev)
+        model, step, cleanup = engine_ratio.build_case(
+            bench, cfg, variant, engine, max(args.teacher_rows, args.tasks), args.deepspeed
+        )
+        batch = plan.synthetic_batch(
+            cfg.model.arch, s, cfg.model.vocab_size, mode=cfg.mode, teacher=variant == "tagi", seed=args.seed
+        ).to(dev)
         common.sync()
         row["build_s"] = time.perf_counter() - t_build  # the next stage budget's per-case fixed cost
-        row.update(attention=attention_of(model), backbone=placement_of(model),
-                   zero3_linear_patched=torch.nn.functional.linear.__name__ == "zero3_linear_wrap")
+        row.update(
+            attention=attention_of(model),
+            backbone=placement_of(model),
+            zero3_linear_patched=torch.nn.functional.linear.__name__ == "zero3_linear_wrap",
+        )
         for _ in range(args.warmup):
             step(batch)
         times = []
@@ -308,8 +336,9 @@ def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
             common.sync()
             times.append(time.perf_counter() - t0)
         stats = common.summarize(times)
-        row.update(step_ms=stats[stats["reported"]] * 1e3, step_ms_median=stats["median"] * 1e3,
-                   step_ms_min=stats["min"] * 1e3)
+        row.update(
+            step_ms=stats[stats["reported"]] * 1e3, step_ms_median=stats["median"] * 1e3, step_ms_min=stats["min"] * 1e3
+        )
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
@@ -329,8 +358,11 @@ def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
             step(batch)
             common.sync()
         row["adapter_op"] = ops.summary()
-        row["host_reads"] = {"total": reads.total, "on_device": reads.on_device,
-                             "sites": dict(reads.sites.most_common())}
+        row["host_reads"] = {
+            "total": reads.total,
+            "on_device": reads.on_device,
+            "sites": dict(reads.sites.most_common()),
+        }
         row["cuda_sync_warnings"] = synced[0] if synced else None
     except Exception as err:  # noqa: BLE001  (a case that cannot run here is reported, the others still run)
         row["status"] = f"skipped: {type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err) else ''}"
@@ -343,10 +375,14 @@ def profile_case(bench, args, recipe: str, variant: str, engine: str) -> dict:
             model = step = batch = None  # noqa: F841
             common.release_memory()
     z = row["zero3"]
-    print(f"  {recipe} {variant} {engine}: {row['step_ms']:.1f} ms/step, {row['aten_calls_per_step']:.0f} aten "
-          f"calls, {z.get('params_fetched', 0):.0f} ZeRO-3 fetches, {z.get('params_released', 0):.0f} releases, "
-          f"{row['host_reads']['total']} host reads per step; build {row['build_s']:.1f} s, summary "
-          f"{row['summary_s']:.1f} s", file=sys.stderr, flush=True)
+    print(
+        f"  {recipe} {variant} {engine}: {row['step_ms']:.1f} ms/step, {row['aten_calls_per_step']:.0f} aten "
+        f"calls, {z.get('params_fetched', 0):.0f} ZeRO-3 fetches, {z.get('params_released', 0):.0f} releases, "
+        f"{row['host_reads']['total']} host reads per step; build {row['build_s']:.1f} s, summary "
+        f"{row['summary_s']:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
@@ -358,21 +394,29 @@ def _f(v, fmt: str = "{:.1f}") -> str:
 def to_markdown(result: dict) -> str:
     cpu = result["device_kind"] == "cpu"
     lines = common.md_head(
-        "Train step profile", result,
+        "Train step profile",
+        result,
         "**CPU results**: tiny shapes on a CPU; they show host-side work (Python, hooks, op dispatch) and the "
         "ZeRO-3 and host-read counts, which do not depend on the device; device busy fraction and kernel launches "
         f"need a GPU (n/a here). {common.threads_text()}; host load average {result['host_load_start']} at the "
-        f"start, {result['host_load_end']} at the end (a shared host: timings are noisy).")
+        f"start, {result['host_load_end']} at the end (a shared host: timings are noisy).",
+    )
     v = result["versions"]
-    lines += [f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}; case "
-              f"{result['variant']}; {result['steps']} profiled steps after {result['warmup']} warm-up; step ms "
-              f"without the profiler ({common.timing_stat()}); \"x torch\": step time over the torch engine's; "
-              f"ZeRO-3 JSON: {result['z3_json']}; code: {result.get('code', 'this checkout')}.", ""]
+    lines += [
+        f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}; case "
+        f"{result['variant']}; {result['steps']} profiled steps after {result['warmup']} warm-up; step ms "
+        f'without the profiler ({common.timing_stat()}); "x torch": step time over the torch engine\'s; '
+        f"ZeRO-3 JSON: {result['z3_json']}; code: {result.get('code', 'this checkout')}.",
+        "",
+    ]
     if result.get("partial"):
         lines += ["**Partial**: written after each finished engine; the run stopped before the last one.", ""]
     if cpu:
-        lines += ["Device busy: n/a on a CPU. \"aten share of wall\": self CPU time inside aten ops / step wall time "
-                  "under the profiler; the rest is Python (modules, hooks, autograd functions, optimizer).", ""]
+        lines += [
+            'Device busy: n/a on a CPU. "aten share of wall": self CPU time inside aten ops / step wall time '
+            "under the profiler; the rest is Python (modules, hooks, autograd functions, optimizer).",
+            "",
+        ]
     for rec in result["recipes"]:
         lines += _recipe_markdown(rec)
     return "\n".join(lines) + "\n"
@@ -380,12 +424,18 @@ def to_markdown(result: dict) -> str:
 
 def _recipe_markdown(rec: dict) -> list[str]:
     sh = rec["shapes"]
-    lines = [f"## {rec['recipe']}{' ' + ' '.join(rec['overrides']) if rec['overrides'] else ''}", "",
-             f"B={sh['micro_batch']} / K={sh['tasks']}, input {sh['seq_len']}, target {sh['target_len']}, "
-             f"instruction {sh['instr_len']}", ""]
-    head = ("| engine | backbone | attention | op | step ms | x torch | device busy | kernels/step | aten calls/step | "
-            "aten share of wall | ZeRO-3 fetched/step | all-gathers/step | released/step | host reads/step | "
-            "sync ops/step | build s | summary s |")
+    lines = [
+        f"## {rec['recipe']}{' ' + ' '.join(rec['overrides']) if rec['overrides'] else ''}",
+        "",
+        f"B={sh['micro_batch']} / K={sh['tasks']}, input {sh['seq_len']}, target {sh['target_len']}, "
+        f"instruction {sh['instr_len']}",
+        "",
+    ]
+    head = (
+        "| engine | backbone | attention | op | step ms | x torch | device busy | kernels/step | aten calls/step | "
+        "aten share of wall | ZeRO-3 fetched/step | all-gathers/step | released/step | host reads/step | "
+        "sync ops/step | build s | summary s |"
+    )
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     ok = [r for r in rec["rows"] if r["status"] == "ok"]
     base = next((r for r in ok if r["engine"] == "torch"), None)
@@ -395,24 +445,31 @@ def _recipe_markdown(rec: dict) -> list[str]:
             continue
         z = r["zero3"]
         busy = None if r["device_busy"] is None else 100 * r["device_busy"]
-        hr = f"{r['host_reads']['total']}" + (f" ({r['cuda_sync_warnings']} sync warnings)"
-                                              if r["cuda_sync_warnings"] is not None else "")
-        lines.append(f"| {r['engine']} | {r['backbone']} | {r['attention']} | {r.get('adapter_op', '—')} | "
-                     f"{r['step_ms']:.1f} | "
-                     f"{_f(r['step_ms'] / base['step_ms'] if base else None, '{:.2f}')} | {_f(busy, '{:.1f}%')} | "
-                     f"{_f(r['kernel_launches_per_step'], '{:.0f}')} | {r['aten_calls_per_step']:.0f} | "
-                     f"{100 * r['aten_self_cpu_share']:.0f}% | "
-                     f"{z.get('params_fetched', 0) + z.get('params_fetched_outside_coordinator', 0):.0f} | "
-                     f"{z.get('all_gather_calls', 0):.0f} | {z.get('params_released', 0):.0f} | {hr} | "
-                     f"{sum(r['sync_ops'].values()):g} | {_f(r.get('build_s'))} | {_f(r.get('summary_s'))} |")
+        hr = f"{r['host_reads']['total']}" + (
+            f" ({r['cuda_sync_warnings']} sync warnings)" if r["cuda_sync_warnings"] is not None else ""
+        )
+        lines.append(
+            f"| {r['engine']} | {r['backbone']} | {r['attention']} | {r.get('adapter_op', '—')} | "
+            f"{r['step_ms']:.1f} | "
+            f"{_f(r['step_ms'] / base['step_ms'] if base else None, '{:.2f}')} | {_f(busy, '{:.1f}%')} | "
+            f"{_f(r['kernel_launches_per_step'], '{:.0f}')} | {r['aten_calls_per_step']:.0f} | "
+            f"{100 * r['aten_self_cpu_share']:.0f}% | "
+            f"{z.get('params_fetched', 0) + z.get('params_fetched_outside_coordinator', 0):.0f} | "
+            f"{z.get('all_gather_calls', 0):.0f} | {z.get('params_released', 0):.0f} | {hr} | "
+            f"{sum(r['sync_ops'].values()):g} | {_f(r.get('build_s'))} | {_f(r.get('summary_s'))} |"
+        )
     lines.append("")
     for r in ok:
         syncs = ", ".join(f"{k} {v:g}" for k, v in r["sync_ops"].items()) or "none"
         zero = ", ".join(f"{k} {v:g}" for k, v in r["zero3"].items()) or "none (no ZeRO-3 parameters)"
-        lines += [f"### {rec['recipe']}, {r['engine']}", "",
-                  f"Ops that sync on CUDA, per step: {syncs}; SDPA ops seen: {', '.join(r['sdpa_ops']) or 'none'}; "
-                  f"F.linear replaced by DeepSpeed's zero3_linear_wrap: {'yes' if r['zero3_linear_patched'] else 'no'}"
-                  f"; ZeRO-3 counters per step: {zero}", ""]
+        lines += [
+            f"### {rec['recipe']}, {r['engine']}",
+            "",
+            f"Ops that sync on CUDA, per step: {syncs}; SDPA ops seen: {', '.join(r['sdpa_ops']) or 'none'}; "
+            f"F.linear replaced by DeepSpeed's zero3_linear_wrap: {'yes' if r['zero3_linear_patched'] else 'no'}"
+            f"; ZeRO-3 counters per step: {zero}",
+            "",
+        ]
         if r["top_device"]:
             lines += ["| top by device time | calls/step | device ms/step |", "|---|---|---|"]
             lines += [f"| `{o['op'][:90]}` | {o['calls']:g} | {o['device_ms']:.3f} |" for o in r["top_device"]]
@@ -438,12 +495,23 @@ def main(argv: list[str] | None = None) -> dict:
         case = json.loads(args.case)
         return common.write_row(case, profile_case(bench, args, case["recipe"], args.variant, case["engine"]))
     ds_ok, why = bench.deepspeed_usable()
-    result = {"benchmark": "profile_train_step", "device": common.device_name(),
-              "device_kind": common.device_kind(), "device_label": common.device_label(),
-              "date": datetime.date.today().isoformat(), "versions": common.versions(), "variant": args.variant,
-              "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke, "cpu_threads": torch.get_num_threads(),
-              "host_load_start": common.host_load(), "recipes": [], "code": code,
-              "z3_json": str(args.deepspeed) if args.deepspeed else "the recipe's (z3.json; tiny: z3_tiny.json)"}
+    result = {
+        "benchmark": "profile_train_step",
+        "device": common.device_name(),
+        "device_kind": common.device_kind(),
+        "device_label": common.device_label(),
+        "date": datetime.date.today().isoformat(),
+        "versions": common.versions(),
+        "variant": args.variant,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "smoke": args.smoke,
+        "cpu_threads": torch.get_num_threads(),
+        "host_load_start": common.host_load(),
+        "recipes": [],
+        "code": code,
+        "z3_json": str(args.deepspeed) if args.deepspeed else "the recipe's (z3.json; tiny: z3_tiny.json)",
+    }
     if args.code and "z3_json" not in engine_ratio.inspect.signature(bench.build_case).parameters:
         result["z3_json"] = "ds_configs/z3.json (that checkout's benchmark takes no other)"
     for recipe in args.recipe:
@@ -453,19 +521,27 @@ def main(argv: list[str] | None = None) -> dict:
         result["recipes"].append(rec)
         for engine in args.engines:
             if engine != "torch" and not ds_ok:
-                rec["rows"].append({"variant": args.variant, "engine": engine,
-                                    "status": f"skipped: DeepSpeed could not start ({why})"})
+                rec["rows"].append(
+                    {"variant": args.variant, "engine": engine, "status": f"skipped: DeepSpeed could not start ({why})"}
+                )
                 continue
             # Each engine in its own process (common.run_child): ZeRO-3 engines outlive destroy(), CUDA faults stick.
-            row = common.run_child(__file__, args.argv, {"recipe": recipe, "engine": engine},
-                                   common.case_timeout(args, args.variant))
+            row = common.run_child(
+                __file__, args.argv, {"recipe": recipe, "engine": engine}, common.case_timeout(args, args.variant)
+            )
             rec["rows"].append({"variant": args.variant, "engine": engine, **row})
             if row["status"].startswith("failed"):
                 print(f"  {recipe} {args.variant} {engine}: {row['status']}", file=sys.stderr, flush=True)
             if not args.no_save:  # finished engines on disk as they come (a GPU call can be cut short)
                 partial = {**result, "host_load_end": common.host_load(), "partial": True}
-                common.save_results(args.out_dir, common.result_name("profile_train_step", args.tag), partial,
-                                    to_markdown(partial), default=str, quiet=True)
+                common.save_results(
+                    args.out_dir,
+                    common.result_name("profile_train_step", args.tag),
+                    partial,
+                    to_markdown(partial),
+                    default=str,
+                    quiet=True,
+                )
     result["host_load_end"] = common.host_load()
     common.emit(args, "profile_train_step", result, to_markdown(result), default=str)
     return result

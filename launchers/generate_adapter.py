@@ -32,20 +32,37 @@ from tagi_ds.config import ConfigError
 
 def parser():
     # --help shows the examples above; the hypernet's config.json fixes the model
-    p = base_parser("generate_adapter.py", __doc__, recipe_default=None, epilog=textwrap.fill(
-        "--data and --mode do not apply (one text, a tagi hypernet); the hypernet's config fixes the model. "
-        "Reads --hypernet and the text, trains nothing, writes runs/adapter/ by default. Bad input: one line "
-        "'error: ...' and exit code 2, nothing written."))
+    p = base_parser(
+        "generate_adapter.py",
+        __doc__,
+        recipe_default=None,
+        epilog=textwrap.fill(
+            "--data and --mode do not apply (one text, a tagi hypernet); the hypernet's config fixes the model. "
+            "Reads --hypernet and the text, trains nothing, writes runs/adapter/ by default. Bad input: one line "
+            "'error: ...' and exit code 2, nothing written."
+        ),
+    )
     p.add_argument("--hypernet", required=True, metavar="DIR", help="hypernet/ dir from pretrain.py or finetune.py")
     text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--instruction", metavar="TEXT", help="the instruction (or, with --condition instance, the "
-                                                            "question/context) the hypernetwork reads")
+    text.add_argument(
+        "--instruction",
+        metavar="TEXT",
+        help="the instruction (or, with --condition instance, the question/context) the hypernetwork reads",
+    )
     text.add_argument("--instruction_file", metavar="PATH", help="read that text from a UTF-8 file instead")
-    p.add_argument("--condition", default="task", choices=["task", "instance"],
-                   help="task: a task instruction, formatted 'Definition: ...' as in training; instance: one "
-                        "question/context, read as is (IAG-style)")
-    p.add_argument("--base_model_name_or_path", default=None, metavar="PATH",
-                   help="written into adapter_config.json (default: --model_name_or_path / the hypernet's)")
+    p.add_argument(
+        "--condition",
+        default="task",
+        choices=["task", "instance"],
+        help="task: a task instruction, formatted 'Definition: ...' as in training; instance: one "
+        "question/context, read as is (IAG-style)",
+    )
+    p.add_argument(
+        "--base_model_name_or_path",
+        default=None,
+        metavar="PATH",
+        help="written into adapter_config.json (default: --model_name_or_path / the hypernet's)",
+    )
     return p
 
 
@@ -69,11 +86,21 @@ def main(argv=None) -> None:
     if not text.strip():
         raise ConfigError("--instruction/--instruction_file: the text is empty")
     cfg = artifact_config(args, hypernet, "tagi", "hypernet")
-    out = generate_adapter(cfg, hypernet, text, args.condition, output_dir(args, "generate_adapter"),
-                           args.deepspeed, args.base_model_name_or_path)
+    out = generate_adapter(
+        cfg,
+        hypernet,
+        text,
+        args.condition,
+        output_dir(args, "generate_adapter"),
+        args.deepspeed,
+        args.base_model_name_or_path,
+    )
     if fuses(cfg):
-        print("warning: hypernet.fusion=true: the exported adapter omits the instruction fusion (not a weight); "
-              "PEFT outputs match tagi-ds's only for hypernet.fusion=false", file=sys.stderr)
+        print(
+            "warning: hypernet.fusion=true: the exported adapter omits the instruction fusion (not a weight); "
+            "PEFT outputs match tagi-ds's only for hypernet.fusion=false",
+            file=sys.stderr,
+        )
     print(f"wrote {out}")
 
 

@@ -89,8 +89,9 @@ class Pipeline:
         if precision != want:
             return self.fail(name, f"precision {precision}, expected {want}")
         last = metrics[-1]
-        self.ok(name, f"{precision}, {self.impl} op; step {last['step']}: " +
-                  ", ".join(f"{t} {last[t]:.4g}" for t in terms))
+        self.ok(
+            name, f"{precision}, {self.impl} op; step {last['step']}: " + ", ".join(f"{t} {last[t]:.4g}" for t in terms)
+        )
 
     def wave(self, *jobs) -> None:
         """Launch independent stages at once (each its own process and DeepSpeed world of one; most of a tiny
@@ -109,25 +110,76 @@ class Pipeline:
         o = self.out
         train = ["--max_steps", str(self.steps), "--save_steps", str(self.steps)]
         # FLOPs by formula, as on a GPU (the CPU default, torch's FLOP counter, is the slow part of a tiny evaluation).
-        ev = ["--max_new_tokens", "16", "--flops", "formula", "--set", f"data.max_instances_per_task={self.eval_n}",
-              *self.eval_set]
-        self.wave(("teachers", "train_teachers.py", [*train, "--output_dir", str(o / "teachers")],
-                   lambda: self.check_train("teachers", o / "teachers")),
-                  ("pretrain", "pretrain.py", [*train, "--output_dir", str(o / "pretrain")],
-                   lambda: self.check_train("pretrain", o / "pretrain")))
-        self.wave(("finetune", "finetune.py", [*train, "--output_dir", str(o / "finetune"), "--teachers",
-                                                str(o / "teachers" / "teachers"), "--init_hypernet",
-                                                str(o / "pretrain" / "hypernet")],
-                   lambda: self.check_train("finetune", o / "finetune", ("loss", "ce", "kl", "param"))),
-                  ("concat", "finetune.py", [*train, "--mode", "concat", "--output_dir", str(o / "concat")],
-                   lambda: self.check_train("concat", o / "concat")))
-        self.wave(*[(name, "evaluate.py", [*ev, *src, "--output_dir", str(o / name)],
-                     lambda name=name: self.check_eval(name, o / name))
-                    for name, src in (("eval_tagi", ["--hypernet", str(o / "finetune" / "hypernet")]),
-                                      ("eval_concat", ["--adapter", str(o / "concat" / "baseline_lora")]))])
+        ev = [
+            "--max_new_tokens",
+            "16",
+            "--flops",
+            "formula",
+            "--set",
+            f"data.max_instances_per_task={self.eval_n}",
+            *self.eval_set,
+        ]
+        self.wave(
+            (
+                "teachers",
+                "train_teachers.py",
+                [*train, "--output_dir", str(o / "teachers")],
+                lambda: self.check_train("teachers", o / "teachers"),
+            ),
+            (
+                "pretrain",
+                "pretrain.py",
+                [*train, "--output_dir", str(o / "pretrain")],
+                lambda: self.check_train("pretrain", o / "pretrain"),
+            ),
+        )
+        self.wave(
+            (
+                "finetune",
+                "finetune.py",
+                [
+                    *train,
+                    "--output_dir",
+                    str(o / "finetune"),
+                    "--teachers",
+                    str(o / "teachers" / "teachers"),
+                    "--init_hypernet",
+                    str(o / "pretrain" / "hypernet"),
+                ],
+                lambda: self.check_train("finetune", o / "finetune", ("loss", "ce", "kl", "param")),
+            ),
+            (
+                "concat",
+                "finetune.py",
+                [*train, "--mode", "concat", "--output_dir", str(o / "concat")],
+                lambda: self.check_train("concat", o / "concat"),
+            ),
+        )
+        self.wave(
+            *[
+                (
+                    name,
+                    "evaluate.py",
+                    [*ev, *src, "--output_dir", str(o / name)],
+                    lambda name=name: self.check_eval(name, o / name),
+                )
+                for name, src in (
+                    ("eval_tagi", ["--hypernet", str(o / "finetune" / "hypernet")]),
+                    ("eval_concat", ["--adapter", str(o / "concat" / "baseline_lora")]),
+                )
+            ]
+        )
         self.table()
-        if self.launch("adapter", "generate_adapter.py", "--hypernet", str(o / "finetune" / "hypernet"),
-                       "--instruction", "Reverse the order of the words.", "--output_dir", str(o / "adapter")):
+        if self.launch(
+            "adapter",
+            "generate_adapter.py",
+            "--hypernet",
+            str(o / "finetune" / "hypernet"),
+            "--instruction",
+            "Reverse the order of the words.",
+            "--output_dir",
+            str(o / "adapter"),
+        ):
             self.check_peft(o / "adapter", o / "finetune" / "hypernet")
         return self.report()
 
@@ -142,13 +194,30 @@ class Pipeline:
 
     def table(self) -> None:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "tagi_ds.eval.table", f"concat={self.out / 'eval_concat'}",
-                               f"tagi={self.out / 'eval_tagi'}"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "COLUMNS": "120"})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tagi_ds.eval.table",
+                f"concat={self.out / 'eval_concat'}",
+                f"tagi={self.out / 'eval_tagi'}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "120"},
+        )
         (self.out / "table.txt").write_text(proc.stdout + proc.stderr)
         ok = proc.returncode == 0 and "held-out tasks" in proc.stdout
-        self.rows.append(("table", "ok" if ok else "FAIL", time.perf_counter() - t0,
-                          "table.txt" if ok else (proc.stderr.strip()[-160:] or f"exit {proc.returncode}")))
+        self.rows.append(
+            (
+                "table",
+                "ok" if ok else "FAIL",
+                time.perf_counter() - t0,
+                "table.txt" if ok else (proc.stderr.strip()[-160:] or f"exit {proc.returncode}"),
+            )
+        )
 
     def check_peft(self, adapter: Path, hypernet: Path) -> None:
         """The exported adapter loaded with peft onto the backbone it was generated for, on the device."""
@@ -194,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per training stage (default 6)")
     ap.add_argument("--eval_n", type=int, default=5, help="instances per held-out task evaluated (default 5)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per stage (default 240)")
-    ap.add_argument("--eval_set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="config overrides for both evaluations, e.g. data.categories=Ordering")
+    ap.add_argument(
+        "--eval_set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for both evaluations, e.g. data.categories=Ordering",
+    )
     args = ap.parse_args(argv)
     return 0 if Pipeline(args.out, args.steps, args.eval_n, args.timeout, args.eval_set).run() else 1
 

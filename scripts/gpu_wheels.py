@@ -35,15 +35,25 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "scripts" / "gpu_image.txt"
 TESTED = ROOT / "requirements" / "tested.txt"
 # The GPU image's interpreter and platform: markers are evaluated for it, wheels downloaded for it.
-MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+MARKERS = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 # The GPU checks' test tools (pytest runs the GPU-marked kernel tests; peft loads the exported adapter).
 GPU_TEST_NEEDS = ("pytest", "pytest-timeout", "peft")
 # Declared needs that the GPU stages never import, and why they stay home.
-SKIP = {"datasets": "read lazily, only for text:/p3: sources; the GPU stages use the built-in suite (pyarrow+pandas "
-                    "alone would exceed the 64 MiB the device call carries)"}
+SKIP = {
+    "datasets": "read lazily, only for text:/p3: sources; the GPU stages use the built-in suite (pyarrow+pandas "
+    "alone would exceed the 64 MiB the device call carries)"
+}
 
 
 def parse_image(path: Path = IMAGE) -> dict[str, Version | None]:
@@ -107,7 +117,7 @@ def check(wheels: Path, image: dict[str, Version | None]) -> list[str]:
                 if not req.specifier.contains(carried[dep][0], prereleases=True):
                     problems.append(f"{file}: needs {req}, carried {dep} {carried[dep][0]}")
             elif not satisfied_on_image(req, image):
-                have = ("absent" if dep not in image else f"version {image[dep]}" if image[dep] else "version not read")
+                have = "absent" if dep not in image else f"version {image[dep]}" if image[dep] else "version not read"
                 problems.append(f"{file}: needs {req}, neither carried nor on the image ({have})")
     return problems
 
@@ -128,14 +138,34 @@ def _fetch(name: str, version: str, dest: Path) -> Path:
         return found[0]
     spec = f"{name}=={version}"
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           "3.12", "--implementation", "cp", *plat, "-d", str(dest), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *plat,
+        "-d",
+        str(dest),
+        spec,
+    ]
     if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
-        build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), spec],
-                               capture_output=True, text=True)
+        build = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), spec],
+            capture_output=True,
+            text=True,
+        )
         if build.returncode != 0:
-            raise SystemExit(f"error: {spec}: no wheel for CPython 3.12 x86-64 and building one failed: "
-                             f"{build.stderr.strip().splitlines()[-1] if build.stderr.strip() else build.returncode}")
+            raise SystemExit(
+                f"error: {spec}: no wheel for CPython 3.12 x86-64 and building one failed: "
+                f"{build.stderr.strip().splitlines()[-1] if build.stderr.strip() else build.returncode}"
+            )
     return _fetch(name, version, dest)
 
 
@@ -151,8 +181,9 @@ def build(wheels: Path, image: dict[str, Version | None], tested: dict[str, str]
         if name in carried or satisfied_on_image(req, image):
             continue
         if name not in tested:
-            raise SystemExit(f"error: {TESTED.relative_to(ROOT)}: no tested version of {name} "
-                             f"(needed on the GPU image as {req})")
+            raise SystemExit(
+                f"error: {TESTED.relative_to(ROOT)}: no tested version of {name} (needed on the GPU image as {req})"
+            )
         _, version, reqs = wheel_meta(_fetch(req.name, tested[name], wheels))
         carried[name] = str(version)
         todo += reqs

@@ -29,8 +29,7 @@ HELD = [  # (key, label, what it is)
     ("no_fusion", "TAGI w/o fusion", "hypernet.fusion=false"),
 ]
 LABELS = {k: lab.strip("*") for k, lab, _ in HELD}  # plain labels (no markdown bold)
-SEEN = [("teachers", "LoRA teachers, one per {granularity} (upper bound)"), ("tagi", "TAGI"),
-        ("concat", "Concat")]
+SEEN = [("teachers", "LoRA teachers, one per {granularity} (upper bound)"), ("tagi", "TAGI"), ("concat", "Concat")]
 FT = ["ft_tagi", "ft_concat", "ft_no_instruction", "ft_no_pretrain", "ft_no_kl", "ft_no_param", "ft_no_fusion"]
 # The paper's ablation (T5-XL, SNI ROUGE-L, Table 5) has a column per instruction setting: a run is compared with
 # the column of the setting it ran (data.setting of its TAGI run), never the other one.
@@ -71,8 +70,22 @@ def std(xs: list[float]) -> float:
 
 # Two-sided 95% Student t critical values by degrees of freedom (scipy is not a dependency); a df between two keys
 # takes the smaller key's value (the wider interval), above 30 the normal 1.96.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t975(df: int) -> float:
@@ -88,8 +101,9 @@ def paired_ci(diffs: list[float]) -> tuple[float, float, float, float] | None:
     return m, se, m - h, m + h
 
 
-def bootstrap_ci(per_seed_task: dict[int, dict[str, float]], reps: int = 2000,
-                 seed: int = 0) -> tuple[float, float] | None:
+def bootstrap_ci(
+    per_seed_task: dict[int, dict[str, float]], reps: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
     """95% percentile interval of the mean difference when seeds and tasks are both resampled (with replacement,
     independently): a task-level effect carried by a few tasks widens it, as seeds alone cannot show.
     ``per_seed_task``: seed -> task -> difference; the tasks every seed has. None below 2 seeds or 2 tasks."""
@@ -138,21 +152,25 @@ def machine() -> str:
     import torch
     import transformers
 
-    return (f"{cpu}, {os.cpu_count()} CPU cores visible (shared with other jobs), no GPU; "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores visible (shared with other jobs), no GPU; "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, deepspeed {deepspeed.__version__}"
+    )
 
 
 def git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def stage_seconds(run: Path, seeds: list[int]) -> dict[str, str]:
     """Wall seconds per stage; per-seed stages as the mean over seeds."""
+
     def secs(name: str) -> int | None:
         p = run / f"{name}.done"
         return int(p.read_text().strip() or 0) if p.is_file() else None
@@ -170,7 +188,7 @@ def invocations(run: Path) -> list[dict]:
     it reused (done by an earlier invocation or copied in; not in its wall time) and its wall time."""
     log = run / "reproduce.log"
     out: list[dict] = []
-    for line in (log.read_text().splitlines() if log.is_file() else []):
+    for line in log.read_text().splitlines() if log.is_file() else []:
         if "] reproduce: OUT=" in line or not out:
             out.append({"ran": [], "reused": [], "wall_s": None, "redo_eval": False})
         if m := re.search(r"\] (start|skip) (\S+)", line):
@@ -193,9 +211,11 @@ def wall_lines(run: Path, wall_s: float | None) -> list[str]:
         reused = sorted(set(runs[0]["reused"])) if runs else []
         note = f" (stages reused from an earlier run, not included: {', '.join(reused)})" if reused else ""
         return [f"- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): {wall_s / 60:.1f} min{note}"]
-    lines = [f"- The pipeline ran in {len(runs)} invocations of `bash scripts/reproduce.sh` (each resumes: the "
-             "stages an earlier one finished are reused, and the numbers above come from the latest run of each "
-             "stage):"]
+    lines = [
+        f"- The pipeline ran in {len(runs)} invocations of `bash scripts/reproduce.sh` (each resumes: the "
+        "stages an earlier one finished are reused, and the numbers above come from the latest run of each "
+        "stage):"
+    ]
     for i, r in enumerate(runs, 1):
         wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "did not finish"
         why = " with REDO_EVAL=1 (every evaluation re-run with the code of the commit above)" if r["redo_eval"] else ""
@@ -260,8 +280,9 @@ class Results:
     def __init__(self, run: Path) -> None:
         self.run, self.seeds = run, seeds_of(run)
         # method -> seed -> results.json (the ablations may run on fewer seeds)
-        self.by_seed = {k: rs for k, _, _ in HELD
-                        if (rs := {s: r for s in self.seeds if (r := load(run / "eval" / f"s{s}" / k))})}
+        self.by_seed = {
+            k: rs for k, _, _ in HELD if (rs := {s: r for s in self.seeds if (r := load(run / "eval" / f"s{s}" / k))})
+        }
         self.seen = {k: r for k, _ in SEEN if (r := load(run / "eval" / "seen" / k)) is not None}  # seen tasks
 
     @property
@@ -300,8 +321,9 @@ class Results:
     def paired(self, a: str, b: str) -> list[float]:
         """Per-seed ROUGE-L differences a - b over the seeds both methods ran."""
         by_seed = self.by_seed
-        return [by_seed[a][s]["rougeL"] - by_seed[b][s]["rougeL"] for s in self.seeds
-                if s in by_seed[a] and s in by_seed[b]]
+        return [
+            by_seed[a][s]["rougeL"] - by_seed[b][s]["rougeL"] for s in self.seeds if s in by_seed[a] and s in by_seed[b]
+        ]
 
 
 def main() -> None:
@@ -313,8 +335,16 @@ def main() -> None:
     run, docs = Path(args.run), Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     r = Results(run)
-    lines = [*header(r), *held_out(r), *seen_tasks(r), *findings(r), *per_category(r), *setup(r, docs),
-             *training_figures(r), *machine_and_commands(r, args.wall_s, docs)]
+    lines = [
+        *header(r),
+        *held_out(r),
+        *seen_tasks(r),
+        *findings(r),
+        *per_category(r),
+        *setup(r, docs),
+        *training_figures(r),
+        *machine_and_commands(r, args.wall_s, docs),
+    ]
     atomic_write(docs / "results.md", "\n".join(lines) + "\n")
     if r.rouge:
         plot(r.rouge, r.flops, docs)
@@ -327,22 +357,31 @@ def header(r: Results) -> list[str]:
             groups.setdefault(tuple(rs), []).append(LABELS[k])
     fewer_txt = ""
     if groups:
-        parts = [f"{', '.join(labs)}: seed{'s' * (len(v) > 1)} {', '.join(map(str, v))} only"
-                 for v, labs in groups.items()]
+        parts = [
+            f"{', '.join(labs)}: seed{'s' * (len(v) > 1)} {', '.join(map(str, v))} only" for v, labs in groups.items()
+        ]
         fewer_txt = " (" + "; ".join(parts) + ", to keep the pipeline within 45 minutes)"
-    return ["# Miniature TAGI reproduction (built-in suite, CPU)", "",
-            "Produced by `bash scripts/reproduce.sh` (called by `make reproduce`); every number below is read from "
-            f"`{r.run}/eval/*/*/results.json` by `scripts/make_report.py`. Commit {git_rev()}.", "",
-            f"The backbone, the teachers and the pretrained hypernetwork are built once; every finetuning run and its "
-            f"evaluation is repeated for {r.seed_txt}{fewer_txt}. ROUGE-L and EM are the mean ± sample standard "
-            "deviation over seeds; the per-seed values follow.", ""]
+    return [
+        "# Miniature TAGI reproduction (built-in suite, CPU)",
+        "",
+        "Produced by `bash scripts/reproduce.sh` (called by `make reproduce`); every number below is read from "
+        f"`{r.run}/eval/*/*/results.json` by `scripts/make_report.py`. Commit {git_rev()}.",
+        "",
+        f"The backbone, the teachers and the pretrained hypernetwork are built once; every finetuning run and its "
+        f"evaluation is repeated for {r.seed_txt}{fewer_txt}. ROUGE-L and EM are the mean ± sample standard "
+        "deviation over seeds; the per-seed values follow.",
+        "",
+    ]
 
 
 def held_out(r: Results) -> list[str]:
     rouge, em, flops, n = r.rouge, r.em, r.flops, len(r.seeds)
-    L = ["## Held-out tasks (29 unseen tasks, greedy decoding, ROUGE-L / exact match)", "",
-         "| Method | What it is | ROUGE-L | per seed | EM | inference FLOPs / example | FLOPs vs concat |",
-         "|---|---|---:|---|---:|---:|---:|"]
+    L = [
+        "## Held-out tasks (29 unseen tasks, greedy decoding, ROUGE-L / exact match)",
+        "",
+        "| Method | What it is | ROUGE-L | per seed | EM | inference FLOPs / example | FLOPs vs concat |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
     for k, lab, what in HELD:
         if k not in r.by_seed:
             L.append(f"| {lab} | {what} | (missing) | | | | |")
@@ -350,8 +389,10 @@ def held_out(r: Results) -> list[str]:
         ratio = f"{flops[k] / flops['concat']:.2f}x" if "concat" in flops else "-"
         ms = list(r.by_seed[k])
         which = f" (seed{'s' * (len(ms) > 1)} {', '.join(map(str, ms))})" if len(ms) < n else ""
-        L.append(f"| {lab} | {what} | {pm(rouge[k])} | {' / '.join(f'{x:.1f}' for x in rouge[k])}{which} | "
-                 f"{pm(em[k])} | {flops[k] / 1e6:.2f} M | {ratio} |")
+        L.append(
+            f"| {lab} | {what} | {pm(rouge[k])} | {' / '.join(f'{x:.1f}' for x in rouge[k])}{which} | "
+            f"{pm(em[k])} | {flops[k] / 1e6:.2f} M | {ratio} |"
+        )
     L.append("")
     return L
 
@@ -359,43 +400,56 @@ def held_out(r: Results) -> list[str]:
 def seen_tasks(r: Results) -> list[str]:
     if not r.seen:
         return []
-    L = [f"## Seen training tasks (first instances of each of the 76 training tasks, seed {r.seeds[0]}; these "
-         "instances were in every method's training data)", "",
-         "The teachers exist only for training tasks (the built-in held-out tasks have no training instances), "
-         "so the teachers' upper bound is measured here, next to TAGI and concat on the same examples.", "",
-         "| Method | ROUGE-L | EM | inference FLOPs / example |", "|---|---:|---:|---:|"]
+    L = [
+        f"## Seen training tasks (first instances of each of the 76 training tasks, seed {r.seeds[0]}; these "
+        "instances were in every method's training data)",
+        "",
+        "The teachers exist only for training tasks (the built-in held-out tasks have no training instances), "
+        "so the teachers' upper bound is measured here, next to TAGI and concat on the same examples.",
+        "",
+        "| Method | ROUGE-L | EM | inference FLOPs / example |",
+        "|---|---:|---:|---:|",
+    ]
     gran = json.loads((r.run / "teachers" / "config.json").read_text())["tagi"]["teacher"]["granularity"]
     for k, lab in SEEN:
         if k in r.seen:
             s = r.seen[k]
-            L.append(f"| {lab.format(granularity=gran)} | {s['rougeL']:.2f} | {s['exact_match']:.2f} | "
-                     f"{s['cost']['flops_per_example'] / 1e6:.2f} M |")
+            L.append(
+                f"| {lab.format(granularity=gran)} | {s['rougeL']:.2f} | {s['exact_match']:.2f} | "
+                f"{s['cost']['flops_per_example'] / 1e6:.2f} M |"
+            )
     L.append("")
     return L
 
 
 def findings(r: Results) -> list[str]:
-    """"What the table shows": sentences generated from the numbers, claiming only what the table shows."""
+    """ "What the table shows": sentences generated from the numbers, claiming only what the table shows."""
     rouge, flops, seed_txt, seen = r.rouge, r.flops, r.seed_txt, r.seen
     L = ["## What the table shows", ""]
     if "tagi" in rouge and "concat" in rouge:
         d = mean(rouge["tagi"]) - mean(rouge["concat"])
         ratio = flops["tagi"] / flops["concat"]
         within = d >= -1.0
-        L.append(f"- TAGI vs concat on held-out tasks: {mean(rouge['tagi']):.2f} vs {mean(rouge['concat']):.2f} "
-                 f"ROUGE-L ({d:+.2f} points, mean over {seed_txt}) at {ratio:.2f}x the inference FLOPs per example. "
-                 "The goal (within 1 point of concat or better, at <= 0.4x its FLOPs) is "
-                 f"{'met' if within and ratio <= 0.4 else 'NOT met'} "
-                 f"({'quality ok' if within else 'quality gap > 1 point'}, "
-                 f"{'cost ok' if ratio <= 0.4 else 'cost ratio > 0.4'}).")
+        L.append(
+            f"- TAGI vs concat on held-out tasks: {mean(rouge['tagi']):.2f} vs {mean(rouge['concat']):.2f} "
+            f"ROUGE-L ({d:+.2f} points, mean over {seed_txt}) at {ratio:.2f}x the inference FLOPs per example. "
+            "The goal (within 1 point of concat or better, at <= 0.4x its FLOPs) is "
+            f"{'met' if within and ratio <= 0.4 else 'NOT met'} "
+            f"({'quality ok' if within else 'quality gap > 1 point'}, "
+            f"{'cost ok' if ratio <= 0.4 else 'cost ratio > 0.4'})."
+        )
         if len(r.seeds) > 1:
             diffs = r.paired("tagi", "concat")
-            L.append(f"- Per seed, TAGI minus concat: {', '.join(f'{x:+.1f}' for x in diffs)} "
-                     f"(TAGI ahead in {sum(x > 0 for x in diffs)} of {len(diffs)} seeds); paired: "
-                     f"{r.verdict('tagi', 'concat')}.")
+            L.append(
+                f"- Per seed, TAGI minus concat: {', '.join(f'{x:+.1f}' for x in diffs)} "
+                f"(TAGI ahead in {sum(x > 0 for x in diffs)} of {len(diffs)} seeds); paired: "
+                f"{r.verdict('tagi', 'concat')}."
+            )
     if "tagi" in rouge and "no_instruction" in rouge:
-        L.append(f"- TAGI vs the no-instruction baseline: {mean(rouge['tagi']) - mean(rouge['no_instruction']):+.2f} "
-                 "ROUGE-L (the no-instruction baseline reads the input alone, with one shared LoRA).")
+        L.append(
+            f"- TAGI vs the no-instruction baseline: {mean(rouge['tagi']) - mean(rouge['no_instruction']):+.2f} "
+            "ROUGE-L (the no-instruction baseline reads the input alone, with one shared LoRA)."
+        )
     if "concat" in rouge and "no_instruction" in rouge:
         L.append(f"- Concat vs no-instruction: {mean(rouge['concat']) - mean(rouge['no_instruction']):+.2f} ROUGE-L.")
     if "tagi" in rouge:
@@ -404,24 +458,32 @@ def findings(r: Results) -> list[str]:
             if k in rouge:
                 diffs = r.paired(k, "tagi")
                 spread = f" ± {std(diffs):.2f} over {len(diffs)} seeds" if len(diffs) > 1 else ""
-                L.append(f"- {lab}: {mean(diffs):+.2f}{spread} ROUGE-L vs full TAGI (paper, XL, "
-                         f"{PAPER_SETTING[setting]}: {PAPER_ABLATION[setting][k]}); paired: {r.verdict(k, 'tagi')}.")
+                L.append(
+                    f"- {lab}: {mean(diffs):+.2f}{spread} ROUGE-L vs full TAGI (paper, XL, "
+                    f"{PAPER_SETTING[setting]}: {PAPER_ABLATION[setting][k]}); paired: {r.verdict(k, 'tagi')}."
+                )
     if "concat" in rouge and "no_instruction" in rouge and "tagi" in rouge:
         gap = mean(rouge["concat"]) - mean(rouge["no_instruction"])
         if gap < 5.0:
             top = f" (the teachers reach {seen['teachers']['rougeL']:.1f} on seen tasks)" if "teachers" in seen else ""
             best = max(mean(v) for v in rouge.values())
-            L.append(f"- Caveat on the level: concat is only {gap:.1f} ROUGE-L above the no-instruction baseline and "
-                     f"the best method reaches {best:.1f}{top}: at this scale the frozen miniature backbone follows "
-                     "instructions only a little, so the comparison is made near the floor.")
+            L.append(
+                f"- Caveat on the level: concat is only {gap:.1f} ROUGE-L above the no-instruction baseline and "
+                f"the best method reaches {best:.1f}{top}: at this scale the frozen miniature backbone follows "
+                "instructions only a little, so the comparison is made near the floor."
+            )
     sds = [std(v) for v in rouge.values() if len(v) > 1]
     if sds:
-        L.append(f"- Seed spread: the standard deviation over seeds is {min(sds):.1f} to {max(sds):.1f} ROUGE-L "
-                 "depending on the method. An ordering is claimed above only where the paired 95% CI over seeds "
-                 "excludes 0 (t with n - 1 df; the seed x task bootstrap beside it also resamples the tasks).")
+        L.append(
+            f"- Seed spread: the standard deviation over seeds is {min(sds):.1f} to {max(sds):.1f} ROUGE-L "
+            "depending on the method. An ordering is claimed above only where the paired 95% CI over seeds "
+            "excludes 0 (t with n - 1 df; the seed x task bootstrap beside it also resamples the tasks)."
+        )
     else:
-        L.append("- One seed: differences of about a point between methods are within what a different seed "
-                 "could move; they are not significance-tested.")
+        L.append(
+            "- One seed: differences of about a point between methods are within what a different seed "
+            "could move; they are not significance-tested."
+        )
     L.append("")
     return L
 
@@ -462,43 +524,50 @@ def setup(r: Results, docs: Path) -> list[str]:
         bb_rec = json.loads(bb_log.read_text()) if bb_log.is_file() else {"args": {}, "log": []}
         bb_args = bb_rec["args"]
         bb_loss = bb_rec["log"][-1]["loss_ema"] if bb_rec["log"] else "-"
-        dev_link = os.path.relpath(Path(__file__).resolve().parents[1] / "docs" / "dev_split" / "README.md",
-                                   docs.resolve())
-        instruction = ("Definition only" if d["setting"] == "def"
-                       else f"Definition + {d['num_pos']} positive examples")
+        dev_link = os.path.relpath(
+            Path(__file__).resolve().parents[1] / "docs" / "dev_split" / "README.md", docs.resolve()
+        )
+        instruction = "Definition only" if d["setting"] == "def" else f"Definition + {d['num_pos']} positive examples"
         other = "def" if d["setting"] == "def_pos" else "def_pos"
-        other_cmd = (f'DATA_SET="data.setting={other} data.max_instruction_length={d["max_instruction_length"]}" '
-                     f"OUT=runs/reproduce_{other} DOCS=docs/{other} bash scripts/reproduce.sh")
-        L += [f"- Backbone: T5 (gated-GELU) d_model {bb.get('d_model')}, d_ff {bb.get('d_ff')}, "
-              f"{bb.get('num_layers')}+{bb.get('num_decoder_layers')} layers, {bb.get('num_heads')} heads, vocab "
-              f"{bb.get('vocab_size')} (built-in sentencepiece), pretrained by `scripts/pretrain_backbone.py` "
-              f"({bb_args.get('steps')} steps x {bb_args.get('batch')} documents, lr {bb_args.get('lr')}) on the "
-              "built-in corpus (training tasks' definitions, prompts and 25 instances each + generated sentences; "
-              "never a held-out task) with a mix of prefix LM (T5-LM-Adapt's objective; Input/Output documents cut "
-              f"at the answer with probability {bb_args.get('p_boundary')}) and text infilling (share "
-              f"{bb_args.get('p_denoise')}). Frozen in every later stage: the T5-LM-Adapt analogue. Final "
-              f"pretraining loss {bb_loss}. The default length (3000 steps, up from 1200) was chosen on the "
-              f"built-in dev split, never on these held-out tasks ([docs/dev_split]({dev_link})).",
-              f"- Adapted sites: {', '.join(m['adapted'])} of {', '.join(m['adapted_stacks'])} attention; generated "
-              f"LoRA rank {h['rank']} (alpha {h['alpha']}), hypernet hidden {h['hidden']}, site embedding "
-              f"{h['site_dim']}, generator {h['generator']}, pooling {h['pooling']}, fusion {h['fusion']}.",
-              f"- Finetuning: {tr['max_steps']} steps, {d['tasks_per_batch']} tasks x {d['examples_per_task']} "
-              f"examples per step, AdamW lr {tr['lr']}, warmup {tr['warmup_ratio']}, KL weight "
-              f"{c['loss']['kl_weight']} (T={c['loss']['temperature']}), param-MSE weight {c['loss']['param_weight']} "
-              f"({c['loss']['param_align']}); instruction = {instruction} (data.setting={d['setting']}), at most "
-              f"{d['max_instruction_length']} tokens. The other setting is `{other_cmd}`; its report is "
-              f"docs/{other}/results.md when that has been run.",
-              "- Baselines: concat and no-instruction train one shared LoRA of the same rank on the same frozen "
-              f"backbone with the same steps, batch and data, lr {base_lr} (learning rates were set per method from a "
-              "few short tuning runs, not a sweep: the hypernetwork diverged at 5e-3, the shared LoRA trains "
-              "fewer parameters and was run at 3e-3); tagi-ds saves only adapters, so Tk-Instruct's "
-              "full-model finetuning is approximated by a LoRA; the backbone stays identical for every method).",
-              f"- Teachers: one LoRA per training {tc['granularity']} (rank {tc['rank']}), trained jointly through the "
-              f"LoRA bank on instruction + input for {tsteps} steps; targets of the KL and param-MSE terms (the "
-              "paper's SNI teachers are per category too)."]
-    L += ["- Evaluation: `launchers/evaluate.py`, greedy decoding, SNI ROUGE-L / exact match over the accepted "
-          "answers; FLOPs counted with torch's FlopCounterMode per batch (instruction encoding and hypernetwork "
-          "included for TAGI; concat pays the instruction tokens in every example).", ""]
+        other_cmd = (
+            f'DATA_SET="data.setting={other} data.max_instruction_length={d["max_instruction_length"]}" '
+            f"OUT=runs/reproduce_{other} DOCS=docs/{other} bash scripts/reproduce.sh"
+        )
+        L += [
+            f"- Backbone: T5 (gated-GELU) d_model {bb.get('d_model')}, d_ff {bb.get('d_ff')}, "
+            f"{bb.get('num_layers')}+{bb.get('num_decoder_layers')} layers, {bb.get('num_heads')} heads, vocab "
+            f"{bb.get('vocab_size')} (built-in sentencepiece), pretrained by `scripts/pretrain_backbone.py` "
+            f"({bb_args.get('steps')} steps x {bb_args.get('batch')} documents, lr {bb_args.get('lr')}) on the "
+            "built-in corpus (training tasks' definitions, prompts and 25 instances each + generated sentences; "
+            "never a held-out task) with a mix of prefix LM (T5-LM-Adapt's objective; Input/Output documents cut "
+            f"at the answer with probability {bb_args.get('p_boundary')}) and text infilling (share "
+            f"{bb_args.get('p_denoise')}). Frozen in every later stage: the T5-LM-Adapt analogue. Final "
+            f"pretraining loss {bb_loss}. The default length (3000 steps, up from 1200) was chosen on the "
+            f"built-in dev split, never on these held-out tasks ([docs/dev_split]({dev_link})).",
+            f"- Adapted sites: {', '.join(m['adapted'])} of {', '.join(m['adapted_stacks'])} attention; generated "
+            f"LoRA rank {h['rank']} (alpha {h['alpha']}), hypernet hidden {h['hidden']}, site embedding "
+            f"{h['site_dim']}, generator {h['generator']}, pooling {h['pooling']}, fusion {h['fusion']}.",
+            f"- Finetuning: {tr['max_steps']} steps, {d['tasks_per_batch']} tasks x {d['examples_per_task']} "
+            f"examples per step, AdamW lr {tr['lr']}, warmup {tr['warmup_ratio']}, KL weight "
+            f"{c['loss']['kl_weight']} (T={c['loss']['temperature']}), param-MSE weight {c['loss']['param_weight']} "
+            f"({c['loss']['param_align']}); instruction = {instruction} (data.setting={d['setting']}), at most "
+            f"{d['max_instruction_length']} tokens. The other setting is `{other_cmd}`; its report is "
+            f"docs/{other}/results.md when that has been run.",
+            "- Baselines: concat and no-instruction train one shared LoRA of the same rank on the same frozen "
+            f"backbone with the same steps, batch and data, lr {base_lr} (learning rates were set per method from a "
+            "few short tuning runs, not a sweep: the hypernetwork diverged at 5e-3, the shared LoRA trains "
+            "fewer parameters and was run at 3e-3); tagi-ds saves only adapters, so Tk-Instruct's "
+            "full-model finetuning is approximated by a LoRA; the backbone stays identical for every method).",
+            f"- Teachers: one LoRA per training {tc['granularity']} (rank {tc['rank']}), trained jointly through the "
+            f"LoRA bank on instruction + input for {tsteps} steps; targets of the KL and param-MSE terms (the "
+            "paper's SNI teachers are per category too).",
+        ]
+    L += [
+        "- Evaluation: `launchers/evaluate.py`, greedy decoding, SNI ROUGE-L / exact match over the accepted "
+        "answers; FLOPs counted with torch's FlopCounterMode per batch (instruction encoding and hypernetwork "
+        "included for TAGI; concat pays the instruction tokens in every example).",
+        "",
+    ]
     return L
 
 
@@ -507,8 +576,11 @@ def training_figures(r: Results) -> list[str]:
     run, seeds, secs = r.run, r.seeds, stage_seconds(r.run, r.seeds)
     L: list[str] = []
     if secs:
-        L += ["Stage wall times (s; finetuning stages are the mean over seeds; two jobs in parallel, one thread each, "
-              "the backbone alone on two threads): " + ", ".join(f"{k} {v}" for k, v in secs.items()) + ".", ""]
+        L += [
+            "Stage wall times (s; finetuning stages are the mean over seeds; two jobs in parallel, one thread each, "
+            "the backbone alone on two threads): " + ", ".join(f"{k} {v}" for k, v in secs.items()) + ".",
+            "",
+        ]
     losses = []
     for name in ("teachers", "pretrain"):
         if (v := final_loss(run / name)) is not None:
@@ -517,17 +589,31 @@ def training_figures(r: Results) -> list[str]:
         vals = [v for s in seeds if (v := final_loss(run / f"s{s}" / name)) is not None]
         if vals:
             losses.append(f"{name} {mean(vals):.3f}")
-    L += ["Final training loss (mean of the last 20 logged steps; finetuning: mean over seeds): "
-          + ", ".join(losses) + ".", ""]
+    L += [
+        "Final training loss (mean of the last 20 logged steps; finetuning: mean over seeds): "
+        + ", ".join(losses)
+        + ".",
+        "",
+    ]
     return L
 
 
 def machine_and_commands(r: Results, wall_s: float | None, docs: Path) -> list[str]:
     L = ["## Machine and wall time", "", f"- {machine()}", *wall_lines(r.run, wall_s)]
-    L += ["", "## Commands", "", "```", "make reproduce        # = bash scripts/reproduce.sh", "```", "",
-          "The stage command lines, as `scripts/reproduce.sh` ran them (also in `docs/reproduce_log/commands.txt`; "
-          "each run directory's `config.json` holds the resolved config; stage logs and every `results.json` are "
-          "in `docs/reproduce_log/`):", "", "```"]
+    L += [
+        "",
+        "## Commands",
+        "",
+        "```",
+        "make reproduce        # = bash scripts/reproduce.sh",
+        "```",
+        "",
+        "The stage command lines, as `scripts/reproduce.sh` ran them (also in `docs/reproduce_log/commands.txt`; "
+        "each run directory's `config.json` holds the resolved config; stage logs and every `results.json` are "
+        "in `docs/reproduce_log/`):",
+        "",
+        "```",
+    ]
     log = docs / "reproduce_log" / "commands.txt"
     if log.is_file():
         L += log.read_text().splitlines()

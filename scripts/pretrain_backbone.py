@@ -43,8 +43,7 @@ def build_tokenizer():
 
     sp = spm.SentencePieceProcessor(model_file=str(BUILTIN_MODEL))
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0, unk_id=UNK_ID, eos_token="</s>", pad_token="<pad>",
-                      unk_token="<unk>")
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, unk_id=UNK_ID, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (PAD_ID, EOS_ID, UNK_ID)
     return tok, sp
 
@@ -55,10 +54,20 @@ def build_model(recipe: str, seed: int):
     from tagi_ds.recipes import get_recipe
 
     m = get_recipe(recipe).model
-    config = T5Config(vocab_size=m.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff,
-                      num_layers=m.num_layers, num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads,
-                      feed_forward_proj=m.feed_forward_proj, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                      decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=m.vocab_size,
+        d_model=m.d_model,
+        d_kv=m.d_kv,
+        d_ff=m.d_ff,
+        num_layers=m.num_layers,
+        num_decoder_layers=m.num_decoder_layers,
+        num_heads=m.num_heads,
+        feed_forward_proj=m.feed_forward_proj,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config)
 
@@ -88,7 +97,7 @@ def denoise(d: list[int], rng: random.Random, max_len: int) -> tuple[list[int], 
     """BART-style text infilling: spans of 1-3 tokens (15% of starts) become one mask id (unk, which the
     byte-fallback tokenizer never emits); the decoder rewrites the whole (window of the) document."""
     start = rng.randint(0, max(0, len(d) - (max_len - 1)))
-    window = d[start:start + max_len - 1]
+    window = d[start : start + max_len - 1]
     src, i = [], 0
     while i < len(window):
         if rng.random() < 0.15:
@@ -100,8 +109,7 @@ def denoise(d: list[int], rng: random.Random, max_len: int) -> tuple[list[int], 
     return src, window
 
 
-def make_batch(docs, rng: random.Random, batch: int, max_src: int, max_tgt: int, p_boundary: float,
-               p_denoise: float):
+def make_batch(docs, rng: random.Random, batch: int, max_src: int, max_tgt: int, p_boundary: float, p_denoise: float):
     """One batch of the mixed objective; src = encoder input + eos, tgt = target + eos.
 
     Per example: with probability ``p_denoise`` text infilling (teaches the frozen model to copy from its
@@ -120,8 +128,8 @@ def make_batch(docs, rng: random.Random, batch: int, max_src: int, max_tgt: int,
         else:  # uniform, so that the target fits max_tgt (the prefix is left-truncated to max_src)
             lo = max(1, len(d) - (max_tgt - 1))
             i = rng.randint(lo, len(d) - 1) if lo <= len(d) - 1 else len(d) - 1
-        src.append(d[max(0, i - (max_src - 1)):i] + [1])
-        tgt.append(d[i:i + max_tgt - 1] + [1])
+        src.append(d[max(0, i - (max_src - 1)) : i] + [1])
+        tgt.append(d[i : i + max_tgt - 1] + [1])
     ls, lt = max(map(len, src)), max(map(len, tgt))
     ids = torch.tensor([s + [0] * (ls - len(s)) for s in src])
     labels = torch.tensor([t + [-100] * (lt - len(t)) for t in tgt])
@@ -137,8 +145,12 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max_source_length", type=int, default=128)
     p.add_argument("--max_target_length", type=int, default=64)
-    p.add_argument("--p_boundary", type=float, default=0.5,
-                   help="probability of cutting an Input/Output document at its answer (else uniform)")
+    p.add_argument(
+        "--p_boundary",
+        type=float,
+        default=0.5,
+        help="probability of cutting an Input/Output document at its answer (else uniform)",
+    )
     p.add_argument("--p_denoise", type=float, default=0.4, help="share of text-infilling examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=50)
@@ -152,12 +164,16 @@ def main(argv=None) -> None:
     model = build_model(args.recipe, args.seed)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"backbone: recipe {args.recipe}, {n_params:,} parameters, {len(docs)} documents, "
-          f"{args.steps} steps x {args.batch}", flush=True)
+    print(
+        f"backbone: recipe {args.recipe}, {n_params:,} parameters, {len(docs)} documents, "
+        f"{args.steps} steps x {args.batch}",
+        flush=True,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, args.steps // 50)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+    )
     rng = random.Random(f"backbone:{args.seed}")
     log, ema = [], None
     for step in range(1, args.steps + 1):
@@ -171,8 +187,13 @@ def main(argv=None) -> None:
         value = float(loss.detach())
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         if step % args.log_every == 0 or step == args.steps:
-            rec = {"step": step, "loss": round(value, 4), "loss_ema": round(ema, 4),
-                   "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t_start, 1)}
+            rec = {
+                "step": step,
+                "loss": round(value, 4),
+                "loss_ema": round(ema, 4),
+                "lr": sched.get_last_lr()[0],
+                "elapsed_s": round(time.time() - t_start, 1),
+            }
             log.append(rec)
             print(json.dumps(rec), flush=True)
 

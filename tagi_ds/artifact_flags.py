@@ -40,8 +40,9 @@ def artifact_dir(flag: str, path: str) -> Path:
     return p
 
 
-def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | None = None,
-                    flag: str | None = None) -> TagiConfig:
+def artifact_config(
+    args: argparse.Namespace, path: Path | None, mode: str | None = None, flag: str | None = None
+) -> TagiConfig:
     """The config: the artifact's own (backbone shape, sites, ranks) < ``--set`` < flags (``cli.resolve_config``).
 
     ``--recipe`` is the base only without an artifact; with one it must agree with the artifact's recipe.
@@ -53,8 +54,10 @@ def artifact_config(args: argparse.Namespace, path: Path | None, mode: str | Non
     if path is not None:
         saved = artifacts.read_config(path, f"--{flag}" if flag else "artifact")
         if args.recipe is not None and args.recipe != saved.recipe:
-            raise ConfigError(f"--recipe {args.recipe} disagrees with {path / 'config.json'} (recipe "
-                              f"{saved.recipe}); drop --recipe: the artifact fixes the model")
+            raise ConfigError(
+                f"--recipe {args.recipe} disagrees with {path / 'config.json'} (recipe "
+                f"{saved.recipe}); drop --recipe: the artifact fixes the model"
+            )
         tree = saved.to_dict()
         tree.pop("mode")
         ns.recipe, ns.overrides = saved.recipe, as_overrides(tree) + list(args.overrides)
@@ -90,8 +93,10 @@ def eval_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
         return "tagi", flag, artifact_dir(flag, args.hypernet)
     if flag == "teachers":
         if args.mode is not None:
-            raise ConfigError(f"--teachers selects mode teacher (instruction + input, each task's own teacher); "
-                              f"drop --mode {args.mode}")
+            raise ConfigError(
+                f"--teachers selects mode teacher (instruction + input, each task's own teacher); "
+                f"drop --mode {args.mode}"
+            )
         return "teacher", flag, artifact_dir(flag, args.teachers)
     if args.mode == "tagi":
         raise ConfigError("--mode tagi needs --hypernet DIR (a hypernet/ dir from pretrain.py or finetune.py)")
@@ -99,16 +104,22 @@ def eval_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
         path = artifact_dir(flag, args.adapter)
         rows, meta = artifacts.read_teacher_rows(path)
         if rows != {"*": 0}:
-            raise ConfigError(f"--adapter {args.adapter!r}: rows.json has {len(rows)} rows; a baseline_lora/ dir has "
-                              "one shared row (a teachers/ dir goes to --teachers)")
+            raise ConfigError(
+                f"--adapter {args.adapter!r}: rows.json has {len(rows)} rows; a baseline_lora/ dir has "
+                "one shared row (a teachers/ dir goes to --teachers)"
+            )
         trained = meta["tagi"].get("mode")
         if args.mode is not None and args.mode != trained:
-            raise ConfigError(f"--adapter {args.adapter!r} was trained in mode {trained}; evaluate it with "
-                              f"--mode {trained}, not {args.mode}")
+            raise ConfigError(
+                f"--adapter {args.adapter!r} was trained in mode {trained}; evaluate it with "
+                f"--mode {trained}, not {args.mode}"
+            )
         return trained, flag, path
     if args.mode is None:
-        raise ConfigError("nothing to evaluate: give --hypernet DIR (tagi), --adapter DIR or --mode concat|"
-                          "no_instruction (baselines; bare backbone without --adapter), or --teachers DIR")
+        raise ConfigError(
+            "nothing to evaluate: give --hypernet DIR (tagi), --adapter DIR or --mode concat|"
+            "no_instruction (baselines; bare backbone without --adapter), or --teachers DIR"
+        )
     return args.mode, None, None
 
 
@@ -122,6 +133,14 @@ def resolve_evaluation(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
     cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode, flag)  # a teacher reads instr + input
     if mode == "teacher":
         artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
-    return cfg, EvalArgs(output_dir=output_dir(args, "evaluate"), mode=mode, artifact=path, kind=args.task,
-                         split=args.split, deepspeed=args.deepspeed, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size, flops=args.flops)
+    return cfg, EvalArgs(
+        output_dir=output_dir(args, "evaluate"),
+        mode=mode,
+        artifact=path,
+        kind=args.task,
+        split=args.split,
+        deepspeed=args.deepspeed,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        flops=args.flops,
+    )

@@ -66,7 +66,6 @@ def backbone_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-
 def save(model, path: Path, rows: dict[str, int] | None = None) -> None:
     """Write the artifact of ``model``'s adapter source (``stages.AdapterSource``): its trained module's tensors
     (float32) in the source's file, ``config.json``, and for a bank ``rows.json`` (the source's rows)."""
@@ -78,8 +77,9 @@ def save_hypernet(model, path: Path) -> None:
     _save(model, model.generator, "generator.safetensors", path, None, fingerprint=True)
 
 
-def _save(model, module, file: str, path: Path, rows: tuple[dict[str, int], str] | None,
-          fingerprint: bool = False) -> None:
+def _save(
+    model, module, file: str, path: Path, rows: tuple[dict[str, int], str] | None, fingerprint: bool = False
+) -> None:
     """``module``'s tensors in ``file``; ``rows``: ``(rows.json, granularity)`` of a LoRA bank, None without;
     ``fingerprint``: config.json records the backbone it was trained against (:func:`backbone_fingerprint`)."""
     fp = backbone_fingerprint(model) if fingerprint else None  # a collective: every rank, before rank 0 writes
@@ -105,9 +105,12 @@ def warn_if_other_backbone(model, path: Path, flag: str = "--hypernet") -> None:
     mine = backbone_fingerprint(model)
     if isinstance(saved, str) and saved != mine and dist.is_main():
         trained = (meta.get("tagi") or {}).get("model", {}).get("model_name_or_path") or "a built-in random init"
-        print(f"warning: {flag} {path}: trained against other backbone weights (fingerprint {saved}, this "
-              f"backbone's {mine}; same shapes): its adapters fit {trained}, not this backbone; pass the "
-              "--model_name_or_path it was trained with", flush=True)
+        print(
+            f"warning: {flag} {path}: trained against other backbone weights (fingerprint {saved}, this "
+            f"backbone's {mine}; same shapes): its adapters fit {trained}, not this backbone; pass the "
+            "--model_name_or_path it was trained with",
+            flush=True,
+        )
 
 
 def read_config(path: Path, flag: str = "artifact") -> TagiConfig:
@@ -130,8 +133,12 @@ def _check_sites(path: Path, model, flag: str = "artifact") -> None:
     mine = [(s.name, s.d_in, s.d_out) for s in model.sites]
     if saved != mine:
         first = next((a, b) for a, b in zip(saved + [None] * len(mine), mine + [None] * len(saved)) if a != b)
-        fail(f"{flag} {f}", f"adapted sites differ from this model's: saved {first[0]}, here {first[1]}; use the same "
-             "recipe and model.adapted", f"{len(saved)} saved, {len(mine)} here")
+        fail(
+            f"{flag} {f}",
+            f"adapted sites differ from this model's: saved {first[0]}, here {first[1]}; use the same "
+            "recipe and model.adapted",
+            f"{len(saved)} saved, {len(mine)} here",
+        )
 
 
 def _check_tensors(f: Path, flag: str, expected: dict[str, tuple[int, ...]], optional: tuple[str, ...] = ()) -> None:
@@ -142,8 +149,11 @@ def _check_tensors(f: Path, flag: str, expected: dict[str, tuple[int, ...]], opt
             if key not in optional:
                 fail(f"{flag} {f}", f"no tensor {key}; use the same recipe and hypernet.*/teacher.* settings")
         elif header[key][1] != shape:
-            fail(f"{flag} {f}", f"tensor {key} has shape {header[key][1]}, this model's is {shape}; use the same "
-                 "recipe and hypernet.*/teacher.* settings (rank, hidden, ...)")
+            fail(
+                f"{flag} {f}",
+                f"tensor {key} has shape {header[key][1]}, this model's is {shape}; use the same "
+                "recipe and hypernet.*/teacher.* settings (rank, hidden, ...)",
+            )
     extra = sorted(set(header) - set(expected))
     if extra:
         fail(f"{flag} {f}", f"unexpected tensor {extra[0]} (written by another model or version)")
@@ -172,8 +182,13 @@ def check_teachers(path: Path, bank, model, flag: str = "--teachers") -> None:
 def load_hypernet(model, path: Path, flag: str = "--hypernet") -> None:
     """Load generator weights (before the engine is built). Sites and shapes must match; one warning when it was
     trained against other backbone weights of the same shapes."""
-    _load_into(model.generator, Path(path) / "generator.safetensors", model,
-               "a hypernet/ dir written by pretrain.py or finetune.py", flag)
+    _load_into(
+        model.generator,
+        Path(path) / "generator.safetensors",
+        model,
+        "a hypernet/ dir written by pretrain.py or finetune.py",
+        flag,
+    )
 
 
 def _load_into(module: torch.nn.Module, f: Path, model, what: str, flag: str | None = None) -> None:
@@ -186,9 +201,11 @@ def _load_into(module: torch.nn.Module, f: Path, model, what: str, flag: str | N
     mine = module.state_dict()
     for key, want in mine.items():  # in module order, so the first mismatch named is the first one built
         if key in state and tuple(state[key].shape) != tuple(want.shape):
-            raise ConfigError(f"{f}: {type(module).__name__.lower().replace('lorabank', 'LoRA bank')} tensor {key} "
-                              f"has shape {tuple(state[key].shape)}, this model's {tuple(want.shape)}; use the same "
-                              "recipe and hypernet.*/teacher.* settings (rank, hidden, number of rows, ...)")
+            raise ConfigError(
+                f"{f}: {type(module).__name__.lower().replace('lorabank', 'LoRA bank')} tensor {key} "
+                f"has shape {tuple(state[key].shape)}, this model's {tuple(want.shape)}; use the same "
+                "recipe and hypernet.*/teacher.* settings (rank, hidden, number of rows, ...)"
+            )
     missing, unexpected = module.load_state_dict(state, strict=False)
     if flag is not None:  # a source whose artifact records its backbone (stages.AdapterSource.fingerprint)
         warn_if_other_backbone(model, f.parent, flag)
@@ -198,12 +215,13 @@ def _load_into(module: torch.nn.Module, f: Path, model, what: str, flag: str | N
         with torch.no_grad():
             module.marker.vector.zero_()
         if dist.is_main():
-            print(f"{f}: no fusion marker saved; it starts at zero (identical to fusion without a marker)",
-                  flush=True)
+            print(f"{f}: no fusion marker saved; it starts at zero (identical to fusion without a marker)", flush=True)
         return
     if missing or unexpected:
-        raise ConfigError(f"{f}: tensor keys differ (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                          "use the same hypernet.*/teacher.* settings")
+        raise ConfigError(
+            f"{f}: tensor keys differ (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "use the same hypernet.*/teacher.* settings"
+        )
 
 
 def check(path: Path, model, flag: str) -> None:
@@ -218,8 +236,13 @@ def check(path: Path, model, flag: str) -> None:
 def load(model, path: Path) -> None:
     """Load the adapters ``model`` runs with (before an engine is built): its generator's, or its LoRA bank's."""
     src = model.source
-    _load_into(src.trained(model), Path(path) / src.file, model, f"a {src.dir}/ dir",
-               f"--{src.flag}" if src.fingerprint else None)
+    _load_into(
+        src.trained(model),
+        Path(path) / src.file,
+        model,
+        f"a {src.dir}/ dir",
+        f"--{src.flag}" if src.fingerprint else None,
+    )
 
 
 def save_teachers(model, path: Path, rows: dict[str, int], granularity: str) -> None:
@@ -231,15 +254,27 @@ def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, i
     teachers/ or baseline_lora/ dir, checked."""
     path = Path(path)
     rows = read_json(path / "rows.json", f"{flag} {path / 'rows.json'}")
-    meta = read_json(path / "config.json", f"{flag} {path / 'config.json'}", ("tagi", "sites", "rank", "alpha",
-                                                                               "granularity"))
-    if (not isinstance(rows, dict) or not rows or sorted(rows.values()) != list(range(len(rows)))
-            or not all(isinstance(v, int) for v in rows.values())):
+    meta = read_json(
+        path / "config.json", f"{flag} {path / 'config.json'}", ("tagi", "sites", "rank", "alpha", "granularity")
+    )
+    if (
+        not isinstance(rows, dict)
+        or not rows
+        or sorted(rows.values()) != list(range(len(rows)))
+        or not all(isinstance(v, int) for v in rows.values())
+    ):
         fail(f"{flag} {path / 'rows.json'}", "expected a JSON object of names to rows 0..N-1", str(rows)[:60])
-    if not (isinstance(meta["rank"], int) and meta["rank"] > 0 and isinstance(meta["alpha"], (int, float))
-            and meta["granularity"] in (*get_args(Granularity), "shared")):
-        fail(f"{flag} {path / 'config.json'}", "rank, alpha or granularity is not valid",
-             f"{meta['rank']!r}, {meta['alpha']!r}, {meta['granularity']!r}")
+    if not (
+        isinstance(meta["rank"], int)
+        and meta["rank"] > 0
+        and isinstance(meta["alpha"], (int, float))
+        and meta["granularity"] in (*get_args(Granularity), "shared")
+    ):
+        fail(
+            f"{flag} {path / 'config.json'}",
+            "rank, alpha or granularity is not valid",
+            f"{meta['rank']!r}, {meta['alpha']!r}, {meta['granularity']!r}",
+        )
     return rows, meta
 
 
@@ -260,8 +295,10 @@ def check_rows(tasks, rows: dict[str, int], granularity: str, where: str, hint: 
     for task in tasks:
         key = task.name if granularity == "task" else task.category
         if key not in rows:
-            raise ConfigError(f"{where}: no teacher for {granularity} {key!r} (rows.json has {len(rows)} "
-                              f"{granularity}s, e.g. {next(iter(rows))!r}); {hint}")
+            raise ConfigError(
+                f"{where}: no teacher for {granularity} {key!r} (rows.json has {len(rows)} "
+                f"{granularity}s, e.g. {next(iter(rows))!r}); {hint}"
+            )
 
 
 def load_teachers(bank, path: Path, model) -> None:

@@ -52,8 +52,9 @@ class TaskBatch:
         """int64 ``[B]``: the task index (0..K-1) of each example."""
         counts = self.example_offsets[1:] - self.example_offsets[:-1]
         # output_size: without it, repeat_interleave reads the total back from the device (a sync on CUDA)
-        return torch.repeat_interleave(torch.arange(self.num_tasks, device=counts.device), counts,
-                                       output_size=self.input_ids.shape[0])
+        return torch.repeat_interleave(
+            torch.arange(self.num_tasks, device=counts.device), counts, output_size=self.input_ids.shape[0]
+        )
 
     def offsets_list(self) -> list[int]:
         """``example_offsets`` as Python ints: the host copy when the batch was moved off the CPU (no sync)."""
@@ -66,8 +67,11 @@ class TaskBatch:
         return None if self.teacher_index is None else self.teacher_index.tolist()
 
     def to(self, device: torch.device | str) -> TaskBatch:
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         host = {}
         if self.example_offsets.device.type == "cpu":  # reading a CPU tensor waits for nothing
             host["host_offsets"] = tuple(self.example_offsets.tolist())

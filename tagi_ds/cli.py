@@ -20,46 +20,92 @@ from tagi_ds.runtime.flags import Parser, add_set_flag
 from tagi_ds.runtime.preflight import guarded
 from tagi_ds.stages import STAGES
 
-STAGE_DEFAULT_OUT = {"teachers": "runs/teachers", "pretrain": "runs/pretrain", "finetune": "runs/finetune",
-                     "evaluate": "runs/eval", "generate_adapter": "runs/adapter"}
-INPUT_HELP = {"teachers": "teachers/ from train_teachers.py: targets of the KL and parameter-alignment terms",
-              "init_hypernet": "hypernet/ from pretrain.py to start from (default: from scratch)"}
-RECIPE_HELP = {"tiny": "built-in tiny T5, random init, CPU-sized", "tiny-llama": "built-in tiny LLaMA",
-               "mini": "the small T5 of the miniature reproduction, scripts/reproduce.sh"}
+STAGE_DEFAULT_OUT = {
+    "teachers": "runs/teachers",
+    "pretrain": "runs/pretrain",
+    "finetune": "runs/finetune",
+    "evaluate": "runs/eval",
+    "generate_adapter": "runs/adapter",
+}
+INPUT_HELP = {
+    "teachers": "teachers/ from train_teachers.py: targets of the KL and parameter-alignment terms",
+    "init_hypernet": "hypernet/ from pretrain.py to start from (default: from scratch)",
+}
+RECIPE_HELP = {
+    "tiny": "built-in tiny T5, random init, CPU-sized",
+    "tiny-llama": "built-in tiny LLaMA",
+    "mini": "the small T5 of the miniature reproduction, scripts/reproduce.sh",
+}
 # engine.default_ds_config's rule, spelled out here: cli must not import the engine (torch) before --help
 # (tests/runtime/test_ds_configs.py holds the two to each other).
 DS_DEFAULT_HELP = "ds_configs/z3_tiny.json for the tiny* recipes, else ds_configs/z3.json"
-__all__ = ["Parser", "add_set_flag", "base_parser", "guarded", "output_dir", "resolve_config", "train_main",
-           "training_parser"]
+__all__ = [
+    "Parser",
+    "add_set_flag",
+    "base_parser",
+    "guarded",
+    "output_dir",
+    "resolve_config",
+    "train_main",
+    "training_parser",
+]
 
 
 def recipe_help(default: str | None) -> str:
     described = ", ".join(f"{n} ({RECIPE_HELP[n]})" for n in RECIPES if n in RECIPE_HELP)
     presets = ", ".join(n for n in RECIPES if n not in RECIPE_HELP)
-    return (f"named starting config: {described}; shape presets of the public checkpoints: {presets}"
-            + (f" (default: {default})" if default else ""))
+    return f"named starting config: {described}; shape presets of the public checkpoints: {presets}" + (
+        f" (default: {default})" if default else ""
+    )
 
 
-def base_parser(prog: str, description: str, epilog: str | None = None,
-                recipe_default: str | None = "tiny") -> argparse.ArgumentParser:
+def base_parser(
+    prog: str, description: str, epilog: str | None = None, recipe_default: str | None = "tiny"
+) -> argparse.ArgumentParser:
     """The shared flags. ``recipe_default`` None: the run's artifact fixes the model (evaluate, generate_adapter)."""
     p = Parser(prog=prog, description=description, epilog=epilog)
-    p.add_argument("--recipe", default=recipe_default, choices=list(RECIPES), metavar="NAME",
-                   help=recipe_help(recipe_default) if recipe_default else
-                   recipe_help(None) + " (default: the artifact's own recipe; tiny without an artifact)")
-    p.add_argument("--deepspeed", default=None, metavar="PATH",
-                   help=f"DeepSpeed JSON, ZeRO settings only (default: {DS_DEFAULT_HELP})")
+    p.add_argument(
+        "--recipe",
+        default=recipe_default,
+        choices=list(RECIPES),
+        metavar="NAME",
+        help=recipe_help(recipe_default)
+        if recipe_default
+        else recipe_help(None) + " (default: the artifact's own recipe; tiny without an artifact)",
+    )
+    p.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="PATH",
+        help=f"DeepSpeed JSON, ZeRO settings only (default: {DS_DEFAULT_HELP})",
+    )
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; leave it")
-    p.add_argument("--model_name_or_path", default=None, metavar="PATH",
-                   help="local HF checkpoint dir for the backbone (default: the recipe's shape, random init)")
-    p.add_argument("--data", default=None, metavar="SPEC",
-                   help=f"{field_docs(DataConfig)['spec']} (default: the recipe's, builtin)")
+    p.add_argument(
+        "--model_name_or_path",
+        default=None,
+        metavar="PATH",
+        help="local HF checkpoint dir for the backbone (default: the recipe's shape, random init)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="SPEC",
+        help=f"{field_docs(DataConfig)['spec']} (default: the recipe's, builtin)",
+    )
     stage = prog.removesuffix(".py").removeprefix("train_")  # train_teachers.py -> teachers
-    p.add_argument("--output_dir", default=None, metavar="DIR",
-                   help=f"run directory (default: {STAGE_DEFAULT_OUT.get(stage, 'runs/<stage>')})")
+    p.add_argument(
+        "--output_dir",
+        default=None,
+        metavar="DIR",
+        help=f"run directory (default: {STAGE_DEFAULT_OUT.get(stage, 'runs/<stage>')})",
+    )
     p.add_argument("--seed", type=int, default=None, help="global seed (default: train.seed of the recipe, 42)")
-    p.add_argument("--mode", default=None, choices=choices(TagiConfig, "mode"),
-                   help=f"{field_docs(TagiConfig)['mode']} (default: {TagiConfig.mode})")
+    p.add_argument(
+        "--mode",
+        default=None,
+        choices=choices(TagiConfig, "mode"),
+        help=f"{field_docs(TagiConfig)['mode']} (default: {TagiConfig.mode})",
+    )
     add_set_flag(p)
     return p
 
@@ -67,15 +113,21 @@ def base_parser(prog: str, description: str, epilog: str | None = None,
 def _default_run(stage: str) -> str:
     """What the launcher does with no flag (named in --help): what it reads, how many steps, where it writes."""
     cfg, spec = get_recipe("tiny"), STAGES[stage]
-    reads = {"corpus": "the built-in text corpus (split a|b|c)",
-             "tasks": "the built-in task suite's 76 training tasks"}[spec.data]
-    line = (f"With no flag: recipe tiny (built-in tiny T5, random init, frozen), reads {reads}, trains "
-            f"{cfg.train.max_steps} steps (train.max_steps; a checkpoint every {cfg.train.save_steps}) under ZeRO-3 "
-            f"(ds_configs/z3_tiny.json), one process or the ranks the deepspeed launcher starts, and writes "
-            f"{STAGE_DEFAULT_OUT[stage]}/.")
+    reads = {
+        "corpus": "the built-in text corpus (split a|b|c)",
+        "tasks": "the built-in task suite's 76 training tasks",
+    }[spec.data]
+    line = (
+        f"With no flag: recipe tiny (built-in tiny T5, random init, frozen), reads {reads}, trains "
+        f"{cfg.train.max_steps} steps (train.max_steps; a checkpoint every {cfg.train.save_steps}) under ZeRO-3 "
+        f"(ds_configs/z3_tiny.json), one process or the ranks the deepspeed launcher starts, and writes "
+        f"{STAGE_DEFAULT_OUT[stage]}/."
+    )
     if spec.distils:
-        line += (" Finetuning needs --teachers DIR for its KL and alignment terms, or --set loss.kl_weight=0 "
-                 "loss.param_weight=0.")
+        line += (
+            " Finetuning needs --teachers DIR for its KL and alignment terms, or --set loss.kl_weight=0 "
+            "loss.param_weight=0."
+        )
     line += " Bad input: one line 'error: ...' and exit code 2, nothing written (README: exit codes)."
     return textwrap.fill(line, width=100)
 
@@ -83,13 +135,19 @@ def _default_run(stage: str) -> str:
 def training_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p = base_parser(STAGES[stage].launcher, description, epilog=_default_run(stage))
     p.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: train.max_steps)")
-    p.add_argument("--save_steps", type=int, default=None,
-                   help="checkpoint every N steps (default: train.save_steps)")
-    p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH|latest",
-                   help="'latest' (in --output_dir/checkpoints: the newest complete checkpoint) or a checkpoint dir")
-    p.add_argument("--start_over", action="store_true",
-                   help="a fresh run into an --output_dir that holds another run's checkpoints: move its checkpoints/ "
-                        "and metrics.jsonl into OUTPUT_DIR/replaced-<time>/ (kept; delete it yourself)")
+    p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: train.save_steps)")
+    p.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        metavar="PATH|latest",
+        help="'latest' (in --output_dir/checkpoints: the newest complete checkpoint) or a checkpoint dir",
+    )
+    p.add_argument(
+        "--start_over",
+        action="store_true",
+        help="a fresh run into an --output_dir that holds another run's checkpoints: move its checkpoints/ "
+        "and metrics.jsonl into OUTPUT_DIR/replaced-<time>/ (kept; delete it yourself)",
+    )
     for flag in STAGES[stage].inputs:
         p.add_argument(f"--{flag}", default=None, metavar="DIR", help=INPUT_HELP[flag])
     return p
@@ -134,9 +192,16 @@ def train_main(stage: str, doc: str, argv: list[str] | None = None) -> None:
     cfg = resolve_config(args)
     from tagi_ds.train.loop import RunArgs, preflight, train  # heavy (deepspeed, transformers): after --help
 
-    checked = preflight(cfg, RunArgs(stage=stage, output_dir=output_dir(args, stage), deepspeed=args.deepspeed,
-                                     resume_from_checkpoint=args.resume_from_checkpoint,
-                                     start_over=args.start_over,
-                                     teachers=getattr(args, "teachers", None),
-                                     init_hypernet=getattr(args, "init_hypernet", None)))
+    checked = preflight(
+        cfg,
+        RunArgs(
+            stage=stage,
+            output_dir=output_dir(args, stage),
+            deepspeed=args.deepspeed,
+            resume_from_checkpoint=args.resume_from_checkpoint,
+            start_over=args.start_over,
+            teachers=getattr(args, "teachers", None),
+            init_hypernet=getattr(args, "init_hypernet", None),
+        ),
+    )
     train(checked)

@@ -72,8 +72,10 @@ def matches(pattern: str, text: str) -> Rule:
 POSITIVE = above(0)
 NON_NEGATIVE = at_least(0)
 SEED = within(0, 2**32 - 1)  # numpy's seed range
-FAULT = matches(r"|(nan|raise)@\d+(-\d+)?:\d+|(kill|stop)@\d+:\d+|(enospc|rofs)@\d+",
-                "empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or rofs@STEP")
+FAULT = matches(
+    r"|(nan|raise)@\d+(-\d+)?:\d+|(kill|stop)@\d+:\d+|(enospc|rofs)@\d+",
+    "empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or rofs@STEP",
+)
 
 ModeName = Literal["tagi", "concat", "no_instruction"]  # what tagi_ds/stages.py's MODES describe
 Granularity = Literal["task", "category"]
@@ -84,10 +86,20 @@ class ModelConfig:
     """The frozen backbone and which of its projections get adapters."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "vocab_size": POSITIVE, "d_model": POSITIVE, "d_ff": POSITIVE, "d_kv": POSITIVE, "num_layers": POSITIVE,
-        "num_decoder_layers": POSITIVE, "num_heads": POSITIVE, "num_kv_heads": POSITIVE,
-        "max_position_embeddings": POSITIVE, "head_dim": NON_NEGATIVE, "rope_theta": POSITIVE,
-        "rope_scaling": NON_NEGATIVE, "sliding_window": NON_NEGATIVE, "init_seed": SEED,
+        "vocab_size": POSITIVE,
+        "d_model": POSITIVE,
+        "d_ff": POSITIVE,
+        "d_kv": POSITIVE,
+        "num_layers": POSITIVE,
+        "num_decoder_layers": POSITIVE,
+        "num_heads": POSITIVE,
+        "num_kv_heads": POSITIVE,
+        "max_position_embeddings": POSITIVE,
+        "head_dim": NON_NEGATIVE,
+        "rope_theta": POSITIVE,
+        "rope_scaling": NON_NEGATIVE,
+        "sliding_window": NON_NEGATIVE,
+        "init_seed": SEED,
         "arch": registered(families.names),
     }
 
@@ -148,7 +160,10 @@ class HypernetConfig:
     """Instruction encoder pooling + the generator of LoRA factors."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "rank": POSITIVE, "alpha": POSITIVE, "hidden": POSITIVE, "site_dim": POSITIVE,
+        "rank": POSITIVE,
+        "alpha": POSITIVE,
+        "hidden": POSITIVE,
+        "site_dim": POSITIVE,
         "dropout": within(0, 1, hi_open=True),
     }
 
@@ -193,7 +208,10 @@ class LossConfig:
     """Stage-2 objective: CE + kl_weight * KL_T(teacher || student) + param_weight * param alignment."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "kl_weight": NON_NEGATIVE, "param_weight": NON_NEGATIVE, "temperature": POSITIVE, "chunk_tokens": POSITIVE,
+        "kl_weight": NON_NEGATIVE,
+        "param_weight": NON_NEGATIVE,
+        "temperature": POSITIVE,
+        "chunk_tokens": POSITIVE,
     }
 
     kl_weight: float = 1.0
@@ -214,9 +232,14 @@ class DataConfig:
     """Where examples come from and how they are tokenised and batched."""
 
     RULES: ClassVar[dict[str, Rule]] = {
-        "num_pos": NON_NEGATIVE, "max_instances_per_task": Rule(lambda v: v > 0 or v == -1, "> 0, or -1 for all"),
-        "max_instruction_length": at_least(2), "max_source_length": at_least(2), "max_target_length": at_least(2),
-        "tasks_per_batch": POSITIVE, "examples_per_task": POSITIVE, "builtin_seed": SEED,
+        "num_pos": NON_NEGATIVE,
+        "max_instances_per_task": Rule(lambda v: v > 0 or v == -1, "> 0, or -1 for all"),
+        "max_instruction_length": at_least(2),
+        "max_source_length": at_least(2),
+        "max_target_length": at_least(2),
+        "tasks_per_batch": POSITIVE,
+        "examples_per_task": POSITIVE,
+        "builtin_seed": SEED,
         "pretrain_length": at_least(3),
     }
 
@@ -271,9 +294,18 @@ class TrainConfig:
 
     RULES: ClassVar[dict[str, Rule]] = {
         "grad_ratio_every": NON_NEGATIVE,
-        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_ratio": within(0, 1), "max_steps": POSITIVE,
-        "grad_clip": NON_NEGATIVE, "grad_accum": POSITIVE, "save_steps": POSITIVE, "keep_last": NON_NEGATIVE,
-        "log_steps": POSITIVE, "stop_after": NON_NEGATIVE, "max_bad_steps": POSITIVE, "seed": SEED,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_ratio": within(0, 1),
+        "max_steps": POSITIVE,
+        "grad_clip": NON_NEGATIVE,
+        "grad_accum": POSITIVE,
+        "save_steps": POSITIVE,
+        "keep_last": NON_NEGATIVE,
+        "log_steps": POSITIVE,
+        "stop_after": NON_NEGATIVE,
+        "max_bad_steps": POSITIVE,
+        "seed": SEED,
         "inject_fault": FAULT,
     }
 
@@ -349,8 +381,9 @@ class TagiConfig:
         if self.hypernet.fusion and not fam.fusion and self.mode == "tagi":
             fusing = "/".join(families.get(n).label for n in families.having("fusion"))
             why = "is decoder-only: no encoder to fuse into" if fam.causal else "has no fusion"
-            raise ConfigError(f"hypernet.fusion: true is {fusing}-only (model.arch={m.arch} {why}); "
-                              "set hypernet.fusion=false (True)")
+            raise ConfigError(
+                f"hypernet.fusion: true is {fusing}-only (model.arch={m.arch} {why}); set hypernet.fusion=false (True)"
+            )
         if "head_dim" in fam.shape and not m.head_dim and m.d_model % m.num_heads:  # head_dim 0: d_model / heads
             raise ConfigError(f"model.d_model: must be a multiple of model.num_heads={m.num_heads} ({m.d_model})")
         if "num_kv_heads" in fam.shape and m.num_heads % m.num_kv_heads:
@@ -388,8 +421,13 @@ def field_docs(section: type) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -405,12 +443,16 @@ def _check_family(m: ModelConfig) -> None:
     if (why := attention_error(m)) is not None:
         raise ConfigError(why)
     if m.sliding_window and not fam.sliding_window:
-        raise ConfigError(f"model.sliding_window: {m.arch} has no sliding-window attention "
-                          f"({_and(families.having('sliding_window'))} do); set it to 0 ({m.sliding_window})")
+        raise ConfigError(
+            f"model.sliding_window: {m.arch} has no sliding-window attention "
+            f"({_and(families.having('sliding_window'))} do); set it to 0 ({m.sliding_window})"
+        )
     if m.rope_scaling and not fam.rope_scaling:
-        raise ConfigError(f"model.rope_scaling: Llama-3.1-style RoPE scaling is for model.arch="
-                          f"{' or '.join(families.having('rope_scaling'))} only (model.arch={m.arch}); set it to 0 "
-                          f"({m.rope_scaling:g})")
+        raise ConfigError(
+            f"model.rope_scaling: Llama-3.1-style RoPE scaling is for model.arch="
+            f"{' or '.join(families.having('rope_scaling'))} only (model.arch={m.arch}); set it to 0 "
+            f"({m.rope_scaling:g})"
+        )
 
 
 def attention_error(m: ModelConfig) -> str | None:
@@ -484,8 +526,10 @@ def _update(obj: Any, data: dict[str, Any], prefix: str = "", saved: bool = Fals
                 continue
             raise ConfigError(f"{path}: {RETIRED[path]}; drop it ({value!r})")
         if key not in names:
-            raise ConfigError(f"{path}: unknown config key (known{' in ' + prefix[:-1] if prefix else ''}: "
-                              f"{', '.join(sorted(names))})")
+            raise ConfigError(
+                f"{path}: unknown config key (known{' in ' + prefix[:-1] if prefix else ''}: "
+                f"{', '.join(sorted(names))})"
+            )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -530,9 +574,15 @@ def reference(obj: Any | None = None, prefix: str = "") -> list[tuple[str, str, 
             rows += reference(value, f"{prefix}{f.name}.")
             continue
         rule = rule_of(section, f.name)
-        values = (" | ".join(choices(section, f.name)) if get_origin(hints[f.name]) is Literal
-                  else " | ".join(rule.choices()) if rule and rule.choices
-                  else f"{_kind(hints[f.name])}, {rule.text}" if rule else _kind(hints[f.name]))
+        values = (
+            " | ".join(choices(section, f.name))
+            if get_origin(hints[f.name]) is Literal
+            else " | ".join(rule.choices())
+            if rule and rule.choices
+            else f"{_kind(hints[f.name])}, {rule.text}"
+            if rule
+            else _kind(hints[f.name])
+        )
         rows.append((prefix + f.name, values, _shown(value), docs.get(f.name, "")))
     return rows
 
@@ -561,17 +611,21 @@ def markdown() -> str:
     """The README's config table (a test holds the README to exactly this text)."""
     cell = lambda text: text.replace("|", "\\|")  # noqa: E731
     lines = ["| key | values | default | meaning |", "|---|---|---|---|"]
-    lines += [f"| `{key}` | {cell(values)} | `{cell(default)}` | {cell(doc)} |"
-              for key, values, default, doc in reference()]
+    lines += [
+        f"| `{key}` | {cell(values)} | `{cell(default)}` | {cell(doc)} |" for key, values, default, doc in reference()
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m tagi_ds.config", description="Every config key with its values, "
-                                "default (TagiConfig's; a recipe overrides some) and meaning. Set any of them with "
-                                "--set KEY=VALUE.")
+    p = argparse.ArgumentParser(
+        prog="python -m tagi_ds.config",
+        description="Every config key with its values, "
+        "default (TagiConfig's; a recipe overrides some) and meaning. Set any of them with "
+        "--set KEY=VALUE.",
+    )
     p.add_argument("--markdown", action="store_true", help="print the README's config table")
     if p.parse_args(argv).markdown:
         print(markdown())

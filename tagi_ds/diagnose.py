@@ -32,26 +32,40 @@ from tagi_ds.model import build_backbone, build_model
 from tagi_ds.runtime.flags import Parser, add_set_flag
 
 CONDITIONS = ("right", "wrong_adapter", "wrong_fused", "wrong_both", "fusion_off")
-LABELS = {"right": "own", "wrong_adapter": "wrong: adapter", "wrong_fused": "wrong: fused",
-          "wrong_both": "wrong: both", "fusion_off": "fusion off"}
+LABELS = {
+    "right": "own",
+    "wrong_adapter": "wrong: adapter",
+    "wrong_fused": "wrong: fused",
+    "wrong_both": "wrong: both",
+    "fusion_off": "fusion off",
+}
 
 
 def parser() -> Parser:
-    p = Parser(prog="python -m tagi_ds.diagnose",
-               description="Does a trained hypernetwork use its instruction? Instruction-swap test, fusion off, "
-               "generated-adapter diversity and loss-term gradient ratios: a table and OUTPUT_DIR/diagnose.json.")
+    p = Parser(
+        prog="python -m tagi_ds.diagnose",
+        description="Does a trained hypernetwork use its instruction? Instruction-swap test, fusion off, "
+        "generated-adapter diversity and loss-term gradient ratios: a table and OUTPUT_DIR/diagnose.json.",
+    )
     p.add_argument("--hypernet", required=True, help="a hypernet/ dir (finetune.py or pretrain.py output)")
-    p.add_argument("--data", default=None, help="generation task source: builtin | sni:DIR (default: the one it "
-                   "was trained with, from its config.json)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="generation task source: builtin | sni:DIR (default: the one it was trained with, from its config.json)",
+    )
     p.add_argument("--split", default="test", choices=("train", "dev", "test"), help="the tasks to diagnose")
     p.add_argument("--output_dir", default=None, help="where diagnose.json goes (default: HYPERNET/../diagnose)")
     p.add_argument("--max_instances", type=int, default=20, help="instances per task for the swap test")
     p.add_argument("--max_new_tokens", type=int, default=16, help="greedy generation length")
     p.add_argument("--batch_size", type=int, default=16, help="evaluation batch size")
-    p.add_argument("--teachers", default=None, help="the teachers/ dir it was finetuned with: adds the KL and "
-                   "alignment terms to the gradient ratios")
-    p.add_argument("--grad_batches", type=int, default=4, help="training batches for the gradient ratios "
-                   "(0: skip them)")
+    p.add_argument(
+        "--teachers",
+        default=None,
+        help="the teachers/ dir it was finetuned with: adds the KL and alignment terms to the gradient ratios",
+    )
+    p.add_argument(
+        "--grad_batches", type=int, default=4, help="training batches for the gradient ratios (0: skip them)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the model build and of the training batches")
     add_set_flag(p)
     return p
@@ -78,7 +92,7 @@ def _with_instructions(batch, rows: list[torch.Tensor], pad_id: int):
     ids = torch.full((len(rows), width), pad_id, dtype=batch.instr_input_ids.dtype)
     mask = torch.zeros((len(rows), width), dtype=batch.instr_attention_mask.dtype)
     for k, r in enumerate(rows):
-        ids[k, :len(r)], mask[k, :len(r)] = r, 1
+        ids[k, : len(r)], mask[k, : len(r)] = r, 1
     return dataclasses.replace(batch, instr_input_ids=ids, instr_attention_mask=mask)
 
 
@@ -87,8 +101,12 @@ def swap_test(model, cfg, tok, tasks, args) -> dict[str, dict[str, float]]:
     """EM and ROUGE-L of each condition in :data:`CONDITIONS` (``tagi_ds.eval.metrics.compute_metrics``)."""
     if len(tasks) < 2:
         raise ConfigError(f"--split {args.split}: the swap test needs at least 2 tasks, got {len(tasks)}")
-    gen = greedy_config(args.max_new_tokens, tok.eos_id, tok.pad_id,
-                        None if model.causal else model.backbone.config.decoder_start_token_id)
+    gen = greedy_config(
+        args.max_new_tokens,
+        tok.eos_id,
+        tok.pad_id,
+        None if model.causal else model.backbone.config.decoder_start_token_id,
+    )
     loader = data.build_eval_loader(cfg, tok, args.split, generation=True, tasks=tasks, batch_size=args.batch_size)
     instr = _instructions(loader)
     wrong_of = derangement(list(instr))
@@ -101,9 +119,13 @@ def swap_test(model, cfg, tok, tasks, args) -> dict[str, dict[str, float]]:
             wrong = _with_instructions(batch, [instr[wrong_of[n]] for n in batch.task_names], tok.pad_id)
             right_ad, right_st = eval_adapters(model, batch, "tagi")
             wrong_ad, wrong_st = eval_adapters(model, wrong, "tagi")
-            runs = {"right": (batch, right_ad, right_st), "wrong_adapter": (batch, wrong_ad, right_st),
-                    "wrong_fused": (wrong, right_ad, wrong_st), "wrong_both": (wrong, wrong_ad, wrong_st),
-                    "fusion_off": (batch, right_ad, None)}
+            runs = {
+                "right": (batch, right_ad, right_st),
+                "wrong_adapter": (batch, wrong_ad, right_st),
+                "wrong_fused": (wrong, right_ad, wrong_st),
+                "wrong_both": (wrong, wrong_ad, wrong_st),
+                "fusion_off": (batch, right_ad, None),
+            }
             for cond, (b, ad, st) in runs.items():
                 if not generating:  # teacher-forced: a continuous measure, alive where EM is still 0
                     loglik[cond].extend(score_targets(model, b, ad, st).float().tolist())
@@ -111,15 +133,26 @@ def swap_test(model, cfg, tok, tasks, args) -> dict[str, dict[str, float]]:
                 tokens = generate_tokens(model, b, ad, st, gen)
                 for i, row in zip(batch.example_ids, cut_at_eos(tokens.cpu(), tok.eos_id)):
                     task, ex = by_id[i]
-                    records[cond].append({"id": i, "task": task.name, "category": task.category,
-                                          "prediction": tok.decode(row), "references": list(ex.outputs)})
+                    records[cond].append(
+                        {
+                            "id": i,
+                            "task": task.name,
+                            "category": task.category,
+                            "prediction": tok.decode(row),
+                            "references": list(ex.outputs),
+                        }
+                    )
     out = {}
     own = [r["prediction"] for r in records["right"]]
     for cond, recs in records.items():
         m = compute_metrics(recs)
         changed = sum(a != r["prediction"] for a, r in zip(own, recs)) / len(recs)
-        out[cond] = {"exact_match": m["exact_match"], "rougeL": m["rougeL"], "changed_predictions": 100 * changed,
-                     "ref_loglik": sum(loglik[cond]) / len(loglik[cond])}
+        out[cond] = {
+            "exact_match": m["exact_match"],
+            "rougeL": m["rougeL"],
+            "changed_predictions": 100 * changed,
+            "ref_loglik": sum(loglik[cond]) / len(loglik[cond]),
+        }
     return out
 
 
@@ -139,9 +172,11 @@ def diversity_of(factors: dict[int, tuple[torch.Tensor, torch.Tensor]], scale: f
         norms = G.diagonal().clamp(min=1e-30).sqrt()
         cos = G / (norms[:, None] * norms[None, :])
         off = ~torch.eye(T, dtype=torch.bool)
-        out[site] = {"mean_pairwise_cos": float(cos[off].mean()) if T > 1 else 1.0,
-                     "mean_delta_energy_share": float(G.sum() / T ** 2 / G.diagonal().mean().clamp(min=1e-30)),
-                     "mean_delta_norm": float(norms.mean())}
+        out[site] = {
+            "mean_pairwise_cos": float(cos[off].mean()) if T > 1 else 1.0,
+            "mean_delta_energy_share": float(G.sum() / T**2 / G.diagonal().mean().clamp(min=1e-30)),
+            "mean_delta_norm": float(norms.mean()),
+        }
     return out
 
 
@@ -192,15 +227,25 @@ def run(args) -> dict[str, Any]:
     if args.teachers:
         rows = artifacts.adopt_teacher(cfg, Path(args.teachers))
     torch.manual_seed(args.seed)
-    model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids), num_bank_rows=len(rows) if rows else 0,
-                        with_teacher=rows is not None)
+    model = build_model(
+        cfg,
+        "finetune",
+        build_backbone(cfg, tok.special_ids),
+        num_bank_rows=len(rows) if rows else 0,
+        with_teacher=rows is not None,
+    )
     artifacts.load_hypernet(model, path)
     if rows is not None:
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)
     model.eval()
-    report: dict[str, Any] = {"hypernet": str(path), "data": cfg.data.spec, "split": args.split,
-                              "tasks": len(tasks), "instances_per_task": args.max_instances,
-                              "fusion": model.fusion}
+    report: dict[str, Any] = {
+        "hypernet": str(path),
+        "data": cfg.data.spec,
+        "split": args.split,
+        "tasks": len(tasks),
+        "instances_per_task": args.max_instances,
+        "fusion": model.fusion,
+    }
     report["swap"] = swap_test(model, cfg, tok, tasks, args)
     right = report["swap"]["right"]["exact_match"]
     report["swap_cost_em"] = {c: right - report["swap"][c]["exact_match"] for c in CONDITIONS if c != "right"}
@@ -228,19 +273,31 @@ def show(report: dict[str, Any]) -> None:
         m = report["swap"][c]
         em = "" if c == "right" else f"{report['swap_cost_em'][c]:+.1f}"
         ll = "" if c == "right" else f"{report['swap_cost_loglik'][c]:+.4f}"
-        t.add_row(LABELS[c], f"{m['exact_match']:.1f}", f"{m['rougeL']:.1f}", em, f"{m['ref_loglik']:.4f}", ll,
-                  f"{m['changed_predictions']:.0f}")
+        t.add_row(
+            LABELS[c],
+            f"{m['exact_match']:.1f}",
+            f"{m['rougeL']:.1f}",
+            em,
+            f"{m['ref_loglik']:.4f}",
+            ll,
+            f"{m['changed_predictions']:.0f}",
+        )
     console.print(t)
     d = Table(title=f"generated-adapter diversity over {report['diversity']['tasks']} tasks")
     for col in ("site", "mean pairwise cos", "energy share of mean delta", "mean ||delta||"):
         d.add_column(col)
     for site, v in [*report["diversity"]["per_site"].items(), ("mean", report["diversity"]["mean_over_sites"])]:
-        d.add_row(site, f"{v['mean_pairwise_cos']:.3f}", f"{v['mean_delta_energy_share']:.3f}",
-                  f"{v['mean_delta_norm']:.3g}")
+        d.add_row(
+            site, f"{v['mean_pairwise_cos']:.3f}", f"{v['mean_delta_energy_share']:.3f}", f"{v['mean_delta_norm']:.3g}"
+        )
     console.print(d)
     if "grad_ratios" in report:
-        console.print("gradient ratios vs CE: " + ", ".join(
-            f"{k} {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in report["grad_ratios"].items()))
+        console.print(
+            "gradient ratios vs CE: "
+            + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in report["grad_ratios"].items()
+            )
+        )
     console.print(f"-> {report['output']}")
 
 

@@ -60,49 +60,126 @@ class Family:
         raise KeyError(f"model.arch={self.name} has none of the shape fields {', '.join(fields)}")
 
 
-T5_SHAPE = {"vocab_size": "vocab_size", "d_model": "d_model", "d_ff": "d_ff", "d_kv": "d_kv",
-            "num_layers": "num_layers", "num_decoder_layers": "num_decoder_layers", "num_heads": "num_heads",
-            "feed_forward_proj": "feed_forward_proj"}
-DECODER_SHAPE = {"vocab_size": "vocab_size", "d_model": "hidden_size", "d_ff": "intermediate_size",
-                 "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-                 "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
-                 "max_position_embeddings": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings",
-                 "sliding_window": "sliding_window"}
+T5_SHAPE = {
+    "vocab_size": "vocab_size",
+    "d_model": "d_model",
+    "d_ff": "d_ff",
+    "d_kv": "d_kv",
+    "num_layers": "num_layers",
+    "num_decoder_layers": "num_decoder_layers",
+    "num_heads": "num_heads",
+    "feed_forward_proj": "feed_forward_proj",
+}
+DECODER_SHAPE = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "d_ff": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "sliding_window": "sliding_window",
+}
 # Llama's layout, shared by every family built by tagi_ds/backbones/decoder.py: model.layers.{i}.<path>.
-LLAMA_PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                     "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+LLAMA_PROJECTIONS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 
 
 def decoder_family(name: str, label: str, config_class: str, model_class: str, **fields: Any) -> Family:
     """A transformers decoder-only family with Llama's module names, built by tagi_ds/backbones/decoder.py."""
-    return Family(**{"module": "tagi_ds.backbones.decoder", "model_type": name, "encoder_decoder": False,
-                     "shape": DECODER_SHAPE, "projections": LLAMA_PROJECTIONS, "stacks": ("decoder",),
-                     "peft_task_type": "CAUSAL_LM", "name": name, "label": label, "config_class": config_class,
-                     "model_class": model_class, **fields})
+    return Family(
+        **{
+            "module": "tagi_ds.backbones.decoder",
+            "model_type": name,
+            "encoder_decoder": False,
+            "shape": DECODER_SHAPE,
+            "projections": LLAMA_PROJECTIONS,
+            "stacks": ("decoder",),
+            "peft_task_type": "CAUSAL_LM",
+            "name": name,
+            "label": label,
+            "config_class": config_class,
+            "model_class": model_class,
+            **fields,
+        }
+    )
 
 
 # Constants of the public checkpoints that ModelConfig's shape fields do not carry. Gemma-2: query scale
 # head_dim^-0.5 (query_pre_attn_scalar = head_dim, as in 2B and 9B), attention logits soft-capped at 50, final
 # logits at 30.
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family(name="t5", module="tagi_ds.backbones.t5", label="T5", model_type="t5", encoder_decoder=True,
-           config_class="T5Config", model_class="T5ForConditionalGeneration", shape=T5_SHAPE,
-           projections={"q": "attention", "k": "attention", "v": "attention", "o": "attention",
-                        "wi": "ffn", "wo": "ffn", "wi_0": "ffn", "wi_1": "ffn"},
-           stacks=("encoder", "decoder", "cross"), peft_task_type="SEQ_2_SEQ_LM", fusion=True, cross_cache=True,
-           attention={"flash_attention_2": "T5 adds a relative position bias to its attention logits, which "
-                                           "flash_attention_2 cannot do"}),
-    decoder_family("llama", "Llama", "LlamaConfig", "LlamaForCausalLM", constants={"rms_norm_eps": 1e-5},
-                   rope_scaling=True),
-    decoder_family("mistral", "Mistral", "MistralConfig", "MistralForCausalLM", constants={"rms_norm_eps": 1e-5},
-                   sliding_window=True),
-    decoder_family("qwen2", "Qwen2", "Qwen2Config", "Qwen2ForCausalLM", constants={"rms_norm_eps": 1e-6},
-                   sliding_window=True, window_switch="use_sliding_window"),
-    decoder_family("gemma2", "Gemma-2", "Gemma2Config", "Gemma2ForCausalLM",
-                   constants={"rms_norm_eps": 1e-6, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
-                   head_dim_keys=("query_pre_attn_scalar",), sliding_window=True,
-                   attention={"sdpa": "Gemma-2 soft-caps its attention logits, which sdpa cannot do"}),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="t5",
+            module="tagi_ds.backbones.t5",
+            label="T5",
+            model_type="t5",
+            encoder_decoder=True,
+            config_class="T5Config",
+            model_class="T5ForConditionalGeneration",
+            shape=T5_SHAPE,
+            projections={
+                "q": "attention",
+                "k": "attention",
+                "v": "attention",
+                "o": "attention",
+                "wi": "ffn",
+                "wo": "ffn",
+                "wi_0": "ffn",
+                "wi_1": "ffn",
+            },
+            stacks=("encoder", "decoder", "cross"),
+            peft_task_type="SEQ_2_SEQ_LM",
+            fusion=True,
+            cross_cache=True,
+            attention={
+                "flash_attention_2": "T5 adds a relative position bias to its attention logits, which "
+                "flash_attention_2 cannot do"
+            },
+        ),
+        decoder_family(
+            "llama", "Llama", "LlamaConfig", "LlamaForCausalLM", constants={"rms_norm_eps": 1e-5}, rope_scaling=True
+        ),
+        decoder_family(
+            "mistral",
+            "Mistral",
+            "MistralConfig",
+            "MistralForCausalLM",
+            constants={"rms_norm_eps": 1e-5},
+            sliding_window=True,
+        ),
+        decoder_family(
+            "qwen2",
+            "Qwen2",
+            "Qwen2Config",
+            "Qwen2ForCausalLM",
+            constants={"rms_norm_eps": 1e-6},
+            sliding_window=True,
+            window_switch="use_sliding_window",
+        ),
+        decoder_family(
+            "gemma2",
+            "Gemma-2",
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            constants={"rms_norm_eps": 1e-6, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+            head_dim_keys=("query_pre_attn_scalar",),
+            sliding_window=True,
+            attention={"sdpa": "Gemma-2 soft-caps its attention logits, which sdpa cannot do"},
+        ),
+    )
+}
 
 
 def get(arch: str) -> Family:

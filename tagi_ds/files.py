@@ -19,8 +19,15 @@ from typing import Any
 
 from tagi_ds.errors import FileError
 
-__all__ = ["atomic_dir", "atomic_write", "check_json_lines", "read_json", "read_text", "replace_dir",
-           "usual_permissions"]
+__all__ = [
+    "atomic_dir",
+    "atomic_write",
+    "check_json_lines",
+    "read_json",
+    "read_text",
+    "replace_dir",
+    "usual_permissions",
+]
 
 
 # -- writing --------------------------------------------------------------------------------------------------

@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     use_own_extensions_dir()
     timeout, argv = _rank_timeout(argv)
     full, source = runner_argv(argv, dict(os.environ))
-    how = {"free": "a free port; set MASTER_PORT or --master_port to choose",
-           "MASTER_PORT": "from MASTER_PORT", "--master_port": "from --master_port"}[source]
+    how = {
+        "free": "a free port; set MASTER_PORT or --master_port to choose",
+        "MASTER_PORT": "from MASTER_PORT",
+        "--master_port": "from --master_port",
+    }[source]
     print(f"tagi-ds launch: rendezvous on port {port_of(full)} ({how})", flush=True)
     from deepspeed.launcher.runner import main as ds_main
 
@@ -109,8 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         print(_report_line(failure, argv), file=sys.stderr, flush=True)
         raise SystemExit(watchdog.EXIT_RANK_LOST)
     if lost is not None:  # a rank lost its peers with none of them found dead (e.g. a network failure)
-        print(f"error: rank {lost[0]} lost contact with the other ranks mid-collective ({lost[1]}); "
-              "resume with --resume_from_checkpoint latest", file=sys.stderr, flush=True)
+        print(
+            f"error: rank {lost[0]} lost contact with the other ranks mid-collective ({lost[1]}); "
+            "resume with --resume_from_checkpoint latest",
+            file=sys.stderr,
+            flush=True,
+        )
     if code:
         raise SystemExit(code)
 
@@ -140,9 +147,8 @@ def _rank_timeout(argv: list[str]) -> tuple[float, list[str]]:
             except ValueError:
                 print(f"error: --rank_timeout: expected seconds > 0 ({value!r})", file=sys.stderr)
                 raise SystemExit(2) from None
-            return seconds, argv[:i] + argv[i + (1 if "=" in a else 2):]
+            return seconds, argv[:i] + argv[i + (1 if "=" in a else 2) :]
     return RANK_TIMEOUT_S, argv
-
 
 
 def _report_line(failure, argv: list[str]) -> str:
@@ -153,8 +159,11 @@ def _report_line(failure, argv: list[str]) -> str:
     command = ["python", "-m", "tagi_ds.launch", *argv]
     if "--resume_from_checkpoint" not in " ".join(argv):
         command += ["--resume_from_checkpoint", "latest"]
-    where = (f"last complete checkpoint {last}; resume with: {' '.join(command)}" if last is not None
-             else "no complete checkpoint yet: run the same command again")
+    where = (
+        f"last complete checkpoint {last}; resume with: {' '.join(command)}"
+        if last is not None
+        else "no complete checkpoint yet: run the same command again"
+    )
     return f"error: rank {failure.rank} (pid {failure.pid}) {failure.what}; stopped the other ranks; {where}"
 
 

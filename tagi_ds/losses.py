@@ -41,8 +41,10 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * mean_tokens KL(softmax(teacher/T) || softmax(student/T))`` over ``[N, V]`` target tokens."""
     if student.shape != teacher.shape:
-        raise ValueError(f"kl_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} target "
-                         "tokens differ: both views must carry the same labels")
+        raise ValueError(
+            f"kl_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} target "
+            "tokens differ: both views must carry the same labels"
+        )
     t = temperature
     log_p_t = F.log_softmax(teacher.float() / t, dim=-1)
     log_p_s = F.log_softmax(student.float() / t, dim=-1)
@@ -50,8 +52,13 @@ def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return kl.mean() * t * t if kl.numel() else student.sum() * 0.0
 
 
-def _chunk_sums(head: Callable[[torch.Tensor], torch.Tensor], student: torch.Tensor, labels: torch.Tensor,
-                teacher: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def _chunk_sums(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    student: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
     """``[2]``: summed CE and summed ``T^2``-scaled KL over one chunk of target rows (the KL sum is 0 without
     a teacher). The teacher's logits need no gradient: computed, and recomputed in backward, under no_grad."""
     s = head(student).float()
@@ -65,9 +72,14 @@ def _chunk_sums(head: Callable[[torch.Tensor], torch.Tensor], student: torch.Ten
     return torch.stack([ce, kl])
 
 
-def token_losses(head: Callable[[torch.Tensor], torch.Tensor], student: torch.Tensor, labels: torch.Tensor,
-                 teacher: torch.Tensor | None = None, temperature: float = 1.0,
-                 chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_losses(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    student: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean token CE (``ce_loss``) and, with ``teacher``, ``kl_loss`` of ``head``'s logits, ``chunk`` rows at a time.
 
     ``student [N, d]`` and ``teacher [N, d]`` are the rows :func:`target_rows` picks (hidden states; or logits
@@ -85,8 +97,11 @@ def token_losses(head: Callable[[torch.Tensor], torch.Tensor], student: torch.Te
     for i in range(0, n, chunk):
         rows = slice(i, i + chunk)
         args = (head, student[rows], labels[rows], teacher[rows] if teacher is not None else None, temperature)
-        sums.append(checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False) if grad
-                    else _chunk_sums(*args))
+        sums.append(
+            checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
+            if grad
+            else _chunk_sums(*args)
+        )
     total = torch.stack(sums).sum(0) / n
     return total[0], (total[1] if teacher is not None else None)
 
@@ -96,6 +111,7 @@ def _delta_sq_dist(Ag, Bg, sg, At, Bt, st) -> torch.Tensor:
 
     ``||X - Y||^2 = ||X||^2 - 2<X, Y> + ||Y||^2`` with ``<B1 A1, B2 A2> = sum((B1^T B2) * (A1 A2^T))``.
     """
+
     def inner(A1, B1, A2, B2):
         return ((B1.transpose(1, 2) @ B2) * (A1 @ A2.transpose(1, 2))).sum((1, 2))
 
@@ -114,9 +130,13 @@ ALIGN_MODES = ("relative", "delta", "factors")
 RELATIVE_FLOOR = 1e-12
 
 
-def param_alignment(generated: dict[int, tuple[torch.Tensor, torch.Tensor]], gen_scale: float,
-                    teacher: dict[int, tuple[torch.Tensor, torch.Tensor]], teacher_scale: float,
-                    mode: str = "relative") -> torch.Tensor:
+def param_alignment(
+    generated: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    gen_scale: float,
+    teacher: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    teacher_scale: float,
+    mode: str = "relative",
+) -> torch.Tensor:
     """How far the generated adapters are from the teacher's, over the sites ``s`` and the batch's tasks.
 
     ``relative`` (the default): per task ``sum_s ||dG_s - dT_s||_F^2 / sum_s ||dT_s||_F^2`` with ``d = s B A``
@@ -143,8 +163,10 @@ def param_alignment(generated: dict[int, tuple[torch.Tensor, torch.Tensor]], gen
             terms.append(_delta_sq_dist(Ag, Bg, gen_scale, At, Bt, teacher_scale) / (Bg.shape[1] * Ag.shape[2]))
         else:
             if Ag.shape != At.shape:
-                raise ValueError(f"loss.param_align=factors needs equal ranks: generated A {tuple(Ag.shape)} vs "
-                                 f"teacher A {tuple(At.shape)}; use param_align=relative or delta")
+                raise ValueError(
+                    f"loss.param_align=factors needs equal ranks: generated A {tuple(Ag.shape)} vs "
+                    f"teacher A {tuple(At.shape)}; use param_align=relative or delta"
+                )
             terms.append(((Ag - At) ** 2).mean((1, 2)) + ((gen_scale * Bg - teacher_scale * Bt) ** 2).mean((1, 2)))
     if mode == "relative":  # [S, K] -> per task over sites -> mean over the tasks that have a teacher delta
         num, den = torch.stack(terms).sum(0), torch.stack(norms).sum(0)

@@ -41,9 +41,17 @@ def fuses(cfg: TagiConfig) -> bool:
 
 
 class TagiModel(nn.Module):
-    def __init__(self, cfg: TagiConfig, stage: str, backbone: nn.Module, sites: list[Site], state: AdapterState,
-                 generator: Generator | None = None, bank: LoraBank | None = None,
-                 teacher: LoraBank | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TagiConfig,
+        stage: str,
+        backbone: nn.Module,
+        sites: list[Site],
+        state: AdapterState,
+        generator: Generator | None = None,
+        bank: LoraBank | None = None,
+        teacher: LoraBank | None = None,
+    ) -> None:
         super().__init__()
         self.cfg, self.stage, self.sites, self.state = cfg, stage, sites, state
         self.spec = stages.spec(stage, cfg)
@@ -59,8 +67,9 @@ class TagiModel(nn.Module):
         # step copies only the rows of the batch's tasks to the device (``LoraBank.take``).
         # ``runtime.engine.keep_teacher`` keeps it in the training dtype, on the device where it fits.
         object.__setattr__(self, "teacher", teacher)
-        self.encoder = InstructionEncoder(backbone, self.arch, state, cfg.hypernet.pooling,
-                                          cfg.hypernet.checkpoint_encoder)
+        self.encoder = InstructionEncoder(
+            backbone, self.arch, state, cfg.hypernet.pooling, cfg.hypernet.checkpoint_encoder
+        )
         self.fusion = fuses(cfg) and generator is not None
 
     # -- adapters ---------------------------------------------------------------------------------------
@@ -70,24 +79,36 @@ class TagiModel(nn.Module):
             raise ValueError("mode tagi needs instr_input_ids in the batch (one instruction per task)")
         states, pooled = self.encoder(batch.instr_input_ids, batch.instr_attention_mask)
         factors = dict(enumerate(call_whole(self.generator, pooled)))
-        return AdapterSet(factors, batch.example_offsets, self.generator.scale, self.cfg.model.adapter_impl,
-                          host_offsets=batch.offsets_list()), states
+        return AdapterSet(
+            factors,
+            batch.example_offsets,
+            self.generator.scale,
+            self.cfg.model.adapter_impl,
+            host_offsets=batch.offsets_list(),
+        ), states
 
     def bank_adapters(self, bank: LoraBank, batch: TaskBatch, shared: bool = False) -> AdapterSet:
         # Offsets and rows are read from the batch's host copies: no device syncs.
         offsets, impl = batch.offsets_list(), self.cfg.model.adapter_impl
         if shared:  # every example uses row 0: one segment [0, B], not K copies of the row
             rows = torch.zeros(1, dtype=torch.long, device=batch.example_offsets.device)
-            return bank.adapters(rows, batch.example_offsets[::batch.num_tasks], impl, host_rows=[0],
-                                 host_offsets=[0, offsets[-1]])
+            return bank.adapters(
+                rows, batch.example_offsets[:: batch.num_tasks], impl, host_rows=[0], host_offsets=[0, offsets[-1]]
+            )
         host_rows = self._teacher_rows(batch)
         return bank.adapters(batch.teacher_index, batch.example_offsets, impl, host_rows, offsets)
 
     def teacher_adapters(self, batch: TaskBatch, student: AdapterSet) -> AdapterSet:
         """The batch's rows of the host-resident teacher bank, on the student's device and dtype."""
         a, _ = next(iter(student.factors.values()))
-        return self.teacher.take(self._teacher_rows(batch), batch.example_offsets, a.device, a.dtype,
-                                 self.cfg.model.adapter_impl, batch.offsets_list())
+        return self.teacher.take(
+            self._teacher_rows(batch),
+            batch.example_offsets,
+            a.device,
+            a.dtype,
+            self.cfg.model.adapter_impl,
+            batch.offsets_list(),
+        )
 
     @staticmethod
     def _teacher_rows(batch: TaskBatch) -> list[int]:
@@ -110,8 +131,9 @@ class TagiModel(nn.Module):
     def _marked(self, instr_states: torch.Tensor) -> torch.Tensor:
         return self.generator.marker(instr_states) if self.generator.marker is not None else instr_states
 
-    def prefix_cache(self, batch: TaskBatch | None, instr_states: torch.Tensor | None,
-                     adapters: AdapterSet | None) -> Callable[[torch.Tensor], object] | None:
+    def prefix_cache(
+        self, batch: TaskBatch | None, instr_states: torch.Tensor | None, adapters: AdapterSet | None
+    ) -> Callable[[torch.Tensor], object] | None:
         """At inference with fusion: a builder of the decoder's cross-attention cache (``arch.cross_cache``)
         that projects each task's instruction states once instead of once per example. None when
         autograd is on (training keeps HF's own per-example projection, with its gradients and activation
@@ -123,20 +145,37 @@ class TagiModel(nn.Module):
         if adapters is not None:  # the same factors over one row per task
             rows = torch.arange(batch.num_tasks + 1, device=adapters.example_offsets.device)
             task_rows = AdapterSet(adapters.factors, rows, adapters.scale, adapters.impl)
-        return partial(self.arch.cross_cache, self.backbone, prefix=self._marked(instr_states),
-                       rows=batch.task_of_example, prefix_scope=lambda: self.state.use(task_rows))
+        return partial(
+            self.arch.cross_cache,
+            self.backbone,
+            prefix=self._marked(instr_states),
+            rows=batch.task_of_example,
+            prefix_scope=lambda: self.state.use(task_rows),
+        )
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-               adapters: AdapterSet | None, batch: TaskBatch | None = None,
-               instr_states: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        adapters: AdapterSet | None,
+        batch: TaskBatch | None = None,
+        instr_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         prefix, prefix_mask = self.fusion_prefix(batch, instr_states)
         cache = self.prefix_cache(batch, instr_states, adapters)
         with self.state.use(adapters):
             return self.arch.logits(self.backbone, input_ids, attention_mask, labels, prefix, prefix_mask, cache)
 
-    def head_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  adapters: AdapterSet | None, batch: TaskBatch | None = None,
-                  instr_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+    def head_rows(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        adapters: AdapterSet | None,
+        batch: TaskBatch | None = None,
+        instr_states: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable]:
         """The LM head's inputs at the target tokens ``[N, *]``, their labels ``[N]`` and the head
         (``arch.head_inputs``): the loss makes logits from them a chunk at a time, never ``[B, L, V]``."""
         prefix, prefix_mask = self.fusion_prefix(batch, instr_states)
@@ -147,8 +186,9 @@ class TagiModel(nn.Module):
 
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         adapters, instr_states = self.student_adapters(batch)
-        student, labels, head = self.head_rows(batch.input_ids, batch.attention_mask, batch.labels, adapters, batch,
-                                               instr_states)
+        student, labels, head = self.head_rows(
+            batch.input_ids, batch.attention_mask, batch.labels, adapters, batch, instr_states
+        )
         lc = self.cfg.loss
         distil = self.teacher is not None and self.spec.stage.distils
         teacher_adapters = self.teacher_adapters(batch, adapters) if distil else None
@@ -157,11 +197,14 @@ class TagiModel(nn.Module):
             if batch.teacher_input_ids is None:
                 raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")
             with torch.no_grad():
-                teacher, _, _ = self.head_rows(batch.teacher_input_ids, batch.teacher_attention_mask,
-                                               batch.teacher_labels, teacher_adapters)
+                teacher, _, _ = self.head_rows(
+                    batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels, teacher_adapters
+                )
             if teacher.shape[0] != student.shape[0]:
-                raise ValueError(f"the teacher view has {teacher.shape[0]} target tokens, the student's "
-                                 f"{student.shape[0]}: both views must carry the same labels")
+                raise ValueError(
+                    f"the teacher view has {teacher.shape[0]} target tokens, the student's "
+                    f"{student.shape[0]}: both views must carry the same labels"
+                )
         ce, kl = token_losses(head, student, labels, teacher, lc.temperature, lc.chunk_tokens)
         terms = {"ce": ce}
         loss = ce
@@ -170,8 +213,9 @@ class TagiModel(nn.Module):
                 terms["kl"] = kl
                 loss = loss + lc.kl_weight * kl
             if lc.param_weight > 0:
-                terms["param"] = param_alignment(adapters.factors, adapters.scale, teacher_adapters.factors,
-                                                 teacher_adapters.scale, lc.param_align)
+                terms["param"] = param_alignment(
+                    adapters.factors, adapters.scale, teacher_adapters.factors, teacher_adapters.scale, lc.param_align
+                )
                 loss = loss + lc.param_weight * terms["param"]
         return loss, terms
 
@@ -193,8 +237,14 @@ def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -
         return build(cfg.model, **kwargs)
 
 
-def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows: int = 0,
-                with_teacher: bool = False, teacher_init: str = "peft") -> TagiModel:
+def build_model(
+    cfg: TagiConfig,
+    stage: str,
+    backbone: nn.Module,
+    num_bank_rows: int = 0,
+    with_teacher: bool = False,
+    teacher_init: str = "peft",
+) -> TagiModel:
     """Freeze the backbone, inject adapted sites and attach the adapters of ``stage`` in its mode
     (:func:`tagi_ds.stages.spec`): the hypernetwork, a LoRA bank with a row per task, or one shared LoRA.
 
@@ -214,6 +264,7 @@ def build_model(cfg: TagiConfig, stage: str, backbone: nn.Module, num_bank_rows:
     teacher = None
     if with_teacher and source.instruction:  # the frozen distillation bank: only a source that reads the
         # instruction distils (stages.spec; the planner asks with_teacher for any mode)
-        teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha,
-                           init=teacher_init).requires_grad_(False)
+        teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha, init=teacher_init).requires_grad_(
+            False
+        )
     return TagiModel(cfg, stage, backbone, sites, state, teacher=teacher, **built)

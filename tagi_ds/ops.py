@@ -33,8 +33,9 @@ import torch.nn.functional as F
 IMPLS = ("auto", "torch", "triton")
 
 
-def check_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
-               check_offsets: bool = True) -> None:
+def check_args(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor, check_offsets: bool = True
+) -> None:
     """The op contract, checked once per call of the public ops (the kernels then check only what they add:
     ``tagi_kernels`` ``checked=True``). Raise ValueError naming the argument whose shape, dtype or content is
     wrong. The content checks of ``seg_offsets`` read it on the host (a device sync):
@@ -53,8 +54,10 @@ def check_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: t
     if A.dtype != x.dtype or B.dtype != x.dtype:
         raise ValueError(f"lora_delta: x, A, B must share a dtype, got {x.dtype}, {A.dtype}, {B.dtype}")
     if seg_offsets.dtype != torch.int64 or seg_offsets.dim() != 1 or seg_offsets.numel() != S + 1:
-        raise ValueError(f"lora_delta: seg_offsets must be int64 [S+1={S + 1}], "
-                         f"got {seg_offsets.dtype} shape {tuple(seg_offsets.shape)}")
+        raise ValueError(
+            f"lora_delta: seg_offsets must be int64 [S+1={S + 1}], "
+            f"got {seg_offsets.dtype} shape {tuple(seg_offsets.shape)}"
+        )
     if not check_offsets:
         return
     first, last = int(seg_offsets[0]), int(seg_offsets[-1])
@@ -64,8 +67,9 @@ def check_args(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: t
         raise ValueError(f"lora_delta: seg_offsets must be non-decreasing, got {seg_offsets.tolist()}")
 
 
-def lora_delta_torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
-                     scale: float = 1.0) -> torch.Tensor:
+def lora_delta_torch(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
     """Reference: gather segments into ``[S, Lmax, d_in]``, two bmm, keep the valid rows (in order)."""
     T, S, d_out = x.shape[0], A.shape[0], B.shape[1]
     lengths = seg_offsets[1:] - seg_offsets[:-1]  # [S]
@@ -114,14 +118,25 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
                 impl = "triton"
             elif not _warned_fallback:
                 _warned_fallback = True
-                warnings.warn(f"lora_delta: impl='auto' on CUDA runs the torch reference op: tagi_kernels does not "
-                              f"import ({err})", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"lora_delta: impl='auto' on CUDA runs the torch reference op: tagi_kernels does not "
+                    f"import ({err})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     RESOLVED[impl] += 1
     return impl
 
 
-def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
-               scale: float = 1.0, impl: str = "auto", check_offsets: bool = True) -> torch.Tensor:
+def lora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+    impl: str = "auto",
+    check_offsets: bool = True,
+) -> torch.Tensor:
     """``[T, d_out]`` per-segment ``scale * (x A_s^T) B_s^T``; differentiable in x, A and B.
 
     ``check_offsets=False`` is for callers that validated the offsets already (the adapted layers: once per
@@ -133,38 +148,63 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: t
     return _kernels("lora_delta").triton_lora_delta(x, A, B, seg_offsets, scale, checked=True)
 
 
-def lora_delta_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                    seg_offsets: torch.Tensor, scale: float = 1.0, impl: str = "auto",
-                    check_offsets: bool = True) -> torch.Tensor:
+def lora_delta_add_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+    impl: str = "auto",
+    check_offsets: bool = True,
+) -> torch.Tensor:
     """``out += lora_delta(x, A, B, seg_offsets, scale)`` in place; returns ``out`` ``[T, d_out]`` (same dtype and
     device as x, any strides, not overlapping x). Differentiable in out, x, A and B, by autograd's in-place rules
     (``out`` may not be a leaf that requires grad)."""
     check_args(x, A, B, seg_offsets, check_offsets)
     want = (x.shape[0], B.shape[1])
     if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"lora_delta_add_: out must be {list(want)} {x.dtype} on {x.device}, "
-                         f"got {list(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(
+            f"lora_delta_add_: out must be {list(want)} {x.dtype} on {x.device}, "
+            f"got {list(out.shape)} {out.dtype} on {out.device}"
+        )
     if resolve_impl(impl, x) == "torch":
         return out.add_(lora_delta_torch(x, A, B, seg_offsets, scale))
     return _kernels("lora_delta_add_").triton_lora_delta_add_(out, x, A, B, seg_offsets, scale, checked=True)
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
-                seg_offsets: torch.Tensor, scale: float = 1.0, impl: str = "auto",
-                check_offsets: bool = True) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+    impl: str = "auto",
+    check_offsets: bool = True,
+) -> torch.Tensor:
     """``F.linear(x, weight, bias) + lora_delta(x, A, B, seg_offsets, scale)``, ``[T, d_out]``; weight
     ``[d_out, d_in]`` and bias ``[d_out]`` in x's dtype. Differentiable in every tensor."""
     check_args(x, A, B, seg_offsets, check_offsets)
     if weight.shape != (B.shape[1], x.shape[1]):
-        raise ValueError(f"lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}], "
-                         f"got {list(weight.shape)}")
+        raise ValueError(
+            f"lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}], got {list(weight.shape)}"
+        )
     if resolve_impl(impl, x) == "torch":
         return lora_linear_torch(x, weight, bias, A, B, seg_offsets, scale)
     return _kernels("lora_linear").triton_lora_linear(x, weight, bias, A, B, seg_offsets, scale, checked=True)
 
 
-def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                      B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def lora_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """Reference and specification of the adapted linear: ``F.linear(x, weight, bias)`` plus the per-task delta
     (:func:`lora_delta_torch`), rounded as two separate results and their sum."""
     return F.linear(x, weight, bias) + lora_delta_torch(x, A, B, seg_offsets, scale)
@@ -173,23 +213,34 @@ def lora_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 LINEAR_SHRINKS = ("auto", "fused", "split")
 
 
-def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                      B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0, impl: str = "auto",
-                      check_offsets: bool = True, shrink: str = "auto") -> torch.Tensor:
+def lora_linear_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+    impl: str = "auto",
+    check_offsets: bool = True,
+    shrink: str = "auto",
+) -> torch.Tensor:
     """The adapted linear with the LoRA inside the base GEMM (issue 26): same contract as :func:`lora_linear`.
     ``impl="triton"`` runs one fused Triton GEMM per direction (y and dX each written once); ``impl="torch"`` is
     :func:`lora_linear_torch`. ``shrink`` (triton only): ``fused`` computes ``x A_s^T`` from the GEMM's own x tiles,
     ``split`` runs the split-K shrink kernel first, ``auto`` picks by the cost model in kernels/NOTES.md."""
     check_args(x, A, B, seg_offsets, check_offsets)
     if weight.shape != (B.shape[1], x.shape[1]):
-        raise ValueError(f"lora_linear_fused: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}], "
-                         f"got {list(weight.shape)}")
+        raise ValueError(
+            f"lora_linear_fused: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}], got {list(weight.shape)}"
+        )
     if shrink not in LINEAR_SHRINKS:
         raise ValueError(f"lora_linear_fused: shrink must be one of {', '.join(LINEAR_SHRINKS)}, got {shrink!r}")
     if resolve_impl(impl, x) == "torch":
         return lora_linear_torch(x, weight, bias, A, B, seg_offsets, scale)
-    return _kernels("lora_linear_fused").triton_lora_linear_fused(x, weight, bias, A, B, seg_offsets, scale, shrink,
-                                                                 checked=True)
+    return _kernels("lora_linear_fused").triton_lora_linear_fused(
+        x, weight, bias, A, B, seg_offsets, scale, shrink, checked=True
+    )
 
 
 def _kernels(op: str):

@@ -80,8 +80,14 @@ class AdapterSource:
 class Generated(AdapterSource):
     """The hypernetwork: each task's adapters generated from its instruction (TAGI)."""
 
-    name, dir, flag, file, instruction, whole = ("generated", "hypernet", "hypernet", "generator.safetensors", True,
-                                                 "hypernetwork")
+    name, dir, flag, file, instruction, whole = (
+        "generated",
+        "hypernet",
+        "hypernet",
+        "generator.safetensors",
+        True,
+        "hypernetwork",
+    )
     optional = ("marker.vector",)  # a hypernet saved without hypernet.fusion_marker
     fingerprint = True  # generated adapters fit the backbone they were trained with, not another of its shape
 
@@ -161,12 +167,15 @@ class Mode:
         return f"--{self.source.flag}"
 
 
-MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("tagi", SOURCES["generated"], "input", "finetune"),
-    Mode("concat", SOURCES["shared"], "concat", "finetune"),
-    Mode("no_instruction", SOURCES["shared"], "input", "finetune"),
-    Mode("teacher", SOURCES["per_task"], "concat", "teachers"),
-)}
+MODES: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("tagi", SOURCES["generated"], "input", "finetune"),
+        Mode("concat", SOURCES["shared"], "concat", "finetune"),
+        Mode("no_instruction", SOURCES["shared"], "input", "finetune"),
+        Mode("teacher", SOURCES["per_task"], "concat", "teachers"),
+    )
+}
 assert set(get_args(ModeName)) < set(MODES), "every config mode has a row"
 
 
@@ -188,12 +197,20 @@ class Stage:
         return "teachers" in self.inputs
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("teachers", "tasks", "a LoRA per task", "train_teachers.py", mode="teacher"),
-    Stage("pretrain", "corpus", "the hypernetwork", "pretrain.py", modes=("tagi",)),
-    Stage("finetune", "tasks", "the hypernetwork or a baseline's LoRA", "finetune.py",
-          inputs=("teachers", "init_hypernet")),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("teachers", "tasks", "a LoRA per task", "train_teachers.py", mode="teacher"),
+        Stage("pretrain", "corpus", "the hypernetwork", "pretrain.py", modes=("tagi",)),
+        Stage(
+            "finetune",
+            "tasks",
+            "the hypernetwork or a baseline's LoRA",
+            "finetune.py",
+            inputs=("teachers", "init_hypernet"),
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)

@@ -21,5 +21,13 @@ from .lora_delta import (
     triton_lora_linear,
 )
 
-__all__ = ["LoraDeltaAddFunction", "LoraDeltaFunction", "LoraLinearFunction", "LoraLinearFusedFunction",
-           "triton_lora_delta", "triton_lora_delta_add_", "triton_lora_linear", "triton_lora_linear_fused"]
+__all__ = [
+    "LoraDeltaAddFunction",
+    "LoraDeltaFunction",
+    "LoraLinearFunction",
+    "LoraLinearFusedFunction",
+    "triton_lora_delta",
+    "triton_lora_delta_add_",
+    "triton_lora_linear",
+    "triton_lora_linear_fused",
+]

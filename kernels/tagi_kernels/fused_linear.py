@@ -55,8 +55,9 @@ FUSED_INTERP = (128, 128, 64, 8, 1, 1)
 NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
 
-def smem_estimate(block_m: int, block_n: int, block_k: int, num_stages: int, elt: int, r_pad: int,
-                  fuse_shrink: bool) -> int:
+def smem_estimate(
+    block_m: int, block_n: int, block_k: int, num_stages: int, elt: int, r_pad: int, fuse_shrink: bool
+) -> int:
     """Bytes of shared memory a config is expected to use: ``num_stages`` buffered x, W (and L1) tiles.
     Conservative (the compiler keeps ``num_stages - 1`` in flight); the AOT test prints the real figure."""
     per_stage = (block_m * block_k + block_k * block_n + (block_k * r_pad if fuse_shrink else 0)) * elt
@@ -72,8 +73,7 @@ def prune_fused(configs, named_args, **kwargs):
     """Drop configs over the shared-memory limit for this call's dtype and rank; fixed tuning keeps the first
     that fits (one compile per specialization)."""
     elt = named_args["X"].element_size()
-    r_pad, fuse = kwargs.get("R_PAD", named_args.get("R_PAD")), kwargs.get("FUSE_SHRINK",
-                                                                             named_args.get("FUSE_SHRINK"))
+    r_pad, fuse = kwargs.get("R_PAD", named_args.get("R_PAD")), kwargs.get("FUSE_SHRINK", named_args.get("FUSE_SHRINK"))
     kept = [c for c in configs if _fits(c, elt, r_pad, fuse)] or [configs[-1]]
     return kept[:1] if TUNE == "fixed" else kept
 
@@ -86,16 +86,51 @@ def fused_configs() -> list[triton.Config]:
 FUSED_CONFIGS = fused_configs()
 
 
-@triton.autotune(configs=FUSED_CONFIGS, key=["N", "K", "R_PAD", "FUSE_SHRINK", "HAS_BIAS", "STORE_H"],
-                 prune_configs_by={"early_config_prune": prune_fused})
+@triton.autotune(
+    configs=FUSED_CONFIGS,
+    key=["N", "K", "R_PAD", "FUSE_SHRINK", "HAS_BIAS", "STORE_H"],
+    prune_configs_by={"early_config_prune": prune_fused},
+)
 @triton.jit(do_not_specialize=["T", "S", "R", "n_hsplit"])
 def fused_linear_kernel(
-    X, W, BIAS, L1, L2, HP, HOUT, Y, offs,  # [T,K], [N,K], [N], [S,R,K], [S,N,R], fp32 [*,T,R_PAD] x2, [T,N], i64
-    T, S, N, K, R, n_hsplit, scale,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_1s, stride_1r, stride_1k, stride_2s, stride_2n, stride_2r,
-    stride_hs, stride_hm, stride_ym, stride_yn,
-    R_PAD: tl.constexpr, FUSE_SHRINK: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,
+    W,
+    BIAS,
+    L1,
+    L2,
+    HP,
+    HOUT,
+    Y,
+    offs,  # [T,K], [N,K], [N], [S,R,K], [S,N,R], fp32 [*,T,R_PAD] x2, [T,N], i64
+    T,
+    S,
+    N,
+    K,
+    R,
+    n_hsplit,
+    scale,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_1s,
+    stride_1r,
+    stride_1k,
+    stride_2s,
+    stride_2n,
+    stride_2r,
+    stride_hs,
+    stride_hm,
+    stride_ym,
+    stride_yn,
+    R_PAD: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr,
+    STORE_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles sweep the columns together (x rows and W columns stay in L2).
@@ -126,10 +161,12 @@ def fused_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_in = ks < K
-        x = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_in[:, None] & k_in[None, :], other=0.0)
-        w = tl.load(W + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                    mask=k_in[:, None] & col_in[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        x = tl.load(
+            X + rows64[:, None] * stride_xm + ks[None, :] * stride_xk, mask=row_in[:, None] & k_in[None, :], other=0.0
+        )
+        w = tl.load(
+            W + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=k_in[:, None] & col_in[None, :], other=0.0
+        )  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(x, w, acc, input_precision=IN_PREC)
         if FUSE_SHRINK:  # the shrink on the x tile already loaded, with the first row's segment factors
             a = tl.load(l1_first + ks[:, None] * stride_1k, mask=k_in[:, None] & r_mask[None, :], other=0.0)
@@ -151,10 +188,12 @@ def fused_linear_kernel(
                     for k0 in range(0, K, BLOCK_K):
                         ks = k0 + tl.arange(0, BLOCK_K)
                         k_in = ks < K
-                        xs = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                                     mask=seg_rows[:, None] & k_in[None, :], other=0.0)
-                        a = tl.load(l1_s + ks[:, None] * stride_1k, mask=k_in[:, None] & r_mask[None, :],
-                                    other=0.0)
+                        xs = tl.load(
+                            X + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=seg_rows[:, None] & k_in[None, :],
+                            other=0.0,
+                        )
+                        a = tl.load(l1_s + ks[:, None] * stride_1k, mask=k_in[:, None] & r_mask[None, :], other=0.0)
                         h = tl.dot(xs, a, h, input_precision=IN_PREC)
                 s += 1
         if STORE_H:  # one column tile stores H for the backward (dB needs H, dA needs G)
@@ -175,14 +214,20 @@ def fused_linear_kernel(
         if hi > lo:
             seg_rows = (rows >= lo) & (rows < hi)
             hs = tl.where(seg_rows[:, None], hc, tl.zeros_like(hc))
-            b = tl.load(L2 + s.to(tl.int64) * stride_2s + cols[None, :] * stride_2n + r_idx[:, None] * stride_2r,
-                        mask=r_mask[:, None] & col_in[None, :], other=0.0)  # [R_PAD, BLOCK_N]
+            b = tl.load(
+                L2 + s.to(tl.int64) * stride_2s + cols[None, :] * stride_2n + r_idx[:, None] * stride_2r,
+                mask=r_mask[:, None] & col_in[None, :],
+                other=0.0,
+            )  # [R_PAD, BLOCK_N]
             acc = tl.dot(hs, b, acc, input_precision=IN_PREC)
         s += 1
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
-             mask=row_in[:, None] & col_in[None, :])
+    tl.store(
+        Y + rows64[:, None] * stride_ym + cols[None, :] * stride_yn,
+        acc.to(Y.dtype.element_ty),
+        mask=row_in[:, None] & col_in[None, :],
+    )
 
 
 # H100 ~800 TFLOP/s bf16 over ~3.0 TB/s copy: one byte of a pass costs as much time as ~267 FLOPs.
@@ -197,9 +242,19 @@ def choose_shrink(r_pad: int, n: int, elt: int) -> bool:
     return r_pad * n / TYPICAL_BLOCK_N < elt * FLOPS_PER_BYTE / 2
 
 
-def fused_linear(x: torch.Tensor, wop: torch.Tensor, bias: torch.Tensor | None, l1: torch.Tensor, l2: torch.Tensor,
-                 offs: torch.Tensor, scale: float, y: torch.Tensor, fuse_shrink: bool, store_h: bool,
-                 hp: torch.Tensor | None = None) -> torch.Tensor | None:
+def fused_linear(
+    x: torch.Tensor,
+    wop: torch.Tensor,
+    bias: torch.Tensor | None,
+    l1: torch.Tensor,
+    l2: torch.Tensor,
+    offs: torch.Tensor,
+    scale: float,
+    y: torch.Tensor,
+    fuse_shrink: bool,
+    store_h: bool,
+    hp: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """``y = x wop^T (+ bias) + scale * (x l1_s^T) l2_s^T``; returns fp32 H ``[1, T, R_PAD]`` when ``store_h`` (fused
     shrink only). ``hp``: precomputed split-K partials of H (``fuse_shrink=False``). Any strides for every tensor."""
     T, K = x.shape
@@ -214,11 +269,39 @@ def fused_linear(x: torch.Tensor, wop: torch.Tensor, bias: torch.Tensor | None, 
         return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     fused_linear_kernel[grid](
-        x, wop, bias if bias is not None else x, l1, l2, hp_arg, hout if hout is not None else x, y, offs,
-        T, S, N, K, R, hp.shape[0] if hp is not None else 0, float(scale),
-        x.stride(0), x.stride(1), wop.stride(0), wop.stride(1), l1.stride(0), l1.stride(1), l1.stride(2),
-        l2.stride(0), l2.stride(1), l2.stride(2), *hp_s, y.stride(0), y.stride(1),
-        R_PAD=r_pad, FUSE_SHRINK=fuse_shrink, STORE_H=store_h and fuse_shrink, HAS_BIAS=bias is not None,
+        x,
+        wop,
+        bias if bias is not None else x,
+        l1,
+        l2,
+        hp_arg,
+        hout if hout is not None else x,
+        y,
+        offs,
+        T,
+        S,
+        N,
+        K,
+        R,
+        hp.shape[0] if hp is not None else 0,
+        float(scale),
+        x.stride(0),
+        x.stride(1),
+        wop.stride(0),
+        wop.stride(1),
+        l1.stride(0),
+        l1.stride(1),
+        l1.stride(2),
+        l2.stride(0),
+        l2.stride(1),
+        l2.stride(2),
+        *hp_s,
+        y.stride(0),
+        y.stride(1),
+        R_PAD=r_pad,
+        FUSE_SHRINK=fuse_shrink,
+        STORE_H=store_h and fuse_shrink,
+        HAS_BIAS=bias is not None,
         IN_PREC=_input_precision(x.dtype),
     )
     return hout
@@ -258,9 +341,16 @@ class LoraLinearFusedFunction(torch.autograd.Function):
         dy = dy.contiguous()
         if ctx.empty:
             x, weight, A, B = ctx.saved_tensors
-            return (dy @ weight if need_x else None, dy.t() @ x if need_w else None,
-                    dy.sum(0) if need_bias and ctx.has_bias else None, torch.zeros_like(A) if need_a else None,
-                    torch.zeros_like(B) if need_b else None, None, None, None)
+            return (
+                dy @ weight if need_x else None,
+                dy.t() @ x if need_w else None,
+                dy.sum(0) if need_bias and ctx.has_bias else None,
+                torch.zeros_like(A) if need_a else None,
+                torch.zeros_like(B) if need_b else None,
+                None,
+                None,
+                None,
+            )
         x, weight, A, B, offs, hp = ctx.saved_tensors
         dx = dA = dB = None
         bt, at = B.transpose(1, 2), A.transpose(1, 2)  # [S, r, d_out], [S, d_in, r]: stride views, no copies
@@ -271,8 +361,19 @@ class LoraLinearFusedFunction(torch.autograd.Function):
                 dx = torch.empty_like(x)
                 if not ctx.fuse_bwd:
                     gp = split_shrink(dy, bt, offs)
-                g = fused_linear(dy, weight.t(), None, bt, at, offs, ctx.scale, dx, ctx.fuse_bwd,
-                                 store_h=ctx.fuse_bwd and need_a, hp=gp)
+                g = fused_linear(
+                    dy,
+                    weight.t(),
+                    None,
+                    bt,
+                    at,
+                    offs,
+                    ctx.scale,
+                    dx,
+                    ctx.fuse_bwd,
+                    store_h=ctx.fuse_bwd and need_a,
+                    hp=gp,
+                )
                 gp = g if ctx.fuse_bwd else gp
             if need_a:
                 if gp is None:
@@ -289,20 +390,31 @@ class LoraLinearFusedFunction(torch.autograd.Function):
 SHRINK_CHOICES = ("auto", "fused", "split")
 
 
-def triton_lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                             B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0,
-                             shrink: str = "auto", checked: bool = False) -> torch.Tensor:
+def triton_lora_linear_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+    shrink: str = "auto",
+    checked: bool = False,
+) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scale * (x A_s^T) B_s^T`` ``[T, d_out]`` as one fused GEMM per direction;
     differentiable in every tensor. ``shrink``: ``fused`` (H from the GEMM's x tiles), ``split`` (v1's split-K
     shrink kernel first), ``auto`` (:func:`choose_shrink`, per direction)."""
     _check("triton_lora_linear_fused", x, A, B, seg_offsets, checked)
     if shrink not in SHRINK_CHOICES:
-        raise ValueError(f"triton_lora_linear_fused: shrink must be one of {', '.join(SHRINK_CHOICES)}, "
-                         f"got {shrink!r}")
+        raise ValueError(f"triton_lora_linear_fused: shrink must be one of {', '.join(SHRINK_CHOICES)}, got {shrink!r}")
     if weight.dim() != 2 or weight.shape != (B.shape[1], x.shape[1]) or weight.dtype != x.dtype:
-        raise ValueError(f"triton_lora_linear_fused: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}] "
-                         f"{x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+        raise ValueError(
+            f"triton_lora_linear_fused: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}] "
+            f"{x.dtype}, got {tuple(weight.shape)} {weight.dtype}"
+        )
     if bias is not None and (bias.shape != (B.shape[1],) or bias.dtype != x.dtype):
-        raise ValueError(f"triton_lora_linear_fused: bias must be [d_out={B.shape[1]}] {x.dtype}, got "
-                         f"{tuple(bias.shape)} {bias.dtype}")
+        raise ValueError(
+            f"triton_lora_linear_fused: bias must be [d_out={B.shape[1]}] {x.dtype}, got "
+            f"{tuple(bias.shape)} {bias.dtype}"
+        )
     return LoraLinearFusedFunction.apply(x, weight, bias, A, B, seg_offsets, float(scale), shrink)

@@ -104,15 +104,32 @@ def shrink(x: torch.Tensor, w1: torch.Tensor, offs: torch.Tensor) -> torch.Tenso
     hp = torch.empty(ksplit, T, r_pad, device=x.device, dtype=torch.float32)
     bm = row_tile()
     shrink_kernel[(triton.cdiv(T, bm), ksplit)](
-        x, w1, hp, offs, T, S, K, R, k_chunk,
-        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), hp.stride(0), hp.stride(1),
-        BLOCK_M=bm, R_PAD=r_pad, IN_PREC=_input_precision(x.dtype),
+        x,
+        w1,
+        hp,
+        offs,
+        T,
+        S,
+        K,
+        R,
+        k_chunk,
+        x.stride(0),
+        x.stride(1),
+        w1.stride(0),
+        w1.stride(1),
+        w1.stride(2),
+        hp.stride(0),
+        hp.stride(1),
+        BLOCK_M=bm,
+        R_PAD=r_pad,
+        IN_PREC=_input_precision(x.dtype),
     )
     return hp
 
 
-def expand(hp: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, scale: float, y: torch.Tensor,
-           add: bool) -> torch.Tensor:
+def expand(
+    hp: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, scale: float, y: torch.Tensor, add: bool
+) -> torch.Tensor:
     """``y = scale * H W2_s^T`` per segment (``add``: ``y += ...`` in place), ``H`` = sum of the partials ``hp``.
 
     hp fp32 ``[ksplit, T, R_PAD]``, w2 ``[S, N, R]``, y ``[T, N]`` (any strides: an output view is fine)."""
@@ -121,15 +138,35 @@ def expand(hp: torch.Tensor, w2: torch.Tensor, offs: torch.Tensor, scale: float,
     span = plan_column_span(T, N, y.device)
     bm = row_tile()
     expand_kernel[(triton.cdiv(T, bm), triton.cdiv(N, span))](
-        hp, w2, y, offs, T, S, N, R, hp.shape[0], span, float(scale),
-        hp.stride(0), hp.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=bm, R_PAD=r_pad, ADD=add, IN_PREC=_input_precision(w2.dtype),
+        hp,
+        w2,
+        y,
+        offs,
+        T,
+        S,
+        N,
+        R,
+        hp.shape[0],
+        span,
+        float(scale),
+        hp.stride(0),
+        hp.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        w2.stride(2),
+        y.stride(0),
+        y.stride(1),
+        BLOCK_M=bm,
+        R_PAD=r_pad,
+        ADD=add,
+        IN_PREC=_input_precision(w2.dtype),
     )
     return y
 
 
-def seg_reduce(up: torch.Tensor, v: torch.Tensor, out: torch.Tensor, offs: torch.Tensor, scale: float,
-               splits: int | None = None) -> torch.Tensor:
+def seg_reduce(
+    up: torch.Tensor, v: torch.Tensor, out: torch.Tensor, offs: torch.Tensor, scale: float, splits: int | None = None
+) -> torch.Tensor:
     """``out[s] = scale * U_s^T V_s`` per segment, ``U`` = sum of the partials ``up``.
 
     up fp32 ``[usplit, T, R_PAD]``, v ``[T, D]``, out ``[S, R, D]`` (any strides, e.g. a transposed view of dB).
@@ -144,14 +181,40 @@ def seg_reduce(up: torch.Tensor, v: torch.Tensor, out: torch.Tensor, offs: torch
     t_s, t_r, t_d = target.stride()[-3:]
     block_d = MIN_DOT if INTERPRET else BLOCK_D_GPU
     seg_reduce_kernel[(S * splits, triton.cdiv(D, block_d))](
-        up, v, target, offs, D, R, up.shape[0], splits, float(scale),
-        up.stride(0), up.stride(1), v.stride(0), v.stride(1), stride_oc, t_s, t_r, t_d,
-        R_PAD=r_pad, IN_PREC=_input_precision(v.dtype), BLOCK_D=block_d,
+        up,
+        v,
+        target,
+        offs,
+        D,
+        R,
+        up.shape[0],
+        splits,
+        float(scale),
+        up.stride(0),
+        up.stride(1),
+        v.stride(0),
+        v.stride(1),
+        stride_oc,
+        t_s,
+        t_r,
+        t_d,
+        R_PAD=r_pad,
+        IN_PREC=_input_precision(v.dtype),
+        BLOCK_D=block_d,
     )
     if splits > 1:
         block = 256 if INTERPRET else 1024
         numel = S * R * D
         sum_splits_kernel[(triton.cdiv(numel, block),)](
-            target, out, splits, numel, R, D, out.stride(0), out.stride(1), out.stride(2), BLOCK=block,
+            target,
+            out,
+            splits,
+            numel,
+            R,
+            D,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            BLOCK=block,
         )
     return out

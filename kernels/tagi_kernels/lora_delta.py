@@ -82,8 +82,11 @@ def _forward(ctx, x, A, B, seg_offsets, scale, y: torch.Tensor, add: bool) -> tu
 def _backward(ctx, dy, x, A, B, offs, hp, need_x: bool, need_a: bool, need_b: bool, dx: torch.Tensor | None = None):
     """dX (written into ``dx`` when given), dA, dB of the delta; None where not needed."""
     if ctx.empty:
-        return (torch.zeros_like(x) if need_x and dx is None else dx, torch.zeros_like(A) if need_a else None,
-                torch.zeros_like(B) if need_b else None)
+        return (
+            torch.zeros_like(x) if need_x and dx is None else dx,
+            torch.zeros_like(A) if need_a else None,
+            torch.zeros_like(B) if need_b else None,
+        )
     dy = dy.contiguous()
     dA = dB = None
     with _device_of(x):
@@ -91,8 +94,9 @@ def _backward(ctx, dy, x, A, B, offs, hp, need_x: bool, need_a: bool, need_b: bo
             # G = dY B (the forward's shrink with A -> B^T), then dX = scale * G A (its expand with B -> A^T).
             gp = shrink(dy, B.transpose(1, 2), offs)
             if need_x:
-                dx = expand(gp, A.transpose(1, 2), offs, ctx.scale, torch.empty_like(x) if dx is None else dx,
-                            add=False)
+                dx = expand(
+                    gp, A.transpose(1, 2), offs, ctx.scale, torch.empty_like(x) if dx is None else dx, add=False
+                )
             if need_a:
                 dA = seg_reduce(gp, x, torch.empty_like(A), offs, ctx.scale)
         if need_b:
@@ -170,8 +174,9 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dw, dbias, dA, dB, None, None
 
 
-def _check(name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
-           checked: bool = False) -> None:
+def _check(
+    name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor, checked: bool = False
+) -> None:
     """Shapes, dtypes and devices, without a host sync; the contents of ``seg_offsets`` (monotone, ends at 0 and T)
     are validated by ``tagi_ds.ops``, the public entry points. ``checked``: the caller (``tagi_ds.ops``, which
     validates the op contract once per call) did the shape/dtype part already; only what the kernels add (the
@@ -187,41 +192,61 @@ def _check(name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_off
         # The interpreter runs tiles through numpy, which has no bfloat16: results would be garbage, not slow.
         raise ValueError(f"{name}: bfloat16 is not supported under TRITON_INTERPRET=1; use fp32 or fp16")
     if x.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"{name}: x is on {x.device}; the Triton kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 set before tagi_kernels is imported)")
+        raise ValueError(
+            f"{name}: x is on {x.device}; the Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before tagi_kernels is imported)"
+        )
 
 
 def _check_contract(name: str, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor) -> None:
     """The op contract for a direct caller of the kernels (tests, benchmarks): ``tagi_ds.ops.check_args`` without
     the offsets' contents (tagi_kernels stands alone: it does not import tagi_ds)."""
     if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
-        raise ValueError(f"{name}: want x [T, d_in], A [S, r, d_in], B [S, d_out, r], got "
-                         f"{tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
+        raise ValueError(
+            f"{name}: want x [T, d_in], A [S, r, d_in], B [S, d_out, r], got "
+            f"{tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}"
+        )
     S, r, d_in = A.shape
     if x.shape[1] != d_in or B.shape[0] != S or B.shape[2] != r:
         raise ValueError(f"{name}: shapes disagree: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
     if seg_offsets.dim() != 1 or seg_offsets.numel() != S + 1 or seg_offsets.dtype != torch.int64:
-        raise ValueError(f"{name}: seg_offsets must be int64 [S+1={S + 1}], got {seg_offsets.dtype} "
-                         f"{tuple(seg_offsets.shape)}")
+        raise ValueError(
+            f"{name}: seg_offsets must be int64 [S+1={S + 1}], got {seg_offsets.dtype} {tuple(seg_offsets.shape)}"
+        )
     if A.dtype != x.dtype or B.dtype != x.dtype:
         raise ValueError(f"{name}: x, A, B must share one of {DTYPES}, got {x.dtype}, {A.dtype}, {B.dtype}")
 
 
 def _check_output(name: str, what: str, t: torch.Tensor, x: torch.Tensor, d_out: int) -> None:
     if t.shape != (x.shape[0], d_out) or t.dtype != x.dtype or t.device != x.device:
-        raise ValueError(f"{name}: {what} must be [T={x.shape[0]}, d_out={d_out}] {x.dtype} on {x.device}, got "
-                         f"{tuple(t.shape)} {t.dtype} on {t.device}")
+        raise ValueError(
+            f"{name}: {what} must be [T={x.shape[0]}, d_out={d_out}] {x.dtype} on {x.device}, got "
+            f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        )
 
 
-def triton_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_offsets: torch.Tensor,
-                      scale: float = 1.0, checked: bool = False) -> torch.Tensor:
+def triton_lora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+    checked: bool = False,
+) -> torch.Tensor:
     """``[T, d_out]`` per-segment ``scale * (x A_s^T) B_s^T``; differentiable in x, A, B."""
     _check("triton_lora_delta", x, A, B, seg_offsets, checked)
     return LoraDeltaFunction.apply(x, A, B, seg_offsets, float(scale))
 
 
-def triton_lora_delta_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                           seg_offsets: torch.Tensor, scale: float = 1.0, checked: bool = False) -> torch.Tensor:
+def triton_lora_delta_add_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+    checked: bool = False,
+) -> torch.Tensor:
     """``out += scale * (x A_s^T) B_s^T`` in place, returns ``out`` ``[T, d_out]`` (any strides; it must not overlap
     x). Differentiable in out, x, A, B; ``out`` must not be a leaf that requires grad (autograd's in-place rule)."""
     _check("triton_lora_delta_add_", x, A, B, seg_offsets, checked)
@@ -229,15 +254,25 @@ def triton_lora_delta_add_(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, 
     return LoraDeltaAddFunction.apply(out, x, A, B, seg_offsets, float(scale))
 
 
-def triton_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                       B: torch.Tensor, seg_offsets: torch.Tensor, scale: float = 1.0,
-                       checked: bool = False) -> torch.Tensor:
+def triton_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    scale: float = 1.0,
+    checked: bool = False,
+) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scale * (x A_s^T) B_s^T`` ``[T, d_out]``; differentiable in every tensor."""
     _check("triton_lora_linear", x, A, B, seg_offsets, checked)
     if weight.dim() != 2 or weight.shape != (B.shape[1], x.shape[1]) or weight.dtype != x.dtype:
-        raise ValueError(f"triton_lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}] {x.dtype}, "
-                         f"got {tuple(weight.shape)} {weight.dtype}")
+        raise ValueError(
+            f"triton_lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}] {x.dtype}, "
+            f"got {tuple(weight.shape)} {weight.dtype}"
+        )
     if bias is not None and (bias.shape != (B.shape[1],) or bias.dtype != x.dtype):
-        raise ValueError(f"triton_lora_linear: bias must be [d_out={B.shape[1]}] {x.dtype}, got "
-                         f"{tuple(bias.shape)} {bias.dtype}")
+        raise ValueError(
+            f"triton_lora_linear: bias must be [d_out={B.shape[1]}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}"
+        )
     return LoraLinearFunction.apply(x, weight, bias, A, B, seg_offsets, float(scale))

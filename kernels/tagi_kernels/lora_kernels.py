@@ -104,14 +104,31 @@ def _row_tile(T, BLOCK_M: tl.constexpr):
     return m0, tl.minimum(m0 + BLOCK_M, T), rows, rows.to(tl.int64)
 
 
-@triton.autotune(configs=SHRINK_CONFIGS, key=["R_PAD", "stride_wk"],
-                 prune_configs_by={"early_config_prune": prune_shrink})
+@triton.autotune(
+    configs=SHRINK_CONFIGS, key=["R_PAD", "stride_wk"], prune_configs_by={"early_config_prune": prune_shrink}
+)
 @triton.jit(do_not_specialize=["T", "S", "R", "k_chunk"])
 def shrink_kernel(
-    X, W1, HP, offs,  # [T, K], [S, R, K] (any strides), fp32 [KSPLIT, T, R_PAD], int64 [S+1]
-    T, S, K, R, k_chunk,
-    stride_xm, stride_xk, stride_ws, stride_wr, stride_wk, stride_hs, stride_hm,
-    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, IN_PREC: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,
+    W1,
+    HP,
+    offs,  # [T, K], [S, R, K] (any strides), fp32 [KSPLIT, T, R_PAD], int64 [S+1]
+    T,
+    S,
+    K,
+    R,
+    k_chunk,
+    stride_xm,
+    stride_xk,
+    stride_ws,
+    stride_wr,
+    stride_wk,
+    stride_hs,
+    stride_hm,
+    BLOCK_M: tl.constexpr,
+    R_PAD: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     k_split = tl.program_id(1)
     m0, m_end, rows, rows64 = _row_tile(T, BLOCK_M)
@@ -132,14 +149,16 @@ def shrink_kernel(
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_mask = ks < k_hi
-                x = tl.load(X + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                x = tl.load(
+                    X + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
                 w = tl.load(w_base + ks[:, None] * stride_wk, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
                 acc = tl.dot(x, w, acc, input_precision=IN_PREC)  # [BLOCK_M, R_PAD], fp32 accumulation
         seg += 1
         seg_lo = seg_hi
-    tl.store(HP + k_split * stride_hs + rows64[:, None] * stride_hm + r_idx[None, :], acc,
-             mask=(rows < T)[:, None])
+    tl.store(HP + k_split * stride_hs + rows64[:, None] * stride_hm + r_idx[None, :], acc, mask=(rows < T)[:, None])
 
 
 @triton.jit
@@ -148,18 +167,38 @@ def _sum_partials(P, n_split, stride_ps, rows64, row_mask, stride_pm, R_PAD: tl.
     r_idx = tl.arange(0, R_PAD)
     total = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k in range(0, n_split):
-        total += tl.load(P + k * stride_ps + rows64[:, None] * stride_pm + r_idx[None, :], mask=row_mask[:, None],
-                         other=0.0)
+        total += tl.load(
+            P + k * stride_ps + rows64[:, None] * stride_pm + r_idx[None, :], mask=row_mask[:, None], other=0.0
+        )
     return total
 
 
 @triton.autotune(configs=EXPAND_CONFIGS, key=["R_PAD", "ADD", "stride_wn"], restore_value=["Y"])
 @triton.jit(do_not_specialize=["T", "S", "R", "n_hsplit", "span_n"])
 def expand_kernel(
-    HP, W2, Y, offs,  # fp32 [KSPLIT, T, R_PAD], [S, N, R] (any strides), [T, N] (any strides), int64 [S+1]
-    T, S, N, R, n_hsplit, span_n, scale,
-    stride_hs, stride_hm, stride_ws, stride_wn, stride_wr, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, ADD: tl.constexpr, IN_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    HP,
+    W2,
+    Y,
+    offs,  # fp32 [KSPLIT, T, R_PAD], [S, N, R] (any strides), [T, N] (any strides), int64 [S+1]
+    T,
+    S,
+    N,
+    R,
+    n_hsplit,
+    span_n,
+    scale,
+    stride_hs,
+    stride_hm,
+    stride_ws,
+    stride_wn,
+    stride_wr,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    R_PAD: tl.constexpr,
+    ADD: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
     m0, m_end, rows, rows64 = _row_tile(T, BLOCK_M)
@@ -196,10 +235,27 @@ def expand_kernel(
 @triton.autotune(configs=SEG_REDUCE_CONFIGS, key=["R_PAD", "stride_od"])
 @triton.jit(do_not_specialize=["R", "n_usplit", "n_split"])
 def seg_reduce_kernel(
-    UP, V, OUT, offs,  # fp32 [USPLIT, T, R_PAD], [T, D], [n_split, S, R, D] (any strides), int64 [S+1]
-    D, R, n_usplit, n_split, scale,
-    stride_us, stride_um, stride_vm, stride_vd, stride_oc, stride_os, stride_or, stride_od,
-    R_PAD: tl.constexpr, IN_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    UP,
+    V,
+    OUT,
+    offs,  # fp32 [USPLIT, T, R_PAD], [T, D], [n_split, S, R, D] (any strides), int64 [S+1]
+    D,
+    R,
+    n_usplit,
+    n_split,
+    scale,
+    stride_us,
+    stride_um,
+    stride_vm,
+    stride_vd,
+    stride_oc,
+    stride_os,
+    stride_or,
+    stride_od,
+    R_PAD: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seg = (pid // n_split).to(tl.int64)
@@ -224,21 +280,31 @@ def seg_reduce_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < hi
         u = _sum_partials(UP, n_usplit, stride_us, rows, row_mask, stride_um, R_PAD, BLOCK_M)  # [BM, R_PAD]
-        vt = tl.load(V + rows[None, :] * stride_vm + ds[:, None] * stride_vd,
-                     mask=d_mask[:, None] & row_mask[None, :], other=0.0)  # [BLOCK_D, BM]
+        vt = tl.load(
+            V + rows[None, :] * stride_vm + ds[:, None] * stride_vd, mask=d_mask[:, None] & row_mask[None, :], other=0.0
+        )  # [BLOCK_D, BM]
         acc = tl.dot(vt, u.to(V.dtype.element_ty), acc, input_precision=IN_PREC)
 
     out = (acc * scale).to(OUT.dtype.element_ty)
     out_base = OUT + chunk_id.to(tl.int64) * stride_oc + seg * stride_os
-    tl.store(out_base + r_idx[None, :] * stride_or + ds[:, None] * stride_od, out,
-             mask=d_mask[:, None] & (r_idx[None, :] < R))
+    tl.store(
+        out_base + r_idx[None, :] * stride_or + ds[:, None] * stride_od,
+        out,
+        mask=d_mask[:, None] & (r_idx[None, :] < R),
+    )
 
 
 @triton.jit(do_not_specialize=["n_split", "numel", "R"])
 def sum_splits_kernel(
-    P, OUT,  # fp32 [n_split, S, R, D] contiguous, [S, R, D] (any strides)
-    n_split, numel, R, D,
-    stride_os, stride_or, stride_od,
+    P,
+    OUT,  # fp32 [n_split, S, R, D] contiguous, [S, R, D] (any strides)
+    n_split,
+    numel,
+    R,
+    D,
+    stride_os,
+    stride_or,
+    stride_od,
     BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -250,5 +316,6 @@ def sum_splits_kernel(
         ptrs += numel  # 64-bit pointer steps: no int32 product c * numel
     s = i // (R * D)
     rd = i % (R * D)
-    tl.store(OUT + s * stride_os + (rd // D) * stride_or + (rd % D) * stride_od, total.to(OUT.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        OUT + s * stride_os + (rd // D) * stride_or + (rd % D) * stride_od, total.to(OUT.dtype.element_ty), mask=mask
+    )

@@ -56,8 +56,9 @@ class LoraBank(nn.Module):
             self.A[str(s.index)] = nn.Parameter(a)
             self.B[str(s.index)] = nn.Parameter(b)
 
-    def forward(self, rows: torch.Tensor,
-                host_rows: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, rows: torch.Tensor, host_rows: list[int] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(A [K, r, d_in], B [K, d_out, r])]`` in ``site_indices`` order, for bank rows ``rows`` (int64
         ``[K]``; ``host_rows``: the same as Python ints, checked instead of reading ``rows`` back from the device).
         Called as a module (and returning plain tensors) so that ZeRO-3 gathers the factors."""
@@ -68,13 +69,20 @@ class LoraBank(nn.Module):
         if rows and (min(rows) < 0 or max(rows) >= self.num_rows):
             raise ValueError(f"LoraBank: rows must be in [0, {self.num_rows}), got {rows}")
 
-    def adapters(self, rows: torch.Tensor, example_offsets: torch.Tensor, impl: str = "auto",
-                 host_rows: list[int] | None = None, host_offsets: list[int] | None = None) -> AdapterSet:
+    def adapters(
+        self,
+        rows: torch.Tensor,
+        example_offsets: torch.Tensor,
+        impl: str = "auto",
+        host_rows: list[int] | None = None,
+        host_offsets: list[int] | None = None,
+    ) -> AdapterSet:
         """The AdapterSet of rows ``rows`` for tasks at ``example_offsets``; ``host_rows`` and ``host_offsets``: the
         same as Python ints, when the caller has them (no device reads)."""
         factors = dict(zip(self.site_indices, call_whole(self, rows, host_rows)))
-        return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl,
-                          host_offsets=host_offsets)
+        return AdapterSet(
+            factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl, host_offsets=host_offsets
+        )
 
     # -- host-resident use (the frozen distillation teacher) ---------------------------------------------
     def keep(self, dtype: torch.dtype, device: torch.device, max_rows: int, staged: bool | None = None) -> LoraBank:
@@ -90,16 +98,25 @@ class LoraBank(nn.Module):
         if staged is None:
             staged = device.type == "cpu" and torch.cuda.is_available()
         self._staged = None
-        self._staging = (torch.empty(max_rows * self._row_numel(), dtype=dtype, device="cpu",
-                                     pin_memory=torch.cuda.is_available())
-                         if staged and device.type == "cpu" else None)
+        self._staging = (
+            torch.empty(max_rows * self._row_numel(), dtype=dtype, device="cpu", pin_memory=torch.cuda.is_available())
+            if staged and device.type == "cpu"
+            else None
+        )
         return self
 
     def _row_numel(self) -> int:
         return sum(a[0].numel() + b[0].numel() for a, b in zip(self.A.values(), self.B.values()))
 
-    def take(self, rows: list[int] | torch.Tensor, example_offsets: torch.Tensor, device: torch.device,
-             dtype: torch.dtype, impl: str = "auto", host_offsets: list[int] | None = None) -> AdapterSet:
+    def take(
+        self,
+        rows: list[int] | torch.Tensor,
+        example_offsets: torch.Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+        impl: str = "auto",
+        host_offsets: list[int] | None = None,
+    ) -> AdapterSet:
         """An AdapterSet of rows ``rows`` (Python ints, or a tensor) of a bank kept whole outside DeepSpeed (on
         the device or in host memory, ``keep``): only these rows (``[K, r, d_in]`` and ``[K, d_out, r]`` per site)
         are copied to ``device`` in ``dtype``. The stage-2 teacher is used this way: it is frozen, so ZeRO-3 would
@@ -112,17 +129,23 @@ class LoraBank(nn.Module):
                 factors = self._take_staged(rows, device, dtype)
             else:
                 idx = torch.tensor(rows, dtype=torch.long, device=home)
-                factors = {i: (self.A[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True),
-                               self.B[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True))
-                           for i in self.site_indices}
-        return AdapterSet(factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl,
-                          host_offsets=host_offsets)
+                factors = {
+                    i: (
+                        self.A[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True),
+                        self.B[str(i)].index_select(0, idx).to(device, dtype, non_blocking=True),
+                    )
+                    for i in self.site_indices
+                }
+        return AdapterSet(
+            factors=factors, example_offsets=example_offsets, scale=self.scale, impl=impl, host_offsets=host_offsets
+        )
 
     def _fits(self, k: int) -> bool:
         return k * self._row_numel() <= self._staging.numel()
 
-    def _take_staged(self, rows: list[int], device: torch.device,
-                     dtype: torch.dtype) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def _take_staged(
+        self, rows: list[int], device: torch.device, dtype: torch.dtype
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The rows gathered into the staging buffer (site after site, A then B), one copy of the used part to
         ``device``, and views of that copy per factor."""
         if self._staged is not None:
@@ -132,7 +155,7 @@ class LoraBank(nn.Module):
             for factor in (self.A[str(i)], self.B[str(i)]):
                 shape = (k, *factor.shape[1:])
                 n = math.prod(shape)
-                torch.index_select(factor, 0, idx, out=self._staging[at:at + n].view(shape))
+                torch.index_select(factor, 0, idx, out=self._staging[at : at + n].view(shape))
                 views.append((at, shape))
                 at += n
         # Into a new tensor even on the host: the next step refills the buffer while this step's views may live on.
@@ -140,5 +163,5 @@ class LoraBank(nn.Module):
         if moved.is_cuda and torch.cuda.is_available():  # (a fake CUDA tensor, in the tests, has no stream)
             self._staged = torch.cuda.Event()
             self._staged.record()
-        out = [moved[a:a + math.prod(shape)].view(shape) for a, shape in views]
+        out = [moved[a : a + math.prod(shape)].view(shape) for a, shape in views]
         return {i: (out[2 * j], out[2 * j + 1]) for j, i in enumerate(self.site_indices)}

@@ -57,8 +57,9 @@ class AdapterSet:
         if not offs or offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])):
             raise ValueError(f"AdapterSet: example_offsets must start at 0 and be non-decreasing, got {offs}")
         if len(offs) != self.example_offsets.numel():
-            raise ValueError(f"AdapterSet: host_offsets {offs} do not match example_offsets "
-                             f"[{self.example_offsets.numel()}]")
+            raise ValueError(
+                f"AdapterSet: host_offsets {offs} do not match example_offsets [{self.example_offsets.numel()}]"
+            )
         self.num_examples = offs[-1]
         self._token_offsets: dict[int, torch.Tensor] = {}
 
@@ -69,6 +70,7 @@ class AdapterSet:
         if offs is None:
             offs = self._token_offsets[seq] = self.example_offsets * seq
         return offs
+
 
 class AdapterState:
     """The slot through which a model hands the current :class:`AdapterSet` to its adapted layers."""
@@ -111,8 +113,13 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self._state.active
-        if (adapters is not None and adapters.linear == "fused" and self.site.index in adapters.factors
-                and type(self.base_layer) is nn.Linear and resolve_impl(adapters.impl, x) == "triton"):
+        if (
+            adapters is not None
+            and adapters.linear == "fused"
+            and self.site.index in adapters.factors
+            and type(self.base_layer) is nn.Linear
+            and resolve_impl(adapters.impl, x) == "triton"
+        ):
             return self._fused(x, adapters)
         # The base layer is called as a module: under a partitioned ZeRO-3 backbone its hooks gather the weight.
         y = self.base_layer(x)
@@ -121,15 +128,16 @@ class AdaptedLinear(nn.Module):
         A, B = adapters.factors[self.site.index]
         n_examples, seq = x.shape[0], x.shape[1]  # x: [B, L, d_in], examples grouped by task
         if adapters.num_examples != n_examples:
-            raise ValueError(f"adapted layer {self.site.name}: batch has {n_examples} rows but the adapters "
-                             f"cover {adapters.num_examples} examples")
+            raise ValueError(
+                f"adapted layer {self.site.name}: batch has {n_examples} rows but the adapters "
+                f"cover {adapters.num_examples} examples"
+            )
         x2 = x.reshape(-1, x.shape[-1])
         A, B, offs = A.to(x2.dtype), B.to(x2.dtype), adapters.token_offsets(seq)
         if y.dtype == x2.dtype and y.is_contiguous():
             # The delta goes into the base output in place: no [T, d_out] delta tensor written and read back by
             # an add. Autograd allows it: the linear's backward does not need its output.
-            lora_delta_add_(y.view(-1, y.shape[-1]), x2, A, B, offs, adapters.scale, adapters.impl,
-                            check_offsets=False)
+            lora_delta_add_(y.view(-1, y.shape[-1]), x2, A, B, offs, adapters.scale, adapters.impl, check_offsets=False)
             return y
         delta = lora_delta(x2, A, B, offs, adapters.scale, adapters.impl, check_offsets=False)
         return y + delta.view(y.shape).to(y.dtype)
@@ -142,16 +150,26 @@ class AdaptedLinear(nn.Module):
         base = self.base_layer
         A, B = adapters.factors[self.site.index]
         if adapters.num_examples != x.shape[0]:
-            raise ValueError(f"adapted layer {self.site.name}: batch has {x.shape[0]} rows but the adapters "
-                             f"cover {adapters.num_examples} examples")
+            raise ValueError(
+                f"adapted layer {self.site.name}: batch has {x.shape[0]} rows but the adapters "
+                f"cover {adapters.num_examples} examples"
+            )
         offs = adapters.token_offsets(x.shape[1])
 
         def fused_forward(inp: torch.Tensor) -> torch.Tensor:
             x2 = inp.reshape(-1, inp.shape[-1])
             w = base.weight  # gathered by now under ZeRO-3
-            y2 = lora_linear_fused(x2, w.to(x2.dtype), None if base.bias is None else base.bias.to(x2.dtype),
-                                   A.to(x2.dtype), B.to(x2.dtype), offs, adapters.scale, "triton",
-                                   check_offsets=False)
+            y2 = lora_linear_fused(
+                x2,
+                w.to(x2.dtype),
+                None if base.bias is None else base.bias.to(x2.dtype),
+                A.to(x2.dtype),
+                B.to(x2.dtype),
+                offs,
+                adapters.scale,
+                "triton",
+                check_offsets=False,
+            )
             return y2.view(*inp.shape[:-1], y2.shape[-1])
 
         base.forward = fused_forward  # instance attribute: shadows nn.Linear.forward for this one call

@@ -37,18 +37,33 @@ class Backbone(Protocol):
     def body(self, model: nn.Module) -> nn.Module:
         """The part that reads instructions (T5: the encoder; decoder-only: the stack without the LM head)."""
 
-    def encode(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               first_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_last: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Final states ``[K, L, d]`` of ``body`` and, if asked, the first layer's."""
 
-    def logits(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               labels: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-               prefix_mask: torch.Tensor | None = None, cache: Callable | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        cache: Callable | None = None,
+    ) -> torch.Tensor:
         """Logits for ``labels`` (``prefix``/``cache``: fusion's, None for a family without it)."""
 
-    def head_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    labels: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                    prefix_mask: torch.Tensor | None = None, cache: Callable | None = None) -> tuple[Any, Head]:
+    def head_inputs(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        cache: Callable | None = None,
+    ) -> tuple[Any, Head]:
         """What the training loss projects and ``head`` (``head(x)`` equals ``logits`` at the same rows)."""
 
 
@@ -56,8 +71,9 @@ class Backbone(Protocol):
 class Fusing(Protocol):
     """A family with ``fusion``: its decoder reads ``[prefix ; hidden]``."""
 
-    def fuse(self, hidden: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None,
-             prefix_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def fuse(
+        self, hidden: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[prefix ; hidden]`` states and ``[prefix_mask ; mask]`` (unchanged without a prefix)."""
 
 
@@ -65,8 +81,14 @@ class Fusing(Protocol):
 class CrossCaching(Protocol):
     """A family with ``cross_cache``: the decoder's cross-attention keys/values filled in before decoding."""
 
-    def cross_cache(self, model: nn.Module, hidden: torch.Tensor, prefix: torch.Tensor, rows: torch.Tensor,
-                    prefix_scope: Callable[[], AbstractContextManager]) -> Any:
+    def cross_cache(
+        self,
+        model: nn.Module,
+        hidden: torch.Tensor,
+        prefix: torch.Tensor,
+        rows: torch.Tensor,
+        prefix_scope: Callable[[], AbstractContextManager],
+    ) -> Any:
         """A cache over ``[prefix[rows] ; hidden]`` whose prefix part is projected once per task."""
 
 
@@ -84,6 +106,8 @@ def get(arch: str) -> Backbone:
     for protocol, flag in PROTOCOLS:
         if (flag is None or getattr(family, flag)) and not isinstance(module, protocol):
             missing = [n for n in members(protocol) if not callable(getattr(module, n, None))]
-            raise TypeError(f"{family.module} (model.arch={arch}) lacks {', '.join(missing)} of "
-                            f"tagi_ds.backbones.{protocol.__name__}")
+            raise TypeError(
+                f"{family.module} (model.arch={arch}) lacks {', '.join(missing)} of "
+                f"tagi_ds.backbones.{protocol.__name__}"
+            )
     return module

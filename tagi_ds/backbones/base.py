@@ -23,16 +23,20 @@ def check_attention(cfg: ModelConfig) -> str:
     if (why := attention_error(cfg)) is not None:  # for a config built without validate()
         raise ConfigError(why)
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn extra: "
-                          "pip install 'tagi-ds[flash]' (on a CUDA machine); or use sdpa")
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn extra: "
+            "pip install 'tagi-ds[flash]' (on a CUDA machine); or use sdpa"
+        )
     return cfg.attn_implementation
 
 
 def check_model_dir(path: str) -> Path:
     p = Path(path)
     if not p.is_dir() or not (p / "config.json").is_file():
-        raise ConfigError(f"--model_name_or_path {path!r}: expected a local directory with config.json "
-                          "(no model hub access: download the checkpoint beforehand)")
+        raise ConfigError(
+            f"--model_name_or_path {path!r}: expected a local directory with config.json "
+            "(no model hub access: download the checkpoint beforehand)"
+        )
     return p
 
 
@@ -64,8 +68,9 @@ def inject(model: nn.Module, named: list[tuple[str, str, int, str]], state: Adap
         base = getattr(parent, attr)
         if not isinstance(base, nn.Linear):
             raise ConfigError(f"adapted site {name} is {type(base).__name__}, not a Linear")
-        site = Site(index=index, name=name, stack=stack, layer=layer, kind=kind,
-                    d_in=base.in_features, d_out=base.out_features)
+        site = Site(
+            index=index, name=name, stack=stack, layer=layer, kind=kind, d_in=base.in_features, d_out=base.out_features
+        )
         setattr(parent, attr, AdaptedLinear(base, site, state))
         sites.append(site)
     if not sites:

@@ -41,8 +41,12 @@ def family(arch: str) -> tuple[type[PretrainedConfig], type[PreTrainedModel], Fa
 
 
 # Llama-3.1 / 3.2 RoPE scaling, apart from the factor.
-LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def hf_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 3) -> PretrainedConfig:
@@ -52,12 +56,22 @@ def hf_config(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | 
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         rope = {**LLAMA3_ROPE, "factor": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
-    kwargs = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                  num_key_value_heads=cfg.num_kv_heads, head_dim=head_dim,
-                  max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope,
-                  tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=pad_id, eos_token_id=eos_id,
-                  bos_token_id=bos_id, **record.constants)
+    kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=bos_id,
+        **record.constants,
+    )
     kwargs.update(dict.fromkeys(record.head_dim_keys, head_dim))
     if record.sliding_window:
         kwargs["sliding_window"] = cfg.sliding_window or None
@@ -76,9 +90,11 @@ def build(cfg: ModelConfig, pad_id: int = 0, eos_id: int = 1, bos_id: int | None
         path = check_model_dir(cfg.model_name_or_path)
         model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
         if model_type != record.model_type:
-            raise ConfigError(f"--model_name_or_path {str(path)!r}: config.json has model_type {model_type!r} but "
-                              f"model.arch is {cfg.arch!r}; pick the recipe of that family or --set "
-                              f"model.arch={model_type}")
+            raise ConfigError(
+                f"--model_name_or_path {str(path)!r}: config.json has model_type {model_type!r} but "
+                f"model.arch is {cfg.arch!r}; pick the recipe of that family or --set "
+                f"model.arch={model_type}"
+            )
         model = model_cls.from_pretrained(path, dtype=dtype, attn_implementation=attn, local_files_only=True)
     else:
         model = model_cls._from_config(hf_config(cfg, pad_id, eos_id, bos_id), attn_implementation=attn, dtype=dtype)
@@ -112,13 +128,19 @@ def site_names(model: PreTrainedModel, cfg: ModelConfig) -> list[tuple[str, str,
     kinds = record.projections
     unknown = [k for k in cfg.adapted if k not in kinds]
     if unknown:
-        raise ConfigError(f"model.adapted: unknown {cfg.arch} projection {unknown[0]!r} ({cfg.arch}: "
-                          f"{' '.join(kinds)})")
+        raise ConfigError(
+            f"model.adapted: unknown {cfg.arch} projection {unknown[0]!r} ({cfg.arch}: {' '.join(kinds)})"
+        )
     if cfg.adapted_stacks != list(record.stacks):
-        raise ConfigError(f"model.adapted_stacks must be [{', '.join(record.stacks)}] for the decoder-only "
-                          f"model.arch={cfg.arch}, got {cfg.adapted_stacks}")
-    return [(f"model.layers.{i}.{kinds[k]}", "decoder", i, k)
-            for i in range(getattr(model.config, record.shape["num_layers"])) for k in cfg.adapted]
+        raise ConfigError(
+            f"model.adapted_stacks must be [{', '.join(record.stacks)}] for the decoder-only "
+            f"model.arch={cfg.arch}, got {cfg.adapted_stacks}"
+        )
+    return [
+        (f"model.layers.{i}.{kinds[k]}", "decoder", i, k)
+        for i in range(getattr(model.config, record.shape["num_layers"]))
+        for k in cfg.adapted
+    ]
 
 
 def body(model: PreTrainedModel) -> torch.nn.Module:
@@ -126,24 +148,43 @@ def body(model: PreTrainedModel) -> torch.nn.Module:
     return model.model
 
 
-def encode(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           first_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Body states ``[K, L, d]`` (final, normalised) and, if asked, the first layer's. Right-padded input."""
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=first_last,
-                      use_cache=False, return_dict=True)
+    out = model.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=first_last,
+        use_cache=False,
+        return_dict=True,
+    )
     return out.last_hidden_state, (out.hidden_states[1] if first_last else None)
 
 
-def logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           labels: torch.Tensor | None = None, prefix=None, prefix_mask=None, cache=None) -> torch.Tensor:
+def logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    prefix=None,
+    prefix_mask=None,
+    cache=None,
+) -> torch.Tensor:
     """Logits ``[B, L, V]`` over prompt + target (labels align with input_ids; shifting is the loss's job).
     ``prefix``, ``prefix_mask`` and ``cache`` are T5 fusion's: always None here (no encoder)."""
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits
 
 
-def head_inputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None, prefix=None, prefix_mask=None,
-                cache=None) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def head_inputs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    prefix=None,
+    prefix_mask=None,
+    cache=None,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """What the training loss projects: the final hidden states ``[B, L, d]`` and ``head``, ``[n, d] -> [n, V]``
     (the LM head, and Gemma-2's final soft-capping), so that the loss computes logits only at target tokens and a
     chunk at a time (``tagi_ds.losses.token_losses``). ``head(x)`` equals ``logits`` at the same rows."""

@@ -32,8 +32,13 @@ def implementation(requested: str) -> str:
     return NAME if requested == "sdpa" else requested
 
 
-def _merged(position_bias: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool, query: torch.Tensor,
-            key: torch.Tensor) -> torch.Tensor:
+def _merged(
+    position_bias: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    query: torch.Tensor,
+    key: torch.Tensor,
+) -> torch.Tensor:
     """``create_position_bias_mask``, made once per (position bias, mask, causality, shapes) and kept on the bias.
 
     A merged mask without autograd history is held strongly (it dies with the bias). One with history (a trainable
@@ -54,9 +59,18 @@ def _merged(position_bias: torch.Tensor, attention_mask: torch.Tensor | None, is
     return merged
 
 
-def t5_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      is_causal: bool | None = None, position_bias: torch.Tensor | None = None, **kwargs):
+def t5_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+):
     """transformers' ``sdpa_attention_forward`` with the merged mask of ``_merged`` (same causality rules)."""
     if position_bias is not None:
         q_len, kv_len = query.shape[2], key.shape[2]
@@ -65,8 +79,18 @@ def t5_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if not (causal and kv_len > q_len):  # that case (prefill after a cache) crops first: left to transformers
             attention_mask = _merged(position_bias, attention_mask, causal, query, key)
             position_bias, is_causal = None, False
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, position_bias=position_bias, **kwargs)
+    return sdpa_attention_forward(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        position_bias=position_bias,
+        **kwargs,
+    )
 
 
 def t5_sdpa_mask(*args, **kwargs):

@@ -32,8 +32,14 @@ PERCENTILES = (50, 90, 99)
 def length_row(name: str, lengths: list[int], budget: int | None) -> list[str]:
     a = np.asarray(lengths)
     over = "-" if budget is None else f"{int((a > budget).sum())} ({100 * float((a > budget).mean()):.1f}%)"
-    return [name, str(len(a)), *(f"{np.percentile(a, p):.0f}" for p in PERCENTILES), str(a.max()),
-            "-" if budget is None else str(budget), over]
+    return [
+        name,
+        str(len(a)),
+        *(f"{np.percentile(a, p):.0f}" for p in PERCENTILES),
+        str(a.max()),
+        "-" if budget is None else str(budget),
+        over,
+    ]
 
 
 def length_table(title: str, rows: list[list[str]]) -> Table:
@@ -49,8 +55,9 @@ def show_tasks(console: Console, cfg, tok, split: str, max_rows: int) -> list:
     d = cfg.data
     tasks = load_tasks(d.spec, d, split)
     n_inst = sum(len(t.instances) for t in tasks)
-    console.print(f"[bold]{split}[/bold]: {len(tasks)} tasks, {n_inst} instances, "
-                  f"{len({t.category for t in tasks})} categories")
+    console.print(
+        f"[bold]{split}[/bold]: {len(tasks)} tasks, {n_inst} instances, {len({t.category for t in tasks})} categories"
+    )
     cats = Table(title=f"{split}: categories")
     for col in ("category", "tasks", "instances"):
         cats.add_column(col, justify="left" if col == "category" else "right")
@@ -68,19 +75,36 @@ def show_tasks(console: Console, cfg, tok, split: str, max_rows: int) -> list:
     for t in tasks[:max_rows]:
         ex = t.instances[0]
         cut = lambda text, width: shorten(text, width, placeholder=" ...")
-        table.add_row(t.name, t.category, str(len(t.instances)), cut(t.definitions[0], 120),
-                      f"{cut(ex.input, 50)!r} -> {cut(ex.outputs[0], 40)!r}")
+        table.add_row(
+            t.name,
+            t.category,
+            str(len(t.instances)),
+            cut(t.definitions[0], 120),
+            f"{cut(ex.input, 50)!r} -> {cut(ex.outputs[0], 40)!r}",
+        )
     console.print(table)
     instr = [len(tok.encode(format_instruction(t, d.setting, d.num_pos))) for t in tasks]
-    per_ex = [(len(tok.encode(ex.input.strip())), len(tok.encode(ex.outputs[0])),
-               i + len(tok.encode(format_instance(ex.input)))) for t, i in zip(tasks, instr) for ex in t.instances]
+    per_ex = [
+        (
+            len(tok.encode(ex.input.strip())),
+            len(tok.encode(ex.outputs[0])),
+            i + len(tok.encode(format_instance(ex.input))),
+        )
+        for t, i in zip(tasks, instr)
+        for ex in t.instances
+    ]
     inp, out, concat = (list(x) for x in zip(*per_ex))
-    console.print(length_table(f"{split}: token lengths ({tok.name}, setting {d.setting})", [
-        length_row("instruction (per task)", instr, d.max_instruction_length - 1),
-        length_row("input", inp, d.max_source_length - 1),
-        length_row("output (first answer)", out, d.max_target_length - 1),
-        length_row("concat prompt", concat, d.max_instruction_length + d.max_source_length - 1),
-    ]))
+    console.print(
+        length_table(
+            f"{split}: token lengths ({tok.name}, setting {d.setting})",
+            [
+                length_row("instruction (per task)", instr, d.max_instruction_length - 1),
+                length_row("input", inp, d.max_source_length - 1),
+                length_row("output (first answer)", out, d.max_target_length - 1),
+                length_row("concat prompt", concat, d.max_instruction_length + d.max_source_length - 1),
+            ],
+        )
+    )
     return tasks
 
 
@@ -88,8 +112,10 @@ def show_corpus(console: Console, cfg, tok, path) -> None:
     docs = list(iter_documents(corpus_files(path))) if path is not None else builtin_documents()
     lengths = [len(tok.encode(doc)) + 1 for doc in docs]  # + eos between documents
     total = sum(lengths)
-    console.print(f"[bold]corpus[/bold] {path or 'builtin'}: {len(docs)} documents, {total} tokens, "
-                  f"{total // cfg.data.pretrain_length} windows of {cfg.data.pretrain_length}")
+    console.print(
+        f"[bold]corpus[/bold] {path or 'builtin'}: {len(docs)} documents, {total} tokens, "
+        f"{total // cfg.data.pretrain_length} windows of {cfg.data.pretrain_length}"
+    )
     console.print(length_table(f"document lengths ({tok.name})", [length_row("document", lengths, None)]))
 
 
@@ -97,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m tagi_ds.data", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="builtin", help=f"data spec: {' | '.join(SCHEMES)}:PATH")
     parser.add_argument("--recipe", default="tiny", help="the config whose data.* and tokenizer are used")
-    parser.add_argument("--split", choices=("train", "dev", "test", "all"), default="all",
-                        help="all = train and test (and dev for the built-in suite)")
+    parser.add_argument(
+        "--split",
+        choices=("train", "dev", "test", "all"),
+        default="all",
+        help="all = train and test (and dev for the built-in suite)",
+    )
     add_set_flag(parser, "any config field, e.g. --set data.setting=def_pos data.english_only=false")
     parser.add_argument("--max-rows", type=int, default=20, help="tasks listed per split")
     parser.add_argument("--write-sni", metavar="DIR", help="also write the tasks in the SNI layout")

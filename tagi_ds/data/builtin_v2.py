@@ -63,8 +63,16 @@ VOCABS = {
     "negative": Vocab("negative", "negative word", NEGATIVE),
 }
 # Eight families, each a pair of vocabularies (x, y); no word is in both of a pair.
-FAMILIES = (("animal", "food"), ("animal", "object"), ("food", "color"), ("object", "color"),
-            ("color", "number"), ("number", "animal"), ("positive", "negative"), ("food", "object"))
+FAMILIES = (
+    ("animal", "food"),
+    ("animal", "object"),
+    ("food", "color"),
+    ("object", "color"),
+    ("color", "number"),
+    ("number", "animal"),
+    ("positive", "negative"),
+    ("food", "object"),
+)
 
 
 def family_name(x: str, y: str) -> str:
@@ -90,61 +98,130 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-_YES_NO = (lambda x, y: ("yes", "no"))
-_KINDS = (lambda x, y: (x, y))
+_YES_NO = lambda x, y: ("yes", "no")
+_KINDS = lambda x, y: (x, y)
 _TYPED, _CMP, _CLS = "Typed Selection", "Comparison", "Classification"
 
 SKILLS: dict[str, Skill] = {
-    "first_word": Skill(lambda w, f, x, y: w[0], ("give the first word", "write only the word that comes first",
-                                                  "return the word at the start of the list")),
-    "last_word": Skill(lambda w, f, x, y: w[-1], ("give the last word", "write only the word that comes last",
-                                                  "return the word at the end of the list")),
-    "middle_word": Skill(lambda w, f, x, y: w[2], ("give the middle word", "write only the third of the five words",
-                                                   "return the word in the center of the list")),
-    "first_x": Skill(lambda w, f, x, y: _nth(w, f, True, 0), ("give the first {x}", "write the {x} that comes first",
-                                                              "return the earliest {x} in the list"), category=_TYPED),
-    "last_x": Skill(lambda w, f, x, y: _nth(w, f, True, -1), ("give the last {x}", "write the {x} that comes last",
-                                                              "return the final {x} in the list"), category=_TYPED),
-    "second_x": Skill(lambda w, f, x, y: _nth(w, f, True, 1), ("give the second {x}", "write {x} number two",
-                                                               "return the {x} that comes after the first {x}"),
-                      category=_TYPED),
-    "first_y": Skill(lambda w, f, x, y: _nth(w, f, False, 0), ("give the first {y}", "write the {y} that comes first",
-                                                               "return the earliest {y} in the list"), category=_TYPED),
-    "last_y": Skill(lambda w, f, x, y: _nth(w, f, False, -1), ("give the last {y}", "write the {y} that comes last",
-                                                               "return the final {y} in the list"), category=_TYPED),
-    "second_y": Skill(lambda w, f, x, y: _nth(w, f, False, 1), ("give the second {y}", "write {y} number two",
-                                                                "return the {y} that comes after the first {y}"),
-                      category=_TYPED),
-    "more_x": Skill(lambda w, f, x, y: _yes(sum(f) > len(f) - sum(f)),
-                    ("answer yes if there are more {x}s than {y}s, otherwise no",
-                     "say yes when the {x}s outnumber the {y}s and no when they do not",
-                     "reply yes or no: are most of the words {x}s?"), _YES_NO, _CMP),
-    "starts_x": Skill(lambda w, f, x, y: _yes(f[0]), ("answer yes if the first word is {ax}, otherwise no",
-                                                      "say yes when the list starts with {ax} and no otherwise",
-                                                      "reply yes or no: is the first word {ax}?"), _YES_NO, _CMP),
-    "ends_x": Skill(lambda w, f, x, y: _yes(f[-1]), ("answer yes if the last word is {ax}, otherwise no",
-                                                     "say yes when the list ends with {ax} and no otherwise",
-                                                     "reply yes or no: is the last word {ax}?"), _YES_NO, _CMP),
-    "first_kind": Skill(lambda w, f, x, y: x if f[0] else y,
-                        ("say whether the first word is {ax} or {ay}: answer {xl} or {yl}",
-                         "classify the first word as {xl} or {yl}", "answer {xl} or {yl} for the first word"),
-                        _KINDS, _CLS),
-    "last_kind": Skill(lambda w, f, x, y: x if f[-1] else y,
-                       ("say whether the last word is {ax} or {ay}: answer {xl} or {yl}",
-                        "classify the last word as {xl} or {yl}", "answer {xl} or {yl} for the last word"),
-                       _KINDS, _CLS),
-    "majority_kind": Skill(lambda w, f, x, y: x if sum(f) > len(f) - sum(f) else y,
-                           ("say which kind of word is more frequent: answer {xl} or {yl}",
-                            "classify the list by its majority as {xl} or {yl}",
-                            "answer {xl} if most words are {x}s and {yl} if most are {y}s"), _KINDS, _CLS),
-    "count_x": Skill(lambda w, f, x, y: "two" if sum(f) == 2 else "three",
-                     ("say how many {x}s there are: answer two or three", "count the {x}s, answering two or three",
-                      "give the number of {x}s as a word, two or three"), lambda x, y: ("two", "three"), _CMP),
+    "first_word": Skill(
+        lambda w, f, x, y: w[0],
+        ("give the first word", "write only the word that comes first", "return the word at the start of the list"),
+    ),
+    "last_word": Skill(
+        lambda w, f, x, y: w[-1],
+        ("give the last word", "write only the word that comes last", "return the word at the end of the list"),
+    ),
+    "middle_word": Skill(
+        lambda w, f, x, y: w[2],
+        ("give the middle word", "write only the third of the five words", "return the word in the center of the list"),
+    ),
+    "first_x": Skill(
+        lambda w, f, x, y: _nth(w, f, True, 0),
+        ("give the first {x}", "write the {x} that comes first", "return the earliest {x} in the list"),
+        category=_TYPED,
+    ),
+    "last_x": Skill(
+        lambda w, f, x, y: _nth(w, f, True, -1),
+        ("give the last {x}", "write the {x} that comes last", "return the final {x} in the list"),
+        category=_TYPED,
+    ),
+    "second_x": Skill(
+        lambda w, f, x, y: _nth(w, f, True, 1),
+        ("give the second {x}", "write {x} number two", "return the {x} that comes after the first {x}"),
+        category=_TYPED,
+    ),
+    "first_y": Skill(
+        lambda w, f, x, y: _nth(w, f, False, 0),
+        ("give the first {y}", "write the {y} that comes first", "return the earliest {y} in the list"),
+        category=_TYPED,
+    ),
+    "last_y": Skill(
+        lambda w, f, x, y: _nth(w, f, False, -1),
+        ("give the last {y}", "write the {y} that comes last", "return the final {y} in the list"),
+        category=_TYPED,
+    ),
+    "second_y": Skill(
+        lambda w, f, x, y: _nth(w, f, False, 1),
+        ("give the second {y}", "write {y} number two", "return the {y} that comes after the first {y}"),
+        category=_TYPED,
+    ),
+    "more_x": Skill(
+        lambda w, f, x, y: _yes(sum(f) > len(f) - sum(f)),
+        (
+            "answer yes if there are more {x}s than {y}s, otherwise no",
+            "say yes when the {x}s outnumber the {y}s and no when they do not",
+            "reply yes or no: are most of the words {x}s?",
+        ),
+        _YES_NO,
+        _CMP,
+    ),
+    "starts_x": Skill(
+        lambda w, f, x, y: _yes(f[0]),
+        (
+            "answer yes if the first word is {ax}, otherwise no",
+            "say yes when the list starts with {ax} and no otherwise",
+            "reply yes or no: is the first word {ax}?",
+        ),
+        _YES_NO,
+        _CMP,
+    ),
+    "ends_x": Skill(
+        lambda w, f, x, y: _yes(f[-1]),
+        (
+            "answer yes if the last word is {ax}, otherwise no",
+            "say yes when the list ends with {ax} and no otherwise",
+            "reply yes or no: is the last word {ax}?",
+        ),
+        _YES_NO,
+        _CMP,
+    ),
+    "first_kind": Skill(
+        lambda w, f, x, y: x if f[0] else y,
+        (
+            "say whether the first word is {ax} or {ay}: answer {xl} or {yl}",
+            "classify the first word as {xl} or {yl}",
+            "answer {xl} or {yl} for the first word",
+        ),
+        _KINDS,
+        _CLS,
+    ),
+    "last_kind": Skill(
+        lambda w, f, x, y: x if f[-1] else y,
+        (
+            "say whether the last word is {ax} or {ay}: answer {xl} or {yl}",
+            "classify the last word as {xl} or {yl}",
+            "answer {xl} or {yl} for the last word",
+        ),
+        _KINDS,
+        _CLS,
+    ),
+    "majority_kind": Skill(
+        lambda w, f, x, y: x if sum(f) > len(f) - sum(f) else y,
+        (
+            "say which kind of word is more frequent: answer {xl} or {yl}",
+            "classify the list by its majority as {xl} or {yl}",
+            "answer {xl} if most words are {x}s and {yl} if most are {y}s",
+        ),
+        _KINDS,
+        _CLS,
+    ),
+    "count_x": Skill(
+        lambda w, f, x, y: "two" if sum(f) == 2 else "three",
+        (
+            "say how many {x}s there are: answer two or three",
+            "count the {x}s, answering two or three",
+            "give the number of {x}s as a word, two or three",
+        ),
+        lambda x, y: ("two", "three"),
+        _CMP,
+    ),
 }
 SKILL_NAMES = tuple(SKILLS)
-INTROS = ("You are given five words; some are {x}s and the others are {y}s.",
-          "The input is a list of five words, each of them {ax} or {ay}.",
-          "In this task you receive five words, a mix of {x}s and {y}s.")
+INTROS = (
+    "You are given five words; some are {x}s and the others are {y}s.",
+    "The input is a list of five words, each of them {ax} or {ay}.",
+    "In this task you receive five words, a mix of {x}s and {y}s.",
+)
 
 
 def split_of(family: int, skill: int) -> str:
@@ -200,9 +277,15 @@ def make_task(number: int, fam: int, skill_name: str, seed: int) -> Task:
     right = answer(words, flags)
     wrong = next(w for w in [*words, x.label, y.label, "yes", "no"] if w != right)
     negative = Demo(" ".join(words), wrong, "This answer does not follow the instruction.")
-    return Task(name=name, category=skill.category,
-                definitions=tuple(_definition(x, y, skill, v) for v in range(3)),
-                instances=tuple(instances), positives=tuple(positives), negatives=(negative,), source="builtin")
+    return Task(
+        name=name,
+        category=skill.category,
+        definitions=tuple(_definition(x, y, skill, v) for v in range(3)),
+        instances=tuple(instances),
+        positives=tuple(positives),
+        negatives=(negative,),
+        source="builtin",
+    )
 
 
 @functools.lru_cache(maxsize=4)

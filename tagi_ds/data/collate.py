@@ -64,7 +64,7 @@ class _Collator:
             return ids
         if field:
             self.stats[f"truncated_{field}"] += 1
-        return ids[:max(limit, 0)]
+        return ids[: max(limit, 0)]
 
     def instruction_row(self, ids: list[int]) -> list[int]:
         body = self.cut(ids, self.cfg.max_instruction_length - 1, "instruction")
@@ -89,9 +89,11 @@ class _Collator:
 
     def report(self) -> str:
         s = self.stats
-        return (f"truncated: instruction {s['truncated_instruction']}/{s['instructions']} tasks, "
-                f"input {s['truncated_input']}/{s['examples']} examples, "
-                f"target {s['truncated_target']}/{s['examples']} examples")
+        return (
+            f"truncated: instruction {s['truncated_instruction']}/{s['instructions']} tasks, "
+            f"input {s['truncated_input']}/{s['examples']} examples, "
+            f"target {s['truncated_target']}/{s['examples']} examples"
+        )
 
 
 class TaskCollator(_Collator):
@@ -105,10 +107,22 @@ class TaskCollator(_Collator):
     first definition and the first output.
     """
 
-    def __init__(self, tasks: Sequence[Task], tokenizer, cfg: DataConfig, *, arch: str = "t5",
-                 input_view: str = "input", instruction: bool = True, teacher_view: bool = False,
-                 teacher_rows: dict[str, int] | None = None, teacher_key: str = "task", sample: bool = False,
-                 padding_side: str = "right", with_targets: bool = True):
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        tokenizer,
+        cfg: DataConfig,
+        *,
+        arch: str = "t5",
+        input_view: str = "input",
+        instruction: bool = True,
+        teacher_view: bool = False,
+        teacher_rows: dict[str, int] | None = None,
+        teacher_key: str = "task",
+        sample: bool = False,
+        padding_side: str = "right",
+        with_targets: bool = True,
+    ):
         super().__init__(tokenizer, cfg, arch, padding_side, with_targets)
         if input_view not in ("input", "concat"):
             raise ValueError(f"input_view must be input or concat, got {input_view!r}")
@@ -166,8 +180,15 @@ class TaskCollator(_Collator):
             counts.append(len(seg.examples))
         self.stats["examples"] += len(inputs)
         input_ids, mask, label_ids = self.tensors(inputs, labels)
-        batch = TaskBatch(input_ids, mask, label_ids, torch.tensor([0, *counts]).cumsum(0),
-                          task_names=names, example_ids=ids, categories=cats)
+        batch = TaskBatch(
+            input_ids,
+            mask,
+            label_ids,
+            torch.tensor([0, *counts]).cumsum(0),
+            task_names=names,
+            example_ids=ids,
+            categories=cats,
+        )
         if self.instruction:
             side = self.side if self.causal else "right"
             batch.instr_input_ids = pad(instr_rows, self.tok.pad_id, side)
@@ -200,7 +221,14 @@ class PretrainCollator(_Collator):
         input_ids, mask, label_ids = self.tensors(inputs, labels)
         names = [name for name, _, _ in plan]
         side = self.side if self.causal else "right"
-        return TaskBatch(input_ids, mask, label_ids, torch.arange(len(plan) + 1),
-                         instr_input_ids=pad(instr_rows, self.tok.pad_id, side),
-                         instr_attention_mask=pad([[1] * len(r) for r in instr_rows], 0, side),
-                         task_names=names, example_ids=names, categories=["pretrain"] * len(plan))
+        return TaskBatch(
+            input_ids,
+            mask,
+            label_ids,
+            torch.arange(len(plan) + 1),
+            instr_input_ids=pad(instr_rows, self.tok.pad_id, side),
+            instr_attention_mask=pad([[1] * len(r) for r in instr_rows], 0, side),
+            task_names=names,
+            example_ids=names,
+            categories=["pretrain"] * len(plan),
+        )

@@ -63,8 +63,7 @@ def builtin_documents(seed: int = 0, num_paragraphs: int = 3000) -> list[str]:
         docs.append(format_instruction(task, "def_pos", 2))
         docs.extend(format_instance(ex.input) + ex.outputs[0] for ex in task.instances[:25])
     rng = random.Random(f"tagi-corpus:{seed}")
-    docs.extend(" ".join(_sentence(rng) for _ in range(rng.randint(3, 6))).capitalize()
-                for _ in range(num_paragraphs))
+    docs.extend(" ".join(_sentence(rng) for _ in range(rng.randint(3, 6))).capitalize() for _ in range(num_paragraphs))
     return docs
 
 
@@ -116,7 +115,7 @@ def pack(documents: Iterable[str], tokenizer, length: int) -> Iterator[list[int]
         buf.append(tokenizer.eos_id)
         start = 0
         while len(buf) - start >= length:
-            yield buf[start:start + length]
+            yield buf[start : start + length]
             start += length
         del buf[:start]
 
@@ -150,8 +149,9 @@ def load_windows(source: str | Path | None, tokenizer, length: int) -> np.ndarra
     return np.asarray(windows, dtype=np.int32)
 
 
-def split_abc(tokens: Sequence[int], variant: int, max_b: int | None = None,
-              max_c: int | None = None) -> tuple[list[int], list[int], list[int]]:
+def split_abc(
+    tokens: Sequence[int], variant: int, max_b: int | None = None, max_c: int | None = None
+) -> tuple[list[int], list[int], list[int]]:
     """Two random cut points ``0 < i < j < L`` drawn from ``variant``: a = [0, i), b = [i, j), c = [j, L).
 
     ``j`` is uniform over the positions that leave c at most ``max_c`` tokens, then ``i`` uniform over those
@@ -175,8 +175,16 @@ class WindowStream:
     (exact, at the cost of re-tokenising them). Yields ``[(name, window tokens, variant), ...]``.
     """
 
-    def __init__(self, files: Sequence[Path], tokenizer, length: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        files: Sequence[Path],
+        tokenizer,
+        length: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.files, self.tokenizer, self.length, self.batch_size = list(files), tokenizer, length, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.step = 0, 0
@@ -193,11 +201,13 @@ class WindowStream:
             index += 1
             if len(buf) == per_round:
                 if rounds >= skip:
-                    yield buf[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                    yield buf[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
                 rounds, buf = rounds + 1, []
         if rounds == 0:
-            raise DataError(f"text:{self.files[0]}: corpus has fewer than one round of windows "
-                            f"({per_round} windows of {self.length} tokens)")
+            raise DataError(
+                f"text:{self.files[0]}: corpus has fewer than one round of windows "
+                f"({per_round} windows of {self.length} tokens)"
+            )
 
     def __iter__(self):
         return self

@@ -100,8 +100,15 @@ def _check(cfg: TagiConfig) -> None:
             raise DataError(f"data.{key} must be >= 2 (a token + eos), got {getattr(d, key)}")
 
 
-def build_train_loader(cfg: TagiConfig, tokenizer, stage: str, rank: int = 0, world_size: int = 1,
-                       teacher_rows: dict[str, int] | None = None, tasks: Sequence[Task] | None = None) -> TaskLoader:
+def build_train_loader(
+    cfg: TagiConfig,
+    tokenizer,
+    stage: str,
+    rank: int = 0,
+    world_size: int = 1,
+    teacher_rows: dict[str, int] | None = None,
+    tasks: Sequence[Task] | None = None,
+) -> TaskLoader:
     """The training loader of ``stage`` (teachers | pretrain | finetune) for ``rank`` of ``world_size``.
 
     ``tasks`` defaults to ``load_tasks(cfg.data.spec, cfg.data, "train")``. ``teacher_rows``: name -> bank
@@ -120,18 +127,26 @@ def build_train_loader(cfg: TagiConfig, tokenizer, stage: str, rank: int = 0, wo
             stream = WindowStream(corpus_files(source), tokenizer, d.pretrain_length, batch, seed, rank, world_size)
             return TaskLoader(stream, collate)
         windows = load_windows(source, tokenizer, d.pretrain_length)
-        return TaskLoader(_WindowPlans(windows, TaskBatchSampler([1] * len(windows), batch, 1, seed, rank,
-                                                                 world_size)), collate)
+        return TaskLoader(
+            _WindowPlans(windows, TaskBatchSampler([1] * len(windows), batch, 1, seed, rank, world_size)), collate
+        )
     tasks = list(tasks) if tasks is not None else load_tasks(d.spec, d, "train")
-    sampler = TaskBatchSampler([len(t.instances) for t in tasks], d.tasks_per_batch, d.examples_per_task, seed,
-                               rank, world_size)
+    sampler = TaskBatchSampler(
+        [len(t.instances) for t in tasks], d.tasks_per_batch, d.examples_per_task, seed, rank, world_size
+    )
     common = dict(arch=arch, teacher_key=cfg.teacher.granularity, sample=d.sample_variants, **_views(spec.mode))
     if spec.mode.source.per_task:  # the teachers themselves: each task's own bank row
         rows = teacher_rows if teacher_rows is not None else default_teacher_rows(tasks, cfg.teacher.granularity)
         collate = TaskCollator(tasks, tokenizer, d, teacher_rows=rows, **common)
     else:
-        collate = TaskCollator(tasks, tokenizer, d, teacher_rows=teacher_rows,
-                               teacher_view=teacher_rows is not None and cfg.loss.kl_weight > 0, **common)
+        collate = TaskCollator(
+            tasks,
+            tokenizer,
+            d,
+            teacher_rows=teacher_rows,
+            teacher_view=teacher_rows is not None and cfg.loss.kl_weight > 0,
+            **common,
+        )
     return TaskLoader(sampler, collate, tasks)
 
 
@@ -154,17 +169,32 @@ class EvalLoader:
         return (self.collate(plan) for plan in self.sampler)
 
 
-def build_eval_loader(cfg: TagiConfig, tokenizer, split: str = "test", rank: int = 0, world_size: int = 1,
-                      generation: bool = True, tasks: Sequence[Task] | None = None,
-                      batch_size: int | None = None) -> EvalLoader:
+def build_eval_loader(
+    cfg: TagiConfig,
+    tokenizer,
+    split: str = "test",
+    rank: int = 0,
+    world_size: int = 1,
+    generation: bool = True,
+    tasks: Sequence[Task] | None = None,
+    batch_size: int | None = None,
+) -> EvalLoader:
     """Ordered batches over every instance of ``split`` (views per ``cfg.mode``; first definition and first
     answer). ``generation``: LLaMA batches are left-padded prompts with ``[B, Lt]`` labels (see collate)."""
     _check(cfg)
     d = cfg.data
     tasks = list(tasks) if tasks is not None else load_tasks(d.spec, d, split)
-    sampler = EvalSampler([len(t.instances) for t in tasks], batch_size or d.tasks_per_batch * d.examples_per_task,
-                          rank, world_size)
+    sampler = EvalSampler(
+        [len(t.instances) for t in tasks], batch_size or d.tasks_per_batch * d.examples_per_task, rank, world_size
+    )
     llama_gen = generation and families.get(cfg.model.arch).causal  # every decoder-only family
-    collate = TaskCollator(tasks, tokenizer, d, arch=cfg.model.arch, **_views(_mode(cfg.mode)),
-                           padding_side="left" if llama_gen else "right", with_targets=not llama_gen)
+    collate = TaskCollator(
+        tasks,
+        tokenizer,
+        d,
+        arch=cfg.model.arch,
+        **_views(_mode(cfg.mode)),
+        padding_side="left" if llama_gen else "right",
+        with_targets=not llama_gen,
+    )
     return EvalLoader(sampler, collate, tasks)

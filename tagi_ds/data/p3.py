@@ -26,8 +26,19 @@ from tagi_ds.config import DataConfig
 from tagi_ds.data.task import DataError, Example, Task, select_tasks, show
 from tagi_ds.files import check_json_lines, read_json
 
-MTEST11 = ("anli_r1", "anli_r2", "anli_r3", "hellaswag", "super_glue_cb", "super_glue_copa", "super_glue_rte",
-           "super_glue_wic", "super_glue_wsc", "winogrande", "story_cloze")
+MTEST11 = (
+    "anli_r1",
+    "anli_r2",
+    "anli_r3",
+    "hellaswag",
+    "super_glue_cb",
+    "super_glue_copa",
+    "super_glue_rte",
+    "super_glue_wic",
+    "super_glue_wsc",
+    "winogrande",
+    "story_cloze",
+)
 
 
 def is_held_out(dataset: str) -> bool:
@@ -63,8 +74,9 @@ def read_examples(path: Path, task: str, limit: int | None) -> tuple[Example, ..
             if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
                 raise DataError(f"{where}: field 'answer_choices': expected a list of strings, got {show(choices)}")
             if choices and row["targets"] not in choices:
-                raise DataError(f"{where}: field 'targets': {show(row['targets'])} is not among answer_choices "
-                                f"{show(choices, 120)}")
+                raise DataError(
+                    f"{where}: field 'targets': {show(row['targets'])} is not among answer_choices {show(choices, 120)}"
+                )
             out.append(Example(f"{task}-{path.stem}-{i}", row["inputs"], (row["targets"],), tuple(choices)))
     except DataError:
         raise
@@ -92,10 +104,18 @@ def load_p3(root: str | Path, cfg: DataConfig, split: str) -> list[Task]:
             if path is None:
                 continue  # this template has no file for the split (e.g. a test-only dataset)
             name = f"{dataset_dir.name}__{template_dir.name}"
-            tasks.append(Task(name=name, category=dataset_dir.name, definitions=(_instruction(template_dir),),
-                              instances=read_examples(path, name, cfg.max_instances_per_task), source=str(path)))
-    tasks = select_tasks(tasks, categories=cfg.categories,
-                         names=cfg.tasks, exclude=cfg.exclude_tasks, where=f"p3:{root}")
+            tasks.append(
+                Task(
+                    name=name,
+                    category=dataset_dir.name,
+                    definitions=(_instruction(template_dir),),
+                    instances=read_examples(path, name, cfg.max_instances_per_task),
+                    source=str(path),
+                )
+            )
+    tasks = select_tasks(
+        tasks, categories=cfg.categories, names=cfg.tasks, exclude=cfg.exclude_tasks, where=f"p3:{root}"
+    )
     if not tasks:
         which, file = ("MTEST11", "validation") if split == "test" else ("non-MTEST11", "train")
         raise DataError(f"p3:{root}: no {split} tasks ({which} datasets with <dataset>/<template>/{file}.jsonl)")

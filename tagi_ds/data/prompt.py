@@ -44,8 +44,13 @@ def format_instruction(task: Task, setting: str = "def", num_pos: int = 2, defin
     text = _end("Definition: " + task.definitions[definition].strip()) + "\n\n"
     if setting == "def_pos":
         for i, demo in enumerate(task.positives[:num_pos]):
-            text += (f" Positive Example {i + 1} -\n" + _end(f"Input: {demo.input.strip()}") + "\n"
-                     + _end(f" Output: {demo.output.strip()}") + "\n\n")
+            text += (
+                f" Positive Example {i + 1} -\n"
+                + _end(f"Input: {demo.input.strip()}")
+                + "\n"
+                + _end(f" Output: {demo.output.strip()}")
+                + "\n\n"
+            )
     return text
 
 
@@ -77,6 +82,8 @@ def chat_format(tokenizer) -> ChatFormat:
     """The tokenizer's chat template as a :class:`ChatFormat`; DataError naming the tokenizer if it has none."""
     parts = tokenizer.chat_parts()
     if parts is None:
-        raise DataError(f"data.chat_template=true but the tokenizer {tokenizer.name} has no chat template "
-                        "(tokenizer_config.json chat_template or chat_template.jinja); set data.chat_template=false")
+        raise DataError(
+            f"data.chat_template=true but the tokenizer {tokenizer.name} has no chat template "
+            "(tokenizer_config.json chat_template or chat_template.jinja); set data.chat_template=false"
+        )
     return ChatFormat(*(tuple(tokenizer.encode(p)) for p in parts))

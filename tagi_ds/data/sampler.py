@@ -34,8 +34,15 @@ class TaskBatchSampler:
     count. ``state_dict()`` is ``(epoch, step)``; ``load_state_dict`` continues exactly where it stopped.
     """
 
-    def __init__(self, sizes: Sequence[int], tasks_per_batch: int, examples_per_task: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        tasks_per_batch: int,
+        examples_per_task: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not sizes or min(sizes) < 1:
             raise DataError(f"sampler: every task needs >= 1 instance, got sizes {list(sizes)[:10]}...")
         if not 0 <= rank < world_size:
@@ -46,8 +53,10 @@ class TaskBatchSampler:
         num_groups = sum(-(-n // self.m) for n in self.sizes)
         self.steps_per_epoch = num_groups // self.k // world_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"data: {num_groups} task groups of data.examples_per_task={self.m} are fewer than "
-                            f"data.tasks_per_batch={self.k} x world_size={world_size}: not one micro-batch per rank")
+            raise DataError(
+                f"data: {num_groups} task groups of data.examples_per_task={self.m} are fewer than "
+                f"data.tasks_per_batch={self.k} x world_size={world_size}: not one micro-batch per rank"
+            )
         self.epoch, self.step = 0, 0
         self._cache: tuple[int, list[list[Segment]]] | None = None
 
@@ -59,7 +68,7 @@ class TaskBatchSampler:
         groups: list[tuple[int, np.ndarray]] = []
         for t, n in enumerate(self.sizes):
             rows = np.resize(rng.permutation(n), -(-n // self.m) * self.m)  # wrap around to fill the last group
-            groups.extend((t, rows[i:i + self.m]) for i in range(0, len(rows), self.m))
+            groups.extend((t, rows[i : i + self.m]) for i in range(0, len(rows), self.m))
         order = rng.permutation(len(groups))
         variants = rng.integers(0, 2**31, size=len(groups))
         plans = []
@@ -103,7 +112,7 @@ class EvalSampler:
 
     def __init__(self, sizes: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1):
         rows = [(t, i) for t, n in enumerate(sizes) for i in range(n)]
-        chunks = [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]
+        chunks = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
         if not chunks:
             raise DataError("eval: no instances to evaluate")
         steps = -(-len(chunks) // world_size)

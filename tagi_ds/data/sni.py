@@ -94,10 +94,15 @@ def read_task(path: str | Path, english_only: bool = False) -> Task | None:
     definition = data["Definition"]
     definitions = _strings(path, "Definition", [definition] if isinstance(definition, str) else definition)
     categories = _strings(path, "Categories", data.get("Categories", ["Uncategorized"]))
-    return Task(name=path.stem, category=categories[0], definitions=tuple(definitions),
-                instances=_instances(path, data["Instances"]),
-                positives=_demos(path, "Positive Examples", data.get("Positive Examples", [])),
-                negatives=_demos(path, "Negative Examples", data.get("Negative Examples", [])), source=str(path))
+    return Task(
+        name=path.stem,
+        category=categories[0],
+        definitions=tuple(definitions),
+        instances=_instances(path, data["Instances"]),
+        positives=_demos(path, "Positive Examples", data.get("Positive Examples", [])),
+        negatives=_demos(path, "Negative Examples", data.get("Negative Examples", [])),
+        source=str(path),
+    )
 
 
 def _split_lines(root: Path, split: str) -> list[tuple[int, str]]:
@@ -127,9 +132,11 @@ def split_names(root: str | Path, split: str) -> list[str]:
         train = {name for _, name in _split_lines(root, "train")}
         for lineno, name in _split_lines(root, "test"):
             if name in train:
-                raise DataError(f"{test_file}: line {lineno}: task {name!r} is also in train_tasks.txt (a test "
-                                "task must be unseen in training: remove it from one split or list it in "
-                                "excluded_tasks.txt)")
+                raise DataError(
+                    f"{test_file}: line {lineno}: task {name!r} is also in train_tasks.txt (a test "
+                    "task must be unseen in training: remove it from one split or list it in "
+                    "excluded_tasks.txt)"
+                )
     return [name for _, name in lines]
 
 
@@ -143,19 +150,32 @@ def load_sni(root: str | Path, cfg: DataConfig, split: str) -> list[Task]:
             tasks.append(task)
     dropped = sorted(set(names) - {t.name for t in tasks})
     if dropped:
-        note(f"{root}: data.english_only=true dropped {len(dropped)} of {len(names)} {split} tasks "
-             "(a language field other than English); --set data.english_only=false keeps them")
+        note(
+            f"{root}: data.english_only=true dropped {len(dropped)} of {len(names)} {split} tasks "
+            "(a language field other than English); --set data.english_only=false keeps them"
+        )
         # a data.tasks name that the language filter removed is not "missing from the split": say what removed it
         named = sorted(set(cfg.tasks) & set(dropped))
         if named:
-            raise DataError(f"{root}: data.tasks names {show(named, 200)}, dropped by data.english_only=true "
-                            "(a language other than English); --set data.english_only=false keeps it")
-    tasks = select_tasks(tasks, categories=cfg.categories,
-                         names=cfg.tasks, exclude=cfg.exclude_tasks, max_instances=cfg.max_instances_per_task,
-                         sample_seed="sni" if split == "train" else None, where=str(root))
+            raise DataError(
+                f"{root}: data.tasks names {show(named, 200)}, dropped by data.english_only=true "
+                "(a language other than English); --set data.english_only=false keeps it"
+            )
+    tasks = select_tasks(
+        tasks,
+        categories=cfg.categories,
+        names=cfg.tasks,
+        exclude=cfg.exclude_tasks,
+        max_instances=cfg.max_instances_per_task,
+        sample_seed="sni" if split == "train" else None,
+        where=str(root),
+    )
     if not tasks:  # only reachable when no task survived the language filter or the split lists none
-        why = (f"data.english_only=true dropped all {len(names)} (--set data.english_only=false keeps them)"
-               if names else f"splits/default/{split}_tasks.txt lists none (after excluded_tasks.txt)")
+        why = (
+            f"data.english_only=true dropped all {len(names)} (--set data.english_only=false keeps them)"
+            if names
+            else f"splits/default/{split}_tasks.txt lists none (after excluded_tasks.txt)"
+        )
         raise DataError(f"{root}: split {split!r} has no tasks: {why}")
     return tasks
 
@@ -166,9 +186,15 @@ def task_to_json(task: Task) -> dict:
         raise DataError(f"{task.name}: answer choices (P3) have no field in the SNI layout")
     demo = lambda d: {"input": d.input, "output": d.output, "explanation": d.explanation}
     return {
-        "Contributors": [], "Source": ["tagi-ds"], "Categories": [task.category], "Reasoning": [],
-        "Definition": list(task.definitions), "Input_language": ["English"], "Output_language": ["English"],
-        "Instruction_language": ["English"], "Domains": [],
+        "Contributors": [],
+        "Source": ["tagi-ds"],
+        "Categories": [task.category],
+        "Reasoning": [],
+        "Definition": list(task.definitions),
+        "Input_language": ["English"],
+        "Output_language": ["English"],
+        "Instruction_language": ["English"],
+        "Domains": [],
         "Positive Examples": [demo(d) for d in task.positives],
         "Negative Examples": [demo(d) for d in task.negatives],
         "Instances": [{"id": ex.id, "input": ex.input, "output": list(ex.outputs)} for ex in task.instances],

@@ -53,19 +53,28 @@ def load_tasks(spec: str | DataSpec, cfg: DataConfig, split: str) -> list[Task]:
     if split not in ("train", "dev", "test"):
         raise DataError(f"data spec {spec}: split must be train, dev or test, got {split!r}")
     if split == "dev" and spec.scheme != "builtin":
-        raise DataError(f"data spec {spec}: split dev exists only for the built-in suite; for {spec.scheme} hold "
-                        f"training tasks out with data.exclude_tasks and evaluate them with --split train "
-                        f"--set data.tasks=...")
+        raise DataError(
+            f"data spec {spec}: split dev exists only for the built-in suite; for {spec.scheme} hold "
+            f"training tasks out with data.exclude_tasks and evaluate them with --split train "
+            f"--set data.tasks=..."
+        )
     if spec.scheme == "builtin":
         suite = builtin_suite_v2 if cfg.builtin_suite == "v2" else builtin_suite
-        return select_tasks(suite(cfg.builtin_seed)[split], categories=cfg.categories, names=cfg.tasks,
-                            exclude=cfg.exclude_tasks, max_instances=cfg.max_instances_per_task, where="builtin")
+        return select_tasks(
+            suite(cfg.builtin_seed)[split],
+            categories=cfg.categories,
+            names=cfg.tasks,
+            exclude=cfg.exclude_tasks,
+            max_instances=cfg.max_instances_per_task,
+            where="builtin",
+        )
     if spec.scheme == "sni":
         return load_sni(spec.path, cfg, split)
     if spec.scheme == "p3":
         return load_p3(spec.path, cfg, split)
-    raise DataError(f"data spec {spec}: text: is a pretraining corpus (stage pretrain); tasks need builtin | sni:DIR "
-                    f"| p3:DIR")
+    raise DataError(
+        f"data spec {spec}: text: is a pretraining corpus (stage pretrain); tasks need builtin | sni:DIR | p3:DIR"
+    )
 
 
 def corpus_source(cfg: DataConfig) -> Path | None:

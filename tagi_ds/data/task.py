@@ -57,9 +57,16 @@ class Task:
     source: str = field(default="", compare=False)  # where it was read from, for messages
 
 
-def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_instances: int | None = None,
-                 sample_seed: str | None = None, where: str = "data", names: Sequence[str] = (),
-                 exclude: Sequence[str] = ()) -> list[Task]:
+def select_tasks(
+    tasks: Sequence[Task],
+    *,
+    categories: Sequence[str] = (),
+    max_instances: int | None = None,
+    sample_seed: str | None = None,
+    where: str = "data",
+    names: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[Task]:
     """Keep tasks of ``categories`` (empty = all), named in ``names`` (``data.tasks``; empty = all) and not
     named in ``exclude`` (``data.exclude_tasks``: names absent from this split are ignored, so one config
     serves the train and the test split; a name in both lists is kept, so a run trained with a validation
@@ -79,8 +86,9 @@ def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_i
         missing = sorted(wanted - {t.name for t in chosen})
         if missing:
             known = sorted(t.name for t in chosen)
-            raise DataError(f"{where}: data.tasks names {show(missing, 200)}, not a task of this split "
-                            f"(known: {show(known, 200)})")
+            raise DataError(
+                f"{where}: data.tasks names {show(missing, 200)}, not a task of this split (known: {show(known, 200)})"
+            )
         chosen = [t for t in chosen if t.name in wanted]
     dropped = set(exclude) - wanted  # a task named in data.tasks is kept: the explicit choice wins
     chosen = [t for t in chosen if t.name not in dropped]
@@ -97,8 +105,10 @@ def select_tasks(tasks: Sequence[Task], *, categories: Sequence[str] = (), max_i
                 inst = tuple(inst[i] for i in keep)
         for ex in inst:
             if ex.id in seen:
-                raise DataError(f"{task.source or task.name}: field Instances.id: duplicate id {show(ex.id)} "
-                                f"(also in {seen[ex.id]})")
+                raise DataError(
+                    f"{task.source or task.name}: field Instances.id: duplicate id {show(ex.id)} "
+                    f"(also in {seen[ex.id]})"
+                )
             seen[ex.id] = task.name
         out.append(replace(task, instances=inst))
     return out

@@ -110,16 +110,19 @@ class HFTokenizer(Tokenizer):
         mark = "\ue000message\ue000"  # a private-use sentinel no template alters
         rendered = []
         for reply in (False, True):
-            text = self.tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
-                                                add_generation_prompt=reply)
+            text = self.tok.apply_chat_template(
+                [{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=reply
+            )
             if text.count(mark) != 1:
-                raise DataError(f"{self.name}: the chat template does not render a user message verbatim "
-                                "(data.chat_template); set data.chat_template=false")
+                raise DataError(
+                    f"{self.name}: the chat template does not render a user message verbatim "
+                    "(data.chat_template); set data.chat_template=false"
+                )
             rendered.append(text.split(mark))
         (prefix, turn_end), (_, reply) = rendered
         bos = self.tok.bos_token
         if bos and prefix.startswith(bos):
-            prefix = prefix[len(bos):]
+            prefix = prefix[len(bos) :]
         return prefix, turn_end, reply
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -135,8 +138,9 @@ def training_sentences(seed: int = 0) -> list[str]:
     return lines + ["".join(chr(c) for c in range(33, 127))]
 
 
-def train_sentencepiece(sentences: Sequence[str] | None = None, seed: int = 0,
-                        vocab_size: int = BUILTIN_VOCAB) -> bytes:
+def train_sentencepiece(
+    sentences: Sequence[str] | None = None, seed: int = 0, vocab_size: int = BUILTIN_VOCAB
+) -> bytes:
     """Train the built-in unigram model and return its bytes (deterministic for the same input)."""
     import sentencepiece as spm
 
@@ -145,11 +149,27 @@ def train_sentencepiece(sentences: Sequence[str] | None = None, seed: int = 0,
         raise DataError("tokenizer training: empty corpus (no non-empty sentence)")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID, pad_piece="<pad>", eos_piece="</s>",
-        unk_piece="<unk>", bos_piece="<s>", character_coverage=1.0, split_digits=True, byte_fallback=True,
-        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=8192,
-        minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        character_coverage=1.0,
+        split_digits=True,
+        byte_fallback=True,
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        max_sentence_length=8192,
+        minloglevel=2,
+    )
     return buf.getvalue()
 
 
@@ -168,8 +188,10 @@ def load_tokenizer(cfg) -> Tokenizer:
     path = cfg.data.tokenizer or cfg.model.model_name_or_path
     tok = HFTokenizer(path) if path else SentencePieceTokenizer(BUILTIN_MODEL)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"{tok.name}: tokenizer vocab_size {tok.vocab_size} > model.vocab_size "
-                        f"{cfg.model.vocab_size}; ids would fall outside the embedding")
+        raise DataError(
+            f"{tok.name}: tokenizer vocab_size {tok.vocab_size} > model.vocab_size "
+            f"{cfg.model.vocab_size}; ids would fall outside the embedding"
+        )
     return tok
 
 

@@ -35,11 +35,15 @@ def expand_choices(tasks: Sequence[Task]) -> list[Task]:
         pairs = []
         for ex in task.instances:
             if not ex.choices:
-                raise ConfigError(f"--task rank: example {ex.id!r} of task {task.name!r} has no answer_choices "
-                                  "(rank classification scores options; use --task generate)")
+                raise ConfigError(
+                    f"--task rank: example {ex.id!r} of task {task.name!r} has no answer_choices "
+                    "(rank classification scores options; use --task generate)"
+                )
             if ex.outputs[0] not in ex.choices:
-                raise ConfigError(f"--task rank: example {ex.id!r}: answer {ex.outputs[0]!r} is not among its "
-                                  f"answer_choices {list(ex.choices)!r}")
+                raise ConfigError(
+                    f"--task rank: example {ex.id!r}: answer {ex.outputs[0]!r} is not among its "
+                    f"answer_choices {list(ex.choices)!r}"
+                )
             pairs.extend(Example(pair_id(ex.id, j), ex.input, (choice,)) for j, choice in enumerate(ex.choices))
         out.append(replace(task, instances=tuple(pairs)))
     return out
@@ -58,8 +62,9 @@ def summarize(tasks: Sequence[Task], scores: Mapping[str, float]) -> tuple[list[
     records, per_prompt = [], defaultdict(dict)
     for task in tasks:
         examples = list(task.instances)
-        missing = [pair_id(ex.id, j) for ex in examples for j in range(len(ex.choices))
-                   if pair_id(ex.id, j) not in scores]
+        missing = [
+            pair_id(ex.id, j) for ex in examples for j in range(len(ex.choices)) if pair_id(ex.id, j) not in scores
+        ]
         if missing:
             raise RuntimeError(f"rank classification: no score for pair {missing[0]!r} (lost in gathering)")
         flat = torch.tensor([scores[pair_id(ex.id, j)] for ex in examples for j in range(len(ex.choices))])
@@ -68,11 +73,18 @@ def summarize(tasks: Sequence[Task], scores: Mapping[str, float]) -> tuple[list[
         for ex, b in zip(examples, best):
             gold = ex.choices.index(ex.outputs[0])
             correct += b == gold
-            records.append({"id": ex.id, "task": task.name, "category": task.category,
-                            "prediction": ex.choices[b], "references": list(ex.outputs),
-                            "choices": list(ex.choices), "scores": [scores[pair_id(ex.id, j)]
-                                                                    for j in range(len(ex.choices))],
-                            "correct": b == gold})
+            records.append(
+                {
+                    "id": ex.id,
+                    "task": task.name,
+                    "category": task.category,
+                    "prediction": ex.choices[b],
+                    "references": list(ex.outputs),
+                    "choices": list(ex.choices),
+                    "scores": [scores[pair_id(ex.id, j)] for j in range(len(ex.choices))],
+                    "correct": b == gold,
+                }
+            )
         per_prompt[dataset_name(task.category)][task.name] = 100.0 * correct / len(examples)
     held_out = all(name in MTEST11 for name in per_prompt)
     summary = summarize_accuracy(per_prompt, MTEST11 if held_out else sorted(per_prompt))

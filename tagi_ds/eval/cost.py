@@ -116,8 +116,10 @@ class FlopFormula:
         if gen is not None:
             trunk = sum(_numel(m.weight) for m in gen.trunk if isinstance(m, nn.Linear))
             # head weights are [1 or S_g, hidden, out]: every site of a group costs hidden * out either way
-            heads = sum(len(g) * _shape(a.weight)[1] * (_shape(a.weight)[2] + _shape(b.weight)[2])
-                        for g, a, b in zip(gen.groups, gen.head_A, gen.head_B))
+            heads = sum(
+                len(g) * _shape(a.weight)[1] * (_shape(a.weight)[2] + _shape(b.weight)[2])
+                for g, a, b in zip(gen.groups, gen.head_A, gen.head_B)
+            )
             self.generator = 2 * (gen.num_sites * trunk + heads)
 
     def per_example(self, batch: TaskBatch, decoder_tokens: torch.Tensor, tagi: bool, generated: bool) -> list[float]:
@@ -139,6 +141,10 @@ class FlopFormula:
             tokens = inputs + dec if generated else inputs
             flops = 2 * self.n_dec * tokens + r2 * self.lora["dec"] * tokens
         else:
-            flops = (2 * self.n_enc * inputs + 2 * self.n_dec * dec + 2 * self.n_kv * inputs
-                     + r2 * (self.lora["enc"] * inputs + self.lora["dec"] * dec + self.lora["mem"] * inputs))
+            flops = (
+                2 * self.n_enc * inputs
+                + 2 * self.n_dec * dec
+                + 2 * self.n_kv * inputs
+                + r2 * (self.lora["enc"] * inputs + self.lora["dec"] * dec + self.lora["mem"] * inputs)
+            )
         return (flops + per_task[task]).tolist()

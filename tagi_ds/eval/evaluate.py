@@ -111,8 +111,13 @@ def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
     rows = None
     if mode.source.per_task:  # each task's own teacher
         rows, _ = artifacts.read_teacher_rows(args.artifact)
-        artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {str(args.artifact)!r}",
-                             "evaluate teachers on the tasks they were trained on (--split train)")
+        artifacts.check_rows(
+            tasks,
+            rows,
+            cfg.teacher.granularity,
+            f"--teachers {str(args.artifact)!r}",
+            "evaluate teachers on the tasks they were trained on (--split train)",
+        )
     scored = classify.expand_choices(tasks) if kind == "rank" else tasks
     method = cost.resolve_method(args.flops)
     model = preflight_checks.meta_model(cfg, mode.stage, tok.special_ids, num_bank_rows=len(rows) if rows else 0)
@@ -128,22 +133,43 @@ def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
 
 def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str, Any] | None:
     """Evaluate what :func:`preflight` checked; returns the results dict on rank 0 (None elsewhere)."""
-    ds, tok, tasks, kind, rows, scored, method = (checked.ds, checked.tok, checked.tasks, checked.kind, checked.rows,
-                                                  checked.scored, checked.method)
+    ds, tok, tasks, kind, rows, scored, method = (
+        checked.ds,
+        checked.tok,
+        checked.tasks,
+        checked.kind,
+        checked.rows,
+        checked.scored,
+        checked.method,
+    )
     rundir.start(cfg, ds, args)  # process group, seed, config.json
     model = build(cfg, args, ds, tok, len(rows) if rows else 0)
     mode = MODES[args.mode]
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
-    gen = greedy_config(args.max_new_tokens, tok.eos_id, tok.pad_id,
-                        None if model.causal else model.backbone.config.decoder_start_token_id)
+    gen = greedy_config(
+        args.max_new_tokens,
+        tok.eos_id,
+        tok.pad_id,
+        None if model.causal else model.backbone.config.decoder_start_token_id,
+    )
     use_bank = args.artifact is not None  # without one, the bare backbone (concat / no_instruction)
     runner, device = wrap(EvalStep(model, args.mode, kind, gen, use_bank=use_bank, synced=synced), ds)
-    loader = data.build_eval_loader(cfg, tok, args.split, dist.rank(), dist.world_size(),
-                                    generation=kind == "generate", tasks=scored, batch_size=args.batch_size)
+    loader = data.build_eval_loader(
+        cfg,
+        tok,
+        args.split,
+        dist.rank(),
+        dist.world_size(),
+        generation=kind == "generate",
+        tasks=scored,
+        batch_size=args.batch_size,
+    )
     adapter_rank = cfg.hypernet.rank if mode.instruction else model.bank.rank if use_bank else 0
     formula = cost.FlopFormula(model, adapter_rank) if method == "formula" else None
-    say(f"tagi-ds evaluate: mode {args.mode}, {kind}, {len(tasks)} tasks, {len(loader)} batches per rank on "
-        f"{dist.world_size()} rank(s), ZeRO-{ds_engine.zero_stage(ds)}, FLOPs by {method}")
+    say(
+        f"tagi-ds evaluate: mode {args.mode}, {kind}, {len(tasks)} tasks, {len(loader)} batches per rank on "
+        f"{dist.world_size()} rank(s), ZeRO-{ds_engine.zero_stage(ds)}, FLOPs by {method}"
+    )
 
     t0 = time.perf_counter()
     local: list[dict[str, Any]] = []
@@ -201,19 +227,30 @@ def _generation_records(tasks, by_id: dict[str, dict]) -> list[dict[str, Any]]:
             rec = by_id.get(ex.id)
             if rec is None:
                 raise RuntimeError(f"evaluation lost example {ex.id!r} of task {task.name!r} in gathering")
-            records.append({"id": ex.id, "task": task.name, "category": task.category,
-                            "prediction": rec["prediction"], "references": list(ex.outputs)})
+            records.append(
+                {
+                    "id": ex.id,
+                    "task": task.name,
+                    "category": task.category,
+                    "prediction": rec["prediction"],
+                    "references": list(ex.outputs),
+                }
+            )
     return records
 
 
-def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: float, method: str,
-           args: EvalArgs) -> dict[str, Any]:
+def finish(
+    out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: float, method: str, args: EvalArgs
+) -> dict[str, Any]:
     """Score the de-duplicated records and write predictions.jsonl and results.json (atomically)."""
     by_id = _dedupe(gathered)
     if kind == "rank":
         records, results = classify.summarize(tasks, {k: v["score"] for k, v in by_id.items()})
-        per_task = {name: {"accuracy": acc, "num_examples": 0}
-                    for prompts in results["per_prompt"].values() for name, acc in prompts.items()}
+        per_task = {
+            name: {"accuracy": acc, "num_examples": 0}
+            for prompts in results["per_prompt"].values()
+            for name, acc in prompts.items()
+        }
         for rec in records:
             per_task[rec["task"]]["num_examples"] += 1
     else:
@@ -229,22 +266,38 @@ def finish(out: Path, tasks, kind: str, gathered: list[list[dict]], wall_s: floa
         entry["wall_s"] += rec["wall_s"]
     total_flops = sum(rec["flops"] for rec in by_id.values())
     generated = kind == "generate"
-    results = {"kind": kind, "mode": args.mode, "split": args.split, **results, "per_task": per_task,
-               "flops": total_flops, "wall_s": wall_s,
-               "cost": {"flops": total_flops, "wall_s": wall_s, "flops_method": method,
-                        "flops_per_example": total_flops / len(records),
-                        "wall_includes_counter": method == "counter",
-                        "compute_s": sum(rec["wall_s"] for rec in by_id.values()), "world_size": dist.world_size(),
-                        "max_new_tokens": args.max_new_tokens if generated else None,
-                        "new_tokens": sum(rec["new_tokens"] for rec in by_id.values()) if generated else None}}
+    results = {
+        "kind": kind,
+        "mode": args.mode,
+        "split": args.split,
+        **results,
+        "per_task": per_task,
+        "flops": total_flops,
+        "wall_s": wall_s,
+        "cost": {
+            "flops": total_flops,
+            "wall_s": wall_s,
+            "flops_method": method,
+            "flops_per_example": total_flops / len(records),
+            "wall_includes_counter": method == "counter",
+            "compute_s": sum(rec["wall_s"] for rec in by_id.values()),
+            "world_size": dist.world_size(),
+            "max_new_tokens": args.max_new_tokens if generated else None,
+            "new_tokens": sum(rec["new_tokens"] for rec in by_id.values()) if generated else None,
+        },
+    }
     out.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write(out / "predictions.jsonl", lines)
     atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    headline = (f"accuracy {results['accuracy']:.2f}" if kind == "rank" else
-                f"rougeL {results['rougeL']:.2f} exact_match {results['exact_match']:.2f}")
-    say(f"{headline} ({len(records)} examples, {total_flops / 1e9:.3g} GFLOPs, {wall_s:.1f}s) -> "
-        f"{out / 'results.json'}")
+    headline = (
+        f"accuracy {results['accuracy']:.2f}"
+        if kind == "rank"
+        else f"rougeL {results['rougeL']:.2f} exact_match {results['exact_match']:.2f}"
+    )
+    say(
+        f"{headline} ({len(records)} examples, {total_flops / 1e9:.3g} GFLOPs, {wall_s:.1f}s) -> {out / 'results.json'}"
+    )
     return results
 
 

@@ -35,8 +35,9 @@ EVAL_MODES = tuple(MODES)
 KINDS = ("generate", "rank")
 
 
-def eval_adapters(model, batch: TaskBatch, mode: str,
-                  use_bank: bool = True) -> tuple[AdapterSet | None, torch.Tensor | None]:
+def eval_adapters(
+    model, batch: TaskBatch, mode: str, use_bank: bool = True
+) -> tuple[AdapterSet | None, torch.Tensor | None]:
     """``(adapters, instruction states [K, Li, d] or None)`` for ``batch`` under ``mode``.
 
     ``use_bank=False`` (concat / no_instruction without ``--adapter``): the bare backbone, no adapters.
@@ -48,12 +49,25 @@ def eval_adapters(model, batch: TaskBatch, mode: str,
 
 def greedy_config(max_new_tokens: int, eos_id: int, pad_id: int, decoder_start_id: int | None) -> GenerationConfig:
     """A fresh greedy config: a checkpoint's own generation_config.json (beams, penalties) never applies."""
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_id,
-                            pad_token_id=pad_id, decoder_start_token_id=decoder_start_id, use_cache=True)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        decoder_start_token_id=decoder_start_id,
+        use_cache=True,
+    )
 
 
-def generate_tokens(model, batch: TaskBatch, adapters: AdapterSet | None, instr_states: torch.Tensor | None,
-                    gen: GenerationConfig, synced: bool = False) -> torch.Tensor:
+def generate_tokens(
+    model,
+    batch: TaskBatch,
+    adapters: AdapterSet | None,
+    instr_states: torch.Tensor | None,
+    gen: GenerationConfig,
+    synced: bool = False,
+) -> torch.Tensor:
     """New tokens ``[B, T]`` (T <= max_new_tokens; after a row's eos: padding).
 
     T5: the encoder runs once with the adapters; with fusion the decoder cross-attends to
@@ -65,20 +79,30 @@ def generate_tokens(model, batch: TaskBatch, adapters: AdapterSet | None, instr_
     backbone = model.backbone
     with model.state.use(adapters):
         if model.causal:
-            out = backbone.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    generation_config=gen, synced_gpus=synced)
-            return out[:, batch.input_ids.shape[1]:]
+            out = backbone.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                generation_config=gen,
+                synced_gpus=synced,
+            )
+            return out[:, batch.input_ids.shape[1] :]
         hidden, _ = model.arch.encode(backbone, batch.input_ids, batch.attention_mask)
         cache = model.prefix_cache(batch, instr_states, adapters)
         past = cache(hidden) if cache is not None else None
         hidden, mask = model.arch.fuse(hidden, batch.attention_mask, *model.fusion_prefix(batch, instr_states))
-        out = backbone.generate(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
-                                generation_config=gen, synced_gpus=synced, **{cache_kwarg(backbone): past})
+        out = backbone.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=mask,
+            generation_config=gen,
+            synced_gpus=synced,
+            **{cache_kwarg(backbone): past},
+        )
         return out[:, 1:]  # drop the decoder start token
 
 
-def score_targets(model, batch: TaskBatch, adapters: AdapterSet | None,
-                  instr_states: torch.Tensor | None) -> torch.Tensor:
+def score_targets(
+    model, batch: TaskBatch, adapters: AdapterSet | None, instr_states: torch.Tensor | None
+) -> torch.Tensor:
     """Length-normalised log-likelihood ``[B]`` of each row's target (``batch.labels``), teacher-forced."""
     logits = model.logits(batch.input_ids, batch.attention_mask, batch.labels, adapters, batch, instr_states)
     return choice_scores(logits, batch.labels, shift=model.causal)
@@ -88,15 +112,22 @@ def cut_at_eos(tokens: torch.Tensor, eos_id: int) -> list[list[int]]:
     """Rows of ``[B, T]`` up to (excluding) their first eos."""
     out = []
     for row in tokens.tolist():
-        out.append(row[:row.index(eos_id)] if eos_id in row else row)
+        out.append(row[: row.index(eos_id)] if eos_id in row else row)
     return out
 
 
 class EvalStep(nn.Module):
     """``forward(batch) -> {"tokens": [B, T]}`` (kind generate) or ``{"scores": [B]}`` (kind rank)."""
 
-    def __init__(self, model: nn.Module, mode: str, kind: str, gen: GenerationConfig | None = None,
-                 use_bank: bool = True, synced: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        kind: str,
+        gen: GenerationConfig | None = None,
+        use_bank: bool = True,
+        synced: bool = False,
+    ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")

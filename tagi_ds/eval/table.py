@@ -35,10 +35,15 @@ def build(rows: list[tuple[str, dict]]) -> Table:
     for name, r in rows:
         cost = r.get("cost", {})
         flops = cost.get("flops")
-        table.add_row(name, f"{r['rougeL']:.1f}", f"{r['exact_match']:.1f}", str(r.get("num_examples", "")),
-                      f"{flops / 1e9:.2f}" if flops else "-",
-                      f"{flops / base:.2f}x" if flops and base else "-",
-                      f"{cost['wall_s']:.1f}" if "wall_s" in cost else "-")
+        table.add_row(
+            name,
+            f"{r['rougeL']:.1f}",
+            f"{r['exact_match']:.1f}",
+            str(r.get("num_examples", "")),
+            f"{flops / 1e9:.2f}" if flops else "-",
+            f"{flops / base:.2f}x" if flops and base else "-",
+            f"{cost['wall_s']:.1f}" if "wall_s" in cost else "-",
+        )
     return table
 
 

@@ -76,27 +76,48 @@ def peft_state_dict(sites, factors) -> dict[str, torch.Tensor]:
 
 def peft_config(sites, rank: int, alpha: float, arch: str, base_model: str | None) -> dict[str, Any]:
     return {
-        "peft_type": "LORA", "task_type": families.get(arch).peft_task_type, "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-        "target_modules": [s.name for s in sites], "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": families.get(arch).peft_task_type,
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "target_modules": [s.name for s in sites],
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
     }
 
 
-def export_peft(out_dir: str | Path, model, factors, base_model: str | None = None,
-                provenance: dict[str, Any] | None = None) -> Path:
+def export_peft(
+    out_dir: str | Path, model, factors, base_model: str | None = None, provenance: dict[str, Any] | None = None
+) -> Path:
     """Write the PEFT adapter dir for ``factors`` of ``model``'s sites (atomically: temp dir + rename)."""
     cfg = model.cfg
     final = Path(out_dir)
     with atomic_dir(final) as tmp:
-        save_file(peft_state_dict(model.sites, factors), str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            peft_state_dict(model.sites, factors), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"}
+        )
         usual_permissions(tmp / "adapter_model.safetensors")
-        files = {"adapter_config.json": peft_config(model.sites, cfg.hypernet.rank, cfg.hypernet.alpha,
-                                                    cfg.model.arch, base_model),
-                 "tagi_adapter.json": {**(provenance or {}), "fusion": model.fusion, "recipe": cfg.recipe,
-                                       "scale": cfg.hypernet.alpha / cfg.hypernet.rank,
-                                       "sites": [s.name for s in model.sites]}}
+        files = {
+            "adapter_config.json": peft_config(
+                model.sites, cfg.hypernet.rank, cfg.hypernet.alpha, cfg.model.arch, base_model
+            ),
+            "tagi_adapter.json": {
+                **(provenance or {}),
+                "fusion": model.fusion,
+                "recipe": cfg.recipe,
+                "scale": cfg.hypernet.alpha / cfg.hypernet.rank,
+                "sites": [s.name for s in model.sites],
+            },
+        }
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     return final
@@ -107,8 +128,10 @@ def preflight(cfg, hypernet: Path, out_dir: Path, deepspeed: str | None = None):
     dir, the DeepSpeed JSON (DeepSpeed's schema), the tokenizer, and the hypernet/ dir against the model built
     on the meta device. Returns ``(final DeepSpeed dict, tokenizer)``."""
     if preflight_checks.env_world_size() > 1:
-        raise ConfigError("generate_adapter: runs in one process: python launchers/generate_adapter.py ... "
-                          f"(WORLD_SIZE={preflight_checks.env_world_size()})")
+        raise ConfigError(
+            "generate_adapter: runs in one process: python launchers/generate_adapter.py ... "
+            f"(WORLD_SIZE={preflight_checks.env_world_size()})"
+        )
     preflight_checks.check_output_dir(out_dir)
     ds = preflight_checks.deepspeed_config(deepspeed, cfg, 1)
     tok = data.load_tokenizer(cfg)
@@ -116,8 +139,15 @@ def preflight(cfg, hypernet: Path, out_dir: Path, deepspeed: str | None = None):
     return ds, tok
 
 
-def generate_adapter(cfg, hypernet: Path, text: str, condition: str, out_dir: Path, deepspeed: str | None = None,
-                     base_model: str | None = None) -> Path:
+def generate_adapter(
+    cfg,
+    hypernet: Path,
+    text: str,
+    condition: str,
+    out_dir: Path,
+    deepspeed: str | None = None,
+    base_model: str | None = None,
+) -> Path:
     """Build the frozen backbone + hypernetwork, generate the adapter for ``text``, export it to ``out_dir``.
 
     The backbone is built as training built it: under ZeRO-3 (``--deepspeed``, default as in training) inside
@@ -136,6 +166,11 @@ def generate_adapter(cfg, hypernet: Path, text: str, condition: str, out_dir: Pa
     ids, mask = instruction_tensors(tok, cfg, read)
     with artifacts.gathered(list(model.parameters())):
         factors = generate_factors(model, ids, mask)
-    provenance = {"condition": condition, "text": text, "hypernet_input": read, "hypernet": str(hypernet),
-                  "instruction_tokens": int(mask.sum())}
+    provenance = {
+        "condition": condition,
+        "text": text,
+        "hypernet_input": read,
+        "hypernet": str(hypernet),
+        "instruction_tokens": int(mask.sum()),
+    }
     return export_peft(out_dir, model, factors, base_model or cfg.model.model_name_or_path, provenance)

@@ -21,8 +21,9 @@ from tagi_ds.backbones.base import masked_mean
 class InstructionEncoder:
     """Not an ``nn.Module``: it only borrows the backbone, which the model already owns."""
 
-    def __init__(self, backbone: nn.Module, arch: ModuleType, state: AdapterState, pooling: str,
-                 use_checkpoint: bool) -> None:
+    def __init__(
+        self, backbone: nn.Module, arch: ModuleType, state: AdapterState, pooling: str, use_checkpoint: bool
+    ) -> None:
         self.backbone, self.arch, self.state = backbone, arch, state
         self.first_last = pooling == "first_last"
         self.use_checkpoint = use_checkpoint
@@ -43,6 +44,7 @@ class InstructionEncoder:
                 with torch.no_grad():
                     return self._encode(ids, mask)
             if self.use_checkpoint:
-                return checkpoint(self._encode, ids, mask, use_reentrant=False,
-                                  context_fn=self.state.checkpoint_context)
+                return checkpoint(
+                    self._encode, ids, mask, use_reentrant=False, context_fn=self.state.checkpoint_context
+                )
             return self._encode(ids, mask)

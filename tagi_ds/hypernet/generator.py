@@ -30,8 +30,9 @@ class _Head(nn.Module):
 
     def __init__(self, n_weights: int, hidden: int, out: int, std: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_weights, hidden, out) * std if std else
-                                   torch.zeros(n_weights, hidden, out))
+        self.weight = nn.Parameter(
+            torch.randn(n_weights, hidden, out) * std if std else torch.zeros(n_weights, hidden, out)
+        )
         self.bias = nn.Parameter(torch.zeros(n_weights, out))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -62,8 +63,13 @@ class Generator(nn.Module):
         self.site_embed = nn.Embedding(len(sites), cfg.site_dim)
         nn.init.normal_(self.site_embed.weight, std=1.0)
         self.norm = nn.LayerNorm(d_model)
-        self.trunk = nn.Sequential(nn.Linear(d_model + cfg.site_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
-                                   nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
+        self.trunk = nn.Sequential(
+            nn.Linear(d_model + cfg.site_dim, cfg.hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, cfg.hidden),
+            nn.GELU(),
+        )
         groups: dict[tuple[str, int, int], list[Site]] = defaultdict(list)
         for s in sites:
             groups[(s.kind, s.d_in, s.d_out)].append(s)

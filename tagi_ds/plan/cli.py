@@ -47,34 +47,71 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--gpu_mem_gb", type=_number, default=80.0, help="memory per GPU, GiB")
     a.add_argument("--stage", default="z3", choices=["z3", "z2", "none"], help="ZeRO stage; none = one process")
     a.add_argument("--offload", default="none", choices=["none", "optimizer", "param"])
-    a.add_argument("--backbone", default="auto", choices=list(BACKBONES), help="ZeRO-3: where the frozen backbone "
-                   "lives; auto = replicated (whole on every GPU, outside ZeRO) where it fits, else partitioned")
-    a.add_argument("--deepspeed", default=None, metavar="PATH", help="DeepSpeed JSON for bucket sizes "
-                   "(default ds_configs/z3.json or z2.json)")
-    a.add_argument("--micro_batch", type=int, default=None, help="examples per GPU per micro-step "
-                   "(default: recipe's tasks_per_batch x examples_per_task)")
+    a.add_argument(
+        "--backbone",
+        default="auto",
+        choices=list(BACKBONES),
+        help="ZeRO-3: where the frozen backbone "
+        "lives; auto = replicated (whole on every GPU, outside ZeRO) where it fits, else partitioned",
+    )
+    a.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="PATH",
+        help="DeepSpeed JSON for bucket sizes (default ds_configs/z3.json or z2.json)",
+    )
+    a.add_argument(
+        "--micro_batch",
+        type=int,
+        default=None,
+        help="examples per GPU per micro-step (default: recipe's tasks_per_batch x examples_per_task)",
+    )
     a.add_argument("--examples_per_task", type=int, default=None, help="tasks per micro-batch = ceil(B / this)")
     a.add_argument("--seq_len", type=int, default=None, help="input tokens (default: data.max_source_length)")
     a.add_argument("--target_len", type=int, default=None, help="target tokens (default: data.max_target_length)")
     a.add_argument("--instr_len", type=int, default=None, help="instruction tokens (data.max_instruction_length)")
     a.add_argument("--rank", type=int, default=None, help="generated LoRA rank (hypernet.rank)")
-    a.add_argument("--chunk_tokens", type=int, default=None, help="target tokens per chunk of the LM head + CE/KL "
-                   "(loss.chunk_tokens)")
-    a.add_argument("--teacher_rows", type=int, default=60, help="teacher bank rows (SNI: 60 categories); 0 = "
-                   "no teacher (no KL, no param-MSE)")
+    a.add_argument(
+        "--chunk_tokens",
+        type=int,
+        default=None,
+        help="target tokens per chunk of the LM head + CE/KL (loss.chunk_tokens)",
+    )
+    a.add_argument(
+        "--teacher_rows",
+        type=int,
+        default=60,
+        help="teacher bank rows (SNI: 60 categories); 0 = no teacher (no KL, no param-MSE)",
+    )
     a.add_argument("--gradient_checkpointing", type=_on_off, default=None, metavar="on|off")
-    a.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                   help="default: bf16 for GPU recipes, fp32 for the tiny ones")
-    a.add_argument("--tflops_per_gpu", type=_number, default=None,
-                   help=f"achieved TFLOP/s per GPU (default {H100_BF16_DENSE_TFLOPS:g} x {ASSUMED_MFU:g})")
-    a.add_argument("--zero3_hook_us", type=_number, default=None, help=f"host time per ZeRO-3 module hook call "
-                   f"(a partitioned backbone; default {ZERO3_HOOK_US:g}, measured on a CPU host)")
+    a.add_argument(
+        "--precision",
+        default=None,
+        choices=["bf16", "fp32"],
+        help="default: bf16 for GPU recipes, fp32 for the tiny ones",
+    )
+    a.add_argument(
+        "--tflops_per_gpu",
+        type=_number,
+        default=None,
+        help=f"achieved TFLOP/s per GPU (default {H100_BF16_DENSE_TFLOPS:g} x {ASSUMED_MFU:g})",
+    )
+    a.add_argument(
+        "--zero3_hook_us",
+        type=_number,
+        default=None,
+        help=f"host time per ZeRO-3 module hook call "
+        f"(a partitioned backbone; default {ZERO3_HOOK_US:g}, measured on a CPU host)",
+    )
     a.add_argument("--interconnect_gbps", type=_number, default=400.0, help="between nodes, Gbit/s per GPU")
     a.add_argument("--intra_node_gbps", type=_number, default=2400.0, help="within a node (NVLink), Gbit/s per GPU")
     a.add_argument("--pcie_gbps", type=_number, default=256.0, help="host <-> GPU (offload), Gbit/s per GPU")
     a.add_argument("--json", action="store_true", help="print the plan as JSON")
-    a.add_argument("--measure", action="store_true", help="also run one real step here (--stage none shapes) "
-                   "and print its measured peak next to the prediction")
+    a.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run one real step here (--stage none shapes) and print its measured peak next to the prediction",
+    )
     return a
 
 
@@ -88,16 +125,22 @@ def render(result: dict[str, Any]) -> None:
 
     p, m, t = result["input"], result["memory"], result["time"]
     con = Console(width=max(100, Console().width))
-    head = (f"{p['model']} on {p['nodes']} node(s) x {p['gpus_per_node']} GPU(s), {p['gpu_mem_gb']:g} GiB each; "
-            f"stage {p['stage']}, offload {p['offload']}, {p['precision']}, checkpointing "
-            f"{'on' if p['gradient_checkpointing'] else 'off'}")
+    head = (
+        f"{p['model']} on {p['nodes']} node(s) x {p['gpus_per_node']} GPU(s), {p['gpu_mem_gb']:g} GiB each; "
+        f"stage {p['stage']}, offload {p['offload']}, {p['precision']}, checkpointing "
+        f"{'on' if p['gradient_checkpointing'] else 'off'}"
+    )
     pr = result["params"]
     con.print(head)
-    con.print(f"parameters: backbone {pr['backbone']:,}, generator {pr['generator']:,} (trainable), teacher bank "
-              f"{pr['teacher_bank']:,} ({p['teacher_rows']} rows), {pr['sites']} adapted sites")
+    con.print(
+        f"parameters: backbone {pr['backbone']:,}, generator {pr['generator']:,} (trainable), teacher bank "
+        f"{pr['teacher_bank']:,} ({p['teacher_rows']} rows), {pr['sites']} adapted sites"
+    )
     sh = result["shapes"]
-    con.print(f"micro-batch {sh['micro_batch']} examples of {sh['tasks']} task(s); lengths: input {sh['seq_len']}, "
-              f"target {sh['target_len']}, instruction {sh['instr_len']}; rank {p['rank']}")
+    con.print(
+        f"micro-batch {sh['micro_batch']} examples of {sh['tasks']} task(s); lengths: input {sh['seq_len']}, "
+        f"target {sh['target_len']}, instruction {sh['instr_len']}; rank {p['rank']}"
+    )
     table = Table(title="memory per GPU")
     table.add_column("part")
     table.add_column("bytes", justify="right")
@@ -109,18 +152,24 @@ def render(result: dict[str, Any]) -> None:
     table.add_row("usable (0.92 x mem - 1 GiB)", _fmt(result["usable"]), "")
     con.print(table)
     v = result["vocab"]
-    con.print(f"vocabulary (V={v['vocab_size']:,}): embeddings + LM head {_fmt(v['params'])} on this GPU"
-              + (f", {_fmt(v['gathered'])} while gathered" if v["gathered"] else "")
-              + f"; LM head + CE/KL working set {_fmt(v['loss'])} (chunks of {p['chunk_tokens']} target tokens; one "
-              f"fp32 [B, L, V] would be {_fmt(v['full_logits_fp32'])}): {100 * v['share']:.1f}% of the peak")
+    con.print(
+        f"vocabulary (V={v['vocab_size']:,}): embeddings + LM head {_fmt(v['params'])} on this GPU"
+        + (f", {_fmt(v['gathered'])} while gathered" if v["gathered"] else "")
+        + f"; LM head + CE/KL working set {_fmt(v['loss'])} (chunks of {p['chunk_tokens']} target tokens; one "
+        f"fp32 [B, L, V] would be {_fmt(v['full_logits_fp32'])}): {100 * v['share']:.1f}% of the peak"
+    )
     if result["host_memory"]["teacher_bank"]:
-        con.print(f"host memory per rank: teacher bank {_fmt(result['host_memory']['teacher_bank'])} (fp32, whole, "
-                  "outside DeepSpeed; each step copies only its tasks' rows to the GPU)")
+        con.print(
+            f"host memory per rank: teacher bank {_fmt(result['host_memory']['teacher_bank'])} (fp32, whole, "
+            "outside DeepSpeed; each step copies only its tasks' rows to the GPU)"
+        )
     if result["fits"]:
         con.print(f"[green]fits[/green]: largest micro-batch that fits {result['max_micro_batch']}")
     else:
-        con.print(f"[red]does not fit[/red]: needs {_fmt(m['total'])} of {_fmt(result['usable'])} usable "
-                  f"(largest micro-batch that fits: {result['max_micro_batch']})")
+        con.print(
+            f"[red]does not fit[/red]: needs {_fmt(m['total'])} of {_fmt(result['usable'])} usable "
+            f"(largest micro-batch that fits: {result['max_micro_batch']})"
+        )
     for i, opt in enumerate(result.get("suggestions", [])):
         if opt["micro_batch"]:
             label = "smallest working configuration" if i == 0 else "or"
@@ -135,25 +184,41 @@ def render(result: dict[str, Any]) -> None:
             bt.add_column(col, justify="right")
         for name, o in bb["options"].items():
             mark = " (chosen)" if name == bb["placement"] else ""
-            bt.add_row(name + mark, _fmt(o["total"]), "yes" if o["fits"] else "no",
-                       f"{o['zero3_host_s'] * 1e3:,.1f} ms", f"{o['step_s'] * 1e3:,.1f} ms", f"{100 * o['mfu']:.1f}%")
+            bt.add_row(
+                name + mark,
+                _fmt(o["total"]),
+                "yes" if o["fits"] else "no",
+                f"{o['zero3_host_s'] * 1e3:,.1f} ms",
+                f"{o['step_s'] * 1e3:,.1f} ms",
+                f"{100 * o['mfu']:.1f}%",
+            )
         con.print(bt)
     tt = Table(title="step time estimate (one micro-batch per GPU)")
     for col in ("compute", "comm", "ZeRO-3 hooks", "step", "no overlap", "tokens/s (all GPUs)", "MFU vs 989 TFLOP/s"):
         tt.add_column(col, justify="right")
-    tt.add_row(f"{t['compute_s'] * 1e3:,.1f} ms", f"{t['comm_s'] * 1e3:,.1f} ms", f"{t['zero3_host_s'] * 1e3:,.1f} ms",
-               f"{t['step_s'] * 1e3:,.1f} ms", f"{t['step_no_overlap_s'] * 1e3:,.1f} ms", f"{t['tokens_per_s']:,.0f}",
-               f"{100 * t['mfu']:.1f}%")
+    tt.add_row(
+        f"{t['compute_s'] * 1e3:,.1f} ms",
+        f"{t['comm_s'] * 1e3:,.1f} ms",
+        f"{t['zero3_host_s'] * 1e3:,.1f} ms",
+        f"{t['step_s'] * 1e3:,.1f} ms",
+        f"{t['step_no_overlap_s'] * 1e3:,.1f} ms",
+        f"{t['tokens_per_s']:,.0f}",
+        f"{100 * t['mfu']:.1f}%",
+    )
     con.print(tt)
-    con.print(f"at {p['tflops_per_gpu']:g} TFLOP/s per GPU, {p['interconnect_gbps']:g} Gbit/s between nodes, "
-              f"{p['intra_node_gbps']:g} Gbit/s within a node, {p['pcie_gbps']:g} Gbit/s host <-> GPU, "
-              f"{p['zero3_hook_us']:g} us per ZeRO-3 module hook call ({t['zero3_hooks']:,} calls); "
-              f"{t['model_flops'] / 1e12:,.2f} TFLOP model, "
-              f"{t['hardware_flops'] / 1e12:,.2f} TFLOP hardware per step")
+    con.print(
+        f"at {p['tflops_per_gpu']:g} TFLOP/s per GPU, {p['interconnect_gbps']:g} Gbit/s between nodes, "
+        f"{p['intra_node_gbps']:g} Gbit/s within a node, {p['pcie_gbps']:g} Gbit/s host <-> GPU, "
+        f"{p['zero3_hook_us']:g} us per ZeRO-3 module hook call ({t['zero3_hooks']:,} calls); "
+        f"{t['model_flops'] / 1e12:,.2f} TFLOP model, "
+        f"{t['hardware_flops'] / 1e12:,.2f} TFLOP hardware per step"
+    )
     if "measured" in result:
         me = result["measured"]
-        con.print(f"measured peak (one step, this machine, {me['device']}): {_fmt(me['peak'])}; predicted "
-                  f"{_fmt(m['total'])} ({100 * (m['total'] / me['peak'] - 1):+.1f}%)")
+        con.print(
+            f"measured peak (one step, this machine, {me['device']}): {_fmt(me['peak'])}; predicted "
+            f"{_fmt(m['total'])} ({100 * (m['total'] / me['peak'] - 1):+.1f}%)"
+        )
 
 
 def _check_host_memory(result: dict[str, Any]) -> None:
@@ -167,9 +232,11 @@ def _check_host_memory(result: dict[str, Any]) -> None:
     need = m["total"] if not torch.cuda.is_available() else m["backbone"] + m["hypernet"]
     free = psutil.virtual_memory().available
     if need > free:
-        raise ConfigError(f"--measure: the step needs about {need / 2**30:.1f} GiB of host memory, "
-                          f"{free / 2**30:.1f} GiB are available here; measure a smaller --model or on a larger "
-                          "machine (the prediction above needs no memory: drop --measure)")
+        raise ConfigError(
+            f"--measure: the step needs about {need / 2**30:.1f} GiB of host memory, "
+            f"{free / 2**30:.1f} GiB are available here; measure a smaller --model or on a larger "
+            "machine (the prediction above needs no memory: drop --measure)"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -183,12 +250,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p = PlanInput(**{k: v for k, v in vars(a).items() if k in keys})
         result = plan(p)
         if result["usable"] <= 0:  # 0.92 x mem - 1 GiB: a GPU this small holds nothing
-            raise ConfigError(f"--gpu_mem_gb: leaves no usable memory (0.92 x {a.gpu_mem_gb:g} GiB - 1 GiB reserved "
-                              f"= {result['usable'] / 2**30:.2f} GiB); give at least 1.1")
+            raise ConfigError(
+                f"--gpu_mem_gb: leaves no usable memory (0.92 x {a.gpu_mem_gb:g} GiB - 1 GiB reserved "
+                f"= {result['usable'] / 2**30:.2f} GiB); give at least 1.1"
+            )
         if a.measure:
             if result["input"]["stage"] != "none":
-                raise ConfigError("--measure runs one plain-torch step in this process: use --stage none "
-                                  "--nodes 1 --gpus_per_node 1")
+                raise ConfigError(
+                    "--measure runs one plain-torch step in this process: use --stage none --nodes 1 --gpus_per_node 1"
+                )
             _check_host_memory(result)
             result["measured"] = {**measure_step(p), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     except ConfigError as err:

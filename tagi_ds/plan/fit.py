@@ -18,8 +18,9 @@ from tagi_ds.plan.shapes import Counts, count
 def fits(p: PlanInput, c: Counts, micro_batch: int, zero: dict[str, Any]) -> bool:
     """``--backbone auto`` under ZeRO-3 fits if either placement does (``placement.choose`` picks between them)."""
     if p.stage == "z3" and p.backbone == "auto":
-        return any(fits(dataclasses.replace(p, backbone=b), c, micro_batch, zero)
-                   for b in ("replicated", "partitioned"))
+        return any(
+            fits(dataclasses.replace(p, backbone=b), c, micro_batch, zero) for b in ("replicated", "partitioned")
+        )
     return memory(p, c, shapes_of(p, micro_batch), zero)["total"] <= usable_bytes(p.gpu_mem_gb)
 
 
@@ -53,18 +54,33 @@ def plan(p: PlanInput) -> dict[str, Any]:
             if b == "replicated" and p.offload == "param":
                 continue
             total, t = memory(q, c, s, zero)["total"], step_time(q, c, s)
-            backbone["options"][b] = {"total": total, "fits": total <= usable_bytes(p.gpu_mem_gb),
-                                      "step_s": t["step_s"], "zero3_host_s": t["zero3_host_s"], "mfu": t["mfu"]}
+            backbone["options"][b] = {
+                "total": total,
+                "fits": total <= usable_bytes(p.gpu_mem_gb),
+                "step_s": t["step_s"],
+                "zero3_host_s": t["zero3_host_s"],
+                "mfu": t["mfu"],
+            }
         p = dataclasses.replace(p, backbone=chosen["placement"])
     mem = memory(p, c, s, zero)
     b = 2 if p.precision == "bf16" else 4
-    out = {"input": dataclasses.asdict(p),
-           "params": {"backbone": c.backbone, "generator": c.generator, "teacher_bank": c.teacher,
-                      "sites": len(c.sites), "largest_module": c.largest_module},
-           "shapes": dataclasses.asdict(s), "memory": mem, "host_memory": host_memory(p, c),
-           "usable": usable_bytes(p.gpu_mem_gb),
-           "activations": activations(c, s, b, p.gradient_checkpointing, p.kl), "time": step_time(p, c, s),
-           "backbone": backbone}
+    out = {
+        "input": dataclasses.asdict(p),
+        "params": {
+            "backbone": c.backbone,
+            "generator": c.generator,
+            "teacher_bank": c.teacher,
+            "sites": len(c.sites),
+            "largest_module": c.largest_module,
+        },
+        "shapes": dataclasses.asdict(s),
+        "memory": mem,
+        "host_memory": host_memory(p, c),
+        "usable": usable_bytes(p.gpu_mem_gb),
+        "activations": activations(c, s, b, p.gradient_checkpointing, p.kl),
+        "time": step_time(p, c, s),
+        "backbone": backbone,
+    }
     out["vocab"] = vocab_share(p, c, out["activations"], mem)
     out["fits"] = mem["total"] <= out["usable"]
     out["max_micro_batch"] = max_micro_batch(p, c, zero)
@@ -85,8 +101,14 @@ def vocab_share(p: PlanInput, c: Counts, act: dict[str, int], mem: dict[str, int
     head = c.vocab * c.d
     gathered = head * wb if p.stage == "z3" and head >= c.largest_module else 0
     loss = act["loss_rows"] + act["loss_chunk"]
-    return {"vocab_size": c.vocab, "params": params, "gathered": gathered, "loss": loss,
-            "full_logits_fp32": act["full_logits_fp32"], "share": (params + gathered + loss) / max(1, mem["total"])}
+    return {
+        "vocab_size": c.vocab,
+        "params": params,
+        "gathered": gathered,
+        "loss": loss,
+        "full_logits_fp32": act["full_logits_fp32"],
+        "share": (params + gathered + loss) / max(1, mem["total"]),
+    }
 
 
 def _flags(p: PlanInput, q: PlanInput) -> list[str]:
@@ -105,8 +127,13 @@ def suggest(p: PlanInput, c: Counts, best_here: int) -> list[dict[str, Any]]:
     nodes (8 GPUs each), at the requested micro-batch or, failing that, at one example."""
     options = []
     if best_here >= 1:
-        options.append({"flags": _flags(p, dataclasses.replace(p, micro_batch=best_here)), "micro_batch": best_here,
-                        "why": "same setup, smaller micro-batch"})
+        options.append(
+            {
+                "flags": _flags(p, dataclasses.replace(p, micro_batch=best_here)),
+                "micro_batch": best_here,
+                "why": "same setup, smaller micro-batch",
+            }
+        )
     q = dataclasses.replace(p)
     if q.stage == "none":  # one process cannot shard: the escalation starts from one GPU under DeepSpeed
         q.stage = "z2"
@@ -117,8 +144,9 @@ def suggest(p: PlanInput, c: Counts, best_here: int) -> list[dict[str, Any]]:
             continue
         setattr(q, key, value)
         if fits(q, c, p.micro_batch, ds_zero(q)):
-            options.append({"flags": _flags(p, q), "micro_batch": p.micro_batch,
-                            "why": f"keeps micro-batch {p.micro_batch}"})
+            options.append(
+                {"flags": _flags(p, q), "micro_batch": p.micro_batch, "why": f"keeps micro-batch {p.micro_batch}"}
+            )
             return options
     for nodes in (2, 4, 8, 16, 32, 64, 128):
         if nodes * 8 <= q.world:

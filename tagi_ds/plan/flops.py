@@ -36,8 +36,16 @@ def _layer_params(c: Counts) -> dict[str, int]:
     return {"dec_q": 2 * c.d * inner + 2 * c.d * kv + ffn}
 
 
-def backbone_forward_flops(c: Counts, B: int, L: int, Lt: int, Lx: int | None = None, lm_head: bool = True,
-                           decoder: bool = True, head_tokens: int | None = None) -> dict[str, int]:
+def backbone_forward_flops(
+    c: Counts,
+    B: int,
+    L: int,
+    Lt: int,
+    Lx: int | None = None,
+    lm_head: bool = True,
+    decoder: bool = True,
+    head_tokens: int | None = None,
+) -> dict[str, int]:
     """Forward FLOPs of the frozen backbone for B sequences: ``linear`` (2 x params per token) and ``attention``.
     T5: encoder over L tokens, decoder over Lt tokens cross-attending to Lx (default L) encoder states.
     Decoder-only: L + Lt tokens in one causal sequence (counted as full attention). ``head_tokens``: the tokens per
@@ -63,8 +71,9 @@ def cross_kv_flops(c: Counts, tokens: int, rank: int = 0) -> int:
     over ``tokens`` encoder states; 0 for LLaMA."""
     if not c.encoder_decoder:
         return 0
-    return 2 * tokens * c.dec_layers * _layer_params(c)["dec_kv"] + \
-        adapter_flops(c, 1, 0, 0, tokens, rank, only_stacks=("cross",))
+    return 2 * tokens * c.dec_layers * _layer_params(c)["dec_kv"] + adapter_flops(
+        c, 1, 0, 0, tokens, rank, only_stacks=("cross",)
+    )
 
 
 def adapter_flops(c: Counts, B: int, L: int, Lt: int, Lx: int, rank: int, only_stacks=None) -> int:
@@ -85,8 +94,9 @@ def adapter_flops(c: Counts, B: int, L: int, Lt: int, Lx: int, rank: int, only_s
     return total
 
 
-def step_flops(c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool = False, kl: bool = True,
-               param_mse: bool = True) -> dict[str, float]:
+def step_flops(
+    c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool = False, kl: bool = True, param_mse: bool = True
+) -> dict[str, float]:
     """FLOPs of one micro-batch training step by component; ``model`` (for MFU) and ``hardware`` (+ recompute).
     Decoder-only: the LM head projects the Lt target tokens only, and once more per view in the loss's backward
     (``tagi_ds.losses.token_losses`` recomputes each chunk), which ``recompute`` counts.
@@ -107,16 +117,22 @@ def step_flops(c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool 
     adapters = adapter_flops(c, B, L, Lt, Lx, c.rank)
     out["adapters"] = 3 * adapters
     if variant == "tagi":
-        enc = backbone_forward_flops(c, K, Li, 0, decoder=False) if t5 else \
-            backbone_forward_flops(c, K, Li, 0, lm_head=False)
+        enc = (
+            backbone_forward_flops(c, K, Li, 0, decoder=False)
+            if t5
+            else backbone_forward_flops(c, K, Li, 0, lm_head=False)
+        )
         out["instruction_encoding"] = enc["linear"] + enc["attention"]
-        per_task = 2 * sum(n * ((c.d + c.site_dim) * c.hidden + c.hidden * c.hidden + c.hidden * c.rank * (di + do))
-                           for n, di, do in c.groups)
+        per_task = 2 * sum(
+            n * ((c.d + c.site_dim) * c.hidden + c.hidden * c.hidden + c.hidden * c.rank * (di + do))
+            for n, di, do in c.groups
+        )
         out["generator"] = 3 * K * per_task
         if kl:
             tf = backbone_forward_flops(c, B, Li + L, Lt, head_tokens=head)
-            out["teacher_forward"] = tf["linear"] + tf["attention"] + adapter_flops(c, B, Li + L, Lt, Li + L,
-                                                                                     c.teacher_rank)
+            out["teacher_forward"] = (
+                tf["linear"] + tf["attention"] + adapter_flops(c, B, Li + L, Lt, Li + L, c.teacher_rank)
+            )
         if param_mse:  # r x r Gram matrices per site and task, forward + backward
             out["param_mse"] = 3 * sum(2 * K * c.rank * c.teacher_rank * (di + do) * 3 for _, _, _, di, do in c.sites)
     out["model"] = sum(out.values())
@@ -157,8 +173,18 @@ def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
     host = hooks * (p.zero3_hook_us or 0.0) * 1e-6
     step = max(compute, comm) + host
     tokens = s.micro_batch * (s.seq_len + s.target_len)
-    return {"compute_s": compute, "comm_s": comm, "zero3_hooks": hooks, "zero3_host_s": host, "step_s": step,
-            "step_no_overlap_s": compute + comm + host,
-            "network_bytes": network, "pcie_bytes": pcie, "hardware_flops": flops["hardware"],
-            "model_flops": flops["model"], "tokens_per_s_per_gpu": tokens / step, "tokens_per_s": tokens * W / step,
-            "mfu": flops["model"] / step / (H100_BF16_DENSE_TFLOPS * 1e12)}
+    return {
+        "compute_s": compute,
+        "comm_s": comm,
+        "zero3_hooks": hooks,
+        "zero3_host_s": host,
+        "step_s": step,
+        "step_no_overlap_s": compute + comm + host,
+        "network_bytes": network,
+        "pcie_bytes": pcie,
+        "hardware_flops": flops["hardware"],
+        "model_flops": flops["model"],
+        "tokens_per_s_per_gpu": tokens / step,
+        "tokens_per_s": tokens * W / step,
+        "mfu": flops["model"] / step / (H100_BF16_DENSE_TFLOPS * 1e12),
+    }

@@ -75,8 +75,11 @@ def _ffn(c: Counts, T: int, b: int) -> int:
 
 def _sites_of(c: Counts, stack: str, tokens: dict[str, int], b: int) -> int:
     """Saved bytes of one layer's adapted sites of ``stack`` (tokens per kind of input; every layer has the same)."""
-    return sum(_site(c, tokens["kv"] if (stack == "cross" and kind in ("k", "v")) else tokens["q"], d_in, b)
-               for st, layer, kind, d_in, _ in c.sites if st == stack and layer == 0)
+    return sum(
+        _site(c, tokens["kv"] if (stack == "cross" and kind in ("k", "v")) else tokens["q"], d_in, b)
+        for st, layer, kind, d_in, _ in c.sites
+        if st == stack and layer == 0
+    )
 
 
 def saved_layer(c: Counts, s: Shapes, b: int) -> dict[str, int]:
@@ -86,18 +89,32 @@ def saved_layer(c: Counts, s: Shapes, b: int) -> dict[str, int]:
         Te, Td = B * L, B * Lt
         Lx = Li + L if c.fusion else L
         Tx = B * Lx
-        enc = (2 * _norm(c, Te, b) + _sites_of(c, "encoder", {"q": Te}, b) + _attn(c, Te, Te, 0, b) + _ffn(c, Te, b))
-        dec = (3 * _norm(c, Td, b) + _sites_of(c, "decoder", {"q": Td}, b)
-               + _sites_of(c, "cross", {"q": Td, "kv": Tx}, b)
-               + _attn(c, Td, Td, 0, b) + _attn(c, Td, Tx, 0, b) + _ffn(c, Td, b))
+        enc = 2 * _norm(c, Te, b) + _sites_of(c, "encoder", {"q": Te}, b) + _attn(c, Te, Te, 0, b) + _ffn(c, Te, b)
+        dec = (
+            3 * _norm(c, Td, b)
+            + _sites_of(c, "decoder", {"q": Td}, b)
+            + _sites_of(c, "cross", {"q": Td, "kv": Tx}, b)
+            + _attn(c, Td, Td, 0, b)
+            + _attn(c, Td, Tx, 0, b)
+            + _ffn(c, Td, b)
+        )
         # The additive masks (position bias merged with padding) are made once per stack and shared by its layers
         # (tagi_ds/backbones/t5_attention.py): encoder self, decoder self (causal only: no batch dimension), cross.
         masks = c.heads * (B * L * L + Lt * Lt + B * Lt * Lx) * b
-        return {"encoder": enc, "decoder": dec, "enc_input_norm": _norm(c, Te, b), "dec_input_norm": _norm(c, Td, b),
-                "masks": masks}
+        return {
+            "encoder": enc,
+            "decoder": dec,
+            "enc_input_norm": _norm(c, Te, b),
+            "dec_input_norm": _norm(c, Td, b),
+            "masks": masks,
+        }
     T, S = B * (L + Lt), L + Lt
-    dec = (c.layer_norms * _norm(c, T, b) + _sites_of(c, "decoder", {"q": T}, b)
-           + _attn(c, T, T, B * S * S * b, b, B * c.heads * S * S) + _ffn(c, T, b))
+    dec = (
+        c.layer_norms * _norm(c, T, b)
+        + _sites_of(c, "decoder", {"q": T}, b)
+        + _attn(c, T, T, B * S * S * b, b, B * c.heads * S * S)
+        + _ffn(c, T, b)
+    )
     return {"encoder": 0, "decoder": dec, "enc_input_norm": 0, "dec_input_norm": _norm(c, T, b), "masks": 0}
 
 
@@ -117,8 +134,12 @@ def loss_working_set(c: Counts, s: Shapes, b: int, kl: bool = True) -> dict[str,
     fwd, bwd = ((4, 4) if kl else (1, 2)) if t5 else ((5, 6) if kl else (2, 3))
     rows = N * (V if t5 else c.d) * b
     length = s.target_len if t5 else s.seq_len + s.target_len
-    return {"rows": rows, "chunk_forward": fwd * unit + extra, "chunk_backward": bwd * unit + extra,
-            "full_logits_fp32": s.micro_batch * length * V * 4}
+    return {
+        "rows": rows,
+        "chunk_forward": fwd * unit + extra,
+        "chunk_backward": bwd * unit + extra,
+        "full_logits_fp32": s.micro_batch * length * V * 4,
+    }
 
 
 def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = True) -> dict[str, int]:
@@ -143,8 +164,9 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
         else:
             layers += c.masks * B * S_student**2
     else:
-        layers = (n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"]
-                  + lay["masks"])
+        layers = (
+            n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"] + lay["masks"]
+        )
     saved = layers + final_norms + gen + factors + teacher_factors
     lw = loss_working_set(c, s, b, kl)
     rows, rows_t = lw["rows"], (lw["rows"] if kl else 0)
@@ -167,11 +189,19 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
     # The generator's backward comes last (it ran first): the backbone's activations are gone by then; what it
     # saved and the generated factors, with their gradients, are what the generator's gradients join.
     generator_backward = 2 * (gen + factors + teacher_factors) + scope
-    return {"saved": saved, "scope": scope, "peak": peak, "transient": peak - saved - scope, **phases,
-            "generator_backward": generator_backward,
-            "loss_rows": rows + rows_t, "loss_chunk": max(lw["chunk_forward"], lw["chunk_backward"]),
-            "full_logits_fp32": lw["full_logits_fp32"], "per_layer_enc": lay["encoder"],
-            "per_layer_dec": lay["decoder"]}
+    return {
+        "saved": saved,
+        "scope": scope,
+        "peak": peak,
+        "transient": peak - saved - scope,
+        **phases,
+        "generator_backward": generator_backward,
+        "loss_rows": rows + rows_t,
+        "loss_chunk": max(lw["chunk_forward"], lw["chunk_backward"]),
+        "full_logits_fp32": lw["full_logits_fp32"],
+        "per_layer_enc": lay["encoder"],
+        "per_layer_dec": lay["decoder"],
+    }
 
 
 def _teacher_working_set(c: Counts, s: Shapes, b: int) -> int:
@@ -220,17 +250,27 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     gather = 0
     if parted:
         prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
-        live = min(int(zero.get("stage3_max_live_parameters", 1_000_000_000)), c.largest_module + prefetch,
-                   c.backbone + c.generator)
+        live = min(
+            int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
+            c.largest_module + prefetch,
+            c.backbone + c.generator,
+        )
         gather = live * wb
     buffers = 0
     if ds:
         buffers = int(zero.get("reduce_bucket_size", 500_000_000)) * wb
         if not z3:
             buffers += min(int(zero.get("allgather_bucket_size", 500_000_000)), G) * wb
-    out = {"backbone": bb, "hypernet": G * wb, "gradients": grads, "optimizer": opt,
-           "activations": act["saved"] + act["scope"], "transient": act["transient"], "zero3_gather": gather,
-           "comm_buffers": buffers}
+    out = {
+        "backbone": bb,
+        "hypernet": G * wb,
+        "gradients": grads,
+        "optimizer": opt,
+        "activations": act["saved"] + act["scope"],
+        "transient": act["transient"],
+        "zero3_gather": gather,
+        "comm_buffers": buffers,
+    }
     # Without DeepSpeed the gradients exist only from the generator's backward on (the last one: the forward peaks
     # and the backbone's backward do not see them), and the AdamW step adds one parameter-sized temporary;
     # DeepSpeed's partitions are allocated throughout.

@@ -84,9 +84,22 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
     """Fill the defaults from the recipe and check the combination; errors name the flag."""
     if p.model not in RECIPES:
         raise ConfigError(f"--model {p.model!r} is not a recipe; known: {', '.join(RECIPES)}")
-    for flag in ("nodes", "gpus_per_node", "micro_batch", "examples_per_task", "seq_len", "target_len", "instr_len",
-                 "rank", "chunk_tokens", "gpu_mem_gb", "tflops_per_gpu", "interconnect_gbps", "intra_node_gbps",
-                 "pcie_gbps"):
+    for flag in (
+        "nodes",
+        "gpus_per_node",
+        "micro_batch",
+        "examples_per_task",
+        "seq_len",
+        "target_len",
+        "instr_len",
+        "rank",
+        "chunk_tokens",
+        "gpu_mem_gb",
+        "tflops_per_gpu",
+        "interconnect_gbps",
+        "intra_node_gbps",
+        "pcie_gbps",
+    ):
         v = getattr(p, flag)
         if v is not None and v <= 0:
             raise ConfigError(f"--{flag} must be > 0, got {v}")
@@ -101,13 +114,16 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
     if p.backbone not in BACKBONES:
         raise ConfigError(f"--backbone must be one of {', '.join(BACKBONES)}, got {p.backbone!r}")
     if p.backbone == "replicated" and p.offload == "param":
-        raise ConfigError("--backbone replicated keeps the whole backbone on every GPU; --offload param moves "
-                          "parameters off it (use --backbone partitioned or auto)")
+        raise ConfigError(
+            "--backbone replicated keeps the whole backbone on every GPU; --offload param moves "
+            "parameters off it (use --backbone partitioned or auto)"
+        )
     if p.zero3_hook_us is not None and p.zero3_hook_us < 0:
         raise ConfigError(f"--zero3_hook_us must be >= 0, got {p.zero3_hook_us}")
     if p.stage == "none" and (p.world != 1 or p.offload != "none"):
-        raise ConfigError("--stage none is one process without DeepSpeed: use --nodes 1 --gpus_per_node 1 "
-                          "--offload none")
+        raise ConfigError(
+            "--stage none is one process without DeepSpeed: use --nodes 1 --gpus_per_node 1 --offload none"
+        )
     base = get_recipe(p.model)
     q = dataclasses.replace(p)
     q.micro_batch = q.micro_batch or base.data.tasks_per_batch * base.data.examples_per_task

@@ -25,8 +25,9 @@ from tagi_ds.plan.shapes import Shapes
 from tagi_ds.runtime import engine as E
 
 
-def synthetic_batch(arch: str, s: Shapes, vocab: int, mode: str = "tagi", teacher: bool = True,
-                    seed: int = 0) -> TaskBatch:
+def synthetic_batch(
+    arch: str, s: Shapes, vocab: int, mode: str = "tagi", teacher: bool = True, seed: int = 0
+) -> TaskBatch:
     """Random ids at exactly ``s``'s lengths, K equal task segments, one padded position per view (so padding
     masks exist, as in real batches). T5: input [B, L] (concat: Li + L), labels [B, Lt]. Decoder-only: prompt + target
     in one row, labels -100 on the prompt. The teacher view is instruction + input."""
@@ -134,16 +135,24 @@ def measure_step(p: PlanInput, device: str | None = None, seed: int = 0) -> dict
     state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
     batch_tensors = [v for v in vars(batch).values() if torch.is_tensor(v)]
     known = [*model.parameters(), *model.buffers(), *state, *batch_tensors]
-    static = {"parameters": storage_bytes(model.parameters()), "buffers": storage_bytes(model.buffers()),
-              "optimizer": storage_bytes(state), "batch": storage_bytes(batch_tensors)}
+    static = {
+        "parameters": storage_bytes(model.parameters()),
+        "buffers": storage_bytes(model.buffers()),
+        "optimizer": storage_bytes(state),
+        "batch": storage_bytes(batch_tensors),
+    }
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        return {**static, "baseline": base, "step_peak": torch.cuda.max_memory_allocated() - base,
-                "peak": torch.cuda.max_memory_allocated()}
+        return {
+            **static,
+            "baseline": base,
+            "step_peak": torch.cuda.max_memory_allocated() - base,
+            "peak": torch.cuda.max_memory_allocated(),
+        }
     with TensorBytesTracker(known) as tracker:
         step()
     base = storage_bytes(known)

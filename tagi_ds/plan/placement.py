@@ -38,10 +38,14 @@ def choose(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     need = memory(dataclasses.replace(p, backbone="replicated"), c, s, zero)["total"]
     usable = usable_bytes(p.gpu_mem_gb)
     if need <= usable:
-        return {"placement": "replicated",
-                "why": f"fits whole: {need / GiB:.1f} of {usable / GiB:.1f} GiB usable per GPU"}
-    return {"placement": "partitioned",
-            "why": f"replicated would need {need / GiB:.1f} of {usable / GiB:.1f} GiB usable per GPU"}
+        return {
+            "placement": "replicated",
+            "why": f"fits whole: {need / GiB:.1f} of {usable / GiB:.1f} GiB usable per GPU",
+        }
+    return {
+        "placement": "partitioned",
+        "why": f"replicated would need {need / GiB:.1f} of {usable / GiB:.1f} GiB usable per GPU",
+    }
 
 
 def for_run(cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision: str) -> dict[str, Any]:
@@ -51,14 +55,24 @@ def for_run(cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision
 
     teacher = cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
     offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
-    p = PlanInput(model=cfg.recipe, nodes=1, gpus_per_node=world, gpu_mem_gb=gpu_mem_bytes / GiB, stage="z3",
-                  offload="param" if offload else "none",
-                  micro_batch=cfg.data.tasks_per_batch * cfg.data.examples_per_task,
-                  examples_per_task=cfg.data.examples_per_task, seq_len=cfg.data.max_source_length,
-                  target_len=cfg.data.max_target_length, instr_len=cfg.data.max_instruction_length,
-                  rank=cfg.hypernet.rank, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                  precision="bf16" if precision in ("bf16", "fp16") else "fp32", kl=teacher,
-                  backbone=cfg.train.frozen_backbone)
+    p = PlanInput(
+        model=cfg.recipe,
+        nodes=1,
+        gpus_per_node=world,
+        gpu_mem_gb=gpu_mem_bytes / GiB,
+        stage="z3",
+        offload="param" if offload else "none",
+        micro_batch=cfg.data.tasks_per_batch * cfg.data.examples_per_task,
+        examples_per_task=cfg.data.examples_per_task,
+        seq_len=cfg.data.max_source_length,
+        target_len=cfg.data.max_target_length,
+        instr_len=cfg.data.max_instruction_length,
+        rank=cfg.hypernet.rank,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        precision="bf16" if precision in ("bf16", "fp16") else "fp32",
+        kl=teacher,
+        backbone=cfg.train.frozen_backbone,
+    )
     c = count(cfg, teacher_rows=1, persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)))
     s = Shapes(p.micro_batch, cfg.data.tasks_per_batch, p.seq_len, p.target_len, p.instr_len)
     return choose(p, c, s, zero)
@@ -80,8 +94,10 @@ def for_training(cfg, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
     offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
     if choice == "replicated" and (cfg.model.trainable or offload):
         why = "model.trainable unfreezes backbone parameters" if cfg.model.trainable else "offload_param is set"
-        raise ConfigError(f"train.frozen_backbone=replicated keeps a frozen backbone whole, outside ZeRO, but {why} "
-                          "(use train.frozen_backbone=partitioned or auto)")
+        raise ConfigError(
+            f"train.frozen_backbone=replicated keeps a frozen backbone whole, outside ZeRO, but {why} "
+            "(use train.frozen_backbone=partitioned or auto)"
+        )
     if choice != "auto":
         return choice, f"train.frozen_backbone={choice}"
     if cfg.model.trainable:

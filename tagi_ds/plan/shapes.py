@@ -88,29 +88,45 @@ def count(cfg: TagiConfig, teacher_rows: int, persistence_threshold: int = 100_0
     model = build_meta(cfg, teacher_rows)
     m, hf, fam = cfg.model, model.backbone.config, families.get(cfg.model.arch)
     unique = {id(p): p for p in model.backbone.parameters()}.values()  # tied embeddings count once
-    vocab = {id(p): p for mod in (model.backbone.get_input_embeddings(), model.backbone.get_output_embeddings())
-             for p in mod.parameters()}.values()
+    vocab = {
+        id(p): p
+        for mod in (model.backbone.get_input_embeddings(), model.backbone.get_output_embeddings())
+        for p in mod.parameters()
+    }.values()
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
     groups = [(len(g), g[0].d_in, g[0].d_out) for g in model.generator.groups]
     return Counts(
-        arch=m.arch, encoder_decoder=fam.encoder_decoder, d=m.d_model, d_ff=m.d_ff, heads=m.num_heads,
+        arch=m.arch,
+        encoder_decoder=fam.encoder_decoder,
+        d=m.d_model,
+        d_ff=m.d_ff,
+        heads=m.num_heads,
         kv_heads=getattr(hf, fam.hf_key("num_kv_heads", "num_heads")),  # no grouped-query attention: the heads
-        d_kv=getattr(hf, fam.hf_key("head_dim", "d_kv")), vocab=m.vocab_size,
+        d_kv=getattr(hf, fam.hf_key("head_dim", "d_kv")),
+        vocab=m.vocab_size,
         enc_layers=m.num_layers if fam.encoder_decoder else 0,
         dec_layers=m.num_decoder_layers if fam.encoder_decoder else m.num_layers,
         # a family without a feed_forward_proj field has a gated FFN (SwiGLU / GeGLU)
         gated="feed_forward_proj" not in fam.shape or m.feed_forward_proj.startswith("gated"),
         eager=m.attn_implementation == "eager",
-        softcap=bool(getattr(hf, "attn_logit_softcapping", None)), layer_norms=_layer_norms(model.backbone),
+        softcap=bool(getattr(hf, "attn_logit_softcapping", None)),
+        layer_norms=_layer_norms(model.backbone),
         masks=len(set(getattr(hf, "layer_types", None) or ["full_attention"])),
-        fusion=model.fusion, rank=cfg.hypernet.rank, teacher_rank=cfg.teacher.rank,
-        hidden=cfg.hypernet.hidden, site_dim=cfg.hypernet.site_dim,
-        sites=[(s.stack, s.layer, s.kind, s.d_in, s.d_out) for s in model.sites], groups=groups,
-        backbone=sum(p.numel() for p in unique), vocab_params=sum(p.numel() for p in vocab),
+        fusion=model.fusion,
+        rank=cfg.hypernet.rank,
+        teacher_rank=cfg.teacher.rank,
+        hidden=cfg.hypernet.hidden,
+        site_dim=cfg.hypernet.site_dim,
+        sites=[(s.stack, s.layer, s.kind, s.d_in, s.d_out) for s in model.sites],
+        groups=groups,
+        backbone=sum(p.numel() for p in unique),
+        vocab_params=sum(p.numel() for p in vocab),
         chunk=cfg.loss.chunk_tokens,
         backbone_persistent=sum(p.numel() for p in unique if p.numel() <= persistence_threshold),
         largest_module=largest,
         generator=sum(p.numel() for p in model.generator.parameters()),
         teacher=sum(p.numel() for p in model.teacher.parameters()) if model.teacher is not None else 0,
-        teacher_rows=teacher_rows, modules=sum(1 for _ in model.backbone.modules()),
-        encoder_modules=sum(1 for _ in model.arch.body(model.backbone).modules()))
+        teacher_rows=teacher_rows,
+        modules=sum(1 for _ in model.backbone.modules()),
+        encoder_modules=sum(1 for _ in model.arch.body(model.backbone).modules()),
+    )

@@ -26,16 +26,24 @@ def init(backend: str | None = None) -> None:
     if dist.is_initialized():
         return
     if "WORLD_SIZE" not in os.environ:  # plain `python launchers/x.py`: a world of one
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port())})
+        os.environ.update(
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port()),
+            }
+        )
     use_own_extensions_dir()  # before DeepSpeed compiles its CPU allreduce op (first use only)
     import deepspeed
 
     atexit.register(_destroy_at_exit)
 
     with _without_op_built_line():
-        deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-                                   timeout=COLLECTIVE_TIMEOUT)
+        deepspeed.init_distributed(
+            dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"), timeout=COLLECTIVE_TIMEOUT
+        )
     _unlink_shm_allreduce_buffer()
     from tagi_ds.runtime import watchdog
 
@@ -52,8 +60,11 @@ def _without_op_built_line():
         with contextlib.redirect_stdout(buffer):
             yield
     finally:
-        kept = [line for line in buffer.getvalue().splitlines(keepends=True)
-                if not re.fullmatch(r"DeepSpeed \S+ built successfully\n?", line)]
+        kept = [
+            line
+            for line in buffer.getvalue().splitlines(keepends=True)
+            if not re.fullmatch(r"DeepSpeed \S+ built successfully\n?", line)
+        ]
         sys.stdout.write("".join(kept))
         sys.stdout.flush()
 
@@ -81,8 +92,10 @@ SHM_DIR = Path("/dev/shm")
 def shm_allreduce_buffer(rank_: int) -> Path:
     """The /dev/shm segment DeepSpeed's CPU shared-memory allreduce creates for ``rank_`` of this job
     (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: prefix, uid, MASTER_ADDR, MASTER_PORT, rank)."""
-    return SHM_DIR / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                      f"{os.environ.get('MASTER_PORT')}_{rank_}")
+    return SHM_DIR / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+        f"{os.environ.get('MASTER_PORT')}_{rank_}"
+    )
 
 
 def _unlink_shm_allreduce_buffer() -> None:

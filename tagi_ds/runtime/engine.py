@@ -30,9 +30,19 @@ TINY_RECIPES = tuple(name for name in RECIPES if name.startswith("tiny"))
 def default_ds_config(recipe: str) -> Path:
     """The DeepSpeed JSON a run of ``recipe`` uses when ``--deepspeed`` is not given."""
     return TINY_DS_CONFIG if recipe in TINY_RECIPES else DEFAULT_DS_CONFIG
+
+
 # Keys the TagiConfig owns: a DeepSpeed JSON that sets them would silently disagree with config.json.
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16")
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "bf16",
+    "fp16",
+)
 
 
 def load_ds_json(path: str | Path | None) -> dict[str, Any]:
@@ -57,8 +67,7 @@ def load_ds_json(path: str | Path | None) -> dict[str, Any]:
     _reject_auto(data, str(p))
     owned = [k for k in OWNED_KEYS if k in data]
     if owned:
-        raise ConfigError(f"{where}: key {owned[0]!r} comes from the tagi-ds config "
-                          "(use --set train.* instead)")
+        raise ConfigError(f"{where}: key {owned[0]!r} comes from the tagi-ds config (use --set train.* instead)")
     return data
 
 
@@ -67,7 +76,7 @@ def _reject_auto(node: Any, where: str, path: str = "") -> None:
         for k, v in node.items():
             _reject_auto(v, where, f"{path}.{k}" if path else k)
     elif node == "auto":
-        raise ConfigError(f"--deepspeed {where!r}: {path} is \"auto\"; only HF's Trainer resolves that — give a value")
+        raise ConfigError(f'--deepspeed {where!r}: {path} is "auto"; only HF\'s Trainer resolves that — give a value')
 
 
 def precision(cfg: TagiConfig) -> str:
@@ -85,15 +94,17 @@ def inject(ds: dict[str, Any], cfg: TagiConfig, world_size: int) -> dict[str, An
     out = copy.deepcopy(ds)
     micro = cfg.data.tasks_per_batch * cfg.data.examples_per_task
     prec = precision(cfg)
-    out.update({
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": micro * cfg.train.grad_accum * world_size,
-        "gradient_clipping": cfg.train.grad_clip,
-        "bf16": {"enabled": prec == "bf16"},
-        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs compiled ops
-    })
+    out.update(
+        {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": cfg.train.grad_accum,
+            "train_batch_size": micro * cfg.train.grad_accum * world_size,
+            "gradient_clipping": cfg.train.grad_clip,
+            "bf16": {"enabled": prec == "bf16"},
+            "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
+            "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs compiled ops
+        }
+    )
     out.setdefault("steps_per_print", 10**9)
     out.setdefault("wall_clock_breakdown", False)
     return out
@@ -124,8 +135,9 @@ def backbone_init(ds: dict[str, Any]):
 PLAIN_INIT_LIMIT = 1_000_000_000
 
 
-def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, int],
-                   placement: tuple[str, str] | None = None) -> torch.nn.Module:
+def build_backbone(
+    cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, int], placement: tuple[str, str] | None = None
+) -> torch.nn.Module:
     """The backbone for a run under ``ds``: partitioned as it is built under ZeRO-3, unless a training run's
     ``placement`` (``tagi_ds.plan.for_training``: placement, why) keeps it replicated (then built plainly;
     ``build_engine`` keeps it out of DeepSpeed). Without ``placement`` (evaluation, export) it is built as ZeRO-3
@@ -139,8 +151,10 @@ def build_backbone(cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, i
     from tagi_ds.runtime import dist
 
     training = placement is not None
-    placement = placement or ("partitioned" if zero_stage(ds) == 3 else "whole",
-                              "evaluation and export build it as ZeRO-3 runs did")
+    placement = placement or (
+        "partitioned" if zero_stage(ds) == 3 else "whole",
+        "evaluation and export build it as ZeRO-3 runs did",
+    )
     if placement[0] != "partitioned":
         with torch.device(_init_device(cfg, special_ids) if training else "cpu"):
             backbone = tagi_model.build_backbone(cfg, special_ids)
@@ -265,11 +279,15 @@ def teacher_home(nbytes: int, device: torch.device) -> tuple[torch.device, str]:
         return device, f"steps run on the {device.type}"
     free, total = torch.cuda.mem_get_info(device)
     if nbytes <= TEACHER_ON_GPU_SHARE * total and nbytes <= TEACHER_OF_FREE_SHARE * free:
-        return device, (f"{nbytes / 2**30:.2f} GiB <= {TEACHER_ON_GPU_SHARE:.0%} of the GPU's memory and "
-                        f"{TEACHER_OF_FREE_SHARE:.0%} of the {free / 2**30:.1f} GiB free")
-    return torch.device("cpu"), (f"rows copied through a pinned buffer: {nbytes / 2**30:.2f} GiB > "
-                                 f"{TEACHER_ON_GPU_SHARE:.0%} of the GPU's memory or {TEACHER_OF_FREE_SHARE:.0%} "
-                                 f"of the {free / 2**30:.1f} GiB free")
+        return device, (
+            f"{nbytes / 2**30:.2f} GiB <= {TEACHER_ON_GPU_SHARE:.0%} of the GPU's memory and "
+            f"{TEACHER_OF_FREE_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
+        )
+    return torch.device("cpu"), (
+        f"rows copied through a pinned buffer: {nbytes / 2**30:.2f} GiB > "
+        f"{TEACHER_ON_GPU_SHARE:.0%} of the GPU's memory or {TEACHER_OF_FREE_SHARE:.0%} "
+        f"of the {free / 2**30:.1f} GiB free"
+    )
 
 
 def keep_teacher(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -301,8 +319,9 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8
+    )
     schedule = lr_lambda(cfg)
     module = model
     dtype = train_dtype(ds)
@@ -312,8 +331,11 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
         ds["zero_optimization"]["memory_efficient_linear"] = False
         module = WithoutBackbone(model)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=ds,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        model=module,
+        optimizer=optimizer,
+        config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
     place(model, engine.device)
     keep_teacher(model, dtype, engine.device)
     if zero_stage(ds) == 3 and kept_whole(model):
@@ -336,19 +358,23 @@ def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
         return ""
     if replicated(model):
         n = sum(p.numel() for p in model.backbone.parameters())
-        return (f"ZeRO-3: frozen backbone {n:,} parameters replicated, whole on each of {world_size} rank(s), outside "
-                f"ZeRO ({model.backbone.tagi_placement[1]}); hypernetwork/LoRA gradients and optimizer state "
-                "partitioned")
+        return (
+            f"ZeRO-3: frozen backbone {n:,} parameters replicated, whole on each of {world_size} rank(s), outside "
+            f"ZeRO ({model.backbone.tagi_placement[1]}); hypernetwork/LoRA gradients and optimizer state "
+            "partitioned"
+        )
     hyper = {id(p) for p in kept_whole(model)}
     parted = [p for p in params if not p.ds_persist]
     split = sum(p.ds_numel for p in parted)
     held = sum(p.ds_tensor.numel() for p in parted)
     small = sum(p.ds_numel for p in params if p.ds_persist and id(p) not in hyper)
     whole = sum(p.ds_numel for p in params if id(p) in hyper)
-    line = (f"ZeRO-3: {split:,} parameters partitioned across {world_size} rank(s), {held:,} held by each rank; "
-            f"{small:,} small ones kept whole (stage3_param_persistence_threshold); "
-            f"{model.source.whole or 'nothing else'} {whole:,} whole on "
-            "every rank")
+    line = (
+        f"ZeRO-3: {split:,} parameters partitioned across {world_size} rank(s), {held:,} held by each rank; "
+        f"{small:,} small ones kept whole (stage3_param_persistence_threshold); "
+        f"{model.source.whole or 'nothing else'} {whole:,} whole on "
+        "every rank"
+    )
     if (teacher := getattr(model, "teacher", None)) is not None:
         home, why = getattr(teacher, "tagi_home", (torch.device("cpu"), "not kept by build_engine"))
         where = "on the GPU" if home.type == "cuda" else "in host memory"

@@ -48,9 +48,11 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see {self.prog} --help")
 
 
-def add_set_flag(p: argparse.ArgumentParser, help: str = "override any config field, e.g. --set hypernet.rank=16 "
-                 "loss.kl_weight=0.5 (every field: python -m tagi_ds.config)") -> None:
+def add_set_flag(
+    p: argparse.ArgumentParser,
+    help: str = "override any config field, e.g. --set hypernet.rank=16 "
+    "loss.kl_weight=0.5 (every field: python -m tagi_ds.config)",
+) -> None:
     """``--set KEY=VALUE ...``: one rule everywhere (launchers, ``python -m tagi_ds.data``, benchmarks): one flag
     takes several keys, and the flag may be repeated; all go to ``args.overrides`` in order."""
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help=help)
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=help)

@@ -211,8 +211,11 @@ def check_deepspeed(ds: dict[str, Any], where: str) -> None:
         fail(where, f"DeepSpeed rejects it: {text}")
     unread = [k for k in ds if k not in reads.read]
     if unread:
-        fail(where, f"{unread[0]}: not a DeepSpeed {deepspeed.__version__} setting (DeepSpeed never reads it)",
-             repr(ds[unread[0]]))
+        fail(
+            where,
+            f"{unread[0]}: not a DeepSpeed {deepspeed.__version__} setting (DeepSpeed never reads it)",
+            repr(ds[unread[0]]),
+        )
 
 
 def _locate(ds: dict[str, Any], loc: tuple, model: str) -> str:
@@ -295,14 +298,16 @@ def meta_model(cfg, stage: str, special_ids: dict[str, int], num_bank_rows: int 
                 backbone = _meta_pretrained(cfg)
             else:
                 backbone = tagi_model.build_backbone(cfg, special_ids)
-            return tagi_model.build_model(cfg, stage, backbone, num_bank_rows=num_bank_rows,
-                                          with_teacher=with_teacher)
+            return tagi_model.build_model(cfg, stage, backbone, num_bank_rows=num_bank_rows, with_teacher=with_teacher)
     except ConfigError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as err:  # transformers' config checks
         where = "--model_name_or_path" if cfg.model.model_name_or_path else "model"
-        fail(where, f"cannot build this backbone: {type(err).__name__}: {str(err).splitlines()[0]}",
-             cfg.model.model_name_or_path)
+        fail(
+            where,
+            f"cannot build this backbone: {type(err).__name__}: {str(err).splitlines()[0]}",
+            cfg.model.model_name_or_path,
+        )
 
 
 def _meta_pretrained(cfg):
@@ -320,10 +325,14 @@ def _meta_pretrained(cfg):
     except (OSError, ValueError, KeyError) as err:
         fail(f"--model_name_or_path {path}", f"config.json is not a transformers config ({err})")
     if hf_cfg.model_type != model_type:
-        fail(f"--model_name_or_path {path}", f"a {hf_cfg.model_type} checkpoint, but model.arch={cfg.model.arch}",
-             hf_cfg.model_type)
-    backbone = model_cls._from_config(hf_cfg, attn_implementation=check_attention(cfg.model),
-                                      dtype=DTYPES[cfg.model.dtype])
+        fail(
+            f"--model_name_or_path {path}",
+            f"a {hf_cfg.model_type} checkpoint, but model.arch={cfg.model.arch}",
+            hf_cfg.model_type,
+        )
+    backbone = model_cls._from_config(
+        hf_cfg, attn_implementation=check_attention(cfg.model), dtype=DTYPES[cfg.model.dtype]
+    )
     check_weights(path, backbone.state_dict())
     return backbone
 
@@ -336,7 +345,9 @@ def check_weights(path: Path, expected: dict[str, Any]) -> None:
     for f in files:
         for name, (_, shape) in safetensors_header(f, f"--model_name_or_path {f}").items():
             if name in expected and tuple(expected[name].shape) != shape:
-                fail(f"--model_name_or_path {f}", f"tensor {name} has shape {shape}, config.json says "
-                     f"{tuple(expected[name].shape)}")
+                fail(
+                    f"--model_name_or_path {f}",
+                    f"tensor {name} has shape {shape}, config.json says {tuple(expected[name].shape)}",
+                )
     for f in sorted(path.glob("*.bin")):
         check_zip(f, f"--model_name_or_path {f}")

@@ -83,8 +83,10 @@ def lock(out: Path) -> None:
         f.close()
         if err.errno not in (errno.EAGAIN, errno.EACCES):
             raise
-        raise ConfigError(f"--output_dir {out}: another run is using it ({holder}); wait for it to end, or choose "
-                          "another --output_dir") from None
+        raise ConfigError(
+            f"--output_dir {out}: another run is using it ({holder}); wait for it to end, or choose "
+            "another --output_dir"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -144,12 +146,17 @@ def write_config(out: Path, cfg: TagiConfig, ds: dict, args) -> None:
 
     error = None
     if dist.is_main():
-        record = {"stage": args.stage, "world_size": dist.world_size(), "precision": ds_engine.precision(cfg),
-                  "tagi": cfg.to_dict(), "deepspeed": ds,
-                  "args": {k: str(v) if v is not None else None for k, v in vars(args).items()}}
+        record = {
+            "stage": args.stage,
+            "world_size": dist.world_size(),
+            "precision": ds_engine.precision(cfg),
+            "tagi": cfg.to_dict(),
+            "deepspeed": ds,
+            "args": {k: str(v) if v is not None else None for k, v in vars(args).items()},
+        }
         try:
             out.mkdir(parents=True, exist_ok=True)
-            if (code := {"enospc@0": errno.ENOSPC, "rofs@0": errno.EROFS}.get(getattr(cfg.train, "inject_fault", ""))):
+            if code := {"enospc@0": errno.ENOSPC, "rofs@0": errno.EROFS}.get(getattr(cfg.train, "inject_fault", "")):
                 raise OSError(code, os.strerror(code), str(out / "config.json"))
             atomic_write(out / "config.json", json.dumps(record, indent=2))
         except OSError as err:

@@ -40,8 +40,16 @@ EXIT_RANK_LOST = 6  # the launcher: a rank died or froze; the job was stopped
 
 # What torch.distributed's gloo / NCCL errors say when the other end is gone (a peer died, or the collective
 # timed out waiting for a frozen one).
-_PEER_LOSS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
-              "Socket Timeout", "timed out after", "NCCL communicator was aborted", "Connection refused")
+_PEER_LOSS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "Socket Timeout",
+    "timed out after",
+    "NCCL communicator was aborted",
+    "Connection refused",
+)
 
 
 def job_dir() -> Path | None:
@@ -197,8 +205,10 @@ class Watchdog:
             return None  # not beating yet (still importing): the DeepSpeed launcher's own wait covers it
         if age <= self.timeout:
             return None
-        return (f"stopped responding: no heartbeat for {age:.0f} s (--rank_timeout {self.timeout:g}; "
-                "a stopped process (SIGSTOP, a debugger), a hang, or a swapping machine)")
+        return (
+            f"stopped responding: no heartbeat for {age:.0f} s (--rank_timeout {self.timeout:g}; "
+            "a stopped process (SIGSTOP, a debugger), a hang, or a swapping machine)"
+        )
 
     def _kill_all(self, ranks: list[dict]) -> None:
         # SIGKILL, not SIGTERM: a frozen rank cannot act on SIGTERM, and a survivor blocked in a collective would
@@ -229,7 +239,7 @@ def _zombie_status(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] != "Z" or len(fields) < 50:
         return None
     return int(fields[49])

@@ -27,33 +27,66 @@ MODES = ("tagi", "concat")
 
 
 def parser() -> Parser:
-    p = Parser(prog="python -m tagi_ds.serve", description=__doc__, epilog=textwrap.fill(
-        "The hypernet's config.json fixes the model (as for evaluate.py and generate_adapter.py). Every flag and the "
-        "hypernet/ dir are checked, and the port is bound, before the model is built; the port accepts connections "
-        "once it is. Bad input: one line 'error: ...' and exit code 2. Stops on SIGINT / SIGTERM.", width=100))
+    p = Parser(
+        prog="python -m tagi_ds.serve",
+        description=__doc__,
+        epilog=textwrap.fill(
+            "The hypernet's config.json fixes the model (as for evaluate.py and generate_adapter.py). Every flag and "
+            "the hypernet/ dir are checked, and the port is bound, before the model is built; the port accepts "
+            "connections once it is. Bad input: one line 'error: ...' and exit code 2. Stops on SIGINT / SIGTERM.",
+            width=100,
+        ),
+    )
     p.add_argument("--hypernet", required=True, metavar="DIR", help="hypernet/ dir from pretrain.py or finetune.py")
-    p.add_argument("--model_name_or_path", default=None, metavar="PATH",
-                   help="local HF checkpoint dir for the backbone (default: the hypernet's config: its checkpoint, or "
-                        "the recipe's random-init shape)")
+    p.add_argument(
+        "--model_name_or_path",
+        default=None,
+        metavar="PATH",
+        help="local HF checkpoint dir for the backbone (default: the hypernet's config: its checkpoint, or "
+        "the recipe's random-init shape)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed at start)")
     p.add_argument("--max_batch", type=int, default=32, help="most requests decoded together in one batch")
-    p.add_argument("--batch_window_ms", type=float, default=5.0,
-                   help="how long the first waiting request waits for others to join its batch (ms)")
-    p.add_argument("--adapter_cache_mb", type=float, default=1024.0,
-                   help="bound of the adapter cache (MiB; least recently used adapters leave first)")
-    p.add_argument("--max_tokens", type=int, default=128,
-                   help="a request's max_tokens when it gives none, and the most it may ask for")
-    p.add_argument("--max_request_bytes", type=int, default=262144,
-                   help="largest request body taken (bigger: 413)")
-    p.add_argument("--adapter_export_dir", default=None, metavar="DIR",
-                   help="where POST /v1/adapters with \"export\": true writes PEFT adapter dirs, one per adapter id "
-                        "(default: none; export refused)")
-    p.add_argument("--served_name", default="tagi", metavar="NAME",
-                   help="the model id of /v1/models; a request naming another model gets 404")
-    p.add_argument("--mode", default="tagi", choices=MODES,
-                   help="tagi: adapters generated from the instruction; concat: no adapters, the backbone reads "
-                        "the instruction prepended to every input (Tk-Instruct's format; the benchmark's baseline)")
+    p.add_argument(
+        "--batch_window_ms",
+        type=float,
+        default=5.0,
+        help="how long the first waiting request waits for others to join its batch (ms)",
+    )
+    p.add_argument(
+        "--adapter_cache_mb",
+        type=float,
+        default=1024.0,
+        help="bound of the adapter cache (MiB; least recently used adapters leave first)",
+    )
+    p.add_argument(
+        "--max_tokens",
+        type=int,
+        default=128,
+        help="a request's max_tokens when it gives none, and the most it may ask for",
+    )
+    p.add_argument("--max_request_bytes", type=int, default=262144, help="largest request body taken (bigger: 413)")
+    p.add_argument(
+        "--adapter_export_dir",
+        default=None,
+        metavar="DIR",
+        help='where POST /v1/adapters with "export": true writes PEFT adapter dirs, one per adapter id '
+        "(default: none; export refused)",
+    )
+    p.add_argument(
+        "--served_name",
+        default="tagi",
+        metavar="NAME",
+        help="the model id of /v1/models; a request naming another model gets 404",
+    )
+    p.add_argument(
+        "--mode",
+        default="tagi",
+        choices=MODES,
+        help="tagi: adapters generated from the instruction; concat: no adapters, the backbone reads "
+        "the instruction prepended to every input (Tk-Instruct's format; the benchmark's baseline)",
+    )
     add_set_flag(p, help="override a config field of the hypernet's config, e.g. --set model.adapter_impl=torch")
     return p
 
@@ -99,8 +132,14 @@ def main(argv=None) -> None:
     from tagi_ds.artifact_flags import artifact_config, artifact_dir  # heavy (torch): after --help
 
     hypernet = artifact_dir("hypernet", args.hypernet)
-    ns = argparse.Namespace(recipe=None, overrides=args.overrides, model_name_or_path=args.model_name_or_path,
-                            data=None, mode=None, seed=None)
+    ns = argparse.Namespace(
+        recipe=None,
+        overrides=args.overrides,
+        model_name_or_path=args.model_name_or_path,
+        data=None,
+        mode=None,
+        seed=None,
+    )
     cfg = artifact_config(ns, hypernet, "tagi", "hypernet")
     from tagi_ds.serve import engine as serve_engine
 
@@ -124,16 +163,25 @@ def main(argv=None) -> None:
     host, port = sock.getsockname()[:2]
 
     def ready() -> None:
-        print(f"tagi-ds serve: http://{host}:{port} (model {args.served_name}, mode {args.mode}, "
-              f"{cfg.recipe} {cfg.model.arch} on {engine.device}, {len(engine.model.sites)} adapted sites, "
-              f"max_batch {args.max_batch}, window {args.batch_window_ms:g} ms)", flush=True)
+        print(
+            f"tagi-ds serve: http://{host}:{port} (model {args.served_name}, mode {args.mode}, "
+            f"{cfg.recipe} {cfg.model.arch} on {engine.device}, {len(engine.model.sites)} adapted sites, "
+            f"max_batch {args.max_batch}, window {args.batch_window_ms:g} ms)",
+            flush=True,
+        )
 
-    app = create_app(scheduler, args.served_name, Limits(args.max_tokens, args.max_request_bytes), on_ready=ready,
-                     export_dir=export_dir)
+    app = create_app(
+        scheduler,
+        args.served_name,
+        Limits(args.max_tokens, args.max_request_bytes),
+        on_ready=ready,
+        export_dir=export_dir,
+    )
     scheduler.start()
     # a stream still open at SIGTERM gets 5 s to end, then the server stops anyway
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    )
     try:
         server.run(sockets=[sock])
     finally:

@@ -46,8 +46,14 @@ DRAIN_FACTOR = 64
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
@@ -75,8 +81,12 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         elif seen > DRAIN_FACTOR * limit:
             break
     if seen > limit:
-        raise ApiError(413, f"request body is {'over ' if seen > DRAIN_FACTOR * limit else ''}{seen} bytes, more "
-                            f"than this server takes ({limit}; --max_request_bytes)", code="request_too_large")
+        raise ApiError(
+            413,
+            f"request body is {'over ' if seen > DRAIN_FACTOR * limit else ''}{seen} bytes, more "
+            f"than this server takes ({limit}; --max_request_bytes)",
+            code="request_too_large",
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -84,8 +94,11 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     try:
         body = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ApiError(400, f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
-                       code="invalid_json") from None
+        raise ApiError(
+            400,
+            f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
+            code="invalid_json",
+        ) from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
@@ -129,8 +142,12 @@ def decoding(body: dict, limits: Limits, served: str, max_key: str = "max_tokens
     """The decoding fields every completion endpoint shares, checked."""
     model = body.get("model")
     if model is not None and model != served:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {served!r}", param="model",
-                       code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
     key = max_key if body.get(max_key) is not None else "max_tokens"
     max_tokens = _int(body, key)
     if max_tokens is None:
@@ -152,16 +169,21 @@ def decoding(body: dict, limits: Limits, served: str, max_key: str = "max_tokens
         raise ApiError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
     condition = body.get("condition", "task")
     if condition not in CONDITIONS:
-        raise ApiError(400, f"'condition' must be one of {', '.join(CONDITIONS)}, got {condition!r}",
-                       param="condition")
+        raise ApiError(400, f"'condition' must be one of {', '.join(CONDITIONS)}, got {condition!r}", param="condition")
     seed = _int(body, "seed")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, f"'ignore_eos' must be true or false, got {ignore_eos!r}", param="ignore_eos")
-    return {"ignore_eos": ignore_eos, "max_tokens": max_tokens,
-            "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
-            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), "seed": seed, "stop": tuple(stop),
-            "stream": stream, "condition": condition}
+    return {
+        "ignore_eos": ignore_eos,
+        "max_tokens": max_tokens,
+        "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        "seed": seed,
+        "stop": tuple(stop),
+        "stream": stream,
+        "condition": condition,
+    }
 
 
 def _content(message: dict, i: int) -> str:
@@ -191,22 +213,30 @@ def chat_texts(body: dict, by_id: bool = False) -> tuple[str, str]:
         elif role == "user":
             user.append(_content(m, i))
         else:
-            raise ApiError(400, f"messages[{i}].role {role!r}: TAGI reads a system message (the instruction) and one "
-                                "user message (the input)", param=f"messages[{i}].role")
+            raise ApiError(
+                400,
+                f"messages[{i}].role {role!r}: TAGI reads a system message (the instruction) and one "
+                "user message (the input)",
+                param=f"messages[{i}].role",
+            )
     if by_id and system:
         raise ApiError(400, "'adapter' names the adapter: give no system message beside it", param="messages")
     if not by_id and (not system or not "\n\n".join(system).strip()):
-        raise ApiError(400, "'messages' needs a non-empty system message: the instruction the adapter is generated "
-                            "from (or 'adapter': an id from POST /v1/adapters)", param="messages")
+        raise ApiError(
+            400,
+            "'messages' needs a non-empty system message: the instruction the adapter is generated "
+            "from (or 'adapter': an id from POST /v1/adapters)",
+            param="messages",
+        )
     if len(user) != 1:
-        raise ApiError(400, f"'messages' needs exactly one user message (the input), got {len(user)}",
-                       param="messages")
+        raise ApiError(400, f"'messages' needs exactly one user message (the input), got {len(user)}", param="messages")
     return "\n\n".join(system), user[0]
 
 
 # -- the app ------------------------------------------------------------------------------------------------------
-def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
-               export_dir: Path | None = None) -> FastAPI:
+def create_app(
+    scheduler: Scheduler, served: str, limits: Limits, on_ready=None, export_dir: Path | None = None
+) -> FastAPI:
     engine = scheduler.engine
     metrics = engine.metrics
     app = FastAPI(title="tagi-ds serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -221,14 +251,18 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return JSONResponse(error_body(str(err.detail), "invalid_request_error", None, code),
-                            status_code=err.status_code)
+        return JSONResponse(
+            error_body(str(err.detail), "invalid_request_error", None, code), status_code=err.status_code
+        )
 
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
-        metrics.inc("requests_total", endpoint=request.url.path if request.url.path in KNOWN else "other",
-                    status=str(response.status_code))
+        metrics.inc(
+            "requests_total",
+            endpoint=request.url.path if request.url.path in KNOWN else "other",
+            status=str(response.status_code),
+        )
         return response
 
     async def run(req: serve_engine.Request):
@@ -243,8 +277,9 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
                 kind, value = await events.get()
                 if kind == "error":
                     done = True
-                    raise ApiError(500, f"the engine failed on this batch: {type(value).__name__}: {value}",
-                                   type_="server_error")
+                    raise ApiError(
+                        500, f"the engine failed on this batch: {type(value).__name__}: {value}", type_="server_error"
+                    )
                 yield kind, value
                 if kind == "done":
                     done = True
@@ -264,23 +299,43 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
             raise ApiError(400, f"this server runs mode {engine.mode}: no adapters", param="adapter")
         adapter = engine.cache.get(ref)
         if adapter is None:
-            raise ApiError(404, f"adapter {ref!r} is not cached (never made here, or evicted): send its instruction "
-                                "again, or POST /v1/adapters", param="adapter", code="adapter_not_found")
+            raise ApiError(
+                404,
+                f"adapter {ref!r} is not cached (never made here, or evicted): send its instruction "
+                "again, or POST /v1/adapters",
+                param="adapter",
+                code="adapter_not_found",
+            )
         return adapter
 
     def make_request(instruction: str, prompt: str, d: dict, adapter=None) -> serve_engine.Request:
-        return serve_engine.Request(instruction=instruction, prompt=prompt, condition=d["condition"],
-                                    max_tokens=d["max_tokens"], temperature=d["temperature"], top_p=d["top_p"],
-                                    seed=d["seed"], stop=d["stop"], ignore_eos=d["ignore_eos"], adapter=adapter,
-                                    cache="hit" if adapter is not None else "")
+        return serve_engine.Request(
+            instruction=instruction,
+            prompt=prompt,
+            condition=d["condition"],
+            max_tokens=d["max_tokens"],
+            temperature=d["temperature"],
+            top_p=d["top_p"],
+            seed=d["seed"],
+            stop=d["stop"],
+            ignore_eos=d["ignore_eos"],
+            adapter=adapter,
+            cache="hit" if adapter is not None else "",
+        )
 
     def usage(result: dict) -> dict:
-        return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+        return {
+            "prompt_tokens": result["prompt_tokens"],
+            "completion_tokens": result["completion_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
+        }
 
     def tagi(result: dict) -> dict:
-        return {"adapter": result["adapter"], "cache": result["cache"],
-                "instruction_tokens": result["instruction_tokens"]}
+        return {
+            "adapter": result["adapter"],
+            "cache": result["cache"],
+            "instruction_tokens": result["instruction_tokens"],
+        }
 
     async def answer(req: serve_engine.Request, d: dict, chat: bool, include_usage: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -291,11 +346,21 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
             async for kind, value in run(req):
                 if kind == "done":
                     result = value
-            choice = ({"index": 0, "message": {"role": "assistant", "content": result["text"]}} if chat else
-                      {"index": 0, "text": result["text"], "logprobs": None})
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": result["text"]}}
+                if chat
+                else {"index": 0, "text": result["text"], "logprobs": None}
+            )
             choice["finish_reason"] = result["finish_reason"]
-            return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
-                                 "choices": [choice], "usage": usage(result), "tagi": tagi(result)})
+            return JSONResponse(
+                {
+                    **head,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "choices": [choice],
+                    "usage": usage(result),
+                    "tagi": tagi(result),
+                }
+            )
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
@@ -358,14 +423,19 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
         instruction = _text(body, "instruction")
         condition = body.get("condition", "task")
         if condition not in CONDITIONS:
-            raise ApiError(400, f"'condition' must be one of {', '.join(CONDITIONS)}, got {condition!r}",
-                           param="condition")
+            raise ApiError(
+                400, f"'condition' must be one of {', '.join(CONDITIONS)}, got {condition!r}", param="condition"
+            )
         export = body.get("export", False)
         if not isinstance(export, bool):
             raise ApiError(400, f"'export' must be true or false, got {export!r}", param="export")
         if export and export_dir is None:
-            raise ApiError(400, "'export': this server was started without --adapter_export_dir", param="export",
-                           code="export_disabled")
+            raise ApiError(
+                400,
+                "'export': this server was started without --adapter_export_dir",
+                param="export",
+                code="export_disabled",
+            )
         if not engine.generates:
             raise ApiError(400, f"this server runs mode {engine.mode}: no adapters are generated", code="no_adapters")
         req = serve_engine.Request(instruction=instruction, prompt="", condition=condition, adapter_only=True)
@@ -374,15 +444,28 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
             if kind == "done":
                 result = value
         a = result["adapter"]
-        out = {"id": a.id, "object": "adapter", "model": served, "condition": condition,
-               "instruction_tokens": a.instruction_tokens, "bytes": a.nbytes, "cached": result["cache"] == "hit"}
+        out = {
+            "id": a.id,
+            "object": "adapter",
+            "model": served,
+            "condition": condition,
+            "instruction_tokens": a.instruction_tokens,
+            "bytes": a.nbytes,
+            "cached": result["cache"] == "hit",
+        }
         if export:  # reads the cached factors only (no forward): off the engine thread, the file writes too
-            provenance = {"condition": condition, "text": instruction, "adapter": a.id,
-                          "hypernet_fingerprint": engine.fingerprint}
+            provenance = {
+                "condition": condition,
+                "text": instruction,
+                "adapter": a.id,
+                "hypernet_fingerprint": engine.fingerprint,
+            }
+
             def write() -> Path:
                 with export_lock:  # export_peft's temp dir is named by the process: one export at a time
-                    return export_peft(export_dir / a.id, engine.model, a.factors,
-                                       engine.cfg.model.model_name_or_path, provenance)
+                    return export_peft(
+                        export_dir / a.id, engine.model, a.factors, engine.cfg.model.model_name_or_path, provenance
+                    )
 
             path = await asyncio.to_thread(write)
             out["peft_dir"] = str(path)
@@ -391,9 +474,18 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served, "object": "model", "created": STARTED,
-                                            "owned_by": "tagi-ds", "tagi": {"mode": engine.mode,
-                                                                            "fingerprint": engine.fingerprint}}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": served,
+                    "object": "model",
+                    "created": STARTED,
+                    "owned_by": "tagi-ds",
+                    "tagi": {"mode": engine.mode, "fingerprint": engine.fingerprint},
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():

@@ -80,8 +80,9 @@ class AdapterCache:
                 self._entries.move_to_end(key)
             return adapter
 
-    def resolve(self, keys: Sequence[str],
-                generate: Callable[[list[str]], list[Adapter]]) -> tuple[dict[str, Adapter], set[str]]:
+    def resolve(
+        self, keys: Sequence[str], generate: Callable[[list[str]], list[Adapter]]
+    ) -> tuple[dict[str, Adapter], set[str]]:
         """``({key: adapter}, the keys this call generated)`` for ``keys`` (repeats allowed). ``generate(missing)``
         returns the adapters of ``missing`` in order; an exception in it reaches every waiter of those keys."""
         found: dict[str, Adapter] = {}

@@ -57,7 +57,7 @@ class Output:
             text = self.tok.decode(self.tokens)
             cuts = [text.find(s) for s in self.req.stop if s in text]
             if cuts:
-                text, self.reason = text[:min(cuts)], "stop"
+                text, self.reason = text[: min(cuts)], "stop"
             elif self.generated >= self.req.max_tokens:
                 self.reason = "length"
             self.text = text
@@ -72,9 +72,9 @@ class Output:
             hold = len(text) - len(text.rstrip(REPLACEMENT))
             for s in self.req.stop:
                 hold = max(hold, next((k for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), 0))
-            text = text[:len(text) - hold]
+            text = text[: len(text) - hold]
         if len(text) > len(self.emitted) and text.startswith(self.emitted):
-            self.req.emit("delta", text[len(self.emitted):])
+            self.req.emit("delta", text[len(self.emitted) :])
             self.emitted = text
 
 
@@ -111,8 +111,10 @@ class Rows:
         model = engine.model
         self.stacked = None
         if engine.generates:
-            self.stacked = {s: (torch.stack([a.factors[s][0] for a in adapters]),
-                                torch.stack([a.factors[s][1] for a in adapters])) for s in range(len(model.sites))}
+            self.stacked = {
+                s: (torch.stack([a.factors[s][0] for a in adapters]), torch.stack([a.factors[s][1] for a in adapters]))
+                for s in range(len(model.sites))
+            }
 
     def keep(self, positions: list[int]) -> None:
         self.group = [self.group[p] for p in positions]
@@ -138,8 +140,13 @@ class Rows:
             idx = torch.tensor(present, device=self.engine.device)
             factors = {s: (A[idx], B[idx]) for s, (A, B) in self.stacked.items()}
         cfg = self.engine.cfg
-        return AdapterSet(factors, torch.tensor(offs, device=self.engine.device), self.engine.model.generator.scale,
-                          cfg.model.adapter_impl, host_offsets=offs)
+        return AdapterSet(
+            factors,
+            torch.tensor(offs, device=self.engine.device),
+            self.engine.model.generator.scale,
+            cfg.model.adapter_impl,
+            host_offsets=offs,
+        )
 
 
 class Seq2Seq:
@@ -159,11 +166,18 @@ class Seq2Seq:
             fused = e.fusion_states(self.rows.adapters)
             if fused is not None:
                 present, offs = self.rows.offsets()
-                view = TaskBatch(b.input_ids, mask, b.input_ids, torch.tensor(offs, device=e.device),
-                                 instr_attention_mask=fused[1], host_offsets=tuple(offs))
+                view = TaskBatch(
+                    b.input_ids,
+                    mask,
+                    b.input_ids,
+                    torch.tensor(offs, device=e.device),
+                    instr_attention_mask=fused[1],
+                    host_offsets=tuple(offs),
+                )
                 # the instructions' keys/values come from the cache; only the inputs' are projected here
-                self.past = model.arch.cross_cache(model.backbone, hidden, None, view.task_of_example, None,
-                                                   prefix_kv=fused[2])
+                self.past = model.arch.cross_cache(
+                    model.backbone, hidden, None, view.task_of_example, None, prefix_kv=fused[2]
+                )
                 hidden, mask = model.arch.fuse(hidden, mask, *model.fusion_prefix(view, fused[0]))
         self.hidden, self.mask = hidden, mask
         start = model.backbone.config.decoder_start_token_id
@@ -175,8 +189,14 @@ class Seq2Seq:
     def _decode(self, dec: torch.Tensor, adapters: AdapterSet | None) -> torch.Tensor:
         model = self.engine.model
         with model.state.use(adapters):
-            out = model.backbone(encoder_outputs=(self.hidden,), attention_mask=self.mask, decoder_input_ids=dec,
-                                 use_cache=True, return_dict=True, **{cache_kwarg(model.backbone): self.past})
+            out = model.backbone(
+                encoder_outputs=(self.hidden,),
+                attention_mask=self.mask,
+                decoder_input_ids=dec,
+                use_cache=True,
+                return_dict=True,
+                **{cache_kwarg(model.backbone): self.past},
+            )
         self.past = returned_cache(out)
         return out.logits[:, -1].float()
 
@@ -207,8 +227,15 @@ class Causal:
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, adapters: AdapterSet | None) -> torch.Tensor:
         model = self.engine.model
         with model.state.use(adapters):
-            out = model.backbone(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1, return_dict=True, **{cache_kwarg(model.backbone): self.past})
+            out = model.backbone(
+                input_ids=ids,
+                attention_mask=self.mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                return_dict=True,
+                **{cache_kwarg(model.backbone): self.past},
+            )
         self.past = returned_cache(out)
         return out.logits[:, -1].float()
 
@@ -277,10 +304,18 @@ class Decoding:
         if o.reason == "cancelled":
             m.inc("requests_cancelled_total")
         m.observe("request_seconds", time.perf_counter() - r.arrived)
-        r.emit("done", {"text": o.text, "finish_reason": o.reason, "prompt_tokens": n,
-                        "completion_tokens": o.generated,
-                        "instruction_tokens": r.adapter.instruction_tokens if r.adapter else 0,
-                        "adapter": r.adapter.id if r.adapter else None, "cache": r.cache or None})
+        r.emit(
+            "done",
+            {
+                "text": o.text,
+                "finish_reason": o.reason,
+                "prompt_tokens": n,
+                "completion_tokens": o.generated,
+                "instruction_tokens": r.adapter.instruction_tokens if r.adapter else 0,
+                "adapter": r.adapter.id if r.adapter else None,
+                "cache": r.cache or None,
+            },
+        )
 
 
 def run(engine: Engine, requests: list[Request]) -> None:

@@ -85,19 +85,30 @@ def preflight(cfg: TagiConfig, hypernet: Path):
     """Every input checked before anything is built or a port opens: one process, the tokenizer, and the hypernet/
     dir against the model on the meta device (sites, every tensor's shape). Returns the tokenizer."""
     if preflight_checks.env_world_size() > 1:
-        preflight_checks.fail("tagi_ds.serve", "runs in one process: python -m tagi_ds.serve ...",
-                              f"WORLD_SIZE={preflight_checks.env_world_size()}")
+        preflight_checks.fail(
+            "tagi_ds.serve",
+            "runs in one process: python -m tagi_ds.serve ...",
+            f"WORLD_SIZE={preflight_checks.env_world_size()}",
+        )
     tok = data.load_tokenizer(cfg)
     artifacts.check_hypernet(hypernet, preflight_checks.meta_model(cfg, "finetune", tok.special_ids), "--hypernet")
     return tok
 
 
-def load(cfg: TagiConfig, hypernet: Path, tok, cache_bytes: int, metrics: Metrics, mode: str = "tagi",
-         device: torch.device | None = None) -> Engine:
+def load(
+    cfg: TagiConfig,
+    hypernet: Path,
+    tok,
+    cache_bytes: int,
+    metrics: Metrics,
+    mode: str = "tagi",
+    device: torch.device | None = None,
+) -> Engine:
     """Build the frozen backbone + hypernetwork once (after :func:`preflight`)."""
     device = device or dist.device()
-    backbone = ds_engine.build_backbone(cfg, {}, tok.special_ids,
-                                        placement=("whole", "serving: one process holds the whole model"))
+    backbone = ds_engine.build_backbone(
+        cfg, {}, tok.special_ids, placement=("whole", "serving: one process holds the whole model")
+    )
     model = build_model(cfg, "finetune", backbone).requires_grad_(False).eval()
     artifacts.load_hypernet(model, hypernet)
     # the precision evaluate.py's engine runs in (train.precision; auto: bf16 on CUDA), else the backbone's own
@@ -106,16 +117,26 @@ def load(cfg: TagiConfig, hypernet: Path, tok, cache_bytes: int, metrics: Metric
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds_engine.precision(cfg))
     ds_engine.cast_parameters(model, half or DTYPES[cfg.model.dtype])
     ds_engine.place(model, device)
-    return Engine(cfg, model, tok, fingerprint(hypernet, cfg, model), device, AdapterCache(cache_bytes, metrics),
-                  metrics, mode)
+    return Engine(
+        cfg, model, tok, fingerprint(hypernet, cfg, model), device, AdapterCache(cache_bytes, metrics), metrics, mode
+    )
 
 
 class Engine:
     """Everything a batch needs; called from ONE thread (the scheduler's): the adapted layers share one adapter
     slot (``model.state``), so two forwards must never interleave."""
 
-    def __init__(self, cfg: TagiConfig, model, tok, fingerprint: str, device: torch.device, cache: AdapterCache,
-                 metrics: Metrics, mode: str = "tagi") -> None:
+    def __init__(
+        self,
+        cfg: TagiConfig,
+        model,
+        tok,
+        fingerprint: str,
+        device: torch.device,
+        cache: AdapterCache,
+        metrics: Metrics,
+        mode: str = "tagi",
+    ) -> None:
         if mode not in SERVE_MODES:
             raise ValueError(f"serve mode must be one of {', '.join(SERVE_MODES)}, got {mode!r}")
         self.cfg, self.model, self.tok, self.fingerprint, self.device = cfg, model, tok, fingerprint, device
@@ -176,8 +197,15 @@ class Engine:
         for k, (key, row) in enumerate(zip(keys, rows)):
             n = len(row)  # right-padded (fusion is T5's): the first n positions are the instruction's
             keep = states[k, :n].contiguous() if self.model.fusion else None  # unmarked: fusion_prefix marks them
-            out.append(Adapter(key, [(A[k].contiguous(), B[k].contiguous()) for A, B in factors], keep, n,
-                               [(pk[k, :, :n].contiguous(), pv[k, :, :n].contiguous()) for pk, pv in kv]))
+            out.append(
+                Adapter(
+                    key,
+                    [(A[k].contiguous(), B[k].contiguous()) for A, B in factors],
+                    keep,
+                    n,
+                    [(pk[k, :, :n].contiguous(), pv[k, :, :n].contiguous()) for pk, pv in kv],
+                )
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the histogram below times the work, not its launch
         self.metrics.inc("adapter_generations_total", len(keys))
@@ -191,19 +219,38 @@ class Engine:
         from tagi_ds.backbones import t5
 
         model, K = self.model, states.shape[0]
-        rows = AdapterSet(dict(enumerate(factors)), torch.arange(K + 1, device=self.device), model.generator.scale,
-                          self.cfg.model.adapter_impl, host_offsets=list(range(K + 1)))
+        rows = AdapterSet(
+            dict(enumerate(factors)),
+            torch.arange(K + 1, device=self.device),
+            model.generator.scale,
+            self.cfg.model.adapter_impl,
+            host_offsets=list(range(K + 1)),
+        )
         return t5.prefix_keys_values(model.backbone, model._marked(states), lambda: model.state.use(rows))
 
     # -- a batch's inputs ---------------------------------------------------------------------------------
     def prompt_batch(self, requests: list[Request]) -> TaskBatch:
         """The rows as the evaluation collator lays them out (one task per request; T5 right-padded, decoder-only
         left-padded prompts), on the device. Mode concat reads Tk-Instruct's instruction + instance."""
-        tasks = [Task(name=f"request{i}", category="serve", definitions=(r.instruction,),
-                      instances=(Example(id=str(i), input=r.prompt, outputs=("",)),)) for i, r in enumerate(requests)]
-        collate = TaskCollator(tasks, self.tok, self.cfg.data, arch=self.cfg.model.arch,
-                               input_view=MODES[self.mode].view, instruction=False,
-                               padding_side="left" if self.causal else "right", with_targets=not self.causal)
+        tasks = [
+            Task(
+                name=f"request{i}",
+                category="serve",
+                definitions=(r.instruction,),
+                instances=(Example(id=str(i), input=r.prompt, outputs=("",)),),
+            )
+            for i, r in enumerate(requests)
+        ]
+        collate = TaskCollator(
+            tasks,
+            self.tok,
+            self.cfg.data,
+            arch=self.cfg.model.arch,
+            input_view=MODES[self.mode].view,
+            instruction=False,
+            padding_side="left" if self.causal else "right",
+            with_targets=not self.causal,
+        )
         return collate([Segment(i, (0,), 0) for i in range(len(requests))]).to(self.device)
 
     def fusion_states(self, adapters: list[Adapter]):
@@ -213,12 +260,13 @@ class Engine:
         if not self.model.fusion or not self.generates:
             return None
         n = max(a.states.shape[0] for a in adapters)
-        states = torch.zeros(len(adapters), n, adapters[0].states.shape[1], dtype=adapters[0].states.dtype,
-                             device=self.device)
+        states = torch.zeros(
+            len(adapters), n, adapters[0].states.shape[1], dtype=adapters[0].states.dtype, device=self.device
+        )
         mask = torch.zeros(len(adapters), n, dtype=torch.long, device=self.device)
         for k, a in enumerate(adapters):
-            states[k, :a.states.shape[0]] = a.states
-            mask[k, :a.states.shape[0]] = 1
+            states[k, : a.states.shape[0]] = a.states
+            mask[k, : a.states.shape[0]] = 1
         kv = []
         for layer in range(len(adapters[0].cross_kv)):
             pair = []
@@ -226,7 +274,7 @@ class Engine:
                 first = adapters[0].cross_kv[layer][j]
                 t = first.new_zeros(len(adapters), first.shape[0], n, first.shape[2])
                 for k, a in enumerate(adapters):
-                    t[k, :, :a.states.shape[0]] = a.cross_kv[layer][j]
+                    t[k, :, : a.states.shape[0]] = a.cross_kv[layer][j]
                 pair.append(t)
             kv.append(tuple(pair))
         return states, mask, kv

@@ -26,12 +26,16 @@ GAUGES = {
     "queue_depth": "requests waiting for a batch",
 }
 HISTOGRAMS = {  # name -> (help, bucket upper bounds)
-    "adapter_generation_seconds": ("wall time of one hypernetwork forward (all new instructions of a batch)",
-                                   (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)),
+    "adapter_generation_seconds": (
+        "wall time of one hypernetwork forward (all new instructions of a batch)",
+        (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    ),
     "batch_size": ("requests decoded together in one batch", (1, 2, 4, 8, 16, 32, 64, 128)),
     "batch_instructions": ("distinct instructions (adapters) in one batch", (1, 2, 4, 8, 16, 32, 64, 128)),
-    "request_seconds": ("time from a request's arrival to its last token",
-                        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)),
+    "request_seconds": (
+        "time from a request's arrival to its last token",
+        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    ),
 }
 
 
@@ -83,8 +87,11 @@ class Metrics:
                 series = [(lab, v) for (n, lab), v in sorted(self._counters.items()) if n == name]
                 out += [f"tagi_{name}{lab} {v:g}" for lab, v in series] or [f"tagi_{name} 0"]
             for name, text in GAUGES.items():
-                out += [f"# HELP tagi_{name} {text}", f"# TYPE tagi_{name} gauge",
-                        f"tagi_{name} {self._gauges[name]:g}"]
+                out += [
+                    f"# HELP tagi_{name} {text}",
+                    f"# TYPE tagi_{name} gauge",
+                    f"tagi_{name} {self._gauges[name]:g}",
+                ]
             for name, (text, bounds) in HISTOGRAMS.items():
                 counts, total = self._hist[name]
                 out += [f"# HELP tagi_{name} {text}", f"# TYPE tagi_{name} histogram"]

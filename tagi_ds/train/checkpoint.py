@@ -67,8 +67,15 @@ class SaveFailed(WriteFailed):
     checkpoint and ``latest`` untouched, nothing of this save left behind."""
 
 
-def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], keep_last: int,
-         fingerprint: dict[str, Any] | None = None, fault: tuple[int, int] | None = None) -> Path:
+def save(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    loader_state: dict[str, Any],
+    keep_last: int,
+    fingerprint: dict[str, Any] | None = None,
+    fault: tuple[int, int] | None = None,
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     A failure to write (a full or read-only disk) raises :class:`SaveFailed` on every rank after rank 0 has
@@ -89,8 +96,9 @@ def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], keep_l
             error = _describe(err, tmp)
     _agree(error, ckpt_dir, tmp, step)
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=True)
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tmp_tag, client_state={"step": step}, save_latest=False, exclude_frozen_parameters=True
+        )
         mine = tmp / f"trainer_rank{dist.rank()}.pt"
         if fault is not None and fault[0] == step:
             raise OSError(fault[1], os.strerror(fault[1]), str(mine))
@@ -103,8 +111,9 @@ def save(engine, ckpt_dir: Path, step: int, loader_state: dict[str, Any], keep_l
     if dist.is_main():
         try:
             if fingerprint is not None:
-                atomic_write(tmp / FINGERPRINT, json.dumps({**fingerprint, "step": step,
-                                                                 "files": _manifest(tmp)}, indent=1))
+                atomic_write(
+                    tmp / FINGERPRINT, json.dumps({**fingerprint, "step": step, "files": _manifest(tmp)}, indent=1)
+                )
             replace_dir(tmp, final)
             atomic_write(ckpt_dir / LATEST, tag + "\n")
         except OSError as err:
@@ -128,8 +137,11 @@ def _check_space(ckpt_dir: Path, step: int) -> None:
     need = int(sum(f.stat().st_size for f in prev.iterdir() if f.is_file()) * SPACE_MARGIN)
     free = shutil.disk_usage(ckpt_dir).free
     if free < need:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: step {step} needs about {_mb(need)}, "
-                      f"{_mb(free)} free", str(ckpt_dir / f"{_tag(step)}.tmp"))
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)}: step {step} needs about {_mb(need)}, {_mb(free)} free",
+            str(ckpt_dir / f"{_tag(step)}.tmp"),
+        )
 
 
 def _mb(n: int) -> str:
@@ -156,8 +168,11 @@ def _agree(error: str | None, ckpt_dir: Path, tmp: Path, step: int) -> None:
         rank, what = next((r, e) for r, e in enumerate(errors) if e is not None)
         last = newest_complete(ckpt_dir)
         out = ckpt_dir.parent
-        message = (f"error: saving step {step} failed: {what}" + (f" (rank {rank})" if dist.world_size() > 1 else "")
-                   + f"; {resume_hint(last, out)}")
+        message = (
+            f"error: saving step {step} failed: {what}"
+            + (f" (rank {rank})" if dist.world_size() > 1 else "")
+            + f"; {resume_hint(last, out)}"
+        )
         print(message, file=sys.stderr, flush=True)
     dist.barrier()  # rank 0 has printed before any rank exits (the launcher ends the job at the first)
     raise SaveFailed(message)
@@ -167,8 +182,10 @@ def resume_hint(last: Path | None, out: Path) -> str:
     """The tail of a fault's one line: the last complete checkpoint and how to resume from it."""
     if last is None:
         return "no complete checkpoint yet: start again without --resume_from_checkpoint"
-    return (f"last complete checkpoint {last}; free space or fix the directory, then resume with the same command "
-            f"and --resume_from_checkpoint latest")
+    return (
+        f"last complete checkpoint {last}; free space or fix the directory, then resume with the same command "
+        f"and --resume_from_checkpoint latest"
+    )
 
 
 def _manifest(path: Path) -> dict[str, int]:
@@ -268,9 +285,12 @@ def refuse_previous_run(output_dir: Path) -> None:
     if found or (ckpt_dir / LATEST).exists():
         newest = newest_complete(ckpt_dir)
         held = f"newest complete {newest.name}" if newest else f"{len(found)} incomplete"
-        fail(f"--output_dir {output_dir}", f"holds another run's checkpoints ({held}); resume it with {FLAG} latest, "
-             "or pass --start_over to move them aside (into OUTPUT_DIR/replaced-<time>/), or choose another "
-             "--output_dir")
+        fail(
+            f"--output_dir {output_dir}",
+            f"holds another run's checkpoints ({held}); resume it with {FLAG} latest, "
+            "or pass --start_over to move them aside (into OUTPUT_DIR/replaced-<time>/), or choose another "
+            "--output_dir",
+        )
 
 
 def resolve(spec: str, output_dir: Path) -> Path:
@@ -284,8 +304,11 @@ def resolve(spec: str, output_dir: Path) -> Path:
         pointer = ckpt_dir / LATEST
         newest = newest_complete(ckpt_dir)
         if not pointer.is_file() and newest is None:
-            fail(f"{FLAG} latest", f"no complete checkpoint in {ckpt_dir} (no 'latest' file); start without "
-                 f"{FLAG}", str(output_dir))
+            fail(
+                f"{FLAG} latest",
+                f"no complete checkpoint in {ckpt_dir} (no 'latest' file); start without {FLAG}",
+                str(output_dir),
+            )
         tag, problem = _read_latest(pointer) if pointer.is_file() else (None, "is missing")
         if tag is not None:
             problem = incomplete(ckpt_dir / tag)
@@ -293,8 +316,11 @@ def resolve(spec: str, output_dir: Path) -> Path:
         if problem is None:
             return ckpt_dir / tag
         if newest is None:
-            fail(f"{FLAG} latest", f"{pointer} {problem}, and no other complete checkpoint is in {ckpt_dir}; start "
-                 f"without {FLAG}", str(output_dir))
+            fail(
+                f"{FLAG} latest",
+                f"{pointer} {problem}, and no other complete checkpoint is in {ckpt_dir}; start without {FLAG}",
+                str(output_dir),
+            )
         say_once(f"note: {pointer} {problem}; resuming from {newest.name}, the newest complete checkpoint")
         return newest
     path = Path(spec)
@@ -302,16 +328,29 @@ def resolve(spec: str, output_dir: Path) -> Path:
         tag, problem = _read_latest(path / LATEST)
         if problem:
             newest = newest_complete(path)
-            fail(f"{FLAG} {spec}", f"its 'latest' file {problem}; "
-                 + (f"the newest complete checkpoint is {newest}: pass that" if newest else
-                    "and it holds no complete checkpoint"))
+            fail(
+                f"{FLAG} {spec}",
+                f"its 'latest' file {problem}; "
+                + (
+                    f"the newest complete checkpoint is {newest}: pass that"
+                    if newest
+                    else "and it holds no complete checkpoint"
+                ),
+            )
         path = path / tag
     problem = incomplete(path)
     if problem is not None:
         newest = newest_complete(path.parent)
-        fail(f"{FLAG} {spec}", f"not a complete tagi-ds checkpoint: {problem}; "
-             + (f"the newest complete checkpoint is {newest}: pass that or 'latest'" if newest else
-                "no complete checkpoint is beside it"), path)
+        fail(
+            f"{FLAG} {spec}",
+            f"not a complete tagi-ds checkpoint: {problem}; "
+            + (
+                f"the newest complete checkpoint is {newest}: pass that or 'latest'"
+                if newest
+                else "no complete checkpoint is beside it"
+            ),
+            path,
+        )
     return path
 
 
@@ -325,18 +364,28 @@ def check(spec: str, output_dir: Path, expected: dict[str, Any]) -> Path:
         saved = read_json(path / FINGERPRINT, f"{where}/{FINGERPRINT}", tuple(expected))
         for key in ("stage", "recipe", "mode", "world_size"):
             if saved[key] != expected[key]:
-                hint = ("resume with as many ranks as wrote it" if key == "world_size" else
-                        f"resume it with stage/recipe/mode {saved['stage']}/{saved['recipe']}/{saved['mode']}")
+                hint = (
+                    "resume with as many ranks as wrote it"
+                    if key == "world_size"
+                    else f"resume it with stage/recipe/mode {saved['stage']}/{saved['recipe']}/{saved['mode']}"
+                )
                 fail(where, f"written with {key} {saved[key]}, this run has {expected[key]}; {hint}", saved[key])
         mine, theirs = expected["trainable"], saved["trainable"]
         if mine != theirs:
             name = next((n for n in [*mine, *theirs] if mine.get(n) != theirs.get(n)), "?")
-            fail(where, f"trainable parameter {name} differs (saved {theirs.get(name)}, this run {mine.get(name)}); "
-                 "resume with the settings that wrote it", f"{len(theirs)} saved, {len(mine)} here")
+            fail(
+                where,
+                f"trainable parameter {name} differs (saved {theirs.get(name)}, this run {mine.get(name)}); "
+                "resume with the settings that wrote it",
+                f"{len(theirs)} saved, {len(mine)} here",
+            )
     ranks = sorted(path.glob("trainer_rank*.pt"))
     if len(ranks) != world:
-        fail(where, f"written by {len(ranks)} ranks, this run has {world}; resume with as many ranks as wrote it",
-             len(ranks))
+        fail(
+            where,
+            f"written by {len(ranks)} ranks, this run has {world}; resume with as many ranks as wrote it",
+            len(ranks),
+        )
     for r in range(world):
         mine_file = path / f"trainer_rank{r}.pt"
         if not mine_file.is_file():
@@ -349,8 +398,11 @@ def check(spec: str, output_dir: Path, expected: dict[str, Any]) -> Path:
         if not keys_ok:
             fail(where, f"{mine_file.name} is not a tagi-ds trainer state")
         if state["world_size"] != world:
-            fail(where, f"written by {state['world_size']} ranks, this run has {world}; resume with as many ranks "
-                 "as wrote it", state["world_size"])
+            fail(
+                where,
+                f"written by {state['world_size']} ranks, this run has {world}; resume with as many ranks as wrote it",
+                state["world_size"],
+            )
     for f in sorted(path.glob("*.pt")):
         check_zip(f, where)
     return path
@@ -360,12 +412,16 @@ def load(engine, path: Path) -> tuple[int, dict[str, Any]]:
     """Restore engine (hypernet/bank, optimizer, scheduler) and this rank's RNG; return (step, loader state)."""
     mine = path / f"trainer_rank{dist.rank()}.pt"
     if not mine.is_file():
-        raise ConfigError(f"--resume_from_checkpoint {str(path)!r}: no {mine.name}; it was written by a run "
-                          f"with fewer ranks than this one ({dist.world_size()})")
+        raise ConfigError(
+            f"--resume_from_checkpoint {str(path)!r}: no {mine.name}; it was written by a run "
+            f"with fewer ranks than this one ({dist.world_size()})"
+        )
     state = torch.load(mine, weights_only=False)
     if state["world_size"] != dist.world_size():
-        raise ConfigError(f"--resume_from_checkpoint {str(path)!r}: written by {state['world_size']} ranks, "
-                          f"resumed with {dist.world_size()}; resume with the same world size")
+        raise ConfigError(
+            f"--resume_from_checkpoint {str(path)!r}: written by {state['world_size']} ranks, "
+            f"resumed with {dist.world_size()}; resume with the same world size"
+        )
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
     if load_path is None:
         raise ConfigError(f"--resume_from_checkpoint {str(path)!r}: DeepSpeed could not load it")

@@ -77,8 +77,9 @@ class StepRatios:
 
     def _grad(self, term: torch.Tensor, retain: bool) -> torch.Tensor:
         grads = torch.autograd.grad(term, self.params, retain_graph=retain, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for g, p in zip(grads, self.params)])
+        return torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, self.params)]
+        )
 
     def _accumulate(self, k: str, g: torch.Tensor) -> None:
         self.sums[k] = self.sums[k] + g if k in self.sums else g
@@ -99,6 +100,7 @@ class StepRatios:
                 if i:
                     terms = weighted(self.model(batch)[1], self.lc)
                 self._accumulate(k, self._grad(terms[k], retain=False))
+
     def result(self) -> dict[str, float]:
         if not self.sums:
             return {}

@@ -88,8 +88,10 @@ class Guards:
         mine = not bool(torch.isfinite(loss.detach()).all())
         bad = dist.any_rank(mine)
         if bad:  # every rank says so: the log shows that all ranks skipped the same step
-            print(f"[rank {dist.rank()}] non-finite loss at step {step + 1} (here: {mine}): step skipped on all ranks",
-                  flush=True)
+            print(
+                f"[rank {dist.rank()}] non-finite loss at step {step + 1} (here: {mine}): step skipped on all ranks",
+                flush=True,
+            )
         return bad
 
     def record(self, bad: bool, step: int) -> None:
@@ -107,9 +109,11 @@ class Guards:
         return self.in_a_row >= self.max_bad
 
     def bad_steps_message(self, step: int, saved: str) -> str:
-        return (f"stopped: train.max_bad_steps={self.max_bad}: {self.in_a_row} non-finite steps in a row "
-                f"(steps {self.first_bad_step}-{step}); saved {saved}; resume with --resume_from_checkpoint latest "
-                "(e.g. with a lower train.lr)")
+        return (
+            f"stopped: train.max_bad_steps={self.max_bad}: {self.in_a_row} non-finite steps in a row "
+            f"(steps {self.first_bad_step}-{step}); saved {saved}; resume with --resume_from_checkpoint latest "
+            "(e.g. with a lower train.lr)"
+        )
 
     @staticmethod
     def grad_norm_is_bad(norm) -> bool:
@@ -156,7 +160,9 @@ def _parse_fault(spec: str):
         return m[1], int(m[2]), int(m[2]), None
     m = re.fullmatch(r"(nan|raise|kill|stop)@(\d+)(?:-(\d+))?:(\d+)", spec)
     if m is None:
-        raise ValueError(f"train.inject_fault: expected nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK or "
-                         f"enospc|rofs@STEP ({spec!r})")
+        raise ValueError(
+            f"train.inject_fault: expected nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK or "
+            f"enospc|rofs@STEP ({spec!r})"
+        )
     first = int(m[2])
     return m[1], first, int(m[3]) if m[3] else first, int(m[4])

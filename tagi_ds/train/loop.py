@@ -70,8 +70,10 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     world, rank = preflight_checks.env_world_size(), preflight_checks.env_rank()
     out = preflight_checks.check_output_dir(args.output_dir)
     if rank == 0 and (holder := rundir.holder(out)):  # rank 0 alone: the others would see their own rank 0's lock
-        raise ConfigError(f"--output_dir {out}: another run is using it ({holder}); wait for it to end, or choose "
-                          "another --output_dir")
+        raise ConfigError(
+            f"--output_dir {out}: another run is using it ({holder}); wait for it to end, or choose "
+            "another --output_dir"
+        )
     if args.start_over and args.resume_from_checkpoint:
         raise ConfigError("--start_over: a fresh start, so it cannot go with --resume_from_checkpoint; drop one")
     if not args.resume_from_checkpoint and not args.start_over:
@@ -79,27 +81,38 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     ds = preflight_checks.deepspeed_config(args.deepspeed, cfg, world)
     spec = stages.spec(args.stage, cfg)  # what the stage trains, reads and writes
     if args.teachers and not spec.teacher:
-        raise ConfigError(f"--teachers {args.teachers}: unused by this run (it needs finetune, mode tagi and "
-                          f"loss.kl_weight or loss.param_weight > 0; mode {cfg.mode}); drop --teachers")
+        raise ConfigError(
+            f"--teachers {args.teachers}: unused by this run (it needs finetune, mode tagi and "
+            f"loss.kl_weight or loss.param_weight > 0; mode {cfg.mode}); drop --teachers"
+        )
     if args.init_hypernet and not spec.mode.instruction:
         raise ConfigError(f"--init_hypernet {args.init_hypernet}: a hypernetwork needs mode tagi (mode {cfg.mode})")
     rows = None
     if spec.teacher:
         if not args.teachers:
-            raise ConfigError("--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
-                              "(or --set loss.kl_weight=0 loss.param_weight=0)")
+            raise ConfigError(
+                "--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
+                "(or --set loss.kl_weight=0 loss.param_weight=0)"
+            )
         rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, "train") if spec.stage.data == "tasks" else None
     if spec.mode.source.per_task:  # the teachers stage: a bank row per task (or category) it trains
         rows = data.teacher_rows(tasks, cfg.teacher.granularity)
     elif spec.teacher:
-        artifacts.check_rows(tasks, rows, cfg.teacher.granularity, f"--teachers {args.teachers}",
-                             "train the teachers on the same data and filters")
-    loader = data.build_train_loader(cfg, tokenizer, stage=args.stage, rank=rank, world_size=world,
-                                     teacher_rows=rows, tasks=tasks)
-    model = preflight_checks.meta_model(cfg, args.stage, tokenizer.special_ids, num_bank_rows=len(rows) if rows else 0,
-                                        with_teacher=spec.teacher)
+        artifacts.check_rows(
+            tasks,
+            rows,
+            cfg.teacher.granularity,
+            f"--teachers {args.teachers}",
+            "train the teachers on the same data and filters",
+        )
+    loader = data.build_train_loader(
+        cfg, tokenizer, stage=args.stage, rank=rank, world_size=world, teacher_rows=rows, tasks=tasks
+    )
+    model = preflight_checks.meta_model(
+        cfg, args.stage, tokenizer.special_ids, num_bank_rows=len(rows) if rows else 0, with_teacher=spec.teacher
+    )
     if spec.teacher:
         artifacts.check_teachers(Path(args.teachers), model.teacher, model, "--teachers")
     if args.init_hypernet:
@@ -189,8 +202,9 @@ def setup(checked: Checked) -> Session:
         checked.fingerprint["run_id"] = dist.broadcast_object(uuid.uuid4().hex if dist.is_main() else None)
     placement = plan.for_training(cfg, ds, checked.world_size)
     backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, placement=placement)
-    model = build_model(cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0,
-                        with_teacher=checked.spec.teacher)
+    model = build_model(
+        cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0, with_teacher=checked.spec.teacher
+    )
     if checked.spec.teacher:
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)
     if args.init_hypernet:
@@ -206,10 +220,12 @@ def setup(checked: Checked) -> Session:
     guards = Guards(cfg.train.max_bad_steps, cfg.train.inject_fault)
     progress = Progress(out, args.stage, cfg.train.max_steps, start, cfg.train.tensorboard)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.trainable_parameters())  # full sizes
-    progress.message(f"tagi-ds {args.stage}: recipe {cfg.recipe}, mode {cfg.mode}, {dist.world_size()} rank(s), "
-                     f"ZeRO-{ds_engine.zero_stage(ds)}, precision {ds_engine.precision(cfg)}, "
-                     f"device {eng.device.type}, {trainable:,} trainable parameters"
-                     + (f", resumed at step {start}" if start else ""))
+    progress.message(
+        f"tagi-ds {args.stage}: recipe {cfg.recipe}, mode {cfg.mode}, {dist.world_size()} rank(s), "
+        f"ZeRO-{ds_engine.zero_stage(ds)}, precision {ds_engine.precision(cfg)}, "
+        f"device {eng.device.type}, {trainable:,} trainable parameters"
+        + (f", resumed at step {start}" if start else "")
+    )
     if layout := ds_engine.describe_partitioning(model, dist.world_size()):
         progress.message(layout)
     return Session(checked, model, eng, iter(loader), guards, progress, out, start, step=start)
@@ -249,22 +265,36 @@ def step(s: Session) -> StepDone:
 
 def metrics(s: Session, done: StepDone) -> dict[str, Any]:
     """The step's metrics.jsonl record; a collective (the terms are averaged over ranks)."""
-    return {"step": s.step, **({"loss": None} if done.loss_bad else _mean_over_ranks(done.sums, s.eng.device)),
-            "lr": done.lr, "grad_norm": done.norm,
-            "tokens_per_s": done.tokens * dist.world_size() / (time.perf_counter() - done.t0),
-            "skipped_steps": s.guards.skipped, **done.ratios}
+    return {
+        "step": s.step,
+        **({"loss": None} if done.loss_bad else _mean_over_ranks(done.sums, s.eng.device)),
+        "lr": done.lr,
+        "grad_norm": done.norm,
+        "tokens_per_s": done.tokens * dist.world_size() / (time.perf_counter() - done.t0),
+        "skipped_steps": s.guards.skipped,
+        **done.ratios,
+    }
 
 
 def save(s: Session) -> None:
     """A checkpoint of this step (a collective); warns when it took too long for deepspeed's SIGTERM grace."""
     t = time.perf_counter()
-    checkpoint.save(s.eng, s.ckpt_dir, s.step, s.checked.loader.state_dict(), s.checked.cfg.train.keep_last,
-                    s.checked.fingerprint, fault=s.guards.save_fault)
+    checkpoint.save(
+        s.eng,
+        s.ckpt_dir,
+        s.step,
+        s.checked.loader.state_dict(),
+        s.checked.cfg.train.keep_last,
+        s.checked.fingerprint,
+        fault=s.guards.save_fault,
+    )
     s.save_s = time.perf_counter() - t
     if s.save_s > SAVE_WARN_S:
-        s.progress.message(f"warning: saving step {s.step} took {s.save_s:.0f}s; deepspeed's launch.py kills ranks "
-                           "30 s after a SIGTERM, so stop this job by signalling the runner's PID (README: "
-                           "stopping)")
+        s.progress.message(
+            f"warning: saving step {s.step} took {s.save_s:.0f}s; deepspeed's launch.py kills ranks "
+            "30 s after a SIGTERM, so stop this job by signalling the runner's PID (README: "
+            "stopping)"
+        )
 
 
 def stop_on_bad_steps(s: Session) -> None:
@@ -278,8 +308,9 @@ def stop_on_bad_steps(s: Session) -> None:
 
 def stop(s: Session, why: str) -> Path:
     """End the session early on request (saved already); returns the checkpoint to resume from."""
-    s.progress.message(f"{why}: saved step {s.step} in {s.save_s:.1f}s, stopping "
-                       "(resume with --resume_from_checkpoint latest)")
+    s.progress.message(
+        f"{why}: saved step {s.step} in {s.save_s:.1f}s, stopping (resume with --resume_from_checkpoint latest)"
+    )
     s.progress.close()
     rundir.unlock(s.out)
     return s.ckpt_dir / f"step-{s.step}"

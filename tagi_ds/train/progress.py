@@ -34,9 +34,13 @@ class Progress:
             from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self.bar = RichProgress(TextColumn(f"[bold]{stage}"), BarColumn(),
-                                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                                    TimeRemainingColumn())
+            self.bar = RichProgress(
+                TextColumn(f"[bold]{stage}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
             self.task = self.bar.add_task(stage, total=total, completed=start, info="")
             self.bar.start()
         if tensorboard:
@@ -50,8 +54,11 @@ class Progress:
         if not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        kept = [json.dumps(strict(rec), allow_nan=False) for ln in lines
-                if (rec := _parse(ln)) is not None and rec.get("step", 0) <= step]
+        kept = [
+            json.dumps(strict(rec), allow_nan=False)
+            for ln in lines
+            if (rec := _parse(ln)) is not None and rec.get("step", 0) <= step
+        ]
         atomic_write(self.metrics_path, "".join(ln + "\n" for ln in kept))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -72,8 +79,11 @@ class Progress:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         else:
-            print(f"[step {step}/{self.total}] {info} eta {eta:.0f}s"
-                  + (f" skipped {record['skipped_steps']}" if record.get("skipped_steps") else ""), flush=True)
+            print(
+                f"[step {step}/{self.total}] {info} eta {eta:.0f}s"
+                + (f" skipped {record['skipped_steps']}" if record.get("skipped_steps") else ""),
+                flush=True,
+            )
 
     def message(self, text: str) -> None:
         if not self.main:

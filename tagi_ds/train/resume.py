@@ -29,15 +29,20 @@ from tagi_ds.runtime.preflight import fail, say_once
 from tagi_ds.train import checkpoint
 
 # Fields that may change on resume although their section may not: another implementation of the same weights.
-ALLOWED = {"model.gradient_checkpointing", "model.adapter_impl", "model.attn_implementation",
-           "hypernet.dropout", "hypernet.checkpoint_encoder"}
+ALLOWED = {
+    "model.gradient_checkpointing",
+    "model.adapter_impl",
+    "model.attn_implementation",
+    "hypernet.dropout",
+    "hypernet.checkpoint_encoder",
+}
 
 # Why a field cannot change on resume: by exact name first, then by section. Anything not named is allowed.
 _FIXED = {
     "recipe": "the model's shapes come from it",
     "mode": "the checkpoint trains another model",
     "train.seed": "the data order of the epoch the loader resumes inside, and the restored RNG streams, are the old "
-                  "seed's (a new seed is a new run)",
+    "seed's (a new seed is a new run)",
     "train.grad_accum": "the batch per optimizer step is part of the batch shape",
     "train.precision": "the optimizer state was saved for another precision",
     "train.frozen_backbone": "DeepSpeed's saved state is laid out for the other placement",
@@ -105,8 +110,10 @@ def compare(path: Path, cfg: TagiConfig, ds: dict) -> list[str]:
     saved = saved_settings(path)
     where = f"{checkpoint.FLAG} {path}"
     if saved is None:
-        say_once(f"note: {where}: records no config (neither its {checkpoint.FINGERPRINT} nor a config.json beside "
-                 "its checkpoints/); the settings are not compared with the checkpoint's")
+        say_once(
+            f"note: {where}: records no config (neither its {checkpoint.FINGERPRINT} nor a config.json beside "
+            "its checkpoints/); the settings are not compared with the checkpoint's"
+        )
         return []
     theirs, their_stage, source = saved
     mine = _flat(cfg.to_dict())
@@ -121,11 +128,16 @@ def compare(path: Path, cfg: TagiConfig, ds: dict) -> list[str]:
         key = refused[0]
         why = why_fixed(key) or "DeepSpeed's saved state is laid out for the other ZeRO stage"
         more = f" (also {', '.join(refused[1:])})" if refused[1:] else ""
-        fail(where, f"{key} cannot change on resume: the checkpoint has {_shown(theirs.get(key))}, this run "
-             f"{_shown(mine.get(key))}{more}; {why}. Resume with the checkpoint's settings ({source}), or start a "
-             "fresh run (another --output_dir, or --start_over)")
-    lines = [f"note: resume changes {k}: {_shown(theirs.get(k))} in the checkpoint, {_shown(mine.get(k))} now"
-             for k in differ]
+        fail(
+            where,
+            f"{key} cannot change on resume: the checkpoint has {_shown(theirs.get(key))}, this run "
+            f"{_shown(mine.get(key))}{more}; {why}. Resume with the checkpoint's settings ({source}), or start a "
+            "fresh run (another --output_dir, or --start_over)",
+        )
+    lines = [
+        f"note: resume changes {k}: {_shown(theirs.get(k))} in the checkpoint, {_shown(mine.get(k))} now"
+        for k in differ
+    ]
     for line in lines:
         say_once(line)
     return lines

@@ -21,8 +21,10 @@ sys.path.insert(0, str(REPO))
 
 from tagi_ds.cli import guarded, train_main  # noqa: E402
 
-EVAL = ["data.tasks=task101_words_reverse_then_uppercase,task102_words_sort_alpha_then_first",
-        "data.max_instances_per_task=4"]  # two built-in held-out tasks: a short evaluation
+EVAL = [
+    "data.tasks=task101_words_reverse_then_uppercase,task102_words_sort_alpha_then_first",
+    "data.max_instances_per_task=4",
+]  # two built-in held-out tasks: a short evaluation
 
 
 def evaluate_main():
@@ -35,21 +37,55 @@ def evaluate_main():
 def family(root: Path, arch: str, chat: bool, deepspeed: str) -> None:
     base = root / arch
     common = ["--recipe", f"tiny-{arch}", "--model_name_or_path", str(base / "model"), "--deepspeed", deepspeed]
-    sets = ["--set", "data.tasks_per_batch=2", "data.examples_per_task=2", "data.max_source_length=48",
-            "data.max_target_length=12", "data.max_instruction_length=48", "train.log_steps=1", "train.lr=1e-2",
-            f"data.chat_template={chat}"]
+    sets = [
+        "--set",
+        "data.tasks_per_batch=2",
+        "data.examples_per_task=2",
+        "data.max_source_length=48",
+        "data.max_target_length=12",
+        "data.max_instruction_length=48",
+        "train.log_steps=1",
+        "train.lr=1e-2",
+        f"data.chat_template={chat}",
+    ]
     teachers = base / "teachers" / "teachers"
     stages = {
-        "teachers": lambda: train_main("teachers", "", [*common, "--output_dir", str(base / "teachers"),
-                                                        "--max_steps", "2", *sets]),
-        "pretrain": lambda: train_main("pretrain", "", [*common, "--output_dir", str(base / "pretrain"),
-                                                        "--max_steps", "2", *sets]),
-        "finetune": lambda: train_main("finetune", "", [*common, "--output_dir", str(base / "finetune"),
-                                                        "--max_steps", "2", "--teachers", str(teachers),
-                                                        "--init_hypernet", str(base / "pretrain" / "hypernet"), *sets]),
-        "evaluate": lambda: evaluate_main()([*common[2:], "--hypernet", str(base / "finetune" / "hypernet"),
-                                             "--output_dir", str(base / "eval"), "--max_new_tokens", "4",
-                                             "--set", f"data.chat_template={chat}", *EVAL]),
+        "teachers": lambda: train_main(
+            "teachers", "", [*common, "--output_dir", str(base / "teachers"), "--max_steps", "2", *sets]
+        ),
+        "pretrain": lambda: train_main(
+            "pretrain", "", [*common, "--output_dir", str(base / "pretrain"), "--max_steps", "2", *sets]
+        ),
+        "finetune": lambda: train_main(
+            "finetune",
+            "",
+            [
+                *common,
+                "--output_dir",
+                str(base / "finetune"),
+                "--max_steps",
+                "2",
+                "--teachers",
+                str(teachers),
+                "--init_hypernet",
+                str(base / "pretrain" / "hypernet"),
+                *sets,
+            ],
+        ),
+        "evaluate": lambda: evaluate_main()(
+            [
+                *common[2:],
+                "--hypernet",
+                str(base / "finetune" / "hypernet"),
+                "--output_dir",
+                str(base / "eval"),
+                "--max_new_tokens",
+                "4",
+                "--set",
+                f"data.chat_template={chat}",
+                *EVAL,
+            ]
+        ),
     }
     for stage, run in stages.items():
         t0 = time.perf_counter()
@@ -64,7 +100,7 @@ def main() -> None:
         at = argv.index("--register")
         module, _, function = argv[at + 1].partition(":")
         getattr(importlib.import_module(module), function)()
-        del argv[at:at + 2]
+        del argv[at : at + 2]
     root, deepspeed = Path(argv[0]), argv[1]
     for item in argv[2:]:
         arch, _, flag = item.partition(":")

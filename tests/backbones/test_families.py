@@ -51,8 +51,15 @@ def test_recipes_match_the_public_checkpoints_site_by_site(name):
     cfg = apply_overrides(get_recipe(name), ["model.adapted=q,k,v,o,gate,up,down"])
     c = count(cfg, teacher_rows=2)
     assert c.backbone == params
-    want = {"q": (d, q_out), "k": (d, kv_out), "v": (d, kv_out), "o": (q_out, d), "gate": (d, d_ff),
-            "up": (d, d_ff), "down": (d_ff, d)}
+    want = {
+        "q": (d, q_out),
+        "k": (d, kv_out),
+        "v": (d, kv_out),
+        "o": (q_out, d),
+        "gate": (d, d_ff),
+        "up": (d, d_ff),
+        "down": (d_ff, d),
+    }
     for _, layer, kind, d_in, d_out in c.sites:
         assert (d_in, d_out) == want[kind], (name, layer, kind)
     # One generator head group per projection shape: k and v (same shape) and gate and up still apart by kind.
@@ -199,14 +206,19 @@ def test_peft_adapter_reproduces_tagi_logits(tmp_path, checkpoints, arch):
 
 def test_chat_template_wraps_the_instruction_and_every_prompt(checkpoints):
     tok = HFTokenizer(checkpoints["llama"])
-    task = Task(name="t", category="c", definitions=("Reverse the words.",),
-                instances=(Example(id="t-0", input="cat dog", outputs=("dog cat",)),))
+    task = Task(
+        name="t",
+        category="c",
+        definitions=("Reverse the words.",),
+        instances=(Example(id="t-0", input="cat dog", outputs=("dog cat",)),),
+    )
     cfg = apply_overrides(_tiny("llama"), ["data.chat_template=true"]).data
     chat = TaskCollator([task], tok, cfg, arch="llama", input_view="concat", teacher_view=True)
     plain = TaskCollator([task], tok, apply_overrides(_tiny("llama"), []).data, arch="llama", input_view="concat")
     b, p = chat([Segment(0, (0,), 0)]), plain([Segment(0, (0,), 0)])
     render = lambda text, reply: tok.tok.apply_chat_template(  # noqa: E731
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=reply)
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=reply
+    )
     decode = lambda ids: tok.tok.decode([i for i in ids.tolist()], skip_special_tokens=False)  # noqa: E731
     instruction = format_instruction(task)
     assert decode(b.instr_input_ids[0]) == render(instruction, False)  # bos + user turn, closed
@@ -219,11 +231,17 @@ def test_chat_template_wraps_the_instruction_and_every_prompt(checkpoints):
         TaskCollator([task], SentencePieceTokenizer(), cfg, arch="llama")
 
 
-@pytest.mark.parametrize("sets, match", [
-    (["model.arch=gemma2", "model.attn_implementation=sdpa"], r"attn_implementation: Gemma-2 soft-caps.*\(sdpa\)"),
-    (["model.sliding_window=8"], r"model.sliding_window: llama has no sliding-window.*\(8\)"),
-    (["model.arch=qwen2", "model.rope_scaling=8"], r"model.rope_scaling: Llama-3.1-style.*\(model.arch=qwen2\).*\(8\)"),
-])
+@pytest.mark.parametrize(
+    "sets, match",
+    [
+        (["model.arch=gemma2", "model.attn_implementation=sdpa"], r"attn_implementation: Gemma-2 soft-caps.*\(sdpa\)"),
+        (["model.sliding_window=8"], r"model.sliding_window: llama has no sliding-window.*\(8\)"),
+        (
+            ["model.arch=qwen2", "model.rope_scaling=8"],
+            r"model.rope_scaling: Llama-3.1-style.*\(model.arch=qwen2\).*\(8\)",
+        ),
+    ],
+)
 def test_settings_a_family_cannot_honour_are_config_errors(sets, match):
     with pytest.raises(ConfigError, match=match):
         apply_overrides(get_recipe("tiny-llama"), sets).validate()
@@ -233,12 +251,27 @@ def test_launcher_rejects_them_in_one_line_before_writing_anything(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(REPO / "launchers" / "pretrain.py"), "--recipe", "tiny-gemma2",
-                           "--output_dir", str(tmp_path / "run"), "--set", "model.attn_implementation=sdpa"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launchers" / "pretrain.py"),
+            "--recipe",
+            "tiny-gemma2",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--set",
+            "model.attn_implementation=sdpa",
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: model.attn_implementation: Gemma-2 soft-caps its attention logits, which sdpa cannot do; "
-        "use eager or flash_attention_2 (sdpa)"]
+        "use eager or flash_attention_2 (sdpa)"
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -259,9 +292,17 @@ def test_every_family_through_every_stage_on_two_ranks_then_peft(tmp_path, check
     for arch, path in checkpoints.items():
         shutil.copytree(path, tmp_path / arch / "model")
     chat = {"llama": True, "qwen2": True, "mistral": False, "gemma2": False}
-    cmd = [sys.executable, "-m", "tagi_ds.launch", "--num_gpus", "2",
-           str(REPO / "tests" / "backbones" / "pipeline.py"), str(tmp_path), partitioned_z3(tmp_path),
-           *[f"{arch}:chat" if chat[arch] else arch for arch in ARCHS]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tagi_ds.launch",
+        "--num_gpus",
+        "2",
+        str(REPO / "tests" / "backbones" / "pipeline.py"),
+        str(tmp_path),
+        partitioned_z3(tmp_path),
+        *[f"{arch}:chat" if chat[arch] else arch for arch in ARCHS],
+    ]
     proc = check(run_job(cmd, timeout=hang_limit(120)))  # the suite's longest launch: 16 stages, ~50-100 s
     print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("[pipeline]")))
     assert proc.stdout.count("parameters partitioned across 2 rank(s)") == 4 * 3  # training
@@ -278,8 +319,14 @@ def test_every_family_through_every_stage_on_two_ranks_then_peft(tmp_path, check
         assert len(results["per_task"]) == 2 and (base / "eval" / "predictions.jsonl").read_text().count("\n") == 8
 
         cfg = artifacts.read_config(base / "finetune" / "hypernet")
-        adapter = generate_adapter(cfg, base / "finetune" / "hypernet", INSTRUCTION, "task", base / "adapter",
-                                   deepspeed=str(REPO / "ds_configs" / "z2.json"))
+        adapter = generate_adapter(
+            cfg,
+            base / "finetune" / "hypernet",
+            INSTRUCTION,
+            "task",
+            base / "adapter",
+            deepspeed=str(REPO / "ds_configs" / "z2.json"),
+        )
         tok = HFTokenizer(base / "model")
         model = build_model(cfg, "finetune", build_backbone(cfg)).eval()
         artifacts.load_hypernet(model, base / "finetune" / "hypernet")
@@ -299,11 +346,25 @@ def test_a_checkpoint_run_describes_the_checkpoint_not_the_recipe(tmp_path, chec
     for arch, path in checkpoints.items():
         hf = json.loads((path / "config.json").read_text())
         args = training_parser("pretrain", "").parse_args(
-            ["--recipe", "llama3-8b" if arch == "llama" else f"tiny-{arch}", "--model_name_or_path", str(path),
-             "--set", "model.d_model=8", "model.num_layers=9", f"model.arch={arch}", "hypernet.fusion=false"])
+            [
+                "--recipe",
+                "llama3-8b" if arch == "llama" else f"tiny-{arch}",
+                "--model_name_or_path",
+                str(path),
+                "--set",
+                "model.d_model=8",
+                "model.num_layers=9",
+                f"model.arch={arch}",
+                "hypernet.fusion=false",
+            ]
+        )
         m = resolve_config(args).model
         assert (m.d_model, m.num_layers, m.d_ff, m.vocab_size) == (
-            hf["hidden_size"], hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]), arch
+            hf["hidden_size"],
+            hf["num_hidden_layers"],
+            hf["intermediate_size"],
+            hf["vocab_size"],
+        ), arch
         assert m.num_kv_heads == hf["num_key_value_heads"] and m.num_heads == hf["num_attention_heads"]
     t5 = tmp_path / "t5"
     build_backbone(apply_overrides(get_recipe("tiny"), ["model.d_model=48", "model.num_layers=1"])).save_pretrained(t5)

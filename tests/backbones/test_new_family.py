@@ -21,12 +21,30 @@ from tagi_ds.recipes import get_recipe
 from tests.backbones.families import SPECIALS, write_checkpoint
 from tests.train.harness import REPO, check, hang_limit, partitioned_z3, run_job
 
-QWEN3 = families.decoder_family("qwen3", "Qwen3", "Qwen3Config", "Qwen3ForCausalLM",
-                                constants={"rms_norm_eps": 1e-6}, sliding_window=True,
-                                window_switch="use_sliding_window")
-TINY = {"model": {"arch": "qwen3", "vocab_size": 1024, "d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4,
-                  "num_kv_heads": 2, "sliding_window": 16, "adapted_stacks": ["decoder"]},
-        "hypernet": {"fusion": False}, "train": {"lr": 3e-3, "max_steps": 60, "save_steps": 30}}
+QWEN3 = families.decoder_family(
+    "qwen3",
+    "Qwen3",
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
+    constants={"rms_norm_eps": 1e-6},
+    sliding_window=True,
+    window_switch="use_sliding_window",
+)
+TINY = {
+    "model": {
+        "arch": "qwen3",
+        "vocab_size": 1024,
+        "d_model": 64,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "sliding_window": 16,
+        "adapted_stacks": ["decoder"],
+    },
+    "hypernet": {"fusion": False},
+    "train": {"lr": 3e-3, "max_steps": 60, "save_steps": 30},
+}
 
 
 def register() -> None:
@@ -53,8 +71,11 @@ def test_a_family_is_a_config_error_until_its_record_is_registered():
 def test_a_record_must_name_a_module_that_provides_what_it_claims(monkeypatch):
     fusing = families.decoder_family("fusing-llama", "F", "LlamaConfig", "LlamaForCausalLM", fusion=True)
     monkeypatch.setitem(families.FAMILIES, fusing.name, fusing)
-    with pytest.raises(TypeError, match=r"tagi_ds.backbones.decoder \(model.arch=fusing-llama\) lacks fuse of "
-                                        r"tagi_ds.backbones.Fusing"):
+    with pytest.raises(
+        TypeError,
+        match=r"tagi_ds.backbones.decoder \(model.arch=fusing-llama\) lacks fuse of "
+        r"tagi_ds.backbones.Fusing",
+    ):
         backbones.get("fusing-llama")
 
 
@@ -74,15 +95,33 @@ def test_a_family_from_its_record_alone_runs_every_stage_on_two_ranks(tmp_path, 
         apply_overrides(cfg, ["model.rope_scaling=8"]).validate()
     # the planner: every projection's true shape under GQA (4 query heads, 2 key-value heads of 16)
     c = count(apply_overrides(cfg, ["model.adapted=q,k,v,o,gate,up,down"]), teacher_rows=2)
-    want = {"q": (64, 64), "k": (64, 32), "v": (64, 32), "o": (64, 64), "gate": (64, 128), "up": (64, 128),
-            "down": (128, 64)}
+    want = {
+        "q": (64, 64),
+        "k": (64, 32),
+        "v": (64, 32),
+        "o": (64, 64),
+        "gate": (64, 128),
+        "up": (64, 128),
+        "down": (128, 64),
+    }
     assert not c.encoder_decoder and {kind: (di, do) for _, _, kind, di, do in c.sites} == want
     assert c.backbone == sum(p.numel() for p in build_backbone(cfg).parameters())
 
     model_dir = write_checkpoint(tmp_path / "qwen3" / "model", "qwen3")
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen3"
-    cmd = [sys.executable, "-m", "tagi_ds.launch", "--num_gpus", "2", str(REPO / "tests" / "backbones" / "pipeline.py"),
-           str(tmp_path), partitioned_z3(tmp_path), "qwen3:chat", "--register", f"{__name__}:register"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tagi_ds.launch",
+        "--num_gpus",
+        "2",
+        str(REPO / "tests" / "backbones" / "pipeline.py"),
+        str(tmp_path),
+        partitioned_z3(tmp_path),
+        "qwen3:chat",
+        "--register",
+        f"{__name__}:register",
+    ]
     proc = check(run_job(cmd, timeout=hang_limit(40)))
     print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("[pipeline]")))
     assert proc.stdout.count("parameters partitioned across 2 rank(s)") == 3  # teachers, pretrain, finetune
@@ -96,8 +135,14 @@ def test_a_family_from_its_record_alone_runs_every_stage_on_two_ranks(tmp_path, 
 
     # export: the launcher's path (preflight of the checkpoint, then the adapter), which PEFT loads as tagi-ds runs it
     cfg = artifacts.read_config(base / "finetune" / "hypernet")
-    adapter = generate_adapter(cfg, base / "finetune" / "hypernet", INSTRUCTION, "task", base / "adapter",
-                               deepspeed=str(REPO / "ds_configs" / "z2.json"))
+    adapter = generate_adapter(
+        cfg,
+        base / "finetune" / "hypernet",
+        INSTRUCTION,
+        "task",
+        base / "adapter",
+        deepspeed=str(REPO / "ds_configs" / "z2.json"),
+    )
     assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == QWEN3.peft_task_type
     tok = HFTokenizer(base / "model")
     model = build_model(cfg, "finetune", build_backbone(cfg)).eval()

@@ -23,8 +23,14 @@ TIMEOUT = 540
 def run_bench(script: str, out_dir: Path, *args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # the adapter op's torch reference on CPU, as in training
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out_dir", str(out_dir),
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out_dir", str(out_dir), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -74,16 +80,29 @@ def test_the_teacher_terms_are_counted_in_the_tagi_case_and_not_in_tagi_nokl():
     finally:
         sys.path.pop(0)
     args = bench.parse_args(["--smoke"])
-    flops = {v: bench.case_flops(args, bench.case_config(args, "tiny", v, False, "z3"), v, False)["model"]
-             for v in ("tagi", "tagi_nokl", "lora")}
+    flops = {
+        v: bench.case_flops(args, bench.case_config(args, "tiny", v, False, "z3"), v, False)["model"]
+        for v in ("tagi", "tagi_nokl", "lora")
+    }
     assert flops["tagi"] > flops["tagi_nokl"] > flops["lora"]
 
 
 def test_a_case_whose_process_dies_is_a_row_and_the_next_case_still_runs(tmp_path):
     """One process per case: the lora case's process is killed by its --case_timeout (as a sticky CUDA error or an
     OOM kills one on a GPU); the row says so and the tagi case after it is measured."""
-    run_bench("bench_train_step.py", tmp_path, "--variants", "lora", "tagi", "--engines", "torch",
-              "--no_checkpointing_table", "--case_timeout", "lora=0.5", "300")
+    run_bench(
+        "bench_train_step.py",
+        tmp_path,
+        "--variants",
+        "lora",
+        "tagi",
+        "--engines",
+        "torch",
+        "--no_checkpointing_table",
+        "--case_timeout",
+        "lora=0.5",
+        "300",
+    )
     result, md = written(tmp_path, "train_step")
     lora, tagi = result["recipes"][0]["rows"]
     assert (lora["variant"], tagi["variant"]) == ("lora", "tagi")
@@ -138,9 +157,16 @@ def test_bench_plan_memory_smoke(tmp_path):
     assert md.splitlines()[-1] in proc.stdout
 
 
-@pytest.mark.parametrize("script, flag", [("bench_train_step", "--micro_batch"), ("bench_train_step", "--steps"),
-                                          ("bench_train_step", "--case_timeout"),
-                                          ("bench_plan_memory", "--micro_batch"), ("bench_plan_memory", "--seq_len")])
+@pytest.mark.parametrize(
+    "script, flag",
+    [
+        ("bench_train_step", "--micro_batch"),
+        ("bench_train_step", "--steps"),
+        ("bench_train_step", "--case_timeout"),
+        ("bench_plan_memory", "--micro_batch"),
+        ("bench_plan_memory", "--seq_len"),
+    ],
+)
 def test_zero_sizes_are_refused_even_with_smoke_defaults(script, flag, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     mod = __import__(script)
@@ -171,8 +197,9 @@ def _summary_from_events(prof, steps: int, wall_s: float) -> dict:
     avgs = prof.key_averages()
     out = {"profiled_wall_ms_per_step": wall_s * 1e3 / steps}
     host = sorted((e for e in avgs if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
-    out["top_host"] = [{"op": e.key, "calls": e.count / steps, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps}
-                       for e in host[:top]]
+    out["top_host"] = [
+        {"op": e.key, "calls": e.count / steps, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps} for e in host[:top]
+    ]
     aten = [e for e in avgs if e.key.startswith("aten::")]
     out["aten_calls_per_step"] = sum(e.count for e in aten) / steps
     out["aten_self_cpu_share"] = sum(e.self_cpu_time_total for e in aten) / 1e6 / wall_s
@@ -180,8 +207,10 @@ def _summary_from_events(prof, steps: int, wall_s: float) -> dict:
     out["sync_ops"] = {e.key: e.count / steps for e in avgs if e.key in sync_ops}
     if torch.cuda.is_available():
         dev = sorted((e for e in avgs if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
-        out["top_device"] = [{"op": e.key, "calls": e.count / steps,
-                              "device_ms": e.self_device_time_total / 1e3 / steps} for e in dev[:top]]
+        out["top_device"] = [
+            {"op": e.key, "calls": e.count / steps, "device_ms": e.self_device_time_total / 1e3 / steps}
+            for e in dev[:top]
+        ]
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         copies = [e for e in kernels if e.name.startswith(("Memcpy", "Memset"))]
         out["kernel_launches_per_step"] = (len(kernels) - len(copies)) / steps
@@ -237,11 +266,31 @@ def test_profile_summary_counts_kernels_copies_and_device_time_from_key_averages
     prof_mod = _profile_module(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     events, t = [], 0
-    for i, (name, us) in enumerate([("aten::mm", 40), ("sm90_gemm_bf16", 30), ("Memcpy HtoD (Pageable -> Device)", 5),
-                                    ("sm90_gemm_bf16", 25), ("Memset (Device)", 2), ("triton_lora_fwd", 12)] * 2):
+    for i, (name, us) in enumerate(
+        [
+            ("aten::mm", 40),
+            ("sm90_gemm_bf16", 30),
+            ("Memcpy HtoD (Pageable -> Device)", 5),
+            ("sm90_gemm_bf16", 25),
+            ("Memset (Device)", 2),
+            ("triton_lora_fwd", 12),
+        ]
+        * 2
+    ):
         device = DeviceType.CPU if name.startswith("aten::") else DeviceType.CUDA
-        events.append(FunctionEvent(i, name, thread=0, start_us=t, end_us=t + us, use_device="cuda",
-                                    device_type=device, stack=[], input_shapes=[]))
+        events.append(
+            FunctionEvent(
+                i,
+                name,
+                thread=0,
+                start_us=t,
+                end_us=t + us,
+                use_device="cuda",
+                device_type=device,
+                stack=[],
+                input_shapes=[],
+            )
+        )
         t += us + 3
 
     class Prof:  # what summarize_profile reads of torch.profiler.profile

@@ -47,5 +47,6 @@ def make_batch(arch, counts=(3, 2), L=7, Lt=5, Li=6, V=1024, seed=1, teacher_row
     t_ids = torch.cat([torch.randint(4, V, (B, 3), generator=g), ids], dim=1)
     t_mask = torch.cat([torch.ones(B, 3, dtype=torch.long), mask], dim=1)
     t_labels = labels if arch == "t5" else torch.cat([torch.full((B, 3), -100), labels], dim=1)
-    return TaskBatch(ids, mask, labels, offsets, instr, imask, rows, t_ids, t_mask, t_labels,
-                     task_names=[f"t{k}" for k in range(K)])
+    return TaskBatch(
+        ids, mask, labels, offsets, instr, imask, rows, t_ids, t_mask, t_labels, task_names=[f"t{k}" for k in range(K)]
+    )

@@ -17,8 +17,7 @@ BAND = (0.05, 2.0)
 
 
 def _factors(g, K=3, r=4, d_in=6, d_out=5, sites=(0, 1), scale=1.0):
-    return {s: (torch.randn(K, r, d_in, generator=g) * scale, torch.randn(K, d_out, r, generator=g))
-            for s in sites}
+    return {s: (torch.randn(K, r, d_in, generator=g) * scale, torch.randn(K, d_out, r, generator=g)) for s in sites}
 
 
 def test_relative_equals_dense_ratio_per_task_and_is_scale_free():
@@ -79,8 +78,9 @@ def step0():
     tasks = data.load_tasks(cfg.data.spec, cfg.data, "train")
     bank, rows = _trained_tiny_teachers(cfg, tokenizer, tasks)
     torch.manual_seed(1)
-    model = build_model(cfg, "finetune", build_backbone(cfg, tokenizer.special_ids), num_bank_rows=len(rows),
-                        with_teacher=True)
+    model = build_model(
+        cfg, "finetune", build_backbone(cfg, tokenizer.special_ids), num_bank_rows=len(rows), with_teacher=True
+    )
     model.teacher.load_state_dict(bank.state_dict())
     batches = iter(data.build_train_loader(cfg, tokenizer, stage="finetune", teacher_rows=rows, tasks=tasks))
     return cfg, model, [next(batches) for _ in range(4)]
@@ -131,8 +131,13 @@ def test_relative_leaves_out_tasks_whose_teacher_delta_is_zero():
     untrained = {s: (a, b.clone()) for s, (a, b) in tea.items()}
     for s in untrained:
         untrained[s][1][2] = 0.0
-    two = param_alignment({s: (a[:2], b[:2]) for s, (a, b) in gen.items()}, 1.0,
-                          {s: (a[:2], b[:2]) for s, (a, b) in tea.items()}, 1.0, "relative")
+    two = param_alignment(
+        {s: (a[:2], b[:2]) for s, (a, b) in gen.items()},
+        1.0,
+        {s: (a[:2], b[:2]) for s, (a, b) in tea.items()},
+        1.0,
+        "relative",
+    )
     torch.testing.assert_close(param_alignment(gen, 1.0, untrained, 1.0, "relative"), two)
     assert got.item() != pytest.approx(two.item())
     none = {s: (a, torch.zeros_like(b)) for s, (a, b) in tea.items()}

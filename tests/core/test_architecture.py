@@ -37,8 +37,12 @@ def files(*places: str, but: tuple[str, ...] = ()) -> list[Path]:
 
 def reaching(sources: list[Path], forbidden: tuple[str, ...]) -> list[str]:
     """``file -> module`` for every import of a forbidden package (or module) by ``sources``."""
-    return [f"{f.relative_to(REPO)} -> {m}" for f in sources for m in sorted(imports(f))
-            if any(m == bad or m.startswith(bad + ".") for bad in forbidden)]
+    return [
+        f"{f.relative_to(REPO)} -> {m}"
+        for f in sources
+        for m in sorted(imports(f))
+        if any(m == bad or m.startswith(bad + ".") for bad in forbidden)
+    ]
 
 
 def module_name(path: Path) -> str:
@@ -66,8 +70,10 @@ def import_graph(paths: list[Path]) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets |= {known(a.name) for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else known(node.module)
-                            for a in node.names}
+                targets |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else known(node.module)
+                    for a in node.names
+                }
         graph[name] = {m for m in targets if m and m != name}
     return graph
 
@@ -104,32 +110,85 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
-CORE = ("tagi_ds/errors.py", "tagi_ds/files.py", "tagi_ds/families.py", "tagi_ds/config.py", "tagi_ds/stages.py",
-        "tagi_ds/recipes.py", "tagi_ds/batch.py", "tagi_ds/ops.py", "tagi_ds/losses.py", "tagi_ds/model.py",
-        "tagi_ds/adapters", "tagi_ds/backbones", "tagi_ds/hypernet", "tagi_ds/data")
-ABOVE_CORE = ("tagi_ds.runtime", "tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli",
-              "tagi_ds.artifact_flags", "tagi_ds.artifacts")
+CORE = (
+    "tagi_ds/errors.py",
+    "tagi_ds/files.py",
+    "tagi_ds/families.py",
+    "tagi_ds/config.py",
+    "tagi_ds/stages.py",
+    "tagi_ds/recipes.py",
+    "tagi_ds/batch.py",
+    "tagi_ds/ops.py",
+    "tagi_ds/losses.py",
+    "tagi_ds/model.py",
+    "tagi_ds/adapters",
+    "tagi_ds/backbones",
+    "tagi_ds/hypernet",
+    "tagi_ds/data",
+)
+ABOVE_CORE = (
+    "tagi_ds.runtime",
+    "tagi_ds.train",
+    "tagi_ds.eval",
+    "tagi_ds.export",
+    "tagi_ds.plan",
+    "tagi_ds.cli",
+    "tagi_ds.artifact_flags",
+    "tagi_ds.artifacts",
+)
 RULES = [  # (what, the files, the packages or modules they must not import)
-    ("evaluation, export, the planner, the server, artifacts, benchmarks and scripts share the runtime layer, not "
-     "train/",
-     files("tagi_ds/eval", "tagi_ds/export", "tagi_ds/plan", "tagi_ds/serve", "tagi_ds/artifacts.py", "benchmarks",
-           "scripts"),
-     ("tagi_ds.train",)),
-    ("runtime/ sits below the work and the CLI",
-     files("tagi_ds/runtime"),
-     ("tagi_ds.train", "tagi_ds.eval", "tagi_ds.export", "tagi_ds.plan", "tagi_ds.cli", "tagi_ds.artifact_flags",
-      "tagi_ds.artifacts", "tagi_ds.launch")),
-    ("no arrow from the work or the layers below it up to the CLI or the launcher (entry points of lower layers,"
-     " python -m tagi_ds.plan and python -m tagi_ds.data, parse with runtime/flags.py)",
-     files(*CORE, "tagi_ds/runtime", "tagi_ds/artifacts.py", "tagi_ds/train", "tagi_ds/eval", "tagi_ds/export",
-           "tagi_ds/plan"),
-     ("tagi_ds.cli", "tagi_ds.artifact_flags", "tagi_ds.launch")),
-    ("evaluation, export and the server know no flags",
-     files("tagi_ds/eval", "tagi_ds/export", "tagi_ds/serve", but=("tagi_ds/serve/__main__.py",)),
-     ("tagi_ds.cli", "tagi_ds.artifact_flags")),
-    ("the model and its data know no processes, DeepSpeed glue, artifacts or flags",
-     files(*CORE, but=("tagi_ds/data/__main__.py",)),  # python -m tagi_ds.data: an entry point
-     ABOVE_CORE),
+    (
+        "evaluation, export, the planner, the server, artifacts, benchmarks and scripts share the runtime layer, not "
+        "train/",
+        files(
+            "tagi_ds/eval",
+            "tagi_ds/export",
+            "tagi_ds/plan",
+            "tagi_ds/serve",
+            "tagi_ds/artifacts.py",
+            "benchmarks",
+            "scripts",
+        ),
+        ("tagi_ds.train",),
+    ),
+    (
+        "runtime/ sits below the work and the CLI",
+        files("tagi_ds/runtime"),
+        (
+            "tagi_ds.train",
+            "tagi_ds.eval",
+            "tagi_ds.export",
+            "tagi_ds.plan",
+            "tagi_ds.cli",
+            "tagi_ds.artifact_flags",
+            "tagi_ds.artifacts",
+            "tagi_ds.launch",
+        ),
+    ),
+    (
+        "no arrow from the work or the layers below it up to the CLI or the launcher (entry points of lower layers,"
+        " python -m tagi_ds.plan and python -m tagi_ds.data, parse with runtime/flags.py)",
+        files(
+            *CORE,
+            "tagi_ds/runtime",
+            "tagi_ds/artifacts.py",
+            "tagi_ds/train",
+            "tagi_ds/eval",
+            "tagi_ds/export",
+            "tagi_ds/plan",
+        ),
+        ("tagi_ds.cli", "tagi_ds.artifact_flags", "tagi_ds.launch"),
+    ),
+    (
+        "evaluation, export and the server know no flags",
+        files("tagi_ds/eval", "tagi_ds/export", "tagi_ds/serve", but=("tagi_ds/serve/__main__.py",)),
+        ("tagi_ds.cli", "tagi_ds.artifact_flags"),
+    ),
+    (
+        "the model and its data know no processes, DeepSpeed glue, artifacts or flags",
+        files(*CORE, but=("tagi_ds/data/__main__.py",)),  # python -m tagi_ds.data: an entry point
+        ABOVE_CORE,
+    ),
 ]
 
 
@@ -171,9 +230,9 @@ def test_the_cycle_finder_finds_a_cycle_through_a_lazy_import(tmp_path, monkeypa
 def layout(doc: str, heading: str) -> list[str]:
     """The paths a layout block names: one entry a line, two spaces of indent per level under a folder."""
     text = (REPO / doc).read_text(encoding="utf-8")
-    block = text[text.index(heading):]
-    block = block[block.index("```\n") + 4:]
-    block = block[:block.index("```\n")]
+    block = text[text.index(heading) :]
+    block = block[block.index("```\n") + 4 :]
+    block = block[: block.index("```\n")]
     paths, parents = [], []
     for line in block.splitlines():
         indent = len(line) - len(line.lstrip())
@@ -198,8 +257,11 @@ def test_layout_names_what_the_tree_holds(doc, heading):
     in_tree = tracked()
     for path in named:  # every path it names exists
         assert (REPO / path).exists() and (path.endswith("/") == (REPO / path).is_dir()), f"{doc}: {path}"
-    package = {p.split("/")[1] + ("/" if p.count("/") > 1 else "") for p in in_tree
-               if p.startswith("tagi_ds/") and not p.endswith("/__init__.py")}
+    package = {
+        p.split("/")[1] + ("/" if p.count("/") > 1 else "")
+        for p in in_tree
+        if p.startswith("tagi_ds/") and not p.endswith("/__init__.py")
+    }
     top = {p.split("/")[0] + "/" for p in in_tree if "/" in p and not p.startswith(".")}
     covered = {p.removeprefix("tagi_ds/") for p in named if p.startswith("tagi_ds/")}
     assert package <= covered, f"{doc} does not name {sorted(package - covered)}"
@@ -218,6 +280,7 @@ def arch_tests(root: Path = REPO, places: tuple[str, ...] = ARCH_PLACES, but: st
     one (``Literal["t5", ...]``), or a use of a hand-made family list (not its import: one line per use).
     On the tree before the Family record (9d51a8d..6ebef81): 43 in tagi_ds/ + launchers/ (11 files, 21 in
     plan/), 47 with benchmarks/ and scripts/."""
+
     def named(node: ast.AST) -> bool:
         elts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
         return any(isinstance(e, ast.Constant) and e.value in ARCH_WORDS for e in elts)
@@ -229,10 +292,12 @@ def arch_tests(root: Path = REPO, places: tuple[str, ...] = ARCH_PLACES, but: st
             continue
         text = f.read_text(encoding="utf-8")
         for node in ast.walk(ast.parse(text)):
-            if ((isinstance(node, ast.Compare) and any(named(s) for s in (node.left, *node.comparators)))
-                    or (isinstance(node, ast.Dict) and any(k is not None and named(k) for k in node.keys))
-                    or (isinstance(node, ast.Subscript) and named(node.slice))
-                    or (isinstance(node, ast.Name) and node.id in ARCH_LISTS)):
+            if (
+                (isinstance(node, ast.Compare) and any(named(s) for s in (node.left, *node.comparators)))
+                or (isinstance(node, ast.Dict) and any(k is not None and named(k) for k in node.keys))
+                or (isinstance(node, ast.Subscript) and named(node.slice))
+                or (isinstance(node, ast.Name) and node.id in ARCH_LISTS)
+            ):
                 out[(rel, node.lineno)] = text.splitlines()[node.lineno - 1].strip()
     return [f"{rel}:{line}: {code}" for (rel, line), code in sorted(out.items())]
 
@@ -246,21 +311,31 @@ def test_the_arch_test_counter_sees_comparisons_keys_literals_and_lists(tmp_path
     (tmp_path / "m.py").write_text(
         'if arch == "t5" or cfg.model.arch in ("llama", "qwen2"):\n    pass\n'
         'TYPES = {"t5": 1}\nArch = Literal["t5", "gemma2"]\nok = arch in DECODER_ONLY\n'
-        'from tagi_ds.config import DECODER_ONLY\nrecipe = {"arch": "t5"}\n')
+        'from tagi_ds.config import DECODER_ONLY\nrecipe = {"arch": "t5"}\n'
+    )
     found = arch_tests(tmp_path, (".",), but="-")
     assert [int(f.split(":")[1]) for f in found] == [1, 3, 4, 5]  # a line once; the import and a value are not tests
 
 
 # -- where a run's adapters come from is asked of its source (tagi_ds/stages.py), not re-derived from a name ------
-MODE_WORDS = {"tagi", "concat", "no_instruction", "teacher",  # stages.MODES' names
-              "generated", "shared", "per_task"}  # the adapter sources' old Literal values
+MODE_WORDS = {
+    "tagi",
+    "concat",
+    "no_instruction",
+    "teacher",  # stages.MODES' names
+    "generated",
+    "shared",
+    "per_task",
+}  # the adapter sources' old Literal values
 NOT_MODES = ("input_view", "generator")  # a view name and the hypernet's generator kind share words with modes
 
 
-def mode_dispatches(places: tuple[str, ...] = ("tagi_ds", "launchers"),
-                    but: tuple[str, ...] = ("tagi_ds/stages.py",)) -> list[str]:
+def mode_dispatches(
+    places: tuple[str, ...] = ("tagi_ds", "launchers"), but: tuple[str, ...] = ("tagi_ds/stages.py",)
+) -> list[str]:
     """``file:line`` of every comparison that dispatches on a mode or an adapter source by name outside
     stages.py: ``x == "tagi"``, ``mode in ("tagi", ...)``, or anything compared with a ``.adapters`` attribute."""
+
     def words(node: ast.AST) -> bool:
         elts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
         return any(isinstance(e, ast.Constant) and e.value in MODE_WORDS for e in elts)
@@ -275,8 +350,9 @@ def mode_dispatches(places: tuple[str, ...] = ("tagi_ds", "launchers"),
             sides = [node.left, *node.comparators]
             if any(n in ast.unparse(s) for s in sides for n in NOT_MODES):
                 continue
-            if any(words(s) for s in sides) or any(isinstance(s, ast.Attribute) and s.attr == "adapters"
-                                                   for s in sides):
+            if any(words(s) for s in sides) or any(
+                isinstance(s, ast.Attribute) and s.attr == "adapters" for s in sides
+            ):
                 out.append(f"{f.relative_to(REPO) if f.is_relative_to(REPO) else f}:{node.lineno}: {ast.unparse(node)}")
     return out
 
@@ -287,8 +363,10 @@ def test_mode_dispatches_stay_in_stages():
 
 
 def test_the_dispatch_counter_sees_names_and_sources(tmp_path):
-    (tmp_path / "m.py").write_text('if m.adapters == "x" or mode in ("tagi", "y") or v == "concat":\n    pass\n'
-                                   'if self.input_view == "concat" or cfg.generator == "shared":\n    pass\n')
+    (tmp_path / "m.py").write_text(
+        'if m.adapters == "x" or mode in ("tagi", "y") or v == "concat":\n    pass\n'
+        'if self.input_view == "concat" or cfg.generator == "shared":\n    pass\n'
+    )
     assert len(mode_dispatches((str(tmp_path),), ())) == 3  # each Compare of the first line; views skipped
 
 
@@ -296,5 +374,7 @@ if __name__ == "__main__":  # python -m tests.core.test_architecture [TREE]: the
     import sys
 
     hits = arch_tests(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO)
-    print("\n".join(hits) + f"\n{len(hits)} architecture-name tests outside tagi_ds/backbones/ in "
-          f"{', '.join(ARCH_PLACES)}")
+    print(
+        "\n".join(hits) + f"\n{len(hits)} architecture-name tests outside tagi_ds/backbones/ in "
+        f"{', '.join(ARCH_PLACES)}"
+    )

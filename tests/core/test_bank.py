@@ -28,8 +28,8 @@ def test_staged_rows_equal_the_direct_ones_bit_for_bit_and_survive_the_next_take
     first = staged.take([4, 0, 4], offsets, CPU, torch.float64)
     keep = {i: (a.clone(), b.clone()) for i, (a, b) in first.factors.items()}
     for rows in ([4, 0, 4], [1, 3], [2]):
-        got = staged.take(rows, offsets[:len(rows) + 1], CPU, torch.float64).factors
-        want = direct.take(rows, offsets[:len(rows) + 1], CPU, torch.float64).factors
+        got = staged.take(rows, offsets[: len(rows) + 1], CPU, torch.float64).factors
+        want = direct.take(rows, offsets[: len(rows) + 1], CPU, torch.float64).factors
         assert got.keys() == want.keys()
         for i in want:
             for g, w in zip(got[i], want[i]):

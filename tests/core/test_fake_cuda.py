@@ -116,8 +116,9 @@ def test_fake_cuda_step_crashes_without_place_and_runs_with_it(recipe, placed):
                 device_part_of_the_step(model, batch)
             # Where the H200 crashed: the generator's site indices (a host buffer) index its device embedding.
             frames = [(e.path.name, e.statement.lines) for e in crash.traceback]
-            assert any(name == "generator.py" and any("site_embed(idx)" in ln for ln in lines)
-                       for name, lines in frames)
+            assert any(
+                name == "generator.py" and any("site_embed(idx)" in ln for ln in lines) for name, lines in frames
+            )
             return
         E.place(model, CUDA)
         adapters, states, teacher = device_part_of_the_step(model, batch)

@@ -35,7 +35,9 @@ def test_atomic_write_gives_the_mode_open_gives_not_mkstemps_0600(tmp_path, umas
     files.atomic_write(tmp_path / "private.json", "{}")
     assert mode(tmp_path / "private.json") == 0o600  # the umask is honoured
     assert (tmp_path / "private.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == [
-        "private.json", "w.safetensors"]
+        "private.json",
+        "w.safetensors",
+    ]
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
@@ -65,12 +67,15 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == ["c"]
 
 
-@pytest.mark.parametrize("content, where, keys, needle", [
-    (None, None, (), "x.json: missing"),
-    (b"{\n  nope", None, (), "x.json: invalid JSON at line 2 column 3"),
-    (b"\xff{}", None, (), "x.json: not UTF-8: byte 0xff at offset 0"),
-    (b'{"a": 1}', "--hypernet DIR/x.json", ("tagi",), "--hypernet DIR/x.json: no 'tagi' key (['a'])"),
-])
+@pytest.mark.parametrize(
+    "content, where, keys, needle",
+    [
+        (None, None, (), "x.json: missing"),
+        (b"{\n  nope", None, (), "x.json: invalid JSON at line 2 column 3"),
+        (b"\xff{}", None, (), "x.json: not UTF-8: byte 0xff at offset 0"),
+        (b'{"a": 1}', "--hypernet DIR/x.json", ("tagi",), "--hypernet DIR/x.json: no 'tagi' key (['a'])"),
+    ],
+)
 def test_read_json_errors_are_one_line_naming_the_file(tmp_path, content, where, keys, needle):
     path = tmp_path / "x.json"
     if content is not None:
@@ -88,8 +93,11 @@ def renames(path: Path) -> list[str]:
     (``Path.replace``; ``str.replace`` takes two) in ``path``."""
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("replace", "rename")):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("replace", "rename")
+        ):
             continue
         on = node.func.value.id if isinstance(node.func.value, ast.Name) else None
         if on == "os" or (len(node.args) == 1 and on != "dataclasses"):
@@ -101,6 +109,10 @@ def test_one_atomic_writer():
     """Write-then-rename lives in tagi_ds/files.py only. There were 8 copies: data/files.py, runtime/rundir.py,
     artifacts.py, export/peft.py, train/checkpoint.py, train/progress.py, benchmarks/common.py, and in scripts/
     pretrain_backbone.py and make_report.py."""
-    found = [r for place in ("tagi_ds", "benchmarks", "scripts") for f in sorted((REPO / place).rglob("*.py"))
-             for r in renames(f)]
+    found = [
+        r
+        for place in ("tagi_ds", "benchmarks", "scripts")
+        for f in sorted((REPO / place).rglob("*.py"))
+        for r in renames(f)
+    ]
     assert found and all(r.startswith("tagi_ds/files.py:") for r in found), found

@@ -45,8 +45,9 @@ def test_delta_alignment_equals_dense_mse_and_respects_scale():
     g = torch.Generator().manual_seed(3)
     gen, tea = _factors(g, r=4), _factors(g, r=8)  # different ranks are fine for deltas
     got = param_alignment(gen, 2.0, tea, 0.25, "delta")
-    dense = torch.stack([((2.0 * gen[s][1] @ gen[s][0] - 0.25 * tea[s][1] @ tea[s][0]) ** 2).mean((1, 2))
-                         for s in gen]).mean()
+    dense = torch.stack(
+        [((2.0 * gen[s][1] @ gen[s][0] - 0.25 * tea[s][1] @ tea[s][0]) ** 2).mean((1, 2)) for s in gen]
+    ).mean()
     torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
     # The same delta factored differently (A scaled up, B down) is the same adapter: zero loss.
     same = {s: (a * 4.0, b / 2.0) for s, (a, b) in gen.items()}

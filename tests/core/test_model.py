@@ -41,8 +41,9 @@ def test_fusion_marker_is_added_to_the_instruction_states_and_trained():
     b = make_batch("t5")
     adapters, states = model.generate(b)
     at_init = model.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states)
-    torch.testing.assert_close(at_init, plain.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        at_init, plain.logits(b.input_ids, b.attention_mask, b.labels, adapters, b, states), rtol=0, atol=0
+    )
     m = torch.randn(states.shape[-1])
     with torch.no_grad():
         model.generator.marker.vector.copy_(m)
@@ -59,18 +60,23 @@ def test_fusion_marker_is_added_to_the_instruction_states_and_trained():
 def _randomised(adapters, seed=3):
     """The same AdapterSet with every factor random (generated B factors start at zero)."""
     g = torch.Generator().manual_seed(seed)
-    factors = {i: (torch.randn(A.shape, generator=g) * 0.3, torch.randn(B.shape, generator=g) * 0.3)
-               for i, (A, B) in adapters.factors.items()}
+    factors = {
+        i: (torch.randn(A.shape, generator=g) * 0.3, torch.randn(B.shape, generator=g) * 0.3)
+        for i, (A, B) in adapters.factors.items()
+    }
     return type(adapters)(factors, adapters.example_offsets, adapters.scale, adapters.impl)
 
 
 def _cross_kv_tokens(model):
     """Token rows each decoder layer's cross-attention k and v project, summed (forward hooks)."""
     seen = {"n": 0}
-    handles = [m.register_forward_hook(lambda mod, args, out: seen.__setitem__("n", seen["n"] + args[0].shape[0]
-                                                                               * args[0].shape[1]))
-               for name, m in model.backbone.named_modules()
-               if (".EncDecAttention.k" in name or ".EncDecAttention.v" in name) and isinstance(m, torch.nn.Linear)]
+    handles = [
+        m.register_forward_hook(
+            lambda mod, args, out: seen.__setitem__("n", seen["n"] + args[0].shape[0] * args[0].shape[1])
+        )
+        for name, m in model.backbone.named_modules()
+        if (".EncDecAttention.k" in name or ".EncDecAttention.v" in name) and isinstance(m, torch.nn.Linear)
+    ]
     return seen, handles
 
 
@@ -175,8 +181,9 @@ def test_teacher_bank_stays_outside_the_module_and_only_the_batch_rows_are_taken
 def test_explicitly_trainable_backbone_parameters_get_gradients_and_checkpointing_matches():
     grads = {}
     for ckpt in (False, True):
-        model = tiny_model("tiny", model={"trainable": [r"encoder\.final_layer_norm"]},
-                           hypernet={"checkpoint_encoder": ckpt})
+        model = tiny_model(
+            "tiny", model={"trainable": [r"encoder\.final_layer_norm"]}, hypernet={"checkpoint_encoder": ckpt}
+        )
         loss, _ = model(make_batch("t5"))
         loss.backward()
         named = dict(model.named_parameters())
@@ -206,8 +213,16 @@ def test_backbone_gradient_checkpointing_keeps_adapters_in_recompute(recipe):
 
 
 @pytest.mark.parametrize("recipe", ["tiny", "tiny-llama"])
-@pytest.mark.parametrize("stage, mode", [("teachers", "tagi"), ("pretrain", "tagi"), ("finetune", "tagi"),
-                                         ("finetune", "concat"), ("finetune", "no_instruction")])
+@pytest.mark.parametrize(
+    "stage, mode",
+    [
+        ("teachers", "tagi"),
+        ("pretrain", "tagi"),
+        ("finetune", "tagi"),
+        ("finetune", "concat"),
+        ("finetune", "no_instruction"),
+    ],
+)
 def test_forward_backward_every_mode(recipe, stage, mode):
     model = tiny_model(recipe, stage=stage, mode=mode, teacher=stage == "finetune")
     loss, terms = model(make_batch(model.cfg.model.arch))
@@ -240,8 +255,9 @@ def test_teacher_bank_delta_equals_peft_lora():
         got = model.logits(b.input_ids, b.attention_mask, b.labels, model.bank_adapters(bank, b))
     for task, row in enumerate(b.teacher_index.tolist()):
         ref = fresh_backbone("tiny")
-        lcfg = peft.LoraConfig(r=bank.rank, lora_alpha=bank.alpha, lora_dropout=0.0,
-                               target_modules=[s.name for s in model.sites])
+        lcfg = peft.LoraConfig(
+            r=bank.rank, lora_alpha=bank.alpha, lora_dropout=0.0, target_modules=[s.name for s in model.sites]
+        )
         pm = peft.get_peft_model(ref, lcfg)
         for s in model.sites:
             layer = pm.base_model.model.get_submodule(s.name)
@@ -249,8 +265,11 @@ def test_teacher_bank_delta_equals_peft_lora():
             layer.lora_B["default"].weight.data.copy_(bank.B[str(s.index)][row])
         lo, hi = int(b.example_offsets[task]), int(b.example_offsets[task + 1])
         with torch.no_grad():
-            want = pm(input_ids=b.input_ids[lo:hi], attention_mask=b.attention_mask[lo:hi],
-                      decoder_input_ids=ref._shift_right(b.labels[lo:hi])).logits
+            want = pm(
+                input_ids=b.input_ids[lo:hi],
+                attention_mask=b.attention_mask[lo:hi],
+                decoder_input_ids=ref._shift_right(b.labels[lo:hi]),
+            ).logits
         torch.testing.assert_close(got[lo:hi], want, rtol=1e-5, atol=1e-5)
 
 
@@ -300,8 +319,10 @@ def test_a_hypernet_loaded_onto_other_backbone_weights_of_the_same_shape_warns_o
     assert artifacts.backbone_fingerprint(other) != saved
     artifacts.load_hypernet(other, tmp_path / "hn")
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith(f"warning: --hypernet {tmp_path / 'hn'}: trained against other "
-                                               f"backbone weights (fingerprint {saved}, this backbone's "), out
+    assert len(out) == 1 and out[0].startswith(
+        f"warning: --hypernet {tmp_path / 'hn'}: trained against other "
+        f"backbone weights (fingerprint {saved}, this backbone's "
+    ), out
     assert "its adapters fit a built-in random init, not this backbone" in out[0]
     meta = json.loads((tmp_path / "hn" / "config.json").read_text())
     del meta["backbone_fingerprint"]  # written by an older version

@@ -54,22 +54,26 @@ def test_all_empty_segments_give_zero_and_zero_grads():
     assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(B.grad) == 0
 
 
-@pytest.mark.parametrize("args, match", [
-    (dict(x=torch.randn(4)), "x must be"),
-    (dict(A=torch.randn(2, 4)), "A must be"),
-    (dict(B=torch.randn(3, 5, 2)), "B must be"),
-    (dict(seg=torch.tensor([0, 2, 4], dtype=torch.int32)), "seg_offsets must be int64"),
-    (dict(seg=torch.tensor([0, 5, 4])), "non-decreasing"),
-    (dict(seg=torch.tensor([1, 2, 4])), "start at 0"),
-    (dict(seg=torch.tensor([0, 2, 5])), "end at T=4"),
-    (dict(impl="cuda"), "impl must be"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (dict(x=torch.randn(4)), "x must be"),
+        (dict(A=torch.randn(2, 4)), "A must be"),
+        (dict(B=torch.randn(3, 5, 2)), "B must be"),
+        (dict(seg=torch.tensor([0, 2, 4], dtype=torch.int32)), "seg_offsets must be int64"),
+        (dict(seg=torch.tensor([0, 5, 4])), "non-decreasing"),
+        (dict(seg=torch.tensor([1, 2, 4])), "start at 0"),
+        (dict(seg=torch.tensor([0, 2, 5])), "end at T=4"),
+        (dict(impl="cuda"), "impl must be"),
+    ],
+)
 def test_bad_arguments_name_the_argument(args, match):
     x, A, B = torch.randn(4, 3), torch.randn(2, 2, 3), torch.randn(2, 5, 2)
     seg = torch.tensor([0, 2, 4])
     with pytest.raises(ValueError, match=match):
-        lora_delta(args.get("x", x), args.get("A", A), args.get("B", B), args.get("seg", seg),
-                   impl=args.get("impl", "torch"))
+        lora_delta(
+            args.get("x", x), args.get("A", A), args.get("B", B), args.get("seg", seg), impl=args.get("impl", "torch")
+        )
 
 
 def test_auto_picks_torch_on_cpu():

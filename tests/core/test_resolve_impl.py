@@ -24,8 +24,11 @@ def test_auto_on_cuda_without_kernels_warns_once_and_counts_what_ran(no_kernels)
     with FakeTensorMode():
         x = torch.empty(4, 8, device="cuda")
     ops.RESOLVED.clear()
-    with pytest.warns(RuntimeWarning, match=r"runs the torch reference op: tagi_kernels does not import "
-                                            r"\(ModuleNotFoundError: .*tagi_kernels"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"runs the torch reference op: tagi_kernels does not import "
+        r"\(ModuleNotFoundError: .*tagi_kernels",
+    ):
         assert ops.resolve_impl("auto", x) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process: the adapted layers call it at every site

@@ -18,8 +18,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]
 from profile_train_step import HostReads  # noqa: E402  (the profiler's counter of host reads, by source line)
 
 
-@pytest.mark.parametrize("recipe, mode", [("tiny", "tagi"), ("tiny", "no_instruction"), ("tiny-llama", "tagi"),
-                                          ("tiny-llama", "concat")])
+@pytest.mark.parametrize(
+    "recipe, mode", [("tiny", "tagi"), ("tiny", "no_instruction"), ("tiny-llama", "tagi"), ("tiny-llama", "concat")]
+)
 def test_the_step_reads_no_tensor_value_from_tagi_code(recipe, mode):
     sets = {"hypernet": {"fusion": False}} if recipe == "tiny-llama" else {}
     model = tiny_model(recipe, mode=mode, teacher=mode == "tagi", **sets)
@@ -30,8 +31,9 @@ def test_the_step_reads_no_tensor_value_from_tagi_code(recipe, mode):
         loss, terms = model(batch)
         loss.backward()
         assert torch.tensor([1]).item() == 1  # the counter sees reads (this line's)
-    ours = {site: n for site, n in reads.sites.items() if site.startswith("tagi_ds/")
-            and "lora_delta_torch" not in site}  # the CPU reference op's own read (on a GPU: the Triton kernel)
+    ours = {
+        site: n for site, n in reads.sites.items() if site.startswith("tagi_ds/") and "lora_delta_torch" not in site
+    }  # the CPU reference op's own read (on a GPU: the Triton kernel)
     assert ours == {}, ours
     assert any("test_step_syncs.py" in site for site in reads.sites)
     if mode == "tagi":

@@ -20,7 +20,7 @@ def _pair(task):
     rest = task.name.split("_v2_", 1)[1]
     for x, y in FAMILIES:
         if rest.startswith(f"{x}_{y}_"):
-            return (x, y), rest[len(x) + len(y) + 2:]
+            return (x, y), rest[len(x) + len(y) + 2 :]
     raise AssertionError(task.name)
 
 
@@ -80,8 +80,9 @@ def test_inputs_of_a_family_do_not_tell_its_tasks_apart():
 def test_deterministic_and_v1_unchanged_by_default():
     builtin_suite_v2.cache_clear()
     again = builtin_suite_v2(0)
-    assert [(t.name, t.instances, t.definitions) for t in again["test"]] == \
-           [(t.name, t.instances, t.definitions) for t in SUITE["test"]]
+    assert [(t.name, t.instances, t.definitions) for t in again["test"]] == [
+        (t.name, t.instances, t.definitions) for t in SUITE["test"]
+    ]
     assert builtin_suite_v2(1)["test"][0].instances != SUITE["test"][0].instances
     assert DataConfig().builtin_suite == "v1"
     v1 = load_tasks("builtin", DataConfig(), "test")

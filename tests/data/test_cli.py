@@ -11,8 +11,15 @@ def test_builtin_summary(capsys, tmp_path):
     assert main(["--data", "builtin", "--max-rows", "3", "--write-sni", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "train: 76 tasks, 7600 instances" in out and "test: 29 tasks, 1450 instances" in out
-    for needle in ("categories", "token lengths", "instruction (per task)", "concat prompt", "p90",
-                   "task001_words_copy", "Arithmetic"):
+    for needle in (
+        "categories",
+        "token lengths",
+        "instruction (per task)",
+        "concat prompt",
+        "p90",
+        "task001_words_copy",
+        "Arithmetic",
+    ):
         assert needle in out
     assert len(list((tmp_path / "out" / "tasks").glob("*.json"))) == 105
 
@@ -27,11 +34,17 @@ def test_sni_sample_and_corpus(capsys, sni_sample, tmp_path):
 
 
 def test_errors_are_one_line_with_status_2():
-    proc = subprocess.run([sys.executable, "-m", "tagi_ds.data", "--data", "s3://bucket/sni"],
-                          capture_output=True, text=True, timeout=HANG_S)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tagi_ds.data", "--data", "s3://bucket/sni"],
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: data spec 's3://bucket/sni': unknown scheme 's3'; "
-                                                "expected builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: data spec 's3://bucket/sni': unknown scheme 's3'; "
+        "expected builtin | sni:DIR | p3:DIR | text:FILE_OR_DIR"
+    ]
 
 
 def test_english_only_says_what_it_dropped_and_which_flag_keeps_it(capsys, tmp_path):
@@ -40,8 +53,11 @@ def test_english_only_says_what_it_dropped_and_which_flag_keeps_it(capsys, tmp_p
     root = tmp_path / "sni"
     (root / "tasks").mkdir(parents=True)
     (root / "splits" / "default").mkdir(parents=True)
-    task = {"Definition": ["Copy the input."], "Categories": ["Misc."],
-            "Instances": [{"id": "x-0", "input": "a b", "output": ["a b"]}]}
+    task = {
+        "Definition": ["Copy the input."],
+        "Categories": ["Misc."],
+        "Instances": [{"id": "x-0", "input": "a b", "output": ["a b"]}],
+    }
     for name, lang in (("task001_en", "English"), ("task002_de", "German")):
         inst = [{**task["Instances"][0], "id": f"{name}-0"}]
         (root / "tasks" / f"{name}.json").write_text(json.dumps({**task, "Input_language": [lang], "Instances": inst}))
@@ -62,9 +78,16 @@ def _two_task_sni(root, train: str, test: str, german: str = "task002_de"):
     (root / "splits" / "default").mkdir(parents=True)
     for name in ("task001_en", "task002_de", "task003_en"):
         lang = "German" if name == german else "English"
-        (root / "tasks" / f"{name}.json").write_text(json.dumps({
-            "Definition": ["Copy the input."], "Categories": ["Misc."], "Input_language": [lang],
-            "Instances": [{"id": f"{name}-0", "input": "a b", "output": ["a b"]}]}))
+        (root / "tasks" / f"{name}.json").write_text(
+            json.dumps(
+                {
+                    "Definition": ["Copy the input."],
+                    "Categories": ["Misc."],
+                    "Input_language": [lang],
+                    "Instances": [{"id": f"{name}-0", "input": "a b", "output": ["a b"]}],
+                }
+            )
+        )
     (root / "splits" / "default" / "train_tasks.txt").write_text(train)
     (root / "splits" / "default" / "test_tasks.txt").write_text(test)
 
@@ -75,9 +98,11 @@ def test_a_task_in_both_splits_is_refused_naming_the_test_line(capsys, tmp_path)
     for split in ("train", "test"):  # either split alone already refuses: training on a test task is the harm
         assert main(["--data", f"sni:{root}", "--split", split, "--set", "data.english_only=false"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"error: {root}/splits/default/test_tasks.txt: line 2: task 'task003_en' is also in "
-                       "train_tasks.txt (a test task must be unseen in training: remove it from one split or list it "
-                       "in excluded_tasks.txt)"], err
+        assert err == [
+            f"error: {root}/splits/default/test_tasks.txt: line 2: task 'task003_en' is also in "
+            "train_tasks.txt (a test task must be unseen in training: remove it from one split or list it "
+            "in excluded_tasks.txt)"
+        ], err
     (root / "splits" / "default" / "excluded_tasks.txt").write_text("task003_en\n")
     assert main(["--data", f"sni:{root}", "--split", "all", "--set", "data.english_only=false"]) == 0
 
@@ -87,8 +112,10 @@ def test_a_data_tasks_name_dropped_by_the_language_filter_is_blamed_on_it_and_no
     _two_task_sni(root, train="task001_en\ntask002_de\n", test="task003_en\n")
     assert main(["--data", f"sni:{root}", "--split", "train", "--set", 'data.tasks=["task002_de"]']) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {root}: data.tasks names ['task002_de'], dropped by data.english_only=true (a language "
-                   "other than English); --set data.english_only=false keeps it"], err
+    assert err == [
+        f"error: {root}: data.tasks names ['task002_de'], dropped by data.english_only=true (a language "
+        "other than English); --set data.english_only=false keeps it"
+    ], err
     # a name that is simply not in the split says that, and does not mention the language filter
     assert main(["--data", f"sni:{root}", "--split", "train", "--set", 'data.tasks=["task003_en"]']) == 2
     err = capsys.readouterr().err

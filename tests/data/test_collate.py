@@ -25,7 +25,7 @@ def check_grouping(batch, tasks_by_name, k, m):
     assert len(set(batch.task_names)) == batch.num_tasks  # one segment (and instruction) per task
     for t, name in enumerate(batch.task_names):
         ids = {ex.id for ex in tasks_by_name[name].instances}
-        assert set(batch.example_ids[offsets[t]:offsets[t + 1]]) <= ids
+        assert set(batch.example_ids[offsets[t] : offsets[t + 1]]) <= ids
         assert batch.categories[t] == tasks_by_name[name].category
 
 
@@ -76,7 +76,7 @@ def test_llama_sequences_and_labels(tok, tasks):
     assert bool((b.input_ids[:, 0] == tok.bos_id).all()) and bool((b.instr_input_ids[:, 0] == tok.bos_id).all())
     for i in range(b.input_ids.shape[0]):
         mask = b.attention_mask[i].bool()
-        assert not bool(mask[mask.sum():].any())  # right padding
+        assert not bool(mask[mask.sum() :].any())  # right padding
         lab = b.labels[i]
         assert bool((lab[~mask] == -100).all()) and bool((lab[lab != -100] == b.input_ids[i][lab != -100]).all())
         n_target = int((lab != -100).sum())
@@ -101,8 +101,10 @@ def test_concat_and_no_instruction_modes(tok, tasks):
     for i, ex_id in enumerate(concat.example_ids):
         task = tasks[concat.task_names[concat.task_of_example[i]]]
         ex = next(e for e in task.instances if e.id == ex_id)
-        options = [tok.encode(format_instruction(task, "def", 2, d)) + tok.encode(format_instance(ex.input))
-                   + [tok.eos_id] for d in range(3)]  # one of the paraphrases, then the instance part
+        options = [
+            tok.encode(format_instruction(task, "def", 2, d)) + tok.encode(format_instance(ex.input)) + [tok.eos_id]
+            for d in range(3)
+        ]  # one of the paraphrases, then the instance part
         assert real(concat.input_ids[i], concat.attention_mask[i]) in options
         assert real(plain.input_ids[i], plain.attention_mask[i]) == tok.encode(ex.input.strip()) + [tok.eos_id]
 
@@ -117,8 +119,11 @@ def test_teacher_views_and_index(tok, tasks, arch):
         assert labels_of(b.teacher_labels[i]) == labels_of(b.labels[i])  # same targets
         text = tok.decode(real(b.teacher_input_ids[i], b.teacher_attention_mask[i]))
         assert text.startswith("Definition:") and "Now complete the following example" in text
-    no_kl = next(build_train_loader(make_cfg(arch, "loss.kl_weight=0", "hypernet.fusion=false"), tok, "finetune",
-                                    teacher_rows=rows))
+    no_kl = next(
+        build_train_loader(
+            make_cfg(arch, "loss.kl_weight=0", "hypernet.fusion=false"), tok, "finetune", teacher_rows=rows
+        )
+    )
     assert no_kl.teacher_input_ids is None and no_kl.teacher_index is not None
     cat_rows = teacher_rows(list(tasks.values()), "category")
     cfg = make_cfg(arch, "teacher.granularity=category", "hypernet.fusion=false")
@@ -164,14 +169,18 @@ def test_pretrain_batches_split_windows(tok, recipe):
         else:
             assert a[0] == ids[0] == tok.bos_id and lab[-1] == tok.eos_id and ids[-1] == tok.eos_id
             n_c = len(lab) - 1
-            parts = (a[1:], ids[1:-1 - n_c], lab[:-1])
+            parts = (a[1:], ids[1 : -1 - n_c], lab[:-1])
         assert all(parts) and sum(parts, []) == window
         assert len(parts[1]) <= 15 and len(parts[2]) <= 7
 
 
 def batch_shape_ok(b, B):
-    return (b.num_tasks == B and b.example_offsets.tolist() == list(range(B + 1))
-            and b.instr_input_ids.shape[0] == B and b.categories == ["pretrain"] * B)
+    return (
+        b.num_tasks == B
+        and b.example_offsets.tolist() == list(range(B + 1))
+        and b.instr_input_ids.shape[0] == B
+        and b.categories == ["pretrain"] * B
+    )
 
 
 def test_split_abc_properties():

@@ -24,7 +24,7 @@ def test_packing_joins_documents_with_eos(tok):
     docs = ["cat dog", "red blue green"]
     ids = [*tok.encode(docs[0]), tok.eos_id, *tok.encode(docs[1]), tok.eos_id]
     windows = list(pack(docs, tok, 3))
-    assert windows == [ids[i:i + 3] for i in range(0, len(ids) - len(ids) % 3, 3)]
+    assert windows == [ids[i : i + 3] for i in range(0, len(ids) - len(ids) % 3, 3)]
 
 
 def test_load_windows_from_a_file(tmp_path, tok):

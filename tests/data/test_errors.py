@@ -15,9 +15,13 @@ from tagi_ds.data.spec import load_tasks, parse_spec
 from tagi_ds.data.task import DataError, Example, Task
 from tagi_ds.data.tokenizer import train_sentencepiece
 
-GOOD = {"Definition": ["Copy the input."], "Categories": ["Misc."], "Input_language": ["English"],
-        "Positive Examples": [{"input": "a", "output": "a", "explanation": "same"}],
-        "Instances": [{"id": "t1-0", "input": "a b", "output": ["a b"]}, {"id": "t1-1", "input": "c", "output": ["c"]}]}
+GOOD = {
+    "Definition": ["Copy the input."],
+    "Categories": ["Misc."],
+    "Input_language": ["English"],
+    "Positive Examples": [{"input": "a", "output": "a", "explanation": "same"}],
+    "Instances": [{"id": "t1-0", "input": "a b", "output": ["a b"]}, {"id": "t1-1", "input": "c", "output": ["c"]}],
+}
 
 
 def sni_dir(tmp_path, task=None, raw: bytes | None = None, train=("task001_copy",)):
@@ -162,8 +166,13 @@ def p3_dir(tmp_path, rows: list[dict] | str):
 
 
 def test_p3_target_not_among_answer_choices(tmp_path):
-    root = p3_dir(tmp_path, [{"inputs": "news?", "targets": "Sports", "answer_choices": ["World", "Sports"]},
-                             {"inputs": "news?", "targets": "Cooking", "answer_choices": ["World", "Sports"]}])
+    root = p3_dir(
+        tmp_path,
+        [
+            {"inputs": "news?", "targets": "Sports", "answer_choices": ["World", "Sports"]},
+            {"inputs": "news?", "targets": "Cooking", "answer_choices": ["World", "Sports"]},
+        ],
+    )
     expect(lambda: load_p3(root, DataConfig(), "train"), "train.jsonl", "line 2", "'targets'", "'Cooking'")
 
 
@@ -228,14 +237,24 @@ def test_task_name_filters_and_their_errors():
     # A run trained without the validation tasks is evaluated on them by naming them: data.tasks wins.
     both = load_tasks("builtin", DataConfig(tasks=val, exclude_tasks=val), "train")
     assert [t.name for t in both] == val
-    expect(lambda: load_tasks("builtin", DataConfig(tasks=[val[0], "task999_nope"]), "train"),
-           "data.tasks", "'task999_nope'", "not a task of this split")
-    expect(lambda: load_tasks("builtin", DataConfig(exclude_tasks=[t.name for t in test]), "test"),
-           "data.exclude_tasks", "leaves no task")
+    expect(
+        lambda: load_tasks("builtin", DataConfig(tasks=[val[0], "task999_nope"]), "train"),
+        "data.tasks",
+        "'task999_nope'",
+        "not a task of this split",
+    )
+    expect(
+        lambda: load_tasks("builtin", DataConfig(exclude_tasks=[t.name for t in test]), "test"),
+        "data.exclude_tasks",
+        "leaves no task",
+    )
 
 
 def test_dev_split_only_for_builtin(tmp_path):
     root = sni_dir(tmp_path)
-    expect(lambda: load_tasks(f"sni:{root}", DataConfig(), "dev"), "split dev exists only for the built-in suite",
-           "data.exclude_tasks")
+    expect(
+        lambda: load_tasks(f"sni:{root}", DataConfig(), "dev"),
+        "split dev exists only for the built-in suite",
+        "data.exclude_tasks",
+    )
     expect(lambda: load_tasks("builtin", DataConfig(), "valid"), "split must be train, dev or test", "'valid'")

@@ -18,7 +18,7 @@ from tests.data.conftest import make_cfg
 def assert_same(a, b):
     for f in fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
-        assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y), f.name
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
 
 
 def check_resume(build, split_at: int, more: int):

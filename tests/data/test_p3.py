@@ -21,25 +21,49 @@ def p3(tmp_path):
     root = tmp_path / "p3"
     topics = ["World", "Sports", "Business"]
     for template in ("classify_question_first", "which_section"):
-        rows = [{"inputs": f"Headline {i}: what is the topic?", "targets": topics[i % 3], "answer_choices": topics}
-                for i in range(10)]
+        rows = [
+            {"inputs": f"Headline {i}: what is the topic?", "targets": topics[i % 3], "answer_choices": topics}
+            for i in range(10)
+        ]
         write(root / "ag_news" / template / "train.jsonl", rows)
     (root / "ag_news" / "which_section" / "template.json").write_text(
-        json.dumps({"name": "which_section", "jinja": "{{text}} Which section of a newspaper? ||| {{label}}"}))
-    write(root / "xsum" / "summarize" / "train.jsonl",
-          [{"inputs": f"Article {i}. Summarize:", "targets": f"Summary {i}"} for i in range(6)])
-    rte = [{"inputs": f"Premise {i}. Does it follow?", "targets": "yes" if i % 2 else "no",
-            "answer_choices": ["yes", "no"]} for i in range(5)]
+        json.dumps({"name": "which_section", "jinja": "{{text}} Which section of a newspaper? ||| {{label}}"})
+    )
+    write(
+        root / "xsum" / "summarize" / "train.jsonl",
+        [{"inputs": f"Article {i}. Summarize:", "targets": f"Summary {i}"} for i in range(6)],
+    )
+    rte = [
+        {
+            "inputs": f"Premise {i}. Does it follow?",
+            "targets": "yes" if i % 2 else "no",
+            "answer_choices": ["yes", "no"],
+        }
+        for i in range(5)
+    ]
     write(root / "super_glue_rte" / "GPT_3_style" / "validation.jsonl", rte)
     write(root / "super_glue_rte" / "GPT_3_style" / "train.jsonl", rte)  # never used: held out
-    write(root / "story_cloze_2016" / "choose_ending" / "validation.jsonl",
-          [{"inputs": "Story. Ending?", "targets": "B", "answer_choices": ["A", "B"]}])
+    write(
+        root / "story_cloze_2016" / "choose_ending" / "validation.jsonl",
+        [{"inputs": "Story. Ending?", "targets": "B", "answer_choices": ["A", "B"]}],
+    )
     return root
 
 
 def test_mtest11_names():
-    assert MTEST11 == ("anli_r1", "anli_r2", "anli_r3", "hellaswag", "super_glue_cb", "super_glue_copa",
-                       "super_glue_rte", "super_glue_wic", "super_glue_wsc", "winogrande", "story_cloze")
+    assert MTEST11 == (
+        "anli_r1",
+        "anli_r2",
+        "anli_r3",
+        "hellaswag",
+        "super_glue_cb",
+        "super_glue_copa",
+        "super_glue_rte",
+        "super_glue_wic",
+        "super_glue_wsc",
+        "winogrande",
+        "story_cloze",
+    )
     assert is_held_out("super_glue_wsc.fixed") and is_held_out("winogrande_winogrande_xl")
     assert not is_held_out("super_glue_boolq") and not is_held_out("anli")
 
@@ -57,7 +81,8 @@ def test_templates_are_tasks_and_mtest11_is_held_out(p3):
     test = load_tasks(f"p3:{p3}", DataConfig(max_instances_per_task=3), "test")
     assert [(t.name, t.category, len(t.instances)) for t in test] == [
         ("story_cloze_2016__choose_ending", "story_cloze_2016", 1),
-        ("super_glue_rte__GPT_3_style", "super_glue_rte", 3)]
+        ("super_glue_rte__GPT_3_style", "super_glue_rte", 3),
+    ]
     assert test[1].instances[0].id == "super_glue_rte__GPT_3_style-validation-0"
 
 

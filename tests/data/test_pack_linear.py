@@ -15,7 +15,7 @@ class Chars:
 def _reference(documents, tok, length):
     """The windows as the old (quadratic) packer cut them: the tokens of all documents, eos after each."""
     flat = [t for doc in documents for t in [*tok.encode(doc), tok.eos_id]]
-    return [flat[i:i + length] for i in range(0, len(flat) - length + 1, length)]
+    return [flat[i : i + length] for i in range(0, len(flat) - length + 1, length)]
 
 
 def test_pack_gives_the_windows_of_the_joined_documents():

@@ -31,10 +31,12 @@ def test_def_2pos_prompt_is_the_tk_instruct_format(sni_sample):
     task = read_task(sni_sample / "tasks" / "task1331_reverse_array.json")
     (p1, p2), inst = task.positives[:2], task.instances[0]
     # Brackets count as punctuation, so no "." is appended after the lists (Tk-Instruct's rule).
-    expected = (f"Definition: {task.definitions[0]}\n\n"
-                f" Positive Example 1 -\nInput: {p1.input}\n Output: {p1.output}\n\n"
-                f" Positive Example 2 -\nInput: {p2.input}\n Output: {p2.output}\n\n"
-                f"Now complete the following example -\nInput: {inst.input}\nOutput: ")
+    expected = (
+        f"Definition: {task.definitions[0]}\n\n"
+        f" Positive Example 1 -\nInput: {p1.input}\n Output: {p1.output}\n\n"
+        f" Positive Example 2 -\nInput: {p2.input}\n Output: {p2.output}\n\n"
+        f"Now complete the following example -\nInput: {inst.input}\nOutput: "
+    )
     assert format_concat(task, inst.input, "def_pos", 2) == expected
     assert format_instruction(task, "def", 2) == f"Definition: {task.definitions[0]}\n\n"
     for path in sorted((sni_sample / "tasks").glob("*.json")):
@@ -50,15 +52,22 @@ def test_periods_are_added_only_without_final_punctuation():
     task = Task("t", "c", ("Say hi",), (Example("1", "x", ("y",)),), positives=(Demo("a b", "c d"), Demo("e?", "f!")))
     assert format_instruction(task, "def_pos", 2) == (
         "Definition: Say hi.\n\n Positive Example 1 -\nInput: a b.\n Output: c d.\n\n"
-        " Positive Example 2 -\nInput: e?\n Output: f!\n\n")
+        " Positive Example 2 -\nInput: e?\n Output: f!\n\n"
+    )
     assert format_instance(" hello ") == "Now complete the following example -\nInput: hello.\nOutput: "
 
 
 def test_concat_batch_holds_the_def_2pos_prompt(sni_sample, tok):
     from tagi_ds.data.loader import build_eval_loader
 
-    cfg = make_cfg("tiny", "mode=concat", "data.setting=def_pos", f"data.spec=sni:{sni_sample}",
-                   "data.max_instruction_length=1024", "data.max_source_length=1024")
+    cfg = make_cfg(
+        "tiny",
+        "mode=concat",
+        "data.setting=def_pos",
+        f"data.spec=sni:{sni_sample}",
+        "data.max_instruction_length=1024",
+        "data.max_source_length=1024",
+    )
     tasks = [t for t in load_tasks(cfg.data.spec, cfg.data, "train") if t.name == "task1331_reverse_array"]
     batch = next(iter(build_eval_loader(cfg, tok, tasks=tasks, batch_size=2)))
     assert batch.instr_input_ids is None

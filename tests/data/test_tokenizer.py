@@ -54,8 +54,9 @@ def test_hf_tokenizer_directory(tmp_path):
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "hello": 3, "cat": 4, "dog": 5}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "t5ish")
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(tmp_path / "t5ish")
     tok = load_tokenizer(make_cfg("tiny", f"data.tokenizer={tmp_path / 't5ish'}"))
     assert isinstance(tok, HFTokenizer)
     assert (tok.vocab_size, tok.pad_id, tok.eos_id, tok.bos_id) == (6, 0, 1, None)

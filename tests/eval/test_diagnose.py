@@ -38,14 +38,28 @@ def hypernets(tmp_path_factory):
         opt.step()
     artifacts.save_hypernet(model, tmp / "trained")
     with torch.no_grad():
-        model.generator.trunk[0].weight[:, :model.generator.norm.normalized_shape[0]] = 0.0
+        model.generator.trunk[0].weight[:, : model.generator.norm.normalized_shape[0]] = 0.0
     artifacts.save_hypernet(model, tmp / "blind")
     return tmp
 
 
 def _diagnose(path, out):
-    diagnose.main(["--hypernet", str(path), "--split", "train", "--max_instances", "6", "--max_new_tokens", "8",
-                   "--grad_batches", "0", "--output_dir", str(out)])
+    diagnose.main(
+        [
+            "--hypernet",
+            str(path),
+            "--split",
+            "train",
+            "--max_instances",
+            "6",
+            "--max_new_tokens",
+            "8",
+            "--grad_batches",
+            "0",
+            "--output_dir",
+            str(out),
+        ]
+    )
     return json.loads((out / "diagnose.json").read_text())
 
 

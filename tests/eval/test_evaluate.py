@@ -67,8 +67,18 @@ def hypernet(tmp_path_factory):
 def test_two_zero3_ranks_write_the_same_predictions_as_one_process(tmp_path, hypernet):
     # 58 examples in batches of 9: 7 batches, so rank 1 repeats one that rank 0 ran (de-duplicated by id).
     # model.init_seed=8: a random tiny backbone that does not repeat one token for every input.
-    common = ["--hypernet", str(hypernet), "--deepspeed", partitioned_z3(tmp_path), "--seed", "2",
-              "--batch_size", "9", *SMALL, "model.init_seed=8"]
+    common = [
+        "--hypernet",
+        str(hypernet),
+        "--deepspeed",
+        partitioned_z3(tmp_path),
+        "--seed",
+        "2",
+        "--batch_size",
+        "9",
+        *SMALL,
+        "model.init_seed=8",
+    ]
     evaluate([*common, "--output_dir", str(tmp_path / "one")])
     proc = evaluate([*common, "--output_dir", str(tmp_path / "two")], nprocs=2)
     assert "4 batches per rank on 2 rank(s), ZeRO-3" in proc.stdout
@@ -91,8 +101,19 @@ def test_two_zero3_ranks_write_the_same_predictions_as_one_process(tmp_path, hyp
 def test_dev_split_evaluates_the_builtin_development_tasks(tmp_path, hypernet):
     from tagi_ds.data.builtin import builtin_suite
 
-    evaluate(["--hypernet", str(hypernet), "--split", "dev", "--batch_size", "16", *SMALL,
-              "--output_dir", str(tmp_path / "dev")])
+    evaluate(
+        [
+            "--hypernet",
+            str(hypernet),
+            "--split",
+            "dev",
+            "--batch_size",
+            "16",
+            *SMALL,
+            "--output_dir",
+            str(tmp_path / "dev"),
+        ]
+    )
     results = json.loads((tmp_path / "dev" / "results.json").read_text())
     assert results["split"] == "dev" and results["num_examples"] == 2 * len(builtin_suite(0)["dev"])
     assert sorted(results["per_task"]) == sorted(t.name for t in builtin_suite(0)["dev"])
@@ -111,10 +132,14 @@ def test_rank_classification_picks_the_answer_each_teacher_makes_likely(tmp_path
 
     root = tmp_path / "p3"
     inputs = [f"Premise {i}: the {w} is on the table. Does it follow?" for i, w in enumerate("cup pen box hat".split())]
-    write_jsonl(root / "super_glue_rte" / "GPT_3_style" / "validation.jsonl",
-                [{"inputs": x, "targets": "yes", "answer_choices": ["yes", "no"]} for x in inputs])
-    write_jsonl(root / "super_glue_cb" / "can_we_infer" / "validation.jsonl",
-                [{"inputs": x, "targets": "no", "answer_choices": ["yes", "no", "maybe"]} for x in inputs])
+    write_jsonl(
+        root / "super_glue_rte" / "GPT_3_style" / "validation.jsonl",
+        [{"inputs": x, "targets": "yes", "answer_choices": ["yes", "no"]} for x in inputs],
+    )
+    write_jsonl(
+        root / "super_glue_cb" / "can_we_infer" / "validation.jsonl",
+        [{"inputs": x, "targets": "no", "answer_choices": ["yes", "no", "maybe"]} for x in inputs],
+    )
     cfg = tiny_cfg("tiny")
     cfg.data.spec, cfg.mode = f"p3:{root}", "concat"
     tok = data.load_tokenizer(cfg)
@@ -132,8 +157,20 @@ def test_rank_classification_picks_the_answer_each_teacher_makes_likely(tmp_path
     artifacts.save_teachers(model, tmp_path / "teachers", rows, "task")
 
     out = tmp_path / "eval"
-    evaluate(["--teachers", str(tmp_path / "teachers"), "--data", f"p3:{root}", "--output_dir", str(out),
-              "--deepspeed", str(REPO / "ds_configs" / "z2.json"), "--batch_size", "4"])
+    evaluate(
+        [
+            "--teachers",
+            str(tmp_path / "teachers"),
+            "--data",
+            f"p3:{root}",
+            "--output_dir",
+            str(out),
+            "--deepspeed",
+            str(REPO / "ds_configs" / "z2.json"),
+            "--batch_size",
+            "4",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["kind"] == "rank" and results["mode"] == "teacher"
     assert results["per_dataset"] == {"super_glue_cb": 100.0, "super_glue_rte": 100.0}
@@ -155,21 +192,24 @@ def teachers_dir(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--hypernet", "/nonexistent/hn"], "--hypernet '/nonexistent/hn': no such directory"),
-    (["--mode", "tagi"], "--mode tagi needs --hypernet DIR"),
-    ([], "nothing to evaluate: give --hypernet DIR"),
-    (["--hypernet", "{hn}", "--mode", "concat"], "--hypernet is evaluated in mode tagi, got --mode concat"),
-    (["--hypernet", "{hn}", "--adapter", "{hn}"], "--hypernet and --adapter exclude each other"),
-    (["--hypernet", "{hn}", "--recipe", "tiny-llama"], "--recipe tiny-llama disagrees with"),
-    (["--hypernet", "{hn}", "--max_new_tokens", "0"], "--max_new_tokens: must be > 0 (0)"),
-    (["--hypernet", "{hn}", "--task", "rank"], "has no answer_choices"),
-    (["--hypernet", "{hn}", "--set", "data.bogus=1"], "data.bogus: unknown config key"),
-    (["--teachers", "{teachers}", "--mode", "concat"], "--teachers selects mode teacher"),
-    (["--teachers", "{teachers}"], "no teacher for task 'task101_words_reverse_then_uppercase'"),
-    (["--adapter", "{teachers}"], "rows.json has 2 rows; a baseline_lora/ dir has one shared row"),
-    (["--adapter", "{hn}"], "no teachers.safetensors"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hypernet", "/nonexistent/hn"], "--hypernet '/nonexistent/hn': no such directory"),
+        (["--mode", "tagi"], "--mode tagi needs --hypernet DIR"),
+        ([], "nothing to evaluate: give --hypernet DIR"),
+        (["--hypernet", "{hn}", "--mode", "concat"], "--hypernet is evaluated in mode tagi, got --mode concat"),
+        (["--hypernet", "{hn}", "--adapter", "{hn}"], "--hypernet and --adapter exclude each other"),
+        (["--hypernet", "{hn}", "--recipe", "tiny-llama"], "--recipe tiny-llama disagrees with"),
+        (["--hypernet", "{hn}", "--max_new_tokens", "0"], "--max_new_tokens: must be > 0 (0)"),
+        (["--hypernet", "{hn}", "--task", "rank"], "has no answer_choices"),
+        (["--hypernet", "{hn}", "--set", "data.bogus=1"], "data.bogus: unknown config key"),
+        (["--teachers", "{teachers}", "--mode", "concat"], "--teachers selects mode teacher"),
+        (["--teachers", "{teachers}"], "no teacher for task 'task101_words_reverse_then_uppercase'"),
+        (["--adapter", "{teachers}"], "rows.json has 2 rows; a baseline_lora/ dir has one shared row"),
+        (["--adapter", "{hn}"], "no teachers.safetensors"),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_flag(hypernet, teachers_dir, argv, message):
     argv = [a.replace("{hn}", str(hypernet)).replace("{teachers}", str(teachers_dir)) for a in argv]
     err = run_main("evaluate.py", [*argv, "--output_dir", "/nonexistent/never_written"])

@@ -41,13 +41,18 @@ def rows_of(batch, i):
 
     keep = batch.attention_mask[i].bool()
     k = int(batch.task_of_example[i])
-    out = replace(batch, input_ids=batch.input_ids[i:i + 1, keep], attention_mask=batch.attention_mask[i:i + 1, keep],
-                  labels=batch.labels[i:i + 1], example_offsets=torch.tensor([0, 1]),
-                  example_ids=[batch.example_ids[i]])
+    out = replace(
+        batch,
+        input_ids=batch.input_ids[i : i + 1, keep],
+        attention_mask=batch.attention_mask[i : i + 1, keep],
+        labels=batch.labels[i : i + 1],
+        example_offsets=torch.tensor([0, 1]),
+        example_ids=[batch.example_ids[i]],
+    )
     if batch.instr_input_ids is not None:
         ikeep = batch.instr_attention_mask[k].bool()
-        out.instr_input_ids = batch.instr_input_ids[k:k + 1, ikeep]
-        out.instr_attention_mask = batch.instr_attention_mask[k:k + 1, ikeep]
+        out.instr_input_ids = batch.instr_input_ids[k : k + 1, ikeep]
+        out.instr_attention_mask = batch.instr_attention_mask[k : k + 1, ikeep]
     return out
 
 
@@ -119,8 +124,9 @@ def test_tagi_costs_less_than_concat_and_the_formula_agrees_with_the_counter():
         # the batch decodes until its last example ends, finished ones included: that is what the counter sees
         # (per-example lengths would make the ratio hang on whether a random model ends some examples early)
         lengths = torch.full((len(batch.example_ids),), out["tokens"].shape[1])
-        formula = sum(FlopFormula(model, model.cfg.hypernet.rank).per_example(
-            batch, lengths, mode == "tagi", generated=True)) / len(batch.example_ids)
+        formula = sum(
+            FlopFormula(model, model.cfg.hypernet.rank).per_example(batch, lengths, mode == "tagi", generated=True)
+        ) / len(batch.example_ids)
         # the formula leaves out attention scores, padding and the decoder's first-step extras (seen: tagi 0.96,
         # concat 0.99 of the counter; the old formula, the instruction's cross k/v per example, gave tagi 1.31).
         # In a fresh CI venv under pytest-xdist the counter saw more for concat (0.84, same formula, reproducible

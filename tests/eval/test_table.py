@@ -9,8 +9,11 @@ from tagi_ds.eval import table
 
 def _results(path, rouge, flops):
     path.mkdir()
-    (path / "results.json").write_text(json.dumps({"rougeL": rouge, "exact_match": 1.0, "num_examples": 580,
-                                                   "cost": {"flops": flops, "wall_s": 123.4}}))
+    (path / "results.json").write_text(
+        json.dumps(
+            {"rougeL": rouge, "exact_match": 1.0, "num_examples": 580, "cost": {"flops": flops, "wall_s": 123.4}}
+        )
+    )
     return path
 
 

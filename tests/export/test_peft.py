@@ -65,8 +65,11 @@ def test_peft_adapter_reproduces_tagi_logits(tmp_path, recipe):
     ids, mask = instruction_tensors(tok, cfg, condition_text(INSTRUCTION))
     factors = generate_factors(model, ids, mask)
     out = export_peft(tmp_path / "adapter", model, factors, str(tmp_path / "backbone"))
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "tagi_adapter.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tagi_adapter.json",
+    ]
     state = load_file(str(out / "adapter_model.safetensors"))
     site = model.sites[0]
     A = state[f"base_model.model.{site.name}.lora_A.weight"]
@@ -99,9 +102,20 @@ def test_generate_adapter_launcher_writes_what_the_model_generates(tmp_path):
     (tmp_path / "q.txt").write_text("Context: the cat sat on the mat. Question: where did the cat sit?\n")
     out = tmp_path / "adapter"
     # z2: no zero.Init, so the launcher's built-in backbone is the one built here (same seed).
-    cmd = [sys.executable, str(REPO / "launchers" / "generate_adapter.py"), "--hypernet", str(tmp_path / "hypernet"),
-           "--instruction_file", str(tmp_path / "q.txt"), "--condition", "instance", "--output_dir", str(out),
-           "--deepspeed", str(REPO / "ds_configs" / "z2.json")]
+    cmd = [
+        sys.executable,
+        str(REPO / "launchers" / "generate_adapter.py"),
+        "--hypernet",
+        str(tmp_path / "hypernet"),
+        "--instruction_file",
+        str(tmp_path / "q.txt"),
+        "--condition",
+        "instance",
+        "--output_dir",
+        str(out),
+        "--deepspeed",
+        str(REPO / "ds_configs" / "z2.json"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "omits the instruction fusion" in proc.stderr  # the tiny recipe fuses
@@ -125,12 +139,15 @@ def test_generate_adapter_launcher_writes_what_the_model_generates(tmp_path):
     assert not torch.equal(generate_factors(model, task_ids, task_mask)[0][0], generate_factors(model, ids, mask)[0][0])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--hypernet", "/nonexistent/hn", "--instruction", "x"], "--hypernet '/nonexistent/hn': no such directory"),
-    (["--hypernet", "{hn}", "--instruction", "  "], "the text is empty"),
-    (["--hypernet", "{hn}", "--instruction_file", "/nonexistent/i.txt"], "--instruction_file '/nonexistent/i.txt'"),
-    (["--hypernet", "{hn}", "--instruction", "x", "--mode", "concat"], "--mode concat: generate_adapter"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hypernet", "/nonexistent/hn", "--instruction", "x"], "--hypernet '/nonexistent/hn': no such directory"),
+        (["--hypernet", "{hn}", "--instruction", "  "], "the text is empty"),
+        (["--hypernet", "{hn}", "--instruction_file", "/nonexistent/i.txt"], "--instruction_file '/nonexistent/i.txt'"),
+        (["--hypernet", "{hn}", "--instruction", "x", "--mode", "concat"], "--mode concat: generate_adapter"),
+    ],
+)
 def test_generate_adapter_bad_input_is_one_line(tmp_path, argv, message):
     from tests.eval.test_evaluate import run_main
 

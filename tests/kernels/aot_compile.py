@@ -50,8 +50,11 @@ def aligned(fn, sig: dict[str, str]) -> dict:
     issue async copies, does not pipeline the K loop, and reports one stage's shared memory whatever num_stages
     says (the figures printed before 2026-12-07 were those)."""
     free = set(fn.do_not_specialize)
-    return {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
-            if t.startswith("*") or (t == "i32" and n not in free)}
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, (n, t) in enumerate(sig.items())
+        if t.startswith("*") or (t == "i32" and n not in free)
+    }
 
 
 def compile_one(kernel, what: str, types: dict, constexprs: dict, config, units: tuple[str, ...] = ()) -> None:
@@ -59,11 +62,14 @@ def compile_one(kernel, what: str, types: dict, constexprs: dict, config, units:
     consts = {**constexprs, **config.kwargs, **dict.fromkeys(units, 1)}
     sig = signature(fn, types, units)
     src = ASTSource(fn, sig, consts, aligned(fn, sig))
-    compiled = triton.compile(src, target=TARGET, options={"num_warps": config.num_warps,
-                                                           "num_stages": config.num_stages})
+    compiled = triton.compile(
+        src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages}
+    )
     shared = compiled.metadata.shared
-    print(f"{fn.__name__} [{what}] {constexprs} {config.kwargs} warps={config.num_warps} "
-          f"stages={config.num_stages} smem={shared} regs={registers(compiled)}")
+    print(
+        f"{fn.__name__} [{what}] {constexprs} {config.kwargs} warps={config.num_warps} "
+        f"stages={config.num_stages} smem={shared} regs={registers(compiled)}"
+    )
     assert shared <= SMEM_LIMIT, f"{fn.__name__}: {shared} bytes of shared memory > {SMEM_LIMIT}"
 
 
@@ -89,51 +95,84 @@ def fused_variants(dt: str):
     from split-K partials, and the dgrad GEMM on the W^T / B^T / A^T views (G stored for dA), ranks 16 and 64."""
     p = "*" + dt
     prec = "ieee" if dt == "fp32" else "tf32"
-    types = {**dict.fromkeys(("T", "S", "N", "K", "R", "n_hsplit"), "i32"), "X": p, "W": p, "BIAS": p, "L1": p,
-             "L2": p, "HP": "*fp32", "HOUT": "*fp32", "Y": p, "offs": "*i64", "scale": "fp32"}
+    types = {
+        **dict.fromkeys(("T", "S", "N", "K", "R", "n_hsplit"), "i32"),
+        "X": p,
+        "W": p,
+        "BIAS": p,
+        "L1": p,
+        "L2": p,
+        "HP": "*fp32",
+        "HOUT": "*fp32",
+        "Y": p,
+        "offs": "*i64",
+        "scale": "fp32",
+    }
     fwd_units = ("stride_xk", "stride_wk", "stride_1k", "stride_2r", "stride_yn")
     bwd_units = ("stride_xk", "stride_wn", "stride_1r", "stride_2n", "stride_yn")
     for what, r_pad, fuse, bias, store, units in (
-            ("y = xW^T + b + s(xA^T)B^T, fused shrink", 16, True, True, True, fwd_units),
-            ("y, fused shrink, r64", 64, True, False, True, fwd_units),
-            ("y, split shrink", 64, False, False, False, fwd_units),
-            ("dX = dY W + s(dY B)A, fused shrink", 16, True, False, True, bwd_units),
-            ("dX, fused shrink, r64", 64, True, False, True, bwd_units),
-            ("dX, split shrink", 16, False, False, False, bwd_units)):
-        yield (what, types, {"R_PAD": r_pad, "FUSE_SHRINK": fuse, "STORE_H": store, "HAS_BIAS": bias,
-                             "IN_PREC": prec}, units)
+        ("y = xW^T + b + s(xA^T)B^T, fused shrink", 16, True, True, True, fwd_units),
+        ("y, fused shrink, r64", 64, True, False, True, fwd_units),
+        ("y, split shrink", 64, False, False, False, fwd_units),
+        ("dX = dY W + s(dY B)A, fused shrink", 16, True, False, True, bwd_units),
+        ("dX, fused shrink, r64", 64, True, False, True, bwd_units),
+        ("dX, split shrink", 16, False, False, False, bwd_units),
+    ):
+        yield (
+            what,
+            types,
+            {"R_PAD": r_pad, "FUSE_SHRINK": fuse, "STORE_H": store, "HAS_BIAS": bias, "IN_PREC": prec},
+            units,
+        )
 
 
 def variants(dt: str):
     """(kernel, what, types, constexprs, unit strides) of every launch the op makes, for one input dtype."""
     p = "*" + dt
     prec = "ieee" if dt == "fp32" else "tf32"
-    i32 = dict.fromkeys(("T", "S", "K", "N", "R", "D", "k_chunk", "n_hsplit", "span_n", "n_usplit", "n_split",
-                         "numel"), "i32")
+    i32 = dict.fromkeys(
+        ("T", "S", "K", "N", "R", "D", "k_chunk", "n_hsplit", "span_n", "n_usplit", "n_split", "numel"), "i32"
+    )
     bm = {"BLOCK_M": lk.BLOCK_M_GPU}
     shrink = {**i32, "X": p, "W1": p, "HP": "*fp32", "offs": "*i64"}
     yield lk.shrink_kernel, "H = x A^T", shrink, {**bm, "R_PAD": 64, "IN_PREC": prec}, ("stride_xk", "stride_wk")
     yield lk.shrink_kernel, "G = dY B", shrink, {**bm, "R_PAD": 16, "IN_PREC": prec}, ("stride_xk", "stride_wr")
     expand = {**i32, "HP": "*fp32", "W2": p, "Y": p, "offs": "*i64", "scale": "fp32"}
-    for what, r_pad, add, units in (("y = H B^T", 64, False, ("stride_wr", "stride_yn")),
-                                    ("y += H B^T", 16, True, ("stride_wr", "stride_yn")),
-                                    ("dX = G A", 64, False, ("stride_wn", "stride_yn"))):
+    for what, r_pad, add, units in (
+        ("y = H B^T", 64, False, ("stride_wr", "stride_yn")),
+        ("y += H B^T", 16, True, ("stride_wr", "stride_yn")),
+        ("dX = G A", 64, False, ("stride_wn", "stride_yn")),
+    ):
         yield lk.expand_kernel, what, expand, {**bm, "R_PAD": r_pad, "ADD": add, "IN_PREC": prec}, units
     reduce = {**i32, "UP": "*fp32", "V": p, "OUT": p, "offs": "*i64", "scale": "fp32"}
-    yield (lk.seg_reduce_kernel, "dA = G^T x", reduce, {"R_PAD": 64, "IN_PREC": prec, "BLOCK_D": lk.BLOCK_D_GPU},
-           ("stride_vd", "stride_od"))
-    yield (lk.seg_reduce_kernel, "dB^T partials", {**reduce, "OUT": "*fp32"},
-           {"R_PAD": 16, "IN_PREC": prec, "BLOCK_D": lk.BLOCK_D_GPU}, ("stride_vd", "stride_or"))
-    yield (lk.sum_splits_kernel, "sum of partials", {**i32, "P": "*fp32", "OUT": p}, {"BLOCK": 1024},
-           ("stride_or",))
+    yield (
+        lk.seg_reduce_kernel,
+        "dA = G^T x",
+        reduce,
+        {"R_PAD": 64, "IN_PREC": prec, "BLOCK_D": lk.BLOCK_D_GPU},
+        ("stride_vd", "stride_od"),
+    )
+    yield (
+        lk.seg_reduce_kernel,
+        "dB^T partials",
+        {**reduce, "OUT": "*fp32"},
+        {"R_PAD": 16, "IN_PREC": prec, "BLOCK_D": lk.BLOCK_D_GPU},
+        ("stride_vd", "stride_or"),
+    )
+    yield (lk.sum_splits_kernel, "sum of partials", {**i32, "P": "*fp32", "OUT": p}, {"BLOCK": 1024}, ("stride_or",))
 
 
 def main(every_config: bool) -> None:
     assert not lk.INTERPRET, "run without TRITON_INTERPRET=1"
-    print(f"tune={lk.TUNE} configs: shrink={len(lk.SHRINK_CONFIGS)} expand={len(lk.EXPAND_CONFIGS)} "
-          f"seg_reduce={len(lk.SEG_REDUCE_CONFIGS)}")
-    spaces = {lk.shrink_kernel: lk.SHRINK_CONFIGS, lk.expand_kernel: lk.EXPAND_CONFIGS,
-              lk.seg_reduce_kernel: lk.SEG_REDUCE_CONFIGS}
+    print(
+        f"tune={lk.TUNE} configs: shrink={len(lk.SHRINK_CONFIGS)} expand={len(lk.EXPAND_CONFIGS)} "
+        f"seg_reduce={len(lk.SEG_REDUCE_CONFIGS)}"
+    )
+    spaces = {
+        lk.shrink_kernel: lk.SHRINK_CONFIGS,
+        lk.expand_kernel: lk.EXPAND_CONFIGS,
+        lk.seg_reduce_kernel: lk.SEG_REDUCE_CONFIGS,
+    }
     for dt in ("bf16", "fp16", "fp32"):
         for i, (kernel, what, types, constexprs, units) in enumerate(variants(dt)):
             if dt == "fp16" and i not in FP16_SUBSET:

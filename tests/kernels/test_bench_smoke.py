@@ -17,9 +17,14 @@ def test_bench_lora_kernel_smoke(tmp_path):
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"  # so case 4 (the Triton kernel) runs too, at tiny shapes
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora_kernel.py"), "--smoke",
-                           "--out_dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1200)  # a hang guard: ~55 s at load 4 on 2 shared cores
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_lora_kernel.py"), "--smoke", "--out_dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )  # a hang guard: ~55 s at load 4 on 2 shared cores
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = sorted(p.name for p in tmp_path.iterdir())
     assert len(written) == 2 and not any(n.startswith(".") for n in written), written  # no temp files left

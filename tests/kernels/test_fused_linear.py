@@ -45,17 +45,24 @@ def inputs(lengths, d_in, d_out, r, dtype, bias=True, train_w=False, seed=0):
     def dev(t, grad):
         return None if t is None else t.to(DEVICE, dtype).requires_grad_(grad)
 
-    return (dev(x, True), dev(W, train_w), dev(b, train_w), dev(A, True), dev(B, True), offsets(lengths),
-            dy.to(DEVICE, dtype))
+    return (
+        dev(x, True),
+        dev(W, train_w),
+        dev(b, train_w),
+        dev(A, True),
+        dev(B, True),
+        offsets(lengths),
+        dy.to(DEVICE, dtype),
+    )
 
 
 def truth(x, W, b, A, B, offs, scale, dy, leaves):
     """float64 forward and gradients from the same rounded inputs, by a per-segment loop of dense matmuls."""
-    t = {k: (v.detach().double().requires_grad_() if v is not None else None)
-         for k, v in zip("xWbAB", (x, W, b, A, B))}
+    t = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in zip("xWbAB", (x, W, b, A, B))}
     bounds = offs.tolist()
-    delta = torch.cat([scale * (t["x"][lo:hi] @ t["A"][s].T) @ t["B"][s].T
-                       for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    delta = torch.cat(
+        [scale * (t["x"][lo:hi] @ t["A"][s].T) @ t["B"][s].T for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    )
     y = torch.nn.functional.linear(t["x"], t["W"], t["b"]) + delta
     return (y, *torch.autograd.grad(y, [t[k] for k in leaves], dy.double()))
 
@@ -75,15 +82,25 @@ def check(lengths, d_in, d_out, r, dtype, shrink, bias=True, train_w=False, scal
     return got
 
 
-@pytest.mark.parametrize("lengths,d_in,d_out,r,dtype,shrink", [
-    (SPAN_2_AND_3, 96, 160, 8, torch.float32, "fused"),
-    (SPAN_2_AND_3, 96, 160, 8, torch.float32, "split"),
-    (EMPTY_AND_SINGLES, 80, 144, 64, torch.float16, "fused"),
-    (EMPTY_AND_SINGLES, 80, 144, 64, torch.float32, "split"),
-    (ONE_TASK, 64, 130, 16, torch.float16, "fused"),
-    (ALL_SINGLES, 48, 136, 16, torch.float16, "split"),
-], ids=["span2-3-fused", "span2-3-split", "empty-singles-r64-fp16-fused", "empty-singles-r64-split",
-        "one-task-fp16-fused", "singles-fp16-split"])
+@pytest.mark.parametrize(
+    "lengths,d_in,d_out,r,dtype,shrink",
+    [
+        (SPAN_2_AND_3, 96, 160, 8, torch.float32, "fused"),
+        (SPAN_2_AND_3, 96, 160, 8, torch.float32, "split"),
+        (EMPTY_AND_SINGLES, 80, 144, 64, torch.float16, "fused"),
+        (EMPTY_AND_SINGLES, 80, 144, 64, torch.float32, "split"),
+        (ONE_TASK, 64, 130, 16, torch.float16, "fused"),
+        (ALL_SINGLES, 48, 136, 16, torch.float16, "split"),
+    ],
+    ids=[
+        "span2-3-fused",
+        "span2-3-split",
+        "empty-singles-r64-fp16-fused",
+        "empty-singles-r64-split",
+        "one-task-fp16-fused",
+        "singles-fp16-split",
+    ],
+)
 def test_fused_linear_matches_float64(lengths, d_in, d_out, r, dtype, shrink):
     check(lengths, d_in, d_out, r, dtype, shrink)
 

@@ -18,8 +18,9 @@ def test_kernels_compile_for_sm90_with_the_fixed_tuning_space():
     env["TAGI_KERNELS_TUNE"] = "fixed"
     script = Path(__file__).with_name("aot_compile.py")
     # --all: every config of the (fixed, one-config) space, i.e. exactly what the GPU tests compile per variant.
-    proc = subprocess.run([sys.executable, str(script), "--all"], env=env, capture_output=True, text=True,
-                          timeout=1500)  # a hang guard sized for a loaded 2-core host (~90 s at load 8)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--all"], env=env, capture_output=True, text=True, timeout=1500
+    )  # a hang guard sized for a loaded 2-core host (~90 s at load 8)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "tune=fixed configs: shrink=1 expand=1 seg_reduce=1" in proc.stdout
     # bf16 and fp32: 2 shrinks, 3 expands, 2 reductions, 1 partial sum and 6 fused-linear launches (forward and
@@ -31,6 +32,7 @@ def test_kernels_compile_for_sm90_with_the_fixed_tuning_space():
 def test_bad_tuning_flag_is_refused():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TAGI_KERNELS_TUNE"] = "fast"
-    proc = subprocess.run([sys.executable, "-c", "import tagi_kernels"], env=env, capture_output=True, text=True,
-                          timeout=900)  # a hang guard only (issue 29)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import tagi_kernels"], env=env, capture_output=True, text=True, timeout=900
+    )  # a hang guard only (issue 29)
     assert proc.returncode != 0 and "TAGI_KERNELS_TUNE must be 'full' or 'fixed', got 'fast'" in proc.stderr

@@ -14,9 +14,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-PROBE = ("import transformers.activations, tagi_ds, tagi_kernels, kernels, os; "
-         "assert not kernels.__file__.startswith(os.getcwd() + os.sep), kernels.__file__; "
-         "assert callable(tagi_kernels.triton_lora_delta); print('ok', kernels.__file__)")
+PROBE = (
+    "import transformers.activations, tagi_ds, tagi_kernels, kernels, os; "
+    "assert not kernels.__file__.startswith(os.getcwd() + os.sep), kernels.__file__; "
+    "assert callable(tagi_kernels.triton_lora_delta); print('ok', kernels.__file__)"
+)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

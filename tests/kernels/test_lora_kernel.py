@@ -53,8 +53,9 @@ def make_inputs(lengths, d_in, d_out, r, dtype=torch.float32, seed=0):
 
 def loop_reference(x, A, B, offs, scale):
     """The specification in its plainest form: one dense matmul pair per segment."""
-    out = [scale * (x[lo:hi] @ A[s].T) @ B[s].T for s, (lo, hi) in enumerate(zip(offs[:-1].tolist(),
-                                                                             offs[1:].tolist()))]
+    out = [
+        scale * (x[lo:hi] @ A[s].T) @ B[s].T for s, (lo, hi) in enumerate(zip(offs[:-1].tolist(), offs[1:].tolist()))
+    ]
     return torch.cat(out) if out else x.new_zeros(0, B.shape[1])
 
 
@@ -108,8 +109,9 @@ def test_fp16_under_the_same_kernel():
     assert_matches(got, float64_truth(x, A, B, offs, 1.0, dy), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("needs", [(False, True, True), (True, False, False), (False, False, True),
-                                   (False, True, False)])
+@pytest.mark.parametrize(
+    "needs", [(False, True, True), (True, False, False), (False, False, True), (False, True, False)]
+)
 def test_partial_requires_grad(needs):
     """Only the requested gradients come back, and they are right (dX skipped, dA alone, dB alone...)."""
     x, A, B, offs = make_inputs(LAYOUTS["many_mixed"], 24, 20, 4)
@@ -180,8 +182,9 @@ def test_weight_grad_reduction_with_token_splits(splits):
     out = torch.full((len(lengths), 21, 5), float("nan")).transpose(1, 2)  # [S, R, D] view of [S, D, R]
     seg_reduce(u.to(DEVICE), v.to(DEVICE), out, offs, 0.5, splits)
     bounds, u_sum = offs.tolist(), u.sum(0)
-    want = torch.stack([0.5 * u_sum[lo:hi, :5].double().T @ v[lo:hi].double()
-                        for lo, hi in zip(bounds[:-1], bounds[1:])])
+    want = torch.stack(
+        [0.5 * u_sum[lo:hi, :5].double().T @ v[lo:hi].double() for lo, hi in zip(bounds[:-1], bounds[1:])]
+    )
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -240,8 +243,9 @@ def test_the_op_contract_is_validated_once_per_call(monkeypatch):
 def test_public_op_dispatches_to_the_kernel(monkeypatch):
     x, A, B, offs = make_inputs(LAYOUTS["many_mixed"], 24, 20, 4)
     y = ops.lora_delta(x, A, B, offs, 0.5, impl="triton")
-    torch.testing.assert_close(y.double(), loop_reference(*(t.detach().double() for t in (x, A, B)), offs, 0.5),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        y.double(), loop_reference(*(t.detach().double() for t in (x, A, B)), offs, 0.5), rtol=1e-4, atol=1e-4
+    )
     # Prove which path each impl takes: a sentinel kernel is reached by "triton", never by "auto" on CPU.
     calls = []
     monkeypatch.setattr(tagi_kernels, "triton_lora_delta", lambda *a, **k: calls.append(a) or a[0].new_zeros(0))
@@ -308,7 +312,7 @@ def test_lora_linear_matches_float64(with_bias):
 
     t_leaves = [t.detach().double().requires_grad_() for t in (x, A, B, W, b if with_bias else torch.zeros(45))]
     y64 = truth_fn(*t_leaves)
-    want = (y64, *torch.autograd.grad(y64, t_leaves[:len(leaves)], dy.double()))
+    want = (y64, *torch.autograd.grad(y64, t_leaves[: len(leaves)], dy.double()))
     assert_matches(got, want, rtol=1e-4, atol=1e-4, names=("y", "dx", "dA", "dB", "dW", "db"))
 
 
@@ -318,8 +322,10 @@ def test_new_entry_points_with_no_tokens():
     A = torch.randn(2, 4, 8, device=DEVICE, requires_grad=True)
     B = torch.randn(2, 6, 4, device=DEVICE, requires_grad=True)
     W = torch.randn(6, 8, device=DEVICE)
-    for y in (triton_lora_linear(x, W, None, A, B, offs), triton_lora_delta_add_(torch.zeros(0, 6, device=DEVICE) * 1,
-                                                                                  x, A, B, offs)):
+    for y in (
+        triton_lora_linear(x, W, None, A, B, offs),
+        triton_lora_delta_add_(torch.zeros(0, 6, device=DEVICE) * 1, x, A, B, offs),
+    ):
         assert y.shape == (0, 6)
         dx, dA, dB = torch.autograd.grad(y.sum(), (x, A, B))
         assert dx.shape == (0, 8) and not dA.any() and not dB.any()
@@ -356,7 +362,7 @@ def gpu_lengths(S: int, seed: int) -> list[int]:
     if S == 1:
         return [2000]
     lengths = random_lengths(torch.Generator().manual_seed(seed), S - 2, 2000)
-    return lengths[: S // 2] + [0, 1] + lengths[S // 2:]
+    return lengths[: S // 2] + [0, 1] + lengths[S // 2 :]
 
 
 def assert_close_to_truth(got, truth, ref, dtype, names):
@@ -394,8 +400,13 @@ def test_gpu_64_tasks_match_float64(dtype, r):
     dx_truth = dy.double() @ W.double() + truth[1]
     y_ref = base + ref[0]
     dx_ref = dy @ W + ref[1]
-    assert_close_to_truth((y_add, y_lin, dx_lin), (y_truth, y_truth, dx_truth), (y_ref, y_ref, dx_ref), dtype,
-                          ("y add_", "y linear", "dx linear"))
+    assert_close_to_truth(
+        (y_add, y_lin, dx_lin),
+        (y_truth, y_truth, dx_truth),
+        (y_ref, y_ref, dx_ref),
+        dtype,
+        ("y add_", "y linear", "dx linear"),
+    )
 
 
 @pytest.mark.gpu

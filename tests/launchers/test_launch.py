@@ -19,7 +19,7 @@ def test_a_given_port_wins_then_master_port_then_a_free_one():
     argv, source = runner_argv(["--master_port=1234", *SCRIPT], {})
     assert source == "--master_port" and argv[:2] == ["--log_level", "critical"]
     argv, source = runner_argv(SCRIPT, {"MASTER_PORT": "29555"})
-    assert source == "MASTER_PORT" and argv[:2] == ["--master_port", "29555"] and argv[-len(SCRIPT):] == SCRIPT
+    assert source == "MASTER_PORT" and argv[:2] == ["--master_port", "29555"] and argv[-len(SCRIPT) :] == SCRIPT
     argv, source = runner_argv(SCRIPT, {"MASTER_PORT": ""})
     assert source == "free" and argv[0] == "--master_port" and 0 < int(argv[1]) < 65536 and argv[1] != "29500"
 

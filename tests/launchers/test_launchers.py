@@ -10,13 +10,31 @@ from tagi_ds.cli import training_parser
 from tests.train.harness import HANG_S, REPO, env
 
 LAUNCHERS = ["train_teachers.py", "pretrain.py", "finetune.py"]
-SHARED = ["--recipe", "--deepspeed", "--local_rank", "--model_name_or_path", "--data", "--output_dir", "--max_steps",
-          "--save_steps", "--resume_from_checkpoint", "--seed", "--set", "--mode"]
+SHARED = [
+    "--recipe",
+    "--deepspeed",
+    "--local_rank",
+    "--model_name_or_path",
+    "--data",
+    "--output_dir",
+    "--max_steps",
+    "--save_steps",
+    "--resume_from_checkpoint",
+    "--seed",
+    "--set",
+    "--mode",
+]
 
 
 def run(script, *args, timeout=HANG_S):
-    return subprocess.run([sys.executable, str(REPO / "launchers" / script), *args], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launchers" / script), *args],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("script", LAUNCHERS)
@@ -42,8 +60,19 @@ def test_help_documents_every_flag(script):
 
 def test_single_process_run_writes_the_output_contract(tmp_path):
     out = tmp_path / "run"
-    proc = run("pretrain.py", "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2",
-               "--set", "train.keep_last=1", "data.tasks_per_batch=2", "data.examples_per_task=2")
+    proc = run(
+        "pretrain.py",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--set",
+        "train.keep_last=1",
+        "data.tasks_per_batch=2",
+        "data.examples_per_task=2",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["deepspeed"]["train_micro_batch_size_per_gpu"] == 4
@@ -85,7 +114,10 @@ def test_help_states_each_default_once_lists_mini_and_names_the_default_run(scri
         from tagi_ds.recipes import get_recipe
 
         assert f"trains {get_recipe('tiny').train.max_steps} steps" in flat
-        assert ("built-in text corpus" if script == "pretrain.py" else
-                f"built-in task suite's {len(builtin_suite(0)['train'])} training tasks") in flat
+        assert (
+            "built-in text corpus"
+            if script == "pretrain.py"
+            else f"built-in task suite's {len(builtin_suite(0)['train'])} training tasks"
+        ) in flat
         out = {"train_teachers.py": "runs/teachers"}.get(script, f"runs/{script.removesuffix('.py')}")
         assert f"(default: {out})" in flat

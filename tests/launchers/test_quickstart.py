@@ -25,8 +25,9 @@ def test_every_printed_command_is_the_command_that_ran(tmp_path):
     log, out = tmp_path / "ran.log", tmp_path / "qs"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(log), "OUT": str(out), "NP": "3", "STEPS": "7"}
     # A hang guard only (the script runs 8 no-op commands); sized for a loaded machine.
-    proc = subprocess.run(["bash", str(REPO / "launchers" / "quickstart.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(REPO / "launchers" / "quickstart.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     printed = [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
     ran = log.read_text().splitlines()

@@ -242,7 +242,10 @@ def test_errors_are_reported(fake_slurm):
     proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2 and "not inside a Slurm job" in proc.stderr
     proc = subprocess.run(
-        ["bash", script], env={**fake_slurm["env"], "GPUS_PER_NODE": "x"}, capture_output=True, text=True,
+        ["bash", script],
+        env={**fake_slurm["env"], "GPUS_PER_NODE": "x"},
+        capture_output=True,
+        text=True,
         timeout=HANG_S,
     )
     assert proc.returncode == 2 and "GPUS_PER_NODE" in proc.stderr

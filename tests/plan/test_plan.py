@@ -26,8 +26,9 @@ CLUSTER = {"model": "t5-xxl", "nodes": 4, "gpus_per_node": 8, "gpu_mem_gb": 80}
 
 
 def cli(*args: str, timeout: int = HANG_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tagi_ds.plan", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tagi_ds.plan", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def total(**kw) -> int:
@@ -95,8 +96,13 @@ def _apply(p: PlanInput, flags: list[str]) -> PlanInput:
     for key, value in zip(flags[::2], flags[1::2]):
         key = key.removeprefix("--")
         current = getattr(p, key)
-        changes[key] = (value == "on") if key == "gradient_checkpointing" else \
-            type(current)(value) if current is not None else int(value)
+        changes[key] = (
+            (value == "on")
+            if key == "gradient_checkpointing"
+            else type(current)(value)
+            if current is not None
+            else int(value)
+        )
     return dataclasses.replace(p, **changes)
 
 
@@ -128,16 +134,19 @@ def test_step_time_follows_throughput_and_bandwidth():
     assert single["network_bytes"] == 0 and single["comm_s"] == pytest.approx(pcie_s)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--stage", "z4"], "invalid choice"),
-    (["--offload", "param", "--stage", "z2"], "--offload param needs --stage z3"),
-    (["--micro_batch", "0"], "--micro_batch must be > 0"),
-    (["--model", "gpt-5"], "invalid choice"),
-    (["--gradient_checkpointing", "maybe"], "expected on or off"),
-    (["--stage", "none", "--nodes", "2"], "--stage none is one process"),
-    (["--measure"], "--measure runs one plain-torch step"),
-    (["--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--stage", "z4"], "invalid choice"),
+        (["--offload", "param", "--stage", "z2"], "--offload param needs --stage z3"),
+        (["--micro_batch", "0"], "--micro_batch must be > 0"),
+        (["--model", "gpt-5"], "invalid choice"),
+        (["--gradient_checkpointing", "maybe"], "expected on or off"),
+        (["--stage", "none", "--nodes", "2"], "--stage none is one process"),
+        (["--measure"], "--measure runs one plain-torch step"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_cli_errors_name_the_flag(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plan_cli.main(args)
@@ -153,21 +162,39 @@ def test_library_errors_are_config_errors():
         plan.plan(PlanInput(model="nope"))
 
 
-@pytest.mark.parametrize("model, checkpointing", [("tiny", False), ("tiny", True), ("tiny-llama", False),
-                                                  ("tiny-gemma2", False), ("tiny-qwen2", True)])
+@pytest.mark.parametrize(
+    "model, checkpointing",
+    [("tiny", False), ("tiny", True), ("tiny-llama", False), ("tiny-gemma2", False), ("tiny-qwen2", True)],
+)
 def test_tiny_peak_prediction_is_within_ten_percent_of_the_measured_step(model, checkpointing):
     p = PlanInput(model=model, nodes=1, gpus_per_node=1, stage="none", gradient_checkpointing=checkpointing)
     predicted = plan.plan(p)["memory"]
     measured = plan.measure_step(p, device="cpu")
     static = measured["parameters"] + measured["buffers"] + measured["optimizer"]
-    assert predicted["backbone"] + predicted["hypernet"] + predicted["optimizer"] == \
-        pytest.approx(static, rel=0.01)  # the static parts are exact counts
+    assert predicted["backbone"] + predicted["hypernet"] + predicted["optimizer"] == pytest.approx(
+        static, rel=0.01
+    )  # the static parts are exact counts
     assert predicted["total"] == pytest.approx(measured["peak"], rel=0.10), (predicted, measured)
 
 
 def test_measure_flag_prints_prediction_and_measurement(capsys):
-    result = plan_cli.main(["--model", "tiny", "--stage", "none", "--measure", "--seq_len", "32", "--instr_len", "32",
-                        "--target_len", "8", "--micro_batch", "4"])
+    result = plan_cli.main(
+        [
+            "--model",
+            "tiny",
+            "--stage",
+            "none",
+            "--measure",
+            "--seq_len",
+            "32",
+            "--instr_len",
+            "32",
+            "--target_len",
+            "8",
+            "--micro_batch",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert "measured peak" in out and "predicted" in out
     assert result["measured"]["peak"] > result["measured"]["baseline"] > 0
@@ -184,8 +211,12 @@ def test_step_flops_match_torch_flop_counter_on_tiny():
     from tagi_ds.model import build_backbone, build_model
 
     common.register_cpu_sdpa_flops()
-    for model_name, mode, variant in (("tiny", "tagi", "tagi"), ("tiny", "concat", "concat"),
-                                      ("tiny-llama", "no_instruction", "lora"), ("tiny-gemma2", "tagi", "tagi")):
+    for model_name, mode, variant in (
+        ("tiny", "tagi", "tagi"),
+        ("tiny", "concat", "concat"),
+        ("tiny-llama", "no_instruction", "lora"),
+        ("tiny-gemma2", "tagi", "tagi"),
+    ):
         p, cfg = plan.resolve(PlanInput(model=model_name, nodes=1, gpus_per_node=1, stage="none"))
         cfg.mode = mode
         s = plan.shapes_of(p)
@@ -201,8 +232,14 @@ def test_step_flops_match_torch_flop_counter_on_tiny():
 
 
 def test_a_frozen_backbone_that_fits_is_replicated_and_its_step_has_no_zero3_hooks(capsys):
-    one_gpu = {"model": "t5-xl", "nodes": 1, "gpus_per_node": 1, "gpu_mem_gb": 139, "micro_batch": 4,
-               "examples_per_task": 2}
+    one_gpu = {
+        "model": "t5-xl",
+        "nodes": 1,
+        "gpus_per_node": 1,
+        "gpu_mem_gb": 139,
+        "micro_batch": 4,
+        "examples_per_task": 2,
+    }
     result = plan.plan(PlanInput(**one_gpu))
     bb = result["backbone"]
     assert bb["placement"] == "replicated" and "fits whole" in bb["why"]
@@ -230,7 +267,16 @@ def test_a_run_config_gets_the_placement_its_plan_gets():
 
     for mem, want in ((139, "replicated"), (16, "partitioned")):
         cfg = get_recipe("t5-xl")
-        got = plan.for_run(cfg, {"stage3_param_persistence_threshold": 100_000, "stage3_prefetch_bucket_size": 5e7,
-                                 "reduce_bucket_size": 5e7}, 1, int(mem * plan.GiB), "bf16")
+        got = plan.for_run(
+            cfg,
+            {
+                "stage3_param_persistence_threshold": 100_000,
+                "stage3_prefetch_bucket_size": 5e7,
+                "reduce_bucket_size": 5e7,
+            },
+            1,
+            int(mem * plan.GiB),
+            "bf16",
+        )
         planned = plan.plan(PlanInput(model="t5-xl", nodes=1, gpus_per_node=1, gpu_mem_gb=mem))["backbone"]
         assert got["placement"] == planned["placement"] == want, (got, planned)

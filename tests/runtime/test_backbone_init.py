@@ -31,8 +31,14 @@ print("SAME", differs)
 def test_zero3_random_init_equals_plain_build(tmp_path):
     ds = partitioned_z3(tmp_path)
     for recipe in ("tiny", "tiny-llama"):
-        proc = subprocess.run([sys.executable, "-c", SCRIPT, recipe, ds], cwd=REPO, env=env(), capture_output=True,
-                              text=True, timeout=HANG_S)
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT, recipe, ds],
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=HANG_S,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         same = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SAME"))
         assert int(same.split()[1]) > 0  # without the copy, zero.Init's weights would differ

@@ -116,8 +116,9 @@ class Files:
             "adapter": lambda: self.runs / "concat/baseline_lora",
             "trunc": lambda: self.truncated(*arg.split("|")),
             "json": lambda: self.edited(*arg.split("|", 2)),
-            "nosites": lambda: self.edited(arg, "config.json", lambda t: json.dumps(
-                {k: v for k, v in json.loads(t).items() if k != "sites"})),
+            "nosites": lambda: self.edited(
+                arg, "config.json", lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "sites"})
+            ),
             "empty": lambda: self.file("empty.txt", b""),
             "binary": lambda: self.file("binary.txt", b"\xff\xfe\x00 not text"),
             "afile": lambda: self.file("a_file", b"x"),
@@ -155,13 +156,15 @@ def edit_json(**changes):
         obj = json.loads(text)
         obj.update(changes)
         return json.dumps(obj)
+
     return edit
 
 
 TEACH = ["--teachers", "{teachers}"]
 HN = ["--hypernet", "{hypernet}"]
-FAULT_RULE = ("train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP "
-              "or rofs@STEP")
+FAULT_RULE = (
+    "train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or rofs@STEP"
+)
 CASES = [
     # flags and argparse
     Case("unknown-flag", "pretrain", ["--max_stpes", "3"], "unrecognized arguments: --max_stpes"),
@@ -185,18 +188,34 @@ CASES = [
     Case("warmup-above-one", "pretrain", ["--set", "train.warmup_ratio=1.5"], "train.warmup_ratio: must be in [0, 1]"),
     Case("lr-inf", "finetune", ["--set", "train.lr=inf"], "train.lr: expects a finite float ('inf')"),
     Case("inject-fault-bogus", "pretrain", ["--set", "train.inject_fault=bogus"], "train.inject_fault: must be"),
-    Case("inject-fault-enospc-step", "pretrain", ["--set", "train.inject_fault=enospc@x"],
-         f"{FAULT_RULE} ('enospc@x')"),
-    Case("inject-fault-kill-no-rank", "pretrain", ["--set", "train.inject_fault=kill@3"],
-         f"{FAULT_RULE} ('kill@3')"),
-    Case("inject-fault-stop-range", "pretrain", ["--set", "train.inject_fault=stop@3-5:1"],
-         f"{FAULT_RULE} ('stop@3-5:1')"),
-    Case("grad-ratio-every-negative", "finetune", ["--set", "train.grad_ratio_every=-1"],
-         "train.grad_ratio_every: must be >= 0 (-1)"),
-    Case("param-align-choice", "finetune", ["--set", "loss.param_align=absolute"],
-         "loss.param_align: must be one of relative, delta, factors"),
-    Case("builtin-suite-choice", "pretrain", ["--set", "data.builtin_suite=v3"],
-         "data.builtin_suite: must be one of v1, v2 ('v3')"),
+    Case(
+        "inject-fault-enospc-step", "pretrain", ["--set", "train.inject_fault=enospc@x"], f"{FAULT_RULE} ('enospc@x')"
+    ),
+    Case("inject-fault-kill-no-rank", "pretrain", ["--set", "train.inject_fault=kill@3"], f"{FAULT_RULE} ('kill@3')"),
+    Case(
+        "inject-fault-stop-range",
+        "pretrain",
+        ["--set", "train.inject_fault=stop@3-5:1"],
+        f"{FAULT_RULE} ('stop@3-5:1')",
+    ),
+    Case(
+        "grad-ratio-every-negative",
+        "finetune",
+        ["--set", "train.grad_ratio_every=-1"],
+        "train.grad_ratio_every: must be >= 0 (-1)",
+    ),
+    Case(
+        "param-align-choice",
+        "finetune",
+        ["--set", "loss.param_align=absolute"],
+        "loss.param_align: must be one of relative, delta, factors",
+    ),
+    Case(
+        "builtin-suite-choice",
+        "pretrain",
+        ["--set", "data.builtin_suite=v3"],
+        "data.builtin_suite: must be one of v1, v2 ('v3')",
+    ),
     Case("hidden-zero", "pretrain", ["--set", "hypernet.hidden=0"], "hypernet.hidden: must be > 0 (0)"),
     Case("num-layers-negative", "pretrain", ["--set", "model.num_layers=-1"], "model.num_layers: must be > 0 (-1)"),
     Case("dropout-one", "pretrain", ["--set", "hypernet.dropout=1"], "hypernet.dropout: must be in [0, 1)"),
@@ -208,8 +227,12 @@ CASES = [
     Case("precision-bf16-on-cpu", "pretrain", ["--set", "train.precision=bf16"], "train.precision=bf16 needs a CUDA"),
     Case("source-length-one", "finetune", ["--set", "data.max_source_length=1"], "data.max_source_length: must be"),
     Case("llama-fusion", "pretrain", ["--set", "model.arch=llama"], "hypernet.fusion: true is T5-only"),
-    Case("llama-kv-heads", "pretrain", ["--recipe", "tiny-llama", "--set", "model.num_kv_heads=3"],
-         "model.num_kv_heads: must divide model.num_heads=4 (3)"),
+    Case(
+        "llama-kv-heads",
+        "pretrain",
+        ["--recipe", "tiny-llama", "--set", "model.num_kv_heads=3"],
+        "model.num_kv_heads: must divide model.num_heads=4 (3)",
+    ),
     Case("unknown-projection", "pretrain", ["--set", "model.adapted=q,zz"], "model.adapted: unknown T5 projection"),
     Case("trainable-matches-nothing", "teachers", ["--set", 'model.trainable=["nomatch"]'], "model.trainable"),
     Case("trainable-bad-regex", "pretrain", ["--set", 'model.trainable=["("]'], "model.trainable: bad regex"),
@@ -225,117 +248,263 @@ CASES = [
     Case("data-categories-unknown", "teachers", ["--set", "data.categories=Nope"], "data.categories"),
     # a local checkpoint dir for the backbone (its config.json and weight headers, before anything is built)
     Case("model-dir-missing", "pretrain", ["--model_name_or_path", "/nonexistent/t5"], "/nonexistent/t5"),
-    Case("model-weights-truncated", "pretrain", ["--model_name_or_path", "{trunc:backbone|model.safetensors}"],
-         "model.safetensors: truncated"),
-    Case("model-arch-mismatch", "pretrain", ["--recipe", "tiny-llama", "--model_name_or_path", "{ckpt:backbone}"],
-         "a t5 checkpoint, but model.arch=llama"),
-    Case("model-config-invalid", "pretrain", ["--model_name_or_path", "{json:backbone|config.json|[1,}"],
-         "config.json"),
+    Case(
+        "model-weights-truncated",
+        "pretrain",
+        ["--model_name_or_path", "{trunc:backbone|model.safetensors}"],
+        "model.safetensors: truncated",
+    ),
+    Case(
+        "model-arch-mismatch",
+        "pretrain",
+        ["--recipe", "tiny-llama", "--model_name_or_path", "{ckpt:backbone}"],
+        "a t5 checkpoint, but model.arch=llama",
+    ),
+    Case(
+        "model-config-invalid", "pretrain", ["--model_name_or_path", "{json:backbone|config.json|[1,}"], "config.json"
+    ),
     # the DeepSpeed JSON, against DeepSpeed's own schema
     Case("ds-missing", "pretrain", ["--deepspeed", "nope.json"], "--deepspeed 'nope.json': no such file"),
     Case("ds-directory", "pretrain", ["--deepspeed", "ds_configs"], "is a directory"),
     Case("ds-invalid-json", "pretrain", ["--deepspeed", "{afile}"], "invalid JSON at line 1"),
     Case("ds-list", "finetune", ["--deepspeed", "{ds:[1, 2]}"], "expected a JSON object"),
-    Case("ds-auto", "pretrain", ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3, "reduce_bucket_size": '
-                                 '"auto"}}}'], 'zero_optimization.reduce_bucket_size is "auto"'),
-    Case("ds-owned-key", "teachers", ["--deepspeed", '{ds:{"train_batch_size": 8}}'],
-         "'train_batch_size' comes from the tagi-ds config"),
-    Case("ds-stage-three", "pretrain", ["--deepspeed", '{ds:{"zero_optimization": {"stage": "three"}}}'],
-         "zero_optimization.stage: Input should be"),
-    Case("ds-unknown-zero-key", "finetune", ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3, "bogus": 1}}}'],
-         "zero_optimization.bogus: Extra inputs are not permitted (1)"),
-    Case("ds-unknown-top-key", "pretrain", ["--deepspeed", '{ds:{"zero_optimization": {"stage": 2}, '
-                                            '"zero_optimisation": {}}}'], "zero_optimisation: not a DeepSpeed"),
-    Case("ds-bad-offload-device", "pretrain", ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3, '
-                                               '"offload_param": {"device": "gpu"}}}}'],
-         "zero_optimization.offload_param.device"),
-    Case("ds-rejected-value", "teachers", ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3}, '
-                                           '"communication_data_type": "fp8"}}'],
-         "DeepSpeed rejects it: Invalid communication_data_type"),
+    Case(
+        "ds-auto",
+        "pretrain",
+        ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}}'],
+        'zero_optimization.reduce_bucket_size is "auto"',
+    ),
+    Case(
+        "ds-owned-key",
+        "teachers",
+        ["--deepspeed", '{ds:{"train_batch_size": 8}}'],
+        "'train_batch_size' comes from the tagi-ds config",
+    ),
+    Case(
+        "ds-stage-three",
+        "pretrain",
+        ["--deepspeed", '{ds:{"zero_optimization": {"stage": "three"}}}'],
+        "zero_optimization.stage: Input should be",
+    ),
+    Case(
+        "ds-unknown-zero-key",
+        "finetune",
+        ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3, "bogus": 1}}}'],
+        "zero_optimization.bogus: Extra inputs are not permitted (1)",
+    ),
+    Case(
+        "ds-unknown-top-key",
+        "pretrain",
+        ["--deepspeed", '{ds:{"zero_optimization": {"stage": 2}, "zero_optimisation": {}}}'],
+        "zero_optimisation: not a DeepSpeed",
+    ),
+    Case(
+        "ds-bad-offload-device",
+        "pretrain",
+        ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}}'],
+        "zero_optimization.offload_param.device",
+    ),
+    Case(
+        "ds-rejected-value",
+        "teachers",
+        ["--deepspeed", '{ds:{"zero_optimization": {"stage": 3}, "communication_data_type": "fp8"}}'],
+        "DeepSpeed rejects it: Invalid communication_data_type",
+    ),
     # the output directory
-    Case("out-is-a-file", "pretrain", ["--output_dir", "{afile}"], "--output_dir: exists and is not a directory",
-         False),
+    Case(
+        "out-is-a-file", "pretrain", ["--output_dir", "{afile}"], "--output_dir: exists and is not a directory", False
+    ),
     Case("out-under-a-file", "teachers", ["--output_dir", "{under_afile}"], "is not a directory", False),
-    Case("out-under-proc", "pretrain", ["--output_dir", "/proc/tagi_run"], "--output_dir: cannot create files under "
-         "/proc", False),
+    Case(
+        "out-under-proc",
+        "pretrain",
+        ["--output_dir", "/proc/tagi_run"],
+        "--output_dir: cannot create files under /proc",
+        False,
+    ),
     # checkpoints to resume
     Case("resume-latest-none", "pretrain", ["--resume_from_checkpoint", "latest"], "no complete checkpoint"),
     Case("resume-tmp-dir", "pretrain", ["--resume_from_checkpoint", "{ckpt_tmp}"], "an incomplete checkpoint"),
-    Case("resume-other-stage", "pretrain", ["--resume_from_checkpoint", "{ckpt:teachers/checkpoints/step-2}"],
-         "written with stage teachers, this run has pretrain"),
-    Case("resume-other-mode", "finetune", ["--resume_from_checkpoint", "{ckpt:concat/checkpoints/step-2}",
-                                           "--set", "loss.kl_weight=0", "loss.param_weight=0"],
-         "written with mode concat, this run has tagi"),
-    Case("resume-other-recipe", "pretrain", ["--recipe", "mini", "--resume_from_checkpoint",
-                                             "{ckpt:pretrain/checkpoints/step-2}"], "written with recipe tiny"),
-    Case("resume-other-shapes", "pretrain", ["--set", "hypernet.rank=4", "--resume_from_checkpoint",
-                                             "{ckpt:pretrain/checkpoints/step-2}"], "trainable parameter generator."),
-    Case("resume-truncated-trainer", "pretrain", ["--resume_from_checkpoint", "{ckpt_trunc:trainer_rank0.pt}"],
-         "trainer_rank0.pt is damaged"),
-    Case("resume-truncated-deepspeed", "pretrain", [
-        "--resume_from_checkpoint", "{ckpt_trunc:zero_pp_rank_0_mp_rank_00_optim_states.pt}"],
-         "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-    Case("resume-missing-trainer", "pretrain", ["--resume_from_checkpoint", "{ckpt_nofile:trainer_rank0.pt}"],
-         "not a complete tagi-ds checkpoint"),
+    Case(
+        "resume-other-stage",
+        "pretrain",
+        ["--resume_from_checkpoint", "{ckpt:teachers/checkpoints/step-2}"],
+        "written with stage teachers, this run has pretrain",
+    ),
+    Case(
+        "resume-other-mode",
+        "finetune",
+        [
+            "--resume_from_checkpoint",
+            "{ckpt:concat/checkpoints/step-2}",
+            "--set",
+            "loss.kl_weight=0",
+            "loss.param_weight=0",
+        ],
+        "written with mode concat, this run has tagi",
+    ),
+    Case(
+        "resume-other-recipe",
+        "pretrain",
+        ["--recipe", "mini", "--resume_from_checkpoint", "{ckpt:pretrain/checkpoints/step-2}"],
+        "written with recipe tiny",
+    ),
+    Case(
+        "resume-other-shapes",
+        "pretrain",
+        ["--set", "hypernet.rank=4", "--resume_from_checkpoint", "{ckpt:pretrain/checkpoints/step-2}"],
+        "trainable parameter generator.",
+    ),
+    Case(
+        "resume-truncated-trainer",
+        "pretrain",
+        ["--resume_from_checkpoint", "{ckpt_trunc:trainer_rank0.pt}"],
+        "trainer_rank0.pt is damaged",
+    ),
+    Case(
+        "resume-truncated-deepspeed",
+        "pretrain",
+        ["--resume_from_checkpoint", "{ckpt_trunc:zero_pp_rank_0_mp_rank_00_optim_states.pt}"],
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ),
+    Case(
+        "resume-missing-trainer",
+        "pretrain",
+        ["--resume_from_checkpoint", "{ckpt_nofile:trainer_rank0.pt}"],
+        "not a complete tagi-ds checkpoint",
+    ),
     # artifacts a run reads
     Case("finetune-needs-teachers", "finetune", [], "--teachers: finetune with loss.kl_weight"),
     Case("teachers-missing", "finetune", ["--teachers", "/nonexistent/teachers"], "rows.json: missing"),
-    Case("teachers-truncated", "finetune", ["--teachers", "{trunc:teachers/teachers|teachers.safetensors}"],
-         "teachers.safetensors: truncated"),
-    Case("teachers-config-invalid", "finetune", ["--teachers", "{json:teachers/teachers|config.json|{not json}"],
-         "config.json: invalid JSON"),
+    Case(
+        "teachers-truncated",
+        "finetune",
+        ["--teachers", "{trunc:teachers/teachers|teachers.safetensors}"],
+        "teachers.safetensors: truncated",
+    ),
+    Case(
+        "teachers-config-invalid",
+        "finetune",
+        ["--teachers", "{json:teachers/teachers|config.json|{not json}"],
+        "config.json: invalid JSON",
+    ),
     Case("teachers-config-no-sites", "finetune", ["--teachers", "{nosites:teachers/teachers}"], "no 'sites' key"),
-    Case("teachers-rows-not-object", "finetune", ["--teachers", "{json:teachers/teachers|rows.json|[1, 2]}"],
-         "rows.json: expected a JSON object"),
-    Case("teachers-other-rank", "finetune", ["--teachers", "{teachers_rank4}"],
-         ("--teachers ", "teachers.safetensors: tensor A.0 has shape (76, 8, 64), this model's is (76, 4, 64)")),
+    Case(
+        "teachers-rows-not-object",
+        "finetune",
+        ["--teachers", "{json:teachers/teachers|rows.json|[1, 2]}"],
+        "rows.json: expected a JSON object",
+    ),
+    Case(
+        "teachers-other-rank",
+        "finetune",
+        ["--teachers", "{teachers_rank4}"],
+        ("--teachers ", "teachers.safetensors: tensor A.0 has shape (76, 8, 64), this model's is (76, 4, 64)"),
+    ),
     Case("teachers-unused", "finetune", [*TEACH, "--mode", "concat"], "--teachers"),
-    Case("hypernet-truncated", "finetune", [*TEACH, "--init_hypernet",
-                                            "{trunc:pretrain/hypernet|generator.safetensors}"],
-         "generator.safetensors: truncated"),
-    Case("hypernet-header-garbage", "finetune", [*TEACH, "--init_hypernet",
-                                                 "{trunc:pretrain/hypernet|generator.safetensors|0.0005}"],
-         "generator.safetensors"),
-    Case("hypernet-config-invalid", "finetune", [*TEACH, "--init_hypernet", "{json:pretrain/hypernet|config.json|[1,}"],
-         "config.json: invalid JSON"),
-    Case("hypernet-config-no-sites", "finetune", [*TEACH, "--init_hypernet", "{nosites:pretrain/hypernet}"],
-         "no 'sites' key"),
-    Case("hypernet-other-rank", "finetune", [*TEACH, "--init_hypernet", "{hypernet}", "--set", "hypernet.rank=4"],
-         "generator.safetensors: tensor"),
-    Case("hypernet-other-sites", "finetune", ["--init_hypernet", "{hypernet}", "--set", "model.adapted=q,k",
-                                              "loss.kl_weight=0", "loss.param_weight=0"],
-         ("--init_hypernet ", "hypernet/config.json: adapted sites differ")),
-    Case("init-hypernet-concat", "finetune", ["--init_hypernet", "{hypernet}", "--mode", "concat"],
-         "--init_hypernet"),
+    Case(
+        "hypernet-truncated",
+        "finetune",
+        [*TEACH, "--init_hypernet", "{trunc:pretrain/hypernet|generator.safetensors}"],
+        "generator.safetensors: truncated",
+    ),
+    Case(
+        "hypernet-header-garbage",
+        "finetune",
+        [*TEACH, "--init_hypernet", "{trunc:pretrain/hypernet|generator.safetensors|0.0005}"],
+        "generator.safetensors",
+    ),
+    Case(
+        "hypernet-config-invalid",
+        "finetune",
+        [*TEACH, "--init_hypernet", "{json:pretrain/hypernet|config.json|[1,}"],
+        "config.json: invalid JSON",
+    ),
+    Case(
+        "hypernet-config-no-sites",
+        "finetune",
+        [*TEACH, "--init_hypernet", "{nosites:pretrain/hypernet}"],
+        "no 'sites' key",
+    ),
+    Case(
+        "hypernet-other-rank",
+        "finetune",
+        [*TEACH, "--init_hypernet", "{hypernet}", "--set", "hypernet.rank=4"],
+        "generator.safetensors: tensor",
+    ),
+    Case(
+        "hypernet-other-sites",
+        "finetune",
+        ["--init_hypernet", "{hypernet}", "--set", "model.adapted=q,k", "loss.kl_weight=0", "loss.param_weight=0"],
+        ("--init_hypernet ", "hypernet/config.json: adapted sites differ"),
+    ),
+    Case("init-hypernet-concat", "finetune", ["--init_hypernet", "{hypernet}", "--mode", "concat"], "--init_hypernet"),
     # evaluate
     Case("eval-split-choice", "evaluate", [*HN, "--split", "nonsense"], "argument --split: invalid choice"),
     Case("eval-nothing", "evaluate", [], "nothing to evaluate"),
-    Case("eval-hypernet-truncated", "evaluate", ["--hypernet", "{trunc:pretrain/hypernet|generator.safetensors}"],
-         "generator.safetensors: truncated"),
+    Case(
+        "eval-hypernet-truncated",
+        "evaluate",
+        ["--hypernet", "{trunc:pretrain/hypernet|generator.safetensors}"],
+        "generator.safetensors: truncated",
+    ),
     Case("eval-hypernet-no-sites", "evaluate", ["--hypernet", "{nosites:pretrain/hypernet}"], "no 'sites' key"),
-    Case("eval-hypernet-config-invalid", "evaluate", ["--hypernet", "{json:pretrain/hypernet|config.json|[}"],
-         ("--hypernet ", "config.json: invalid JSON")),
-    Case("eval-teachers-truncated", "evaluate", ["--teachers", "{trunc:teachers/teachers|teachers.safetensors}",
-                                                 "--split", "train"], "teachers.safetensors: truncated"),
-    Case("eval-adapter-truncated", "evaluate", ["--adapter", "{trunc:concat/baseline_lora|teachers.safetensors}"],
-         "teachers.safetensors: truncated"),
+    Case(
+        "eval-hypernet-config-invalid",
+        "evaluate",
+        ["--hypernet", "{json:pretrain/hypernet|config.json|[}"],
+        ("--hypernet ", "config.json: invalid JSON"),
+    ),
+    Case(
+        "eval-teachers-truncated",
+        "evaluate",
+        ["--teachers", "{trunc:teachers/teachers|teachers.safetensors}", "--split", "train"],
+        "teachers.safetensors: truncated",
+    ),
+    Case(
+        "eval-adapter-truncated",
+        "evaluate",
+        ["--adapter", "{trunc:concat/baseline_lora|teachers.safetensors}"],
+        "teachers.safetensors: truncated",
+    ),
     Case("eval-adapter-is-teachers", "evaluate", ["--adapter", "{teachers}"], "a baseline_lora/ dir has one"),
     Case("eval-max-new-tokens", "evaluate", [*HN, "--max_new_tokens", "0"], "--max_new_tokens: must be > 0 (0)"),
     Case("eval-out-file", "evaluate", [*HN, "--output_dir", "{afile}"], "--output_dir: exists and is not", False),
-    Case("eval-ds-unknown-key", "evaluate", [*HN, "--deepspeed", '{ds:{"zero_optimization": {"stage": 3}, '
-                                                  '"bogus": true}}'], "bogus: not a DeepSpeed"),
+    Case(
+        "eval-ds-unknown-key",
+        "evaluate",
+        [*HN, "--deepspeed", '{ds:{"zero_optimization": {"stage": 3}, "bogus": true}}'],
+        "bogus: not a DeepSpeed",
+    ),
     Case("eval-other-layers", "evaluate", [*HN, "--set", "model.num_layers=3"], "adapted sites differ"),
     # generate_adapter
-    Case("gen-not-utf8", "generate_adapter", [*HN, "--instruction", b"\xff\xfe".decode("utf-8", "surrogateescape")],
-         "--instruction: not valid UTF-8 (b'\\xff\\xfe')"),
+    Case(
+        "gen-not-utf8",
+        "generate_adapter",
+        [*HN, "--instruction", b"\xff\xfe".decode("utf-8", "surrogateescape")],
+        "--instruction: not valid UTF-8 (b'\\xff\\xfe')",
+    ),
     Case("gen-no-text", "generate_adapter", HN, "one of the arguments --instruction --instruction_file is required"),
     Case("gen-empty-text", "generate_adapter", [*HN, "--instruction", "  "], "the text is empty"),
-    Case("gen-text-file-missing", "generate_adapter", [*HN, "--instruction_file", "/nonexistent.txt"],
-         "--instruction_file '/nonexistent.txt': cannot read it"),
-    Case("gen-hypernet-truncated", "generate_adapter", ["--hypernet", "{trunc:pretrain/hypernet|generator.safetensors}",
-                                                        "--instruction", "Copy."], "generator.safetensors: truncated"),
-    Case("gen-out-file", "generate_adapter", [*HN, "--instruction", "Copy.", "--output_dir", "{afile}"],
-         "--output_dir: exists and is not", False),
+    Case(
+        "gen-text-file-missing",
+        "generate_adapter",
+        [*HN, "--instruction_file", "/nonexistent.txt"],
+        "--instruction_file '/nonexistent.txt': cannot read it",
+    ),
+    Case(
+        "gen-hypernet-truncated",
+        "generate_adapter",
+        ["--hypernet", "{trunc:pretrain/hypernet|generator.safetensors}", "--instruction", "Copy."],
+        "generator.safetensors: truncated",
+    ),
+    Case(
+        "gen-out-file",
+        "generate_adapter",
+        [*HN, "--instruction", "Copy.", "--output_dir", "{afile}"],
+        "--output_dir: exists and is not",
+        False,
+    ),
     Case("gen-data-flag", "generate_adapter", [*HN, "--instruction", "Copy.", "--data", "builtin"], "--data builtin"),
     # the planner
     Case("plan-gpu-mem-nan", "plan", ["--gpu_mem_gb", "nan"], "argument --gpu_mem_gb: expected a finite number", False),
@@ -347,13 +516,22 @@ CASES = [
     Case("plan-unknown-flag", "plan", ["--bogus"], "unrecognized arguments: --bogus", False),
     Case("plan-ds-missing", "plan", ["--deepspeed", "nope.json"], "--deepspeed 'nope.json': no such file", False),
     Case("plan-gpu-mem-tiny", "plan", ["--gpu_mem_gb", "0.001"], "--gpu_mem_gb: leaves no usable memory", False),
-    Case("start-over-and-resume", "pretrain", ["--start_over", "--resume_from_checkpoint", "latest"],
-         "--start_over: a fresh start"),
+    Case(
+        "start-over-and-resume",
+        "pretrain",
+        ["--start_over", "--resume_from_checkpoint", "latest"],
+        "--start_over: a fresh start",
+    ),
     # python -m tagi_ds.serve: every one before the model is built and the port opens
     Case("serve-no-hypernet", "serve", ["--port", "0"], "the following arguments are required: --hypernet", False),
     Case("serve-hypernet-missing", "serve", ["--hypernet", "/nonexistent/hn"], "--hypernet '/nonexistent/hn'", False),
-    Case("serve-hypernet-truncated", "serve", ["--hypernet", "{trunc:pretrain/hypernet|generator.safetensors}"],
-         "generator.safetensors: truncated", False),
+    Case(
+        "serve-hypernet-truncated",
+        "serve",
+        ["--hypernet", "{trunc:pretrain/hypernet|generator.safetensors}"],
+        "generator.safetensors: truncated",
+        False,
+    ),
     Case("serve-max-batch-zero", "serve", [*HN, "--max_batch", "0"], "--max_batch: must be > 0 (0)", False),
     Case("serve-window-negative", "serve", [*HN, "--batch_window_ms", "-1"], "--batch_window_ms: must be >= 0", False),
     Case("serve-window-nan", "serve", [*HN, "--batch_window_ms", "nan"], "--batch_window_ms: must be >= 0", False),
@@ -363,21 +541,39 @@ CASES = [
     Case("serve-body-limit-text", "serve", [*HN, "--max_request_bytes", "1MB"], "argument --max_request_bytes", False),
     Case("serve-mode-choice", "serve", [*HN, "--mode", "lora"], "argument --mode: invalid choice", False),
     Case("serve-unknown-key", "serve", [*HN, "--set", "hypernet.rnak=3"], "hypernet.rnak: unknown config key", False),
-    Case("serve-export-dir-file", "serve", [*HN, "--adapter_export_dir", "{afile}"],
-         "--adapter_export_dir: exists and is not a directory", False),
+    Case(
+        "serve-export-dir-file",
+        "serve",
+        [*HN, "--adapter_export_dir", "{afile}"],
+        "--adapter_export_dir: exists and is not a directory",
+        False,
+    ),
     Case("serve-other-layers", "serve", [*HN, "--set", "model.num_layers=3"], "adapted sites differ", False),
     # python -m tagi_ds.data
     Case("data-cli-scheme", "data", ["--data", "s3://bucket/sni"], "unknown scheme 's3'", False),
-    Case("data-cli-set-value", "data", ["--set", "data.setting=def", "data.num_pos=-1"], "data.num_pos: must be >= 0",
-         False),
+    Case(
+        "data-cli-set-value",
+        "data",
+        ["--set", "data.setting=def", "data.num_pos=-1"],
+        "data.num_pos: must be >= 0",
+        False,
+    ),
     Case("data-cli-write-sni-file", "data", ["--write-sni", "{afile}"], "--write-sni: exists and is not", False),
 ]
 
 
 def test_table_has_the_kinds_the_contract_names():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
-    assert {c.entry for c in CASES} == {"pretrain", "teachers", "finetune", "evaluate", "generate_adapter", "plan",
-                                        "data", "serve"}
+    assert {c.entry for c in CASES} == {
+        "pretrain",
+        "teachers",
+        "finetune",
+        "evaluate",
+        "generate_adapter",
+        "plan",
+        "data",
+        "serve",
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -411,8 +607,15 @@ def _one_line(stderr: bytes, needle: str) -> None:
 def test_processes_report_one_line(runs, tmp_path):
     fresh = tmp_path / "fresh"
     # Non-UTF-8 bytes in argv (as a shell passes $'\xff\xfe'), a truncated artifact, the planner.
-    proc = _proc(str(REPO / "launchers" / "generate_adapter.py"), "--hypernet", str(runs / "pretrain/hypernet"),
-                 "--instruction", b"\xff\xfe".decode("utf-8", "surrogateescape"), "--output_dir", str(fresh))
+    proc = _proc(
+        str(REPO / "launchers" / "generate_adapter.py"),
+        "--hypernet",
+        str(runs / "pretrain/hypernet"),
+        "--instruction",
+        b"\xff\xfe".decode("utf-8", "surrogateescape"),
+        "--output_dir",
+        str(fresh),
+    )
     assert proc.returncode == 2
     _one_line(proc.stderr, "--instruction: not valid UTF-8")
     damaged = Files(runs, tmp_path).truncated("teachers/teachers", "teachers.safetensors")

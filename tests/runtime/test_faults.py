@@ -60,8 +60,14 @@ for name, argv in json.loads(sys.argv[1]):
 
 
 def _run_all(steps: list) -> dict[str, dict]:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(steps)], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(steps)],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {r["name"]: r for r in (json.loads(ln[2:]) for ln in proc.stdout.splitlines() if ln.startswith("@@"))}
 
@@ -101,8 +107,10 @@ def single(tmp_path_factory):
         # the disk fills during the 2nd save; then the resume continues from the 1st
         ("enospc", ["--output_dir", str(full), "--max_steps", "6", *SMALL, "train.inject_fault=enospc@4"]),
         ("!copy", ["copy", str(full), str(t / "full-at-fault")]),  # what the fault left, before the resume
-        ("enospc-resume", ["--output_dir", str(full), "--max_steps", "6", "--resume_from_checkpoint", "latest",
-                           *SMALL]),
+        (
+            "enospc-resume",
+            ["--output_dir", str(full), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL],
+        ),
         # the directory turns read-only during the 2nd save (as root, chmod does not stop writes: injected EROFS)
         ("rofs", ["--output_dir", str(t / "rofs"), "--max_steps", "4", *SMALL, "train.inject_fault=rofs@4"]),
         # the disk is full at start: config.json cannot be written
@@ -116,17 +124,28 @@ def single(tmp_path_factory):
         ("!copy", ["copy", str(ref), str(nowhere)]),
         ("!write", ["write", str(nowhere / "checkpoints" / "latest"), b"step-99\n".hex()]),
         ("!rmtree", ["rmtree", str(nowhere / "checkpoints" / "step-6"), ""]),
-        ("nowhere-latest", ["--output_dir", str(nowhere), "--max_steps", "6", "--resume_from_checkpoint", "latest",
-                            *SMALL]),
+        (
+            "nowhere-latest",
+            ["--output_dir", str(nowhere), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL],
+        ),
         # the newest step lacks a DeepSpeed optimizer file: by path refused before anything is written; with latest
         # the older complete step is used
         ("!copy", ["copy", str(ref), str(miss)]),
         ("!rm", ["rm", str(miss / "checkpoints" / "step-6" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), ""]),
         ("!copy", ["copy", str(miss), str(miss2)]),
-        ("miss-by-path", ["--output_dir", str(miss), "--max_steps", "8", "--resume_from_checkpoint",
-                          str(miss / "checkpoints" / "step-6"), *SMALL]),
-        ("miss-latest", ["--output_dir", str(miss2), "--max_steps", "6", "--resume_from_checkpoint", "latest",
-                         *SMALL]),
+        (
+            "miss-by-path",
+            [
+                "--output_dir",
+                str(miss),
+                "--max_steps",
+                "8",
+                "--resume_from_checkpoint",
+                str(miss / "checkpoints" / "step-6"),
+                *SMALL,
+            ],
+        ),
+        ("miss-latest", ["--output_dir", str(miss2), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL]),
     ]
     return t, _run_all(steps), None
 
@@ -135,8 +154,12 @@ def test_fresh_run_into_another_runs_dir_is_refused_then_start_over_keeps_its_ow
     t, r, _ = single
     old = t / "old"
     assert r["fresh-over-old"]["rc"] == 2
-    _one_line(r["fresh-over-old"], f"--output_dir {old}: holds another run's checkpoints (newest complete step-6)",
-              "--resume_from_checkpoint latest", "--start_over")
+    _one_line(
+        r["fresh-over-old"],
+        f"--output_dir {old}: holds another run's checkpoints (newest complete step-6)",
+        "--resume_from_checkpoint latest",
+        "--start_over",
+    )
     assert r["start-over"]["rc"] == 0, r["start-over"]["stderr"][-2000:]
     ckpts = old / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-2\n"  # the new run's checkpoint survived its own pruning
@@ -165,8 +188,13 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_resumes_bit_e
     full = t / "full"
     res = r["enospc"]
     assert res["rc"] == 4, res["stderr"][-3000:]
-    line = _one_line(res, "error: saving step 4 failed: cannot write", os.strerror(errno.ENOSPC),
-                     f"last complete checkpoint {full / 'checkpoints' / 'step-2'}", "--resume_from_checkpoint latest")
+    line = _one_line(
+        res,
+        "error: saving step 4 failed: cannot write",
+        os.strerror(errno.ENOSPC),
+        f"last complete checkpoint {full / 'checkpoints' / 'step-2'}",
+        "--resume_from_checkpoint latest",
+    )
     assert "step-4.tmp" in line
     ckpts = t / "full-at-fault" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-2\n"
@@ -182,8 +210,13 @@ def test_a_read_only_directory_during_a_save_is_one_line_and_keeps_the_previous_
     t, r, _ = single
     res = r["rofs"]
     assert res["rc"] == 4, res["stderr"][-3000:]
-    _one_line(res, "error: saving step 4 failed: cannot write", os.strerror(errno.EROFS),
-              f"last complete checkpoint {t / 'rofs' / 'checkpoints' / 'step-2'}", "--resume_from_checkpoint latest")
+    _one_line(
+        res,
+        "error: saving step 4 failed: cannot write",
+        os.strerror(errno.EROFS),
+        f"last complete checkpoint {t / 'rofs' / 'checkpoints' / 'step-2'}",
+        "--resume_from_checkpoint latest",
+    )
     ckpts = t / "rofs" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-2\n"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-2"]  # no step-4.tmp
@@ -198,10 +231,14 @@ def test_disk_full_at_start_is_one_line_and_leaves_no_temp_file(single):
     assert sorted(p.name for p in start.iterdir()) == [rundir.LOCK]  # no config.json, no .config.json.tmp.*
 
 
-@pytest.mark.parametrize("name, problem", [("bad-latest", "is not UTF-8 text"),
-                                           ("nowhere-latest", "names step-99: no such checkpoint directory"),
-                                           ("miss-latest", "names step-6: zero_pp_rank_0_mp_rank_00_optim_states.pt "
-                                                           "is missing")])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("bad-latest", "is not UTF-8 text"),
+        ("nowhere-latest", "names step-99: no such checkpoint directory"),
+        ("miss-latest", "names step-6: zero_pp_rank_0_mp_rank_00_optim_states.pt is missing"),
+    ],
+)
 def test_resume_latest_uses_the_newest_complete_checkpoint_and_says_so(single, name, problem):
     t, r, _ = single
     out = t / {"bad-latest": "bad", "nowhere-latest": "nowhere", "miss-latest": "miss2"}[name]
@@ -218,8 +255,11 @@ def test_a_checkpoint_missing_a_shard_is_refused_before_anything_is_written(sing
     miss = t / "miss"
     res = r["miss-by-path"]
     assert res["rc"] == 2
-    _one_line(res, "zero_pp_rank_0_mp_rank_00_optim_states.pt is missing",
-              f"the newest complete checkpoint is {miss / 'checkpoints' / 'step-4'}")
+    _one_line(
+        res,
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt is missing",
+        f"the newest complete checkpoint is {miss / 'checkpoints' / 'step-4'}",
+    )
     # preflight refused it: config.json is the copied run's (the refused run asked for max_steps 8), nothing logged
     assert json.loads((miss / "config.json").read_text())["tagi"]["train"]["max_steps"] == 6
     assert [m["step"] for m in metrics(miss)] == [1, 2, 3, 4, 5, 6]
@@ -230,8 +270,14 @@ def test_a_second_run_into_a_held_dir_is_refused_naming_the_holder(tmp_path):
     out.mkdir()
     rundir.lock(out)  # this process is the first run
     try:
-        proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--output_dir", str(out), "--max_steps", "2",
-                               *SMALL], cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S)
+        proc = subprocess.run(
+            [sys.executable, "launchers/pretrain.py", "--output_dir", str(out), "--max_steps", "2", *SMALL],
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=HANG_S,
+        )
     finally:
         rundir.unlock(out)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -246,8 +292,12 @@ def test_two_ranks_disk_full_during_a_save_then_ctrl_c_saves(tmp_path):
     """2 ranks: the 2nd save fails on both ranks at once (one line, rc 4, step-2 kept, no .tmp); the resume is then
     stopped with Ctrl-C (SIGINT to the whole process group, as a terminal sends it): it saves, with no traceback."""
     out = tmp_path / "run"
-    proc = launch("pretrain.py", 2, ["--output_dir", str(out), "--max_steps", "400", *SMALL,
-                                     "train.inject_fault=enospc@4"], timeout=600)
+    proc = launch(
+        "pretrain.py",
+        2,
+        ["--output_dir", str(out), "--max_steps", "400", *SMALL, "train.inject_fault=enospc@4"],
+        timeout=600,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 4, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
@@ -257,8 +307,21 @@ def test_two_ranks_disk_full_during_a_save_then_ctrl_c_saves(tmp_path):
     assert (ckpts / "latest").read_text() == "step-2\n"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-2"]
 
-    run = popen("pretrain.py", 2, ["--output_dir", str(out), "--max_steps", "400", "--resume_from_checkpoint",
-                                   "latest", *SMALL, "--save_steps", "1000"])
+    run = popen(
+        "pretrain.py",
+        2,
+        [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "400",
+            "--resume_from_checkpoint",
+            "latest",
+            *SMALL,
+            "--save_steps",
+            "1000",
+        ],
+    )
     deadline = time.time() + HANG_S  # a hang guard (issue 29): ~20 s idle
     while time.time() < deadline and _records(out) < 6:  # 4 records of the first run, then steps 3 and 4
         time.sleep(0.3)
@@ -320,14 +383,21 @@ def test_a_dead_rank_and_a_frozen_rank_are_named_in_one_line_and_the_run_resumes
     assert max(killed) == 5, killed  # step 5 was logged; the kill came in step 6
     print(f"kill: {time.monotonic() - t0:.0f}s launch to exit")
 
-    check(launch("pretrain.py", 2, ["--output_dir", str(out), "--max_steps", "5", "--resume_from_checkpoint",
-                                    "latest", *SMALL], timeout=600))
+    check(
+        launch(
+            "pretrain.py",
+            2,
+            ["--output_dir", str(out), "--max_steps", "5", "--resume_from_checkpoint", "latest", *SMALL],
+            timeout=600,
+        )
+    )
     assert _losses(out)[5] == killed[5]  # the resume from step-4 continues bit-exactly
 
     stopped = tmp_path / "stopped"
     t0 = time.monotonic()
-    cmd = command("pretrain.py", 2, ["--output_dir", str(stopped), "--max_steps", "400", *SMALL,
-                                     "train.inject_fault=stop@3:1"])
+    cmd = command(
+        "pretrain.py", 2, ["--output_dir", str(stopped), "--max_steps", "400", *SMALL, "train.inject_fault=stop@3:1"]
+    )
     proc = run_job([*cmd[:3], "--rank_timeout", "10", *cmd[3:]], 600, env())  # the launcher's option: before the script
     log = proc.stdout + proc.stderr
     assert proc.returncode == 6, log[-4000:]

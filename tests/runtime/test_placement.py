@@ -74,17 +74,42 @@ print("LEFT", left)
 def test_building_the_engine_places_the_model_on_the_engine_device(config, stage):
     """A CPU machine has no second device to leave a buffer on, so this checks the wiring: every engine build
     hands the whole model to ``place`` with the engine's device (the meta tests above check ``place``)."""
-    proc = subprocess.run([sys.executable, "-c", ENGINE, str(REPO / "ds_configs" / config), str(stage)], cwd=REPO,
-                          env=env(), capture_output=True, text=True, timeout=HANG_S)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE, str(REPO / "ds_configs" / config), str(stage)],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CALLS [(True, 'cpu')] ENGINE cpu" in proc.stdout and "LEFT []" in proc.stdout, proc.stdout[-2000:]
 
 
 # -- the code-level rule ------------------------------------------------------------------------------------
-STEP_CODE = ["tagi_ds/model.py", "tagi_ds/losses.py", "tagi_ds/ops.py", "tagi_ds/batch.py", "tagi_ds/adapters",
-             "tagi_ds/hypernet", "tagi_ds/backbones"]
-FACTORIES = {"tensor", "as_tensor", "arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "eye",
-             "linspace"}
+STEP_CODE = [
+    "tagi_ds/model.py",
+    "tagi_ds/losses.py",
+    "tagi_ds/ops.py",
+    "tagi_ds/batch.py",
+    "tagi_ds/adapters",
+    "tagi_ds/hypernet",
+    "tagi_ds/backbones",
+]
+FACTORIES = {
+    "tensor",
+    "as_tensor",
+    "arange",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "rand",
+    "randn",
+    "randint",
+    "eye",
+    "linspace",
+}
 
 
 def _violations(path: Path) -> list[str]:
@@ -96,10 +121,15 @@ def _violations(path: Path) -> list[str]:
     def visit(node, in_init):
         for child in ast.iter_child_nodes(node):
             init = in_init or (isinstance(child, ast.FunctionDef) and child.name == "__init__")
-            if (isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute)
-                    and child.func.attr in FACTORIES and isinstance(child.func.value, ast.Name)
-                    and child.func.value.id == "torch" and not init
-                    and not any(k.arg == "device" for k in child.keywords)):
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Attribute)
+                and child.func.attr in FACTORIES
+                and isinstance(child.func.value, ast.Name)
+                and child.func.value.id == "torch"
+                and not init
+                and not any(k.arg == "device" for k in child.keywords)
+            ):
                 out.append(f"{path.relative_to(REPO)}:{child.lineno}: torch.{child.func.attr}(...) without device=")
             visit(child, init)
 
@@ -108,8 +138,9 @@ def _violations(path: Path) -> list[str]:
 
 
 def test_no_tensor_is_built_in_the_step_without_an_explicit_device():
-    files = [p for entry in STEP_CODE for p in ((REPO / entry).rglob("*.py") if (REPO / entry).is_dir()
-                                                   else [REPO / entry])]
+    files = [
+        p for entry in STEP_CODE for p in ((REPO / entry).rglob("*.py") if (REPO / entry).is_dir() else [REPO / entry])
+    ]
     assert len(files) > 8
     problems = [v for f in files for v in _violations(f)]
     assert problems == [], "\n".join(problems)

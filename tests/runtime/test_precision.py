@@ -52,12 +52,19 @@ FAMILIES = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma2")
 
 
 def test_bf16_zero3_rope_fp32_and_generator_in_training_dtype(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, partitioned_z3(tmp_path), *FAMILIES], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=1200)  # a hang guard: ~30 s idle
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, partitioned_z3(tmp_path), *FAMILIES],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )  # a hang guard: ~30 s idle
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    assert [(r["recipe"], r["placement"]) for r in rows] == [(f, p) for f in FAMILIES
-                                                             for p in ("partitioned", "replicated")]
+    assert [(r["recipe"], r["placement"]) for r in rows] == [
+        (f, p) for f in FAMILIES for p in ("partitioned", "replicated")
+    ]
     for r in rows:
         where = f"{r['recipe']} {r['placement']}"
         assert r["partitioned"] == (r["placement"] == "partitioned"), where
@@ -83,9 +90,21 @@ def test_cast_parameters_keeps_buffers_and_measure_uses_it(monkeypatch):
     seen = []
     place = E.place
     monkeypatch.setattr(E, "place", lambda m, d: seen.append(m) or place(m, d))
-    measure.measure_step(PlanInput(model="tiny-llama", stage="none", gpus_per_node=1, precision="bf16", micro_batch=2,
-                                   examples_per_task=1, seq_len=8, target_len=4, instr_len=8, teacher_rows=2),
-                         device="cpu")
+    measure.measure_step(
+        PlanInput(
+            model="tiny-llama",
+            stage="none",
+            gpus_per_node=1,
+            precision="bf16",
+            micro_batch=2,
+            examples_per_task=1,
+            seq_len=8,
+            target_len=4,
+            instr_len=8,
+            teacher_rows=2,
+        ),
+        device="cpu",
+    )
     (model,) = seen
     assert {p.dtype for p in model.trainable_parameters()} == {torch.bfloat16}
     rope = {n: b for n, b in model.backbone.named_buffers() if "inv_freq" in n}

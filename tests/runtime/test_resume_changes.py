@@ -64,17 +64,25 @@ def test_a_changed_lr_is_listed_and_reaches_the_optimizer_and_the_schedule(runs)
     assert finger["config"]["train"]["lr"] == 0.1
 
 
-@pytest.mark.parametrize("name, field, values", [
-    ("shape", "data.tasks_per_batch", "the checkpoint has 2, this run 1"),
-    ("source", "data.corpus", "the checkpoint has null, this run \"text:"),
-    ("seed", "train.seed", "the checkpoint has 42, this run 7"),
-])
+@pytest.mark.parametrize(
+    "name, field, values",
+    [
+        ("shape", "data.tasks_per_batch", "the checkpoint has 2, this run 1"),
+        ("source", "data.corpus", 'the checkpoint has null, this run "text:'),
+        ("seed", "train.seed", "the checkpoint has 42, this run 7"),
+    ],
+)
 def test_a_change_the_restored_state_cannot_follow_is_refused_before_anything_is_written(runs, name, field, values):
     t, r, before = runs
     res = r[name]
     assert res["rc"] == 2, res["stderr"][-3000:]
-    line = _one_line(res, f"error: --resume_from_checkpoint {t / name / 'checkpoints' / 'step-4'}: ",
-                     f"{field} cannot change on resume: ", values, "start a fresh run")
+    line = _one_line(
+        res,
+        f"error: --resume_from_checkpoint {t / name / 'checkpoints' / 'step-4'}: ",
+        f"{field} cannot change on resume: ",
+        values,
+        "start a fresh run",
+    )
     assert "resume changes" not in res["stderr"]  # refused: nothing listed as applied
     assert line.count("cannot change") == 1
     assert _snapshot(t / name) == before[name]  # config.json, metrics.jsonl, checkpoints: byte for byte
@@ -86,8 +94,7 @@ def test_an_older_checkpoint_is_compared_with_its_run_directorys_config_json(tmp
     step.mkdir(parents=True)
     (step / checkpoint.FINGERPRINT).write_text(json.dumps({"stage": "pretrain", "run_id": "x"}))
     tagi = from_dict({}).to_dict()
-    (tmp_path / "config.json").write_text(json.dumps({"tagi": tagi, "deepspeed": {"zero_optimization":
-                                                                                  {"stage": 3}}}))
+    (tmp_path / "config.json").write_text(json.dumps({"tagi": tagi, "deepspeed": {"zero_optimization": {"stage": 3}}}))
     config, zero_stage, source = resume.saved_settings(step)
     assert (config, zero_stage, source) == (tagi, 3, str(tmp_path / "config.json"))
     (step / checkpoint.FINGERPRINT).write_text(json.dumps({"config": {"train": {"lr": 5}}, "zero_stage": 2}))
@@ -95,10 +102,29 @@ def test_an_older_checkpoint_is_compared_with_its_run_directorys_config_json(tmp
 
 
 def test_which_fields_may_change_on_resume():
-    for key in ("train.lr", "train.max_steps", "train.warmup_ratio", "train.weight_decay", "train.save_steps",
-                "loss.kl_weight", "model.gradient_checkpointing"):
+    for key in (
+        "train.lr",
+        "train.max_steps",
+        "train.warmup_ratio",
+        "train.weight_decay",
+        "train.save_steps",
+        "loss.kl_weight",
+        "model.gradient_checkpointing",
+    ):
         assert resume.why_fixed(key) is None, key
-    for key in ("recipe", "mode", "model.d_model", "hypernet.rank", "teacher.rank", "data.spec", "data.corpus",
-                "data.tasks_per_batch", "data.examples_per_task", "data.max_source_length", "train.seed",
-                "train.grad_accum", "train.precision"):
+    for key in (
+        "recipe",
+        "mode",
+        "model.d_model",
+        "hypernet.rank",
+        "teacher.rank",
+        "data.spec",
+        "data.corpus",
+        "data.tasks_per_batch",
+        "data.examples_per_task",
+        "data.max_source_length",
+        "train.seed",
+        "train.grad_accum",
+        "train.precision",
+    ):
         assert resume.why_fixed(key), key

@@ -29,8 +29,9 @@ def two_ranks(tmp_path: Path, code: str) -> int:
     script = tmp_path / f"job_{abs(hash(code))}.py"
     script.write_text(textwrap.dedent(code))
     port = free_port()
-    proc = run_job([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-                    str(script)])
+    proc = run_job(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), str(script)]
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return port
 

@@ -17,16 +17,32 @@ FT = ["--set", "loss.kl_weight=0", "loss.param_weight=0"]  # finetune without te
 
 def strict_lines(path) -> list[dict]:
     """metrics.jsonl parsed as strict JSON: NaN / Infinity are refused."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.mark.distributed
 def test_max_bad_steps_stops_with_its_own_line_code_and_checkpoint(tmp_path):
     out = tmp_path / "run"
-    proc = launch("finetune.py", 2, ["--output_dir", str(out), "--max_steps", "20", "--save_steps", "100", *TINY, *FT,
-                                     "train.inject_fault=nan@1-99:1", "train.max_bad_steps=2"])
+    proc = launch(
+        "finetune.py",
+        2,
+        [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "20",
+            "--save_steps",
+            "100",
+            *TINY,
+            *FT,
+            "train.inject_fault=nan@1-99:1",
+            "train.max_bad_steps=2",
+        ],
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == EXIT_BAD_STEPS == 3, log[-4000:]
     assert "Traceback" not in log
@@ -51,8 +67,9 @@ def test_a_signal_to_the_runner_alone_reaches_the_ranks(tmp_path):
     the step, save and exit 0, well before max_steps, and nothing of the job is left running."""
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
-    with popen("finetune.py", 2, ["--output_dir", str(out), "--max_steps", "400", "--save_steps", "1000", *TINY,
-                                  *FT]) as proc:
+    with popen(
+        "finetune.py", 2, ["--output_dir", str(out), "--max_steps", "400", "--save_steps", "1000", *TINY, *FT]
+    ) as proc:
         wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc, "two logged steps")
         os.kill(proc.pid, signal.SIGTERM)
         log, _ = proc.communicate(timeout=HANG_S)  # EOF: every rank (they share the pipe) has exited
@@ -84,11 +101,21 @@ def _alive_in_group(pgid: int) -> list[int]:
 
 def test_a_truncated_last_metrics_line_does_not_break_a_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": NaN, "grad_norm": 1.5}\n'
-                    '{"step": 3, "loss": 1.9}\n{"step": 4, "lo')  # a kill mid-write; NaN from older versions
+    path.write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": NaN, "grad_norm": 1.5}\n'
+        '{"step": 3, "loss": 1.9}\n{"step": 4, "lo'
+    )  # a kill mid-write; NaN from older versions
     progress = Progress(tmp_path, "pretrain", 10, start=3)
-    progress.log({"step": 4, "loss": float("nan"), "lr": 1e-3, "tokens_per_s": 10.0, "grad_norm": float("inf"),
-                  "skipped_steps": 1})
+    progress.log(
+        {
+            "step": 4,
+            "loss": float("nan"),
+            "lr": 1e-3,
+            "tokens_per_s": 10.0,
+            "grad_norm": float("inf"),
+            "skipped_steps": 1,
+        }
+    )
     progress.close()
     rows = strict_lines(path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -22,20 +22,24 @@ def alive() -> dict[str, int]:
 
     gc.collect()
     objs = gc.get_objects()
-    return {"TagiModel": sum(isinstance(o, TagiModel) for o in objs),
-            "DeepSpeedZeroOptimizer_Stage3": sum(isinstance(o, DeepSpeedZeroOptimizer_Stage3) for o in objs)}
+    return {
+        "TagiModel": sum(isinstance(o, TagiModel) for o in objs),
+        "DeepSpeedZeroOptimizer_Stage3": sum(isinstance(o, DeepSpeedZeroOptimizer_Stage3) for o in objs),
+    }
 
 
 def one_case(seed: int) -> dict | None:
-    cfg = apply_overrides(get_recipe("tiny"), ["data.tasks_per_batch=2", "data.examples_per_task=1",
-                                               "train.frozen_backbone=partitioned"]).validate()
+    cfg = apply_overrides(
+        get_recipe("tiny"), ["data.tasks_per_batch=2", "data.examples_per_task=1", "train.frozen_backbone=partitioned"]
+    ).validate()
     ds = ds_engine.inject(ds_engine.load_ds_json(ds_engine.default_ds_config(cfg.recipe)), cfg, dist.world_size())
     torch.manual_seed(seed)
     backbone = ds_engine.build_backbone(cfg, ds, {}, placement=plan.for_training(cfg, ds, dist.world_size()))
     model = build_model(cfg, "finetune", backbone, num_bank_rows=4, with_teacher=True)
     eng = ds_engine.build_engine(model, cfg, ds)
-    batch = plan.synthetic_batch(cfg.model.arch, plan.Shapes(2, 2, 16, 4, 16), cfg.model.vocab_size, mode=cfg.mode,
-                                 teacher=True, seed=seed)
+    batch = plan.synthetic_batch(
+        cfg.model.arch, plan.Shapes(2, 2, 16, 4, 16), cfg.model.vocab_size, mode=cfg.mode, teacher=True, seed=seed
+    )
     for _ in range(2):  # the release cache fills from the second step on (a complete trace)
         loss, _ = eng(batch)
         eng.backward(loss)

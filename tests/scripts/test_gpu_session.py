@@ -23,20 +23,37 @@ TODAY = datetime.date.today().isoformat()
 
 def session(tmp_path: Path, *args: str, timeout: int = 400, **env_extra) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
-    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "BENCH_OUT": str(tmp_path / "results"),
-           "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "WHEELS": str(tmp_path / "no_wheels"), **env_extra}
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "OUT": str(out),
+        "BENCH_OUT": str(tmp_path / "results"),
+        "TMPDIR": str(tmp_path),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "WHEELS": str(tmp_path / "no_wheels"),
+        **env_extra,
+    }
     env.pop("TRITON_INTERPRET", None)
     env.pop("MASTER_PORT", None)
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_session.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc, out
 
 
 def packed(out: Path, stage: str) -> dict[str, str]:
     with tarfile.open(out / f"{stage}.tgz") as tf:
-        return {m.name.removeprefix("./"): tf.extractfile(m).read().decode(errors="replace")
-                for m in tf.getmembers() if m.isfile()}
+        return {
+            m.name.removeprefix("./"): tf.extractfile(m).read().decode(errors="replace")
+            for m in tf.getmembers()
+            if m.isfile()
+        }
 
 
 @pytest.mark.long
@@ -55,8 +72,10 @@ def test_check_stage_runs_kernels_then_both_train_steps_then_the_whole_pipeline(
     assert "FAKE H100, 81559 MiB" in (out / "versions.txt").read_text()
     files = packed(out, "check")
     pipeline = files["pipeline/pipeline.tsv"].splitlines()[1:]
-    assert [row.split("\t")[:2] for row in pipeline] == [[s, "ok"] for s in (
-        "teachers", "pretrain", "finetune", "concat", "eval_tagi", "eval_concat", "table", "adapter")]
+    assert [row.split("\t")[:2] for row in pipeline] == [
+        [s, "ok"]
+        for s in ("teachers", "pretrain", "finetune", "concat", "eval_tagi", "eval_concat", "table", "adapter")
+    ]
     finetune = next(r for r in pipeline if r.startswith("finetune"))
     assert "fp32, torch op" in finetune and " kl " in finetune and " param " in finetune
     assert "held-out tasks" in files["pipeline/table.txt"]
@@ -66,7 +85,7 @@ def test_check_stage_runs_kernels_then_both_train_steps_then_the_whole_pipeline(
         # profile stage's SMOKE check below), measured, with the adapter op it ran
         assert rec["recipe"] == tiny and [(r["variant"], r["engine"]) for r in rec["rows"]] == [("tagi", "z3")]
         assert all(r.get("step_ms") and r["adapter_op"] == "torch" for r in rec["rows"]), rec["rows"]
-    summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last, the steps in the planned order
+    summary = proc.stdout[proc.stdout.index("== summary") :]  # printed last, the steps in the planned order
     order = ("gpu_kernel_tests", "train_step_t5-xl", "train_step_llama-7b", "pipeline")
     assert [summary.index(f"\n{s} ") for s in order] == sorted(summary.index(f"\n{s} ") for s in order)
     for step in order:
@@ -77,14 +96,14 @@ def test_check_stage_caps_sum_to_its_budget_which_fits_one_device_call():
     """The time plan in the script's header is the one it runs: the check's step caps add up to BUDGET (540), which
     leaves >= 40 s of a 600 s device call."""
     text = (ROOT / "scripts" / "gpu_session.sh").read_text()
-    body = text[text.index("  check)"):text.index("  profile)")]
+    body = text[text.index("  check)") : text.index("  profile)")]
     caps = [int(m) for m in re.findall(r"^\s*(?:kernel_tests|train_step \S+|step pipeline) (\d+)", body, re.M)]
     assert len(caps) == 4 and sum(caps) == 540
-    assert "[[ \"$STAGE\" == check ]] && DEFAULT_BUDGET=540" in text and 600 - 540 >= 40
+    assert '[[ "$STAGE" == check ]] && DEFAULT_BUDGET=540' in text and 600 - 540 >= 40
     for recipe, line in re.findall(r"^\s*train_step (\S+) (\d+ \d+ \d+)", body, re.M):
         step_cap, lora, tagi = map(int, line.split())
         assert lora + tagi < step_cap, recipe  # the parent's own start fits beside its two cases
-        assert f"train_step_{recipe}" in text[:text.index("set -uo")]  # in the header's plan
+        assert f"train_step_{recipe}" in text[: text.index("set -uo")]  # in the header's plan
 
 
 @pytest.mark.long
@@ -96,8 +115,9 @@ def test_profile_stage_profiles_then_measures_one_recipe(tmp_path):
     proc, out = session(tmp_path, "profile", timeout=1750)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
-    results = [f"cpu_{TODAY}_{name}_t5-xl.{ext}" for name in ("profile_train_step", "train_step")
-               for ext in ("json", "md")]
+    results = [
+        f"cpu_{TODAY}_{name}_t5-xl.{ext}" for name in ("profile_train_step", "train_step") for ext in ("json", "md")
+    ]
     assert names == sorted(["profile.tgz", "summary.txt", "versions.txt", *results]) and len(names) <= 8
     prof = json.loads((out / f"cpu_{TODAY}_profile_train_step_t5-xl.json").read_text())
     (rec,) = prof["recipes"]
@@ -121,9 +141,10 @@ def test_profile_stage_profiles_then_measures_one_recipe(tmp_path):
     assert "| build s | summary s |" in md
     # The benchmark's own checks on the same run (it was run once more by tests/benchmarks before: issue 29).
     bench = json.loads((out / f"cpu_{TODAY}_train_step_t5-xl.json").read_text())
-    check_train_step(bench, (out / f"cpu_{TODAY}_train_step_t5-xl.md").read_text(),
-                     packed(out, "profile")["bench_train_step.log"])
-    summary = proc.stdout[proc.stdout.index("== summary"):]  # printed last, the profile before the measurement
+    check_train_step(
+        bench, (out / f"cpu_{TODAY}_train_step_t5-xl.md").read_text(), packed(out, "profile")["bench_train_step.log"]
+    )
+    summary = proc.stdout[proc.stdout.index("== summary") :]  # printed last, the profile before the measurement
     assert summary.index("\nprofile_train_step ") < summary.index("\nbench_train_step ")
     for step in ("profile_train_step", "bench_train_step"):
         assert "ok" in summary.split(f"\n{step} ")[1].split("\n")[0]
@@ -136,12 +157,13 @@ def test_profile_stage_takes_one_known_recipe_and_its_caps_sum_to_its_budget(tmp
     for bad in ("t5-xxl", "t5-xl llama-7b"):
         proc, out = session(tmp_path, "profile", timeout=60, RECIPES=bad)
         assert proc.returncode == 2 and proc.stdout.strip() == (
-            f"error: RECIPES='{bad}' is not a profile recipe: t5-xl or llama-7b, one per call"), proc.stdout
+            f"error: RECIPES='{bad}' is not a profile recipe: t5-xl or llama-7b, one per call"
+        ), proc.stdout
         assert not out.exists()  # refused before setup: nothing half-written
     text = (ROOT / "scripts" / "gpu_session.sh").read_text()
-    body = text[text.index("  profile)"):text.index("  kernels)")]
+    body = text[text.index("  profile)") : text.index("  kernels)")]
     assert '[[ "$STAGE" == profile ]] && DEFAULT_BUDGET=540' in text and 600 - 540 >= 40
-    header = text[:text.index("set -uo")]
+    header = text[: text.index("set -uo")]
     plans = dict(re.findall(r"^\s*(t5-xl|llama-7b)\) tiny=\S+; caps=\((\d+(?: \d+){4})\) ;;", body, re.M))
     assert set(plans) == {"t5-xl", "llama-7b"}
     for col, recipe in enumerate(("t5-xl", "llama-7b")):
@@ -158,8 +180,9 @@ def test_plan_stage_packs_logs_and_results_after_each_step(tmp_path):
     proc, out = session(tmp_path, "plan")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["plan.tgz", f"cpu_{TODAY}_plan_memory.json", f"cpu_{TODAY}_plan_memory.md",
-                            "summary.txt", "versions.txt"])
+    assert names == sorted(
+        ["plan.tgz", f"cpu_{TODAY}_plan_memory.json", f"cpu_{TODAY}_plan_memory.md", "summary.txt", "versions.txt"]
+    )
     versions = (out / "versions.txt").read_text()
     assert "torch" in versions and "no CUDA device (CPU)" in versions and "deepspeed" in versions
     assert json.loads((out / f"cpu_{TODAY}_plan_memory.json").read_text())["rows"][0]["status"] == "ok"
@@ -202,7 +225,14 @@ def test_the_wheels_for_the_gpu_image_are_a_closed_set(tmp_path):
     assert not carried & {"transformers", "huggingface_hub", "kernels", "torch", "datasets"}
     # Take one requirement away: the check names it.
     next(wheels.glob("pydantic_core-*.whl")).unlink()
-    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_wheels.py"), "check", "--wheels", str(wheels)],
-                           capture_output=True, text=True, timeout=120)
-    assert check.returncode == 1 and "needs pydantic-core" in check.stderr and "neither carried nor on the image" in \
-        check.stderr
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_wheels.py"), "check", "--wheels", str(wheels)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        check.returncode == 1
+        and "needs pydantic-core" in check.stderr
+        and "neither carried nor on the image" in check.stderr
+    )

@@ -74,16 +74,27 @@ def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
     import sys
 
     run, docs = tmp_path / "run", tmp_path / "docs"
-    scores = {"tagi": [10.0, 14.0, 12.0], "concat": [12.0, 12.0, 15.0], "no_instruction": [5.0, 6.0, 7.0],
-              "no_kl": [11.0, 17.0]}  # an ablation run on seeds 0 and 1 only (ABLATION_SEEDS)
+    scores = {
+        "tagi": [10.0, 14.0, 12.0],
+        "concat": [12.0, 12.0, 15.0],
+        "no_instruction": [5.0, 6.0, 7.0],
+        "no_kl": [11.0, 17.0],
+    }  # an ablation run on seeds 0 and 1 only (ABLATION_SEEDS)
     flops = {"tagi": 30e6, "concat": 100e6, "no_instruction": 20e6, "no_kl": 31e6}
     for key, per_seed in scores.items():
         for seed, score in enumerate(per_seed):
             d = run / "eval" / f"s{seed}" / key
             d.mkdir(parents=True)
-            (d / "results.json").write_text(json.dumps({
-                "rougeL": score, "exact_match": score / 2, "cost": {"flops_per_example": flops[key]},
-                "per_category": {"ordering": {"rougeL": score + 1}}}))
+            (d / "results.json").write_text(
+                json.dumps(
+                    {
+                        "rougeL": score,
+                        "exact_match": score / 2,
+                        "cost": {"flops_per_example": flops[key]},
+                        "per_category": {"ordering": {"rougeL": score + 1}},
+                    }
+                )
+            )
     (run / "ft_tagi_s0.done").write_text("100")
     (run / "ft_tagi_s1.done").write_text("120")
     (run / "reproduce.log").write_text("[12:00:00 +0s] skip backbone (done)\n[12:00:00 +0s] start teachers\n")
@@ -97,8 +108,10 @@ def test_make_report_aggregates_seeds(tmp_path, monkeypatch):
     assert "| 13.00 ± 1.73 | 12.0 / 12.0 / 15.0 |" in md
     assert "0.30x" in md and "12.00 vs 13.00 ROUGE-L (-1.00 points, mean over 3 seeds (0, 1, 2))" in md
     assert "is met (quality ok, cost ok)" in md  # -1.00 is within 1 point; 0.30x <= 0.4x
-    assert "TAGI minus concat: -2.0, +2.0, -3.0 (TAGI ahead in 1 of 3 seeds); paired: mean -1.00, SE 1.53, 95% CI " \
-           "[-7.57, +5.57]: not resolved (the CI includes 0)." in md  # t(2) = 4.303; no per_task: no bootstrap
+    assert (
+        "TAGI minus concat: -2.0, +2.0, -3.0 (TAGI ahead in 1 of 3 seeds); paired: mean -1.00, SE 1.53, 95% CI "
+        "[-7.57, +5.57]: not resolved (the CI includes 0)." in md
+    )  # t(2) = 4.303; no per_task: no bootstrap
     assert "| ordering | 7.0 | 14.0 | 13.0 | 15.0 |" in md  # per-category means, methods in table order
     assert "| 14.00 ± 4.24 | 11.0 / 17.0 (seeds 0, 1) |" in md
     assert "TAGI w/o KL: +2.00 ± 1.41 over 2 seeds ROUGE-L vs full TAGI" in md  # paired on the shared seeds only
@@ -122,19 +135,23 @@ def test_make_report_lists_each_invocation_of_a_resumed_pipeline(tmp_path):
         "[17:00:00 +0s] reproduce: OUT=run SCALE=1 SEEDS='0'\n"
         "[17:00:00 +0s] REDO_EVAL=1: every evaluation re-runs\n"
         "[17:00:00 +0s] skip backbone (done)\n[17:00:00 +0s] skip ft_tagi_s0 (done)\n"
-        "[17:00:00 +0s] start ev_tagi_s0\n" + "".join(f"[17:00:01 +1s] start ev_x_s{i}\n" for i in range(6)))
+        "[17:00:00 +0s] start ev_tagi_s0\n" + "".join(f"[17:00:01 +1s] start ev_x_s{i}\n" for i in range(6))
+    )
     mod = _report_script()
     lines = mod.wall_lines(run, 185.0)  # the second invocation's time, passed by reproduce.sh
     assert lines[0].startswith("- The pipeline ran in 2 invocations")
     assert lines[1] == "  1. 38.9 min: ran 3 stage(s) (backbone, ft_tagi_s0, ev_tagi_s0); reused 0 stage(s)"
-    assert lines[2] == ("  2. 3.1 min with REDO_EVAL=1 (every evaluation re-run with the code of the commit above): "
-                        "ran 7 stages (7 evaluation); reused 2 stage(s) (backbone, ft_tagi_s0)")
+    assert lines[2] == (
+        "  2. 3.1 min with REDO_EVAL=1 (every evaluation re-run with the code of the commit above): "
+        "ran 7 stages (7 evaluation); reused 2 stage(s) (backbone, ft_tagi_s0)"
+    )
     single = tmp_path / "single"
     single.mkdir()
     (single / "reproduce.log").write_text("[15:00:00 +0s] reproduce: OUT=run\n[15:00:00 +0s] skip backbone (done)\n")
     assert mod.wall_lines(single, 60.0) == [
         "- Whole pipeline (`bash scripts/reproduce.sh`, training + evaluation): 1.0 min "
-        "(stages reused from an earlier run, not included: backbone)"]
+        "(stages reused from an earlier run, not included: backbone)"
+    ]
 
 
 def test_paired_intervals_claim_an_ordering_only_where_the_ci_excludes_zero():

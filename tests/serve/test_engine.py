@@ -42,8 +42,12 @@ def serve(engine, requests):
 
 def test_rows_that_end_leave_the_batch(engine):
     (t0, e0), (t1, e1) = EXAMPLES[0], EXAMPLES[2]
-    wants = [(t0.definitions[0], e0.input, 2), (t0.definitions[0], e1.input, 7), (t1.definitions[0], e1.input, 5),
-             (t1.definitions[0], e0.input, 1)]
+    wants = [
+        (t0.definitions[0], e0.input, 2),
+        (t0.definitions[0], e1.input, 7),
+        (t1.definitions[0], e1.input, 5),
+        (t1.definitions[0], e0.input, 1),
+    ]
     alone = [serve(engine, [Request(i, x, max_tokens=n)])[0] for i, x, n in wants]
     rows_per_step = []
     hook = engine.model.backbone.lm_head.register_forward_hook(lambda m, a, o: rows_per_step.append(a[0].shape[0]))
@@ -156,5 +160,6 @@ def test_prompt_layout_is_the_evaluation_collators(engine):
     tok = data.load_tokenizer(cfg)
     one = task.__class__(**{**task.__dict__, "instances": (ex,)})
     want = next(iter(data.build_eval_loader(cfg, tok, "test", tasks=[one], batch_size=1)))
-    assert torch.equal(batch.input_ids.cpu(), want.input_ids) and torch.equal(batch.attention_mask.cpu(),
-                                                                               want.attention_mask)
+    assert torch.equal(batch.input_ids.cpu(), want.input_ids) and torch.equal(
+        batch.attention_mask.cpu(), want.attention_mask
+    )

@@ -54,10 +54,23 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "tagi_ds.serve", "--hypernet", str(hypernet), "--port", str(self.port),
-               "--batch_window_ms", "100", "--max_tokens", str(CAP), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tagi_ds.serve",
+            "--hypernet",
+            str(hypernet),
+            "--port",
+            str(self.port),
+            "--batch_window_ms",
+            "100",
+            "--max_tokens",
+            str(CAP),
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + HANG_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -97,8 +110,11 @@ class Server:
 
     def stream(self, path: str, body: dict) -> list[dict]:
         """The events of a streamed answer, up to ``data: [DONE]``."""
-        req = urllib.request.Request(self.url + path, data=json.dumps({**body, "stream": True}).encode(),
-                                     headers={"content-type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps({**body, "stream": True}).encode(),
+            headers={"content-type": "application/json"},
+        )
         events = []
         with urllib.request.urlopen(req, timeout=HANG_S) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
@@ -117,8 +133,12 @@ class Server:
 
 
 def chat(system: str, user: str, **kw) -> dict:
-    return {"model": "tagi", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "max_tokens": MAX_TOKENS, **kw}
+    return {
+        "model": "tagi",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "max_tokens": MAX_TOKENS,
+        **kw,
+    }
 
 
 def answer(server: Server, system: str, user: str, **kw) -> dict:
@@ -141,8 +161,9 @@ def servers(hypernets, tmp_path_factory):
     def get(recipe: str) -> Server:
         if recipe not in running:
             logs = tmp_path_factory.mktemp("log")
-            running[recipe] = Server(hypernets[recipe], logs / f"{recipe}.log", "--adapter_export_dir",
-                                     str(logs / "peft"))
+            running[recipe] = Server(
+                hypernets[recipe], logs / f"{recipe}.log", "--adapter_export_dir", str(logs / "peft")
+            )
         return running[recipe]
 
     yield get
@@ -155,11 +176,20 @@ def test_greedy_answers_equal_evaluate_predictions(recipe, hypernets, servers, t
     """The same instruction + input, token for token: the server's greedy answer is evaluate.py's prediction."""
     out = tmp_path / "eval"
     names = json.dumps([t.name for t in TASKS])
-    cmd = [sys.executable, str(REPO / "launchers" / "evaluate.py"), "--hypernet", str(hypernets[recipe]),
-           "--max_new_tokens", str(MAX_TOKENS), "--set", "data.max_instances_per_task=2", f"data.tasks={names}",
-           "--output_dir", str(out)]
-    evaluating = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
+    cmd = [
+        sys.executable,
+        str(REPO / "launchers" / "evaluate.py"),
+        "--hypernet",
+        str(hypernets[recipe]),
+        "--max_new_tokens",
+        str(MAX_TOKENS),
+        "--set",
+        "data.max_instances_per_task=2",
+        f"data.tasks={names}",
+        "--output_dir",
+        str(out),
+    ]
+    evaluating = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = servers(recipe)  # starts while evaluate.py runs
     got = {}
 
@@ -184,16 +214,19 @@ def test_greedy_answers_equal_evaluate_predictions(recipe, hypernets, servers, t
     assert one["tagi"]["adapter"].startswith("tagi-")
     # /v1/completions: the instruction beside the prompt, the same answer
     task, ex = EXAMPLES[0]
-    status, body = server.post("/v1/completions", {"instruction": task.definitions[0], "prompt": ex.input,
-                                                   "max_tokens": MAX_TOKENS})
+    status, body = server.post(
+        "/v1/completions", {"instruction": task.definitions[0], "prompt": ex.input, "max_tokens": MAX_TOKENS}
+    )
     assert status == 200 and body["choices"][0]["text"] == predictions[ex.id]
 
 
 def test_second_request_with_the_same_instruction_does_not_run_the_hypernetwork(servers):
     server = servers("tiny")
     instruction = "Write every word of the input twice, in the same order."
-    before = {k: server.metric(k) for k in ("adapter_generations_total", "adapter_cache_hits_total",
-                                            "adapter_cache_misses_total")}
+    before = {
+        k: server.metric(k)
+        for k in ("adapter_generations_total", "adapter_cache_hits_total", "adapter_cache_misses_total")
+    }
     first = answer(server, instruction, "red green blue")
     assert server.metric("adapter_generations_total") == before["adapter_generations_total"] + 1
     assert first["tagi"]["cache"] == "miss"
@@ -209,12 +242,19 @@ def test_second_request_with_the_same_instruction_does_not_run_the_hypernetwork(
     assert status == 200 and other["id"] != body["id"] and other["cached"] is False
     assert server.metric("adapter_generations_total") == before["adapter_generations_total"] + 2
     # the id stands for the instruction: not sent again, not read again
-    status, by_id = server.post("/v1/completions", {"adapter": body["id"], "prompt": "one two three four",
-                                                    "max_tokens": MAX_TOKENS})
+    status, by_id = server.post(
+        "/v1/completions", {"adapter": body["id"], "prompt": "one two three four", "max_tokens": MAX_TOKENS}
+    )
     assert status == 200 and by_id["choices"][0]["text"] == second["choices"][0]["message"]["content"]
     assert by_id["tagi"]["adapter"] == body["id"] and by_id["tagi"]["cache"] == "hit"
-    chat_by_id = server.post("/v1/chat/completions", {"adapter": body["id"], "max_tokens": MAX_TOKENS,
-                                                      "messages": [{"role": "user", "content": "one two three four"}]})
+    chat_by_id = server.post(
+        "/v1/chat/completions",
+        {
+            "adapter": body["id"],
+            "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": "one two three four"}],
+        },
+    )
     assert chat_by_id[0] == 200 and chat_by_id[1]["choices"][0]["message"]["content"] == by_id["choices"][0]["text"]
     assert server.post("/v1/completions", {"adapter": "tagi-" + "0" * 32, "prompt": "x"})[0] == 404
     assert server.post("/v1/completions", {"adapter": body["id"], "instruction": instruction, "prompt": "x"})[0] == 400
@@ -224,7 +264,10 @@ def test_second_request_with_the_same_instruction_does_not_run_the_hypernetwork(
     assert status == 200 and exported["id"] == body["id"] and exported["fusion"] is True
     peft_dir = Path(exported["peft_dir"])
     assert peft_dir.name == body["id"] and sorted(p.name for p in peft_dir.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "tagi_adapter.json"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tagi_adapter.json",
+    ]
     meta = json.loads((peft_dir / "tagi_adapter.json").read_text())
     assert meta["adapter"] == body["id"] and meta["text"] == instruction
     assert server.metric("adapter_generations_total") == before["adapter_generations_total"] + 2  # from the cache
@@ -232,8 +275,11 @@ def test_second_request_with_the_same_instruction_does_not_run_the_hypernetwork(
 
 def test_16_concurrent_clients_with_8_instructions_get_their_one_at_a_time_answers(servers):
     server = servers("tiny")
-    pairs = [(f"{t.definitions[0]} (variant {v})", ex.input) for v, t in enumerate(builtin_suite(0)["test"][4:12])
-             for ex in t.instances[:2]]
+    pairs = [
+        (f"{t.definitions[0]} (variant {v})", ex.input)
+        for v, t in enumerate(builtin_suite(0)["test"][4:12])
+        for ex in t.instances[:2]
+    ]
     assert len(pairs) == 16 and len({p[0] for p in pairs}) == 8
     generations = server.metric("adapter_generations_total")
     start = threading.Barrier(len(pairs))
@@ -271,8 +317,13 @@ def test_streaming_equals_non_streaming(servers, sampling):
     assert text == whole["choices"][0]["message"]["content"]
     assert events[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     assert all(e["object"] == "chat.completion.chunk" and e["id"] == events[0]["id"] for e in events)
-    plain = {"instruction": task.definitions[0], "prompt": ex.input, "max_tokens": 24, **sampling,
-             "stream_options": {"include_usage": True}}
+    plain = {
+        "instruction": task.definitions[0],
+        "prompt": ex.input,
+        "max_tokens": 24,
+        **sampling,
+        "stream_options": {"include_usage": True},
+    }
     events = server.stream("/v1/completions", plain)
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == whole["choices"][0]["message"]["content"]
     assert events[-1]["usage"] == whole["usage"]
@@ -280,8 +331,10 @@ def test_streaming_equals_non_streaming(servers, sampling):
         again = server.post("/v1/chat/completions", body)[1]
         assert again["choices"][0]["message"]["content"] == whole["choices"][0]["message"]["content"]
         greedy = server.post("/v1/chat/completions", chat(task.definitions[0], ex.input, max_tokens=24))[1]
-        others = {server.post("/v1/chat/completions", {**body, "seed": s})[1]["choices"][0]["message"]["content"]
-                  for s in range(3)}
+        others = {
+            server.post("/v1/chat/completions", {**body, "seed": s})[1]["choices"][0]["message"]["content"]
+            for s in range(3)
+        }
         assert others | {greedy["choices"][0]["message"]["content"]} != {whole["choices"][0]["message"]["content"]}
 
 
@@ -293,7 +346,7 @@ def test_stop_strings_and_max_tokens(servers):
     assert len(text) >= 6, text
     stop = text[3:5]
     cut = answer(server, task.definitions[0], ex.input, max_tokens=16, stop=[stop, "\x00never"])["choices"][0]
-    assert cut["message"]["content"] == text[:text.index(stop)] and cut["finish_reason"] == "stop"
+    assert cut["message"]["content"] == text[: text.index(stop)] and cut["finish_reason"] == "stop"
     events = server.stream("/v1/chat/completions", chat(task.definitions[0], ex.input, max_tokens=16, stop=stop))
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == cut["message"]["content"]
     one = answer(server, task.definitions[0], ex.input, max_tokens=1)
@@ -307,24 +360,53 @@ BAD = [  # (what, path, body (bytes: sent as is), status, param)
     ("missing messages", "/v1/chat/completions", {"model": "tagi"}, 400, "messages"),
     ("no system message", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "messages"),
     ("empty instruction", "/v1/chat/completions", chat("   ", "x"), 400, "messages"),
-    ("two user messages", "/v1/chat/completions", {"messages": [{"role": "system", "content": "Copy."},
-                                                                {"role": "user", "content": "a"},
-                                                                {"role": "user", "content": "b"}]}, 400, "messages"),
-    ("an assistant turn", "/v1/chat/completions", {"messages": [{"role": "system", "content": "Copy."},
-                                                                {"role": "assistant", "content": "a"}]},
-     400, "messages[1].role"),
+    (
+        "two user messages",
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "system", "content": "Copy."},
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+            ]
+        },
+        400,
+        "messages",
+    ),
+    (
+        "an assistant turn",
+        "/v1/chat/completions",
+        {"messages": [{"role": "system", "content": "Copy."}, {"role": "assistant", "content": "a"}]},
+        400,
+        "messages[1].role",
+    ),
     ("missing instruction", "/v1/completions", {"prompt": "x"}, 400, "instruction"),
     ("missing prompt", "/v1/completions", {"instruction": "Copy."}, 400, "prompt"),
     ("empty instruction (completions)", "/v1/completions", {"instruction": "", "prompt": "x"}, 400, "instruction"),
     ("1 MB instruction", "/v1/completions", {"instruction": "word " * 200_000, "prompt": "x"}, 413, None),
     ("unknown model", "/v1/chat/completions", chat("Copy.", "x", model="gpt-4"), 404, "model"),
     ("max_tokens 0", "/v1/chat/completions", chat("Copy.", "x", max_tokens=0), 400, "max_tokens"),
-    ("max_tokens negative", "/v1/completions", {"instruction": "Copy.", "prompt": "x", "max_tokens": -3}, 400,
-     "max_tokens"),
-    ("max_tokens above the cap", "/v1/completions", {"instruction": "Copy.", "prompt": "x", "max_tokens": CAP + 1},
-     400, "max_tokens"),
-    ("max_tokens not an integer", "/v1/completions", {"instruction": "Copy.", "prompt": "x", "max_tokens": "5"}, 400,
-     "max_tokens"),
+    (
+        "max_tokens negative",
+        "/v1/completions",
+        {"instruction": "Copy.", "prompt": "x", "max_tokens": -3},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens above the cap",
+        "/v1/completions",
+        {"instruction": "Copy.", "prompt": "x", "max_tokens": CAP + 1},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens not an integer",
+        "/v1/completions",
+        {"instruction": "Copy.", "prompt": "x", "max_tokens": "5"},
+        400,
+        "max_tokens",
+    ),
     ("temperature out of range", "/v1/chat/completions", chat("Copy.", "x", temperature=5), 400, "temperature"),
     ("top_p 0", "/v1/chat/completions", chat("Copy.", "x", top_p=0), 400, "top_p"),
     ("five stop strings", "/v1/chat/completions", chat("Copy.", "x", stop=list("abcde")), 400, "stop"),
@@ -359,9 +441,12 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(servers):
     tokens = server.metric("completion_tokens_total")
     task, ex = EXAMPLES[0]  # the tiny T5 repeats a word here and never says eos: the stream would run CAP tokens
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_S)
-    conn.request("POST", "/v1/chat/completions", json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP,
-                                                                  stream=True)),
-                 {"content-type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP, stream=True)),
+        {"content-type": "application/json"},
+    )
     response = conn.getresponse()
     seen = 0
     while seen < 3:  # the role chunk, then text
@@ -384,9 +469,12 @@ def test_a_short_request_does_not_wait_for_a_long_one(servers):
     tokens = server.metric("completion_tokens_total")
     task, ex = EXAMPLES[0]  # a stream of CAP tokens (no eos here, see the test above)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_S)
-    conn.request("POST", "/v1/chat/completions", json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP,
-                                                                  stream=True)),
-                 {"content-type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP, stream=True)),
+        {"content-type": "application/json"},
+    )
     response = conn.getresponse()
     seen = 0
     while seen < 3:
@@ -405,9 +493,16 @@ def test_models_metrics_and_the_openai_client(servers):
     models = json.loads(body)
     assert code == 200 and [m["id"] for m in models["data"]] == ["tagi"]
     text = server.get("/metrics")[1].decode()
-    for name in ("requests_total", "prompt_tokens_total", "completion_tokens_total", "adapter_cache_hits_total",
-                 "adapter_cache_misses_total", "adapter_cache_evictions_total", "adapter_generation_seconds_count",
-                 "batch_size_bucket"):
+    for name in (
+        "requests_total",
+        "prompt_tokens_total",
+        "completion_tokens_total",
+        "adapter_cache_hits_total",
+        "adapter_cache_misses_total",
+        "adapter_cache_evictions_total",
+        "adapter_generation_seconds_count",
+        "batch_size_bucket",
+    ):
         assert f"tagi_{name}" in text, name
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=HANG_S)
@@ -448,8 +543,8 @@ def test_help_and_readme_document_every_flag():
     p = parser()
     text = p.format_help()
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Serve"):]
-    section = section[:section.index("\n## ", 1)]
+    section = readme[readme.index("## Serve") :]
+    section = section[: section.index("\n## ", 1)]
     for action in p._actions:
         for flag in action.option_strings:
             if flag.startswith("--"):

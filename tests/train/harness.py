@@ -57,28 +57,44 @@ def run_job(cmd: list[str], timeout: int = HANG_S, env_: dict | None = None) -> 
     Past ``timeout`` the whole session is killed, the ranks with the launcher (``subprocess.run``'s own timeout
     kills the launcher alone: its ranks would go on using the CPU and holding the pipes), and the test fails
     with the output so far."""
-    with subprocess.Popen(cmd, cwd=REPO, env=env() if env_ is None else env_, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+    with subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env() if env_ is None else env_,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_session(proc)
             out, err = proc.communicate()
-            pytest.fail(f"hang guard: still running after {timeout} s, killed: {' '.join(cmd)}\n"
-                        f"{out[-4000:]}\n{err[-4000:]}")
+            pytest.fail(
+                f"hang guard: still running after {timeout} s, killed: {' '.join(cmd)}\n{out[-4000:]}\n{err[-4000:]}"
+            )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def launch(script: str, nprocs: int, args: list[str], timeout: int = HANG_S,
-           extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(
+    script: str, nprocs: int, args: list[str], timeout: int = HANG_S, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
     return run_job(command(script, nprocs, args), timeout, {**env(), **(extra_env or {})})
 
 
 def popen(script: str, nprocs: int, args: list[str]) -> subprocess.Popen:
     """A job in a session of its own (``kill_session`` ends the launcher and every rank), stdout and stderr in one
     pipe. Use it as a context manager: a failed test then never leaves the job running."""
-    return Job(command(script, nprocs, args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return Job(
+        command(script, nprocs, args),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 class Job(subprocess.Popen):

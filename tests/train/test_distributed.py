@@ -25,11 +25,27 @@ def straight(tmp_path_factory) -> tuple:
 def test_one_rank_and_two_ranks_give_the_same_losses(tmp_path, straight):
     two, proc = straight
     one = tmp_path / "one"
-    check(launch("finetune.py", 1, ["--deepspeed", partitioned_z3(tmp_path), "--output_dir", str(one),
-                                    "--max_steps", "6", *TINY, "train.grad_accum=2", *FT]))
+    check(
+        launch(
+            "finetune.py",
+            1,
+            [
+                "--deepspeed",
+                partitioned_z3(tmp_path),
+                "--output_dir",
+                str(one),
+                "--max_steps",
+                "6",
+                *TINY,
+                "train.grad_accum=2",
+                *FT,
+            ],
+        )
+    )
     # The backbone really is partitioned, half on each rank, while the hypernetwork stays whole on every rank.
-    assert ("ZeRO-3: 263,168 parameters partitioned across 2 rank(s), 131,584 held by each rank; "
-            "0 small ones kept whole") in proc.stdout
+    assert (
+        "ZeRO-3: 263,168 parameters partitioned across 2 rank(s), 131,584 held by each rank; 0 small ones kept whole"
+    ) in proc.stdout
     assert "hypernetwork 293,632 whole on every rank" in proc.stdout
     # DeepSpeed's own line, once per rank at every start, is left out (tagi_ds.runtime.dist.init).
     assert "built successfully" not in proc.stdout + proc.stderr
@@ -45,8 +61,9 @@ def test_resume_in_a_new_process_is_identical_to_a_straight_run(tmp_path, straig
     split = tmp_path / "split"
     first = check(launch("finetune.py", 2, ["--output_dir", str(split), *STRAIGHT, "train.stop_after=3"]))
     assert "train.stop_after=3: saved step 3" in first.stdout
-    proc = check(launch("finetune.py", 2, ["--output_dir", str(split), "--resume_from_checkpoint", "latest",
-                                           *STRAIGHT]))
+    proc = check(
+        launch("finetune.py", 2, ["--output_dir", str(split), "--resume_from_checkpoint", "latest", *STRAIGHT])
+    )
     assert "resumed at step 3" in proc.stdout
     a, b = metrics(straight_out), metrics(split)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
@@ -67,17 +84,32 @@ def distilled(tmp_path_factory) -> tuple:
     tmp = tmp_path_factory.mktemp("distilled")
     ds = partitioned_z3(tmp)
     teachers = tmp / "teachers"
-    check(launch("train_teachers.py", 1, ["--deepspeed", ds, "--output_dir", str(teachers), "--max_steps", "3",
-                                          *TINY, "train.lr=1e-2"]))
+    check(
+        launch(
+            "train_teachers.py",
+            1,
+            ["--deepspeed", ds, "--output_dir", str(teachers), "--max_steps", "3", *TINY, "train.lr=1e-2"],
+        )
+    )
     # The absolute alignment term: the relative one (the default) leaves out tasks whose teacher row is still
     # zero, and 3 teacher steps train few of the tasks these 3 steps sample, so it would read 0 here.
-    common = ["--deepspeed", ds, "--teachers", str(teachers / "teachers"), "--max_steps", "3", *TINY,
-              "loss.param_align=delta"]
+    common = [
+        "--deepspeed",
+        ds,
+        "--teachers",
+        str(teachers / "teachers"),
+        "--max_steps",
+        "3",
+        *TINY,
+        "loss.param_align=delta",
+    ]
     one, two = tmp / "one", tmp / "two"
-    check(launch("finetune.py", 1, ["--output_dir", str(one), *common, "train.grad_accum=2",
-                                    "train.grad_ratio_every=1"]))
-    proc = check(launch("finetune.py", 2, ["--output_dir", str(two), *common, "train.grad_accum=1",
-                                           "train.grad_ratio_every=2"]))
+    check(
+        launch("finetune.py", 1, ["--output_dir", str(one), *common, "train.grad_accum=2", "train.grad_ratio_every=1"])
+    )
+    proc = check(
+        launch("finetune.py", 2, ["--output_dir", str(two), *common, "train.grad_accum=1", "train.grad_ratio_every=2"])
+    )
     return metrics(one), metrics(two), proc
 
 
@@ -126,8 +158,7 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path):
     # A half-written checkpoint (as a kill during a save leaves it) is never picked.
     (out / "checkpoints" / "step-999.tmp").mkdir()
     step = int(pointed.split("-")[1])
-    res = check(launch("finetune.py", 2, ["--max_steps", str(step + 2), "--resume_from_checkpoint", "latest",
-                                          *args]))
+    res = check(launch("finetune.py", 2, ["--max_steps", str(step + 2), "--resume_from_checkpoint", "latest", *args]))
     assert f"resumed at step {step}" in res.stdout
     assert [m["step"] for m in metrics(out)][-2:] == [step + 1, step + 2]
     assert (out / "hypernet" / "generator.safetensors").exists()
@@ -137,16 +168,23 @@ def test_a_rank_that_raises_makes_the_launcher_fail_fast(tmp_path):
     # Rank 0 waits for rank 1 in its next collective. With the collective timeout an hour away, only the launcher
     # tearing the job down can end it before the hang guard (a wall-clock bound such as "under 90 s" cannot tell
     # the two apart: start-up plus the 60 s default timeout fits in it, and a loaded machine's start-up does not).
-    proc = launch("finetune.py", 2, ["--output_dir", str(tmp_path / "r"), "--max_steps", "50", *TINY, *FT,
-                                     "train.inject_fault=raise@2:1"], extra_env={"TAGI_COLLECTIVE_TIMEOUT_S": "3600"})
+    proc = launch(
+        "finetune.py",
+        2,
+        ["--output_dir", str(tmp_path / "r"), "--max_steps", "50", *TINY, *FT, "train.inject_fault=raise@2:1"],
+        extra_env={"TAGI_COLLECTIVE_TIMEOUT_S": "3600"},
+    )
     assert proc.returncode != 0
     assert "injected fault at step 2 on rank 1" in proc.stdout + proc.stderr
 
 
 def test_nan_loss_on_one_rank_is_skipped_on_both(tmp_path):
     out = tmp_path / "nan"
-    proc = check(launch("finetune.py", 2, ["--output_dir", str(out), "--max_steps", "4", *TINY, *FT,
-                                           "train.inject_fault=nan@1:1"]))
+    proc = check(
+        launch(
+            "finetune.py", 2, ["--output_dir", str(out), "--max_steps", "4", *TINY, *FT, "train.inject_fault=nan@1:1"]
+        )
+    )
     log = proc.stdout
     assert "[rank 0] non-finite loss at step 2 (here: False)" in log
     assert "[rank 1] non-finite loss at step 2 (here: True)" in log

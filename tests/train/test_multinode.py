@@ -28,14 +28,35 @@ def test_two_nodes_one_rank_each_train_three_steps(tmp_path):
     out, port = tmp_path / "run", free_port()
     procs, logs = [], []
     for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--num_nodes", "2",
-               "--num_gpus", "1", "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port",
-               str(port), "--no_ssh", str(REPO / "launchers" / "pretrain.py"), "--output_dir", str(out),
-               "--max_steps", "3", *TINY]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            str(hostfile),
+            "--num_nodes",
+            "2",
+            "--num_gpus",
+            "1",
+            "--node_rank",
+            str(node_rank),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--no_ssh",
+            str(REPO / "launchers" / "pretrain.py"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            *TINY,
+        ]
         log = open(tmp_path / f"node{node_rank}.log", "w")  # a file, not a pipe: a full pipe would block a rank
         logs.append(log)
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
     try:
         deadline = time.monotonic() + HANG_S  # a hang guard for the job, never a speed check
         for p in procs:

@@ -82,11 +82,15 @@ for placement, mode in (("replicated", "tagi"), ("replicated", "no_instruction")
 
 
 def test_a_replicated_backbone_trains_like_a_partitioned_one_outside_deepspeed():
-    proc = subprocess.run([sys.executable, "-c", ENGINES], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=HANG_S)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINES], cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = {tuple(line.split(" ", 2)[:2]): line.split(" ", 2)[2] for line in proc.stdout.splitlines()
-           if line.startswith(("replicated-", "partitioned-"))}
+    out = {
+        tuple(line.split(" ", 2)[:2]): line.split(" ", 2)[2]
+        for line in proc.stdout.splitlines()
+        if line.startswith(("replicated-", "partitioned-"))
+    }
     for mode, trained in (("tagi", "generator."), ("no_instruction", "bank.")):
         rep, part = f"replicated-{mode}", f"partitioned-{mode}"
         rep_losses = eval(out[(rep, "LOSSES")])  # noqa: S307  (a list of floats printed above)
