@@ -88,8 +88,15 @@ class CrossCaching(Protocol):
         prefix: torch.Tensor,
         rows: torch.Tensor,
         prefix_scope: Callable[[], AbstractContextManager],
+        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> Any:
-        """A cache over ``[prefix[rows] ; hidden]`` whose prefix part is projected once per task."""
+        """A cache over ``[prefix[rows] ; hidden]`` whose prefix part is projected once per task (or given,
+        already projected: ``prefix_kv``, what :meth:`prefix_keys_values` returned, as the server caches it)."""
+
+    def prefix_keys_values(
+        self, model: nn.Module, prefix: torch.Tensor, prefix_scope: Callable[[], AbstractContextManager]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every decoder layer's cross-attention keys and values of ``prefix`` (each task's instruction states)."""
 
 
 PROTOCOLS = ((Backbone, None), (Fusing, "fusion"), (CrossCaching, "cross_cache"))  # (protocol, the record's flag)
