@@ -42,6 +42,7 @@ from tagi_ds.serve import engine as serve_engine
 from tagi_ds.serve.scheduler import Scheduler
 
 MAX_STOP = 4
+SEED_LOW, SEED_HIGH = -(2**63), 2**64  # what torch.Generator.manual_seed takes
 DRAIN_FACTOR = 64
 
 
@@ -88,7 +89,33 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
                        code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    check_strings(body)
     return body
+
+
+def check_strings(body: dict) -> None:
+    """Every string of the body (keys too) encodes as UTF-8: JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which would fail deep in the engine (the adapter id's hash, the tokenizer) and take the batch with them."""
+    todo: list[tuple[str, Any]] = [("", body)]  # a stack, not recursion: nesting is json.loads's depth, ~1000
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                name = f"{path}.{k}" if path else str(k)
+                _utf8(k, name)
+                todo.append((name, v))
+        elif isinstance(value, list):
+            todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            _utf8(value, path)
+
+
+def _utf8(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"{param!r} is not valid Unicode: a lone surrogate {text[err.start]!r} at character "
+                            f"{err.start}", param=param, code="invalid_encoding") from None
 
 
 def _text(body: dict, key: str, required: bool = True, allow_empty: bool = False) -> str | None:
@@ -155,6 +182,8 @@ def decoding(body: dict, limits: Limits, served: str, max_key: str = "max_tokens
         raise ApiError(400, f"'condition' must be one of {', '.join(CONDITIONS)}, got {condition!r}",
                        param="condition")
     seed = _int(body, "seed")
+    if seed is not None and not SEED_LOW <= seed < SEED_HIGH:
+        raise ApiError(400, f"'seed' must be in [-2**63, 2**64) (a 64-bit seed), got {seed}", param="seed")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, f"'ignore_eos' must be true or false, got {ignore_eos!r}", param="ignore_eos")

@@ -237,10 +237,16 @@ class Decoding:
         return len(self.live)
 
     @torch.no_grad()
+    def prefill(self) -> None:
+        """The batch's first forward (the scheduler runs it when it builds the batch: a request that breaks it is
+        found before any row has emitted)."""
+        self.logits = self.stepper.prefill()
+
+    @torch.no_grad()
     def step(self) -> bool:
-        """The prefill on the first call; then one token for every running row. True once every row has ended."""
+        """The prefill if not run yet; then one token for every running row. True once every row has ended."""
         if self.logits is None:
-            self.logits = self.stepper.prefill()
+            self.prefill()
         live, outs = self.live, self.outs
         tokens = pick(self.logits, [outs[i] for i in live])
         for i, t in zip(live, tokens.tolist()):

@@ -9,7 +9,8 @@ batches run, the requests that are waiting at a step boundary start a new batch 
 ones would stall), up to ``MAX_RUNNING`` batches and ``--max_batch`` running rows in all; so a short request never
 waits for a long one to end. Rows of different batches are not merged into one forward (each batch keeps its own
 KV cache). Adapter-only requests (``POST /v1/adapters``) ride in the same batches. An error in a batch is sent to
-its requests and the thread goes on.
+its requests and the thread goes on; a batch that cannot be built (resolved, laid out, prefilled) is built again
+one request at a time, so only the request that fails alone gets the error.
 """
 
 from __future__ import annotations
@@ -86,9 +87,7 @@ class Scheduler:
                 else:
                     batch = []
                 if batch:
-                    started = self._start(batch)
-                    if started is not None:
-                        running.append(started)
+                    running += self._start(batch)
                 for d in list(running):
                     try:
                         finished = d.step()
@@ -102,27 +101,45 @@ class Scheduler:
             self.failure = err
             raise
 
-    def _start(self, batch: list[Request]) -> Decoding | None:
-        """Resolve the batch's adapters, answer its adapter-only requests; the decoding of the rest, or None."""
+    def _start(self, batch: list[Request]) -> list[Decoding]:
+        """Resolve the batch's adapters, answer its adapter-only requests, prefill the rest: their decodings (one;
+        or, when building the batch failed, one per request that builds alone: a request the engine cannot serve
+        gets its error, not its batch-mates)."""
         live = [r for r in batch if not r.cancelled.is_set()]
         for r in batch:
             if r not in live:
                 r.emit("done", {"finish_reason": "cancelled"})
+        if not live:
+            return []
         try:
-            if self.engine.mode == "tagi" and live:
-                self.engine.resolve(live)
-            for r in live:
-                if r.adapter_only:
-                    r.emit("done", {"adapter": r.adapter, "cache": r.cache})
-            rows = [r for r in live if not r.adapter_only]
-            if not rows:
-                self.batches += 1
-                return None
-            m = self.engine.metrics
-            m.observe("batch_size", len(rows))
-            m.observe("batch_instructions", len({r.adapter.id if r.adapter else "" for r in rows}))
-            return Decoding(self.engine, rows)
-        except Exception as err:  # a request the engine could not serve: each of the batch's gets the error
-            for r in live:
+            return self._build(live)
+        except Exception as err:
+            if len(live) == 1:
+                live[0].emit("error", err)
+                return []
+        started = []
+        for r in live:  # one at a time: only the request that fails alone gets the error
+            try:
+                started += self._build([r])
+            except Exception as err:
                 r.emit("error", err)
-            return None
+        return started
+
+    def _build(self, live: list[Request]) -> list[Decoding]:
+        if self.engine.mode == "tagi":
+            self.engine.resolve(live)
+        rows = [r for r in live if not r.adapter_only]
+        decoding = None
+        if rows:
+            decoding = Decoding(self.engine, rows)
+            decoding.prefill()
+        for r in live:  # answered only once the whole batch is built: a fallback must not answer them twice
+            if r.adapter_only:
+                r.emit("done", {"adapter": r.adapter, "cache": r.cache})
+        if decoding is None:
+            self.batches += 1
+            return []
+        m = self.engine.metrics
+        m.observe("batch_size", len(rows))
+        m.observe("batch_instructions", len({r.adapter.id if r.adapter else "" for r in rows}))
+        return [decoding]

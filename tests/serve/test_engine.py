@@ -14,6 +14,7 @@ from tagi_ds.serve import decode
 from tagi_ds.serve.cache import Adapter, AdapterCache
 from tagi_ds.serve.engine import Request, load, preflight
 from tagi_ds.serve.metrics import Metrics
+from tagi_ds.serve.scheduler import Scheduler
 from tests.core.helpers import tiny_cfg
 from tests.serve.test_serve import EXAMPLES, make_hypernet
 
@@ -158,3 +159,41 @@ def test_prompt_layout_is_the_evaluation_collators(engine):
     want = next(iter(data.build_eval_loader(cfg, tok, "test", tasks=[one], batch_size=1)))
     assert torch.equal(batch.input_ids.cpu(), want.input_ids) and torch.equal(batch.attention_mask.cpu(),
                                                                                want.attention_mask)
+
+
+def scheduled(engine, requests, **kw) -> list[tuple[str, object]]:
+    """Each request's last event (``("done", result)`` or ``("error", exc)``) through a real Scheduler."""
+    events = [threading.Event() for _ in requests]
+    last: dict[int, tuple[str, object]] = {}
+
+    def collect(i):
+        def emit(kind, value):
+            if kind in ("done", "error"):
+                last[i] = (kind, value)
+                events[i].set()
+        return emit
+
+    sched = Scheduler(engine, kw.get("max_batch", 32), kw.get("window_s", 0.0))
+    for i, r in enumerate(requests):
+        r.emit = collect(i)
+        sched.submit(r)  # all queued before the thread starts: one batch
+    sched.start()
+    try:
+        for e in events:
+            assert e.wait(120), "hang guard: a request got no answer"
+    finally:
+        sched.stop()
+    return [last[i] for i in range(len(requests))]
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(engine):
+    """A request the engine cannot serve (a seed torch cannot take, a lone surrogate in the instruction) gets its
+    error; the requests batched with it are answered as if alone (the old scheduler failed the whole batch)."""
+    (t0, e0), (t1, e1) = EXAMPLES[0], EXAMPLES[2]
+    good = [Request(t0.definitions[0], e0.input, max_tokens=4), Request(t1.definitions[0], e1.input, max_tokens=4)]
+    alone = [serve(engine, [Request(r.instruction, r.prompt, max_tokens=4)])[0]["text"] for r in good]
+    bad = [Request(t0.definitions[0], e1.input, max_tokens=4, temperature=0.5, seed=2**70),
+           Request("\ud800 copy", e0.input, max_tokens=4)]
+    got = scheduled(engine, [good[0], bad[0], bad[1], good[1]])
+    assert [k for k, _ in got] == ["done", "error", "error", "done"], got
+    assert [got[0][1]["text"], got[3][1]["text"]] == alone

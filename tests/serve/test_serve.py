@@ -333,6 +333,12 @@ BAD = [  # (what, path, body (bytes: sent as is), status, param)
     ("unknown condition", "/v1/adapters", {"instruction": "Copy.", "condition": "both"}, 400, "condition"),
     ("empty adapter instruction", "/v1/adapters", {"instruction": " "}, 400, "instruction"),
     ("export not a boolean", "/v1/adapters", {"instruction": "Copy.", "export": "yes"}, 400, "export"),
+    ("seed over 64 bits", "/v1/chat/completions", chat("Copy.", "x", temperature=0.5, seed=2**64), 400, "seed"),
+    ("seed under -2**63", "/v1/chat/completions", chat("Copy.", "x", seed=-(2**63) - 1), 400, "seed"),
+    ("lone surrogate instruction", "/v1/completions", b'{"instruction": "\\ud800", "prompt": "x"}', 400,
+     "instruction"),
+    ("lone surrogate input", "/v1/chat/completions", json.dumps(chat("Copy.", "\ud800")).encode(), 400,
+     "messages[1].content"),
 ]
 
 
@@ -351,6 +357,26 @@ def test_bad_requests_get_their_4xx_and_the_server_stays_healthy(servers):
     code, body = server.get("/health")
     assert code == 200 and json.loads(body)["status"] == "ok"
     assert answer(server, "Copy the input.", "still here")["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(servers):
+    """A good and a bad request in the same batch window: the good one gets its answer (the old server let the bad
+    seed reach the engine, which failed the whole batch with 500), the bad one its 4xx."""
+    server = servers("tiny")
+    task, ex = EXAMPLES[1]
+    want = answer(server, task.definitions[0], ex.input)
+    bodies = [chat(task.definitions[0], ex.input), chat(task.definitions[0], ex.input, temperature=0.5, seed=2**64),
+              json.dumps(chat(task.definitions[0], "\ud800")).encode()]
+    got: dict[int, tuple[int, dict]] = {}
+    threads = [threading.Thread(target=lambda i=i, b=b: got.__setitem__(
+        i, server.post("/v1/chat/completions", b, raw=isinstance(b, bytes)))) for i, b in enumerate(bodies)]
+    for t in threads:  # within the server's 100 ms window: one batch
+        t.start()
+    for t in threads:
+        t.join(HANG_S)
+    assert got[0][0] == 200 and got[0][1]["choices"] == want["choices"], got[0]
+    assert got[1][0] == 400 and got[1][1]["error"]["param"] == "seed", got[1]
+    assert got[2][0] == 400 and got[2][1]["error"]["code"] == "invalid_encoding", got[2]
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(servers):
