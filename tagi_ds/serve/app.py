@@ -87,6 +87,9 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ApiError(400, f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
                        code="invalid_json") from None
+    except (ValueError, RecursionError) as err:  # an integer past Python's digit limit; nesting past the stack
+        what = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise ApiError(400, f"request body is not valid JSON here: {what}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     check_strings(body)

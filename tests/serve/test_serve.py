@@ -303,6 +303,9 @@ def test_stop_strings_and_max_tokens(servers):
 BAD = [  # (what, path, body (bytes: sent as is), status, param)
     ("malformed JSON", "/v1/chat/completions", b'{"messages": [', 400, None),
     ("not an object", "/v1/completions", b"[1, 2]", 400, None),
+    ("a 5000-digit integer", "/v1/completions", b'{"instruction": "Copy.", "prompt": "x", "seed": ' + b"9" * 5000
+     + b"}", 400, None),
+    ("50k nested arrays", "/v1/completions", b'{"instruction": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, None),
     ("non-UTF-8 body", "/v1/completions", b'{"instruction": "\xff\xfe", "prompt": "x"}', 400, None),
     ("missing messages", "/v1/chat/completions", {"model": "tagi"}, 400, "messages"),
     ("no system message", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "messages"),
