@@ -18,8 +18,9 @@ vLLM's: for benchmarks).
 Answers carry ``usage`` and a ``tagi`` object (adapter id, cache hit or miss, instruction tokens).
 
 Bad requests get a 4xx and the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; the body is
-parsed here (size, UTF-8, JSON, every field), never by the engine. A streaming client that goes away cancels its
-request: its row leaves the batch at the next step.
+parsed here (size, UTF-8, JSON, every field), never by the engine. A client that goes away cancels its request
+(streaming: the next write fails; non-streaming: polled every ``DISCONNECT_POLL_S``): its row leaves the batch at
+the next step.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tagi_ds.serve.scheduler import Scheduler
 MAX_STOP = 4
 SEED_LOW, SEED_HIGH = -(2**63), 2**64  # what torch.Generator.manual_seed takes
 DRAIN_FACTOR = 64
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming answer checks that its client is still there
 
 
 class ApiError(Exception):
@@ -256,20 +258,38 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
         return JSONResponse(error_body(str(err.detail), "invalid_request_error", None, code),
                             status_code=err.status_code)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.inc("requests_total", endpoint=request.url.path if request.url.path in KNOWN else "other",
-                    status=str(response.status_code))
-        return response
+    class Count:
+        """Counts every answer by endpoint and status. Plain ASGI, not ``@app.middleware("http")``: Starlette's
+        BaseHTTPMiddleware wraps ``receive`` so that ``request.is_disconnected()`` never sees the client leave."""
 
-    async def run(req: serve_engine.Request):
-        """Queue ``req``; yield its events (``delta`` texts, then ``done`` or ``error``) as they come."""
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+
+            async def counted(message):
+                if message["type"] == "http.response.start":
+                    path = scope["path"]
+                    metrics.inc("requests_total", endpoint=path if path in KNOWN else "other",
+                                status=str(message["status"]))
+                await send(message)
+
+            await self.inner(scope, receive, counted)
+
+    app.add_middleware(Count)
+
+    async def run(req: serve_engine.Request, client: Request | None = None):
+        """Queue ``req``; yield its events (``delta`` texts, then ``done`` or ``error``) as they come. ``client``
+        (a non-streaming answer, which writes nothing until the end, so no failed write tells that the client
+        left): polled while waiting; once it has gone, the request is cancelled and its row leaves the batch."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req.emit = lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
         scheduler.submit(req)
         done = False
+        watcher = asyncio.ensure_future(watch(req, client)) if client is not None else None
         try:
             while True:
                 kind, value = await events.get()
@@ -282,7 +302,17 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
                     done = True
                     return
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not done:  # the client went away (or the response was cancelled): its row leaves the batch
+                req.cancelled.set()
+
+    async def watch(req: serve_engine.Request, client: Request) -> None:
+        """Every DISCONNECT_POLL_S: once ``client`` has gone, ``req`` is cancelled (it still ends with its
+        ``done``, ``finish_reason`` cancelled, which nobody reads)."""
+        while not req.cancelled.is_set():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            if await client.is_disconnected():
                 req.cancelled.set()
 
     def named_adapter(body: dict):
@@ -314,13 +344,13 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
         return {"adapter": result["adapter"], "cache": result["cache"],
                 "instruction_tokens": result["instruction_tokens"]}
 
-    async def answer(req: serve_engine.Request, d: dict, chat: bool, include_usage: bool):
+    async def answer(req: serve_engine.Request, d: dict, chat: bool, include_usage: bool, client: Request):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": rid, "created": created, "model": served}
         if not d["stream"]:
             result = None
-            async for kind, value in run(req):
+            async for kind, value in run(req, client):
                 if kind == "done":
                     result = value
             choice = ({"index": 0, "message": {"role": "assistant", "content": result["text"]}} if chat else
@@ -365,7 +395,7 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
         adapter = named_adapter(body)
         instruction, prompt = chat_texts(body, by_id=adapter is not None)
         d = decoding(body, limits, served, max_key="max_completion_tokens")
-        return await answer(make_request(instruction, prompt, d, adapter), d, True, include_usage(body))
+        return await answer(make_request(instruction, prompt, d, adapter), d, True, include_usage(body), request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -382,7 +412,7 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
         d = decoding(body, limits, served)
-        return await answer(make_request(instruction, prompt, d, adapter), d, False, include_usage(body))
+        return await answer(make_request(instruction, prompt, d, adapter), d, False, include_usage(body), request)
 
     @app.post("/v1/adapters")
     async def adapters(request: Request):

@@ -407,6 +407,30 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(servers):
     assert answer(server, task.definitions[0], ex.input)["choices"][0]["message"]["content"]
 
 
+def test_a_non_streaming_client_that_leaves_frees_its_row(servers):
+    """stream false: nothing is written until the answer ends, so the server polls the connection; a client that
+    closes it cancels the request (the old server decoded all CAP tokens for nobody)."""
+    server = servers("tiny")
+    cancelled = server.metric("requests_cancelled_total")
+    tokens = server.metric("completion_tokens_total")
+    task, ex = EXAMPLES[0]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_S)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP,
+                                                                  ignore_eos=True)),
+                 {"content-type": "application/json"})
+    time.sleep(1.0)  # in the engine by now (the window is 100 ms); CAP tokens take far longer
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + HANG_S
+    while server.metric("requests_cancelled_total") == cancelled and time.monotonic() < deadline:
+        if server.metric("completion_tokens_total") - tokens >= CAP:
+            break  # decoded to the end: never cancelled (no point waiting out the hang guard)
+        time.sleep(0.1)
+    assert server.metric("requests_cancelled_total") == cancelled + 1
+    assert server.metric("completion_tokens_total") - tokens < CAP  # its row left the batch early
+    assert json.loads(server.get("/health")[1])["status"] == "ok"
+
+
 def test_a_short_request_does_not_wait_for_a_long_one(servers):
     """A batch that starts while another decodes runs beside it: the short answer comes while the long one goes on."""
     server = servers("tiny")
