@@ -6,11 +6,12 @@ Every forward runs on this thread (the adapted layers share one adapter slot, so
 *within* a step); the HTTP event loop only queues requests and reads their events. A batch first resolves its
 adapters (the new instructions of the batch in one hypernetwork forward), then decodes a step at a time. While
 batches run, the requests that are waiting at a step boundary start a new batch at once (no window: the running
-ones would stall), up to ``MAX_RUNNING`` batches and ``--max_batch`` running rows in all; so a short request never
-waits for a long one to end. Rows of different batches are not merged into one forward (each batch keeps its own
-KV cache). Adapter-only requests (``POST /v1/adapters``) ride in the same batches. An error in a batch is sent to
-its requests and the thread goes on; a batch that cannot be built (resolved, laid out, prefilled) is built again
-one request at a time, so only the request that fails alone gets the error.
+ones would stall) whenever fewer than ``--max_batch`` rows are running (rows are capped, not batches): so a short
+request never waits for a long one to end, only for free rows. Rows of different batches are not merged into one
+forward (each batch keeps its own KV cache). Adapter-only requests (``POST /v1/adapters``) ride in the same
+batches. An error in a batch is sent to its requests and the thread goes on; a batch that cannot be built
+(resolved, laid out, prefilled) is built again one request at a time, so only the request that fails alone gets
+the error.
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ import time
 from tagi_ds.serve.decode import Decoding
 from tagi_ds.serve.engine import Engine, Request
 
-# Batches decoding at once: each step of each is its own forward, so past a few the steps of all of them slow down
-# more than a newcomer gains by not waiting.
-MAX_RUNNING = 4
-
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int, window_s: float) -> None:
@@ -35,6 +32,7 @@ class Scheduler:
         self.batches = 0
         self.failure: BaseException | None = None  # an error outside any batch: the thread is gone, /health says so
         self._stopping = False
+        self.running: list[Decoding] = []  # the batches decoding now (the engine thread's; read by tests)
 
     def start(self) -> None:
         self._thread.start()
@@ -76,13 +74,13 @@ class Scheduler:
         return batch
 
     def _loop(self) -> None:
-        running: list[Decoding] = []
+        running = self.running
         try:
             while not self._stopping:
                 room = self.max_batch - sum(d.running for d in running)
                 if not running:
                     batch = self._take(self.max_batch, self.window_s)
-                elif len(running) < MAX_RUNNING and room > 0:
+                elif room > 0:  # rows, not batches, are capped: a newcomer starts whenever a row is free
                     batch = self._take(room, None)
                 else:
                     batch = []

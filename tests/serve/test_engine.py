@@ -197,3 +197,38 @@ def test_a_request_that_breaks_its_batch_fails_alone(engine):
     got = scheduled(engine, [good[0], bad[0], bad[1], good[1]])
     assert [k for k, _ in got] == ["done", "error", "error", "done"], got
     assert [got[0][1]["text"], got[3][1]["text"]] == alone
+
+
+def test_a_short_request_never_waits_for_long_ones(engine):
+    """Four long one-row batches decoding, then a short request: it starts at once and ends first (the old
+    scheduler ran at most 4 batches, so the short one waited for a long one to end)."""
+    task, ex = EXAMPLES[0]
+    order: list[str] = []
+    ended = threading.Event()
+
+    def note(name):
+        def emit(kind, value):
+            if kind in ("done", "error"):
+                order.append(name)
+                if name == "short":
+                    ended.set()
+        return emit
+
+    sched = Scheduler(engine, 32, 0.0)
+    sched.start()
+    longs = [Request(task.definitions[0], ex.input, max_tokens=400, ignore_eos=True, emit=note(f"long{i}"))
+             for i in range(4)]
+    try:
+        for k, r in enumerate(longs):  # one at a time, so each is its own batch
+            sched.submit(r)
+            deadline = time.monotonic() + 120
+            while len(sched.running) < k + 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(sched.running) == k + 1 and not order, (k, order)
+        sched.submit(Request(task.definitions[0], ex.input, max_tokens=2, emit=note("short")))
+        assert ended.wait(120), "hang guard"
+        assert order[0] == "short", order
+    finally:
+        for r in longs:
+            r.cancelled.set()
+        sched.stop()
