@@ -232,3 +232,19 @@ def test_a_short_request_never_waits_for_long_ones(engine):
         for r in longs:
             r.cancelled.set()
         sched.stop()
+
+
+def test_metrics_print_values_in_full():
+    """Prometheus text keeps every digit: counters and gauges that are integers as integers, sums by repr (the old
+    ``:g`` printed 1234567 as 1.23457e+06)."""
+    m = Metrics()
+    m.inc("prompt_tokens_total", 1234567)
+    m.inc("requests_total", 3, endpoint="/health", status="200")
+    m.set("adapter_cache_bytes", 2**40 + 1)
+    m.observe("request_seconds", 0.1234567891)
+    lines = m.render().splitlines()
+    assert "tagi_prompt_tokens_total 1234567" in lines
+    assert 'tagi_requests_total{endpoint="/health",status="200"} 3' in lines
+    assert f"tagi_adapter_cache_bytes {2**40 + 1}" in lines
+    assert "tagi_request_seconds_sum 0.1234567891" in lines and "tagi_request_seconds_count 1" in lines
+    assert "tagi_completion_tokens_total 0" in lines
