@@ -9,8 +9,8 @@
 ``/metrics``                           gone); Prometheus text
 =====================================  ==========================================================================
 
-Both completion endpoints take ``max_tokens``, ``temperature`` (0: greedy, the default), ``top_p``, ``seed``,
-``stop`` (a string or up to 4), ``stream`` (server-sent events, ``data: [DONE]`` last) and the TAGI extensions
+Both completion endpoints take ``max_tokens``, ``temperature`` (0, the default, or under 1e-5: greedy), ``top_p``,
+``seed``, ``stop`` (a string or up to 4), ``stream`` (server-sent events, ``data: [DONE]`` last) and the TAGI extensions
 ``adapter`` (instead of the instruction: the id of a cached adapter, from ``POST /v1/adapters`` or an answer's
 ``tagi.adapter``; 404 once evicted), ``condition`` (``task``: the instruction is a task definition, formatted as
 training formats it; ``instance``: read as is) and ``ignore_eos`` (decode ``max_tokens`` tokens whatever comes, as

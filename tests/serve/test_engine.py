@@ -248,3 +248,14 @@ def test_metrics_print_values_in_full():
     assert f"tagi_adapter_cache_bytes {2**40 + 1}" in lines
     assert "tagi_request_seconds_sum 0.1234567891" in lines and "tagi_request_seconds_count 1" in lines
     assert "tagi_completion_tokens_total 0" in lines
+
+
+def test_a_tiny_temperature_decodes_greedily(engine):
+    """temperature 1e-40: logits / T overflow and softmax is NaN (the old draw took the least likely token);
+    below decode.GREEDY_BELOW a row decodes greedily."""
+    task, ex = EXAMPLES[1]
+    (greedy,) = serve(engine, [Request(task.definitions[0], ex.input, max_tokens=6, ignore_eos=True)])
+    for t in (1e-40, 1e-6):
+        (tiny,) = serve(engine, [Request(task.definitions[0], ex.input, max_tokens=6, ignore_eos=True,
+                                         temperature=t, seed=3)])
+        assert tiny["text"] == greedy["text"], t
