@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 import uuid
@@ -142,6 +143,8 @@ def _number(body: dict, key: str, default: float, low: float, high: float, low_o
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"{key!r} must be a number, got {type(value).__name__}", param=key)
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads reads NaN / Infinity; NaN passes < >
+        raise ApiError(400, f"{key!r} must be a finite number, got {value}", param=key)
     if value < low or (low_open and value == low) or value > high:
         span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise ApiError(400, f"{key!r} must be in {span}, got {value}", param=key)
