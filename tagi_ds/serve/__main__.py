@@ -24,13 +24,16 @@ from tagi_ds.cli import Parser, add_set_flag, guarded
 from tagi_ds.config import ConfigError
 
 MODES = ("tagi", "concat")
+BACKLOG = 2048  # uvicorn's default
 
 
 def parser() -> Parser:
     p = Parser(prog="python -m tagi_ds.serve", description=__doc__, epilog=textwrap.fill(
         "The hypernet's config.json fixes the model (as for evaluate.py and generate_adapter.py). Every flag and the "
-        "hypernet/ dir are checked, and the port is bound, before the model is built; the port accepts connections "
-        "once it is. Bad input: one line 'error: ...' and exit code 2. Stops on SIGINT / SIGTERM.", width=100))
+        "hypernet/ dir are checked, and the port is bound and listening, before the model is built (so a port another "
+        "server holds is an error at once); connections made while the model loads wait "
+        "and are answered once it is. Bad input: one line 'error: ...' and exit code 2. Stops on SIGINT / SIGTERM.",
+        width=100))
     p.add_argument("--hypernet", required=True, metavar="DIR", help="hypernet/ dir from pretrain.py or finetune.py")
     p.add_argument("--model_name_or_path", default=None, metavar="PATH",
                    help="local HF checkpoint dir for the backbone (default: the hypernet's config: its checkpoint, or "
@@ -73,8 +76,10 @@ def check_flags(args) -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound now (so a taken port is one error line before any model is built) and handed
-    to uvicorn, which starts listening on it once the model is loaded."""
+    """The listening socket, bound and listening now (so a taken port is one error line before any model is built)
+    and handed to uvicorn, which serves it once the model is loaded; connections made meanwhile wait in the
+    backlog. Listening matters: with SO_REUSEADDR two sockets that only bind share a port on Linux, so a second
+    server would pass this check and fail after loading its model."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
@@ -84,6 +89,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(BACKLOG)
     except OSError as err:
         sock.close()
         raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror})") from None

@@ -499,6 +499,33 @@ def test_a_taken_port_is_one_error_line_before_the_model_is_built(hypernets):
     assert len(lines) == 1 and lines[0].startswith(f"error: --port {port}: cannot listen on 127.0.0.1:{port}"), lines
 
 
+def test_a_second_server_on_the_same_port_is_one_error_line_before_its_model_loads(hypernets, monkeypatch):
+    """The port check listens: two servers started together on one port (both still loading, neither serving)
+    no longer both pass it (bind alone with SO_REUSEADDR shares the port on Linux)."""
+    import contextlib
+    import io
+
+    from tagi_ds.cli import guarded
+    from tagi_ds.serve import engine as serve_engine
+    from tagi_ds.serve.__main__ import bind, main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded: the port check came too late")
+
+    monkeypatch.setattr(serve_engine, "load", no_load)
+    first = bind("127.0.0.1", 0)  # the first server's socket, while its model loads
+    try:
+        port = first.getsockname()[1]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            guarded(lambda: main(["--hypernet", str(hypernets["tiny"]), "--port", str(port)]))
+    finally:
+        first.close()
+    assert exit_info.value.code == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --port {port}: cannot listen on 127.0.0.1:{port}"), lines
+
+
 def test_help_and_readme_document_every_flag():
     from tagi_ds.serve.__main__ import parser
 
