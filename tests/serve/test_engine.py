@@ -259,3 +259,22 @@ def test_a_tiny_temperature_decodes_greedily(engine):
         (tiny,) = serve(engine, [Request(task.definitions[0], ex.input, max_tokens=6, ignore_eos=True,
                                          temperature=t, seed=3)])
         assert tiny["text"] == greedy["text"], t
+
+
+def test_the_adapter_id_covers_the_instruction_layout(engine, tmp_path):
+    """data.max_instruction_length / data.chat_template change what the hypernetwork reads (a --set over the
+    hypernet's config): the fingerprint, hence every adapter id, changes with them (the old one hashed only
+    config.json and the model fields)."""
+    import copy
+
+    from tagi_ds.serve.engine import fingerprint
+
+    hypernet = tmp_path / "hypernet"
+    from tagi_ds import artifacts
+
+    artifacts.save_hypernet(engine.model, hypernet)
+    base = fingerprint(hypernet, engine.cfg, engine.model)
+    assert fingerprint(hypernet, copy.deepcopy(engine.cfg), engine.model) == base
+    shorter = copy.deepcopy(engine.cfg)
+    shorter.data.max_instruction_length = engine.cfg.data.max_instruction_length // 2
+    assert fingerprint(hypernet, shorter, engine.model) != base
