@@ -105,7 +105,8 @@ class Scheduler:
         gets its error, not its batch-mates)."""
         live = [r for r in batch if not r.cancelled.is_set()]
         for r in batch:
-            if r not in live:
+            if r not in live:  # its client left while it waited: counted as a cancel, as a row's is
+                self.engine.metrics.inc("requests_cancelled_total")
                 r.emit("done", {"finish_reason": "cancelled"})
         if not live:
             return []

@@ -278,3 +278,14 @@ def test_the_adapter_id_covers_the_instruction_layout(engine, tmp_path):
     shorter = copy.deepcopy(engine.cfg)
     shorter.data.max_instruction_length = engine.cfg.data.max_instruction_length // 2
     assert fingerprint(hypernet, shorter, engine.model) != base
+
+
+def test_a_request_cancelled_in_the_queue_is_counted(engine):
+    """A request whose client left before its batch started never gets a row: still a cancel in /metrics."""
+    task, ex = EXAMPLES[0]
+    before = engine.metrics.value("requests_cancelled_total")
+    gone = Request(task.definitions[0], ex.input, max_tokens=2)
+    gone.cancelled.set()
+    got = scheduled(engine, [gone, Request(task.definitions[0], ex.input, max_tokens=2)])
+    assert got[0] == ("done", {"finish_reason": "cancelled"}) and got[1][0] == "done"
+    assert engine.metrics.value("requests_cancelled_total") == before + 1
