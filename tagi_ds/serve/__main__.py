@@ -49,6 +49,8 @@ def parser() -> Parser:
                    help="a request's max_tokens when it gives none, and the most it may ask for")
     p.add_argument("--max_request_bytes", type=int, default=262144,
                    help="largest request body taken (bigger: 413)")
+    p.add_argument("--max_queue", type=int, default=1024,
+                   help="most requests waiting for a batch; one more gets 429 (OpenAI's rate-limit error: retry later)")
     p.add_argument("--adapter_export_dir", default=None, metavar="DIR",
                    help="where POST /v1/adapters with \"export\": true writes PEFT adapter dirs, one per adapter id "
                         "(default: none; export refused)")
@@ -62,7 +64,7 @@ def parser() -> Parser:
 
 
 def check_flags(args) -> None:
-    for flag in ("max_batch", "max_tokens", "max_request_bytes"):
+    for flag in ("max_batch", "max_tokens", "max_request_bytes", "max_queue"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag}: must be > 0 ({getattr(args, flag)})")
     if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
@@ -134,8 +136,8 @@ def main(argv=None) -> None:
               f"{cfg.recipe} {cfg.model.arch} on {engine.device}, {len(engine.model.sites)} adapted sites, "
               f"max_batch {args.max_batch}, window {args.batch_window_ms:g} ms)", flush=True)
 
-    app = create_app(scheduler, args.served_name, Limits(args.max_tokens, args.max_request_bytes), on_ready=ready,
-                     export_dir=export_dir)
+    limits = Limits(args.max_tokens, args.max_request_bytes, args.max_queue)
+    app = create_app(scheduler, args.served_name, limits, on_ready=ready, export_dir=export_dir)
     scheduler.start()
     # a stream still open at SIGTERM gets 5 s to end, then the server stops anyway
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",

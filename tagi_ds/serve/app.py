@@ -64,6 +64,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 class Limits:
     max_tokens: int  # a request's default and most
     max_request_bytes: int
+    max_queue: int = 0  # most requests waiting for a batch (more: 429); 0: no bound
 
 
 # -- reading a request --------------------------------------------------------------------------------------------
@@ -283,6 +284,16 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
 
     app.add_middleware(Count)
 
+    def admit() -> None:
+        """Before a request is queued (and before a stream's status line): 503 once the engine thread is gone (it
+        would never be answered), 429 while ``--max_queue`` requests wait already."""
+        if not scheduler.alive:
+            raise ApiError(503, f"the engine thread has stopped ({scheduler.failure!r}): this server answers no more "
+                                "completions; restart it", type_="server_error", code="engine_stopped")
+        if limits.max_queue and scheduler.waiting >= limits.max_queue:
+            raise ApiError(429, f"{scheduler.waiting} requests are waiting already (--max_queue {limits.max_queue}): "
+                                "retry later", type_="rate_limit_error", code="queue_full")
+
     async def run(req: serve_engine.Request, client: Request | None = None):
         """Queue ``req``; yield its events (``delta`` texts, then ``done`` or ``error``) as they come. ``client``
         (a non-streaming answer, which writes nothing until the end, so no failed write tells that the client
@@ -348,6 +359,7 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
                 "instruction_tokens": result["instruction_tokens"]}
 
     async def answer(req: serve_engine.Request, d: dict, chat: bool, include_usage: bool, client: Request):
+        admit()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": rid, "created": created, "model": served}
@@ -433,6 +445,7 @@ def create_app(scheduler: Scheduler, served: str, limits: Limits, on_ready=None,
                            code="export_disabled")
         if engine.mode != "tagi":
             raise ApiError(400, f"this server runs mode {engine.mode}: no adapters are generated", code="no_adapters")
+        admit()
         req = serve_engine.Request(instruction=instruction, prompt="", condition=condition, adapter_only=True)
         result = None
         async for kind, value in run(req):

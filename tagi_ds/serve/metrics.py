@@ -19,7 +19,8 @@ COUNTERS = {
     "adapter_cache_misses_total": "requests that had the hypernetwork generate their instruction's adapter",
     "adapter_cache_evictions_total": "adapters dropped from the cache to keep it under --adapter_cache_mb",
     "adapter_generations_total": "instructions the hypernetwork read (one per new adapter)",
-    "requests_cancelled_total": "requests whose client went away before the answer ended (their row left the batch)",
+    "requests_cancelled_total": "requests whose client went away before the answer ended (their row left the batch, "
+                                "or never got one)",
 }
 GAUGES = {
     "adapter_cache_bytes": "bytes held by cached adapters",

@@ -45,6 +45,11 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued, not yet in a batch."""
+        return self._queue.qsize()
+
     def submit(self, request: Request) -> None:
         self._queue.put(request)
         self.engine.metrics.set("queue_depth", self._queue.qsize())

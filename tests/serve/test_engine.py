@@ -289,3 +289,20 @@ def test_a_request_cancelled_in_the_queue_is_counted(engine):
     got = scheduled(engine, [gone, Request(task.definitions[0], ex.input, max_tokens=2)])
     assert got[0] == ("done", {"finish_reason": "cancelled"}) and got[1][0] == "done"
     assert engine.metrics.value("requests_cancelled_total") == before + 1
+
+
+def test_a_stopped_engine_thread_answers_503(engine):
+    """An engine thread that is not running (died, or never started) would never answer: completions and adapter
+    requests get 503 at once, /health says so (the old server queued them forever)."""
+    from fastapi.testclient import TestClient
+
+    from tagi_ds.serve.app import Limits, create_app
+
+    app = create_app(Scheduler(engine, 4, 0.0), "tagi", Limits(16, 1 << 20, 8))  # its thread never started
+    with TestClient(app) as client:
+        task, ex = EXAMPLES[0]
+        r = client.post("/v1/completions", json={"instruction": task.definitions[0], "prompt": ex.input})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
+        r = client.post("/v1/adapters", json={"instruction": task.definitions[0]})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        assert client.get("/health").status_code == 503

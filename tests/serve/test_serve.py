@@ -435,6 +435,34 @@ def test_a_non_streaming_client_that_leaves_frees_its_row(servers):
     assert json.loads(server.get("/health")[1])["status"] == "ok"
 
 
+def test_a_full_queue_answers_429(hypernets, tmp_path):
+    """--max_batch 1 --max_queue 1: one row decoding, one request waiting; the next gets OpenAI's 429 body at once
+    (the old server queued without bound)."""
+    server = Server(hypernets["tiny"], tmp_path / "queue.log", "--max_batch", "1", "--max_queue", "1")
+    conns = []
+    try:
+        task, ex = EXAMPLES[0]
+        long = json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP, ignore_eos=True, stream=True))
+        for _ in range(2):  # the first decodes (a stream of CAP tokens), the second waits in the queue
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_S)
+            conn.request("POST", "/v1/chat/completions", long, {"content-type": "application/json"})
+            conns.append(conn)
+            if len(conns) == 1:
+                response = conn.getresponse()
+                while not response.readline().startswith(b"data: "):
+                    pass
+        deadline = time.monotonic() + HANG_S
+        while server.metric("queue_depth") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, body = server.post("/v1/chat/completions", chat(task.definitions[0], ex.input))
+        assert status == 429 and body["error"]["code"] == "queue_full" and "--max_queue 1" in body["error"]["message"]
+        assert body["error"]["type"] == "rate_limit_error"
+    finally:
+        for conn in conns:
+            conn.close()
+        server.stop()
+
+
 def test_a_short_request_does_not_wait_for_a_long_one(servers):
     """A batch that starts while another decodes runs beside it: the short answer comes while the long one goes on."""
     server = servers("tiny")
