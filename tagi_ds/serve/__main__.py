@@ -24,6 +24,7 @@ from tagi_ds.cli import Parser, add_set_flag, guarded
 from tagi_ds.config import ConfigError
 
 MODES = ("tagi", "concat")
+BACKLOG = 2048  # uvicorn's default
 
 
 def parser() -> Parser:
@@ -31,9 +32,10 @@ def parser() -> Parser:
         prog="python -m tagi_ds.serve",
         description=__doc__,
         epilog=textwrap.fill(
-            "The hypernet's config.json fixes the model (as for evaluate.py and generate_adapter.py). Every flag and "
-            "the hypernet/ dir are checked, and the port is bound, before the model is built; the port accepts "
-            "connections once it is. Bad input: one line 'error: ...' and exit code 2. Stops on SIGINT / SIGTERM.",
+            "The hypernet's config.json fixes the model (as for evaluate.py and generate_adapter.py). Every flag "
+            "and the hypernet/ dir are checked, and the port is bound and listening, before the model is built (so a "
+            "port another server holds is an error at once); connections made while the model loads wait and are "
+            "answered once it is. Bad input: one line 'error: ...' and exit code 2. Stops on SIGINT / SIGTERM.",
             width=100,
         ),
     )
@@ -68,6 +70,12 @@ def parser() -> Parser:
     )
     p.add_argument("--max_request_bytes", type=int, default=262144, help="largest request body taken (bigger: 413)")
     p.add_argument(
+        "--max_queue",
+        type=int,
+        default=1024,
+        help="most requests waiting for a batch; one more gets 429 (OpenAI's rate-limit error: retry later)",
+    )
+    p.add_argument(
         "--adapter_export_dir",
         default=None,
         metavar="DIR",
@@ -92,7 +100,7 @@ def parser() -> Parser:
 
 
 def check_flags(args) -> None:
-    for flag in ("max_batch", "max_tokens", "max_request_bytes"):
+    for flag in ("max_batch", "max_tokens", "max_request_bytes", "max_queue"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag}: must be > 0 ({getattr(args, flag)})")
     if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
@@ -106,8 +114,10 @@ def check_flags(args) -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound now (so a taken port is one error line before any model is built) and handed
-    to uvicorn, which starts listening on it once the model is loaded."""
+    """The listening socket, bound and listening now (so a taken port is one error line before any model is built)
+    and handed to uvicorn, which serves it once the model is loaded; connections made meanwhile wait in the
+    backlog. Listening matters: with SO_REUSEADDR two sockets that only bind share a port on Linux, so a second
+    server would pass this check and fail after loading its model."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
@@ -117,6 +127,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(BACKLOG)
     except OSError as err:
         sock.close()
         raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror})") from None
@@ -170,13 +181,8 @@ def main(argv=None) -> None:
             flush=True,
         )
 
-    app = create_app(
-        scheduler,
-        args.served_name,
-        Limits(args.max_tokens, args.max_request_bytes),
-        on_ready=ready,
-        export_dir=export_dir,
-    )
+    limits = Limits(args.max_tokens, args.max_request_bytes, args.max_queue)
+    app = create_app(scheduler, args.served_name, limits, on_ready=ready, export_dir=export_dir)
     scheduler.start()
     # a stream still open at SIGTERM gets 5 s to end, then the server stops anyway
     server = uvicorn.Server(

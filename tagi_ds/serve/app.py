@@ -9,8 +9,8 @@
 ``/metrics``                           gone); Prometheus text
 =====================================  ==========================================================================
 
-Both completion endpoints take ``max_tokens``, ``temperature`` (0: greedy, the default), ``top_p``, ``seed``,
-``stop`` (a string or up to 4), ``stream`` (server-sent events, ``data: [DONE]`` last) and the TAGI extensions
+Both completion endpoints take ``max_tokens``, ``temperature`` (0, the default, or under 1e-5: greedy), ``top_p``,
+``seed``, ``stop`` (a string or up to 4), ``stream`` (server-sent events, ``data: [DONE]`` last) and the TAGI extensions
 ``adapter`` (instead of the instruction: the id of a cached adapter, from ``POST /v1/adapters`` or an answer's
 ``tagi.adapter``; 404 once evicted), ``condition`` (``task``: the instruction is a task definition, formatted as
 training formats it; ``instance``: read as is) and ``ignore_eos`` (decode ``max_tokens`` tokens whatever comes, as
@@ -18,14 +18,16 @@ vLLM's: for benchmarks).
 Answers carry ``usage`` and a ``tagi`` object (adapter id, cache hit or miss, instruction tokens).
 
 Bad requests get a 4xx and the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; the body is
-parsed here (size, UTF-8, JSON, every field), never by the engine. A streaming client that goes away cancels its
-request: its row leaves the batch at the next step.
+parsed here (size, UTF-8, JSON, every field), never by the engine. A client that goes away cancels its request
+(streaming: the next write fails; non-streaming: polled every ``DISCONNECT_POLL_S``): its row leaves the batch at
+the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 import uuid
@@ -42,7 +44,9 @@ from tagi_ds.serve import engine as serve_engine
 from tagi_ds.serve.scheduler import Scheduler
 
 MAX_STOP = 4
+SEED_LOW, SEED_HIGH = -(2**63), 2**64  # what torch.Generator.manual_seed takes
 DRAIN_FACTOR = 64
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming answer checks that its client is still there
 
 
 class ApiError(Exception):
@@ -66,6 +70,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 class Limits:
     max_tokens: int  # a request's default and most
     max_request_bytes: int
+    max_queue: int = 0  # most requests waiting for a batch (more: 429); 0: no bound
 
 
 # -- reading a request --------------------------------------------------------------------------------------------
@@ -99,9 +104,42 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
             f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
             code="invalid_json",
         ) from None
+    except (ValueError, RecursionError) as err:  # an integer past Python's digit limit; nesting past the stack
+        what = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise ApiError(400, f"request body is not valid JSON here: {what}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    check_strings(body)
     return body
+
+
+def check_strings(body: dict) -> None:
+    """Every string of the body (keys too) encodes as UTF-8: JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which would fail deep in the engine (the adapter id's hash, the tokenizer) and take the batch with them."""
+    todo: list[tuple[str, Any]] = [("", body)]  # a stack, not recursion: nesting is json.loads's depth, ~1000
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                name = f"{path}.{k}" if path else str(k)
+                _utf8(k, name)
+                todo.append((name, v))
+        elif isinstance(value, list):
+            todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, str):
+            _utf8(value, path)
+
+
+def _utf8(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(
+            400,
+            f"{param!r} is not valid Unicode: a lone surrogate {text[err.start]!r} at character {err.start}",
+            param=param,
+            code="invalid_encoding",
+        ) from None
 
 
 def _text(body: dict, key: str, required: bool = True, allow_empty: bool = False) -> str | None:
@@ -123,6 +161,8 @@ def _number(body: dict, key: str, default: float, low: float, high: float, low_o
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"{key!r} must be a number, got {type(value).__name__}", param=key)
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads reads NaN / Infinity; NaN passes < >
+        raise ApiError(400, f"{key!r} must be a finite number, got {value}", param=key)
     if value < low or (low_open and value == low) or value > high:
         span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise ApiError(400, f"{key!r} must be in {span}, got {value}", param=key)
@@ -171,6 +211,8 @@ def decoding(body: dict, limits: Limits, served: str, max_key: str = "max_tokens
     if condition not in CONDITIONS:
         raise ApiError(400, f"'condition' must be one of {', '.join(CONDITIONS)}, got {condition!r}", param="condition")
     seed = _int(body, "seed")
+    if seed is not None and not SEED_LOW <= seed < SEED_HIGH:
+        raise ApiError(400, f"'seed' must be in [-2**63, 2**64) (a 64-bit seed), got {seed}", param="seed")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, f"'ignore_eos' must be true or false, got {ignore_eos!r}", param="ignore_eos")
@@ -255,23 +297,58 @@ def create_app(
             error_body(str(err.detail), "invalid_request_error", None, code), status_code=err.status_code
         )
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.inc(
-            "requests_total",
-            endpoint=request.url.path if request.url.path in KNOWN else "other",
-            status=str(response.status_code),
-        )
-        return response
+    class Count:
+        """Counts every answer by endpoint and status. Plain ASGI, not ``@app.middleware("http")``: Starlette's
+        BaseHTTPMiddleware wraps ``receive`` so that ``request.is_disconnected()`` never sees the client leave."""
 
-    async def run(req: serve_engine.Request):
-        """Queue ``req``; yield its events (``delta`` texts, then ``done`` or ``error``) as they come."""
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+
+            async def counted(message):
+                if message["type"] == "http.response.start":
+                    path = scope["path"]
+                    metrics.inc(
+                        "requests_total", endpoint=path if path in KNOWN else "other", status=str(message["status"])
+                    )
+                await send(message)
+
+            await self.inner(scope, receive, counted)
+
+    app.add_middleware(Count)
+
+    def admit() -> None:
+        """Before a request is queued (and before a stream's status line): 503 once the engine thread is gone (it
+        would never be answered), 429 while ``--max_queue`` requests wait already."""
+        if not scheduler.alive:
+            raise ApiError(
+                503,
+                f"the engine thread has stopped ({scheduler.failure!r}): this server answers no more "
+                "completions; restart it",
+                type_="server_error",
+                code="engine_stopped",
+            )
+        if limits.max_queue and scheduler.waiting >= limits.max_queue:
+            raise ApiError(
+                429,
+                f"{scheduler.waiting} requests are waiting already (--max_queue {limits.max_queue}): retry later",
+                type_="rate_limit_error",
+                code="queue_full",
+            )
+
+    async def run(req: serve_engine.Request, client: Request | None = None):
+        """Queue ``req``; yield its events (``delta`` texts, then ``done`` or ``error``) as they come. ``client``
+        (a non-streaming answer, which writes nothing until the end, so no failed write tells that the client
+        left): polled while waiting; once it has gone, the request is cancelled and its row leaves the batch."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req.emit = lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))
         scheduler.submit(req)
         done = False
+        watcher = asyncio.ensure_future(watch(req, client)) if client is not None else None
         try:
             while True:
                 kind, value = await events.get()
@@ -285,7 +362,17 @@ def create_app(
                     done = True
                     return
         finally:
+            if watcher is not None:
+                watcher.cancel()
             if not done:  # the client went away (or the response was cancelled): its row leaves the batch
+                req.cancelled.set()
+
+    async def watch(req: serve_engine.Request, client: Request) -> None:
+        """Every DISCONNECT_POLL_S: once ``client`` has gone, ``req`` is cancelled (it still ends with its
+        ``done``, ``finish_reason`` cancelled, which nobody reads)."""
+        while not req.cancelled.is_set():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            if await client.is_disconnected():
                 req.cancelled.set()
 
     def named_adapter(body: dict):
@@ -337,13 +424,14 @@ def create_app(
             "instruction_tokens": result["instruction_tokens"],
         }
 
-    async def answer(req: serve_engine.Request, d: dict, chat: bool, include_usage: bool):
+    async def answer(req: serve_engine.Request, d: dict, chat: bool, include_usage: bool, client: Request):
+        admit()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": rid, "created": created, "model": served}
         if not d["stream"]:
             result = None
-            async for kind, value in run(req):
+            async for kind, value in run(req, client):
                 if kind == "done":
                     result = value
             choice = (
@@ -398,7 +486,7 @@ def create_app(
         adapter = named_adapter(body)
         instruction, prompt = chat_texts(body, by_id=adapter is not None)
         d = decoding(body, limits, served, max_key="max_completion_tokens")
-        return await answer(make_request(instruction, prompt, d, adapter), d, True, include_usage(body))
+        return await answer(make_request(instruction, prompt, d, adapter), d, True, include_usage(body), request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -415,7 +503,7 @@ def create_app(
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
         d = decoding(body, limits, served)
-        return await answer(make_request(instruction, prompt, d, adapter), d, False, include_usage(body))
+        return await answer(make_request(instruction, prompt, d, adapter), d, False, include_usage(body), request)
 
     @app.post("/v1/adapters")
     async def adapters(request: Request):
@@ -438,6 +526,7 @@ def create_app(
             )
         if not engine.generates:
             raise ApiError(400, f"this server runs mode {engine.mode}: no adapters are generated", code="no_adapters")
+        admit()
         req = serve_engine.Request(instruction=instruction, prompt="", condition=condition, adapter_only=True)
         result = None
         async for kind, value in run(req):

@@ -8,9 +8,10 @@ one token per step with the KV cache (HF's ``DynamicCache`` / ``EncoderDecoderCa
 stop string, ``max_tokens``, its client gone) leaves the batch: the cache, the masks and the adapter segments are
 cut to the rows still running, so the next steps compute nothing for it.
 
-Greedy rows take the argmax, as ``eval/generate.greedy_config`` does; sampled rows (``temperature`` > 0) draw from
-the temperature-scaled, ``top_p``-truncated distribution with a generator of their own (``seed``), so a seeded
-request gets the same tokens whatever it was batched with (up to the float ties batching can move).
+Greedy rows take the argmax, as ``eval/generate.greedy_config`` does (``temperature`` 0, or under ``GREEDY_BELOW``,
+1e-5); sampled rows draw from the temperature-scaled, ``top_p``-truncated distribution with a generator of their
+own (``seed``), so a seeded request gets the same tokens whatever it was batched with (up to the float ties
+batching can move).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from tagi_ds.backbones.base import cache_kwarg
 from tagi_ds.batch import TaskBatch
 from tagi_ds.serve.engine import Engine, Request
 
+# A temperature below this decodes greedily: logits / 1e-40 overflow to inf, and softmax turns inf - inf into NaN,
+# which the draw read as the last (least likely) token. The limit of sampling as the temperature goes to 0 is argmax.
+GREEDY_BELOW = 1e-5
 REPLACEMENT = "\ufffd"  # what a byte-level tokenizer decodes an unfinished UTF-8 sequence to: held back
 
 
@@ -43,7 +47,7 @@ class Output:
         self.text = self.emitted = ""
         self.reason: str | None = None
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**63)  # the global RNG untouched
-        self.gen = torch.Generator().manual_seed(seed) if req.temperature > 0 else None
+        self.gen = torch.Generator().manual_seed(seed) if req.temperature >= GREEDY_BELOW else None
 
     def push(self, token: int) -> None:
         self.generated += 1
@@ -264,10 +268,16 @@ class Decoding:
         return len(self.live)
 
     @torch.no_grad()
+    def prefill(self) -> None:
+        """The batch's first forward (the scheduler runs it when it builds the batch: a request that breaks it is
+        found before any row has emitted)."""
+        self.logits = self.stepper.prefill()
+
+    @torch.no_grad()
     def step(self) -> bool:
-        """The prefill on the first call; then one token for every running row. True once every row has ended."""
+        """The prefill if not run yet; then one token for every running row. True once every row has ended."""
         if self.logits is None:
-            self.logits = self.stepper.prefill()
+            self.prefill()
         live, outs = self.live, self.outs
         tokens = pick(self.logits, [outs[i] for i in live])
         for i, t in zip(live, tokens.tolist()):

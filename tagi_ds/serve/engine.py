@@ -42,6 +42,7 @@ from tagi_ds.serve.cache import Adapter, AdapterCache, adapter_id
 from tagi_ds.serve.metrics import Metrics
 from tagi_ds.stages import MODES
 
+INSTRUCTION_FIELDS = ("max_instruction_length", "chat_template")  # data.* that instruction_tensors reads
 SERVE_MODES = ("tagi", "concat")  # tagi: generated adapters; concat: the instruction prepended, bare backbone
 
 
@@ -69,15 +70,20 @@ class Request:
 
 
 def fingerprint(hypernet: Path, cfg: TagiConfig, model) -> str:
-    """sha256 of the generator's weights, the hypernet's config.json, the model config it runs with and the
-    backbone's weights (``artifacts.backbone_fingerprint``): adapters of two different hypernetworks or backbones
-    never share an id."""
+    """sha256 of the generator's weights, the hypernet's config.json, the model config it runs with, the data
+    fields the instruction is laid out by (``INSTRUCTION_FIELDS``) and the backbone's weights
+    (``artifacts.backbone_fingerprint``): adapters of two different hypernetworks, backbones or instruction
+    layouts never share an id."""
     h = hashlib.sha256(artifacts.backbone_fingerprint(model).encode())
     for name in ("generator.safetensors", "config.json"):
         with open(hypernet / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     h.update(json.dumps(cfg.to_dict()["model"], sort_keys=True).encode())
+    # the data fields the instruction is laid out by (export/peft.instruction_tensors: its truncation, the chat
+    # wrapping), as resolved here: a --set over them changes what the hypernetwork reads, so the adapter's id
+    data_cfg = cfg.to_dict()["data"]
+    h.update(json.dumps({k: data_cfg[k] for k in INSTRUCTION_FIELDS}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

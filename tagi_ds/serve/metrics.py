@@ -6,6 +6,7 @@ generations and batch sizes. No client library: the exposition format is a few l
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
 
@@ -18,7 +19,8 @@ COUNTERS = {
     "adapter_cache_misses_total": "requests that had the hypernetwork generate their instruction's adapter",
     "adapter_cache_evictions_total": "adapters dropped from the cache to keep it under --adapter_cache_mb",
     "adapter_generations_total": "instructions the hypernetwork read (one per new adapter)",
-    "requests_cancelled_total": "requests whose client went away before the answer ended (their row left the batch)",
+    "requests_cancelled_total": "requests whose client went away before the answer ended (their row left the batch, "
+    "or never got one)",
 }
 GAUGES = {
     "adapter_cache_bytes": "bytes held by cached adapters",
@@ -37,6 +39,19 @@ HISTOGRAMS = {  # name -> (help, bucket upper bounds)
         (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
     ),
 }
+
+
+def number(value: float) -> str:
+    """A sample value in full: integers as integers (``:g`` wrote 1234567 as 1.23457e+06), others by ``repr``
+    (the shortest text that reads back as the same float), infinities as Prometheus spells them."""
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:  # exact as an int
+        return str(int(value))
+    return repr(value)
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -85,12 +100,12 @@ class Metrics:
             for name, text in COUNTERS.items():
                 out += [f"# HELP tagi_{name} {text}", f"# TYPE tagi_{name} counter"]
                 series = [(lab, v) for (n, lab), v in sorted(self._counters.items()) if n == name]
-                out += [f"tagi_{name}{lab} {v:g}" for lab, v in series] or [f"tagi_{name} 0"]
+                out += [f"tagi_{name}{lab} {number(v)}" for lab, v in series] or [f"tagi_{name} 0"]
             for name, text in GAUGES.items():
                 out += [
                     f"# HELP tagi_{name} {text}",
                     f"# TYPE tagi_{name} gauge",
-                    f"tagi_{name} {self._gauges[name]:g}",
+                    f"tagi_{name} {number(self._gauges[name])}",
                 ]
             for name, (text, bounds) in HISTOGRAMS.items():
                 counts, total = self._hist[name]
@@ -99,5 +114,5 @@ class Metrics:
                 for bound, count in zip((*bounds, "+Inf"), counts):
                     running += count
                     out.append(f'tagi_{name}_bucket{{le="{bound}"}} {running}')
-                out += [f"tagi_{name}_sum {total[0]:g}", f"tagi_{name}_count {running}"]
+                out += [f"tagi_{name}_sum {number(total[0])}", f"tagi_{name}_count {running}"]
         return "\n".join(out) + "\n"

@@ -6,10 +6,12 @@ Every forward runs on this thread (the adapted layers share one adapter slot, so
 *within* a step); the HTTP event loop only queues requests and reads their events. A batch first resolves its
 adapters (the new instructions of the batch in one hypernetwork forward), then decodes a step at a time. While
 batches run, the requests that are waiting at a step boundary start a new batch at once (no window: the running
-ones would stall), up to ``MAX_RUNNING`` batches and ``--max_batch`` running rows in all; so a short request never
-waits for a long one to end. Rows of different batches are not merged into one forward (each batch keeps its own
-KV cache). Adapter-only requests (``POST /v1/adapters``) ride in the same batches. An error in a batch is sent to
-its requests and the thread goes on.
+ones would stall) whenever fewer than ``--max_batch`` rows are running (rows are capped, not batches): so a short
+request never waits for a long one to end, only for free rows. Rows of different batches are not merged into one
+forward (each batch keeps its own KV cache). Adapter-only requests (``POST /v1/adapters``) ride in the same
+batches. An error in a batch is sent to its requests and the thread goes on; a batch that cannot be built
+(resolved, laid out, prefilled) is built again one request at a time, so only the request that fails alone gets
+the error.
 """
 
 from __future__ import annotations
@@ -21,10 +23,6 @@ import time
 from tagi_ds.serve.decode import Decoding
 from tagi_ds.serve.engine import Engine, Request
 
-# Batches decoding at once: each step of each is its own forward, so past a few the steps of all of them slow down
-# more than a newcomer gains by not waiting.
-MAX_RUNNING = 4
-
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int, window_s: float) -> None:
@@ -34,6 +32,7 @@ class Scheduler:
         self.batches = 0
         self.failure: BaseException | None = None  # an error outside any batch: the thread is gone, /health says so
         self._stopping = False
+        self.running: list[Decoding] = []  # the batches decoding now (the engine thread's; read by tests)
 
     def start(self) -> None:
         self._thread.start()
@@ -45,6 +44,11 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued, not yet in a batch."""
+        return self._queue.qsize()
 
     def submit(self, request: Request) -> None:
         self._queue.put(request)
@@ -75,20 +79,18 @@ class Scheduler:
         return batch
 
     def _loop(self) -> None:
-        running: list[Decoding] = []
+        running = self.running
         try:
             while not self._stopping:
                 room = self.max_batch - sum(d.running for d in running)
                 if not running:
                     batch = self._take(self.max_batch, self.window_s)
-                elif len(running) < MAX_RUNNING and room > 0:
+                elif room > 0:  # rows, not batches, are capped: a newcomer starts whenever a row is free
                     batch = self._take(room, None)
                 else:
                     batch = []
                 if batch:
-                    started = self._start(batch)
-                    if started is not None:
-                        running.append(started)
+                    running += self._start(batch)
                 for d in list(running):
                     try:
                         finished = d.step()
@@ -102,27 +104,46 @@ class Scheduler:
             self.failure = err
             raise
 
-    def _start(self, batch: list[Request]) -> Decoding | None:
-        """Resolve the batch's adapters, answer its adapter-only requests; the decoding of the rest, or None."""
+    def _start(self, batch: list[Request]) -> list[Decoding]:
+        """Resolve the batch's adapters, answer its adapter-only requests, prefill the rest: their decodings (one;
+        or, when building the batch failed, one per request that builds alone: a request the engine cannot serve
+        gets its error, not its batch-mates)."""
         live = [r for r in batch if not r.cancelled.is_set()]
         for r in batch:
-            if r not in live:
+            if r not in live:  # its client left while it waited: counted as a cancel, as a row's is
+                self.engine.metrics.inc("requests_cancelled_total")
                 r.emit("done", {"finish_reason": "cancelled"})
+        if not live:
+            return []
         try:
-            if self.engine.generates and live:
-                self.engine.resolve(live)
-            for r in live:
-                if r.adapter_only:
-                    r.emit("done", {"adapter": r.adapter, "cache": r.cache})
-            rows = [r for r in live if not r.adapter_only]
-            if not rows:
-                self.batches += 1
-                return None
-            m = self.engine.metrics
-            m.observe("batch_size", len(rows))
-            m.observe("batch_instructions", len({r.adapter.id if r.adapter else "" for r in rows}))
-            return Decoding(self.engine, rows)
-        except Exception as err:  # a request the engine could not serve: each of the batch's gets the error
-            for r in live:
+            return self._build(live)
+        except Exception as err:
+            if len(live) == 1:
+                live[0].emit("error", err)
+                return []
+        started = []
+        for r in live:  # one at a time: only the request that fails alone gets the error
+            try:
+                started += self._build([r])
+            except Exception as err:
                 r.emit("error", err)
-            return None
+        return started
+
+    def _build(self, live: list[Request]) -> list[Decoding]:
+        if self.engine.generates:
+            self.engine.resolve(live)
+        rows = [r for r in live if not r.adapter_only]
+        decoding = None
+        if rows:
+            decoding = Decoding(self.engine, rows)
+            decoding.prefill()
+        for r in live:  # answered only once the whole batch is built: a fallback must not answer them twice
+            if r.adapter_only:
+                r.emit("done", {"adapter": r.adapter, "cache": r.cache})
+        if decoding is None:
+            self.batches += 1
+            return []
+        m = self.engine.metrics
+        m.observe("batch_size", len(rows))
+        m.observe("batch_instructions", len({r.adapter.id if r.adapter else "" for r in rows}))
+        return [decoding]

@@ -538,6 +538,7 @@ CASES = [
     Case("serve-cache-zero", "serve", [*HN, "--adapter_cache_mb", "0"], "--adapter_cache_mb: must be > 0", False),
     Case("serve-port-range", "serve", [*HN, "--port", "70000"], "--port: must be in [0, 65535] (70000)", False),
     Case("serve-max-tokens-zero", "serve", [*HN, "--max_tokens", "0"], "--max_tokens: must be > 0 (0)", False),
+    Case("serve-max-queue-zero", "serve", [*HN, "--max_queue", "0"], "--max_queue: must be > 0 (0)", False),
     Case("serve-body-limit-text", "serve", [*HN, "--max_request_bytes", "1MB"], "argument --max_request_bytes", False),
     Case("serve-mode-choice", "serve", [*HN, "--mode", "lora"], "argument --mode: invalid choice", False),
     Case("serve-unknown-key", "serve", [*HN, "--set", "hypernet.rnak=3"], "hypernet.rnak: unknown config key", False),

@@ -356,6 +356,14 @@ def test_stop_strings_and_max_tokens(servers):
 BAD = [  # (what, path, body (bytes: sent as is), status, param)
     ("malformed JSON", "/v1/chat/completions", b'{"messages": [', 400, None),
     ("not an object", "/v1/completions", b"[1, 2]", 400, None),
+    (
+        "a 5000-digit integer",
+        "/v1/completions",
+        b'{"instruction": "Copy.", "prompt": "x", "seed": ' + b"9" * 5000 + b"}",
+        400,
+        None,
+    ),
+    ("50k nested arrays", "/v1/completions", b'{"instruction": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, None),
     ("non-UTF-8 body", "/v1/completions", b'{"instruction": "\xff\xfe", "prompt": "x"}', 400, None),
     ("missing messages", "/v1/chat/completions", {"model": "tagi"}, 400, "messages"),
     ("no system message", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "messages"),
@@ -409,12 +417,31 @@ BAD = [  # (what, path, body (bytes: sent as is), status, param)
     ),
     ("temperature out of range", "/v1/chat/completions", chat("Copy.", "x", temperature=5), 400, "temperature"),
     ("top_p 0", "/v1/chat/completions", chat("Copy.", "x", top_p=0), 400, "top_p"),
+    ("temperature NaN", "/v1/chat/completions", chat("Copy.", "x", temperature=float("nan")), 400, "temperature"),
+    ("top_p NaN", "/v1/completions", {"instruction": "Copy.", "prompt": "x", "top_p": float("nan")}, 400, "top_p"),
+    (
+        "temperature -Infinity",
+        "/v1/chat/completions",
+        chat("Copy.", "x", temperature=float("-inf")),
+        400,
+        "temperature",
+    ),
     ("five stop strings", "/v1/chat/completions", chat("Copy.", "x", stop=list("abcde")), 400, "stop"),
     ("n 2", "/v1/chat/completions", chat("Copy.", "x", n=2), 400, "n"),
     ("ignore_eos not a boolean", "/v1/chat/completions", chat("Copy.", "x", ignore_eos="yes"), 400, "ignore_eos"),
     ("unknown condition", "/v1/adapters", {"instruction": "Copy.", "condition": "both"}, 400, "condition"),
     ("empty adapter instruction", "/v1/adapters", {"instruction": " "}, 400, "instruction"),
     ("export not a boolean", "/v1/adapters", {"instruction": "Copy.", "export": "yes"}, 400, "export"),
+    ("seed over 64 bits", "/v1/chat/completions", chat("Copy.", "x", temperature=0.5, seed=2**64), 400, "seed"),
+    ("seed under -2**63", "/v1/chat/completions", chat("Copy.", "x", seed=-(2**63) - 1), 400, "seed"),
+    ("lone surrogate instruction", "/v1/completions", b'{"instruction": "\\ud800", "prompt": "x"}', 400, "instruction"),
+    (
+        "lone surrogate input",
+        "/v1/chat/completions",
+        json.dumps(chat("Copy.", "\ud800")).encode(),
+        400,
+        "messages[1].content",
+    ),
 ]
 
 
@@ -433,6 +460,33 @@ def test_bad_requests_get_their_4xx_and_the_server_stays_healthy(servers):
     code, body = server.get("/health")
     assert code == 200 and json.loads(body)["status"] == "ok"
     assert answer(server, "Copy the input.", "still here")["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_bad_request_does_not_fail_the_good_ones_batched_with_it(servers):
+    """A good and a bad request in the same batch window: the good one gets its answer (the old server let the bad
+    seed reach the engine, which failed the whole batch with 500), the bad one its 4xx."""
+    server = servers("tiny")
+    task, ex = EXAMPLES[1]
+    want = answer(server, task.definitions[0], ex.input)
+    bodies = [
+        chat(task.definitions[0], ex.input),
+        chat(task.definitions[0], ex.input, temperature=0.5, seed=2**64),
+        json.dumps(chat(task.definitions[0], "\ud800")).encode(),
+    ]
+    got: dict[int, tuple[int, dict]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda i=i, b=b: got.__setitem__(i, server.post("/v1/chat/completions", b, raw=isinstance(b, bytes)))
+        )
+        for i, b in enumerate(bodies)
+    ]
+    for t in threads:  # within the server's 100 ms window: one batch
+        t.start()
+    for t in threads:
+        t.join(HANG_S)
+    assert got[0][0] == 200 and got[0][1]["choices"] == want["choices"], got[0]
+    assert got[1][0] == 400 and got[1][1]["error"]["param"] == "seed", got[1]
+    assert got[2][0] == 400 and got[2][1]["error"]["code"] == "invalid_encoding", got[2]
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(servers):
@@ -461,6 +515,61 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(servers):
     assert server.metric("completion_tokens_total") - tokens < CAP  # its row left the batch early
     assert json.loads(server.get("/health")[1])["status"] == "ok"
     assert answer(server, task.definitions[0], ex.input)["choices"][0]["message"]["content"]
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_row(servers):
+    """stream false: nothing is written until the answer ends, so the server polls the connection; a client that
+    closes it cancels the request (the old server decoded all CAP tokens for nobody)."""
+    server = servers("tiny")
+    cancelled = server.metric("requests_cancelled_total")
+    tokens = server.metric("completion_tokens_total")
+    task, ex = EXAMPLES[0]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_S)
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP, ignore_eos=True)),
+        {"content-type": "application/json"},
+    )
+    time.sleep(1.0)  # in the engine by now (the window is 100 ms); CAP tokens take far longer
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + HANG_S
+    while server.metric("requests_cancelled_total") == cancelled and time.monotonic() < deadline:
+        if server.metric("completion_tokens_total") - tokens >= CAP:
+            break  # decoded to the end: never cancelled (no point waiting out the hang guard)
+        time.sleep(0.1)
+    assert server.metric("requests_cancelled_total") == cancelled + 1
+    assert server.metric("completion_tokens_total") - tokens < CAP  # its row left the batch early
+    assert json.loads(server.get("/health")[1])["status"] == "ok"
+
+
+def test_a_full_queue_answers_429(hypernets, tmp_path):
+    """--max_batch 1 --max_queue 1: one row decoding, one request waiting; the next gets OpenAI's 429 body at once
+    (the old server queued without bound)."""
+    server = Server(hypernets["tiny"], tmp_path / "queue.log", "--max_batch", "1", "--max_queue", "1")
+    conns = []
+    try:
+        task, ex = EXAMPLES[0]
+        long = json.dumps(chat(task.definitions[0], ex.input, max_tokens=CAP, ignore_eos=True, stream=True))
+        for _ in range(2):  # the first decodes (a stream of CAP tokens), the second waits in the queue
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HANG_S)
+            conn.request("POST", "/v1/chat/completions", long, {"content-type": "application/json"})
+            conns.append(conn)
+            if len(conns) == 1:
+                response = conn.getresponse()
+                while not response.readline().startswith(b"data: "):
+                    pass
+        deadline = time.monotonic() + HANG_S
+        while server.metric("queue_depth") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, body = server.post("/v1/chat/completions", chat(task.definitions[0], ex.input))
+        assert status == 429 and body["error"]["code"] == "queue_full" and "--max_queue 1" in body["error"]["message"]
+        assert body["error"]["type"] == "rate_limit_error"
+    finally:
+        for conn in conns:
+            conn.close()
+        server.stop()
 
 
 def test_a_short_request_does_not_wait_for_a_long_one(servers):
@@ -532,6 +641,33 @@ def test_a_taken_port_is_one_error_line_before_the_model_is_built(hypernets):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
             guarded(lambda: main(["--hypernet", str(hypernets["tiny"]), "--port", str(port)]))
+    assert exit_info.value.code == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --port {port}: cannot listen on 127.0.0.1:{port}"), lines
+
+
+def test_a_second_server_on_the_same_port_is_one_error_line_before_its_model_loads(hypernets, monkeypatch):
+    """The port check listens: two servers started together on one port (both still loading, neither serving)
+    no longer both pass it (bind alone with SO_REUSEADDR shares the port on Linux)."""
+    import contextlib
+    import io
+
+    from tagi_ds.cli import guarded
+    from tagi_ds.serve import engine as serve_engine
+    from tagi_ds.serve.__main__ import bind, main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded: the port check came too late")
+
+    monkeypatch.setattr(serve_engine, "load", no_load)
+    first = bind("127.0.0.1", 0)  # the first server's socket, while its model loads
+    try:
+        port = first.getsockname()[1]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            guarded(lambda: main(["--hypernet", str(hypernets["tiny"]), "--port", str(port)]))
+    finally:
+        first.close()
     assert exit_info.value.code == 2
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --port {port}: cannot listen on 127.0.0.1:{port}"), lines
