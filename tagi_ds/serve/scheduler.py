@@ -32,6 +32,7 @@ class Scheduler:
         self.batches = 0
         self.failure: BaseException | None = None  # an error outside any batch: the thread is gone, /health says so
         self._stopping = False
+        self._depth = threading.Lock()
         self.running: list[Decoding] = []  # the batches decoding now (the engine thread's; read by tests)
 
     def start(self) -> None:
@@ -51,7 +52,13 @@ class Scheduler:
         return self._queue.qsize()
 
     def submit(self, request: Request) -> None:
-        self._queue.put(request)
+        with self._depth:
+            self._queue.put(request)
+            self._count_waiting()
+
+    def _count_waiting(self) -> None:
+        # under self._depth: a put and its gauge update are one step, so the engine thread's update after a take
+        # cannot land after a newer put's and leave the gauge at 0 while a request waits
         self.engine.metrics.set("queue_depth", self._queue.qsize())
 
     def _take(self, limit: int, wait_s: float | None) -> list[Request]:
@@ -75,7 +82,8 @@ class Scheduler:
                 self._stopping = True
                 break
             batch.append(nxt)
-        self.engine.metrics.set("queue_depth", self._queue.qsize())
+        with self._depth:
+            self._count_waiting()
         return batch
 
     def _loop(self) -> None:
