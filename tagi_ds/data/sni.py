@@ -127,10 +127,14 @@ def split_names(root: str | Path, split: str) -> list[str]:
     for lineno, name in lines:
         if not (root / "tasks" / f"{name}.json").is_file():
             raise DataError(f"{split_file}: line {lineno}: task {name!r} has no file tasks/{name}.json")
-    test_file = split_file.with_name("test_tasks.txt")
-    if test_file.is_file() and split_file.with_name("train_tasks.txt").is_file():
-        train = {name for _, name in _split_lines(root, "train")}
-        for lineno, name in _split_lines(root, "test"):
+    other = "test" if split == "train" else "train"
+    if split_file.with_name(f"{other}_tasks.txt").is_file():  # this split is read already; read the other one
+        test_lines, train_lines = (
+            (lines, _split_lines(root, other)) if split == "test" else (_split_lines(root, other), lines)
+        )
+        train = {name for _, name in train_lines}
+        test_file = split_file.with_name("test_tasks.txt")
+        for lineno, name in test_lines:
             if name in train:
                 raise DataError(
                     f"{test_file}: line {lineno}: task {name!r} is also in train_tasks.txt (a test "

@@ -31,6 +31,7 @@ from tagi_ds.model import build_backbone, build_model
 from tagi_ds.plan import count
 from tagi_ds.recipes import get_recipe
 from tests.backbones.families import ARCHS, write_checkpoint
+from tests.core.helpers import perturb
 from tests.train.harness import HANG_S, REPO, check, env, hang_limit, partitioned_z3, run_job
 
 INSTRUCTION = "Reverse the order of the words, then write every word in uppercase."
@@ -191,10 +192,7 @@ def test_peft_adapter_reproduces_tagi_logits(tmp_path, checkpoints, arch):
     cfg = apply_overrides(_tiny(arch), [f"model.model_name_or_path={checkpoints[arch]}"])
     tok = HFTokenizer(checkpoints[arch])
     model = build_model(cfg, "finetune", build_backbone(cfg)).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a generator whose deltas are not zero, as after training
-        for head in model.generator.head_B:
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.05)
+    perturb(model)  # a generator whose deltas are not zero, as after training
     ids, mask = instruction_tensors(tok, cfg, condition_text(INSTRUCTION))
     out = export_peft(tmp_path / "adapter", model, generate_factors(model, ids, mask), str(checkpoints[arch]))
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"

@@ -50,3 +50,11 @@ def make_batch(arch, counts=(3, 2), L=7, Lt=5, Li=6, V=1024, seed=1, teacher_row
     return TaskBatch(
         ids, mask, labels, offsets, instr, imask, rows, t_ids, t_mask, t_labels, task_names=[f"t{k}" for k in range(K)]
     )
+
+
+def perturb(model, seed=1, std=0.05):
+    """A generator whose head_B is not zero, so the generated deltas are not zero (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in model.generator.head_B:
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)

@@ -13,7 +13,7 @@ import torch
 from tagi_ds import artifacts
 from tagi_ds.cli import guarded
 from tagi_ds.model import build_backbone, build_model
-from tests.core.helpers import tiny_cfg
+from tests.core.helpers import perturb, tiny_cfg
 from tests.train.harness import HANG_S, REPO, check, env, launch, partitioned_z3
 
 SMALL = ["--max_new_tokens", "6", "--set", "data.max_instances_per_task=2"]
@@ -54,10 +54,7 @@ def hypernet(tmp_path_factory):
     cfg = tiny_cfg("tiny")
     torch.manual_seed(0)
     model = build_model(cfg, "finetune", build_backbone(cfg))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for head in model.generator.head_B:
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.05)
+    perturb(model)
     path = tmp_path_factory.mktemp("hn") / "hypernet"
     artifacts.save_hypernet(model, path)
     return path

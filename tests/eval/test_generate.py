@@ -8,7 +8,7 @@ from tagi_ds import data
 from tagi_ds.eval.cost import FlopFormula
 from tagi_ds.eval.generate import EvalStep, cut_at_eos, generate_tokens, greedy_config, score_targets
 from tagi_ds.model import build_backbone, build_model
-from tests.core.helpers import tiny_cfg
+from tests.core.helpers import perturb, tiny_cfg
 
 TOK = data.SentencePieceTokenizer()
 
@@ -24,10 +24,7 @@ def tiny_eval_model(recipe, mode="tagi", seed=42, **sets):
         backbone.lm_head.weight = torch.nn.Parameter(torch.randn_like(backbone.lm_head.weight))
     model = build_model(cfg, "finetune", backbone).eval()
     if model.generator is not None:  # non-zero generated deltas, as after training
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for head in model.generator.head_B:
-                head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.05)
+        perturb(model)
     return cfg, model
 
 

@@ -16,20 +16,12 @@ from tagi_ds.batch import TaskBatch
 from tagi_ds.data import SentencePieceTokenizer
 from tagi_ds.export.peft import condition_text, export_peft, generate_factors, instruction_tensors
 from tagi_ds.model import build_backbone, build_model
-from tests.core.helpers import tiny_cfg
+from tests.core.helpers import perturb, tiny_cfg
 from tests.train.harness import HANG_S, REPO, env
 
 peft = pytest.importorskip("peft")
 HF = {"tiny": T5ForConditionalGeneration, "tiny-llama": LlamaForCausalLM}
 INSTRUCTION = "Reverse the order of the words, then write every word in uppercase."
-
-
-def perturb(model, seed=1, std=0.05):
-    """A generator whose head_B is not zero, so the generated deltas are not zero (as after training)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for head in model.generator.head_B:
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
 
 
 def example_batch(tok, arch, instr_ids, instr_mask):

@@ -27,7 +27,7 @@ import torch
 from tagi_ds import artifacts
 from tagi_ds.data.builtin import builtin_suite
 from tagi_ds.model import build_backbone, build_model
-from tests.core.helpers import tiny_cfg
+from tests.core.helpers import perturb, tiny_cfg
 from tests.train.harness import HANG_S, REPO, env, free_port
 
 TASKS = builtin_suite(0)["test"][:4]  # 4 held-out tasks x 2 instances: the examples compared with evaluate.py
@@ -41,10 +41,7 @@ def make_hypernet(recipe: str, path: Path) -> Path:
     cfg.model.init_seed = 8
     torch.manual_seed(0)
     model = build_model(cfg, "finetune", build_backbone(cfg))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for head in model.generator.head_B:
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.05)
+    perturb(model)
     artifacts.save_hypernet(model, path)
     return path
 
