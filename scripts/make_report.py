@@ -337,6 +337,7 @@ def main() -> None:
     r = Results(run)
     lines = [
         *header(r),
+        *gates(r),
         *held_out(r),
         *seen_tasks(r),
         *findings(r),
@@ -372,6 +373,35 @@ def header(r: Results) -> list[str]:
         "deviation over seeds; the per-seed values follow.",
         "",
     ]
+
+
+def gates(r: Results) -> list[str]:
+    """The gates scripts/gates.py measured before the seeds ran (RUN/gates.json), each with what failing it means."""
+    g = load_json(r.run / "gates.json")
+    if g is None:
+        return []
+    L = [
+        "## Gates (dev split, seed 0, before the seed budget: `scripts/gates.py`)",
+        "",
+        "| Gate | Result | Measured |",
+        "|---|---|---|",
+    ]
+    L += [f"| {x['name']} | {'pass' if x['passed'] else '**FAIL**'} | {x['detail']} |" for x in g["gates"]]
+    L.append("")
+    failed = [x for x in g["gates"] if not x["passed"]]
+    if failed:
+        L.append(
+            f"**{len(failed)} gate(s) failed; the seeds ran anyway (GATES={g['policy']}).** What each failure means "
+            "for the results below:"
+        )
+        L += ["", *[f"- {x['name']}: {x['means']}." for x in failed], ""]
+    else:
+        L += ["Every gate passed.", ""]
+    return L
+
+
+def load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def held_out(r: Results) -> list[str]:

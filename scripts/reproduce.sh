@@ -2,15 +2,24 @@
 # The miniature TAGI reproduction on the built-in suite (docs/results.md). CPU, <= 45 min on 2 cores.
 #
 #   bash scripts/reproduce.sh                 # full run -> runs/reproduce/, docs/results.md, docs/results.png
-#   OUT=runs/quick SCALE=0.2 EVAL_N=10 SEEDS=0 bash scripts/reproduce.sh   # a smoke of the whole pipeline
+#   OUT=runs/quick SCALE=0.2 EVAL_N=10 SEEDS=0 GATES=warn bash scripts/reproduce.sh   # a smoke of the pipeline
 #   REDO_EVAL=1 bash scripts/reproduce.sh     # re-run only the evaluations of runs/reproduce, current code
+#   SUITE=v1 OUT=runs/reproduce_v1 bash scripts/reproduce.sh   # the old suite's reproduction, as it was measured
+#   DRY=1 bash scripts/reproduce.sh           # list the stage commands in $OUT/commands.txt, run nothing
+#
+# SUITE=v2 (default; docs/suite_v2.md): per-task teachers, the scale-free alignment (loss.param_align=relative),
+# and the gates. SUITE=v1: the old suite with the settings its numbers were measured with (per-category
+# teachers, param_align=delta), no gates (GATES=warn runs them there too).
 #
 # 0. backbone: a small T5 LM-pretrained on the built-in corpus (training tasks + generated text only)
-# 1. teachers: one LoRA per training category, on instruction + input
+# 1. teachers: one LoRA per training task (v2; per category on v1), on instruction + input
 # 2. hypernetwork pretraining on the built-in corpus (a | b | c)
 # 3. finetuning: TAGI (CE + KL + param-MSE, fusion) and its ablations; the concat and no-instruction
 #    baselines (one shared LoRA each, same backbone and step budget)
-# 4. evaluation on the 29 held-out tasks (greedy, ROUGE-L / EM, counted FLOPs); teachers, TAGI and concat
+# G. gates (scripts/gates.py): seed 0's TAGI, concat and no-instruction runs first, evaluated on dev and on the
+#    seen tasks (with the teachers), diagnosed on dev; a failed gate stops here (GATES=stop, the default) or
+#    continues with a loud warning (GATES=warn); the report includes $OUT/gates.json
+# 4. evaluation on the held-out tasks (greedy, ROUGE-L / EM, counted FLOPs); teachers, TAGI and concat
 #    on the training tasks
 # 5. docs/results.md + docs/results.png (scripts/make_report.py)
 # Stages 0-2 run once (seed 0); stages 3-4 run once per seed in SEEDS (the ablations for ABLATION_SEEDS,
@@ -21,6 +30,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-runs/reproduce}
+SUITE=${SUITE:-v2}                # data.builtin_suite of every stage (v1: the old suite, its old settings)
+case "$SUITE" in
+  v1|v2) ;;
+  *) echo "SUITE=$SUITE: must be v1 or v2" >&2; exit 2 ;;
+esac
+GATES=${GATES:-$([[ $SUITE == v2 ]] && echo stop || echo off)}  # stop | warn | off: what a failed gate does
+case "$GATES" in
+  stop|warn|off) ;;
+  *) echo "GATES=$GATES: must be stop, warn or off" >&2; exit 2 ;;
+esac
+DRY=${DRY:-0}                     # 1: write commands.txt, run nothing
 SCALE=${SCALE:-1}                 # multiplies every step count (smoke runs)
 EVAL_N=${EVAL_N:-50}              # held-out instances per task (the suite has 50)
 JOBS=${JOBS:-2}
@@ -38,27 +58,37 @@ FT_STEPS=$(steps "${FT_STEPS:-1000}")
 MAX_NEW=${MAX_NEW:-28}
 
 mkdir -p "$OUT/logs"
-exec > >(tee -a "$OUT/reproduce.log") 2>&1
-: > "$OUT/commands.txt"
+# DRY=1 leaves a run's reproduce.log alone (make_report reads its invocations) and lists into commands.dry.txt.
+CMDS="$OUT/commands.txt"
+if [[ $DRY == 1 ]]; then CMDS="$OUT/commands.dry.txt"; else exec > >(tee -a "$OUT/reproduce.log") 2>&1; fi
+: > "$CMDS"
 START=$(date +%s)
 BB="$OUT/backbone"
 # Every tagi-ds stage: the mini recipe on the pretrained backbone, one process, ZeRO-2 (nothing to shard).
 COMMON=(--recipe mini --data builtin --deepspeed ds_configs/z2.json --model_name_or_path "$BB")
 # data.* overrides for every stage and evaluation: the instruction is Definition + 2 positive examples
 # (the paper's Def+2Pos setting); DATA_SET="data.setting=def data.max_instruction_length=128" gives Def only.
-DATA_SET=(${DATA_SET:-data.setting=def_pos data.max_instruction_length=128})
-TEACHER_SET=(${TEACHER_SET:-train.lr=3e-3 teacher.granularity=category})
+DATA_SET=(${DATA_SET:-data.builtin_suite=$SUITE data.setting=def_pos data.max_instruction_length=128})
 PRETRAIN_SET=(${PRETRAIN_SET:-train.lr=1e-3})
-# loss.param_align=delta: the alignment this (v1-suite) reproduction was measured with (docs/results.md); the
-# config default is now relative (issue 25), whose weight and gates belong to the suite-v2 reproduction.
-FT_SET=(${FT_SET:-train.lr=1e-3 loss.param_align=delta})
+if [[ $SUITE == v2 ]]; then
+  # Per-task teachers: a per-category LoRA mixes unrelated skills and was no better than the student (issue 25).
+  TEACHER_SET=(${TEACHER_SET:-train.lr=3e-3 teacher.granularity=task})
+  FT_SET=(${FT_SET:-train.lr=1e-3})  # loss.param_align=relative, the config default
+else
+  # The settings the v1 numbers of docs/results.md were measured with: per-category teachers and
+  # loss.param_align=delta (the config default is now relative, issue 25).
+  TEACHER_SET=(${TEACHER_SET:-train.lr=3e-3 teacher.granularity=category})
+  FT_SET=(${FT_SET:-train.lr=1e-3 loss.param_align=delta})
+fi
 BASE_SET=(${BASE_SET:-train.lr=3e-3})
 
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
 # run NAME CMD...: one job, its output in $OUT/logs/NAME.log, skipped when $OUT/NAME.done exists (resume).
 run() {
   local name=$1; shift
-  echo "$*" >> "$OUT/commands.txt"
+  # Listed once: the gates run seed 0's first stages, which the seed loop then meets again.
+  grep -qxF -- "$*" "$CMDS" || echo "$*" >> "$CMDS"
+  if [[ $DRY == 1 ]]; then return 0; fi
   if [[ -f "$OUT/$name.done" ]]; then log "skip $name (done)"; return 0; fi
   log "start $name"
   local t0; t0=$(date +%s)
@@ -79,7 +109,7 @@ pool() {
   return $fail
 }
 
-log "reproduce: OUT=$OUT SCALE=$SCALE SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' backbone $BB_STEPS, teachers $TEACHER_STEPS, pretrain $PRETRAIN_STEPS, finetune $FT_STEPS steps"
+log "reproduce: OUT=$OUT SUITE=$SUITE GATES=$GATES SCALE=$SCALE SEEDS='$SEEDS' ABLATION_SEEDS='$ABLATION_SEEDS' backbone $BB_STEPS, teachers $TEACHER_STEPS, pretrain $PRETRAIN_STEPS, finetune $FT_STEPS steps"
 # REDO_EVAL=1: re-run every evaluation (stage 4) of an existing $OUT with the current code (after a change to
 # evaluation or cost accounting), reusing its trained runs; the report lists each invocation.
 if [[ "${REDO_EVAL:-0}" == 1 ]]; then
@@ -95,15 +125,15 @@ OMP_NUM_THREADS=$JOBS MKL_NUM_THREADS=$JOBS \
 pool "teachers python launchers/train_teachers.py ${COMMON[*]} --seed 0 --output_dir $OUT/teachers --max_steps $TEACHER_STEPS --set ${TEACHER_SET[*]} ${DATA_SET[*]}" \
      "pretrain python launchers/pretrain.py ${COMMON[*]} --seed 0 --output_dir $OUT/pretrain --max_steps $PRETRAIN_STEPS --set ${PRETRAIN_SET[*]}"
 
-# 3 + 4. per seed: finetuning (TAGI, ablations, baselines: same backbone, steps and batch), then evaluation
-# on the held-out tasks. Runs of seed S live in $OUT/sS/, their evaluations in $OUT/eval/sS/.
 T="--teachers $OUT/teachers/teachers"
 P="--init_hypernet $OUT/pretrain/hypernet"
 EV=(python launchers/evaluate.py --deepspeed ds_configs/z2.json --max_new_tokens "$MAX_NEW" --batch_size 32)
 HELD=(--set data.max_instances_per_task="$EVAL_N" ${DATA_SET[*]})
-for S in $SEEDS; do
-  FT=(python launchers/finetune.py ${COMMON[*]} --seed "$S" --max_steps "$FT_STEPS")
-  D="$OUT/s$S"; E="$OUT/eval/s$S"
+# seed_jobs S: FTS (finetuning) and EVS (held-out evaluation) of seed S. The names are the resume keys: the gates
+# run seed 0's TAGI, concat and no-instruction under the same names, which the seed loop then skips as done.
+seed_jobs() {
+  local S=$1 D="$OUT/s$1" E="$OUT/eval/s$1"
+  local FT=(python launchers/finetune.py ${COMMON[*]} --seed "$S" --max_steps "$FT_STEPS")
   FTS=("ft_tagi_s$S ${FT[*]} $T $P --output_dir $D/ft_tagi --set ${FT_SET[*]} ${DATA_SET[*]}"
        "ft_concat_s$S ${FT[*]} --mode concat --output_dir $D/ft_concat --set ${BASE_SET[*]} ${DATA_SET[*]}")
   EVS=("ev_tagi_s$S ${EV[*]} --hypernet $D/ft_tagi/hypernet --output_dir $E/tagi ${HELD[*]}"
@@ -120,18 +150,45 @@ for S in $SEEDS; do
           "ev_no_fusion_s$S ${EV[*]} --hypernet $D/ft_no_fusion/hypernet --output_dir $E/no_fusion ${HELD[*]}")
   fi
   FTS+=("ft_no_instruction_s$S ${FT[*]} --mode no_instruction --output_dir $D/ft_no_instruction --set ${BASE_SET[*]} ${DATA_SET[*]}")
+}
+
+# Seen training tasks (first SEEN_N instances of each): the teachers' upper bound, next to TAGI and concat
+# of the first seed (the teacher gate reads the first two).
+S0=${SEEDS%% *}
+SEEN=(--split train --set data.max_instances_per_task="${SEEN_N:-10}" ${DATA_SET[*]})
+SEEN_EVS=("ev_seen_teachers ${EV[*]} --teachers $OUT/teachers/teachers --output_dir $OUT/eval/seen/teachers ${SEEN[*]}"
+          "ev_seen_tagi ${EV[*]} --hypernet $OUT/s$S0/ft_tagi/hypernet --output_dir $OUT/eval/seen/tagi ${SEEN[*]}"
+          "ev_seen_concat ${EV[*]} --adapter $OUT/s$S0/ft_concat/baseline_lora --output_dir $OUT/eval/seen/concat ${SEEN[*]}")
+
+# G. the gates, on dev, before the seed budget: seed 0's TAGI / concat / no-instruction (the first two and the last
+# of seed_jobs' FTS), their dev evaluations, the seen-task evaluations, the instruction-swap diagnosis.
+if [[ $GATES != off ]]; then
+  seed_jobs "$S0"
+  pool "${FTS[0]}" "${FTS[1]}" "${FTS[-1]}"
+  DEV=(--split dev --set data.max_instances_per_task="$EVAL_N" ${DATA_SET[*]})
+  D="$OUT/s$S0"
+  pool "ev_dev_concat ${EV[*]} --adapter $D/ft_concat/baseline_lora --output_dir $OUT/eval/dev/concat ${DEV[*]}" \
+       "ev_dev_no_instruction ${EV[*]} --adapter $D/ft_no_instruction/baseline_lora --output_dir $OUT/eval/dev/no_instruction ${DEV[*]}" \
+       "ev_diagnose_dev python -m tagi_ds.diagnose --hypernet $D/ft_tagi/hypernet --split dev --output_dir $OUT/eval/dev/diagnose --max_instances $EVAL_N --max_new_tokens $MAX_NEW --grad_batches 0 --set ${DATA_SET[*]}" \
+       "${SEEN_EVS[0]}" "${SEEN_EVS[1]}"
+  echo "python scripts/gates.py --run $OUT --seed $S0 --policy $GATES" >> "$CMDS"
+  if [[ $DRY != 1 ]] && ! python scripts/gates.py --run "$OUT" --seed "$S0" --policy "$GATES"; then
+    log "stopped by the gates ($OUT/gates.json); GATES=warn bash scripts/reproduce.sh spends the seeds anyway"
+    exit 1
+  fi
+fi
+
+# 3 + 4. per seed: finetuning (TAGI, ablations, baselines: same backbone, steps and batch), then evaluation
+# on the held-out tasks. Runs of seed S live in $OUT/sS/, their evaluations in $OUT/eval/sS/.
+for S in $SEEDS; do
+  seed_jobs "$S"
   pool "${FTS[@]}"
   pool "${EVS[@]}"
 done
 
-# Seen training tasks (first SEEN_N instances of each): the teachers' upper bound, next to TAGI and concat
-# of the first seed.
-S0=${SEEDS%% *}
-SEEN=(--split train --set data.max_instances_per_task="${SEEN_N:-10}" ${DATA_SET[*]})
-pool "ev_seen_teachers ${EV[*]} --teachers $OUT/teachers/teachers --output_dir $OUT/eval/seen/teachers ${SEEN[*]}" \
-     "ev_seen_tagi ${EV[*]} --hypernet $OUT/s$S0/ft_tagi/hypernet --output_dir $OUT/eval/seen/tagi ${SEEN[*]}" \
-     "ev_seen_concat ${EV[*]} --adapter $OUT/s$S0/ft_concat/baseline_lora --output_dir $OUT/eval/seen/concat ${SEEN[*]}"
+pool "${SEEN_EVS[@]}"
 
+if [[ $DRY == 1 ]]; then log "DRY=1: the commands are in $CMDS"; exit 0; fi
 WALL=$(( $(date +%s) - START ))
 log "pipeline wall time ${WALL}s"
 # 5. report: small logs next to docs/results.md (stage logs, metrics, results.json; no weights)
@@ -140,6 +197,7 @@ mkdir -p "$DOCS/reproduce_log"
 cp "$OUT/commands.txt" "$DOCS/reproduce_log/commands.txt"
 cp "$OUT/reproduce.log" "$DOCS/reproduce_log/reproduce.log"
 for d in "$OUT"/logs/*.log; do grep -v -e "Warn" -e "warn(" "$d" | tail -40 > "$DOCS/reproduce_log/$(basename "$d")"; done
+if [[ -f "$OUT/gates.json" ]]; then cp "$OUT/gates.json" "$DOCS/reproduce_log/gates.json"; fi
 for e in "$OUT"/eval/*/*/; do
   cp "$e/results.json" "$DOCS/reproduce_log/results_$(basename "$(dirname "$e")")_$(basename "$e").json" 2>/dev/null || true
 done

@@ -171,3 +171,67 @@ def test_paired_intervals_claim_an_ordering_only_where_the_ci_excludes_zero():
     lo, hi = mod.bootstrap_ci(uniform)
     assert 2.0 <= lo <= hi <= 2.4
     assert mod.bootstrap_ci({0: {"t1": 1.0, "t2": 1.0}}) is None  # one seed
+
+
+def _dry_run(tmp_path, **env) -> list[str]:
+    """scripts/reproduce.sh with DRY=1: the stage commands it would run, in order, nothing run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "dry"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "reproduce.sh"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    subprocess.run(
+        ["bash", str(script)], env={**os.environ, "PATH": path, "DRY": "1", "OUT": str(out), **env}, check=True,
+        capture_output=True, timeout=300,
+    )  # fmt: skip
+    return (out / "commands.dry.txt").read_text().splitlines()
+
+
+def test_reproduce_runs_the_gates_before_the_seed_budget(tmp_path):
+    """Suite v2 (the default): per-task teachers; seed 0's TAGI / concat / no-instruction, their dev evaluations,
+    the swap diagnosis and the seen-task evaluations come before scripts/gates.py, and every other finetuning
+    after it; each command is listed once."""
+    cmds = _dry_run(tmp_path, SEEDS="0 1")
+    teachers = next(c for c in cmds if "train_teachers.py" in c)
+    assert "teacher.granularity=task" in teachers and "data.builtin_suite=v2" in teachers
+    gate = cmds.index(next(c for c in cmds if "scripts/gates.py" in c))
+    assert "--policy stop" in cmds[gate]
+    before, after = cmds[:gate], cmds[gate + 1 :]
+    for name in ("s0/ft_tagi ", "s0/ft_concat ", "s0/ft_no_instruction ", "eval/dev/concat", "eval/dev/diagnose"):
+        assert any(name in c for c in before), name
+    assert any("eval/seen/teachers" in c for c in before) and any("--split dev" in c for c in before)
+    assert not any("finetune.py" in c for c in after if "/s0/ft_tagi " in c or "/s0/ft_concat " in c)
+    assert any("s0/ft_no_kl" in c for c in after) and any("s1/ft_tagi " in c for c in after)
+    assert len(cmds) == len(set(cmds))
+    assert not any("param_align=delta" in c for c in cmds)  # v2 aligns with the relative term (the default)
+
+
+def test_reproduce_keeps_the_old_suite_reproducible(tmp_path):
+    """SUITE=v1: the settings its numbers were measured with (per-category teachers, param_align=delta), no gates."""
+    cmds = _dry_run(tmp_path, SUITE="v1", SEEDS="0")
+    assert "teacher.granularity=category" in next(c for c in cmds if "train_teachers.py" in c)
+    assert not any("gates.py" in c or "--split dev" in c for c in cmds)
+    assert all("param_align=delta" in c for c in cmds if "ft_tagi " in c)
+    assert all("data.builtin_suite=v1" in c for c in cmds if "finetune.py" in c or "evaluate.py" in c)
+
+
+def test_make_report_includes_the_gates(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    run, docs = tmp_path / "run", tmp_path / "docs"
+    run.mkdir()
+    gates = [
+        {"name": "instruction", "value": 16.0, "passed": True, "detail": "dev EM concat 30.0 - ...", "means": "x"},
+        {"name": "swap", "value": 2.0, "passed": False, "detail": "dev EM lost ... +2.0", "means": "it ignores it"},
+    ]
+    (run / "gates.json").write_text(json.dumps({"policy": "warn", "passed": False, "gates": gates}))
+    mod = _report_script()
+    monkeypatch.setattr(mod, "plot", lambda *a: None)
+    monkeypatch.setattr(sys, "argv", ["make_report.py", "--run", str(run), "--docs", str(docs)])
+    mod.main()
+    md = (docs / "results.md").read_text()
+    assert "| swap | **FAIL** | dev EM lost ... +2.0 |" in md and "| instruction | pass |" in md
+    assert "1 gate(s) failed; the seeds ran anyway (GATES=warn)" in md and "- swap: it ignores it." in md
