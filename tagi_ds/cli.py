@@ -30,6 +30,9 @@ STAGE_DEFAULT_OUT = {
 INPUT_HELP = {
     "teachers": "teachers/ from train_teachers.py: targets of the KL and parameter-alignment terms",
     "init_hypernet": "hypernet/ from pretrain.py to start from (default: from scratch)",
+    "teacher_model": "a frozen, separately finetuned backbone dir of the student's family and vocabulary: its "
+    "logits are the KL target instead of --teachers' LoRA bank (which then gives only the alignment target: "
+    "loss.param_weight > 0 needs both)",
 }
 RECIPE_HELP = {
     "tiny": "built-in tiny T5, random init, CPU-sized",
@@ -202,6 +205,7 @@ def train_main(stage: str, doc: str, argv: list[str] | None = None) -> None:
             start_over=args.start_over,
             teachers=getattr(args, "teachers", None),
             init_hypernet=getattr(args, "init_hypernet", None),
+            teacher_model=getattr(args, "teacher_model", None),
         ),
     )
     train(checked)

@@ -58,16 +58,18 @@ def _chunk_sums(
     labels: torch.Tensor,
     teacher: torch.Tensor | None,
     temperature: float,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[2]``: summed CE and summed ``T^2``-scaled KL over one chunk of target rows (the KL sum is 0 without
-    a teacher). The teacher's logits need no gradient: computed, and recomputed in backward, under no_grad."""
+    a teacher). The teacher's logits need no gradient: computed, and recomputed in backward, under no_grad.
+    ``teacher_head``: the teacher's own head (a separate teacher model); default ``head``."""
     s = head(student).float()
     ce = F.cross_entropy(s, labels, reduction="sum")
     if teacher is None:
         return torch.stack([ce, ce.new_zeros(())])
     t = temperature
     with torch.no_grad():
-        log_p_t = F.log_softmax(head(teacher).float() / t, dim=-1)
+        log_p_t = F.log_softmax((teacher_head or head)(teacher).float() / t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s / t, dim=-1))).sum() * t * t
     return torch.stack([ce, kl])
 
@@ -79,6 +81,7 @@ def token_losses(
     teacher: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk: int = 256,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean token CE (``ce_loss``) and, with ``teacher``, ``kl_loss`` of ``head``'s logits, ``chunk`` rows at a time.
 
@@ -87,7 +90,8 @@ def token_losses(
     what autograd keeps is the rows themselves; the largest tensors ever alive are one chunk's: its logits
     ``[chunk, V]`` in the head's dtype and a few fp32 ``[chunk, V]`` (softmax / log-softmax of student and
     teacher), in forward and again in backward, where the chunk is recomputed (one more LM-head matmul per
-    view). Under ZeRO-3 ``head`` calls the LM-head module, so every call gathers its weight."""
+    view). Under ZeRO-3 ``head`` calls the LM-head module, so every call gathers its weight. ``teacher_head``:
+    the head of ``teacher``'s rows when they come from another model (``tagi_ds.teacher_model``)."""
     n = student.shape[0]
     if n == 0:
         zero = student.sum() * 0.0
@@ -96,7 +100,8 @@ def token_losses(
     sums = []
     for i in range(0, n, chunk):
         rows = slice(i, i + chunk)
-        args = (head, student[rows], labels[rows], teacher[rows] if teacher is not None else None, temperature)
+        t_rows = teacher[rows] if teacher is not None else None
+        args = (head, student[rows], labels[rows], t_rows, temperature, teacher_head)
         sums.append(
             checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
             if grad

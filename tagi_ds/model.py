@@ -67,6 +67,9 @@ class TagiModel(nn.Module):
         # step copies only the rows of the batch's tasks to the device (``LoraBank.take``).
         # ``runtime.engine.keep_teacher`` keeps it in the training dtype, on the device where it fits.
         object.__setattr__(self, "teacher", teacher)
+        # A separate frozen teacher model (``tagi_ds.teacher_model``, ``--teacher_model``): the KL target instead of
+        # the bank on this backbone. A submodule, unlike the bank: ZeRO-3 partitions it and its hooks gather it.
+        self.teacher_model: nn.Module | None = None
         self.encoder = InstructionEncoder(
             backbone, self.arch, state, cfg.hypernet.pooling, cfg.hypernet.checkpoint_encoder
         )
@@ -184,35 +187,52 @@ class TagiModel(nn.Module):
         x, labels = target_rows(x, labels, self.causal)
         return x, labels, head
 
+    def train(self, mode: bool = True) -> TagiModel:
+        super().train(mode)
+        if self.teacher_model is not None:  # the KL target has no dropout
+            self.teacher_model.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_rows(
+        self, batch: TaskBatch, teacher_adapters: AdapterSet | None
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The KL target on the teacher view (instruction + input): the rows at the target tokens and their head,
+        from the separate teacher model if there is one, else from this backbone with the teacher bank's rows."""
+        if batch.teacher_input_ids is None:
+            raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")
+        ids, mask, labels = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels
+        if self.teacher_model is None:
+            rows, _, head = self.head_rows(ids, mask, labels, teacher_adapters)
+            return rows, head
+        x, head = self.arch.head_inputs(self.teacher_model, ids, mask, labels)
+        rows, _ = target_rows(x, labels, self.causal)
+        return rows, head
+
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         adapters, instr_states = self.student_adapters(batch)
         student, labels, head = self.head_rows(
             batch.input_ids, batch.attention_mask, batch.labels, adapters, batch, instr_states
         )
         lc = self.cfg.loss
-        distil = self.teacher is not None and self.spec.stage.distils
-        teacher_adapters = self.teacher_adapters(batch, adapters) if distil else None
-        teacher = None
+        distil = (self.teacher is not None or self.teacher_model is not None) and self.spec.stage.distils
+        teacher_adapters = self.teacher_adapters(batch, adapters) if distil and self.teacher is not None else None
+        teacher = teacher_head = None
         if distil and lc.kl_weight > 0:
-            if batch.teacher_input_ids is None:
-                raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")
-            with torch.no_grad():
-                teacher, _, _ = self.head_rows(
-                    batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels, teacher_adapters
-                )
+            teacher, teacher_head = self.teacher_rows(batch, teacher_adapters)
             if teacher.shape[0] != student.shape[0]:
                 raise ValueError(
                     f"the teacher view has {teacher.shape[0]} target tokens, the student's "
                     f"{student.shape[0]}: both views must carry the same labels"
                 )
-        ce, kl = token_losses(head, student, labels, teacher, lc.temperature, lc.chunk_tokens)
+        ce, kl = token_losses(head, student, labels, teacher, lc.temperature, lc.chunk_tokens, teacher_head)
         terms = {"ce": ce}
         loss = ce
         if distil:
             if kl is not None:
                 terms["kl"] = kl
                 loss = loss + lc.kl_weight * kl
-            if lc.param_weight > 0:
+            if lc.param_weight > 0 and teacher_adapters is not None:  # the bank's deltas (tagi_ds.teacher_model)
                 terms["param"] = param_alignment(
                     adapters.factors, adapters.scale, teacher_adapters.factors, teacher_adapters.scale, lc.param_align
                 )

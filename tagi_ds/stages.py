@@ -207,7 +207,7 @@ STAGES: dict[str, Stage] = {
             "tasks",
             "the hypernetwork or a baseline's LoRA",
             "finetune.py",
-            inputs=("teachers", "init_hypernet"),
+            inputs=("teachers", "init_hypernet", "teacher_model"),
         ),
     )
 }

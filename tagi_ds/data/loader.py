@@ -108,13 +108,16 @@ def build_train_loader(
     world_size: int = 1,
     teacher_rows: dict[str, int] | None = None,
     tasks: Sequence[Task] | None = None,
+    teacher_view: bool | None = None,
 ) -> TaskLoader:
     """The training loader of ``stage`` (teachers | pretrain | finetune) for ``rank`` of ``world_size``.
 
     ``tasks`` defaults to ``load_tasks(cfg.data.spec, cfg.data, "train")``. ``teacher_rows``: name -> bank
     row (task or category names per ``cfg.teacher.granularity``); for ``teachers`` it defaults to
     :func:`teacher_rows` of the tasks. Micro-batches: ``tasks_per_batch`` x ``examples_per_task`` rows
-    (pretrain: that many windows, one task each). Seeded by ``cfg.train.seed``.
+    (pretrain: that many windows, one task each). Seeded by ``cfg.train.seed``. ``teacher_view``: fill the
+    teacher's view (default: with ``teacher_rows`` and ``loss.kl_weight > 0``; a separate teacher model needs it
+    without rows).
     """
     _check(cfg)
     d, arch, seed = cfg.data, cfg.model.arch, cfg.train.seed
@@ -144,7 +147,9 @@ def build_train_loader(
             tokenizer,
             d,
             teacher_rows=teacher_rows,
-            teacher_view=teacher_rows is not None and cfg.loss.kl_weight > 0,
+            teacher_view=teacher_view
+            if teacher_view is not None
+            else teacher_rows is not None and cfg.loss.kl_weight > 0,
             **common,
         )
     return TaskLoader(sampler, collate, tasks)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tagi_ds import artifacts, data, plan, stages
+from tagi_ds import artifacts, data, plan, stages, teacher_model
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.model import build_model
 from tagi_ds.runtime import dist, rundir
@@ -42,6 +42,7 @@ class RunArgs:
     resume_from_checkpoint: str | None = None
     teachers: str | None = None  # finetune: teachers/ dir for KL + param alignment
     init_hypernet: str | None = None  # finetune: start from a pretrained hypernet/
+    teacher_model: str | None = None  # finetune: a frozen backbone dir whose logits are the KL target
     start_over: bool = False  # a fresh run into a dir with another run's checkpoints: move them aside first
 
 
@@ -59,6 +60,7 @@ class Checked:
     fingerprint: dict  # what a checkpoint of this run records (and a resumed one must match)
     rows: dict[str, int] | None = None  # teacher-bank rows: stage teachers (trained) or finetune (frozen)
     resume: Path | None = None
+    teacher_cfg: TagiConfig | None = None  # --teacher_model's config (tagi_ds.teacher_model.check)
 
 
 def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
@@ -87,8 +89,10 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
         )
     if args.init_hypernet and not spec.mode.instruction:
         raise ConfigError(f"--init_hypernet {args.init_hypernet}: a hypernetwork needs mode tagi (mode {cfg.mode})")
+    teacher_model.check_flags(cfg, args.teacher_model, args.teachers, spec.teacher)
+    bank = teacher_model.needs_bank(cfg, args.teacher_model, spec.teacher)  # the teacher LoRA bank is read
     rows = None
-    if spec.teacher:
+    if bank:
         if not args.teachers:
             raise ConfigError(
                 "--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
@@ -96,10 +100,11 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
             )
         rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)
+    teacher_cfg = teacher_model.check(cfg, args.teacher_model, tokenizer) if args.teacher_model else None
     tasks = data.load_tasks(cfg.data.spec, cfg.data, "train") if spec.stage.data == "tasks" else None
     if spec.mode.source.per_task:  # the teachers stage: a bank row per task (or category) it trains
         rows = data.teacher_rows(tasks, cfg.teacher.granularity)
-    elif spec.teacher:
+    elif bank:
         artifacts.check_rows(
             tasks,
             rows,
@@ -108,12 +113,19 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
             "train the teachers on the same data and filters",
         )
     loader = data.build_train_loader(
-        cfg, tokenizer, stage=args.stage, rank=rank, world_size=world, teacher_rows=rows, tasks=tasks
+        cfg,
+        tokenizer,
+        stage=args.stage,
+        rank=rank,
+        world_size=world,
+        teacher_rows=rows,
+        tasks=tasks,
+        teacher_view=True if teacher_cfg is not None else None,
     )
     model = preflight_checks.meta_model(
-        cfg, args.stage, tokenizer.special_ids, num_bank_rows=len(rows) if rows else 0, with_teacher=spec.teacher
+        cfg, args.stage, tokenizer.special_ids, num_bank_rows=len(rows) if rows else 0, with_teacher=bank
     )
-    if spec.teacher:
+    if bank:
         artifacts.check_teachers(Path(args.teachers), model.teacher, model, "--teachers")
     if args.init_hypernet:
         artifacts.check_hypernet(Path(args.init_hypernet), model, "--init_hypernet")
@@ -124,7 +136,7 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     fingerprint.update(resume_settings.record(cfg, ds))  # what the next resume compares itself with
     # The run a checkpoint belongs to (pruning removes only its own): a resume continues the checkpoint's run.
     fingerprint["run_id"] = checkpoint.run_id(resume) if resume is not None else None
-    return Checked(cfg, args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume)
+    return Checked(cfg, args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume, teacher_cfg)
 
 
 def run(cfg: TagiConfig, args: RunArgs) -> Path:
@@ -203,9 +215,11 @@ def setup(checked: Checked) -> Session:
     placement = plan.for_training(cfg, ds, checked.world_size)
     backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, placement=placement)
     model = build_model(
-        cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0, with_teacher=checked.spec.teacher
+        cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0, with_teacher=model_bank(checked)
     )
-    if checked.spec.teacher:
+    if checked.teacher_cfg is not None:  # a submodule before the engine is built: ZeRO-3 hooks it as the backbone
+        model.teacher_model = teacher_model.build(checked.teacher_cfg, ds, checked.tokenizer.special_ids)
+    if model_bank(checked):
         artifacts.load_teachers(model.teacher, Path(args.teachers), model)
     if args.init_hypernet:
         artifacts.load_hypernet(model, Path(args.init_hypernet), "--init_hypernet")
@@ -228,7 +242,14 @@ def setup(checked: Checked) -> Session:
     )
     if layout := ds_engine.describe_partitioning(model, dist.world_size()):
         progress.message(layout)
+    if model.teacher_model is not None:
+        progress.message(teacher_model.describe(model.teacher_model))
     return Session(checked, model, eng, iter(loader), guards, progress, out, start, step=start)
+
+
+def model_bank(checked: Checked) -> bool:
+    """The run holds the frozen teacher LoRA bank (``tagi_ds.teacher_model.needs_bank``)."""
+    return teacher_model.needs_bank(checked.cfg, checked.args.teacher_model, checked.spec.teacher)
 
 
 def step(s: Session) -> StepDone:
