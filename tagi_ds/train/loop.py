@@ -96,7 +96,7 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
         if not args.teachers:
             raise ConfigError(
                 "--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
-                "(or --set loss.kl_weight=0 loss.param_weight=0)"
+                "(or --teacher_model DIR with loss.param_weight=0, or --set loss.kl_weight=0 loss.param_weight=0)"
             )
         rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)

@@ -124,6 +124,11 @@ class Files:
             "afile": lambda: self.file("a_file", b"x"),
             "under_afile": lambda: self.file("a_file", b"x") / "run",
             "teachers_rank4": lambda: self.edited("teachers/teachers", "config.json", edit_json(rank=4)),
+            "backbone": lambda: self.runs / "backbone",
+            # backbone_set:KEY=JSON -> a copy of the backbone dir whose config.json has KEY set to JSON
+            "backbone_set": lambda: self.edited(
+                "backbone", "config.json", edit_json(**{arg.split("=")[0]: json.loads(arg.split("=", 1)[1])})
+            ),
             "ds": lambda: self.ds(f"ds_{len(list(self.tmp.glob('ds_*')))}.json", json.loads(arg)),
             "badsni": lambda: self._bad_sni(),
             "ckpt_tmp": lambda: self._ckpt_renamed(),
@@ -161,6 +166,7 @@ def edit_json(**changes):
 
 
 TEACH = ["--teachers", "{teachers}"]
+NO_PARAM = ["--set", "loss.param_weight=0"]
 HN = ["--hypernet", "{hypernet}"]
 FAULT_RULE = (
     "train.inject_fault: must be empty, nan@STEP[-LAST]:RANK, raise|kill|stop@STEP:RANK, enospc@STEP or rofs@STEP"
@@ -402,6 +408,54 @@ CASES = [
         ("--teachers ", "teachers.safetensors: tensor A.0 has shape (76, 8, 64), this model's is (76, 4, 64)"),
     ),
     Case("teachers-unused", "finetune", [*TEACH, "--mode", "concat"], "--teachers"),
+    Case(
+        "teacher-model-missing",
+        "finetune",
+        ["--teacher_model", "/nonexistent/teacher", *NO_PARAM],
+        "--teacher_model /nonexistent/teacher: expected a local backbone directory with config.json",
+    ),
+    Case(
+        "teacher-model-vocab",
+        "finetune",
+        ["--teacher_model", "{backbone_set:vocab_size=512}", *NO_PARAM],
+        ("--teacher_model ", "vocab_size 512, the student backbone's is 1024"),
+    ),
+    Case(
+        "teacher-model-shape",
+        "finetune",
+        ["--teacher_model", "{backbone_set:d_model=48}", *NO_PARAM],
+        ("--teacher_model ", "model.safetensors: tensor ", "its config.json says"),
+    ),
+    Case(
+        "teacher-model-family",
+        "finetune",
+        ["--teacher_model", '{backbone_set:model_type="llama"}', *NO_PARAM],
+        ("--teacher_model ", "a llama model, but the student backbone is t5"),
+    ),
+    Case(
+        "teacher-model-param-needs-teachers",
+        "finetune",
+        ["--teacher_model", "{backbone}"],
+        "needs teacher LoRA deltas, which a full teacher model has none of: add --teachers DIR",
+    ),
+    Case(
+        "teacher-model-kl-zero",
+        "finetune",
+        [*TEACH, "--teacher_model", "{backbone}", "--set", "loss.kl_weight=0"],
+        "it gives the KL target, but loss.kl_weight=0",
+    ),
+    Case(
+        "teacher-model-teachers-unused",
+        "finetune",
+        [*TEACH, "--teacher_model", "{backbone}", *NO_PARAM],
+        "unused with --teacher_model and loss.param_weight=0",
+    ),
+    Case(
+        "teacher-model-unused",
+        "finetune",
+        ["--teacher_model", "{backbone}", "--mode", "concat"],
+        "--teacher_model",
+    ),
     Case(
         "hypernet-truncated",
         "finetune",
