@@ -83,6 +83,13 @@ def parser() -> argparse.ArgumentParser:
         default=60,
         help="teacher bank rows (SNI: 60 categories); 0 = no teacher (no KL, no param-MSE)",
     )
+    a.add_argument(
+        "--teacher_model",
+        default=None,
+        choices=list(RECIPES),
+        help="a separate frozen teacher model of this recipe's shapes gives the KL target (finetune's "
+        "--teacher_model): its weights (partitioned under z3) and its forward on instruction + input",
+    )
     a.add_argument("--gradient_checkpointing", type=_on_off, default=None, metavar="on|off")
     a.add_argument(
         "--precision",
@@ -135,6 +142,7 @@ def render(result: dict[str, Any]) -> None:
     con.print(
         f"parameters: backbone {pr['backbone']:,}, generator {pr['generator']:,} (trainable), teacher bank "
         f"{pr['teacher_bank']:,} ({p['teacher_rows']} rows), {pr['sites']} adapted sites"
+        + (f", teacher model {p['teacher_model']} {pr['teacher_model']:,} (frozen)" if p["teacher_model"] else "")
     )
     sh = result["shapes"]
     con.print(

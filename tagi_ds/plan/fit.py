@@ -12,7 +12,7 @@ from tagi_ds.plan.flops import step_time
 from tagi_ds.plan.gpu_memory import activations, host_memory, memory, usable_bytes
 from tagi_ds.plan.inputs import PlanInput, ds_zero, resolve, shapes_of
 from tagi_ds.plan.placement import choose
-from tagi_ds.plan.shapes import Counts, count
+from tagi_ds.plan.shapes import Counts, count, with_teacher_model
 
 
 def fits(p: PlanInput, c: Counts, micro_batch: int, zero: dict[str, Any]) -> bool:
@@ -44,7 +44,8 @@ ESCALATION = (("gradient_checkpointing", True), ("stage", "z3"), ("offload", "op
 def plan(p: PlanInput) -> dict[str, Any]:
     p, cfg = resolve(p)
     zero = ds_zero(p)
-    c = count(cfg, p.teacher_rows, int(zero.get("stage3_param_persistence_threshold", 100_000)))
+    threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
+    c = with_teacher_model(count(cfg, p.teacher_rows, threshold), p.teacher_model, threshold)
     s = shapes_of(p)
     chosen = choose(p, c, s, zero)
     backbone = {**chosen, "options": {}}
@@ -70,6 +71,7 @@ def plan(p: PlanInput) -> dict[str, Any]:
             "backbone": c.backbone,
             "generator": c.generator,
             "teacher_bank": c.teacher,
+            "teacher_model": c.teacher_model.backbone if c.teacher_model else 0,
             "sites": len(c.sites),
             "largest_module": c.largest_module,
         },

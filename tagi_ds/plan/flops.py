@@ -128,7 +128,10 @@ def step_flops(
             for n, di, do in c.groups
         )
         out["generator"] = 3 * K * per_task
-        if kl:
+        if kl and c.teacher_model is not None:  # the separate teacher model on instruction + input, no adapters
+            tf = backbone_forward_flops(c.teacher_model, B, Li + L, Lt, head_tokens=head)
+            out["teacher_forward"] = tf["linear"] + tf["attention"]
+        elif kl:
             tf = backbone_forward_flops(c, B, Li + L, Lt, head_tokens=head)
             out["teacher_forward"] = (
                 tf["linear"] + tf["attention"] + adapter_flops(c, B, Li + L, Lt, Li + L, c.teacher_rank)
@@ -136,7 +139,9 @@ def step_flops(
         if param_mse:  # r x r Gram matrices per site and task, forward + backward
             out["param_mse"] = 3 * sum(2 * K * c.rank * c.teacher_rank * (di + do) * 3 for _, _, _, di, do in c.sites)
     out["model"] = sum(out.values())
-    recompute = 0.0 if t5 else 2.0 * B * Lt * c.d * c.vocab * (2 if (variant == "tagi" and kl) else 1)
+    # Decoder-only: each view's LM head once more in the loss's backward (the teacher's own head with a teacher model).
+    teacher_d = (c.teacher_model or c).d if (variant == "tagi" and kl) else 0
+    recompute = 0.0 if t5 else 2.0 * B * Lt * (c.d + teacher_d) * c.vocab
     if checkpointing:
         blocks = backbone_forward_flops(c, B, L, Lt, Lx, lm_head=False)
         recompute += blocks["linear"] + blocks["attention"] + adapters
@@ -158,18 +163,23 @@ def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
     # Backbone passes that gather the weights: instruction encoding (T5: the encoder only), student forward,
     # teacher forward, backward, and the recompute with checkpointing.
     enc_share = c.enc_layers / (c.enc_layers + c.dec_layers) if c.encoder_decoder else 1.0
-    passes = enc_share + 1 + (1 if p.kl else 0) + 1 + (1 if p.gradient_checkpointing else 0)
+    tm = c.teacher_model if p.kl else None
+    passes = enc_share + 1 + (1 if p.kl and tm is None else 0) + 1 + (1 if p.gradient_checkpointing else 0)
     weights = passes * c.backbone * wb
     parted = p.stage == "z3" and p.backbone != "replicated"
-    network = (weights if parted else 0) + 2 * c.generator * wb  # + hypernet reduce-scatter, all-gather
+    # A separate teacher model: one gathered forward per step, partitioned under ZeRO-3 whatever the backbone's
+    # placement (tagi_ds.teacher_model.build).
+    teacher_w = tm.backbone * wb if tm is not None and p.stage == "z3" else 0
+    network = (weights if parted else 0) + teacher_w + 2 * c.generator * wb  # + hypernet reduce-scatter, all-gather
     network = network * (W - 1) / W
-    pcie = weights / W if p.offload == "param" else 0  # each rank fetches its partitions from pinned CPU memory
+    pcie = (weights + teacher_w) / W if p.offload == "param" else 0  # each rank fetches its partitions from host
     pcie += 2 * c.generator * wb / W if p.offload != "none" else 0  # gradients down, updated weights up
     if p.kl and c.teacher_rows:  # the batch's rows of the host-resident teacher bank, fp32
         pcie += min(s.tasks, c.teacher_rows) * c.teacher / c.teacher_rows * 4
     bw = (p.interconnect_gbps if p.nodes > 1 else p.intra_node_gbps) * 1e9 / 8
     comm = network / bw + pcie / (p.pcie_gbps * 1e9 / 8)
-    hooks = zero3_hook_calls(c, p.kl, p.gradient_checkpointing) if parted else 0
+    hooks = zero3_hook_calls(c, p.kl and tm is None, p.gradient_checkpointing) if parted else 0
+    hooks += tm.modules if tm is not None and p.stage == "z3" else 0  # the teacher model's forward
     host = hooks * (p.zero3_hook_us or 0.0) * 1e-6
     step = max(compute, comm) + host
     tokens = s.micro_batch * (s.seq_len + s.target_len)

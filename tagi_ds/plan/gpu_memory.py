@@ -175,7 +175,8 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
     head_in = B * Lt * V * b if t5 else B * S_student * d * b
     phases = {
         "student_head": saved + scope + head_in,
-        "teacher_forward": saved + scope + (_teacher_working_set(c, s, b) + rows_t if kl else 0),
+        # a separate teacher model's forward has its own widths (c.teacher_model)
+        "teacher_forward": saved + scope + (_teacher_working_set(c.teacher_model or c, s, b) + rows_t if kl else 0),
         "loss": saved + scope + rows_t + lw["chunk_forward"],
         # The chunks recomputed with their gradients, then the rows' gradient scattered back to [B, L, *].
         "backward": saved + max(scope + rows_t + lw["chunk_backward"] + rows, rows + 2 * head_in),
@@ -247,13 +248,24 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
         grads = 0 if offo else part(G) * (wb + (4 if wb == 2 else 0))
         opt = 0 if offo else part(G) * (4 + 8)  # DeepSpeed keeps an fp32 flat copy even when training in fp32
     act = activations(c, s, wb, p.gradient_checkpointing, p.kl)
+    # A separate teacher model (--teacher_model): built like the backbone, so under ZeRO-3 partitioned whatever the
+    # backbone's placement (tagi_ds.teacher_model.build), its 1/W share held throughout; whole below ZeRO-3.
+    tm = c.teacher_model if p.kl else None
+    teacher = 0
+    if tm is not None:
+        teacher = (
+            (0 if offp else (part(tm.backbone - tm.backbone_persistent) + tm.backbone_persistent) * wb)
+            if z3
+            else tm.backbone * wb
+        )
     gather = 0
-    if parted:
+    if parted or (z3 and tm is not None):
         prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
+        largest = max(c.largest_module if parted else 0, tm.largest_module if tm is not None else 0)
         live = min(
             int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
-            c.largest_module + prefetch,
-            c.backbone + c.generator,
+            largest + prefetch,
+            (c.backbone if parted else 0) + c.generator + (tm.backbone if tm is not None else 0),
         )
         gather = live * wb
     buffers = 0
@@ -263,6 +275,7 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
             buffers += min(int(zero.get("allgather_bucket_size", 500_000_000)), G) * wb
     out = {
         "backbone": bb,
+        "teacher_model": teacher,
         "hypernet": G * wb,
         "gradients": grads,
         "optimizer": opt,
@@ -274,7 +287,7 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     # Without DeepSpeed the gradients exist only from the generator's backward on (the last one: the forward peaks
     # and the backbone's backward do not see them), and the AdamW step adds one parameter-sized temporary;
     # DeepSpeed's partitions are allocated throughout.
-    static = bb + G * wb + opt + gather + buffers + (grads if ds else 0)
+    static = bb + teacher + G * wb + opt + gather + buffers + (grads if ds else 0)
     dynamic = act["peak"]
     if not ds:
         dynamic = max(dynamic, act["generator_backward"] + grads, grads + G * wb)

@@ -52,6 +52,7 @@ class PlanInput:
     rank: int | None = None
     chunk_tokens: int | None = None  # loss.chunk_tokens
     teacher_rows: int = 60
+    teacher_model: str | None = None  # a recipe: a separate frozen teacher model of its shapes gives the KL target
     gradient_checkpointing: bool | None = None
     precision: str | None = None  # bf16 | fp32
     tflops_per_gpu: float | None = None
@@ -105,6 +106,8 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
             raise ConfigError(f"--{flag} must be > 0, got {v}")
     if p.teacher_rows < 0:
         raise ConfigError(f"--teacher_rows must be >= 0, got {p.teacher_rows}")
+    if p.teacher_model is not None and p.teacher_model not in RECIPES:
+        raise ConfigError(f"--teacher_model {p.teacher_model!r} is not a recipe; known: {', '.join(RECIPES)}")
     if p.stage not in ("z3", "z2", "none"):
         raise ConfigError(f"--stage must be z3, z2 or none, got {p.stage!r}")
     if p.offload not in ("none", "optimizer", "param"):
@@ -139,7 +142,7 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
     if q.precision not in ("bf16", "fp32"):
         raise ConfigError(f"--precision must be bf16 or fp32, got {q.precision!r}")
     q.tflops_per_gpu = q.tflops_per_gpu or H100_BF16_DENSE_TFLOPS * ASSUMED_MFU
-    q.kl = q.kl and q.teacher_rows > 0
+    q.kl = q.kl and (q.teacher_rows > 0 or q.teacher_model is not None)  # a teacher model needs no bank rows
     q.zero3_hook_us = ZERO3_HOOK_US if q.zero3_hook_us is None else q.zero3_hook_us
     return q, _config(q)
 

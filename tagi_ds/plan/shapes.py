@@ -63,6 +63,9 @@ class Counts:
     teacher_rows: int
     modules: int = 0  # backbone modules (adapted-site wrappers included): ZeRO-3 hooks each one
     encoder_modules: int = 0  # T5: those the instruction encoding runs (the encoder); LLaMA: all but the LM head
+    # --teacher_model (tagi_ds.teacher_model): the separate frozen teacher's counts; its forward replaces the
+    # teacher-LoRA forward on this backbone, its weights are held (partitioned under ZeRO-3) beside the backbone
+    teacher_model: Counts | None = None
 
 
 def _layer_norms(backbone) -> int:
@@ -80,6 +83,15 @@ def build_meta(cfg: TagiConfig, teacher_rows: int):
     with torch.device("meta"):
         backbone = build_backbone(cfg)
         return build_model(cfg, "finetune", backbone, num_bank_rows=teacher_rows, with_teacher=teacher_rows > 0)
+
+
+def with_teacher_model(c: Counts, recipe: str | None, persistence_threshold: int = 100_000) -> Counts:
+    """``c`` with the counts of a separate teacher model of ``recipe``'s shapes (None: ``c`` as it is)."""
+    if recipe is None:
+        return c
+    from tagi_ds.recipes import get_recipe
+
+    return dataclasses.replace(c, teacher_model=count(get_recipe(recipe), 0, persistence_threshold))
 
 
 def count(cfg: TagiConfig, teacher_rows: int, persistence_threshold: int = 100_000) -> Counts:

@@ -280,3 +280,51 @@ def test_a_run_config_gets_the_placement_its_plan_gets():
         )
         planned = plan.plan(PlanInput(model="t5-xl", nodes=1, gpus_per_node=1, gpu_mem_gb=mem))["backbone"]
         assert got["placement"] == planned["placement"] == want, (got, planned)
+
+
+def test_a_teacher_model_is_planned_with_its_own_weights_and_forward():
+    """--teacher_model: its partitioned weights are a memory term of their own, its forward on instruction + input
+    replaces the teacher-LoRA forward on the backbone, and each step gathers its weights once."""
+    base = PlanInput(model="t5-base", gpus_per_node=2, teacher_rows=60)
+    without, with_ = plan.plan(base), plan.plan(dataclasses.replace(base, teacher_model="t5-xl"))
+    n = with_["params"]["teacher_model"]
+    assert 2.7e9 < n < 2.9e9 and without["params"]["teacher_model"] == 0 and without["memory"]["teacher_model"] == 0
+    mem = with_["memory"]
+    assert 0.5 * n * 2 <= mem["teacher_model"] <= 0.51 * n * 2  # bf16, half of it on each of 2 GPUs
+    assert mem["total"] > without["memory"]["total"] + mem["teacher_model"]
+    assert with_["time"]["network_bytes"] > without["time"]["network_bytes"] + 0.4 * n * 2  # gathered per step
+    z2 = plan.plan(dataclasses.replace(base, teacher_model="t5-xl", stage="z2"))
+    assert z2["memory"]["teacher_model"] == n * 2  # whole below ZeRO-3
+    # No bank rows: the teacher model alone still gives the KL (its forward is planned).
+    alone = plan.plan(dataclasses.replace(base, teacher_model="t5-xl", teacher_rows=0))
+    assert alone["input"]["kl"] and alone["memory"]["teacher_model"] == mem["teacher_model"]
+    with pytest.raises(ConfigError, match="--teacher_model 'gpt-5' is not a recipe"):
+        plan.plan(dataclasses.replace(base, teacher_model="gpt-5"))
+
+
+def test_teacher_model_step_flops_match_torch_flop_counter_on_tiny():
+    """A tiny student distilled from a separate, larger teacher model (the mini recipe's T5): the formula against
+    torch's counter, as for the teacher bank above."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    from tagi_ds.model import build_backbone, build_model
+    from tagi_ds.plan.shapes import with_teacher_model
+    from tagi_ds.recipes import get_recipe
+
+    common.register_cpu_sdpa_flops()
+    p, cfg = plan.resolve(PlanInput(model="tiny", nodes=1, gpus_per_node=1, stage="none", teacher_model="mini"))
+    s = plan.shapes_of(p)
+    torch.manual_seed(0)
+    model = build_model(cfg, "finetune", build_backbone(cfg), num_bank_rows=60, with_teacher=True)
+    model.teacher_model = build_backbone(get_recipe("mini")).requires_grad_(False).eval()
+    batch = plan.synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, mode="tagi")
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model(batch)
+        loss.backward()
+    c = with_teacher_model(plan.count(cfg, 60), "mini")
+    flops = plan.step_flops(c, s, "tagi", kl=True)
+    assert flops["teacher_forward"] > 2 * plan.step_flops(plan.count(cfg, 60), s, "tagi")["teacher_forward"]
+    assert flops["hardware"] == pytest.approx(counter.get_total_flops(), rel=0.06)
