@@ -29,7 +29,12 @@ HELD = [  # (key, label, what it is)
     ("no_fusion", "TAGI w/o fusion", "hypernet.fusion=false"),
 ]
 LABELS = {k: lab.strip("*") for k, lab, _ in HELD}  # plain labels (no markdown bold)
-SEEN = [("teachers", "LoRA teachers, one per {granularity} (upper bound)"), ("tagi", "TAGI"), ("concat", "Concat")]
+SEEN = [
+    ("teacher_model", "Teacher model (TEACHER_MODEL=1: a concat run merged into the backbone; the KL target)"),
+    ("teachers", "LoRA teachers, one per {granularity} (upper bound)"),
+    ("tagi", "TAGI"),
+    ("concat", "Concat"),
+]
 FT = ["ft_tagi", "ft_concat", "ft_no_instruction", "ft_no_pretrain", "ft_no_kl", "ft_no_param", "ft_no_fusion"]
 # The paper's ablation (T5-XL, SNI ROUGE-L, Table 5) has a column per instruction setting: a run is compared with
 # the column of the setting it ran (data.setting of its TAGI run), never the other one.

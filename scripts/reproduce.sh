@@ -41,6 +41,7 @@ case "$GATES" in
   *) echo "GATES=$GATES: must be stop, warn or off" >&2; exit 2 ;;
 esac
 DRY=${DRY:-0}                     # 1: write commands.txt, run nothing
+TEACHER_MODEL=${TEACHER_MODEL:-0} # 1: the KL target is a separate teacher model (a concat-finetuned, merged copy)
 SCALE=${SCALE:-1}                 # multiplies every step count (smoke runs)
 EVAL_N=${EVAL_N:-50}              # held-out instances per task (the suite has 50)
 JOBS=${JOBS:-2}
@@ -125,7 +126,15 @@ OMP_NUM_THREADS=$JOBS MKL_NUM_THREADS=$JOBS \
 pool "teachers python launchers/train_teachers.py ${COMMON[*]} --seed 0 --output_dir $OUT/teachers --max_steps $TEACHER_STEPS --set ${TEACHER_SET[*]} ${DATA_SET[*]}" \
      "pretrain python launchers/pretrain.py ${COMMON[*]} --seed 0 --output_dir $OUT/pretrain --max_steps $PRETRAIN_STEPS --set ${PRETRAIN_SET[*]}"
 
-T="--teachers $OUT/teachers/teachers"
+# Teacher flags per arm: T for the arms with KL and alignment, T_KL without alignment (w/o param-MSE), T_AL
+# without KL (w/o KL). TEACHER_MODEL=1: the KL target is $OUT/teacher_model (tagi_ds.teacher_model), the bank
+# gives only the alignment target.
+T_AL="--teachers $OUT/teachers/teachers"
+if [[ $TEACHER_MODEL == 1 ]]; then
+  T_KL="--teacher_model $OUT/teacher_model"; T="$T_KL $T_AL"
+else
+  T_KL=$T_AL; T=$T_AL
+fi
 P="--init_hypernet $OUT/pretrain/hypernet"
 EV=(python launchers/evaluate.py --deepspeed ds_configs/z2.json --max_new_tokens "$MAX_NEW" --batch_size 32)
 HELD=(--set data.max_instances_per_task="$EVAL_N" ${DATA_SET[*]})
@@ -141,8 +150,8 @@ seed_jobs() {
        "ev_no_instruction_s$S ${EV[*]} --adapter $D/ft_no_instruction/baseline_lora --output_dir $E/no_instruction ${HELD[*]}")
   if [[ " $ABLATION_SEEDS " == *" $S "* ]]; then
     FTS+=("ft_no_pretrain_s$S ${FT[*]} $T --output_dir $D/ft_no_pretrain --set ${FT_SET[*]} ${DATA_SET[*]}"
-          "ft_no_kl_s$S ${FT[*]} $T $P --output_dir $D/ft_no_kl --set ${FT_SET[*]} ${DATA_SET[*]} loss.kl_weight=0"
-          "ft_no_param_s$S ${FT[*]} $T $P --output_dir $D/ft_no_param --set ${FT_SET[*]} ${DATA_SET[*]} loss.param_weight=0"
+          "ft_no_kl_s$S ${FT[*]} $T_AL $P --output_dir $D/ft_no_kl --set ${FT_SET[*]} ${DATA_SET[*]} loss.kl_weight=0"
+          "ft_no_param_s$S ${FT[*]} $T_KL $P --output_dir $D/ft_no_param --set ${FT_SET[*]} ${DATA_SET[*]} loss.param_weight=0"
           "ft_no_fusion_s$S ${FT[*]} $T $P --output_dir $D/ft_no_fusion --set ${FT_SET[*]} ${DATA_SET[*]} hypernet.fusion=false")
     EVS+=("ev_no_pretrain_s$S ${EV[*]} --hypernet $D/ft_no_pretrain/hypernet --output_dir $E/no_pretrain ${HELD[*]}"
           "ev_no_kl_s$S ${EV[*]} --hypernet $D/ft_no_kl/hypernet --output_dir $E/no_kl ${HELD[*]}"
@@ -152,11 +161,23 @@ seed_jobs() {
   FTS+=("ft_no_instruction_s$S ${FT[*]} --mode no_instruction --output_dir $D/ft_no_instruction --set ${BASE_SET[*]} ${DATA_SET[*]}")
 }
 
+# TEACHER_MODEL=1: the teacher model, a concat run of TEACHER_MODEL_STEPS (seed 0) merged into the backbone
+# (scripts/merge_lora.py), built before any TAGI run reads it; its seen-task evaluation is the teacher gate's.
+TEACHER_EVAL=() GATE_TEACHER=()
+if [[ $TEACHER_MODEL == 1 ]]; then
+  TM_STEPS=$(steps "${TEACHER_MODEL_STEPS:-1000}")
+  run teacher_model_ft python launchers/finetune.py ${COMMON[*]} --seed 0 --max_steps "$TM_STEPS" --mode concat \
+    --output_dir "$OUT/teacher_model_run" --set ${BASE_SET[*]} ${DATA_SET[*]}
+  run teacher_model python scripts/merge_lora.py --adapter "$OUT/teacher_model_run/baseline_lora" --out "$OUT/teacher_model"
+  TEACHER_EVAL=("ev_seen_teacher_model ${EV[*]} --mode concat --model_name_or_path $OUT/teacher_model --output_dir $OUT/eval/seen/teacher_model --split train --set data.max_instances_per_task=${SEEN_N:-10} ${DATA_SET[*]}")
+  GATE_TEACHER=(--teacher_eval "$OUT/eval/seen/teacher_model" --teacher_run "$OUT/teacher_model_run")
+fi
+
 # Seen training tasks (first SEEN_N instances of each): the teachers' upper bound, next to TAGI and concat
 # of the first seed (the teacher gate reads the first two).
 S0=${SEEDS%% *}
 SEEN=(--split train --set data.max_instances_per_task="${SEEN_N:-10}" ${DATA_SET[*]})
-SEEN_EVS=("ev_seen_teachers ${EV[*]} --teachers $OUT/teachers/teachers --output_dir $OUT/eval/seen/teachers ${SEEN[*]}"
+SEEN_EVS=(${TEACHER_EVAL[@]+"${TEACHER_EVAL[@]}"} "ev_seen_teachers ${EV[*]} --teachers $OUT/teachers/teachers --output_dir $OUT/eval/seen/teachers ${SEEN[*]}"
           "ev_seen_tagi ${EV[*]} --hypernet $OUT/s$S0/ft_tagi/hypernet --output_dir $OUT/eval/seen/tagi ${SEEN[*]}"
           "ev_seen_concat ${EV[*]} --adapter $OUT/s$S0/ft_concat/baseline_lora --output_dir $OUT/eval/seen/concat ${SEEN[*]}")
 
@@ -170,9 +191,10 @@ if [[ $GATES != off ]]; then
   pool "ev_dev_concat ${EV[*]} --adapter $D/ft_concat/baseline_lora --output_dir $OUT/eval/dev/concat ${DEV[*]}" \
        "ev_dev_no_instruction ${EV[*]} --adapter $D/ft_no_instruction/baseline_lora --output_dir $OUT/eval/dev/no_instruction ${DEV[*]}" \
        "ev_diagnose_dev python -m tagi_ds.diagnose --hypernet $D/ft_tagi/hypernet --split dev --output_dir $OUT/eval/dev/diagnose --max_instances $EVAL_N --max_new_tokens $MAX_NEW --grad_batches 0 --set ${DATA_SET[*]}" \
-       "${SEEN_EVS[0]}" "${SEEN_EVS[1]}"
-  echo "python scripts/gates.py --run $OUT --seed $S0 --policy $GATES" >> "$CMDS"
-  if [[ $DRY != 1 ]] && ! python scripts/gates.py --run "$OUT" --seed "$S0" --policy "$GATES"; then
+       "${SEEN_EVS[@]:0:${#SEEN_EVS[@]}-1}"  # all but concat's: the teacher(s) and TAGI
+  GATE_CMD=(python scripts/gates.py --run "$OUT" --seed "$S0" --policy "$GATES" ${GATE_TEACHER[@]+"${GATE_TEACHER[@]}"})
+  echo "${GATE_CMD[*]}" >> "$CMDS"
+  if [[ $DRY != 1 ]] && ! "${GATE_CMD[@]}"; then
     log "stopped by the gates ($OUT/gates.json); GATES=warn bash scripts/reproduce.sh spends the seeds anyway"
     exit 1
   fi

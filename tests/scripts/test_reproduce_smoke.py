@@ -235,3 +235,21 @@ def test_make_report_includes_the_gates(tmp_path, monkeypatch):
     md = (docs / "results.md").read_text()
     assert "| swap | **FAIL** | dev EM lost ... +2.0 |" in md and "| instruction | pass |" in md
     assert "1 gate(s) failed; the seeds ran anyway (GATES=warn)" in md and "- swap: it ignores it." in md
+
+
+def test_reproduce_with_a_teacher_model(tmp_path):
+    """TEACHER_MODEL=1: a concat run merged into the backbone (scripts/merge_lora.py) before any TAGI run; the arms
+    with KL read it (w/o param-MSE without the bank, which --teacher_model refuses as unused), w/o KL only the
+    bank; the teacher gate reads the teacher model's seen-task evaluation and training run."""
+    cmds = _dry_run(tmp_path, SEEDS="0", TEACHER_MODEL="1")
+    merge = cmds.index(next(c for c in cmds if "merge_lora.py" in c))
+    first_tagi = cmds.index(next(c for c in cmds if "/s0/ft_tagi " in c))
+    assert "--mode concat" in cmds[merge - 1] and "teacher_model_run" in cmds[merge - 1] and merge < first_tagi
+    arm = {k: next(c for c in cmds if f"/s0/ft_{k} " in c) for k in ("tagi", "no_kl", "no_param", "no_fusion")}
+    tm = f"--teacher_model {tmp_path / 'dry' / 'teacher_model'}"
+    assert tm in arm["tagi"] and "--teachers" in arm["tagi"] and tm in arm["no_fusion"]
+    assert tm not in arm["no_kl"] and "--teachers" in arm["no_kl"]
+    assert tm in arm["no_param"] and "--teachers" not in arm["no_param"]
+    gate = next(c for c in cmds if "gates.py" in c)
+    assert "--teacher_eval" in gate and "eval/seen/teacher_model" in gate
+    assert any("--mode concat --model_name_or_path" in c and "eval/seen/teacher_model" in c for c in cmds)
