@@ -128,8 +128,8 @@ def _default_run(stage: str) -> str:
     )
     if spec.distils:
         line += (
-            " Finetuning needs --teachers DIR for its KL and alignment terms, or --set loss.kl_weight=0 "
-            "loss.param_weight=0."
+            " Finetuning needs --teachers DIR for its KL and alignment terms (or --teacher_model DIR for the KL "
+            "with loss.param_weight=0), or --set loss.kl_weight=0 loss.param_weight=0."
         )
     line += " Bad input: one line 'error: ...' and exit code 2, nothing written (README: exit codes)."
     return textwrap.fill(line, width=100)
