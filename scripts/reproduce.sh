@@ -163,9 +163,11 @@ seed_jobs() {
 
 # TEACHER_MODEL=1: the teacher model, a concat run of TEACHER_MODEL_STEPS (seed 0) merged into the backbone
 # (scripts/merge_lora.py), built before any TAGI run reads it; its seen-task evaluation is the teacher gate's.
+# 3x the finetuning steps by default: at FT_STEPS it would be the seed-0 concat baseline itself (same seed, data and
+# steps), no stronger than the students it teaches; whether 3x is enough is what the teacher gate measures.
 TEACHER_EVAL=() GATE_TEACHER=()
 if [[ $TEACHER_MODEL == 1 ]]; then
-  TM_STEPS=$(steps "${TEACHER_MODEL_STEPS:-1000}")
+  TM_STEPS=$(steps "${TEACHER_MODEL_STEPS:-3000}")
   run teacher_model_ft python launchers/finetune.py ${COMMON[*]} --seed 0 --max_steps "$TM_STEPS" --mode concat \
     --output_dir "$OUT/teacher_model_run" --set ${BASE_SET[*]} ${DATA_SET[*]}
   run teacher_model python scripts/merge_lora.py --adapter "$OUT/teacher_model_run/baseline_lora" --out "$OUT/teacher_model"
