@@ -48,9 +48,14 @@ def choose(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     }
 
 
-def for_run(cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision: str) -> dict[str, Any]:
+def for_run(
+    cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision: str, teacher_cfg=None
+) -> dict[str, Any]:
     """``choose`` for a training run: ``cfg``'s shapes (its own sizes and ``--set`` overrides, not a recipe's),
-    micro-batch, precision and checkpointing, on ``world`` GPUs of ``gpu_mem_bytes`` each."""
+    micro-batch, precision and checkpointing, on ``world`` GPUs of ``gpu_mem_bytes`` each; ``teacher_cfg``: a
+    separate teacher model's config (``--teacher_model``), whose partitioned weights and forward count too."""
+    import dataclasses
+
     from tagi_ds.plan.shapes import count
 
     teacher = cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
@@ -70,15 +75,18 @@ def for_run(cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision
         rank=cfg.hypernet.rank,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         precision="bf16" if precision in ("bf16", "fp16") else "fp32",
-        kl=teacher,
+        kl=teacher or teacher_cfg is not None,
         backbone=cfg.train.frozen_backbone,
     )
-    c = count(cfg, teacher_rows=1, persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)))
+    threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
+    c = count(cfg, teacher_rows=1, persistence_threshold=threshold)
+    if teacher_cfg is not None:
+        c = dataclasses.replace(c, teacher_model=count(teacher_cfg, 0, threshold))
     s = Shapes(p.micro_batch, cfg.data.tasks_per_batch, p.seq_len, p.target_len, p.instr_len)
     return choose(p, c, s, zero)
 
 
-def for_training(cfg, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
+def for_training(cfg, ds: dict[str, Any], world_size: int, teacher_cfg=None) -> tuple[str, str]:
     """Where a training run keeps its frozen backbone, and why: ``whole`` (below ZeRO-3 every rank holds it anyway),
     ``replicated`` (ZeRO-3: whole on every rank, outside ZeRO: no all-gathers, no module hooks; the hypernetwork's
     gradients and optimizer state stay partitioned) or ``partitioned`` (ZeRO-3 owns it, 1/W per rank).
@@ -107,5 +115,5 @@ def for_training(cfg, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
     if not torch.cuda.is_available():
         return "partitioned", "auto on a CPU (train.frozen_backbone=replicated to keep it whole)"
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
-    fit = for_run(cfg, zero, world_size, gpu.total_memory, E.precision(cfg))
+    fit = for_run(cfg, zero, world_size, gpu.total_memory, E.precision(cfg), teacher_cfg)
     return fit["placement"], f"auto: {fit['why']} (tagi_ds.plan.for_run)"

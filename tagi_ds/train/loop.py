@@ -212,7 +212,7 @@ def setup(checked: Checked) -> Session:
     out = rundir.start(cfg, ds, args, checked.world_size)
     if checked.fingerprint.get("run_id") is None:
         checked.fingerprint["run_id"] = dist.broadcast_object(uuid.uuid4().hex if dist.is_main() else None)
-    placement = plan.for_training(cfg, ds, checked.world_size)
+    placement = plan.for_training(cfg, ds, checked.world_size, checked.teacher_cfg)
     backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, placement=placement)
     model = build_model(
         cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0, with_teacher=model_bank(checked)

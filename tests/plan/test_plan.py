@@ -282,6 +282,20 @@ def test_a_run_config_gets_the_placement_its_plan_gets():
         assert got["placement"] == planned["placement"] == want, (got, planned)
 
 
+def test_a_run_with_a_teacher_model_counts_it_in_its_placement():
+    """A t5-base student replicated on one 16 GiB GPU is partitioned once a t5-xl teacher model shares the GPU."""
+    from tagi_ds.recipes import get_recipe
+
+    zero = {
+        "stage3_param_persistence_threshold": 100_000,
+        "stage3_prefetch_bucket_size": 5e7,
+        "reduce_bucket_size": 5e7,
+    }
+    alone = plan.for_run(get_recipe("t5-base"), zero, 1, int(16 * plan.GiB), "bf16")
+    taught = plan.for_run(get_recipe("t5-base"), zero, 1, int(16 * plan.GiB), "bf16", teacher_cfg=get_recipe("t5-xl"))
+    assert alone["placement"] == "replicated" and taught["placement"] == "partitioned", (alone, taught)
+
+
 def test_a_teacher_model_is_planned_with_its_own_weights_and_forward():
     """--teacher_model: its partitioned weights are a memory term of their own, its forward on instruction + input
     replaces the teacher-LoRA forward on the backbone, and each step gathers its weights once."""
