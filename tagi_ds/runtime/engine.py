@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +305,37 @@ def keep_teacher(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     teacher.tagi_home = (home, why)
 
 
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_eager() -> None:
+    """Import DeepSpeed's Muon optimizer module with its functions left eager, before ``deepspeed.initialize``.
+
+    ZeRO's optimizer check and the ZeRO-3 optimizer import that module at every engine start (only to ask whether
+    the optimizer is Muon), and its three Newton-Schulz functions are decorated with ``torch.compile`` at import,
+    which imports torch's inductor: ~1.5 s of CPU per rank at every start (a fifth of a tiny run's rank on CPU;
+    the test suite starts ~100 such ranks). The optimizer here is always torch AdamW, so Muon never runs: its
+    functions are decorated with DeepSpeed's own ``dummy_decorator`` (what DeepSpeed uses on a torch without
+    ``torch.compile``) for the import, and everything else is as DeepSpeed leaves it. A DeepSpeed without these
+    names imports the module its own way."""
+    if MUON in sys.modules:
+        return
+    try:
+        from deepspeed.runtime import compiler
+    except ImportError:
+        return
+    real, dummy = getattr(compiler, "compile", None), getattr(compiler, "dummy_decorator", None)
+    if real is None or dummy is None:
+        return
+    compiler.compile = lambda: dummy
+    try:
+        importlib.import_module(MUON)
+    except ImportError:
+        pass  # DeepSpeed's own check then finds no Muon, as it would
+    finally:
+        compiler.compile = real
+
+
 def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
     """``deepspeed.initialize`` with torch AdamW over the trainable parameters and the LR schedule.
 
@@ -323,6 +356,7 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
         params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8
     )
     schedule = lr_lambda(cfg)
+    import_muon_eager()
     module = model
     dtype = train_dtype(ds)
     cast_parameters(model, dtype)
