@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from tagi_ds import loss_terms
 from tagi_ds.config import ConfigError, ModeName, TagiConfig
 
 
@@ -235,5 +236,5 @@ def spec(stage: str, cfg: TagiConfig) -> Spec:
     if s.mode is None and cfg.mode not in s.modes:
         raise ConfigError(f"stage {s.name} trains {s.trains}: mode must be {' or '.join(s.modes)}, got {cfg.mode!r}")
     mode = MODES[s.mode or cfg.mode]
-    teacher = s.distils and mode.instruction and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
+    teacher = s.distils and mode.instruction and loss_terms.wants_teacher(cfg.loss)
     return Spec(s, mode, teacher)
