@@ -120,6 +120,7 @@ CORE = (
     "tagi_ds/batch.py",
     "tagi_ds/ops.py",
     "tagi_ds/losses.py",
+    "tagi_ds/loss_terms.py",
     "tagi_ds/model.py",
     "tagi_ds/adapters",
     "tagi_ds/backbones",
