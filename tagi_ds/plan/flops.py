@@ -26,6 +26,10 @@ from __future__ import annotations
 
 from tagi_ds.plan.inputs import H100_BF16_DENSE_TFLOPS, PlanInput, stage2_terms, terms_of
 from tagi_ds.plan.shapes import Counts, Shapes
+from tagi_ds.stages import MODES
+
+# ``step_flops``' variants: the mode whose step each counts (``lora``: one shared LoRA on the input alone).
+VARIANTS = {"tagi": MODES["tagi"], "concat": MODES["concat"], "lora": MODES["no_instruction"]}
 
 
 def _layer_params(c: Counts) -> dict[str, int]:
@@ -110,19 +114,20 @@ def step_flops(
     left out."""
     B, K, L, Lt, Li = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len
     t5 = c.encoder_decoder
-    terms = [t for t in stage2_terms(terms) if variant == "tagi" or not t.teacher]
+    m = VARIANTS[variant]
+    terms = [t for t in stage2_terms(terms) if m.instruction or not t.teacher]  # a baseline reads no teacher
     view = any(t.teacher_view for t in terms)
     out: dict[str, float] = {}
-    if variant == "concat":
+    if m.instruction_in_input:
         L = L + Li
-    Lx = L + Li if (variant == "tagi" and t5 and c.fusion) else L
+    Lx = L + Li if (m.instruction and t5 and c.fusion) else L
     head = None if t5 else Lt
     fwd = backbone_forward_flops(c, B, L, Lt, Lx, head_tokens=head)
     out["student_base"] = 2 * fwd["linear"]  # forward 2N + input gradients 2N per token
     out["student_attention"] = 3 * fwd["attention"]
     adapters = adapter_flops(c, B, L, Lt, Lx, c.rank)
     out["adapters"] = 3 * adapters
-    if variant == "tagi":
+    if m.instruction:  # the hypernetwork's step: instruction encoding, generator, the teacher
         enc = (
             backbone_forward_flops(c, K, Li, 0, decoder=False)
             if t5
