@@ -86,6 +86,8 @@ def register(term: LossTerm) -> LossTerm:
 
         if not hasattr(LossConfig, term.weight):
             raise ValueError(f"loss term {term.name!r}: LossConfig has no weight field {term.weight!r}")
+    elif not term.weight >= 0:  # a weight field's range is LossConfig.RULES'
+        raise ValueError(f"loss term {term.name!r}: a constant weight must be >= 0, got {term.weight!r}")
     TERMS[term.name] = term
     return term
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -181,3 +182,19 @@ def test_the_registry_imports_no_torch():
     """stages.spec asks the registry whether a run distils: the config layer stays torch-free."""
     code = "import sys, tagi_ds.loss_terms, tagi_ds.stages; assert 'torch' not in sys.modules, 'torch imported'"
     check(run_job([sys.executable, "-c", code], env_=env()))
+
+
+@pytest.mark.parametrize(
+    "term, message",
+    [
+        (dataclasses.replace(ENTROPY, name="ce"), "'ce' is registered already"),
+        (dataclasses.replace(ENTROPY, weight="entropy_weight"), "LossConfig has no weight field 'entropy_weight'"),
+        (dataclasses.replace(ENTROPY, weight=-1.0), "a constant weight must be >= 0, got -1.0"),
+        (dataclasses.replace(GEN_L2, teacher_view=True), "only a token term reads the teacher view's logits"),
+        (dataclasses.replace(GEN_L2, kind="site"), "kind must be token or adapter, got 'site'"),
+    ],
+)
+def test_a_bad_record_is_refused_naming_the_term(term, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loss_terms.register(term)
+    assert list(loss_terms.TERMS) == ["ce", "kl", "param"]
