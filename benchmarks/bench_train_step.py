@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from tagi_ds import plan  # noqa: E402
+from tagi_ds import loss_terms, plan  # noqa: E402
 from tagi_ds.config import TagiConfig, apply_overrides  # noqa: E402
 from tagi_ds.recipes import get_recipe  # noqa: E402
 
@@ -152,7 +152,8 @@ class PeftLora(nn.Module):
         self.peft = get_peft_model(backbone, lora)
 
     def forward(self, batch):
-        from tagi_ds.losses import target_rows, token_losses
+        from tagi_ds.loss_terms import token_losses
+        from tagi_ds.losses import target_rows
 
         # The same chunked LM head + CE as the lora case, so that the two differ in the adapters only.
         x, head = self.arch.head_inputs(self.peft.base_model.model, batch.input_ids, batch.attention_mask, batch.labels)
@@ -288,8 +289,7 @@ def case_flops(args, cfg: TagiConfig, variant: str, checkpointing: bool) -> dict
         shapes_for(args, cfg),
         FLOP_VARIANT.get(variant, variant),
         checkpointing,
-        kl=teacher,
-        param_mse=teacher,
+        loss_terms.active(cfg.loss, teacher),
     )
 
 

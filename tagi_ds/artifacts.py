@@ -13,12 +13,13 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tagi_ds.config import ConfigError, Granularity, TagiConfig, from_dict
+from tagi_ds import stages
+from tagi_ds.config import ConfigError, TagiConfig, from_dict
 from tagi_ds.files import atomic_dir, read_json, usual_permissions
 from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import fail, safetensors_header
@@ -268,7 +269,7 @@ def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, i
         isinstance(meta["rank"], int)
         and meta["rank"] > 0
         and isinstance(meta["alpha"], (int, float))
-        and meta["granularity"] in (*get_args(Granularity), "shared")
+        and meta["granularity"] in stages.ROW_GRANULARITIES
     ):
         fail(
             f"{flag} {path / 'config.json'}",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tagi_ds import artifacts, data
+from tagi_ds import artifacts, data, stages
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.eval.generate import cut_at_eos, eval_adapters, generate_tokens, greedy_config, score_targets
 from tagi_ds.eval.metrics import compute_metrics
@@ -215,7 +215,7 @@ def run(args) -> dict[str, Any]:
     if args.grad_batches < 0:
         raise ConfigError(f"--grad_batches: must be >= 0 ({args.grad_batches})")
     cfg = artifacts.read_config(path, "--hypernet")
-    if cfg.mode != "tagi":
+    if not stages.MODES[cfg.mode].instruction:  # no generated adapters to diagnose
         raise ConfigError(f"--hypernet {str(path)!r}: a mode {cfg.mode} run has no hypernetwork")
     if args.data:
         cfg.data.spec = args.data

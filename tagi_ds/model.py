@@ -24,14 +24,14 @@ from functools import partial
 import torch
 from torch import nn
 
-from tagi_ds import backbones, families, stages
+from tagi_ds import backbones, families, loss_terms, stages
 from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
 from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import TagiConfig
 from tagi_ds.hypernet import Generator, InstructionEncoder
-from tagi_ds.losses import param_alignment, target_rows, token_losses
+from tagi_ds.losses import target_rows, token_sums
 
 
 def fuses(cfg: TagiConfig) -> bool:
@@ -185,39 +185,48 @@ class TagiModel(nn.Module):
         return x, labels, head
 
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, terms)``: every loss term that is on (``tagi_ds.loss_terms.active``), by name, and their
+        weighted sum in registry order (CE first)."""
         adapters, instr_states = self.student_adapters(batch)
         student, labels, head = self.head_rows(
             batch.input_ids, batch.attention_mask, batch.labels, adapters, batch, instr_states
         )
         lc = self.cfg.loss
-        distil = self.teacher is not None and self.spec.stage.distils
-        teacher_adapters = self.teacher_adapters(batch, adapters) if distil else None
-        teacher = None
-        if distil and lc.kl_weight > 0:
-            if batch.teacher_input_ids is None:
-                raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")
-            with torch.no_grad():
-                teacher, _, _ = self.head_rows(
-                    batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels, teacher_adapters
-                )
-            if teacher.shape[0] != student.shape[0]:
-                raise ValueError(
-                    f"the teacher view has {teacher.shape[0]} target tokens, the student's "
-                    f"{student.shape[0]}: both views must carry the same labels"
-                )
-        ce, kl = token_losses(head, student, labels, teacher, lc.temperature, lc.chunk_tokens)
-        terms = {"ce": ce}
-        loss = ce
-        if distil:
-            if kl is not None:
-                terms["kl"] = kl
-                loss = loss + lc.kl_weight * kl
-            if lc.param_weight > 0:
-                terms["param"] = param_alignment(
-                    adapters.factors, adapters.scale, teacher_adapters.factors, teacher_adapters.scale, lc.param_align
-                )
-                loss = loss + lc.param_weight * terms["param"]
+        on = loss_terms.active(lc, teacher=self.teacher is not None and self.spec.stage.distils)
+        teacher_adapters = self.teacher_adapters(batch, adapters) if any(t.teacher for t in on) else None
+        teacher = self.teacher_view(batch, teacher_adapters, student, on)
+        values = token_sums(
+            head, student, labels, teacher, lc, loss_terms.token_terms(), [t for t in on if t.kind == "token"]
+        )
+        for t in on:
+            if t.kind == "adapter":
+                values[t.name] = t.fn(adapters, teacher_adapters if t.teacher_adapters else None, lc)
+        terms, loss = {}, None
+        for t in on:
+            terms[t.name] = values[t.name]
+            part = t.weight_of(lc) * values[t.name]
+            loss = part if loss is None else loss + part
         return loss, terms
+
+    def teacher_view(
+        self, batch: TaskBatch, teacher_adapters: AdapterSet | None, student: torch.Tensor, on: list
+    ) -> torch.Tensor | None:
+        """The teacher's LM-head inputs at the target tokens (no gradient), when a term that is on reads them."""
+        reading = [t for t in on if t.teacher_view]
+        if not reading:
+            return None
+        if batch.teacher_input_ids is None:
+            raise ValueError(f"{reading[0].weight_label()} > 0 needs the teacher view (teacher_input_ids) in the batch")
+        with torch.no_grad():
+            teacher, _, _ = self.head_rows(
+                batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels, teacher_adapters
+            )
+        if teacher.shape[0] != student.shape[0]:
+            raise ValueError(
+                f"the teacher view has {teacher.shape[0]} target tokens, the student's "
+                f"{student.shape[0]}: both views must carry the same labels"
+            )
+        return teacher
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

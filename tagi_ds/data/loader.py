@@ -13,7 +13,8 @@ finetune   no_instruction  input                                   -        KL v
 eval       (as finetune)   as finetune; first definition, answer   as ft.   -            -
 =========  ==============  ======================================  =======  ===========  =============
 
-[1] instruction + input with the same targets, when ``teacher_rows`` is given and ``loss.kl_weight > 0``.
+[1] instruction + input with the same targets, when ``teacher_rows`` is given and a term that reads it is on
+(``loss_terms.wants_teacher_view``: ``loss.kl_weight > 0``).
 [2] or per category (``teacher.granularity``).
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
-from tagi_ds import families, stages
+from tagi_ds import families, loss_terms, stages
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import TagiConfig
 from tagi_ds.data.collate import PretrainCollator, TaskCollator
@@ -144,7 +145,7 @@ def build_train_loader(
             tokenizer,
             d,
             teacher_rows=teacher_rows,
-            teacher_view=teacher_rows is not None and cfg.loss.kl_weight > 0,
+            teacher_view=teacher_rows is not None and loss_terms.wants_teacher_view(cfg.loss),
             **common,
         )
     return TaskLoader(sampler, collate, tasks)

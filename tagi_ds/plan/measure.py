@@ -23,6 +23,7 @@ from tagi_ds.batch import TaskBatch
 from tagi_ds.plan.inputs import PlanInput, resolve, shapes_of
 from tagi_ds.plan.shapes import Shapes
 from tagi_ds.runtime import engine as E
+from tagi_ds.stages import MODES
 
 
 def synthetic_batch(
@@ -51,10 +52,11 @@ def synthetic_batch(
             labels[0, -1] = -100
         return x, mask, labels
 
-    x, mask, labels = view(L + Li if mode == "concat" else L)
+    row = MODES[mode]
+    x, mask, labels = view(L + Li if row.instruction_in_input else L)
     offsets = torch.tensor([0, *counts]).cumsum(0)
     batch = TaskBatch(x, mask, labels, offsets, task_names=[f"task{k}" for k in range(K)])
-    if mode == "tagi":
+    if row.instruction:
         batch.instr_input_ids, batch.instr_attention_mask = ids(K, Li), torch.ones(K, Li, dtype=torch.long)
         batch.instr_attention_mask[-1, -1] = 0
         if teacher:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from tagi_ds import loss_terms, stages
 from tagi_ds.config import ConfigError
 from tagi_ds.plan.gpu_memory import memory, usable_bytes
 from tagi_ds.plan.inputs import GiB, PlanInput
@@ -53,7 +54,7 @@ def for_run(cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision
     micro-batch, precision and checkpointing, on ``world`` GPUs of ``gpu_mem_bytes`` each."""
     from tagi_ds.plan.shapes import count
 
-    teacher = cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
+    teacher = stages.MODES[cfg.mode].instruction and loss_terms.wants_teacher(cfg.loss)
     offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
     p = PlanInput(
         model=cfg.recipe,
@@ -71,6 +72,7 @@ def for_run(cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         precision="bf16" if precision in ("bf16", "fp16") else "fp32",
         kl=teacher,
+        terms=tuple(t.name for t in loss_terms.active(cfg.loss, teacher)),
         backbone=cfg.train.frozen_backbone,
     )
     c = count(cfg, teacher_rows=1, persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagi_ds import plan
+from tagi_ds import loss_terms, plan
 from tagi_ds.config import ConfigError
 from tagi_ds.plan import PlanInput
 from tagi_ds.plan import cli as plan_cli
@@ -226,7 +226,8 @@ def test_step_flops_match_torch_flop_counter_on_tiny():
         with FlopCounterMode(display=False) as counter:
             loss, _ = model(batch)
             loss.backward()
-        formula = plan.step_flops(plan.count(cfg, 60), s, variant, kl=mode == "tagi")["hardware"]
+        terms = loss_terms.active(cfg.loss, teacher=mode == "tagi")
+        formula = plan.step_flops(plan.count(cfg, 60), s, variant, terms=terms)["hardware"]
         # torch counts the attention backward as 5 matmuls (it recomputes the scores), the formula as 4.
         assert formula == pytest.approx(counter.get_total_flops(), rel=0.06), (model_name, mode)
 
