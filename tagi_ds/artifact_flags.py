@@ -132,7 +132,7 @@ def resolve_evaluation(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
             raise ConfigError(f"--{key}: must be > 0 ({value})")
     cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode, flag)  # a teacher reads instr + input
     if mode == "teacher":
-        artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
+        cfg, _ = artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
     return cfg, EvalArgs(
         output_dir=output_dir(args, "evaluate"),
         mode=mode,
