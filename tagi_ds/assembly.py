@@ -124,9 +124,10 @@ def assemble(
             raise ValueError("a train run needs its placement (tagi_ds.plan.for_training)")
         if dist.world_size() != world_size:
             raise RuntimeError(f"assembled for {world_size} rank(s), the process group has {dist.world_size()}")
+    elif placement is None and runner == "torch":
+        placement = E.Placement("whole", "one process, no DeepSpeed")
     elif placement is None:
-        placement = E.Placement("whole", "one process, no DeepSpeed") if runner == "torch" else None
-        placement = placement or E.inference_placement(ds)
+        placement = E.inference_placement(ds)
     if runner == "torch" and dtype is None:
         raise ValueError("a torch run needs its dtype")
     here = device or (dist.device() if runner in ("train", "torch", "infer") else torch.device("cpu"))

@@ -379,10 +379,10 @@ BLOCKS = ("tagi_ds/assembly.py", "tagi_ds/runtime/engine.py", "tagi_ds/model.py"
 def run_assemblies(root: Path = REPO, places: tuple[str, ...] = ASSEMBLY_PLACES, but: tuple[str, ...] = BLOCKS):
     """``file:function`` of every function (or module body) outside ``but`` that builds a run by hand: it calls a
     backbone or engine builder (``build_backbone``, ``build_engine``, ``inference_engine``) or
-    ``deepspeed.initialize`` itself. On the tree before the assembly (52113b8): 14 in tagi_ds/, benchmarks/ and
-    scripts/ (the issue's five: train/loop.py, eval/evaluate.py, export/peft.py, plan/measure.py + plan/shapes.py,
-    benchmarks/bench_train_step.py; also runtime/preflight.py's meta model, serve/, diagnose.py, two more
-    benchmarks and a script)."""
+    ``deepspeed.initialize`` itself. On the tree before the assembly (52113b8): 13 in 11 files of tagi_ds/,
+    benchmarks/ and scripts/: the issue's five (train/loop.py, eval/evaluate.py twice, export/peft.py,
+    plan/measure.py + plan/shapes.py, benchmarks/bench_train_step.py), and runtime/preflight.py's meta model,
+    serve/engine.py, diagnose.py, two more benchmarks and scripts/gpu_pipeline.py."""
 
     def builds(call: ast.Call) -> bool:
         f = call.func
@@ -408,7 +408,7 @@ def run_assemblies(root: Path = REPO, places: tuple[str, ...] = ASSEMBLY_PLACES,
 
 def test_a_run_is_assembled_in_one_place():
     found = run_assemblies()
-    assert len(found) <= 0, "build the run with tagi_ds.assembly.assemble, not by hand:\n" + "\n".join(found)
+    assert found == [], "build the run with tagi_ds.assembly.assemble, not by hand:\n" + "\n".join(found)
 
 
 def test_the_assembly_counter_sees_builders_and_deepspeed_initialize(tmp_path):
