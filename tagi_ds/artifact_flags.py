@@ -134,7 +134,7 @@ def resolve_evaluation(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
     row = stages.MODES[mode]
     cfg = artifact_config(args, path, row.config_mode, flag)  # a teacher reads instruction + input: concat
     if row.source.per_task:
-        artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
+        cfg, _ = artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
     return cfg, EvalArgs(
         output_dir=output_dir(args, "evaluate"),
         mode=mode,

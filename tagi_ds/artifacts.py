@@ -279,16 +279,17 @@ def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, i
     return rows, meta
 
 
-def adopt_teacher(cfg: TagiConfig, path: Path, flag: str = "--teachers") -> dict[str, int]:
-    """The rows of a teachers/ dir; its rank, alpha and granularity become ``cfg.teacher`` (the bank this run
-    builds takes the saved shapes) and the config is validated again."""
+def adopt_teacher(cfg: TagiConfig, path: Path, flag: str = "--teachers") -> tuple[TagiConfig, dict[str, int]]:
+    """A new config whose ``teacher`` takes a teachers/ dir's rank, alpha and granularity (the bank this run
+    builds takes the saved shapes), validated again, and the dir's rows; ``cfg`` itself is left as it was."""
     rows, meta = read_teacher_rows(path, flag)
-    cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
+    teacher = dataclasses.replace(cfg.teacher, rank=meta["rank"], alpha=meta["alpha"], granularity=meta["granularity"])
+    cfg = dataclasses.replace(cfg, teacher=teacher)
     try:
         cfg.validate()
     except ConfigError as err:
         fail(f"{flag} {Path(path) / 'config.json'}", str(err))
-    return rows
+    return cfg, rows
 
 
 def check_rows(tasks, rows: dict[str, int], granularity: str, where: str, hint: str) -> None:

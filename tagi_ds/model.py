@@ -44,7 +44,7 @@ class TagiModel(nn.Module):
     def __init__(
         self,
         cfg: TagiConfig,
-        stage: str,
+        spec: stages.Spec,
         backbone: nn.Module,
         sites: list[Site],
         state: AdapterState,
@@ -53,8 +53,8 @@ class TagiModel(nn.Module):
         teacher: LoraBank | None = None,
     ) -> None:
         super().__init__()
-        self.cfg, self.stage, self.sites, self.state = cfg, stage, sites, state
-        self.spec = stages.spec(stage, cfg)
+        self.cfg, self.spec, self.sites, self.state = cfg, spec, sites, state
+        self.stage = spec.stage.name
         self.family = families.get(cfg.model.arch)
         self.source = self.spec.mode.source  # where the student's adapters come from (stages.AdapterSource)
         self.arch = backbones.get(cfg.model.arch)
@@ -248,7 +248,7 @@ def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -
 
 def build_model(
     cfg: TagiConfig,
-    stage: str,
+    stage: stages.Spec | str,
     backbone: nn.Module,
     num_bank_rows: int = 0,
     with_teacher: bool = False,
@@ -257,10 +257,12 @@ def build_model(
     """Freeze the backbone, inject adapted sites and attach the adapters of ``stage`` in its mode
     (:func:`tagi_ds.stages.spec`): the hypernetwork, a LoRA bank with a row per task, or one shared LoRA.
 
-    ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``);
+    ``stage``: the run's resolved spec (a run resolves it once, ``tagi_ds.assembly``), or a stage name (tools and
+    tests). ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``);
     ``teacher_init="empty"``: that bank allocated uninitialised (its values are loaded, or do not matter: benchmarks).
     """
-    source = stages.spec(stage, cfg).mode.source
+    spec = stage if isinstance(stage, stages.Spec) else stages.spec(stage, cfg)
+    source = spec.mode.source
     cfg.validate()
     arch = backbones.get(cfg.model.arch)
     freeze(backbone, cfg.model.trainable)
@@ -276,4 +278,4 @@ def build_model(
         teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha, init=teacher_init).requires_grad_(
             False
         )
-    return TagiModel(cfg, stage, backbone, sites, state, teacher=teacher, **built)
+    return TagiModel(cfg, spec, backbone, sites, state, teacher=teacher, **built)

@@ -104,13 +104,14 @@ def _check(cfg: TagiConfig) -> None:
 def build_train_loader(
     cfg: TagiConfig,
     tokenizer,
-    stage: str,
+    stage: stages.Spec | str,
     rank: int = 0,
     world_size: int = 1,
     teacher_rows: dict[str, int] | None = None,
     tasks: Sequence[Task] | None = None,
 ) -> TaskLoader:
-    """The training loader of ``stage`` (teachers | pretrain | finetune) for ``rank`` of ``world_size``.
+    """The training loader of ``stage`` (its spec, or a name: teachers | pretrain | finetune) for ``rank`` of
+    ``world_size``.
 
     ``tasks`` defaults to ``load_tasks(cfg.data.spec, cfg.data, "train")``. ``teacher_rows``: name -> bank
     row (task or category names per ``cfg.teacher.granularity``); for ``teachers`` it defaults to
@@ -119,7 +120,7 @@ def build_train_loader(
     """
     _check(cfg)
     d, arch, seed = cfg.data, cfg.model.arch, cfg.train.seed
-    spec = stages.spec(stage, cfg)
+    spec = stage if isinstance(stage, stages.Spec) else stages.spec(stage, cfg)  # a run passes its own
     if spec.stage.data == "corpus":
         collate = PretrainCollator(tokenizer, d, arch)
         batch = d.tasks_per_batch * d.examples_per_task

@@ -10,7 +10,7 @@ rest of ZeRO-3 (the hypernetwork's gradients and optimizer state stay partitione
 ``choose`` decides for a plan (``--backbone auto``: replicated when its memory ``total`` fits the usable memory,
 ``gpu_memory.usable_bytes``); ``for_run`` asks the same question for a training run's config on this machine's
 GPU, and ``for_training`` decides for a training run (``train.frozen_backbone``), which
-``tagi_ds.runtime.engine.build_backbone`` then builds.
+``tagi_ds.assembly.assemble`` then builds (``runtime.engine.Placement``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def for_run(cfg, zero: dict[str, Any], world: int, gpu_mem_bytes: int, precision
     return choose(p, c, s, zero)
 
 
-def for_training(cfg, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
+def for_training(cfg, ds: dict[str, Any], world_size: int) -> E.Placement:
     """Where a training run keeps its frozen backbone, and why: ``whole`` (below ZeRO-3 every rank holds it anyway),
     ``replicated`` (ZeRO-3: whole on every rank, outside ZeRO: no all-gathers, no module hooks; the hypernetwork's
     gradients and optimizer state stay partitioned) or ``partitioned`` (ZeRO-3 owns it, 1/W per rank).
@@ -92,7 +92,7 @@ def for_training(cfg, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
     """
     choice, zero = cfg.train.frozen_backbone, ds.get("zero_optimization", {})
     if E.zero_stage(ds) != 3:
-        return "whole", f"ZeRO-{E.zero_stage(ds)}: every rank holds the frozen backbone"
+        return E.Placement("whole", f"ZeRO-{E.zero_stage(ds)}: every rank holds the frozen backbone")
     offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
     if choice == "replicated" and (cfg.model.trainable or offload):
         why = "model.trainable unfreezes backbone parameters" if cfg.model.trainable else "offload_param is set"
@@ -101,13 +101,13 @@ def for_training(cfg, ds: dict[str, Any], world_size: int) -> tuple[str, str]:
             "(use train.frozen_backbone=partitioned or auto)"
         )
     if choice != "auto":
-        return choice, f"train.frozen_backbone={choice}"
+        return E.Placement(choice, f"train.frozen_backbone={choice}")
     if cfg.model.trainable:
-        return "partitioned", "model.trainable unfreezes backbone parameters: ZeRO-3 owns them"
+        return E.Placement("partitioned", "model.trainable unfreezes backbone parameters: ZeRO-3 owns them")
     if offload:
-        return "partitioned", "offload_param keeps parameters off the GPU"
+        return E.Placement("partitioned", "offload_param keeps parameters off the GPU")
     if not torch.cuda.is_available():
-        return "partitioned", "auto on a CPU (train.frozen_backbone=replicated to keep it whole)"
+        return E.Placement("partitioned", "auto on a CPU (train.frozen_backbone=replicated to keep it whole)")
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
     fit = for_run(cfg, zero, world_size, gpu.total_memory, E.precision(cfg))
-    return fit["placement"], f"auto: {fit['why']} (tagi_ds.plan.for_run)"
+    return E.Placement(fit["placement"], f"auto: {fit['why']} (tagi_ds.plan.for_run)")

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from tagi_ds import artifacts, data, plan, stages
-from tagi_ds.config import ConfigError, TagiConfig
-from tagi_ds.model import build_model
+from tagi_ds import artifacts, assembly, data, plan, stages
+from tagi_ds.config import ConfigError, TagiConfig, frozen
 from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
@@ -49,7 +48,7 @@ class RunArgs:
 class Checked:
     """Everything preflight checked and loaded for a run, handed to :func:`train` (nothing written yet)."""
 
-    cfg: TagiConfig
+    cfg: TagiConfig  # frozen (config.frozen): what preflight resolved is what runs; a later change is an error
     args: RunArgs
     spec: stages.Spec  # what the stage trains, reads and writes
     ds: dict  # the final DeepSpeed dict for this world size
@@ -66,7 +65,8 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     output dir, the DeepSpeed JSON (DeepSpeed's own schema), the artifacts (--teachers, --init_hypernet:
     config keys, sites, every tensor's shape from the safetensors headers), the tokenizer and data (loaded
     here, once), the model (built on the meta device) and the checkpoint to resume (fingerprint, files).
-    Bad input raises ConfigError / DataError (one line, exit code 2 under ``runtime.preflight.guarded``)."""
+    Bad input raises ConfigError / DataError (one line, exit code 2 under ``runtime.preflight.guarded``).
+    The stage is resolved into its spec once, here; the config it returns is a frozen copy (``config.frozen``)."""
     world, rank = preflight_checks.env_world_size(), preflight_checks.env_rank()
     out = preflight_checks.check_output_dir(args.output_dir)
     if rank == 0 and (holder := rundir.holder(out)):  # rank 0 alone: the others would see their own rank 0's lock
@@ -94,7 +94,7 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
                 "--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
                 "(or --set loss.kl_weight=0 loss.param_weight=0)"
             )
-        rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
+        cfg, rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)
     tasks = data.load_tasks(cfg.data.spec, cfg.data, "train") if spec.stage.data == "tasks" else None
     if spec.mode.source.per_task:  # the teachers stage: a bank row per task (or category) it trains
@@ -108,11 +108,9 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
             "train the teachers on the same data and filters",
         )
     loader = data.build_train_loader(
-        cfg, tokenizer, stage=args.stage, rank=rank, world_size=world, teacher_rows=rows, tasks=tasks
+        cfg, tokenizer, stage=spec, rank=rank, world_size=world, teacher_rows=rows, tasks=tasks
     )
-    model = preflight_checks.meta_model(
-        cfg, args.stage, tokenizer.special_ids, num_bank_rows=len(rows) if rows else 0, with_teacher=spec.teacher
-    )
+    model = assembly.meta_model(cfg, spec, tokenizer.special_ids, rows=len(rows) if rows else 0, teacher=spec.teacher)
     if spec.teacher:
         artifacts.check_teachers(Path(args.teachers), model.teacher, model, "--teachers")
     if args.init_hypernet:
@@ -124,7 +122,7 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     fingerprint.update(resume_settings.record(cfg, ds))  # what the next resume compares itself with
     # The run a checkpoint belongs to (pruning removes only its own): a resume continues the checkpoint's run.
     fingerprint["run_id"] = checkpoint.run_id(resume) if resume is not None else None
-    return Checked(cfg, args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume)
+    return Checked(frozen(cfg), args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume)
 
 
 def run(cfg: TagiConfig, args: RunArgs) -> Path:
@@ -200,16 +198,20 @@ def setup(checked: Checked) -> Session:
     out = rundir.start(cfg, ds, args, checked.world_size)
     if checked.fingerprint.get("run_id") is None:
         checked.fingerprint["run_id"] = dist.broadcast_object(uuid.uuid4().hex if dist.is_main() else None)
-    placement = plan.for_training(cfg, ds, checked.world_size)
-    backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, placement=placement)
-    model = build_model(
-        cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0, with_teacher=checked.spec.teacher
+    run = assembly.assemble(
+        checked.spec,
+        cfg,
+        ds,
+        checked.tokenizer.special_ids,
+        world_size=checked.world_size,
+        placement=plan.for_training(cfg, ds, checked.world_size),
+        rows=len(rows) if rows else 0,
+        loads=assembly.Loads(
+            teachers=Path(args.teachers) if checked.spec.teacher else None,
+            init_hypernet=Path(args.init_hypernet) if args.init_hypernet else None,
+        ),
     )
-    if checked.spec.teacher:
-        artifacts.load_teachers(model.teacher, Path(args.teachers), model)
-    if args.init_hypernet:
-        artifacts.load_hypernet(model, Path(args.init_hypernet), "--init_hypernet")
-    eng = ds_engine.build_engine(model, cfg, ds)
+    model, eng = run.model, run.runner
 
     start = 0
     if checked.resume is not None:
@@ -226,7 +228,7 @@ def setup(checked: Checked) -> Session:
         f"device {eng.device.type}, {trainable:,} trainable parameters"
         + (f", resumed at step {start}" if start else "")
     )
-    if layout := ds_engine.describe_partitioning(model, dist.world_size()):
+    if layout := run.describe():
         progress.message(layout)
     return Session(checked, model, eng, iter(loader), guards, progress, out, start, step=start)
 

@@ -25,7 +25,8 @@ if hasattr(mu, "prevent_arange_dtype_change"):
     mu.prevent_arange_dtype_change = contextlib.nullcontext  # as transformers 5.17 (the GPU image) builds RoPE
 from tagi_ds.runtime import dist, engine as E
 from tagi_ds.recipes import get_recipe
-from tagi_ds.model import build_backbone, build_model
+from tagi_ds.model import build_backbone
+from tagi_ds import assembly, stages
 dist.init()
 out = []
 for recipe in sys.argv[2:]:
@@ -35,9 +36,10 @@ for recipe in sys.argv[2:]:
         cfg.train.frozen_backbone = placement
         ds = E.inject(E.load_ds_json(sys.argv[1]), cfg, 1)
         ds["bf16"] = {"enabled": True}  # the CPU accelerator runs bf16; the config refuses it without CUDA
-        backbone = E.build_backbone(cfg, ds, {}, placement=(placement, "test"))
-        model = build_model(cfg, "finetune", backbone, num_bank_rows=2, with_teacher=True)
-        eng = E.build_engine(model, cfg, ds)
+        run = assembly.assemble(stages.spec("finetune", cfg), cfg, ds, {}, placement=E.Placement(placement, "test"),
+                                rows=2, teacher=True)
+        model, eng = run.model, run.runner
+        backbone = model.backbone
         rope = {n: [str(b.dtype), torch.equal(b, plain[n])] for n, b in backbone.named_buffers() if "inv_freq" in n}
         gen = sorted({str(t.dtype) for p in model.generator.parameters()
                       for t in (p, getattr(p, "ds_tensor", p))})
