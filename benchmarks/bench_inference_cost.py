@@ -70,14 +70,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build(cfg: TagiConfig, mode: str, seed: int):
-    from tagi_ds.model import build_backbone, build_model
+    from tagi_ds import assembly, stages
+    from tagi_ds.runtime.engine import Placement
 
     cfg = apply_overrides(cfg, [f"mode={mode}"])
     torch.manual_seed(seed)  # the same backbone weights for both variants
-    model = build_model(cfg, "finetune", build_backbone(cfg))
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return model.to(dev, dtype).eval()
+    # Parameters cast, buffers as built (RoPE's fp32 inv_freq), as every other run on the device.
+    return assembly.assemble(
+        stages.spec("finetune", cfg),
+        cfg,
+        {},
+        {},
+        runner="infer",
+        placement=Placement("whole", "one process, no DeepSpeed"),
+        teacher=False,
+        device=dev,
+        dtype=dtype,
+    ).model
 
 
 def task_data(arch: str, vocab: int, args, instr_len: int, seed: int) -> dict[str, torch.Tensor]:

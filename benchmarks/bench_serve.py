@@ -103,13 +103,12 @@ def write_hypernet(cfg, path: Path) -> Path:
 
     from safetensors.torch import save_file
 
-    from tagi_ds import data, families
+    from tagi_ds import assembly, data, families, stages
     from tagi_ds.hypernet import Generator
-    from tagi_ds.model import build_backbone, build_model, fuses
+    from tagi_ds.model import fuses
 
     tok = data.load_tokenizer(cfg)
-    with torch.device("meta"):
-        model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids))
+    model = assembly.meta_model(cfg, stages.spec("finetune", cfg), tok.special_ids)
     d = getattr(model.backbone.config, families.get(cfg.model.arch).shape["d_model"])  # as build_model reads it
     generator = Generator(d, model.sites, cfg.hypernet, fusion=fuses(cfg))
     path.mkdir(parents=True)

@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from tagi_ds import plan  # noqa: E402
+from tagi_ds import loss_terms, plan  # noqa: E402
 from tagi_ds.config import TagiConfig, apply_overrides  # noqa: E402
 from tagi_ds.recipes import get_recipe  # noqa: E402
 
@@ -152,7 +152,8 @@ class PeftLora(nn.Module):
         self.peft = get_peft_model(backbone, lora)
 
     def forward(self, batch):
-        from tagi_ds.losses import target_rows, token_losses
+        from tagi_ds.loss_terms import token_losses
+        from tagi_ds.losses import target_rows
 
         # The same chunked LM head + CE as the lora case, so that the two differ in the adapters only.
         x, head = self.arch.head_inputs(self.peft.base_model.model, batch.input_ids, batch.attention_mask, batch.labels)
@@ -188,13 +189,11 @@ def ds_config(engine: str, recipe: str, z3_json: Path | None = None) -> dict:
 
 def backbone_placement(model: nn.Module) -> str:
     """Where the frozen backbone's weights live: ``partitioned`` (ZeRO-3 parameters), ``replicated`` (ZeRO-3 engine,
-    backbone whole outside ZeRO) or ``whole`` (no ZeRO-3)."""
-    from tagi_ds.runtime.engine import replicated
-
+    backbone whole outside ZeRO: only the rest of the model is ZeRO-3's) or ``whole`` (no ZeRO-3)."""
     backbone = model.backbone if hasattr(model, "backbone") else getattr(model, "peft", model)
     if any(hasattr(p, "ds_id") for p in backbone.parameters()):
         return "partitioned"
-    return "replicated" if replicated(model) else "whole"
+    return "replicated" if any(hasattr(p, "ds_id") for p in model.parameters()) else "whole"
 
 
 # deepspeed.zero.Init replaces torch.nn.functional.linear for the whole process (memory_efficient_linear) and never
@@ -203,27 +202,23 @@ _F_LINEAR = torch.nn.functional.linear
 
 
 def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: Path | None = None):
-    """(module, step function, cleanup) for one case. Raises if the case cannot run here."""
-    from tagi_ds.model import build_backbone, build_model
+    """(module, step function, cleanup) for one case, assembled as a run is (``tagi_ds.assembly``: runner
+    ``torch`` for the one-process engine, ``train`` for the DeepSpeed ones). Raises if the case cannot run here."""
+    from tagi_ds import assembly, stages
     from tagi_ds.runtime import dist
     from tagi_ds.runtime import engine as ds_engine
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    def make(backbone):
-        if variant == "peft":
-            return PeftLora(cfg, backbone)
-        return build_model(
-            cfg, "finetune", backbone, num_bank_rows=rows, with_teacher=variant == "tagi", teacher_init="empty"
-        )  # its values do not change the step's time
-
+    parts = dict(
+        rows=rows,
+        teacher=variant == "tagi",
+        teacher_init="empty",  # its values do not change the step's time
+        adapt=(lambda backbone: PeftLora(cfg, backbone)) if variant == "peft" else None,
+    )
+    spec = stages.spec("finetune", cfg)
     if engine == "torch":
         dtype = torch.bfloat16 if ds_engine.precision(cfg) == "bf16" else torch.float32
-        with torch.device(dev):  # random init on the GPU: seconds instead of minutes for a 7B backbone
-            backbone = build_backbone(cfg)
-        # Parameters only, as the engines cast them (``.to(dtype)`` would cast RoPE's fp32 inv_freq too).
-        model = ds_engine.place(ds_engine.cast_parameters(make(backbone), dtype), dev)
-        ds_engine.keep_teacher(model, dtype, dev)
+        model = assembly.assemble(spec, cfg, {}, {}, runner="torch", device=dev, dtype=dtype, **parts).model
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
 
         def step(batch):
@@ -237,9 +232,9 @@ def build_case(cfg: TagiConfig, variant: str, engine: str, rows: int, z3_json: P
     ds = ds_engine.inject(ds_config(engine, cfg.recipe, z3_json), cfg, dist.world_size())
     if variant == "peft" and cfg.train.frozen_backbone == "replicated":
         raise RuntimeError("peft's LoRA layers live inside the backbone: only a partitioned one runs under ZeRO-3")
-    backbone = ds_engine.build_backbone(cfg, ds, {}, placement=plan.for_training(cfg, ds, dist.world_size()))
-    model = make(backbone)
-    eng = ds_engine.build_engine(model, cfg, ds)
+    placement = plan.for_training(cfg, ds, dist.world_size())
+    run = assembly.assemble(spec, cfg, ds, {}, world_size=dist.world_size(), placement=placement, **parts)
+    model, eng = run.model, run.runner
 
     def step(batch):
         loss, _ = eng(batch)
@@ -288,8 +283,7 @@ def case_flops(args, cfg: TagiConfig, variant: str, checkpointing: bool) -> dict
         shapes_for(args, cfg),
         FLOP_VARIANT.get(variant, variant),
         checkpointing,
-        kl=teacher,
-        param_mse=teacher,
+        loss_terms.active(cfg.loss, teacher),
     )
 
 

@@ -71,8 +71,9 @@ def main(argv=None) -> None:
     from tagi_ds.artifact_flags import artifact_config, artifact_dir  # heavy (torch): after --help
     from tagi_ds.export.peft import generate_adapter
     from tagi_ds.model import fuses
+    from tagi_ds.stages import flag_mode
 
-    if args.data or args.mode not in (None, "tagi"):
+    if args.data or args.mode not in (None, flag_mode("hypernet")):
         flag = f"--data {args.data}" if args.data else f"--mode {args.mode}"
         raise ConfigError(f"{flag}: generate_adapter reads one text (--instruction) with a tagi --hypernet")
     hypernet = artifact_dir("hypernet", args.hypernet)

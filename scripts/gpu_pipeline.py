@@ -225,12 +225,12 @@ class Pipeline:
         import torch
 
         from tagi_ds import artifacts, families
-        from tagi_ds.model import build_backbone
+        from tagi_ds.assembly import plain_backbone
 
         try:
             cfg = artifacts.read_config(hypernet)
             device = torch.device("cuda" if self.cuda else "cpu")
-            model = peft.PeftModel.from_pretrained(build_backbone(cfg), str(adapter)).to(device).eval()
+            model = peft.PeftModel.from_pretrained(plain_backbone(cfg), str(adapter)).to(device).eval()
             ids = torch.tensor([[5, 6, 7, 8, 1]], device=device)
             with torch.no_grad():
                 kw = {"decoder_input_ids": ids[:, :2]} if families.get(cfg.model.arch).encoder_decoder else {}

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from tagi_ds import artifacts, data
+from tagi_ds import artifacts, assembly, data, stages
 from tagi_ds.config import ConfigError
 from tagi_ds.files import atomic_dir
-from tagi_ds.model import build_backbone, build_model
 from tagi_ds.runtime.preflight import guarded
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "config.json")
@@ -40,12 +39,14 @@ def merge(adapter: Path, out: Path) -> Path:
             "needs the backbone's directory (train the baseline with --model_name_or_path DIR)"
         )
     tok = data.load_tokenizer(cfg)
-    model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids))
-    if model.source.name != "shared":
+    spec = stages.spec("finetune", cfg)
+    if spec.mode.source.name != "shared":
         raise ConfigError(f"--adapter {adapter}: mode {cfg.mode} has no shared LoRA (a baseline_lora/ dir has one)")
-    artifacts.check(adapter, model, "--adapter")
-    artifacts.load(model, adapter)
-    plain = build_backbone(cfg, tok.special_ids)  # the same frozen weights, without adapted sites
+    artifacts.check(adapter, assembly.meta_model(cfg, spec, tok.special_ids), "--adapter")
+    ids = tok.special_ids
+    model = assembly.assemble(spec, cfg, {}, ids, runner="none", loads=assembly.Loads(artifact=adapter)).model
+    # The same frozen weights, without adapted sites: the module the merged copy is saved from.
+    plain = assembly.assemble(spec, cfg, {}, ids, runner="none", adapt=lambda backbone: backbone).model
     bank = model.bank
     with torch.no_grad():
         for s in model.sites:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tagi_ds import artifacts
+from tagi_ds import artifacts, stages
 from tagi_ds.cli import output_dir, resolve_config
 from tagi_ds.config import ConfigError, TagiConfig
 from tagi_ds.eval.evaluate import EvalArgs
@@ -87,19 +87,20 @@ def eval_mode(args: argparse.Namespace) -> tuple[str, str | None, Path | None]:
     if len(given) > 1:
         raise ConfigError(f"--{given[0]} and --{given[1]} exclude each other: evaluate one thing per run")
     flag = given[0] if given else None
+    own = stages.flag_mode(flag) if flag else None  # the mode the flag selects (--adapter: its artifact says)
     if flag == "hypernet":
-        if args.mode not in (None, "tagi"):
-            raise ConfigError(f"--hypernet is evaluated in mode tagi, got --mode {args.mode}")
-        return "tagi", flag, artifact_dir(flag, args.hypernet)
+        if args.mode not in (None, own):
+            raise ConfigError(f"--hypernet is evaluated in mode {own}, got --mode {args.mode}")
+        return own, flag, artifact_dir(flag, args.hypernet)
     if flag == "teachers":
-        if args.mode is not None:
+        if args.mode is not None:  # its mode is no config mode: any --mode contradicts it
             raise ConfigError(
-                f"--teachers selects mode teacher (instruction + input, each task's own teacher); "
-                f"drop --mode {args.mode}"
+                f"--teachers selects mode {own} (instruction + input, each task's own teacher); drop --mode {args.mode}"
             )
-        return "teacher", flag, artifact_dir(flag, args.teachers)
-    if args.mode == "tagi":
-        raise ConfigError("--mode tagi needs --hypernet DIR (a hypernet/ dir from pretrain.py or finetune.py)")
+        return own, flag, artifact_dir(flag, args.teachers)
+    source = stages.MODES[args.mode].source if args.mode is not None else None
+    if source is not None and not source.bare:  # a hypernetwork is nothing without its artifact
+        raise ConfigError(f"--mode {args.mode} needs --{source.flag} DIR (a {source.dir}/ dir from {source.made_by})")
     if flag == "adapter":
         path = artifact_dir(flag, args.adapter)
         rows, meta = artifacts.read_teacher_rows(path)
@@ -130,9 +131,10 @@ def resolve_evaluation(args: argparse.Namespace) -> tuple[TagiConfig, EvalArgs]:
         value = getattr(args, key)
         if value is not None and value <= 0:
             raise ConfigError(f"--{key}: must be > 0 ({value})")
-    cfg = artifact_config(args, path, "concat" if mode == "teacher" else mode, flag)  # a teacher reads instr + input
-    if mode == "teacher":
-        artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
+    row = stages.MODES[mode]
+    cfg = artifact_config(args, path, row.config_mode, flag)  # a teacher reads instruction + input: concat
+    if row.source.per_task:
+        cfg, _ = artifacts.adopt_teacher(cfg, path)  # rank, alpha, granularity from the dir
     return cfg, EvalArgs(
         output_dir=output_dir(args, "evaluate"),
         mode=mode,

@@ -13,12 +13,13 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tagi_ds.config import ConfigError, Granularity, TagiConfig, from_dict
+from tagi_ds import stages
+from tagi_ds.config import ConfigError, TagiConfig, from_dict
 from tagi_ds.files import atomic_dir, read_json, usual_permissions
 from tagi_ds.runtime import dist
 from tagi_ds.runtime.preflight import fail, safetensors_header
@@ -268,7 +269,7 @@ def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, i
         isinstance(meta["rank"], int)
         and meta["rank"] > 0
         and isinstance(meta["alpha"], (int, float))
-        and meta["granularity"] in (*get_args(Granularity), "shared")
+        and meta["granularity"] in stages.ROW_GRANULARITIES
     ):
         fail(
             f"{flag} {path / 'config.json'}",
@@ -278,16 +279,17 @@ def read_teacher_rows(path: Path, flag: str = "--teachers") -> tuple[dict[str, i
     return rows, meta
 
 
-def adopt_teacher(cfg: TagiConfig, path: Path, flag: str = "--teachers") -> dict[str, int]:
-    """The rows of a teachers/ dir; its rank, alpha and granularity become ``cfg.teacher`` (the bank this run
-    builds takes the saved shapes) and the config is validated again."""
+def adopt_teacher(cfg: TagiConfig, path: Path, flag: str = "--teachers") -> tuple[TagiConfig, dict[str, int]]:
+    """A new config whose ``teacher`` takes a teachers/ dir's rank, alpha and granularity (the bank this run
+    builds takes the saved shapes), validated again, and the dir's rows; ``cfg`` itself is left as it was."""
     rows, meta = read_teacher_rows(path, flag)
-    cfg.teacher.rank, cfg.teacher.alpha, cfg.teacher.granularity = meta["rank"], meta["alpha"], meta["granularity"]
+    teacher = dataclasses.replace(cfg.teacher, rank=meta["rank"], alpha=meta["alpha"], granularity=meta["granularity"])
+    cfg = dataclasses.replace(cfg, teacher=teacher)
     try:
         cfg.validate()
     except ConfigError as err:
         fail(f"{flag} {Path(path) / 'config.json'}", str(err))
-    return rows
+    return cfg, rows
 
 
 def check_rows(tasks, rows: dict[str, int], granularity: str, where: str, hint: str) -> None:

@@ -81,8 +81,22 @@ ModeName = Literal["tagi", "concat", "no_instruction"]  # what tagi_ds/stages.py
 Granularity = Literal["task", "category"]
 
 
+class Section:
+    """A section of the config tree (and the root). A frozen one (:func:`frozen`) refuses every assignment: what
+    preflight resolved is what the run uses, and a later change is a ``dataclasses.FrozenInstanceError``, not a
+    silent difference between config.json and the run. ``dataclasses.replace`` still makes a new, unfrozen one."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign to {type(self).__name__}.{name}: the config is frozen after preflight "
+                "(make a new one with dataclasses.replace before it)"
+            )
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The frozen backbone and which of its projections get adapters."""
 
     RULES: ClassVar[dict[str, Rule]] = {
@@ -156,7 +170,7 @@ class ModelConfig:
 
 
 @dataclass
-class HypernetConfig:
+class HypernetConfig(Section):
     """Instruction encoder pooling + the generator of LoRA factors."""
 
     RULES: ClassVar[dict[str, Rule]] = {
@@ -190,7 +204,7 @@ class HypernetConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Section):
     """Stage-0 teacher LoRA bank: one adapter per task (or per category)."""
 
     RULES: ClassVar[dict[str, Rule]] = {"rank": POSITIVE, "alpha": POSITIVE}
@@ -204,7 +218,7 @@ class TeacherConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Section):
     """Stage-2 objective: CE + kl_weight * KL_T(teacher || student) + param_weight * param alignment."""
 
     RULES: ClassVar[dict[str, Rule]] = {
@@ -228,7 +242,7 @@ class LossConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where examples come from and how they are tokenised and batched."""
 
     RULES: ClassVar[dict[str, Rule]] = {
@@ -289,7 +303,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation, schedule, checkpoints and guards."""
 
     RULES: ClassVar[dict[str, Rule]] = {
@@ -351,7 +365,7 @@ class TrainConfig:
 
 
 @dataclass
-class TagiConfig:
+class TagiConfig(Section):
     """The root of the tree; ``recipe`` names where the defaults came from."""
 
     RULES: ClassVar[dict[str, Rule]] = {}  # mode: its Literal's choices
@@ -390,6 +404,15 @@ class TagiConfig:
             raise ConfigError(f"model.num_kv_heads: must divide model.num_heads={m.num_heads} ({m.num_kv_heads})")
         _check_family(m)
         return self
+
+
+def frozen(cfg: TagiConfig) -> TagiConfig:
+    """A frozen deep copy of ``cfg`` (every section too, :class:`Section`): preflight hands it to the run."""
+    out = copy.deepcopy(cfg)
+    for obj in (out, *(getattr(out, f.name) for f in dataclasses.fields(out))):
+        if isinstance(obj, Section):
+            object.__setattr__(obj, "_frozen", True)
+    return out
 
 
 def rule_of(section: type, name: str) -> Rule | None:

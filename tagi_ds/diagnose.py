@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
-from tagi_ds import artifacts, data
+from tagi_ds import artifacts, assembly, data, stages
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.eval.generate import cut_at_eos, eval_adapters, generate_tokens, greedy_config, score_targets
 from tagi_ds.eval.metrics import compute_metrics
 from tagi_ds.files import atomic_write
-from tagi_ds.model import build_backbone, build_model
 from tagi_ds.runtime.flags import Parser, add_set_flag
 
 CONDITIONS = ("right", "wrong_adapter", "wrong_fused", "wrong_both", "fusion_off")
@@ -215,7 +214,7 @@ def run(args) -> dict[str, Any]:
     if args.grad_batches < 0:
         raise ConfigError(f"--grad_batches: must be >= 0 ({args.grad_batches})")
     cfg = artifacts.read_config(path, "--hypernet")
-    if cfg.mode != "tagi":
+    if not stages.MODES[cfg.mode].instruction:  # no generated adapters to diagnose
         raise ConfigError(f"--hypernet {str(path)!r}: a mode {cfg.mode} run has no hypernetwork")
     if args.data:
         cfg.data.spec = args.data
@@ -225,19 +224,18 @@ def run(args) -> dict[str, Any]:
     tasks = data.load_tasks(cfg.data.spec, cfg.data, args.split)
     rows = None
     if args.teachers:
-        rows = artifacts.adopt_teacher(cfg, Path(args.teachers))
+        cfg, rows = artifacts.adopt_teacher(cfg, Path(args.teachers))
     torch.manual_seed(args.seed)
-    model = build_model(
+    model = assembly.assemble(
+        stages.spec("finetune", cfg),
         cfg,
-        "finetune",
-        build_backbone(cfg, tok.special_ids),
-        num_bank_rows=len(rows) if rows else 0,
-        with_teacher=rows is not None,
-    )
-    artifacts.load_hypernet(model, path)
-    if rows is not None:
-        artifacts.load_teachers(model.teacher, Path(args.teachers), model)
-    model.eval()
+        {},
+        tok.special_ids,
+        runner="none",
+        rows=len(rows) if rows else 0,
+        teacher=rows is not None,
+        loads=assembly.Loads(artifact=path, teachers=Path(args.teachers) if rows is not None else None),
+    ).model.eval()
     report: dict[str, Any] = {
         "hypernet": str(path),
         "data": cfg.data.spec,

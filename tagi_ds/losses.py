@@ -4,11 +4,11 @@ Both official-code bugs are avoided (README, "The method in one screen"): the KL
 distribution (never the student's logits standing in for it), and parameter alignment compares like with like,
 in one scale.
 
-Large vocabularies (128k-256k): training never holds logits ``[B, L, V]``. :func:`token_losses` takes the
-final hidden states at the N target tokens and the LM head, and computes CE and KL ``loss.chunk_tokens`` target
-tokens at a time under activation checkpointing: a chunk's logits and its fp32 softmax temporaries live only
-while that chunk is computed (forward), or recomputed (backward). ``ce_loss`` and ``kl_loss`` are the
-specification it is tested against.
+Large vocabularies (128k-256k): training never holds logits ``[B, L, V]``. :func:`token_sums` takes the
+final hidden states at the N target tokens and the LM head, and computes every token term (``tagi_ds.loss_terms``:
+CE, KL, any registered one) ``loss.chunk_tokens`` target tokens at a time under activation checkpointing: a
+chunk's logits and its fp32 softmax temporaries live only while that chunk is computed (forward), or recomputed
+(backward). ``ce_loss`` and ``kl_loss`` are the specification it is tested against.
 """
 
 from __future__ import annotations
@@ -52,63 +52,92 @@ def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return kl.mean() * t * t if kl.numel() else student.sum() * 0.0
 
 
+def ce_sum(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed CE over one chunk of target rows: the ``ce`` term (``tagi_ds.loss_terms``)."""
+    return F.cross_entropy(student, labels, reduction="sum")
+
+
+def kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed ``T^2``-scaled ``KL(softmax(teacher/T) || softmax(student/T))`` over one chunk of fp32 logits: the
+    ``kl`` term. The teacher's side needs no gradient: computed, and recomputed in backward, under no_grad."""
+    t = temperature
+    with torch.no_grad():
+        log_p_t = F.log_softmax(teacher / t, dim=-1)
+    return (log_p_t.exp() * (log_p_t - F.log_softmax(student / t, dim=-1))).sum() * t * t
+
+
 def _chunk_sums(
     head: Callable[[torch.Tensor], torch.Tensor],
     student: torch.Tensor,
     labels: torch.Tensor,
     teacher: torch.Tensor | None,
-    temperature: float,
+    lc,
+    terms: tuple,
+    on: tuple[bool, ...],
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``[2]``: summed CE and summed ``T^2``-scaled KL over one chunk of target rows (the KL sum is 0 without
-    a teacher). The teacher's logits need no gradient: computed, and recomputed in backward, under no_grad.
-    ``teacher_head``: the teacher's own head (a separate teacher model); default ``head``."""
+    """``[T]``: each token term's sum over one chunk of target rows (0 for a term that is off). The teacher view's
+    logits are made once, when the first term that reads them comes, under no_grad, by ``teacher_head`` (a
+    separate teacher model's own head, ``tagi_ds.teacher_model``) or else ``head``."""
     s = head(student).float()
-    ce = F.cross_entropy(s, labels, reduction="sum")
-    if teacher is None:
-        return torch.stack([ce, ce.new_zeros(())])
-    t = temperature
-    with torch.no_grad():
-        log_p_t = F.log_softmax((teacher_head or head)(teacher).float() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s / t, dim=-1))).sum() * t * t
-    return torch.stack([ce, kl])
+    t = None
+    sums = []
+    for term, is_on in zip(terms, on):
+        if not is_on:
+            sums.append(s.new_zeros(()))
+            continue
+        if term.teacher_view and t is None:
+            with torch.no_grad():
+                t = (teacher_head or head)(teacher).float()
+        sums.append(term.fn(s, labels, t if term.teacher_view else None, lc))
+    return torch.stack(sums)
 
 
-def token_losses(
+def token_sums(
     head: Callable[[torch.Tensor], torch.Tensor],
     student: torch.Tensor,
     labels: torch.Tensor,
-    teacher: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    chunk: int = 256,
+    teacher: torch.Tensor | None,
+    lc,
+    columns: tuple,
+    on: list,
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean token CE (``ce_loss``) and, with ``teacher``, ``kl_loss`` of ``head``'s logits, ``chunk`` rows at a time.
+) -> dict[str, torch.Tensor]:
+    """The mean over the N target tokens of each token term in ``on`` (``tagi_ds.loss_terms``), from ``head``'s
+    logits, ``lc.chunk_tokens`` rows at a time.
 
-    ``student [N, d]`` and ``teacher [N, d]`` are the rows :func:`target_rows` picks (hidden states; or logits
-    with an identity ``head``), ``labels [N]``. Each chunk runs under non-reentrant activation checkpointing, so
-    what autograd keeps is the rows themselves; the largest tensors ever alive are one chunk's: its logits
+    ``student [N, d]`` and ``teacher [N, d]`` (None when no term in ``on`` reads the teacher view) are the rows
+    :func:`target_rows` picks (hidden states; or logits with an identity ``head``), ``labels [N]``. ``columns``:
+    every registered token term (``loss_terms.token_terms``), each a column of the per-chunk sums (0 where it
+    is off), so the built-in CE and KL sum as they did before the registry.
+
+    Each chunk runs under non-reentrant activation checkpointing, so what autograd keeps is the rows
+    themselves; the largest tensors ever alive are one chunk's: its logits
     ``[chunk, V]`` in the head's dtype and a few fp32 ``[chunk, V]`` (softmax / log-softmax of student and
     teacher), in forward and again in backward, where the chunk is recomputed (one more LM-head matmul per
-    view). Under ZeRO-3 ``head`` calls the LM-head module, so every call gathers its weight. ``teacher_head``:
-    the head of ``teacher``'s rows when they come from another model (``tagi_ds.teacher_model``)."""
+    view). Under ZeRO-3 ``head`` calls the LM-head module, so every call gathers its weight. ``teacher_head``: the
+    head of ``teacher``'s rows when they come from another model (``tagi_ds.teacher_model``); default ``head``."""
+    terms = tuple(columns)
+    names = {t.name for t in on}
+    flags = tuple(t.name in names for t in terms)
     n = student.shape[0]
     if n == 0:
         zero = student.sum() * 0.0
-        return zero, (zero if teacher is not None else None)
+        return {t.name: zero for t, f in zip(terms, flags) if f}
     grad = torch.is_grad_enabled() and student.requires_grad
+    chunk = lc.chunk_tokens
     sums = []
     for i in range(0, n, chunk):
         rows = slice(i, i + chunk)
         t_rows = teacher[rows] if teacher is not None else None
-        args = (head, student[rows], labels[rows], t_rows, temperature, teacher_head)
+        args = (head, student[rows], labels[rows], t_rows, lc, terms, flags, teacher_head)
         sums.append(
             checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
             if grad
             else _chunk_sums(*args)
         )
     total = torch.stack(sums).sum(0) / n
-    return total[0], (total[1] if teacher is not None else None)
+    return {t.name: total[i] for i, (t, f) in enumerate(zip(terms, flags)) if f}
 
 
 def _delta_sq_dist(Ag, Bg, sg, At, Bt, st) -> torch.Tensor:

@@ -24,14 +24,14 @@ from functools import partial
 import torch
 from torch import nn
 
-from tagi_ds import backbones, families, stages
+from tagi_ds import backbones, families, loss_terms, stages
 from tagi_ds.adapters import AdapterSet, AdapterState, LoraBank, Site
 from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import enable_checkpointing, freeze, inject
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import TagiConfig
 from tagi_ds.hypernet import Generator, InstructionEncoder
-from tagi_ds.losses import param_alignment, target_rows, token_losses
+from tagi_ds.losses import target_rows, token_sums
 
 
 def fuses(cfg: TagiConfig) -> bool:
@@ -44,7 +44,7 @@ class TagiModel(nn.Module):
     def __init__(
         self,
         cfg: TagiConfig,
-        stage: str,
+        spec: stages.Spec,
         backbone: nn.Module,
         sites: list[Site],
         state: AdapterState,
@@ -53,8 +53,8 @@ class TagiModel(nn.Module):
         teacher: LoraBank | None = None,
     ) -> None:
         super().__init__()
-        self.cfg, self.stage, self.sites, self.state = cfg, stage, sites, state
-        self.spec = stages.spec(stage, cfg)
+        self.cfg, self.spec, self.sites, self.state = cfg, spec, sites, state
+        self.stage = spec.stage.name
         self.family = families.get(cfg.model.arch)
         self.source = self.spec.mode.source  # where the student's adapters come from (stages.AdapterSource)
         self.arch = backbones.get(cfg.model.arch)
@@ -193,51 +193,65 @@ class TagiModel(nn.Module):
             self.teacher_model.eval()
         return self
 
-    @torch.no_grad()
-    def teacher_rows(
-        self, batch: TaskBatch, teacher_adapters: AdapterSet | None
-    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        """The KL target on the teacher view (instruction + input): the rows at the target tokens and their head,
-        from the separate teacher model if there is one, else from this backbone with the teacher bank's rows."""
-        if batch.teacher_input_ids is None:
-            raise ValueError("loss.kl_weight > 0 needs the teacher view (teacher_input_ids) in the batch")
-        ids, mask, labels = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels
-        if self.teacher_model is None:
-            rows, _, head = self.head_rows(ids, mask, labels, teacher_adapters)
-            return rows, head
-        x, head = self.arch.head_inputs(self.teacher_model, ids, mask, labels)
-        rows, _ = target_rows(x, labels, self.causal)
-        return rows, head
-
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, terms)``: every loss term that is on (``tagi_ds.loss_terms.active``), by name, and their
+        weighted sum in registry order (CE first)."""
         adapters, instr_states = self.student_adapters(batch)
         student, labels, head = self.head_rows(
             batch.input_ids, batch.attention_mask, batch.labels, adapters, batch, instr_states
         )
         lc = self.cfg.loss
-        distil = (self.teacher is not None or self.teacher_model is not None) and self.spec.stage.distils
-        teacher_adapters = self.teacher_adapters(batch, adapters) if distil and self.teacher is not None else None
-        teacher = teacher_head = None
-        if distil and lc.kl_weight > 0:
-            teacher, teacher_head = self.teacher_rows(batch, teacher_adapters)
-            if teacher.shape[0] != student.shape[0]:
-                raise ValueError(
-                    f"the teacher view has {teacher.shape[0]} target tokens, the student's "
-                    f"{student.shape[0]}: both views must carry the same labels"
-                )
-        ce, kl = token_losses(head, student, labels, teacher, lc.temperature, lc.chunk_tokens, teacher_head)
-        terms = {"ce": ce}
-        loss = ce
-        if distil:
-            if kl is not None:
-                terms["kl"] = kl
-                loss = loss + lc.kl_weight * kl
-            if lc.param_weight > 0 and teacher_adapters is not None:  # the bank's deltas (tagi_ds.teacher_model)
-                terms["param"] = param_alignment(
-                    adapters.factors, adapters.scale, teacher_adapters.factors, teacher_adapters.scale, lc.param_align
-                )
-                loss = loss + lc.param_weight * terms["param"]
+        # A teacher: the bank, or a separate teacher model (KL only; preflight gives alignment the bank).
+        taught = (self.teacher is not None or self.teacher_model is not None) and self.spec.stage.distils
+        on = loss_terms.active(lc, teacher=taught)
+        reads_bank = self.teacher is not None and any(t.teacher for t in on)
+        teacher_adapters = self.teacher_adapters(batch, adapters) if reads_bank else None
+        teacher, teacher_head = self.teacher_view(batch, teacher_adapters, student, on)
+        values = token_sums(
+            head,
+            student,
+            labels,
+            teacher,
+            lc,
+            loss_terms.token_terms(),
+            [t for t in on if t.kind == "token"],
+            teacher_head,
+        )
+        for t in on:
+            if t.kind == "adapter":
+                values[t.name] = t.fn(adapters, teacher_adapters if t.teacher_adapters else None, lc)
+        terms, loss = {}, None
+        for t in on:
+            terms[t.name] = values[t.name]
+            part = t.weight_of(lc) * values[t.name]
+            loss = part if loss is None else loss + part
         return loss, terms
+
+    def teacher_view(
+        self, batch: TaskBatch, teacher_adapters: AdapterSet | None, student: torch.Tensor, on: list
+    ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+        """The teacher's LM-head inputs at the target tokens (no gradient) and their head, when a term that is on
+        reads them: from the separate teacher model if there is one (its own head), else from this backbone with
+        the teacher bank's rows (``head`` None: the student's)."""
+        reading = [t for t in on if t.teacher_view]
+        if not reading:
+            return None, None
+        if batch.teacher_input_ids is None:
+            raise ValueError(f"{reading[0].weight_label()} > 0 needs the teacher view (teacher_input_ids) in the batch")
+        ids, mask, labels = batch.teacher_input_ids, batch.teacher_attention_mask, batch.teacher_labels
+        head = None
+        with torch.no_grad():
+            if self.teacher_model is None:
+                teacher, _, _ = self.head_rows(ids, mask, labels, teacher_adapters)
+            else:
+                x, head = self.arch.head_inputs(self.teacher_model, ids, mask, labels)
+                teacher, _ = target_rows(x, labels, self.causal)
+        if teacher.shape[0] != student.shape[0]:
+            raise ValueError(
+                f"the teacher view has {teacher.shape[0]} target tokens, the student's "
+                f"{student.shape[0]}: both views must carry the same labels"
+            )
+        return teacher, head
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -259,7 +273,7 @@ def build_backbone(cfg: TagiConfig, special_ids: dict[str, int] | None = None) -
 
 def build_model(
     cfg: TagiConfig,
-    stage: str,
+    stage: stages.Spec | str,
     backbone: nn.Module,
     num_bank_rows: int = 0,
     with_teacher: bool = False,
@@ -268,10 +282,12 @@ def build_model(
     """Freeze the backbone, inject adapted sites and attach the adapters of ``stage`` in its mode
     (:func:`tagi_ds.stages.spec`): the hypernetwork, a LoRA bank with a row per task, or one shared LoRA.
 
-    ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``);
+    ``stage``: the run's resolved spec (a run resolves it once, ``tagi_ds.assembly``), or a stage name (tools and
+    tests). ``num_bank_rows``: teachers in stage 0, or the teacher bank's size in stage 2 (``with_teacher``);
     ``teacher_init="empty"``: that bank allocated uninitialised (its values are loaded, or do not matter: benchmarks).
     """
-    source = stages.spec(stage, cfg).mode.source
+    spec = stage if isinstance(stage, stages.Spec) else stages.spec(stage, cfg)
+    source = spec.mode.source
     cfg.validate()
     arch = backbones.get(cfg.model.arch)
     freeze(backbone, cfg.model.trainable)
@@ -287,4 +303,4 @@ def build_model(
         teacher = LoraBank(sites, num_bank_rows, cfg.teacher.rank, cfg.teacher.alpha, init=teacher_init).requires_grad_(
             False
         )
-    return TagiModel(cfg, stage, backbone, sites, state, teacher=teacher, **built)
+    return TagiModel(cfg, spec, backbone, sites, state, teacher=teacher, **built)

@@ -34,7 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from tagi_ds.config import ConfigError, ModeName, TagiConfig
+from tagi_ds import loss_terms
+from tagi_ds.config import ConfigError, Granularity, ModeName, TagiConfig
 
 
 class AdapterSource:
@@ -54,6 +55,8 @@ class AdapterSource:
     whole: str = ""  # what ZeRO-3 keeps whole, in words (engine's partitioning line); "" for nothing
     optional: tuple[str, ...] = ()  # tensors an older artifact may lack (checked and loaded without them)
     fingerprint: bool = False  # its artifact records the backbone weights it was trained against (a warning on others)
+    bare: bool = False  # evaluation may run its mode without the artifact: the bare backbone (a baseline's floor)
+    made_by: str = ""  # the launchers that write its artifact (errors asking for it)
 
     def build(self, sites, cfg: TagiConfig, d_model: int, rows: int, fusion: bool) -> dict:
         """The modules it trains, as ``TagiModel`` keyword arguments (``generator=`` or ``bank=``)."""
@@ -89,6 +92,7 @@ class Generated(AdapterSource):
         "hypernetwork",
     )
     optional = ("marker.vector",)  # a hypernet saved without hypernet.fusion_marker
+    made_by = "pretrain.py or finetune.py"
     fingerprint = True  # generated adapters fit the backbone they were trained with, not another of its shape
 
     def build(self, sites, cfg, d_model, rows, fusion):
@@ -110,6 +114,8 @@ class SharedLora(AdapterSource):
     """One LoRA for every task (the concat / no_instruction baselines): a one-row bank, every example on row 0."""
 
     name, dir, flag, file, whole = "shared", "baseline_lora", "adapter", "teachers.safetensors", "shared LoRA"
+    bare, made_by = True, "finetune.py"
+    granularity = "shared"  # rows.json's granularity: every task on row 0
 
     def build(self, sites, cfg, d_model, rows, fusion):
         from tagi_ds.adapters import LoraBank
@@ -120,13 +126,14 @@ class SharedLora(AdapterSource):
         return (model.bank_adapters(model.bank, batch, shared=True) if use else None), None
 
     def rows(self, rows, cfg):
-        return {"*": 0}, "shared"
+        return {"*": 0}, self.granularity
 
 
 class TaskBank(AdapterSource):
     """A LoRA-bank row per task (or category): the teachers stage, and evaluation's ``--teachers``."""
 
     name, dir, flag, file, per_task = "per_task", "teachers", "teachers", "teachers.safetensors", True
+    made_by = "train_teachers.py"
 
     def build(self, sites, cfg, d_model, rows, fusion):
         from tagi_ds.adapters import LoraBank
@@ -140,6 +147,8 @@ class TaskBank(AdapterSource):
 
 
 SOURCES: dict[str, AdapterSource] = {s.name: s for s in (Generated(), SharedLora(), TaskBank())}
+# What a rows.json may say: a teacher bank's granularity, or the shared LoRA's.
+ROW_GRANULARITIES = (*get_args(Granularity), SharedLora.granularity)
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,17 @@ class Mode:
     source: AdapterSource  # generated (the hypernetwork) | one shared LoRA | a bank row per task
     view: Literal["input", "concat"]  # the backbone reads the input, or instruction + input (Tk-Instruct)
     stage: str  # the stage whose model runs this mode (evaluation builds that model)
+    runs_as: str | None = None  # the config mode a run of it is configured as (teacher: concat), when not its own
+
+    @property
+    def config_mode(self) -> str:
+        """The value of the config's ``mode`` for a run of this mode (evaluation's ``--teachers``: concat)."""
+        return self.runs_as or self.name
+
+    @property
+    def instruction_in_input(self) -> bool:
+        """The backbone reads the instruction as text before the input (Tk-Instruct's view)."""
+        return self.view == "concat"
 
     @property
     def instruction(self) -> bool:
@@ -173,10 +193,20 @@ MODES: dict[str, Mode] = {
         Mode("tagi", SOURCES["generated"], "input", "finetune"),
         Mode("concat", SOURCES["shared"], "concat", "finetune"),
         Mode("no_instruction", SOURCES["shared"], "input", "finetune"),
-        Mode("teacher", SOURCES["per_task"], "concat", "teachers"),
+        Mode("teacher", SOURCES["per_task"], "concat", "teachers", runs_as="concat"),
     )
 }
 assert set(get_args(ModeName)) < set(MODES), "every config mode has a row"
+# The mode evaluation's costs are reported against (eval/table.py's "FLOPs / concat"): Tk-Instruct's instruction +
+# input, the cost TAGI saves.
+COST_REFERENCE = "concat"
+
+
+def flag_mode(flag: str) -> str | None:
+    """The one mode an artifact flag of ``launchers/evaluate.py`` selects (hypernet: tagi, teachers: teacher), or
+    None when its artifact says which (``--adapter``: concat or no_instruction)."""
+    modes = [m.name for m in MODES.values() if m.source.flag == flag]
+    return modes[0] if len(modes) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -235,5 +265,5 @@ def spec(stage: str, cfg: TagiConfig) -> Spec:
     if s.mode is None and cfg.mode not in s.modes:
         raise ConfigError(f"stage {s.name} trains {s.trains}: mode must be {' or '.join(s.modes)}, got {cfg.mode!r}")
     mode = MODES[s.mode or cfg.mode]
-    teacher = s.distils and mode.instruction and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
+    teacher = s.distils and mode.instruction and loss_terms.wants_teacher(cfg.loss)
     return Spec(s, mode, teacher)

@@ -9,7 +9,7 @@ concat-finetuned copy of the miniature's backbone (``scripts/merge_lora.py``) or
   those of the teacher LoRA. The parameter-alignment term needs teacher LoRA deltas, which a full model does
   not have: with ``loss.param_weight > 0`` the run must also be given ``--teachers`` (the bank then gives the
   alignment target only); without it, preflight refuses with one line (``check_flags``).
-- **How it is held.** Built like the backbone (``runtime.engine.build_backbone``): under ZeRO-3 partitioned
+- **How it is held.** Built like the backbone (``assembly.build_teacher_model``): under ZeRO-3 partitioned
   as it is created (``deepspeed.zero.Init`` through HF's integration), else whole; every parameter frozen, so
   never in the optimizer and never in a checkpoint (``exclude_frozen_parameters``); always in eval mode (no
   dropout in the target). It is a submodule of the TagiModel (``teacher_model``) so that ZeRO-3's hooks gather
@@ -126,20 +126,8 @@ def check(cfg: TagiConfig, path: str, tokenizer) -> TagiConfig:
     return tcfg
 
 
-def build(tcfg: TagiConfig, ds: dict, special_ids: dict[str, int]) -> torch.nn.Module:
-    """The frozen teacher model: partitioned as it is built under ZeRO-3 (as the backbone), else whole; frozen and
-    in eval mode (``TagiModel.train`` keeps it there)."""
-    from tagi_ds.runtime import engine
-
-    teacher = engine.build_backbone(tcfg, ds, special_ids)
-    where = "partitioned" if engine.zero_stage(ds) == 3 else "whole"
-    teacher.tagi_placement = (where, f"the frozen teacher model {tcfg.model.model_name_or_path}")
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
 def describe(teacher: torch.nn.Module) -> str:
     """One line for the run's log: what the teacher model is and where its weights live."""
     n = sum(getattr(p, "ds_numel", p.numel()) for p in teacher.parameters())
-    where, what = teacher.tagi_placement
+    where, what = teacher.tagi_teacher
     return f"teacher model: {what}, {n:,} frozen parameters, {where} (KL target)"

@@ -44,3 +44,32 @@ def pytest_sessionstart(session):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def once(tmp_path_factory, worker_id):
+    """``once(name, make)``: run ``make(dir)`` (an expensive set-up: a real run whose outputs several tests read)
+    once per test session, not once per pytest-xdist worker; returns ``(dir, value)``, ``value`` being what ``make``
+    returned (JSON). Under ``-n 2 --dist worksteal`` the tests of one module-scoped fixture can land on both
+    workers, and each worker used to repeat the fixture's runs (a 2-rank distillation fixture ran twice in one
+    suite: ~1 min of the 2 cores). The first worker to ask runs it under a file lock in the session's shared
+    temporary folder; the other waits for it (its result is the same), then reads the files. A failed ``make``
+    leaves nothing: the next one to ask tries again, and fails the same way."""
+    import json
+    import shutil
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # pytest-N/, shared by every worker of this session
+
+    def run(name: str, make):
+        folder, done = root / f"once-{name}", root / f"once-{name}.json"
+        with FileLock(str(root / f"once-{name}.lock")):
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+                folder.mkdir()
+                done.write_text(json.dumps(make(folder)))
+        return folder, json.loads(done.read_text())
+
+    return run

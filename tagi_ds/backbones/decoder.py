@@ -187,7 +187,7 @@ def head_inputs(
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """What the training loss projects: the final hidden states ``[B, L, d]`` and ``head``, ``[n, d] -> [n, V]``
     (the LM head, and Gemma-2's final soft-capping), so that the loss computes logits only at target tokens and a
-    chunk at a time (``tagi_ds.losses.token_losses``). ``head(x)`` equals ``logits`` at the same rows."""
+    chunk at a time (``tagi_ds.losses.token_sums``). ``head(x)`` equals ``logits`` at the same rows."""
     states = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
     return states.last_hidden_state, lambda h: head(model, h)
 

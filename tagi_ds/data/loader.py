@@ -13,7 +13,8 @@ finetune   no_instruction  input                                   -        KL v
 eval       (as finetune)   as finetune; first definition, answer   as ft.   -            -
 =========  ==============  ======================================  =======  ===========  =============
 
-[1] instruction + input with the same targets, when ``teacher_rows`` is given and ``loss.kl_weight > 0``.
+[1] instruction + input with the same targets, when ``teacher_rows`` is given and a term that reads it is on
+(``loss_terms.wants_teacher_view``: ``loss.kl_weight > 0``).
 [2] or per category (``teacher.granularity``).
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
-from tagi_ds import families, stages
+from tagi_ds import families, loss_terms, stages
 from tagi_ds.batch import TaskBatch
 from tagi_ds.config import TagiConfig
 from tagi_ds.data.collate import PretrainCollator, TaskCollator
@@ -103,14 +104,15 @@ def _check(cfg: TagiConfig) -> None:
 def build_train_loader(
     cfg: TagiConfig,
     tokenizer,
-    stage: str,
+    stage: stages.Spec | str,
     rank: int = 0,
     world_size: int = 1,
     teacher_rows: dict[str, int] | None = None,
     tasks: Sequence[Task] | None = None,
     teacher_view: bool | None = None,
 ) -> TaskLoader:
-    """The training loader of ``stage`` (teachers | pretrain | finetune) for ``rank`` of ``world_size``.
+    """The training loader of ``stage`` (its spec, or a name: teachers | pretrain | finetune) for ``rank`` of
+    ``world_size``.
 
     ``tasks`` defaults to ``load_tasks(cfg.data.spec, cfg.data, "train")``. ``teacher_rows``: name -> bank
     row (task or category names per ``cfg.teacher.granularity``); for ``teachers`` it defaults to
@@ -121,7 +123,7 @@ def build_train_loader(
     """
     _check(cfg)
     d, arch, seed = cfg.data, cfg.model.arch, cfg.train.seed
-    spec = stages.spec(stage, cfg)
+    spec = stage if isinstance(stage, stages.Spec) else stages.spec(stage, cfg)  # a run passes its own
     if spec.stage.data == "corpus":
         collate = PretrainCollator(tokenizer, d, arch)
         batch = d.tasks_per_batch * d.examples_per_task
@@ -149,7 +151,7 @@ def build_train_loader(
             teacher_rows=teacher_rows,
             teacher_view=teacher_view
             if teacher_view is not None
-            else teacher_rows is not None and cfg.loss.kl_weight > 0,
+            else teacher_rows is not None and loss_terms.wants_teacher_view(cfg.loss),
             **common,
         )
     return TaskLoader(sampler, collate, tasks)

@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from tagi_ds import artifacts, data
-from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds import artifacts, assembly, data, stages
+from tagi_ds.config import ConfigError, TagiConfig, frozen
 from tagi_ds.errors import say
 from tagi_ds.eval import classify, cost
 from tagi_ds.eval.generate import EVAL_MODES, EvalStep, cut_at_eos, greedy_config
 from tagi_ds.eval.metrics import compute_metrics
 from tagi_ds.files import atomic_write
-from tagi_ds.model import build_model
 from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
@@ -59,29 +58,29 @@ def _kind(kind: str, cfg: TagiConfig) -> str:
 
 
 # -- building -----------------------------------------------------------------------------------------------
-def build(cfg: TagiConfig, args: EvalArgs, ds: dict, tok, num_rows: int):
-    """The frozen TagiModel with the artifact loaded (backbone partitioned as built under ZeRO-3)."""
-    backbone = ds_engine.build_backbone(cfg, ds, tok.special_ids)
-    model = build_model(cfg, MODES[args.mode].stage, backbone, num_bank_rows=num_rows)  # the model that trained it
-    if args.artifact is not None:  # none: the bare backbone
-        artifacts.load(model, args.artifact)
-    return model.requires_grad_(False).eval()
+def build(checked: EvalChecked, args: EvalArgs, kind: str, synced: bool) -> assembly.Run:
+    """The frozen model that trained the artifact, the artifact loaded (none: the bare backbone; backbone built as
+    under ZeRO-3), run by a generation / scoring step: ZeRO-3, a DeepSpeed engine without optimizer; below, the
+    step itself on this rank's device (``tagi_ds.assembly``, runner ``infer``)."""
+    cfg, tok = checked.cfg, checked.tok
 
+    def step(model: torch.nn.Module) -> torch.nn.Module:
+        decoder_start = None if model.causal else model.backbone.config.decoder_start_token_id
+        gen = greedy_config(args.max_new_tokens, tok.eos_id, tok.pad_id, decoder_start)
+        return EvalStep(model, args.mode, kind, gen, use_bank=args.artifact is not None, synced=synced)
 
-def wrap(step: torch.nn.Module, ds: dict) -> tuple[Any, torch.device]:
-    """ZeRO-3: a DeepSpeed engine without optimizer (it gathers the partitioned backbone layer by layer).
-    Below stage 3 nothing is sharded for inference: the module itself, on this rank's device."""
-    if ds_engine.zero_stage(ds) == 3:
-        import deepspeed
-
-        eng, _, _, _ = deepspeed.initialize(model=step, config=ds)
-        ds_engine.place(step, eng.device)
-        eng.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
-        return eng, eng.device
-    device = dist.device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return ds_engine.place(step, device).eval(), device
+    return assembly.assemble(
+        checked.spec,
+        cfg,
+        checked.ds,
+        tok.special_ids,
+        runner="infer",
+        world_size=dist.world_size(),
+        rows=len(checked.rows) if checked.rows else 0,
+        teacher=False,
+        loads=assembly.Loads(artifact=args.artifact),
+        step=step,
+    )
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -89,6 +88,8 @@ def wrap(step: torch.nn.Module, ds: dict) -> tuple[Any, torch.device]:
 class EvalChecked:
     """What :func:`preflight` checked and loaded (nothing written, no process group yet)."""
 
+    cfg: TagiConfig  # frozen (config.frozen)
+    spec: stages.Spec  # the model that trained the artifact: its stage, in the artifact's mode
     ds: dict
     tok: Any
     tasks: list
@@ -120,10 +121,11 @@ def preflight(cfg: TagiConfig, args: EvalArgs) -> EvalChecked:
         )
     scored = classify.expand_choices(tasks) if kind == "rank" else tasks
     method = cost.resolve_method(args.flops)
-    model = preflight_checks.meta_model(cfg, mode.stage, tok.special_ids, num_bank_rows=len(rows) if rows else 0)
+    spec = stages.spec(mode.stage, cfg)
+    model = assembly.meta_model(cfg, spec, tok.special_ids, rows=len(rows) if rows else 0)
     if args.artifact is not None:
         artifacts.check(args.artifact, model, mode.flag)
-    return EvalChecked(ds, tok, tasks, kind, rows, scored, method)
+    return EvalChecked(frozen(cfg), spec, ds, tok, tasks, kind, rows, scored, method)
 
 
 def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
@@ -132,8 +134,10 @@ def run(cfg: TagiConfig, args: EvalArgs) -> dict[str, Any] | None:
 
 
 def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str, Any] | None:
-    """Evaluate what :func:`preflight` checked; returns the results dict on rank 0 (None elsewhere)."""
-    ds, tok, tasks, kind, rows, scored, method = (
+    """Evaluate what :func:`preflight` checked (``cfg``: its frozen copy, ``checked.cfg``, runs); returns the
+    results dict on rank 0 (None elsewhere)."""
+    cfg, ds, tok, tasks, kind, rows, scored, method = (
+        checked.cfg,
         checked.ds,
         checked.tok,
         checked.tasks,
@@ -143,17 +147,11 @@ def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str,
         checked.method,
     )
     rundir.start(cfg, ds, args)  # process group, seed, config.json
-    model = build(cfg, args, ds, tok, len(rows) if rows else 0)
     mode = MODES[args.mode]
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
-    gen = greedy_config(
-        args.max_new_tokens,
-        tok.eos_id,
-        tok.pad_id,
-        None if model.causal else model.backbone.config.decoder_start_token_id,
-    )
+    run = build(checked, args, kind, synced)
+    model, runner, device = run.model, run.runner, run.device
     use_bank = args.artifact is not None  # without one, the bare backbone (concat / no_instruction)
-    runner, device = wrap(EvalStep(model, args.mode, kind, gen, use_bank=use_bank, synced=synced), ds)
     loader = data.build_eval_loader(
         cfg,
         tok,

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from tagi_ds import stages
+
 
 def load(spec: str) -> tuple[str, dict]:
     name, _, path = spec.partition("=")
@@ -27,7 +29,7 @@ def load(spec: str) -> tuple[str, dict]:
 
 
 def build(rows: list[tuple[str, dict]]) -> Table:
-    concat = next((r for n, r in rows if n == "concat"), None)
+    concat = next((r for n, r in rows if n == stages.COST_REFERENCE), None)
     base = (concat or {}).get("cost", {}).get("flops")
     table = Table(title="held-out tasks")
     for col in ("run", "ROUGE-L", "exact match", "examples", "GFLOPs", "FLOPs / concat", "wall s"):

@@ -27,11 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tagi_ds import artifacts, data, families
-from tagi_ds.config import ConfigError
+from tagi_ds import artifacts, assembly, data, families, stages
+from tagi_ds.config import ConfigError, frozen
 from tagi_ds.data import Task, TaskCollator, format_instruction
 from tagi_ds.files import atomic_dir, usual_permissions
-from tagi_ds.model import build_model
 from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
@@ -126,7 +125,7 @@ def export_peft(
 def preflight(cfg, hypernet: Path, out_dir: Path, deepspeed: str | None = None):
     """Every input checked before anything is written or a process group starts: one process, the output
     dir, the DeepSpeed JSON (DeepSpeed's schema), the tokenizer, and the hypernet/ dir against the model built
-    on the meta device. Returns ``(final DeepSpeed dict, tokenizer)``."""
+    on the meta device. Returns ``(frozen config, its finetune spec, final DeepSpeed dict, tokenizer)``."""
     if preflight_checks.env_world_size() > 1:
         raise ConfigError(
             "generate_adapter: runs in one process: python launchers/generate_adapter.py ... "
@@ -135,8 +134,9 @@ def preflight(cfg, hypernet: Path, out_dir: Path, deepspeed: str | None = None):
     preflight_checks.check_output_dir(out_dir)
     ds = preflight_checks.deepspeed_config(deepspeed, cfg, 1)
     tok = data.load_tokenizer(cfg)
-    artifacts.check_hypernet(hypernet, preflight_checks.meta_model(cfg, "finetune", tok.special_ids), "--hypernet")
-    return ds, tok
+    spec = stages.spec("finetune", cfg)  # the run that trained the hypernetwork
+    artifacts.check_hypernet(hypernet, assembly.meta_model(cfg, spec, tok.special_ids), "--hypernet")
+    return frozen(cfg), spec, ds, tok
 
 
 def generate_adapter(
@@ -155,13 +155,14 @@ def generate_adapter(
     was trained with; its parameters are gathered for the one forward. Single process: no engine.
     """
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    ds, tok = preflight(cfg, hypernet, out_dir, deepspeed)
+    cfg, spec, ds, tok = preflight(cfg, hypernet, out_dir, deepspeed)
     if ds_engine.zero_stage(ds) == 3:
         dist.init()
     seed_everything(cfg.train.seed)  # as training did before building: the same built-in random init
-    backbone = ds_engine.build_backbone(cfg, ds, tok.special_ids)
-    model = build_model(cfg, "finetune", backbone).requires_grad_(False).eval()
-    artifacts.load_hypernet(model, hypernet)
+    run = assembly.assemble(
+        spec, cfg, ds, tok.special_ids, runner="none", teacher=False, loads=assembly.Loads(artifact=hypernet)
+    )
+    model = run.model.requires_grad_(False).eval()
     read = condition_text(text, condition)
     ids, mask = instruction_tensors(tok, cfg, read)
     with artifacts.gathered(list(model.parameters())):

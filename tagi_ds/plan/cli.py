@@ -144,6 +144,15 @@ def render(result: dict[str, Any]) -> None:
         f"{pr['teacher_bank']:,} ({p['teacher_rows']} rows), {pr['sites']} adapted sites"
         + (f", teacher model {p['teacher_model']} {pr['teacher_model']:,} (frozen)" if p["teacher_model"] else "")
     )
+    lt = result["loss_terms"]
+    con.print(
+        "loss terms: "
+        + ", ".join(
+            f"{n} x {t['weight']:g} ({t['flops']:.3g} FLOPs, saves {_fmt(t['saved_bytes'])}, chunk "
+            f"{_fmt(max(t['chunk_forward_bytes'], t['chunk_backward_bytes']))})"
+            for n, t in lt.items()
+        )
+    )
     sh = result["shapes"]
     con.print(
         f"micro-batch {sh['micro_batch']} examples of {sh['tasks']} task(s); lengths: input {sh['seq_len']}, "

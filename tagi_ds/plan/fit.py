@@ -10,9 +10,9 @@ from typing import Any
 
 from tagi_ds.plan.flops import step_time
 from tagi_ds.plan.gpu_memory import activations, host_memory, memory, usable_bytes
-from tagi_ds.plan.inputs import PlanInput, ds_zero, resolve, shapes_of
+from tagi_ds.plan.inputs import PlanInput, ds_zero, resolve, shapes_of, terms_of
 from tagi_ds.plan.placement import choose
-from tagi_ds.plan.shapes import Counts, count, with_teacher_model
+from tagi_ds.plan.shapes import Counts, Shapes, count, with_teacher_model
 
 
 def fits(p: PlanInput, c: Counts, micro_batch: int, zero: dict[str, Any]) -> bool:
@@ -79,15 +79,36 @@ def plan(p: PlanInput) -> dict[str, Any]:
         "memory": mem,
         "host_memory": host_memory(p, c),
         "usable": usable_bytes(p.gpu_mem_gb),
-        "activations": activations(c, s, b, p.gradient_checkpointing, p.kl),
+        "activations": activations(c, s, b, p.gradient_checkpointing, terms_of(p)),
         "time": step_time(p, c, s),
         "backbone": backbone,
+        "loss_terms": term_costs(p, cfg, c, s, b),
     }
     out["vocab"] = vocab_share(p, c, out["activations"], mem)
     out["fits"] = mem["total"] <= out["usable"]
     out["max_micro_batch"] = max_micro_batch(p, c, zero)
     if not out["fits"]:
         out["suggestions"] = suggest(p, c, out["max_micro_batch"])
+    return out
+
+
+def term_costs(p: PlanInput, cfg, c: Counts, s: Shapes, b: int) -> dict[str, dict[str, Any]]:
+    """Each loss term the plan counts (``tagi_ds.loss_terms``), with its weight and what it costs: its own FLOPs
+    (``Cost.flops``; the teacher forward it may need is ``time``'s), the bytes it saves for backward
+    (``Cost.saved``) and its fp32 ``[chunk, V]`` temporaries in a chunk's forward and backward (``Cost.chunk``)."""
+    unit = min(c.chunk, s.micro_batch * s.target_len) * c.vocab * 4
+    out = {}
+    for t in terms_of(p):
+        fwd, bwd = t.cost.chunk[int(c.encoder_decoder)]
+        out[t.name] = {
+            "kind": t.kind,
+            "weight": t.weight_of(cfg.loss),
+            "teacher_view": t.teacher_view,
+            "flops": t.cost.flops(c, s) if t.cost.flops is not None else 0,
+            "saved_bytes": t.cost.saved(c, s, b) if t.cost.saved is not None else 0,
+            "chunk_forward_bytes": fwd * unit,
+            "chunk_backward_bytes": bwd * unit,
+        }
     return out
 
 

@@ -5,8 +5,9 @@ FLOPs per step (``step_flops``; N = backbone matmul parameters a token passes th
 frozen base 4N per token (forward 2N + input gradients 2N, no weight gradients); attention 4*Lk*H*dk per
 query token per layer forward, x3 with backward (no causal discount); adapters 6*r*(d_in+d_out) per token
 per site (forward 2 + backward 4); generator 3 x its forward (2 x matmul params) per task and site;
-instruction encoding 2*N_enc per instruction token (forward only); teacher forward 2N per teacher token;
-gradient checkpointing recomputes the student's layers, and the chunked loss the LM head of each view
+instruction encoding 2*N_enc per instruction token (forward only); teacher forward 2N per teacher token (when a
+loss term reads the teacher view); each loss term's own ``Cost.flops`` (``tagi_ds.loss_terms``: alignment's Gram
+matrices); gradient checkpointing recomputes the student's layers, and the chunked loss the LM head of each view
 (hardware FLOPs only; MFU uses model FLOPs). Decoder-only training projects the LM head at target tokens only.
 Checked against torch's FlopCounterMode on the tiny recipes (tests/plan/test_plan.py).
 
@@ -23,8 +24,12 @@ is replicated: ``--backbone``). MFU is against the H100 bf16 dense peak (989 TFL
 
 from __future__ import annotations
 
-from tagi_ds.plan.inputs import H100_BF16_DENSE_TFLOPS, PlanInput
+from tagi_ds.plan.inputs import H100_BF16_DENSE_TFLOPS, PlanInput, stage2_terms, terms_of
 from tagi_ds.plan.shapes import Counts, Shapes
+from tagi_ds.stages import MODES
+
+# ``step_flops``' variants: the mode whose step each counts (``lora``: one shared LoRA on the input alone).
+VARIANTS = {"tagi": MODES["tagi"], "concat": MODES["concat"], "lora": MODES["no_instruction"]}
 
 
 def _layer_params(c: Counts) -> dict[str, int]:
@@ -95,28 +100,34 @@ def adapter_flops(c: Counts, B: int, L: int, Lt: int, Lx: int, rank: int, only_s
 
 
 def step_flops(
-    c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool = False, kl: bool = True, param_mse: bool = True
+    c: Counts, s: Shapes, variant: str = "tagi", checkpointing: bool = False, terms=None
 ) -> dict[str, float]:
     """FLOPs of one micro-batch training step by component; ``model`` (for MFU) and ``hardware`` (+ recompute).
     Decoder-only: the LM head projects the Lt target tokens only, and once more per view in the loss's backward
-    (``tagi_ds.losses.token_losses`` recomputes each chunk), which ``recompute`` counts.
+    (``tagi_ds.losses.token_sums`` recomputes each chunk), which ``recompute`` counts.
 
     variant ``tagi``: student on the input (+ fused instruction states), instruction encoding, generator,
-    teacher forward on instruction + input (``kl``); ``concat``: one shared LoRA on instruction + input;
-    ``lora``: one shared LoRA on the input alone (the plain single-LoRA step)."""
+    teacher forward on instruction + input (when a term reads the teacher view); ``concat``: one shared LoRA on
+    instruction + input; ``lora``: one shared LoRA on the input alone (the plain single-LoRA step).
+    ``terms``: the loss terms on (``tagi_ds.loss_terms``; default: CE, KL, parameter alignment); each term with a
+    ``Cost.flops`` gets its own entry under its name; the baselines read no teacher, so their terms that do are
+    left out."""
     B, K, L, Lt, Li = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len
     t5 = c.encoder_decoder
+    m = VARIANTS[variant]
+    terms = [t for t in stage2_terms(terms) if m.instruction or not t.teacher]  # a baseline reads no teacher
+    view = any(t.teacher_view for t in terms)
     out: dict[str, float] = {}
-    if variant == "concat":
+    if m.instruction_in_input:
         L = L + Li
-    Lx = L + Li if (variant == "tagi" and t5 and c.fusion) else L
+    Lx = L + Li if (m.instruction and t5 and c.fusion) else L
     head = None if t5 else Lt
     fwd = backbone_forward_flops(c, B, L, Lt, Lx, head_tokens=head)
     out["student_base"] = 2 * fwd["linear"]  # forward 2N + input gradients 2N per token
     out["student_attention"] = 3 * fwd["attention"]
     adapters = adapter_flops(c, B, L, Lt, Lx, c.rank)
     out["adapters"] = 3 * adapters
-    if variant == "tagi":
+    if m.instruction:  # the hypernetwork's step: instruction encoding, generator, the teacher
         enc = (
             backbone_forward_flops(c, K, Li, 0, decoder=False)
             if t5
@@ -128,19 +139,20 @@ def step_flops(
             for n, di, do in c.groups
         )
         out["generator"] = 3 * K * per_task
-        if kl and c.teacher_model is not None:  # the separate teacher model on instruction + input, no adapters
+        if view and c.teacher_model is not None:  # the separate teacher model on instruction + input, no adapters
             tf = backbone_forward_flops(c.teacher_model, B, Li + L, Lt, head_tokens=head)
             out["teacher_forward"] = tf["linear"] + tf["attention"]
-        elif kl:
+        elif view:
             tf = backbone_forward_flops(c, B, Li + L, Lt, head_tokens=head)
             out["teacher_forward"] = (
                 tf["linear"] + tf["attention"] + adapter_flops(c, B, Li + L, Lt, Li + L, c.teacher_rank)
             )
-        if param_mse:  # r x r Gram matrices per site and task, forward + backward
-            out["param_mse"] = 3 * sum(2 * K * c.rank * c.teacher_rank * (di + do) * 3 for _, _, _, di, do in c.sites)
+    for t in terms:
+        if t.cost.flops is not None:
+            out[t.name] = t.cost.flops(c, s)
     out["model"] = sum(out.values())
     # Decoder-only: each view's LM head once more in the loss's backward (the teacher's own head with a teacher model).
-    teacher_d = (c.teacher_model or c).d if (variant == "tagi" and kl) else 0
+    teacher_d = (c.teacher_model or c).d if view else 0
     recompute = 0.0 if t5 else 2.0 * B * Lt * (c.d + teacher_d) * c.vocab
     if checkpointing:
         blocks = backbone_forward_flops(c, B, L, Lt, Lx, lm_head=False)
@@ -150,21 +162,24 @@ def step_flops(
     return out
 
 
-def zero3_hook_calls(c: Counts, kl: bool = True, checkpointing: bool = False) -> int:
+def zero3_hook_calls(c: Counts, teacher_view: bool = True, checkpointing: bool = False) -> int:
     """Module calls of one TAGI step that ZeRO-3 hooks when it owns the backbone: instruction encoding (T5: the
-    encoder's modules), student forward, teacher forward (``kl``), backward (+ the recompute with checkpointing)."""
-    return c.encoder_modules + c.modules * (1 + int(kl) + 1 + int(checkpointing))
+    encoder's modules), student forward, teacher forward (``teacher_view``), backward (+ the recompute with
+    checkpointing)."""
+    return c.encoder_modules + c.modules * (1 + int(teacher_view) + 1 + int(checkpointing))
 
 
 def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
-    flops = step_flops(c, s, "tagi", p.gradient_checkpointing, p.kl)
+    terms = terms_of(p)
+    view, teacher = any(t.teacher_view for t in terms), any(t.teacher for t in terms)
+    flops = step_flops(c, s, "tagi", p.gradient_checkpointing, terms)
     compute = flops["hardware"] / (p.tflops_per_gpu * 1e12)
     W, wb = p.world, (2 if p.precision == "bf16" else 4)
     # Backbone passes that gather the weights: instruction encoding (T5: the encoder only), student forward,
     # teacher forward, backward, and the recompute with checkpointing.
     enc_share = c.enc_layers / (c.enc_layers + c.dec_layers) if c.encoder_decoder else 1.0
-    tm = c.teacher_model if p.kl else None
-    passes = enc_share + 1 + (1 if p.kl and tm is None else 0) + 1 + (1 if p.gradient_checkpointing else 0)
+    tm = c.teacher_model if view else None
+    passes = enc_share + 1 + (1 if view and tm is None else 0) + 1 + (1 if p.gradient_checkpointing else 0)
     weights = passes * c.backbone * wb
     parted = p.stage == "z3" and p.backbone != "replicated"
     # A separate teacher model: one gathered forward per step, partitioned under ZeRO-3 whatever the backbone's
@@ -174,11 +189,11 @@ def step_time(p: PlanInput, c: Counts, s: Shapes) -> dict[str, float]:
     network = network * (W - 1) / W
     pcie = (weights + teacher_w) / W if p.offload == "param" else 0  # each rank fetches its partitions from host
     pcie += 2 * c.generator * wb / W if p.offload != "none" else 0  # gradients down, updated weights up
-    if p.kl and c.teacher_rows:  # the batch's rows of the host-resident teacher bank, fp32
+    if teacher and c.teacher_rows:  # the batch's rows of the host-resident teacher bank, fp32
         pcie += min(s.tasks, c.teacher_rows) * c.teacher / c.teacher_rows * 4
     bw = (p.interconnect_gbps if p.nodes > 1 else p.intra_node_gbps) * 1e9 / 8
     comm = network / bw + pcie / (p.pcie_gbps * 1e9 / 8)
-    hooks = zero3_hook_calls(c, p.kl and tm is None, p.gradient_checkpointing) if parted else 0
+    hooks = zero3_hook_calls(c, view and tm is None, p.gradient_checkpointing) if parted else 0
     hooks += tm.modules if tm is not None and p.stage == "z3" else 0  # the teacher model's forward
     host = hooks * (p.zero3_hook_us or 0.0) * 1e-6
     step = max(compute, comm) + host

@@ -31,7 +31,9 @@ static parts + the largest phase (activations + transient; without DeepSpeed the
 the generator's backward, the last one, so ``total`` is not the plain sum of the rows). It fits when
 ``total <= 0.92 * gpu_mem - 1 GiB`` (``usable_bytes``: CUDA context, NCCL buffers, allocator fragmentation);
 ``--gpu_mem_gb`` is in GiB.
-``--teacher_rows 0`` plans a step without teacher (no KL, no param-MSE).
+``--teacher_rows 0`` plans a step without teacher (no KL, no param-MSE). The loss terms a plan counts are the
+registered ones on (``tagi_ds.loss_terms``; ``PlanInput.terms``): their chunk temporaries, what they save, and
+whether a teacher view is run.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tagi_ds.plan.inputs import GiB, PlanInput
+from tagi_ds.plan.inputs import GiB, PlanInput, stage2_terms, terms_of
 from tagi_ds.plan.shapes import Counts, Shapes
 
 
@@ -118,20 +120,23 @@ def saved_layer(c: Counts, s: Shapes, b: int) -> dict[str, int]:
     return {"encoder": 0, "decoder": dec, "enc_input_norm": 0, "dec_input_norm": _norm(c, T, b), "masks": 0}
 
 
-def loss_working_set(c: Counts, s: Shapes, b: int, kl: bool = True) -> dict[str, int]:
-    """The LM head + CE/KL of ``tagi_ds.losses.token_losses`` (bytes): ``rows``, what it keeps per view (the
+def loss_working_set(c: Counts, s: Shapes, b: int, terms=None) -> dict[str, int]:
+    """The LM head + CE/KL of ``tagi_ds.losses.token_sums`` (bytes): ``rows``, what it keeps per view (the
     final hidden states at the N = B*Lt target tokens, ``[N, d]``; T5: the logits there, ``[N, V]``), and the
     peak of one chunk of ``c.chunk`` target tokens in forward (``chunk_forward``) and in its recomputed backward
     (``chunk_backward``). Counted in fp32 units of ``[chunk, V]`` (measured with ``TensorBytesTracker``): the
     head's logits, the log-softmax of CE, with the KL the teacher's logits, probabilities and log-probabilities
-    and the student's tempered log-softmax, and in backward their gradients. In bf16 each view's logits also get
-    their fp32 copy. ``full_logits_fp32`` is what one fp32 ``[B, L, V]`` of the student's sequence would take."""
+    and the student's tempered log-softmax, and in backward their gradients: each token term's ``Cost.chunk``
+    (``tagi_ds.loss_terms``), summed over the terms on (``terms``; default CE, KL, alignment). In bf16 each view's
+    logits also get their fp32 copy. ``full_logits_fp32`` is what one fp32 ``[B, L, V]`` of the student's sequence
+    would take."""
     t5 = c.encoder_decoder
+    terms = [t for t in stage2_terms(terms) if t.kind == "token"]
     N, V = s.micro_batch * s.target_len, c.vocab
     unit = min(c.chunk, N) * V * 4
-    views = 2 if kl else 1
+    views = 2 if any(t.teacher_view for t in terms) else 1
     extra = views * min(c.chunk, N) * V * (4 if t5 else b) if b < 4 else 0
-    fwd, bwd = ((4, 4) if kl else (1, 2)) if t5 else ((5, 6) if kl else (2, 3))
+    fwd, bwd = (sum(t.cost.chunk[int(t5)][i] for t in terms) for i in (0, 1))
     rows = N * (V if t5 else c.d) * b
     length = s.target_len if t5 else s.seq_len + s.target_len
     return {
@@ -142,8 +147,11 @@ def loss_working_set(c: Counts, s: Shapes, b: int, kl: bool = True) -> dict[str,
     }
 
 
-def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = True) -> dict[str, int]:
-    """Saved activations, in-scope tensors and the transient peak of one stage-2 step (bytes)."""
+def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, terms=None) -> dict[str, int]:
+    """Saved activations, in-scope tensors and the transient peak of one stage-2 step (bytes), with the loss terms
+    ``terms`` on (``tagi_ds.loss_terms``; default CE, KL, alignment)."""
+    terms = stage2_terms(terms)
+    view = any(t.teacher_view for t in terms)
     B, K, L, Lt, Li, V, d = s.micro_batch, s.tasks, s.seq_len, s.target_len, s.instr_len, c.vocab, c.d
     lay = saved_layer(c, s, b)
     n_e, n_d = c.enc_layers, c.dec_layers
@@ -153,8 +161,8 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
     # Generator: LayerNorm input, trunk input, 2 GELU inputs, 2 hidden outputs; generated A, B (the sites save them).
     gen = K * d * b + sum(K * n * ((d + c.site_dim) * b + 4 * c.hidden * b) for n, _, _ in c.groups)
     factors = sum(K * c.rank * (di + do) * b for _, _, _, di, do in c.sites)
-    # param-MSE saves the teacher's factors of the batch's tasks
-    teacher_factors = sum(K * c.teacher_rank * (di + do) * b for _, _, _, di, do in c.sites) if kl else 0
+    # what the loss terms save for their backward (alignment: the teacher's factors of the batch's tasks)
+    teacher_factors = sum(t.cost.saved(c, s, b) for t in terms if t.cost.saved is not None)
     final_norms = (_norm(c, B * L, b) + _norm(c, B * Lt, b)) if t5 else _norm(c, B * S_student, b)
     if checkpointing:
         # Per block only its input stays; masks, position bias and the fused encoder states once per stack.
@@ -168,15 +176,15 @@ def activations(c: Counts, s: Shapes, b: int, checkpointing: bool, kl: bool = Tr
             n_e * lay["encoder"] + n_d * lay["decoder"] - lay["enc_input_norm"] - lay["dec_input_norm"] + lay["masks"]
         )
     saved = layers + final_norms + gen + factors + teacher_factors
-    lw = loss_working_set(c, s, b, kl)
-    rows, rows_t = lw["rows"], (lw["rows"] if kl else 0)
+    lw = loss_working_set(c, s, b, terms)
+    rows, rows_t = lw["rows"], (lw["rows"] if view else 0)
     scope = K * Li * d * b + rows  # instruction states; the student's target rows (kept for the loss)
     # What the head's input is before its target rows are picked: T5's logits [B, Lt, V]; else the hidden states.
     head_in = B * Lt * V * b if t5 else B * S_student * d * b
     phases = {
         "student_head": saved + scope + head_in,
         # a separate teacher model's forward has its own widths (c.teacher_model)
-        "teacher_forward": saved + scope + (_teacher_working_set(c.teacher_model or c, s, b) + rows_t if kl else 0),
+        "teacher_forward": saved + scope + (_teacher_working_set(c.teacher_model or c, s, b) + rows_t if view else 0),
         "loss": saved + scope + rows_t + lw["chunk_forward"],
         # The chunks recomputed with their gradients, then the rows' gradient scattered back to [B, L, *].
         "backward": saved + max(scope + rows_t + lw["chunk_backward"] + rows, rows + 2 * head_in),
@@ -247,10 +255,11 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
     else:
         grads = 0 if offo else part(G) * (wb + (4 if wb == 2 else 0))
         opt = 0 if offo else part(G) * (4 + 8)  # DeepSpeed keeps an fp32 flat copy even when training in fp32
-    act = activations(c, s, wb, p.gradient_checkpointing, p.kl)
+    terms = terms_of(p)
+    act = activations(c, s, wb, p.gradient_checkpointing, terms)
     # A separate teacher model (--teacher_model): built like the backbone, so under ZeRO-3 partitioned whatever the
     # backbone's placement (tagi_ds.teacher_model.build), its 1/W share held throughout; whole below ZeRO-3.
-    tm = c.teacher_model if p.kl else None
+    tm = c.teacher_model if any(t.teacher_view for t in terms) else None
     teacher = 0
     if tm is not None:
         teacher = (
@@ -297,7 +306,7 @@ def memory(p: PlanInput, c: Counts, s: Shapes, zero: dict[str, Any]) -> dict[str
 
 def host_memory(p: PlanInput, c: Counts) -> dict[str, int]:
     """Host bytes per rank that the GPU table leaves out: the whole fp32 teacher bank (when there is one)."""
-    return {"teacher_bank": c.teacher * 4 if p.kl else 0}
+    return {"teacher_bank": c.teacher * 4 if any(t.teacher for t in terms_of(p)) else 0}
 
 
 def usable_bytes(gpu_mem_gb: float) -> int:

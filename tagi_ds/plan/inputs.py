@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tagi_ds.config import ConfigError, TagiConfig
+from tagi_ds import loss_terms
+from tagi_ds.config import ConfigError, LossConfig, TagiConfig
+from tagi_ds.loss_terms import LossTerm
 from tagi_ds.plan.shapes import Shapes
 from tagi_ds.recipes import RECIPES, get_recipe
 
@@ -60,7 +62,8 @@ class PlanInput:
     intra_node_gbps: float = 2400.0
     pcie_gbps: float = 256.0
     deepspeed: str | None = None
-    kl: bool = True
+    kl: bool = True  # a teacher bank (``--teacher_rows`` > 0): the terms that read it are on
+    terms: tuple[str, ...] | None = None  # the loss terms on (``tagi_ds.loss_terms``); ``resolve`` fills it
     backbone: str = "auto"  # ZeRO-3: auto | replicated | partitioned (the frozen backbone's placement)
     zero3_hook_us: float | None = None  # host time per ZeRO-3 module hook call
 
@@ -144,7 +147,27 @@ def resolve(p: PlanInput) -> tuple[PlanInput, TagiConfig]:
     q.tflops_per_gpu = q.tflops_per_gpu or H100_BF16_DENSE_TFLOPS * ASSUMED_MFU
     q.kl = q.kl and (q.teacher_rows > 0 or q.teacher_model is not None)  # a teacher model needs no bank rows
     q.zero3_hook_us = ZERO3_HOOK_US if q.zero3_hook_us is None else q.zero3_hook_us
-    return q, _config(q)
+    cfg = _config(q)
+    if q.terms is None:  # the recipe's weights: every registered term with a weight > 0 is counted
+        q.terms = tuple(t.name for t in loss_terms.active(cfg.loss, teacher=q.kl))
+    unknown = [n for n in q.terms if n not in loss_terms.TERMS]
+    if unknown:
+        raise ConfigError(f"PlanInput.terms: {unknown[0]!r} is no registered loss term ({', '.join(loss_terms.TERMS)})")
+    return q, cfg
+
+
+def terms_of(p: PlanInput) -> list[LossTerm]:
+    """The loss terms a plan of ``p`` counts: ``p.terms`` once resolved, else those on with the default weights
+    (with a teacher when ``p.kl``)."""
+    if p.terms is not None:
+        return [loss_terms.TERMS[n] for n in p.terms]
+    return stage2_terms(None, p.kl)
+
+
+def stage2_terms(terms, teacher: bool = True) -> list[LossTerm]:
+    """``terms`` as given, or (None) the terms on with the default ``LossConfig`` weights: the stage-2 objective
+    (CE + KL + parameter alignment, with a teacher)."""
+    return list(terms) if terms is not None else loss_terms.active(LossConfig(), teacher)
 
 
 def shapes_of(p: PlanInput, micro_batch: int | None = None) -> Shapes:

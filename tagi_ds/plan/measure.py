@@ -12,6 +12,7 @@ The benchmarks (benchmarks/bench_train_step.py) report the same tracked bytes wi
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import torch
@@ -22,7 +23,7 @@ from tagi_ds import families
 from tagi_ds.batch import TaskBatch
 from tagi_ds.plan.inputs import PlanInput, resolve, shapes_of
 from tagi_ds.plan.shapes import Shapes
-from tagi_ds.runtime import engine as E
+from tagi_ds.stages import MODES
 
 
 def synthetic_batch(
@@ -51,10 +52,11 @@ def synthetic_batch(
             labels[0, -1] = -100
         return x, mask, labels
 
-    x, mask, labels = view(L + Li if mode == "concat" else L)
+    row = MODES[mode]
+    x, mask, labels = view(L + Li if row.instruction_in_input else L)
     offsets = torch.tensor([0, *counts]).cumsum(0)
     batch = TaskBatch(x, mask, labels, offsets, task_names=[f"task{k}" for k in range(K)])
-    if mode == "tagi":
+    if row.instruction:
         batch.instr_input_ids, batch.instr_attention_mask = ids(K, Li), torch.ones(K, Li, dtype=torch.long)
         batch.instr_attention_mask[-1, -1] = 0
         if teacher:
@@ -109,19 +111,20 @@ def storage_bytes(tensors) -> int:
 
 def measure_step(p: PlanInput, device: str | None = None, seed: int = 0) -> dict[str, int]:
     """Peak bytes of one plain-torch training step at ``p``'s shapes (definition in the module docstring)."""
-    from tagi_ds.model import build_backbone, build_model
+    from tagi_ds import assembly, stages
 
     p, cfg = resolve(p)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if p.precision == "bf16" else torch.float32
     torch.manual_seed(seed)
     s = shapes_of(p)
-    backbone = build_backbone(cfg)
-    model = build_model(cfg, "finetune", backbone, num_bank_rows=max(p.teacher_rows, s.tasks), with_teacher=p.kl)
-    # Parameters only, as the training engine casts them: ``.to(dtype)`` would also cast RoPE's fp32 inv_freq.
-    model = E.place(E.cast_parameters(model, dtype), dev)
-    E.keep_teacher(model, dtype, dev)
-    cfg.loss.kl_weight = cfg.loss.param_weight = 1.0 if p.kl else 0.0
+    weight = 1.0 if p.kl else 0.0  # the teacher terms run exactly when the plan has them
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kl_weight=weight, param_weight=weight))
+    rows = max(p.teacher_rows, s.tasks)
+    run = assembly.assemble(
+        stages.spec("finetune", cfg), cfg, {}, {}, runner="torch", rows=rows, teacher=p.kl, device=dev, dtype=dtype
+    )
+    model = run.model
     batch = synthetic_batch(cfg.model.arch, s, cfg.model.vocab_size, teacher=p.kl, seed=seed).to(dev)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
 

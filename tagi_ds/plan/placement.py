@@ -10,7 +10,7 @@ rest of ZeRO-3 (the hypernetwork's gradients and optimizer state stay partitione
 ``choose`` decides for a plan (``--backbone auto``: replicated when its memory ``total`` fits the usable memory,
 ``gpu_memory.usable_bytes``); ``for_run`` asks the same question for a training run's config on this machine's
 GPU, and ``for_training`` decides for a training run (``train.frozen_backbone``), which
-``tagi_ds.runtime.engine.build_backbone`` then builds.
+``tagi_ds.assembly.assemble`` then builds (``runtime.engine.Placement``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from tagi_ds import loss_terms, stages
 from tagi_ds.config import ConfigError
 from tagi_ds.plan.gpu_memory import memory, usable_bytes
 from tagi_ds.plan.inputs import GiB, PlanInput
@@ -58,7 +59,7 @@ def for_run(
 
     from tagi_ds.plan.shapes import count
 
-    teacher = cfg.mode == "tagi" and (cfg.loss.kl_weight > 0 or cfg.loss.param_weight > 0)
+    teacher = stages.MODES[cfg.mode].instruction and loss_terms.wants_teacher(cfg.loss)
     offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
     p = PlanInput(
         model=cfg.recipe,
@@ -76,6 +77,7 @@ def for_run(
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         precision="bf16" if precision in ("bf16", "fp16") else "fp32",
         kl=teacher or teacher_cfg is not None,
+        terms=tuple(t.name for t in loss_terms.active(cfg.loss, teacher or teacher_cfg is not None)),
         backbone=cfg.train.frozen_backbone,
     )
     threshold = int(zero.get("stage3_param_persistence_threshold", 100_000))
@@ -86,7 +88,7 @@ def for_run(
     return choose(p, c, s, zero)
 
 
-def for_training(cfg, ds: dict[str, Any], world_size: int, teacher_cfg=None) -> tuple[str, str]:
+def for_training(cfg, ds: dict[str, Any], world_size: int, teacher_cfg=None) -> E.Placement:
     """Where a training run keeps its frozen backbone, and why: ``whole`` (below ZeRO-3 every rank holds it anyway),
     ``replicated`` (ZeRO-3: whole on every rank, outside ZeRO: no all-gathers, no module hooks; the hypernetwork's
     gradients and optimizer state stay partitioned) or ``partitioned`` (ZeRO-3 owns it, 1/W per rank).
@@ -98,7 +100,7 @@ def for_training(cfg, ds: dict[str, Any], world_size: int, teacher_cfg=None) -> 
     """
     choice, zero = cfg.train.frozen_backbone, ds.get("zero_optimization", {})
     if E.zero_stage(ds) != 3:
-        return "whole", f"ZeRO-{E.zero_stage(ds)}: every rank holds the frozen backbone"
+        return E.Placement("whole", f"ZeRO-{E.zero_stage(ds)}: every rank holds the frozen backbone")
     offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
     if choice == "replicated" and (cfg.model.trainable or offload):
         why = "model.trainable unfreezes backbone parameters" if cfg.model.trainable else "offload_param is set"
@@ -107,13 +109,13 @@ def for_training(cfg, ds: dict[str, Any], world_size: int, teacher_cfg=None) -> 
             "(use train.frozen_backbone=partitioned or auto)"
         )
     if choice != "auto":
-        return choice, f"train.frozen_backbone={choice}"
+        return E.Placement(choice, f"train.frozen_backbone={choice}")
     if cfg.model.trainable:
-        return "partitioned", "model.trainable unfreezes backbone parameters: ZeRO-3 owns them"
+        return E.Placement("partitioned", "model.trainable unfreezes backbone parameters: ZeRO-3 owns them")
     if offload:
-        return "partitioned", "offload_param keeps parameters off the GPU"
+        return E.Placement("partitioned", "offload_param keeps parameters off the GPU")
     if not torch.cuda.is_available():
-        return "partitioned", "auto on a CPU (train.frozen_backbone=replicated to keep it whole)"
+        return E.Placement("partitioned", "auto on a CPU (train.frozen_backbone=replicated to keep it whole)")
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
     fit = for_run(cfg, zero, world_size, gpu.total_memory, E.precision(cfg), teacher_cfg)
-    return fit["placement"], f"auto: {fit['why']} (tagi_ds.plan.for_run)"
+    return E.Placement(fit["placement"], f"auto: {fit['why']} (tagi_ds.plan.for_run)")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from tagi_ds import families
 from tagi_ds.config import TagiConfig
 
@@ -77,12 +75,10 @@ def _layer_norms(backbone) -> int:
 
 
 def build_meta(cfg: TagiConfig, teacher_rows: int):
-    """The whole TagiModel on the meta device (no memory), for counting."""
-    from tagi_ds.model import build_backbone, build_model
+    """The whole TagiModel on the meta device (no memory), for counting: a finetune run's (``tagi_ds.assembly``)."""
+    from tagi_ds import assembly, stages
 
-    with torch.device("meta"):
-        backbone = build_backbone(cfg)
-        return build_model(cfg, "finetune", backbone, num_bank_rows=teacher_rows, with_teacher=teacher_rows > 0)
+    return assembly.meta_model(cfg, stages.spec("finetune", cfg), {}, rows=teacher_rows, teacher=teacher_rows > 0)
 
 
 def with_teacher_model(c: Counts, recipe: str | None, persistence_threshold: int = 100_000) -> Counts:

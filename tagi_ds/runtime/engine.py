@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -135,13 +137,34 @@ def backbone_init(ds: dict[str, Any]):
 PLAIN_INIT_LIMIT = 1_000_000_000
 
 
+class Placement(NamedTuple):
+    """Where a run keeps its frozen backbone, and why (``tagi_ds.plan.for_training`` decides for training):
+    ``partitioned`` (ZeRO-3 owns it, 1/W per rank), ``replicated`` (ZeRO-3 run, the backbone whole on every rank,
+    outside DeepSpeed) or ``whole`` (no ZeRO-3: every rank holds it anyway)."""
+
+    where: Literal["partitioned", "replicated", "whole"]
+    why: str
+
+
+def inference_placement(ds: dict[str, Any]) -> Placement:
+    """Evaluation's and export's backbone: built as ZeRO-3 runs built it (partitioned under ZeRO-3), so a built-in
+    random-init backbone is the one the artifact was trained with."""
+    return Placement(
+        "partitioned" if zero_stage(ds) == 3 else "whole", "evaluation and export build it as ZeRO-3 runs did"
+    )
+
+
 def build_backbone(
-    cfg: TagiConfig, ds: dict[str, Any], special_ids: dict[str, int], placement: tuple[str, str] | None = None
+    cfg: TagiConfig,
+    ds: dict[str, Any],
+    special_ids: dict[str, int],
+    placement: Placement,
+    device: torch.device | None = None,
 ) -> torch.nn.Module:
-    """The backbone for a run under ``ds``: partitioned as it is built under ZeRO-3, unless a training run's
-    ``placement`` (``tagi_ds.plan.for_training``: placement, why) keeps it replicated (then built plainly;
-    ``build_engine`` keeps it out of DeepSpeed). Without ``placement`` (evaluation, export) it is built as ZeRO-3
-    runs did. The choice is recorded on the module (``tagi_placement``: placement, why).
+    """The backbone for a run under ``ds``, kept where ``placement`` says: partitioned as it is built under ZeRO-3,
+    else built plainly (``build_engine`` keeps a replicated one out of DeepSpeed). With ``device`` (training,
+    serving, the one-process benchmarks) a large random-init stand-in is built directly there (``_init_device``);
+    else, and for every other backbone, on the CPU.
 
     ``deepspeed.zero.Init`` draws random weights differently from plain construction, so a random-init
     backbone (no ``model_name_or_path``) is overwritten with the plain build's values: a hypernet trained
@@ -150,19 +173,11 @@ def build_backbone(
     from tagi_ds import model as tagi_model
     from tagi_ds.runtime import dist
 
-    training = placement is not None
-    placement = placement or (
-        "partitioned" if zero_stage(ds) == 3 else "whole",
-        "evaluation and export build it as ZeRO-3 runs did",
-    )
-    if placement[0] != "partitioned":
-        with torch.device(_init_device(cfg, special_ids) if training else "cpu"):
-            backbone = tagi_model.build_backbone(cfg, special_ids)
-        backbone.tagi_placement = placement
-        return backbone
+    if placement.where != "partitioned":
+        with torch.device(_init_device(cfg, special_ids, device) if device is not None else "cpu"):
+            return tagi_model.build_backbone(cfg, special_ids)
     with backbone_init(ds):
         backbone = tagi_model.build_backbone(cfg, special_ids)
-    backbone.tagi_placement = placement
     params = dict(backbone.named_parameters())
     if cfg.model.model_name_or_path or not any(hasattr(p, "ds_id") for p in params.values()):
         return backbone
@@ -178,18 +193,17 @@ def build_backbone(
     return backbone
 
 
-def _init_device(cfg: TagiConfig, special_ids: dict[str, int]) -> torch.device:
+def _init_device(cfg: TagiConfig, special_ids: dict[str, int], device: torch.device) -> torch.device:
     """Where a backbone that is not partitioned is built: a random-init one above PLAIN_INIT_LIMIT (a benchmark
-    stand-in) directly on this rank's device, which takes seconds instead of minutes on the CPU; anything else on
+    stand-in) directly on ``device``, which takes seconds instead of minutes on the CPU; anything else on
     the CPU, whose random init every other build (partitioned, evaluation) reproduces."""
     from tagi_ds import model as tagi_model
-    from tagi_ds.runtime import dist
 
     if cfg.model.model_name_or_path:
         return torch.device("cpu")
     with torch.device("meta"):
         n = sum(p.numel() for p in tagi_model.build_backbone(cfg, special_ids).parameters())
-    return dist.device() if n > PLAIN_INIT_LIMIT else torch.device("cpu")
+    return device if n > PLAIN_INIT_LIMIT else torch.device("cpu")
 
 
 def lr_lambda(cfg: TagiConfig):
@@ -244,11 +258,6 @@ class WithoutBackbone(torch.nn.Module):
         return super().train(mode)
 
 
-def replicated(model: torch.nn.Module) -> bool:
-    backbone = getattr(model, "backbone", None)
-    return getattr(backbone, "tagi_placement", ("",))[0] == "replicated"
-
-
 def train_dtype(ds: dict[str, Any]) -> torch.dtype:
     """The dtype DeepSpeed trains in under the final dict ``ds`` (``inject``): bf16, fp16 or fp32."""
     if ds.get("bf16", {}).get("enabled"):
@@ -273,37 +282,77 @@ TEACHER_ON_GPU_SHARE = 0.05
 TEACHER_OF_FREE_SHARE = 0.25
 
 
-def teacher_home(nbytes: int, device: torch.device) -> tuple[torch.device, str]:
+class TeacherHome(NamedTuple):
+    """Where the frozen teacher bank is kept for the steps (``keep_teacher``), and why."""
+
+    device: torch.device
+    why: str
+
+
+def teacher_home(nbytes: int, device: torch.device) -> TeacherHome:
     """Where a frozen teacher bank of ``nbytes`` is kept for steps on ``device``, and why."""
     if device.type != "cuda":
-        return device, f"steps run on the {device.type}"
+        return TeacherHome(device, f"steps run on the {device.type}")
     free, total = torch.cuda.mem_get_info(device)
     if nbytes <= TEACHER_ON_GPU_SHARE * total and nbytes <= TEACHER_OF_FREE_SHARE * free:
-        return device, (
+        return TeacherHome(
+            device,
             f"{nbytes / 2**30:.2f} GiB <= {TEACHER_ON_GPU_SHARE:.0%} of the GPU's memory and "
-            f"{TEACHER_OF_FREE_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
+            f"{TEACHER_OF_FREE_SHARE:.0%} of the {free / 2**30:.1f} GiB free",
         )
-    return torch.device("cpu"), (
+    return TeacherHome(
+        torch.device("cpu"),
         f"rows copied through a pinned buffer: {nbytes / 2**30:.2f} GiB > "
         f"{TEACHER_ON_GPU_SHARE:.0%} of the GPU's memory or {TEACHER_OF_FREE_SHARE:.0%} "
-        f"of the {free / 2**30:.1f} GiB free"
+        f"of the {free / 2**30:.1f} GiB free",
     )
 
 
-def keep_teacher(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+def keep_teacher(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> TeacherHome | None:
     """The model's frozen teacher bank (if any) in the training dtype, on ``device`` when ``teacher_home`` says so,
-    else in host memory with a staging buffer for a batch's rows (``LoraBank.keep``); the choice is recorded on the
-    bank (``tagi_home``: device, why)."""
+    else in host memory with a staging buffer for a batch's rows (``LoraBank.keep``); returns that choice (None:
+    no bank)."""
     teacher = getattr(model, "teacher", None)
     if teacher is None:
-        return
+        return None
     nbytes = sum(p.numel() for p in teacher.parameters()) * torch.empty(0, dtype=dtype).element_size()
-    home, why = teacher_home(nbytes, device)
-    teacher.keep(dtype, home, max_rows=model.cfg.data.tasks_per_batch)
-    teacher.tagi_home = (home, why)
+    home = teacher_home(nbytes, device)
+    teacher.keep(dtype, home.device, max_rows=model.cfg.data.tasks_per_batch)
+    return home
 
 
-def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_eager() -> None:
+    """Import DeepSpeed's Muon optimizer module with its functions left eager, before ``deepspeed.initialize``.
+
+    ZeRO's optimizer check and the ZeRO-3 optimizer import that module at every engine start (only to ask whether
+    the optimizer is Muon), and its three Newton-Schulz functions are decorated with ``torch.compile`` at import,
+    which imports torch's inductor: ~1.5 s of CPU per rank at every start (a fifth of a tiny run's rank on CPU;
+    the test suite starts ~100 such ranks). The optimizer here is always torch AdamW, so Muon never runs: its
+    functions are decorated with DeepSpeed's own ``dummy_decorator`` (what DeepSpeed uses on a torch without
+    ``torch.compile``) for the import, and everything else is as DeepSpeed leaves it. A DeepSpeed without these
+    names imports the module its own way."""
+    if MUON in sys.modules:
+        return
+    try:
+        from deepspeed.runtime import compiler
+    except ImportError:
+        return
+    real, dummy = getattr(compiler, "compile", None), getattr(compiler, "dummy_decorator", None)
+    if real is None or dummy is None:
+        return
+    compiler.compile = lambda: dummy
+    try:
+        importlib.import_module(MUON)
+    except ImportError:
+        pass  # DeepSpeed's own check then finds no Muon, as it would
+    finally:
+        compiler.compile = real
+
+
+def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any], placement: Placement):
     """``deepspeed.initialize`` with torch AdamW over the trainable parameters and the LR schedule.
 
     Every parameter DeepSpeed does not own yet is cast to the training dtype here, whatever the placement:
@@ -311,10 +360,10 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
     (``is_zero_init_model``), so with a partitioned backbone the hypernetwork (or a LoRA bank) would train in fp32,
     and with a replicated one in bf16. Parameters only: buffers stay as built (RoPE's ``inv_freq`` in fp32).
 
-    A replicated frozen backbone (``build_backbone(placement=...)``) stays out of DeepSpeed: the engine wraps
-    ``WithoutBackbone(model)``, the backbone is placed on the engine's device, and ``memory_efficient_linear`` is off
-    (it replaces ``F.linear`` process-wide with an autograd function that only partitioned weights need). The frozen
-    teacher bank, outside DeepSpeed too, is kept in the training dtype where ``keep_teacher`` says.
+    A replicated frozen backbone (``placement``, as ``build_backbone`` built it) stays out of DeepSpeed: the engine
+    wraps ``WithoutBackbone(model)``, the backbone is placed on the engine's device, and ``memory_efficient_linear``
+    is off (it replaces ``F.linear`` process-wide with an autograd function that only partitioned weights need).
+    The frozen teacher bank, outside DeepSpeed too, is kept by the caller (``keep_teacher``, on the engine's device).
     """
     import deepspeed
 
@@ -323,10 +372,10 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
         params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8
     )
     schedule = lr_lambda(cfg)
+    import_muon_eager()
     module = model
-    dtype = train_dtype(ds)
-    cast_parameters(model, dtype)
-    if zero_stage(ds) == 3 and replicated(model):
+    cast_parameters(model, train_dtype(ds))
+    if zero_stage(ds) == 3 and placement.where == "replicated":
         ds = copy.deepcopy(ds)
         ds["zero_optimization"]["memory_efficient_linear"] = False
         module = WithoutBackbone(model)
@@ -337,10 +386,20 @@ def build_engine(model: torch.nn.Module, cfg: TagiConfig, ds: dict[str, Any]):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     place(model, engine.device)
-    keep_teacher(model, dtype, engine.device)
     if zero_stage(ds) == 3 and kept_whole(model):
         keep_whole(engine, kept_whole(model))
     return engine
+
+
+def inference_engine(module: torch.nn.Module, ds: dict[str, Any]):
+    """ZeRO-3 inference: a DeepSpeed engine without optimizer around ``module`` (it gathers the partitioned
+    backbone layer by layer), in eval mode, with everything it holds on the engine's device."""
+    import deepspeed
+
+    eng, _, _, _ = deepspeed.initialize(model=module, config=ds)
+    place(module, eng.device)
+    eng.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
+    return eng
 
 
 def kept_whole(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -350,17 +409,20 @@ def kept_whole(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return source.kept_whole(model) if source is not None else []
 
 
-def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
+def describe_partitioning(
+    model: torch.nn.Module, world_size: int, placement: Placement, teacher: TeacherHome | None = None
+) -> str:
     """One line on where parameters live under ZeRO-3 (empty without it): how much of the partitioned ones
-    this rank holds (``ds_tensor``: its padded shard), and what stays whole on every rank."""
+    this rank holds (``ds_tensor``: its padded shard), and what stays whole on every rank; ``placement`` and
+    ``teacher`` are where the backbone and the teacher bank were put (``build_backbone``, ``keep_teacher``)."""
     params = list(model.parameters())
     if not any(hasattr(p, "ds_id") for p in params):
         return ""
-    if replicated(model):
+    if placement.where == "replicated":
         n = sum(p.numel() for p in model.backbone.parameters())
         return (
             f"ZeRO-3: frozen backbone {n:,} parameters replicated, whole on each of {world_size} rank(s), outside "
-            f"ZeRO ({model.backbone.tagi_placement[1]}); hypernetwork/LoRA gradients and optimizer state "
+            f"ZeRO ({placement.why}); hypernetwork/LoRA gradients and optimizer state "
             "partitioned"
         )
     hyper = {id(p) for p in kept_whole(model)}
@@ -375,13 +437,11 @@ def describe_partitioning(model: torch.nn.Module, world_size: int) -> str:
         f"{model.source.whole or 'nothing else'} {whole:,} whole on "
         "every rank"
     )
-    if (teacher := getattr(model, "teacher", None)) is not None:
-        home, why = getattr(teacher, "tagi_home", (torch.device("cpu"), "not kept by build_engine"))
-        where = "on the GPU" if home.type == "cuda" else "in host memory"
-        line += f"; teacher bank {sum(p.numel() for p in teacher.parameters()):,} {where}, outside ZeRO ({why})"
-    if (why := getattr(getattr(model, "backbone", None), "tagi_placement", None)) is not None:
-        line += f"; backbone partitioned: {why[1]}"
-    return line
+    if (bank := getattr(model, "teacher", None)) is not None:
+        home = teacher or TeacherHome(torch.device("cpu"), "not kept by keep_teacher")
+        where = "on the GPU" if home.device.type == "cuda" else "in host memory"
+        line += f"; teacher bank {sum(p.numel() for p in bank.parameters()):,} {where}, outside ZeRO ({home.why})"
+    return line + f"; backbone partitioned: {placement.why}"
 
 
 def keep_whole(engine, params: list[torch.nn.Parameter]) -> None:

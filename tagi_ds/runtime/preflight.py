@@ -283,34 +283,9 @@ def check_zip(path: Path, where: str) -> None:
 
 
 # -- the model, without memory --------------------------------------------------------------------------------
-def meta_model(cfg, stage: str, special_ids: dict[str, int], num_bank_rows: int = 0, with_teacher: bool = False):
-    """The TagiModel this run will build, on the meta device: its adapted sites, parameter names and shapes,
-    at no memory cost. Building it checks the model settings (projections, stacks, trainable regexes...);
-    with ``model.model_name_or_path`` it is built from that directory's config.json and its weight files'
-    headers are checked against it."""
-    import torch
-
-    from tagi_ds import model as tagi_model
-
-    try:
-        with torch.device("meta"):
-            if cfg.model.model_name_or_path:
-                backbone = _meta_pretrained(cfg)
-            else:
-                backbone = tagi_model.build_backbone(cfg, special_ids)
-            return tagi_model.build_model(cfg, stage, backbone, num_bank_rows=num_bank_rows, with_teacher=with_teacher)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError, KeyError, AttributeError) as err:  # transformers' config checks
-        where = "--model_name_or_path" if cfg.model.model_name_or_path else "model"
-        fail(
-            where,
-            f"cannot build this backbone: {type(err).__name__}: {str(err).splitlines()[0]}",
-            cfg.model.model_name_or_path,
-        )
-
-
-def _meta_pretrained(cfg):
+def meta_pretrained(cfg):
+    """``model.model_name_or_path``'s backbone on the meta device (``tagi_ds.assembly.meta_model``): its
+    config.json read and checked, the weight files' headers checked against it."""
     import transformers
 
     from tagi_ds import families

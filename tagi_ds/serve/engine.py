@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tagi_ds import artifacts, data
+from tagi_ds import artifacts, assembly, data, stages
 from tagi_ds.adapters import AdapterSet
 from tagi_ds.adapters.bank import call_whole
 from tagi_ds.backbones.base import DTYPES
@@ -34,7 +34,6 @@ from tagi_ds.config import TagiConfig
 from tagi_ds.data import Example, Segment, Task, TaskCollator
 from tagi_ds.data.collate import pad
 from tagi_ds.export.peft import CONDITIONS, condition_text, instruction_tensors
-from tagi_ds.model import build_model
 from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
@@ -97,7 +96,8 @@ def preflight(cfg: TagiConfig, hypernet: Path):
             f"WORLD_SIZE={preflight_checks.env_world_size()}",
         )
     tok = data.load_tokenizer(cfg)
-    artifacts.check_hypernet(hypernet, preflight_checks.meta_model(cfg, "finetune", tok.special_ids), "--hypernet")
+    model = assembly.meta_model(cfg, stages.spec("finetune", cfg), tok.special_ids)
+    artifacts.check_hypernet(hypernet, model, "--hypernet")
     return tok
 
 
@@ -112,17 +112,23 @@ def load(
 ) -> Engine:
     """Build the frozen backbone + hypernetwork once (after :func:`preflight`)."""
     device = device or dist.device()
-    backbone = ds_engine.build_backbone(
-        cfg, {}, tok.special_ids, placement=("whole", "serving: one process holds the whole model")
-    )
-    model = build_model(cfg, "finetune", backbone).requires_grad_(False).eval()
-    artifacts.load_hypernet(model, hypernet)
     # the precision evaluate.py's engine runs in (train.precision; auto: bf16 on CUDA), else the backbone's own
     # model.dtype; parameters only (RoPE's fp32 inv_freq buffer stays): the generator, saved in fp32, then reads
     # states of its own dtype
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds_engine.precision(cfg))
-    ds_engine.cast_parameters(model, half or DTYPES[cfg.model.dtype])
-    ds_engine.place(model, device)
+    model = assembly.assemble(
+        stages.spec("finetune", cfg),
+        cfg,
+        {},  # no DeepSpeed: one process holds the whole model
+        tok.special_ids,
+        runner="infer",
+        placement=ds_engine.Placement("whole", "serving: one process holds the whole model"),
+        teacher=False,
+        loads=assembly.Loads(artifact=hypernet),
+        device=device,
+        dtype=half or DTYPES[cfg.model.dtype],
+        init_on_device=True,
+    ).model
     return Engine(
         cfg, model, tok, fingerprint(hypernet, cfg, model), device, AdapterCache(cache_bytes, metrics), metrics, mode
     )

@@ -6,10 +6,11 @@ terms here, and the step's metrics.jsonl line gains, for each term k other than 
 
   ``grad_ratio/k = ||grad(w_k L_k)|| / ||grad(L_ce)||`` and ``grad_cos/k = cos(grad(w_k L_k), grad(L_ce))``
 
-with ``w_k`` the term's weight in the loss (``loss.kl_weight``, ``loss.param_weight``). The gradients are the
-step's: summed over its micro-batches and averaged over ranks (one all-reduce), so 2 ranks x 1 micro-batch give
-the ratios of 1 rank x 2. Cost: one extra backward per term and micro-batch on those steps only (autograd.grad
-with the graph kept for the step's own backward); nothing on the others.
+with ``w_k`` the term's weight in the loss (its ``tagi_ds.loss_terms`` record: ``loss.kl_weight``, ...), for every
+registered term that is on. The gradients are the step's: summed over its micro-batches and averaged over ranks
+(one all-reduce), so 2 ranks x 1 micro-batch give the ratios of 1 rank x 2. Cost: one extra backward per term and
+micro-batch on those steps only (autograd.grad with the graph kept for the step's own backward); nothing on the
+others.
 
 ZeRO-3: the gradients are taken w.r.t. the trainable parameters held whole on every rank (the hypernetwork,
 ``runtime.engine.keep_whole``); autograd.grad fills no ``.grad`` and runs none of DeepSpeed's gradient hooks,
@@ -22,13 +23,13 @@ from __future__ import annotations
 import torch
 
 from tagi_ds.config import LossConfig
+from tagi_ds.loss_terms import TERMS
 from tagi_ds.runtime import dist
 
 
 def weighted(terms: dict[str, torch.Tensor], lc: LossConfig) -> dict[str, torch.Tensor]:
-    """The terms as they enter the loss (``model.TagiModel.forward``): ce, kl_weight * kl, param_weight * param."""
-    weights = {"ce": 1.0, "kl": lc.kl_weight, "param": lc.param_weight}
-    return {k: weights[k] * v for k, v in terms.items() if k in weights}
+    """The terms as they enter the loss (``model.TagiModel.forward``): each registered term times its weight."""
+    return {k: TERMS[k].weight_of(lc) * v for k, v in terms.items() if k in TERMS}
 
 
 def whole_trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
@@ -55,10 +56,12 @@ def due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-# Terms whose gradient runs back through the backbone. Under ZeRO-3 a backward through the (partitioned) backbone
-# re-gathers and then releases its parameters, so the same graph cannot be walked twice: each of these terms gets
-# a forward of its own. The other terms (param: generator -> factors only) share the first forward's graph.
-BACKBONE_TERMS = ("ce", "kl")
+def through_backbone(name: str) -> bool:
+    """A token term's gradient runs back through the backbone (CE, KL); an adapter term's (param: generator ->
+    factors) does not. Under ZeRO-3 a backward through the (partitioned) backbone re-gathers and then releases its
+    parameters, so the same graph cannot be walked twice: each token term gets a forward of its own; the adapter
+    terms share the first forward's graph."""
+    return TERMS[name].kind == "token"
 
 
 class StepRatios:
@@ -92,7 +95,7 @@ class StepRatios:
             terms = weighted(self.model(batch)[1], self.lc)
             if len(terms) < 2:  # CE alone: nothing to compare
                 return
-            through = [k for k in BACKBONE_TERMS if k in terms]
+            through = [k for k in terms if through_backbone(k)]
             for k in terms:
                 if k not in through:
                     self._accumulate(k, self._grad(terms[k], retain=True))

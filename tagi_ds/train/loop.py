@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from tagi_ds import artifacts, data, plan, stages, teacher_model
-from tagi_ds.config import ConfigError, TagiConfig
-from tagi_ds.model import build_model
+from tagi_ds import artifacts, assembly, data, plan, stages, teacher_model
+from tagi_ds.config import ConfigError, TagiConfig, frozen
 from tagi_ds.runtime import dist, rundir
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
@@ -50,7 +49,7 @@ class RunArgs:
 class Checked:
     """Everything preflight checked and loaded for a run, handed to :func:`train` (nothing written yet)."""
 
-    cfg: TagiConfig
+    cfg: TagiConfig  # frozen (config.frozen): what preflight resolved is what runs; a later change is an error
     args: RunArgs
     spec: stages.Spec  # what the stage trains, reads and writes
     ds: dict  # the final DeepSpeed dict for this world size
@@ -68,7 +67,8 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     output dir, the DeepSpeed JSON (DeepSpeed's own schema), the artifacts (--teachers, --init_hypernet:
     config keys, sites, every tensor's shape from the safetensors headers), the tokenizer and data (loaded
     here, once), the model (built on the meta device) and the checkpoint to resume (fingerprint, files).
-    Bad input raises ConfigError / DataError (one line, exit code 2 under ``runtime.preflight.guarded``)."""
+    Bad input raises ConfigError / DataError (one line, exit code 2 under ``runtime.preflight.guarded``).
+    The stage is resolved into its spec once, here; the config it returns is a frozen copy (``config.frozen``)."""
     world, rank = preflight_checks.env_world_size(), preflight_checks.env_rank()
     out = preflight_checks.check_output_dir(args.output_dir)
     if rank == 0 and (holder := rundir.holder(out)):  # rank 0 alone: the others would see their own rank 0's lock
@@ -98,7 +98,7 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
                 "--teachers: finetune with loss.kl_weight or loss.param_weight > 0 needs --teachers DIR "
                 "(or --teacher_model DIR with loss.param_weight=0, or --set loss.kl_weight=0 loss.param_weight=0)"
             )
-        rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
+        cfg, rows = artifacts.adopt_teacher(cfg, Path(args.teachers))  # rank, alpha, granularity from the dir
     tokenizer = data.load_tokenizer(cfg)
     teacher_cfg = teacher_model.check(cfg, args.teacher_model, tokenizer) if args.teacher_model else None
     tasks = data.load_tasks(cfg.data.spec, cfg.data, "train") if spec.stage.data == "tasks" else None
@@ -115,16 +115,14 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     loader = data.build_train_loader(
         cfg,
         tokenizer,
-        stage=args.stage,
+        stage=spec,
         rank=rank,
         world_size=world,
         teacher_rows=rows,
         tasks=tasks,
         teacher_view=True if teacher_cfg is not None else None,
     )
-    model = preflight_checks.meta_model(
-        cfg, args.stage, tokenizer.special_ids, num_bank_rows=len(rows) if rows else 0, with_teacher=bank
-    )
+    model = assembly.meta_model(cfg, spec, tokenizer.special_ids, rows=len(rows) if rows else 0, teacher=bank)
     if bank:
         artifacts.check_teachers(Path(args.teachers), model.teacher, model, "--teachers")
     if args.init_hypernet:
@@ -136,7 +134,7 @@ def preflight(cfg: TagiConfig, args: RunArgs) -> Checked:
     fingerprint.update(resume_settings.record(cfg, ds))  # what the next resume compares itself with
     # The run a checkpoint belongs to (pruning removes only its own): a resume continues the checkpoint's run.
     fingerprint["run_id"] = checkpoint.run_id(resume) if resume is not None else None
-    return Checked(cfg, args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume, teacher_cfg)
+    return Checked(frozen(cfg), args, spec, ds, world, tokenizer, loader, fingerprint, rows, resume, teacher_cfg)
 
 
 def run(cfg: TagiConfig, args: RunArgs) -> Path:
@@ -212,18 +210,22 @@ def setup(checked: Checked) -> Session:
     out = rundir.start(cfg, ds, args, checked.world_size)
     if checked.fingerprint.get("run_id") is None:
         checked.fingerprint["run_id"] = dist.broadcast_object(uuid.uuid4().hex if dist.is_main() else None)
-    placement = plan.for_training(cfg, ds, checked.world_size, checked.teacher_cfg)
-    backbone = ds_engine.build_backbone(cfg, ds, checked.tokenizer.special_ids, placement=placement)
-    model = build_model(
-        cfg, args.stage, backbone, num_bank_rows=len(rows) if rows else 0, with_teacher=model_bank(checked)
+    run = assembly.assemble(
+        checked.spec,
+        cfg,
+        ds,
+        checked.tokenizer.special_ids,
+        world_size=checked.world_size,
+        placement=plan.for_training(cfg, ds, checked.world_size, checked.teacher_cfg),
+        rows=len(rows) if rows else 0,
+        teacher=model_bank(checked),
+        teacher_model=checked.teacher_cfg,
+        loads=assembly.Loads(
+            teachers=Path(args.teachers) if model_bank(checked) else None,
+            init_hypernet=Path(args.init_hypernet) if args.init_hypernet else None,
+        ),
     )
-    if checked.teacher_cfg is not None:  # a submodule before the engine is built: ZeRO-3 hooks it as the backbone
-        model.teacher_model = teacher_model.build(checked.teacher_cfg, ds, checked.tokenizer.special_ids)
-    if model_bank(checked):
-        artifacts.load_teachers(model.teacher, Path(args.teachers), model)
-    if args.init_hypernet:
-        artifacts.load_hypernet(model, Path(args.init_hypernet), "--init_hypernet")
-    eng = ds_engine.build_engine(model, cfg, ds)
+    model, eng = run.model, run.runner
 
     start = 0
     if checked.resume is not None:
@@ -240,7 +242,7 @@ def setup(checked: Checked) -> Session:
         f"device {eng.device.type}, {trainable:,} trainable parameters"
         + (f", resumed at step {start}" if start else "")
     )
-    if layout := ds_engine.describe_partitioning(model, dist.world_size()):
+    if layout := run.describe():
         progress.message(layout)
     if model.teacher_model is not None:
         progress.message(teacher_model.describe(model.teacher_model))

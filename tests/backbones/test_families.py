@@ -26,7 +26,8 @@ from tagi_ds.data import (
     format_instruction,
 )
 from tagi_ds.export.peft import condition_text, export_peft, generate_adapter, generate_factors, instruction_tensors
-from tagi_ds.losses import ce_loss, kl_loss, token_losses
+from tagi_ds.loss_terms import token_losses
+from tagi_ds.losses import ce_loss, kl_loss
 from tagi_ds.model import build_backbone, build_model
 from tagi_ds.plan import count
 from tagi_ds.recipes import get_recipe

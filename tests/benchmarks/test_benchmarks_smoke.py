@@ -117,7 +117,8 @@ def test_the_torch_engine_casts_parameters_not_buffers():
 
     from tagi_ds.runtime.engine import cast_parameters
 
-    assert "ds_engine.cast_parameters(" in (ROOT / "benchmarks" / "bench_train_step.py").read_text()
+    assert 'runner="torch"' in (ROOT / "benchmarks" / "bench_train_step.py").read_text()  # the assembly's torch run:
+    assert "E.cast_parameters(" in (ROOT / "tagi_ds" / "assembly.py").read_text()
     m = torch.nn.Linear(4, 4)
     m.register_buffer("inv_freq", torch.ones(2), persistent=False)
     m.register_buffer("ids", torch.arange(3))

@@ -44,9 +44,9 @@ def test_keep_casts_to_the_training_dtype_and_engine_keeps_the_teacher_where_the
     b = bank().keep(torch.bfloat16, CPU, max_rows=2)
     assert {p.dtype for p in b.parameters()} == {torch.bfloat16} and b._staging is None  # CPU steps: no staging
     model = tiny_model("tiny", rows=3)
-    E.keep_teacher(model, torch.bfloat16, CPU)
+    home = E.keep_teacher(model, torch.bfloat16, CPU)
     assert {p.dtype for p in model.teacher.parameters()} == {torch.bfloat16}
-    assert model.teacher.tagi_home[0] == CPU
+    assert home == E.TeacherHome(CPU, "steps run on the cpu")
     batch = make_batch("t5", counts=(2, 3), teacher_rows=[2, 0])
     taken = model.teacher.take([2, 0], batch.example_offsets, CPU, torch.bfloat16)
     assert torch.equal(taken.factors[0][0], model.teacher.A["0"][[2, 0]])

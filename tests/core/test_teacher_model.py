@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tagi_ds import data, teacher_model
+from tagi_ds.assembly import build_teacher_model
 from tagi_ds.config import ConfigError, apply_overrides
 from tagi_ds.losses import kl_loss, target_rows
 from tagi_ds.model import build_backbone, build_model
@@ -43,7 +44,7 @@ def test_kl_target_is_the_teacher_models_distribution(recipe, tmp_path):
     tcfg = teacher_model.check(cfg, str(teacher_dir), tok)
     model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids))
     assert model.teacher is None  # no bank: --teacher_model alone gives the KL target
-    model.teacher_model = teacher_model.build(tcfg, {}, tok.special_ids)
+    model.teacher_model = build_teacher_model(tcfg, {}, tok.special_ids)
     model.train()
     assert not model.teacher_model.training and model.backbone.training  # the target has no dropout
     assert not any(p.requires_grad for p in model.teacher_model.parameters())

@@ -17,30 +17,33 @@ TASKS = ["task001_words_copy", "task002_words_reverse", "task012_words_first", "
 
 
 @pytest.fixture(scope="module")
-def hypernets(tmp_path_factory):
+def hypernets(once):
     """A tiny hypernet finetuned 40 steps on TASKS (in-process, CE only), and its instruction-blind copy: the
-    generator's weights on the pooled instruction zeroed, so every task gets the same adapter."""
-    tmp = tmp_path_factory.mktemp("diagnose")
-    cfg = get_recipe("tiny")
-    cfg.data.tasks = list(TASKS)
-    cfg.loss.kl_weight = cfg.loss.param_weight = 0.0
-    tok = data.load_tokenizer(cfg)
-    seed_everything(0)  # random and numpy too: what ran before in this worker must not change the training
-    model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids))
-    tasks = data.load_tasks(cfg.data.spec, cfg.data, "train")
-    assert [t.name for t in tasks] == TASKS
-    batches = iter(data.build_train_loader(cfg, tok, stage="finetune", tasks=tasks))
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
-    for _ in range(40):
-        loss, _ = model(next(batches))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    artifacts.save_hypernet(model, tmp / "trained")
-    with torch.no_grad():
-        model.generator.trunk[0].weight[:, : model.generator.norm.normalized_shape[0]] = 0.0
-    artifacts.save_hypernet(model, tmp / "blind")
-    return tmp
+    generator's weights on the pooled instruction zeroed, so every task gets the same adapter. Made ``once`` per
+    session, also across pytest-xdist workers."""
+
+    def make(tmp):
+        cfg = get_recipe("tiny")
+        cfg.data.tasks = list(TASKS)
+        cfg.loss.kl_weight = cfg.loss.param_weight = 0.0
+        tok = data.load_tokenizer(cfg)
+        seed_everything(0)  # random and numpy too: what ran before in this worker must not change the training
+        model = build_model(cfg, "finetune", build_backbone(cfg, tok.special_ids))
+        tasks = data.load_tasks(cfg.data.spec, cfg.data, "train")
+        assert [t.name for t in tasks] == TASKS
+        batches = iter(data.build_train_loader(cfg, tok, stage="finetune", tasks=tasks))
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+        for _ in range(40):
+            loss, _ = model(next(batches))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        artifacts.save_hypernet(model, tmp / "trained")
+        with torch.no_grad():
+            model.generator.trunk[0].weight[:, : model.generator.norm.normalized_shape[0]] = 0.0
+        artifacts.save_hypernet(model, tmp / "blind")
+
+    return once("diagnose-hypernets", make)[0]
 
 
 def _diagnose(path, out):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagi_ds import plan
+from tagi_ds import loss_terms, plan
 from tagi_ds.config import ConfigError
 from tagi_ds.plan import PlanInput
 from tagi_ds.plan import cli as plan_cli
@@ -226,7 +226,8 @@ def test_step_flops_match_torch_flop_counter_on_tiny():
         with FlopCounterMode(display=False) as counter:
             loss, _ = model(batch)
             loss.backward()
-        formula = plan.step_flops(plan.count(cfg, 60), s, variant, kl=mode == "tagi")["hardware"]
+        terms = loss_terms.active(cfg.loss, teacher=mode == "tagi")
+        formula = plan.step_flops(plan.count(cfg, 60), s, variant, terms=terms)["hardware"]
         # torch counts the attention backward as 5 matmuls (it recomputes the scores), the formula as 4.
         assert formula == pytest.approx(counter.get_total_flops(), rel=0.06), (model_name, mode)
 
@@ -339,6 +340,9 @@ def test_teacher_model_step_flops_match_torch_flop_counter_on_tiny():
         loss, _ = model(batch)
         loss.backward()
     c = with_teacher_model(plan.count(cfg, 60), "mini")
-    flops = plan.step_flops(c, s, "tagi", kl=True)
-    assert flops["teacher_forward"] > 2 * plan.step_flops(plan.count(cfg, 60), s, "tagi")["teacher_forward"]
+    terms = loss_terms.active(cfg.loss, teacher=True)
+    flops = plan.step_flops(c, s, "tagi", terms=terms)
+    assert (
+        flops["teacher_forward"] > 2 * plan.step_flops(plan.count(cfg, 60), s, "tagi", terms=terms)["teacher_forward"]
+    )
     assert flops["hardware"] == pytest.approx(counter.get_total_flops(), rel=0.06)

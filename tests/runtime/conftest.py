@@ -29,18 +29,26 @@ build_tokenizer()[0].save_pretrained(out + "/backbone")
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(out)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=HANG_S
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for f in (
-        "teachers/teachers/teachers.safetensors",
-        "pretrain/hypernet/generator.safetensors",
-        "concat/baseline_lora/teachers.safetensors",
-        "pretrain/checkpoints/step-2/trainer_rank0.pt",
-        "backbone/model.safetensors",
-    ):
-        assert (out / f).is_file(), f
-    return out
+def runs(once) -> Path:
+    """Made ``once`` per session, also across pytest-xdist workers (the bad-input cases land on both)."""
+
+    def make(out: Path) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(out)],
+            cwd=REPO,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=HANG_S,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        for f in (
+            "teachers/teachers/teachers.safetensors",
+            "pretrain/hypernet/generator.safetensors",
+            "concat/baseline_lora/teachers.safetensors",
+            "pretrain/checkpoints/step-2/trainer_rank0.pt",
+            "backbone/model.safetensors",
+        ):
+            assert (out / f).is_file(), f
+
+    return once("runtime-runs", make)[0]

@@ -13,7 +13,7 @@ from tagi_ds.model import build_backbone
 dist.init()
 cfg = get_recipe(sys.argv[1])
 ds = E.inject(E.load_ds_json(sys.argv[2]), cfg, 1)
-built = E.build_backbone(cfg, ds, {})
+built = E.build_backbone(cfg, ds, {}, E.inference_placement(ds))
 with E.backbone_init(ds):
     raw = build_backbone(cfg, {})  # zero.Init's own draw
 torch.manual_seed(1234)  # the caller's RNG state must not matter

@@ -93,61 +93,72 @@ def _losses(out) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """Every single-rank scenario, in one process. ``ref``: 6 steps uninterrupted (the bit-exact reference)."""
-    t = tmp_path_factory.mktemp("faults")
-    ref, old, full, start, bad = t / "ref", t / "old", t / "full", t / "start", t / "bad"
-    miss, miss2, nowhere = t / "miss", t / "miss2", t / "nowhere"
-    steps = [
-        ("ref", ["--output_dir", str(ref), "--max_steps", "6", *SMALL]),
-        # a fresh run into a dir that holds another run's checkpoints (higher steps): refused, then --start_over
-        ("!copy", ["copy", str(ref), str(old)]),
-        ("fresh-over-old", ["--output_dir", str(old), "--max_steps", "2", *SMALL]),
-        ("start-over", ["--output_dir", str(old), "--max_steps", "2", "--start_over", *SMALL]),
-        # the disk fills during the 2nd save; then the resume continues from the 1st
-        ("enospc", ["--output_dir", str(full), "--max_steps", "6", *SMALL, "train.inject_fault=enospc@4"]),
-        ("!copy", ["copy", str(full), str(t / "full-at-fault")]),  # what the fault left, before the resume
-        (
-            "enospc-resume",
-            ["--output_dir", str(full), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL],
-        ),
-        # the directory turns read-only during the 2nd save (as root, chmod does not stop writes: injected EROFS)
-        ("rofs", ["--output_dir", str(t / "rofs"), "--max_steps", "4", *SMALL, "train.inject_fault=rofs@4"]),
-        # the disk is full at start: config.json cannot be written
-        ("enospc-start", ["--output_dir", str(start), "--max_steps", "2", *SMALL, "train.inject_fault=enospc@0"]),
-        # latest is not UTF-8: the newest complete step is used, and said so
-        ("!copy", ["copy", str(ref), str(bad)]),
-        ("!write", ["write", str(bad / "checkpoints" / "latest"), "ff fe 73 74 65 70 0a"]),
-        ("!rmtree", ["rmtree", str(bad / "checkpoints" / "step-6"), ""]),  # so that the resume has steps to run
-        ("bad-latest", ["--output_dir", str(bad), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL]),
-        # latest points at a step that is gone
-        ("!copy", ["copy", str(ref), str(nowhere)]),
-        ("!write", ["write", str(nowhere / "checkpoints" / "latest"), b"step-99\n".hex()]),
-        ("!rmtree", ["rmtree", str(nowhere / "checkpoints" / "step-6"), ""]),
-        (
-            "nowhere-latest",
-            ["--output_dir", str(nowhere), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL],
-        ),
-        # the newest step lacks a DeepSpeed optimizer file: by path refused before anything is written; with latest
-        # the older complete step is used
-        ("!copy", ["copy", str(ref), str(miss)]),
-        ("!rm", ["rm", str(miss / "checkpoints" / "step-6" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), ""]),
-        ("!copy", ["copy", str(miss), str(miss2)]),
-        (
-            "miss-by-path",
-            [
-                "--output_dir",
-                str(miss),
-                "--max_steps",
-                "8",
-                "--resume_from_checkpoint",
-                str(miss / "checkpoints" / "step-6"),
-                *SMALL,
-            ],
-        ),
-        ("miss-latest", ["--output_dir", str(miss2), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL]),
-    ]
-    return t, _run_all(steps), None
+def single(once):
+    """Every single-rank scenario, in one process. ``ref``: 6 steps uninterrupted (the bit-exact reference). Run
+    ``once`` per session, also across pytest-xdist workers."""
+
+    def make(t):
+        ref, old, full, start, bad = t / "ref", t / "old", t / "full", t / "start", t / "bad"
+        miss, miss2, nowhere = t / "miss", t / "miss2", t / "nowhere"
+        steps = [
+            ("ref", ["--output_dir", str(ref), "--max_steps", "6", *SMALL]),
+            # a fresh run into a dir that holds another run's checkpoints (higher steps): refused, then --start_over
+            ("!copy", ["copy", str(ref), str(old)]),
+            ("fresh-over-old", ["--output_dir", str(old), "--max_steps", "2", *SMALL]),
+            ("start-over", ["--output_dir", str(old), "--max_steps", "2", "--start_over", *SMALL]),
+            # the disk fills during the 2nd save; then the resume continues from the 1st
+            ("enospc", ["--output_dir", str(full), "--max_steps", "6", *SMALL, "train.inject_fault=enospc@4"]),
+            ("!copy", ["copy", str(full), str(t / "full-at-fault")]),  # what the fault left, before the resume
+            (
+                "enospc-resume",
+                ["--output_dir", str(full), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL],
+            ),
+            # the directory turns read-only during the 2nd save (as root, chmod does not stop writes: injected EROFS)
+            ("rofs", ["--output_dir", str(t / "rofs"), "--max_steps", "4", *SMALL, "train.inject_fault=rofs@4"]),
+            # the disk is full at start: config.json cannot be written
+            ("enospc-start", ["--output_dir", str(start), "--max_steps", "2", *SMALL, "train.inject_fault=enospc@0"]),
+            # latest is not UTF-8: the newest complete step is used, and said so
+            ("!copy", ["copy", str(ref), str(bad)]),
+            ("!write", ["write", str(bad / "checkpoints" / "latest"), "ff fe 73 74 65 70 0a"]),
+            ("!rmtree", ["rmtree", str(bad / "checkpoints" / "step-6"), ""]),  # so that the resume has steps to run
+            (
+                "bad-latest",
+                ["--output_dir", str(bad), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL],
+            ),
+            # latest points at a step that is gone
+            ("!copy", ["copy", str(ref), str(nowhere)]),
+            ("!write", ["write", str(nowhere / "checkpoints" / "latest"), b"step-99\n".hex()]),
+            ("!rmtree", ["rmtree", str(nowhere / "checkpoints" / "step-6"), ""]),
+            (
+                "nowhere-latest",
+                ["--output_dir", str(nowhere), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL],
+            ),
+            # the newest step lacks a DeepSpeed optimizer file: by path refused before anything is written; with latest
+            # the older complete step is used
+            ("!copy", ["copy", str(ref), str(miss)]),
+            ("!rm", ["rm", str(miss / "checkpoints" / "step-6" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), ""]),
+            ("!copy", ["copy", str(miss), str(miss2)]),
+            (
+                "miss-by-path",
+                [
+                    "--output_dir",
+                    str(miss),
+                    "--max_steps",
+                    "8",
+                    "--resume_from_checkpoint",
+                    str(miss / "checkpoints" / "step-6"),
+                    *SMALL,
+                ],
+            ),
+            (
+                "miss-latest",
+                ["--output_dir", str(miss2), "--max_steps", "6", "--resume_from_checkpoint", "latest", *SMALL],
+            ),
+        ]
+        return _run_all(steps)
+
+    t, results = once("faults-single", make)
+    return t, results, None
 
 
 def test_fresh_run_into_another_runs_dir_is_refused_then_start_over_keeps_its_own(single):

@@ -58,10 +58,11 @@ from tagi_ds.model import build_model
 dist.init()
 cfg = get_recipe("tiny")
 ds = E.inject(E.load_ds_json(sys.argv[1]), cfg, 1)
-model = build_model(cfg, "finetune", E.build_backbone(cfg, ds, {}), num_bank_rows=2, with_teacher=True)
+placement = E.inference_placement(ds)
+model = build_model(cfg, "finetune", E.build_backbone(cfg, ds, {}, placement), num_bank_rows=2, with_teacher=True)
 calls, real = [], E.place
 E.place = lambda m, d: calls.append((m is model, str(d))) or real(m, d)  # records, then does the real thing
-eng = E.build_engine(model, cfg, ds)
+eng = E.build_engine(model, cfg, ds, placement)
 assert eng.zero_optimization_stage() == int(sys.argv[2])
 print("CALLS", calls, "ENGINE", eng.device)
 left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]

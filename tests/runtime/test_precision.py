@@ -25,7 +25,8 @@ if hasattr(mu, "prevent_arange_dtype_change"):
     mu.prevent_arange_dtype_change = contextlib.nullcontext  # as transformers 5.17 (the GPU image) builds RoPE
 from tagi_ds.runtime import dist, engine as E
 from tagi_ds.recipes import get_recipe
-from tagi_ds.model import build_backbone, build_model
+from tagi_ds.model import build_backbone
+from tagi_ds import assembly, stages
 dist.init()
 out = []
 for recipe in sys.argv[2:]:
@@ -35,9 +36,10 @@ for recipe in sys.argv[2:]:
         cfg.train.frozen_backbone = placement
         ds = E.inject(E.load_ds_json(sys.argv[1]), cfg, 1)
         ds["bf16"] = {"enabled": True}  # the CPU accelerator runs bf16; the config refuses it without CUDA
-        backbone = E.build_backbone(cfg, ds, {}, placement=(placement, "test"))
-        model = build_model(cfg, "finetune", backbone, num_bank_rows=2, with_teacher=True)
-        eng = E.build_engine(model, cfg, ds)
+        run = assembly.assemble(stages.spec("finetune", cfg), cfg, ds, {}, placement=E.Placement(placement, "test"),
+                                rows=2, teacher=True)
+        model, eng = run.model, run.runner
+        backbone = model.backbone
         rope = {n: [str(b.dtype), torch.equal(b, plain[n])] for n, b in backbone.named_buffers() if "inv_freq" in n}
         gen = sorted({str(t.dtype) for p in model.generator.parameters()
                       for t in (p, getattr(p, "ds_tensor", p))})
@@ -45,6 +47,12 @@ for recipe in sys.argv[2:]:
                     "partitioned": any(hasattr(p, "ds_id") for p in backbone.parameters()),
                     "teacher": sorted({str(p.dtype) for p in model.teacher.parameters()})})
         eng.destroy()
+# DeepSpeed's Muon module is imported with its functions eager (engine.import_muon_eager): torch's inductor
+# compiler is not imported at an engine start (transformers imports torch._dynamo, and with it a part of inductor).
+muon = sys.modules.get("deepspeed.runtime.zero.muon.original_muon")
+newton_schulz = getattr(muon, "zeropower_via_newtonschulz5", None)
+out.append({"inductor": "torch._inductor.compile_fx" in sys.modules,
+            "eager": "absent" if newton_schulz is None else not hasattr(newton_schulz, "_torchdynamo_orig_callable")})
 print("RESULT " + json.dumps(out))
 """
 
@@ -61,7 +69,9 @@ def test_bf16_zero3_rope_fp32_and_generator_in_training_dtype(tmp_path):
         timeout=1200,
     )  # a hang guard: ~30 s idle
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    *rows, muon = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    if muon["eager"] != "absent":  # a DeepSpeed whose Muon module is laid out otherwise: nothing to check
+        assert muon == {"inductor": False, "eager": True}, muon
     assert [(r["recipe"], r["placement"]) for r in rows] == [
         (f, p) for f in FAMILIES for p in ("partitioned", "replicated")
     ]

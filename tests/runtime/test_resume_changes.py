@@ -21,22 +21,27 @@ def _snapshot(out) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    t = tmp_path_factory.mktemp("resume-changes")
-    base, lr, shape, source, seed = t / "base", t / "lr", t / "shape", t / "source", t / "seed"
-    corpus = t / "corpus.txt"
-    corpus.write_text(" ".join(f"word{i % 97} text{i % 13}." for i in range(3000)) + "\n")
-    latest = ["--resume_from_checkpoint", "latest"]
-    steps = [("base", ["--output_dir", str(base), *BASE])]
-    steps += [("!copy", ["copy", str(base), str(d)]) for d in (lr, shape, source, seed)]
-    steps += [
-        ("lr", ["--output_dir", str(lr), *latest, *BASE, "train.lr=0.1"]),
-        ("shape", ["--output_dir", str(shape), *latest, *BASE, "data.tasks_per_batch=1"]),
-        ("source", ["--output_dir", str(source), *latest, *BASE, f"data.corpus=text:{corpus}"]),
-        ("seed", ["--output_dir", str(seed), "--seed", "7", *latest, *BASE]),
-    ]
-    results = _run_all(steps)
-    before = {d.name: _snapshot(t / "base") for d in (shape, source, seed)}  # each copy as it was before its resume
+def runs(once):
+    """Run ``once`` per session, also across pytest-xdist workers."""
+
+    def make(t):
+        base, lr, shape, source, seed = t / "base", t / "lr", t / "shape", t / "source", t / "seed"
+        corpus = t / "corpus.txt"
+        corpus.write_text(" ".join(f"word{i % 97} text{i % 13}." for i in range(3000)) + "\n")
+        latest = ["--resume_from_checkpoint", "latest"]
+        steps = [("base", ["--output_dir", str(base), *BASE])]
+        steps += [("!copy", ["copy", str(base), str(d)]) for d in (lr, shape, source, seed)]
+        steps += [
+            ("lr", ["--output_dir", str(lr), *latest, *BASE, "train.lr=0.1"]),
+            ("shape", ["--output_dir", str(shape), *latest, *BASE, "data.tasks_per_batch=1"]),
+            ("source", ["--output_dir", str(source), *latest, *BASE, f"data.corpus=text:{corpus}"]),
+            ("seed", ["--output_dir", str(seed), "--seed", "7", *latest, *BASE]),
+        ]
+        return _run_all(steps)
+
+    t, results = once("resume-changes", make)
+    # Each copy as it was before its resume: the base run's files (the resumes wrote into the copies only).
+    before = {name: _snapshot(t / "base") for name in ("shape", "source", "seed")}
     return t, results, before
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from tagi_ds import plan
+from tagi_ds import assembly, plan, stages
 from tagi_ds.config import apply_overrides
-from tagi_ds.model import TagiModel, build_model
+from tagi_ds.model import TagiModel
 from tagi_ds.recipes import get_recipe
 from tagi_ds.runtime import dist, zero_release
 from tagi_ds.runtime import engine as ds_engine
@@ -34,9 +34,17 @@ def one_case(seed: int) -> dict | None:
     ).validate()
     ds = ds_engine.inject(ds_engine.load_ds_json(ds_engine.default_ds_config(cfg.recipe)), cfg, dist.world_size())
     torch.manual_seed(seed)
-    backbone = ds_engine.build_backbone(cfg, ds, {}, placement=plan.for_training(cfg, ds, dist.world_size()))
-    model = build_model(cfg, "finetune", backbone, num_bank_rows=4, with_teacher=True)
-    eng = ds_engine.build_engine(model, cfg, ds)
+    run = assembly.assemble(
+        stages.spec("finetune", cfg),
+        cfg,
+        ds,
+        {},
+        world_size=dist.world_size(),
+        placement=plan.for_training(cfg, ds, dist.world_size()),
+        rows=4,
+        teacher=True,
+    )
+    model, eng = run.model, run.runner
     batch = plan.synthetic_batch(
         cfg.model.arch, plan.Shapes(2, 2, 16, 4, 16), cfg.model.vocab_size, mode=cfg.mode, teacher=True, seed=seed
     )

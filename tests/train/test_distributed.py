@@ -14,16 +14,20 @@ STRAIGHT = ["--max_steps", "6", "--save_steps", "3", *TINY, "train.grad_accum=1"
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> tuple:
-    """One 2-rank ZeRO-3 run of 6 steps, shared: the 2-rank side of the 1-vs-2-rank comparison and the straight
-    run the resumed one must repeat (one launch fewer than a run for each; the next two tests stay adjacent so
-    that pytest-xdist gives them to one worker)."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    return out, check(launch("finetune.py", 2, ["--output_dir", str(out), *STRAIGHT]))
+def straight(once) -> tuple:
+    """One 2-rank ZeRO-3 run of 6 steps, shared (``once``: also across pytest-xdist workers): the 2-rank side of
+    the 1-vs-2-rank comparison and the straight run the resumed one must repeat (one launch fewer than a run for
+    each)."""
+
+    def make(d):
+        return check(launch("finetune.py", 2, ["--output_dir", str(d / "run"), *STRAIGHT])).stdout
+
+    d, stdout = once("straight", make)
+    return d / "run", stdout
 
 
 def test_one_rank_and_two_ranks_give_the_same_losses(tmp_path, straight):
-    two, proc = straight
+    two, stdout = straight
     one = tmp_path / "one"
     check(
         launch(
@@ -45,10 +49,10 @@ def test_one_rank_and_two_ranks_give_the_same_losses(tmp_path, straight):
     # The backbone really is partitioned, half on each rank, while the hypernetwork stays whole on every rank.
     assert (
         "ZeRO-3: 263,168 parameters partitioned across 2 rank(s), 131,584 held by each rank; 0 small ones kept whole"
-    ) in proc.stdout
-    assert "hypernetwork 293,632 whole on every rank" in proc.stdout
+    ) in stdout
+    assert "hypernetwork 293,632 whole on every rank" in stdout
     # DeepSpeed's own line, once per rank at every start, is left out (tagi_ds.runtime.dist.init).
-    assert "built successfully" not in proc.stdout + proc.stderr
+    assert "built successfully" not in stdout
     a, b = metrics(one), metrics(two)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
@@ -77,48 +81,56 @@ def test_resume_in_a_new_process_is_identical_to_a_straight_run(tmp_path, straig
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory) -> tuple:
+def distilled(once) -> tuple:
     """Finetuning with teachers (KL + param-MSE), shared by the next two tests (issue 29: one teacher run and one
-    1-rank / 2-rank pair instead of two of each): 1 rank x accum 2 measuring the gradient ratios at every step,
-    2 partitioned ZeRO-3 ranks x accum 1 measuring them at steps 0 and 2 of 3 (train.grad_ratio_every=2)."""
-    tmp = tmp_path_factory.mktemp("distilled")
-    ds = partitioned_z3(tmp)
-    teachers = tmp / "teachers"
-    check(
-        launch(
-            "train_teachers.py",
-            1,
-            ["--deepspeed", ds, "--output_dir", str(teachers), "--max_steps", "3", *TINY, "train.lr=1e-2"],
+    1-rank / 2-rank pair instead of two of each; ``once``: also across pytest-xdist workers): 1 rank x accum 2
+    measuring the gradient ratios at every step, 2 partitioned ZeRO-3 ranks x accum 1 measuring them at steps 0
+    and 2 of 3 (train.grad_ratio_every=2)."""
+
+    def make(tmp):
+        ds = partitioned_z3(tmp)
+        teachers = tmp / "teachers"
+        check(
+            launch(
+                "train_teachers.py",
+                1,
+                ["--deepspeed", ds, "--output_dir", str(teachers), "--max_steps", "3", *TINY, "train.lr=1e-2"],
+            )
         )
-    )
-    # The absolute alignment term: the relative one (the default) leaves out tasks whose teacher row is still
-    # zero, and 3 teacher steps train few of the tasks these 3 steps sample, so it would read 0 here.
-    common = [
-        "--deepspeed",
-        ds,
-        "--teachers",
-        str(teachers / "teachers"),
-        "--max_steps",
-        "3",
-        *TINY,
-        "loss.param_align=delta",
-    ]
-    one, two = tmp / "one", tmp / "two"
-    check(
-        launch("finetune.py", 1, ["--output_dir", str(one), *common, "train.grad_accum=2", "train.grad_ratio_every=1"])
-    )
-    proc = check(
-        launch("finetune.py", 2, ["--output_dir", str(two), *common, "train.grad_accum=1", "train.grad_ratio_every=2"])
-    )
-    return metrics(one), metrics(two), proc
+        # The absolute alignment term: the relative one (the default) leaves out tasks whose teacher row is still
+        # zero, and 3 teacher steps train few of the tasks these 3 steps sample, so it would read 0 here.
+        common = [
+            "--deepspeed",
+            ds,
+            "--teachers",
+            str(teachers / "teachers"),
+            "--max_steps",
+            "3",
+            *TINY,
+            "loss.param_align=delta",
+        ]
+        one, two = tmp / "one", tmp / "two"
+        check(
+            launch(
+                "finetune.py", 1, ["--output_dir", str(one), *common, "train.grad_accum=2", "train.grad_ratio_every=1"]
+            )
+        )
+        proc = check(
+            launch(
+                "finetune.py", 2, ["--output_dir", str(two), *common, "train.grad_accum=1", "train.grad_ratio_every=2"]
+            )
+        )
+        return metrics(one), metrics(two), proc.stdout
+
+    return once("distilled", make)[1]
 
 
 def test_distillation_under_zero3_matches_one_rank_with_the_teacher_outside_zero(distilled):
     """2 partitioned ZeRO-3 ranks give the losses of 1 rank x accum 2, while the frozen teacher bank stays whole
     in host memory (never a DeepSpeed parameter)."""
-    a, b, proc = distilled
-    assert "ZeRO-3: 263,168 parameters partitioned across 2 rank(s)" in proc.stdout
-    assert "in host memory, outside ZeRO" in proc.stdout
+    a, b, stdout = distilled
+    assert "ZeRO-3: 263,168 parameters partitioned across 2 rank(s)" in stdout
+    assert "in host memory, outside ZeRO" in stdout
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
     for x, y in zip(a, b):
         assert x["kl"] > 0 and x["param"] > 0

@@ -39,7 +39,8 @@ def test_placement_follows_the_config_and_the_stage():
 ENGINES = r"""
 import torch
 from tagi_ds.config import apply_overrides
-from tagi_ds.model import build_model
+from tagi_ds import stages
+from tagi_ds.assembly import assemble
 from tagi_ds.plan import synthetic_batch, Shapes
 from tagi_ds.plan import for_training
 from tagi_ds.recipes import get_recipe
@@ -56,10 +57,10 @@ for placement, mode in (("replicated", "tagi"), ("replicated", "no_instruction")
     batch = synthetic_batch("t5", Shapes(4, 2, 16, 8, 16), 1024, mode=mode)
     ds = E.inject(E.load_ds_json(E.TINY_DS_CONFIG), cfg, 1)
     torch.manual_seed(0)
-    backbone = E.build_backbone(cfg, ds, {}, placement=for_training(cfg, ds, 1))
-    model = build_model(cfg, "finetune", backbone, num_bank_rows=2, with_teacher=mode == "tagi")
+    run = assemble(stages.spec("finetune", cfg), cfg, ds, {}, placement=for_training(cfg, ds, 1), rows=2,
+                   teacher=mode == "tagi")
+    model, eng = run.model, run.runner
     placement = f"{placement}-{mode}"
-    eng = E.build_engine(model, cfg, ds)
     trained = model.generator if mode == "tagi" else model.bank
     calls = []  # kept whole, it runs without the module call (and its ZeRO-3 hooks)
     trained.register_forward_pre_hook(lambda m, a: calls.append(1))
@@ -76,7 +77,7 @@ for placement, mode in (("replicated", "tagi"), ("replicated", "no_instruction")
           "LINEAR", torch.nn.functional.linear.__name__)
     print(placement, "CALLS", len(calls))
     print(placement, "KEYS", sorted(k for k, p in eng.module.named_parameters() if p.requires_grad))
-    print(placement, "LINE", E.describe_partitioning(model, 1))
+    print(placement, "LINE", run.describe())
     eng.destroy()
 """
 
