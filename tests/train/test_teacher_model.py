@@ -13,28 +13,33 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(once) -> dict:
     """Built once: the teacher model dir (another tiny T5 of the same shape and tokenizer: in the miniature a
     concat-finetuned, merged copy, scripts/merge_lora.py), the teachers stage (the bank: alignment target), the
-    pretrained hypernetwork, and the straight 2-rank finetuning run the resumed one must repeat."""
-    tmp = tmp_path_factory.mktemp("teacher_model")
-    ds = partitioned_z3(tmp)
-    teacher = save_backbone(get_recipe("tiny"), tmp / "teacher_model", init_seed=7)
-    bank, pre = tmp / "teachers", tmp / "pretrain"
-    # Every stage on 2 ranks: the teachers (the bank) and hypernetwork pretraining, then finetuning from both.
-    check(launch("train_teachers.py", 2, ["--deepspeed", ds, "--output_dir", str(bank), "--max_steps", "3", *TINY]))
-    check(launch("pretrain.py", 2, ["--deepspeed", ds, "--output_dir", str(pre), "--max_steps", "2", *TINY]))
-    # loss.param_align=delta: 3 teacher steps leave many rows at zero, which the relative term leaves out.
-    common = ["--deepspeed", ds, "--teacher_model", str(teacher), "--teachers", str(bank / "teachers")]
-    common += ["--init_hypernet", str(pre / "hypernet")]
-    common += ["--max_steps", "4", "--save_steps", "2", *TINY, "train.grad_accum=1", "loss.param_align=delta"]
-    straight = tmp / "straight"
-    proc = check(launch("finetune.py", 2, ["--output_dir", str(straight), *common]))
-    return {"tmp": tmp, "common": common, "straight": straight, "proc": proc, "teacher": teacher}
+    pretrained hypernetwork, and the straight 2-rank finetuning run the resumed one must repeat. Made ``once``
+    per session, also across pytest-xdist workers (both tests read it)."""
+
+    def make(tmp):
+        ds = partitioned_z3(tmp)
+        teacher = save_backbone(get_recipe("tiny"), tmp / "teacher_model", init_seed=7)
+        bank, pre = tmp / "teachers", tmp / "pretrain"
+        # Every stage on 2 ranks: the teachers (the bank) and hypernetwork pretraining, then finetuning from both.
+        check(launch("train_teachers.py", 2, ["--deepspeed", ds, "--output_dir", str(bank), "--max_steps", "3", *TINY]))
+        check(launch("pretrain.py", 2, ["--deepspeed", ds, "--output_dir", str(pre), "--max_steps", "2", *TINY]))
+        # loss.param_align=delta: 3 teacher steps leave many rows at zero, which the relative term leaves out.
+        common = ["--deepspeed", ds, "--teacher_model", str(teacher), "--teachers", str(bank / "teachers")]
+        common += ["--init_hypernet", str(pre / "hypernet")]
+        common += ["--max_steps", "4", "--save_steps", "2", *TINY, "train.grad_accum=1", "loss.param_align=delta"]
+        straight = tmp / "straight"
+        proc = check(launch("finetune.py", 2, ["--output_dir", str(straight), *common]))
+        return {"common": common, "stdout": proc.stdout, "teacher": str(teacher)}
+
+    tmp, made = once("teacher-model", make)
+    return {**made, "tmp": tmp, "straight": tmp / "straight"}
 
 
 def test_teacher_model_trains_the_student_under_zero3(setup):
-    out = setup["proc"].stdout
+    out = setup["stdout"]
     # Backbone and teacher model (263,168 parameters each) both partitioned, half on each rank.
     assert "ZeRO-3: 526,336 parameters partitioned across 2 rank(s), 263,168 held by each rank" in out
     assert f"teacher model: the frozen teacher model {setup['teacher']}, 263,168 frozen parameters, partitioned" in out
