@@ -198,7 +198,9 @@ def test_adapted_layer_fused_path_reads_the_weight_its_module_hooks_gather():
     y_ref = ops.lora_linear_torch(x.reshape(150, 48), full, base.bias, A, B, offs, 0.5).view(3, 50, 136)
     want = (y_ref, *torch.autograd.grad(y_ref, (x, A, B), dy))
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        # two fp32 results summed in different orders (the kernel's tiles, the reference's matmuls): 1e-4, as the
+        # kernel's float64 checks; 1e-5 failed once by 4e-8 (a gradient element of 1e-3, in a fresh venv's suite)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="linear must be one of unfused, fused, got 'fast'"):
         AdapterSet({}, torch.tensor([0, 1]), 1.0, linear="fast")
 
