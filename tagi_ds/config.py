@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
-from tagi_ds import families
+from tagi_ds import families, op_impls
 from tagi_ds.errors import ConfigError  # defined with the other input errors; imported from here too
 
 
@@ -115,6 +115,7 @@ class ModelConfig(Section):
         "sliding_window": NON_NEGATIVE,
         "init_seed": SEED,
         "arch": registered(families.names),
+        "adapter_impl": registered(op_impls.names),
     }
 
     arch: str = "t5"
@@ -163,8 +164,8 @@ class ModelConfig(Section):
     """regexes of backbone parameter names to train anyway (default: none; the backbone is frozen)"""
     gradient_checkpointing: bool = False
     """per layer, non-reentrant, over the adapted backbone"""
-    adapter_impl: Literal["auto", "torch", "triton"] = "auto"
-    """tagi_ds.ops.lora_delta's implementation: auto = triton on CUDA, torch elsewhere"""
+    adapter_impl: str = "auto"
+    """tagi_ds.ops.lora_delta's implementation (tagi_ds/op_impls.py): auto = triton on CUDA, torch elsewhere"""
     init_seed: int = 0
     """random-init backbones (no model_name_or_path): the same weights in every stage"""
 

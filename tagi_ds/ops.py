@@ -10,8 +10,9 @@ Shapes: ``x [T, d_in]`` (tokens already grouped by task), ``A [S, r, d_in]``, ``
 
 ``impl="torch"`` is the reference and the specification: segments are gathered into a padded
 ``[S, Lmax, d_in]`` block and multiplied with two batched matmuls (the r-wide intermediate is
-materialised). ``impl="triton"`` is the fused kernel in ``kernels/`` (import name ``tagi_kernels``),
-``impl="auto"`` picks it for CUDA tensors when Triton imports and the reference otherwise.
+materialised). Every other impl is a record in ``tagi_ds/op_impls.py``: ``impl="triton"`` is the fused kernel in
+``kernels/`` (import name ``tagi_kernels``), and ``impl="auto"`` picks it for CUDA tensors when Triton imports and
+the reference otherwise.
 
 Two entry points sit beside it, same arguments and dispatch: :func:`lora_delta_add_` adds the delta into a given
 output in place (the base linear's output: no delta tensor written and re-read by an add) and :func:`lora_linear`
@@ -25,12 +26,13 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "torch", "triton")
+from tagi_ds import op_impls
 
 
 def check_args(
@@ -93,39 +95,48 @@ RESOLVED: collections.Counter[str] = collections.Counter()
 _warned_fallback = False
 
 
-@functools.lru_cache(maxsize=1)
-def kernels_import_error() -> str | None:
-    """Why ``tagi_kernels`` (with Triton) does not import here, or None when it does (tried once per process)."""
+@functools.cache
+def kernels_import_error(impl: str = "triton") -> str | None:
+    """Why ``impl``'s module (``tagi_kernels``, with Triton, for triton) does not import here, or None when it does
+    (tried once per process)."""
     try:
-        import tagi_kernels  # noqa: F401
+        importlib.import_module(op_impls.get(impl).module)
     except (ImportError, RuntimeError, OSError) as err:  # Triton raises RuntimeError/OSError without a usable driver
         return f"{type(err).__name__}: {err}"
     return None
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """The impl that runs for ``impl`` on ``x``: ``auto`` is ``triton`` for CUDA tensors when ``tagi_kernels``
-    imports, else ``torch``. On CUDA a failed import warns once, naming the error: the reference op is several
-    times slower, and a run (or a benchmark row) must not time it as if it were the kernel. Counted in RESOLVED."""
+    """The impl that runs for ``impl`` on ``x``: ``auto`` is the first registered implementation that is auto on
+    CUDA (``triton``) for CUDA tensors when its module imports, else ``torch``. On CUDA a failed import warns once,
+    naming the error: the reference op is several times slower, and a run (or a benchmark row) must not time it as
+    if it were the kernel. Counted in RESOLVED."""
     global _warned_fallback
-    if impl not in IMPLS:
-        raise ValueError(f"lora_delta: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl not in op_impls.names():
+        raise ValueError(f"lora_delta: impl must be one of {', '.join(op_impls.names())}, got {impl!r}")
     if impl == "auto":
         impl = "torch"
         if x.is_cuda:
-            err = kernels_import_error()
-            if err is None:
-                impl = "triton"
-            elif not _warned_fallback:
+            errors = []
+            for candidate in (i for i in op_impls.IMPLS.values() if i.auto == "cuda"):
+                if (err := kernels_import_error(candidate.name)) is None:
+                    impl = candidate.name
+                    break
+                errors.append(f"{candidate.module} does not import ({err})")
+            if impl == "torch" and errors and not _warned_fallback:
                 _warned_fallback = True
                 warnings.warn(
-                    f"lora_delta: impl='auto' on CUDA runs the torch reference op: tagi_kernels does not "
-                    f"import ({err})",
+                    f"lora_delta: impl='auto' on CUDA runs the torch reference op: {'; '.join(errors)}",
                     RuntimeWarning,
                     stacklevel=3,
                 )
     RESOLVED[impl] += 1
     return impl
+
+
+def serves(impl: str, op: str) -> bool:
+    """Whether the resolved ``impl`` has its own ``op`` (the torch reference serves every op)."""
+    return impl == "torch" or op_impls.get(impl).serves(op)
 
 
 def lora_delta(
@@ -143,9 +154,9 @@ def lora_delta(
     forward in :class:`~tagi_ds.adapters.AdapterSet`, not once per layer, since each check syncs the device).
     """
     check_args(x, A, B, seg_offsets, check_offsets)
-    if resolve_impl(impl, x) == "torch":
+    if (name := resolve_impl(impl, x)) == "torch":
         return lora_delta_torch(x, A, B, seg_offsets, scale)
-    return _kernels("lora_delta").triton_lora_delta(x, A, B, seg_offsets, scale, checked=True)
+    return _served("lora_delta", name)(x, A, B, seg_offsets, scale, checked=True)
 
 
 def lora_delta_add_(
@@ -168,9 +179,9 @@ def lora_delta_add_(
             f"lora_delta_add_: out must be {list(want)} {x.dtype} on {x.device}, "
             f"got {list(out.shape)} {out.dtype} on {out.device}"
         )
-    if resolve_impl(impl, x) == "torch":
+    if (name := resolve_impl(impl, x)) == "torch":
         return out.add_(lora_delta_torch(x, A, B, seg_offsets, scale))
-    return _kernels("lora_delta_add_").triton_lora_delta_add_(out, x, A, B, seg_offsets, scale, checked=True)
+    return _served("lora_delta_add_", name)(out, x, A, B, seg_offsets, scale, checked=True)
 
 
 def lora_linear(
@@ -191,9 +202,9 @@ def lora_linear(
         raise ValueError(
             f"lora_linear: weight must be [d_out={B.shape[1]}, d_in={x.shape[1]}], got {list(weight.shape)}"
         )
-    if resolve_impl(impl, x) == "torch":
+    if (name := resolve_impl(impl, x)) == "torch":
         return lora_linear_torch(x, weight, bias, A, B, seg_offsets, scale)
-    return _kernels("lora_linear").triton_lora_linear(x, weight, bias, A, B, seg_offsets, scale, checked=True)
+    return _served("lora_linear", name)(x, weight, bias, A, B, seg_offsets, scale, checked=True)
 
 
 def lora_linear_torch(
@@ -236,16 +247,21 @@ def lora_linear_fused(
         )
     if shrink not in LINEAR_SHRINKS:
         raise ValueError(f"lora_linear_fused: shrink must be one of {', '.join(LINEAR_SHRINKS)}, got {shrink!r}")
-    if resolve_impl(impl, x) == "torch":
+    if (name := resolve_impl(impl, x)) == "torch":
         return lora_linear_torch(x, weight, bias, A, B, seg_offsets, scale)
-    return _kernels("lora_linear_fused").triton_lora_linear_fused(
-        x, weight, bias, A, B, seg_offsets, scale, shrink, checked=True
-    )
+    if not serves(name, "lora_linear_fused"):  # the same contract: its own adapted linear
+        return _served("lora_linear", name)(x, weight, bias, A, B, seg_offsets, scale, checked=True)
+    return _served("lora_linear_fused", name)(x, weight, bias, A, B, seg_offsets, scale, shrink, checked=True)
 
 
-def _kernels(op: str):
+def _served(op: str, impl: str):
+    """The function of ``impl``'s module that serves ``op`` (op_impls' record names it)."""
+    record = op_impls.get(impl)
+    if not record.serves(op):
+        raise RuntimeError(f"{op}: impl={impl!r} does not serve it (its record in tagi_ds/op_impls.py)")
     try:
-        import tagi_kernels
+        module = importlib.import_module(record.module)
     except ImportError as err:
-        raise RuntimeError(f"{op}: impl='triton' needs triton and the tagi_kernels package ({err})") from err
-    return tagi_kernels
+        needs = record.needs or f"the {record.module} module"
+        raise RuntimeError(f"{op}: impl={impl!r} needs {needs} ({err})") from err
+    return getattr(module, record.functions[op])

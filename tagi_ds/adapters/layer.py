@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tagi_ds.ops import lora_delta, lora_delta_add_, lora_linear_fused, resolve_impl
+from tagi_ds.ops import lora_delta, lora_delta_add_, lora_linear_fused, resolve_impl, serves
 
 # How an adapted layer computes base + delta: "unfused" (the base layer's own GEMM, then the delta added into its
 # output in place) or "fused" (one Triton GEMM per direction with the LoRA inside it, tagi_ds.ops.lora_linear_fused).
 # The default stays "unfused" until a GPU measurement shows the fused kernel beating it (kernels/NOTES.md, decision
-# rule); "fused" runs only where the Triton kernels run (impl resolves to triton) and the base is an nn.Linear.
+# rule); "fused" runs only where an implementation that serves lora_linear_fused runs (impl resolves to triton, or
+# another record of tagi_ds/op_impls.py that names one) and the base is an nn.Linear.
 LINEAR_PATHS = ("unfused", "fused")
 
 
@@ -118,9 +119,10 @@ class AdaptedLinear(nn.Module):
             and adapters.linear == "fused"
             and self.site.index in adapters.factors
             and type(self.base_layer) is nn.Linear
-            and resolve_impl(adapters.impl, x) == "triton"
+            and (impl := resolve_impl(adapters.impl, x)) != "torch"
+            and serves(impl, "lora_linear_fused")
         ):
-            return self._fused(x, adapters)
+            return self._fused(x, adapters, impl)
         # The base layer is called as a module: under a partitioned ZeRO-3 backbone its hooks gather the weight.
         y = self.base_layer(x)
         if adapters is None or self.site.index not in adapters.factors:
@@ -142,7 +144,7 @@ class AdaptedLinear(nn.Module):
         delta = lora_delta(x2, A, B, offs, adapters.scale, adapters.impl, check_offsets=False)
         return y + delta.view(y.shape).to(y.dtype)
 
-    def _fused(self, x: torch.Tensor, adapters: AdapterSet) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, adapters: AdapterSet, impl: str) -> torch.Tensor:
         """base + delta as one fused GEMM, run *as the base layer's forward*: ``base(x)`` goes through
         ``nn.Module.__call__``, so ZeRO-3's pre-forward hook has gathered ``base.weight`` when the kernel reads it,
         its post-forward hook releases it and hooks the output so that backward gathers it again before the dgrad
@@ -167,7 +169,7 @@ class AdaptedLinear(nn.Module):
                 B.to(x2.dtype),
                 offs,
                 adapters.scale,
-                "triton",
+                impl,
                 check_offsets=False,
             )
             return y2.view(*inp.shape[:-1], y2.shape[-1])

@@ -146,7 +146,7 @@ def evaluate(cfg: TagiConfig, args: EvalArgs, checked: EvalChecked) -> dict[str,
         checked.scored,
         checked.method,
     )
-    rundir.start(cfg, ds, args)  # process group, seed, config.json
+    rundir.start(rundir.RunStart.of(cfg, ds, args))  # process group, seed, config.json
     mode = MODES[args.mode]
     synced = dist.world_size() > 1 and ds_engine.zero_stage(ds) == 3
     run = build(checked, args, kind, synced)

@@ -10,7 +10,7 @@ no rsLoRA). Files (written to a temp dir, then renamed into place):
   ``base_model_name_or_path``.
 - ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight [r, d_in]`` and
   ``...lora_B.weight [d_out, r]`` (PEFT's saved names: no adapter name), float32.
-- ``tagi_adapter.json``: provenance (the text, condition, hypernet dir, sites, fusion).
+- ``tagi_adapter.json``: provenance (the text, condition, hypernet dir, sites, fusion, the command's flags).
 
 Not exported: T5 instruction *fusion* (the decoder also cross-attends to the instruction's encoder states)
 is not a weight, so a fusion-trained hypernetwork's PEFT adapter reproduces tagi-ds's outputs only with
@@ -20,7 +20,6 @@ is not a weight, so a fusion-trained hypernetwork's PEFT adapter reproduces tagi
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,9 @@ from tagi_ds import artifacts, assembly, data, families, stages
 from tagi_ds.config import ConfigError, frozen
 from tagi_ds.data import Task, TaskCollator, format_instruction
 from tagi_ds.files import atomic_dir, usual_permissions
-from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
 from tagi_ds.runtime import preflight as preflight_checks
-from tagi_ds.runtime.rundir import seed_everything
+from tagi_ds.runtime import rundir
 
 CONDITIONS = ("task", "instance")
 
@@ -154,11 +152,20 @@ def generate_adapter(
     ``deepspeed.zero.Init`` in a world of one, so a built-in random-init backbone is the one the hypernetwork
     was trained with; its parameters are gathered for the one forward. Single process: no engine.
     """
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     cfg, spec, ds, tok = preflight(cfg, hypernet, out_dir, deepspeed)
-    if ds_engine.zero_stage(ds) == 3:
-        dist.init()
-    seed_everything(cfg.train.seed)  # as training did before building: the same built-in random init
+    command = {"hypernet": str(hypernet), "condition": condition, "deepspeed": deepspeed, "base_model": base_model}
+    # A group of one only under ZeRO-3 (its zero.Init); seeded as training was before building: the same built-in
+    # random init. The adapter dir is written whole by atomic_dir: no run-directory lock, no config.json.
+    started = rundir.RunStart(
+        Path(out_dir),
+        "generate_adapter",
+        cfg,
+        ds,
+        command,
+        directory=False,
+        process_group=ds_engine.zero_stage(ds) == 3,
+    )
+    rundir.start(started)
     run = assembly.assemble(
         spec, cfg, ds, tok.special_ids, runner="none", teacher=False, loads=assembly.Loads(artifact=hypernet)
     )
@@ -173,5 +180,6 @@ def generate_adapter(
         "hypernet_input": read,
         "hypernet": str(hypernet),
         "instruction_tokens": int(mask.sum()),
+        "command": dict(started.command),
     }
     return export_peft(out_dir, model, factors, base_model or cfg.model.model_name_or_path, provenance)

@@ -1,6 +1,7 @@
 """A run's start and its directory: what every entry point does once its inputs are checked.
 
-:func:`start` joins the process group, seeds every RNG, takes the run directory's lock (:func:`lock`: one run per
+:func:`start` takes a typed :class:`RunStart` (the training and evaluation entry points and the PEFT export
+build one), joins the process group, seeds every RNG, takes the run directory's lock (:func:`lock`: one run per
 ``--output_dir``), and writes ``config.json`` (the resolved config, the final DeepSpeed dict, world size and the
 precision that runs) before any other file of the run; files are written whole or not at all
 (``tagi_ds.files.atomic_write``).
@@ -19,7 +20,10 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,16 +34,60 @@ from tagi_ds.runtime import dist
 from tagi_ds.runtime import engine as ds_engine
 
 
-def start(cfg: TagiConfig, ds: dict, args, world_size: int | None = None) -> Path:
-    """Join the process group (one of ``world_size`` ranks, when given), seed, write ``config.json``; returns
-    the run directory, ``args.output_dir``. A collective: every rank calls it."""
+@dataclass(frozen=True)
+class RunStart:
+    """A run about to start, typed: what :func:`start` needs, built from the checked inputs (:meth:`of` for the
+    command-line entry points, by hand for the others), never re-read from the command line.
+
+    ``directory=True``: the output is a run directory (locked, ``config.json`` written first). ``False``: an
+    artifact written whole by its own atomic rename (the PEFT export: ``files.atomic_dir``), so there is no lock
+    to take and no ``config.json`` (its provenance file carries ``command``). ``process_group=False``: one process
+    that needs no group (an export outside ZeRO-3)."""
+
+    output_dir: Path
+    stage: str  # config.json's "stage": pretrain, finetune, ..., evaluate, generate_adapter
+    cfg: TagiConfig
+    ds: dict[str, Any]  # the final DeepSpeed dict
+    command: Mapping[str, str | None]  # the flags as given, as strings (config.json's "args")
+    world_size: int | None = None  # what preflight saw in WORLD_SIZE (checked against the group), when known
+    start_over: bool = False  # --start_over: set the previous run's checkpoints and metrics aside
+    directory: bool = True
+    process_group: bool = True
+
+    @classmethod
+    def of(cls, cfg: TagiConfig, ds: dict[str, Any], args, world_size: int | None = None) -> RunStart:
+        """The run an entry point's parsed flags describe (``args.output_dir``, ``args.stage``, ``--start_over``)."""
+        return cls(
+            output_dir=Path(args.output_dir),
+            stage=args.stage,
+            cfg=cfg,
+            ds=ds,
+            command=command_record(args),
+            world_size=world_size,
+            start_over=bool(getattr(args, "start_over", False)),
+        )
+
+
+def command_record(args) -> dict[str, str | None]:
+    """Parsed flags as config.json records them: each value as a string (None stays None)."""
+    return {k: str(v) if v is not None else None for k, v in vars(args).items()}
+
+
+def start(run: RunStart) -> Path:
+    """Join the process group (one of ``run.world_size`` ranks, when given), seed, and for a run directory take
+    its lock and write ``config.json``; returns ``run.output_dir``. A collective: every rank calls it."""
     # torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; one warning per call floods the log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    dist.init()
-    if world_size is not None and dist.world_size() != world_size:
-        raise RuntimeError(f"preflight saw WORLD_SIZE={world_size}, the process group has {dist.world_size()} ranks")
-    seed_everything(cfg.train.seed)
-    out = Path(args.output_dir)
+    if run.process_group:
+        dist.init()
+        if run.world_size is not None and dist.world_size() != run.world_size:
+            raise RuntimeError(
+                f"preflight saw WORLD_SIZE={run.world_size}, the process group has {dist.world_size()} ranks"
+            )
+    seed_everything(run.cfg.train.seed)
+    out = run.output_dir
+    if not run.directory:
+        return out
     refusal = None
     if dist.is_main():
         try:
@@ -52,10 +100,10 @@ def start(cfg: TagiConfig, ds: dict, args, world_size: int | None = None) -> Pat
     refusal = dist.broadcast_object(refusal)
     if refusal:
         raise ConfigError(refusal)
-    if getattr(args, "start_over", False) and dist.is_main():
+    if run.start_over and dist.is_main():
         if moved := set_aside(out):
             print(f"--start_over: moved the previous run's {', '.join(moved)} to {out / moved[0]}", flush=True)
-    write_config(out, cfg, ds, args)
+    write_config(run)
     from tagi_ds.runtime import watchdog
 
     watchdog.note_run_dir(out)
@@ -139,20 +187,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_config(out: Path, cfg: TagiConfig, ds: dict, args) -> None:
+def write_config(run: RunStart) -> None:
     """``config.json``, by rank 0; a failure to write it (a full or read-only disk) is one line on every rank's
     behalf and exit code 4, with no temp file left (``train.inject_fault=enospc@0`` tests it)."""
     from tagi_ds.runtime.preflight import WriteFailed
 
+    out, cfg = run.output_dir, run.cfg
     error = None
     if dist.is_main():
         record = {
-            "stage": args.stage,
+            "stage": run.stage,
             "world_size": dist.world_size(),
             "precision": ds_engine.precision(cfg),
             "tagi": cfg.to_dict(),
-            "deepspeed": ds,
-            "args": {k: str(v) if v is not None else None for k, v in vars(args).items()},
+            "deepspeed": run.ds,
+            "args": dict(run.command),
         }
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -207,7 +207,7 @@ def setup(checked: Checked) -> Session:
     """Join the process group, write config.json, build the model (loading the artifacts it starts from) and
     the engine, and restore the checkpoint to resume."""
     cfg, args, ds, loader, rows = checked.cfg, checked.args, checked.ds, checked.loader, checked.rows
-    out = rundir.start(cfg, ds, args, checked.world_size)
+    out = rundir.start(rundir.RunStart.of(cfg, ds, args, checked.world_size))
     if checked.fingerprint.get("run_id") is None:
         checked.fingerprint["run_id"] = dist.broadcast_object(uuid.uuid4().hex if dist.is_main() else None)
     run = assembly.assemble(

@@ -114,6 +114,7 @@ CORE = (
     "tagi_ds/errors.py",
     "tagi_ds/files.py",
     "tagi_ds/families.py",
+    "tagi_ds/op_impls.py",
     "tagi_ds/config.py",
     "tagi_ds/stages.py",
     "tagi_ds/recipes.py",
@@ -191,6 +192,15 @@ RULES = [  # (what, the files, the packages or modules they must not import)
         ABOVE_CORE,
     ),
 ]
+
+
+@pytest.mark.parametrize("record", ["tagi_ds/families.py", "tagi_ds/op_impls.py"])
+def test_the_record_modules_import_the_standard_library_only(record):
+    """Every layer reads a family's or an op implementation's record: no torch, nothing of tagi_ds."""
+    tree = ast.parse((REPO / record).read_text(encoding="utf-8"))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert {m.split(".")[0] for m in names} <= set(sys.stdlib_module_names) | {"__future__"}, names
 
 
 @pytest.mark.parametrize("what, sources, forbidden", RULES, ids=[r[0].split(",")[0] for r in RULES])

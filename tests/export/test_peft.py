@@ -118,6 +118,13 @@ def test_generate_adapter_launcher_writes_what_the_model_generates(tmp_path):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (f, oct(f.stat().st_mode))
     meta = json.loads((out / "tagi_adapter.json").read_text())
     assert meta["condition"] == "instance" and meta["hypernet_input"].startswith("Context: the cat")
+    assert meta["command"]["deepspeed"] == str(REPO / "ds_configs" / "z2.json")  # rundir.RunStart's command
+    # written whole by atomic_dir: RunStart(directory=False) takes no run-dir lock and writes no config.json
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tagi_adapter.json",
+    ]
     config = peft.PeftConfig.from_pretrained(str(out))
     assert (config.peft_type, config.task_type, config.r, config.lora_alpha) == ("LORA", "SEQ_2_SEQ_LM", 8, 16.0)
     tok = SentencePieceTokenizer()
